@@ -1,0 +1,260 @@
+"""Calibration data: JSONL prompt/answer pairs, tokenised into answer-masked examples, and batching.
+
+Two line formats, as in the training data people already have:
+  {"prompt": "...", "completion": "..."}         the completion is the answer; EOS is appended
+  {"messages": [{"role": ..., "content": ...}]}  rendered with the tokenizer's chat template;
+                                                 the last (assistant) turn is the answer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CalibrationError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised example; `source` names where it came from (file:line) for error messages."""
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    source: str
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    examples: list[Example]
+    sha256: str
+    n_truncated: int
+    source: str
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(len(e.answer_ids) for e in self.examples)
+
+
+def _check_text(value: Any, field: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise CalibrationError(f"{where}: {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _render(record: Any, tokenizer: Any, where: str) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, answer ids, eos already in answer) for one parsed line."""
+    if not isinstance(record, dict):
+        raise CalibrationError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise CalibrationError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise CalibrationError(f"{where}: messages[{i}] needs 'role' and 'content'")
+            _check_text(m["content"], f"messages[{i}].content", where)
+        if messages[-1]["role"] != "assistant":
+            raise CalibrationError(
+                f"{where}: the last message must be the assistant's answer, got role {messages[-1]['role']!r}"
+            )
+        if not messages[-1]["content"].strip():
+            raise CalibrationError(f"{where}: the assistant's answer is empty")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise CalibrationError(
+                f"{where}: 'messages' needs a tokenizer with a chat template; this one has none"
+            )
+        try:
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as e:
+            raise CalibrationError(f"{where}: the chat template failed on these messages ({e})") from e
+        if not full.startswith(prompt):
+            raise CalibrationError(
+                f"{where}: the chat template does not render the conversation as prompt + answer"
+            )
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        return prompt_ids, answer_ids, True
+    if "prompt" in record or "completion" in record:
+        for key in ("prompt", "completion"):
+            if key not in record:
+                raise CalibrationError(f"{where}: missing {key!r}")
+        prompt = _check_text(record["prompt"], "prompt", where)
+        completion = _check_text(record["completion"], "completion", where)
+        if not completion.strip():
+            raise CalibrationError(f"{where}: 'completion' is empty")
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return prompt_ids, answer_ids, False
+    raise CalibrationError(f"{where}: needs either 'prompt' and 'completion', or 'messages'")
+
+
+def tokenize_records(
+    records: Iterable[tuple[str, Any]], tokenizer: Any, max_length: int
+) -> tuple[list[Example], int]:
+    """Tokenise (source, record) pairs; over-long prompts lose tokens on the left, never answer tokens."""
+    if max_length < 2:
+        raise CalibrationError(f"max_length must be at least 2, got {max_length}")
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
+    examples: list[Example] = []
+    n_truncated = 0
+    for where, record in records:
+        prompt_ids, answer_ids, has_eos = _render(record, tokenizer, where)
+        if not has_eos and eos is not None:
+            answer_ids = [*answer_ids, eos]
+        if not answer_ids:
+            raise CalibrationError(f"{where}: the answer tokenises to nothing")
+        if not prompt_ids:
+            raise CalibrationError(
+                f"{where}: the prompt tokenises to nothing (and the tokenizer adds no BOS)"
+            )
+        truncated = False
+        if len(prompt_ids) + len(answer_ids) > max_length:
+            keep_bos = bool(prompt_ids) and bos is not None and prompt_ids[0] == bos
+            room = max_length - len(answer_ids) - int(keep_bos)
+            if room < 1:
+                raise CalibrationError(
+                    f"{where}: the answer alone has {len(answer_ids)} tokens, which does not fit max_length="
+                    f"{max_length} with any prompt; raise max_length (answers are never cut)"
+                )
+            prompt_ids = ([bos] if keep_bos else []) + list(prompt_ids[-room:])
+            truncated = True
+            n_truncated += 1
+        examples.append(Example(tuple(prompt_ids), tuple(answer_ids), where, truncated))
+    return examples, n_truncated
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[str, Any]], str]:
+    """(source, record) pairs of a JSONL file and the file's SHA-256; blank lines are skipped."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot be read ({e.strerror})") from e
+    records = []
+    for i, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            records.append((where, json.loads(line)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CalibrationError(f"{where}: not valid JSON ({e})") from e
+    if not records:
+        raise CalibrationError(f"{path}: holds no examples")
+    return records, hashlib.sha256(raw).hexdigest()
+
+
+def load_calibration(
+    data: str | os.PathLike | Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int = 1024,
+    samples: int | None = None,
+    seed: int = 0,
+) -> CalibrationSet:
+    """Read calibration data from a JSONL file or a list of records; `samples` draws a seeded subset."""
+    if isinstance(data, (str, os.PathLike)):
+        records, digest = read_jsonl(data)
+        source = str(data)
+    else:
+        records = [(f"record {i}", r) for i, r in enumerate(data)]
+        if not records:
+            raise CalibrationError("calibration data holds no examples")
+        digest = hashlib.sha256(json.dumps([r for _, r in records], sort_keys=True).encode()).hexdigest()
+        source = "<records>"
+    if samples is not None:
+        if samples < 1:
+            raise CalibrationError(f"samples must be positive, got {samples}")
+        if samples < len(records):
+            picked = sorted(random.Random(seed).sample(range(len(records)), samples))
+            records = [records[i] for i in picked]
+    examples, n_truncated = tokenize_records(records, tokenizer, max_length)
+    return CalibrationSet(examples=examples, sha256=digest, n_truncated=n_truncated, source=source)
+
+
+def split_heldout(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """A seeded random split into (calibration, held-out); both are non-empty when fraction > 0."""
+    if not 0.0 <= fraction < 1.0:
+        raise CalibrationError(f"held-out fraction must lie in [0, 1), got {fraction}")
+    n = len(examples)
+    n_held = round(fraction * n)
+    if fraction > 0:
+        if n < 2:
+            raise CalibrationError(f"a held-out check needs at least 2 examples, got {n}")
+        n_held = min(max(n_held, 1), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:n_held])
+    calib = sorted(order[n_held:])
+    return [examples[i] for i in calib], [examples[i] for i in held]
+
+
+def token_budget_batches(examples: Sequence[Example], max_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so that batch size x longest length <= max_tokens (little padding)."""
+    order = sorted(range(len(examples)), key=lambda i: (-examples[i].length, i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = examples[current[0]].length if current else examples[i].length
+        if current and (len(current) + 1) * longest > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class Batch:
+    """Right-padded inputs; `positions` are the (row, col) whose next-token logits predict answer tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    example_index: torch.Tensor  # for each target, which example of the batch it belongs to
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    longest = max(e.length for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    rows, cols, targets, owner = [], [], [], []
+    for b, e in enumerate(examples):
+        seq = e.prompt_ids + e.answer_ids
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[b, : len(seq)] = 1
+        start = len(e.prompt_ids)
+        for j, tok in enumerate(e.answer_ids):
+            rows.append(b)
+            cols.append(start + j - 1)  # logits at position p predict token p + 1
+            targets.append(tok)
+            owner.append(b)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return Batch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        rows=as_long(rows),
+        cols=as_long(cols),
+        targets=as_long(targets),
+        example_index=as_long(owner),
+    )

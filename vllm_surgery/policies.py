@@ -1,0 +1,135 @@
+"""How sensitivities become new singular values (policies), and how their magnitude is kept (constraints).
+
+Policies follow the Spectral Surgery paper (arXiv 2603.03995, section 3 of our method note); every
+parameter is settable because the paper shows no single setting wins on every task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+EPS = 1e-12
+
+POLICY_DEFAULTS: dict[str, dict[str, float]] = {
+    "grad_direction": {"eta_s": 2.0, "eta_e": 0.2},
+    "abs_select": {"core_frac": 0.2, "noise_frac": 0.2, "amp": 1.25, "sup": 0.8, "mid": 1.0},
+    "smooth_abs": {
+        "core_frac": 0.2,
+        "noise_frac": 0.2,
+        "amp": 1.25,
+        "sup": 0.8,
+        "mid": 1.0,
+        "tau_scale": 0.35,
+    },
+    "random_index": {"core_frac": 0.2, "noise_frac": 0.2, "amp": 1.25, "sup": 0.8, "mid": 1.0},
+}
+POLICIES = tuple(POLICY_DEFAULTS)
+# What `auto` tries: random_index is the paper's control, not a candidate anyone should ship.
+AUTO_POLICIES = ("grad_direction", "abs_select", "smooth_abs")
+CONSTRAINTS = ("l1", "l2", "none")
+
+
+def policy_params(policy: str, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The policy's defaults with `overrides` applied; unknown names and impossible values are refused."""
+    if policy not in POLICY_DEFAULTS:
+        raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)} or auto")
+    params = dict(POLICY_DEFAULTS[policy])
+    for key, value in (overrides or {}).items():
+        if key not in params:
+            raise ConfigError(f"policy {policy!r} has no parameter {key!r} (it has: {', '.join(params)})")
+        try:
+            params[key] = float(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"policy parameter {key!r} must be a number, got {value!r}") from e
+    if policy == "grad_direction":
+        if params["eta_s"] < 0 or params["eta_e"] < 0:
+            raise ConfigError("grad_direction needs eta_s >= 0 and eta_e >= 0")
+    else:
+        for key in ("core_frac", "noise_frac"):
+            if not 0.0 <= params[key] <= 1.0:
+                raise ConfigError(f"{policy}: {key} must lie in [0, 1], got {params[key]}")
+        if min(params["amp"], params["sup"], params["mid"]) < 0:
+            raise ConfigError(f"{policy}: amp, sup and mid must be >= 0")
+        if policy == "smooth_abs" and not params["sup"] < params["mid"] < params["amp"]:
+            raise ConfigError("smooth_abs needs sup < mid < amp (the gate passes through mid at the median)")
+        if policy == "smooth_abs" and params["tau_scale"] <= 0:
+            raise ConfigError("smooth_abs needs tau_scale > 0")
+    return params
+
+
+def normalized(g: torch.Tensor) -> torch.Tensor:
+    """gh = g / mean(|g|): makes the step size independent of the module's gradient scale."""
+    g = g.to(torch.float64)
+    return g / (g.abs().mean() + EPS)
+
+
+def _select_counts(r: int, params: Mapping[str, float]) -> tuple[int, int]:
+    k_core = min(max(round(params["core_frac"] * r), 1), r)
+    k_noise = min(round(params["noise_frac"] * r), r - k_core)
+    return k_core, k_noise
+
+
+def _gate_by_rank(order: torch.Tensor, r: int, params: Mapping[str, float]) -> torch.Tensor:
+    """`order` lists component indices from most to least important; returns per-component factors."""
+    k_core, k_noise = _select_counts(r, params)
+    gate = torch.full((r,), params["mid"], dtype=torch.float64)
+    gate[order[:k_core]] = params["amp"]
+    if k_noise:
+        gate[order[r - k_noise :]] = params["sup"]
+    return gate
+
+
+def reweight(
+    sigma: torch.Tensor,
+    g: torch.Tensor,
+    policy: str,
+    params: Mapping[str, float] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """New singular values (before the magnitude constraint), float64, for one module."""
+    params = policy_params(policy, params)
+    sigma = sigma.detach().to(torch.float64).cpu()
+    gh = normalized(g.detach().cpu())
+    r = sigma.numel()
+    if policy == "grad_direction":
+        step = params["eta_s"] * gh.clamp_min(0) + params["eta_e"] * gh.clamp_max(0)
+        return sigma * torch.exp(-step)
+    mag = gh.abs()
+    if policy == "abs_select":
+        order = torch.argsort(-mag, stable=True)
+        return sigma * _gate_by_rank(order, r, params)
+    if policy == "random_index":
+        order = torch.randperm(r, generator=generator)
+        return sigma * _gate_by_rank(order, r, params)
+    # smooth_abs: a sigmoid from sup to amp whose width spans the noise/core quantiles.
+    lo = torch.quantile(mag, params["noise_frac"])
+    hi = torch.quantile(mag, 1.0 - params["core_frac"])
+    tau = params["tau_scale"] * (hi - lo)
+    if float(tau) <= EPS:
+        return sigma * params["mid"]
+    centre = torch.quantile(mag, 0.5)
+    p = (params["mid"] - params["sup"]) / (params["amp"] - params["sup"])
+    mu = centre - tau * math.log(p / (1.0 - p))
+    gate = params["sup"] + (params["amp"] - params["sup"]) * torch.sigmoid((mag - mu) / tau)
+    return sigma * gate
+
+
+def constrain(sigma: torch.Tensor, sigma_new: torch.Tensor, constraint: str) -> torch.Tensor:
+    """Clamp to >= 0, then rescale so the l1 (nuclear) or l2 (Frobenius) norm of the update is kept."""
+    if constraint not in CONSTRAINTS:
+        raise ConfigError(f"unknown constraint {constraint!r}; choose one of {', '.join(CONSTRAINTS)}")
+    sigma = sigma.detach().to(torch.float64).cpu()
+    out = sigma_new.detach().to(torch.float64).cpu().clamp_min(0)
+    if constraint == "none":
+        return out
+    norm = (lambda x: x.sum()) if constraint == "l1" else torch.linalg.vector_norm
+    denom = norm(out)
+    if float(denom) <= EPS:
+        return out
+    return out * (norm(sigma) / denom)

@@ -1,0 +1,298 @@
+"""refine(): one Spectral Surgery run, from a PEFT adapter and calibration data to a decision.
+
+The sequence is load -> thin SVD -> sensitivity pass -> candidate singular values -> held-out check
+-> (only if a candidate measurably wins, or with force) atomic write of a standard PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapted_model import AdaptedModel
+from .adapter import LoraAdapter, load_adapter, save_adapter
+from .calibration import load_calibration, split_heldout
+from .config import SurgeryConfig, select_modules
+from .errors import AdapterError, ConfigError
+from .evaluation import Quality, heldout_quality, paired_improvement
+from .policies import constrain, policy_params, reweight
+from .sensitivity import compute_sensitivities
+from .spectral import Spectrum, lora_factors, lora_svd
+
+log = logging.getLogger(__name__)
+
+METHOD = "spectral-surgery"
+
+
+@dataclass
+class ModuleResult:
+    rank: int
+    scaling: float
+    sigma: list[float]
+    sigma_new: list[float]
+    sensitivity: list[float]
+
+
+@dataclass
+class SurgeryResult:
+    """What refine() decided and why, with everything needed to audit it.
+
+    decision: "accept" (a candidate beat the original by the margin and was written), "keep_original"
+    (nothing written unless forced), or "forced" (written on request although it did not win).
+    quality_*: held-out mean answer-token loss (lower is better); None without a held-out split.
+    """
+
+    decision: str
+    reason: str
+    policy: str | None
+    constraint: str
+    quality_before: Quality | None
+    quality_after: Quality | None
+    candidates: dict[str, dict[str, float]]
+    modules: dict[str, ModuleResult]
+    output_path: Path | None
+    adapter_hash: str
+    calibration: dict[str, Any]
+    base_model: str
+    config: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def written(self) -> bool:
+        return self.output_path is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": METHOD,
+            "decision": self.decision,
+            "reason": self.reason,
+            "policy": self.policy,
+            "constraint": self.constraint,
+            "quality_before": self.quality_before.to_dict() if self.quality_before else None,
+            "quality_after": self.quality_after.to_dict() if self.quality_after else None,
+            "candidates": self.candidates,
+            "output_path": str(self.output_path) if self.output_path else None,
+            "adapter_hash": self.adapter_hash,
+            "base_model": self.base_model,
+            "calibration": self.calibration,
+            "config": self.config,
+            "timings": self.timings,
+            "stats": self.stats,
+            "versions": package_versions(),
+            "modules": {k: vars(v) for k, v in self.modules.items()},
+        }
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for dist in ("vllm-surgery", "torch", "transformers", "peft", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def load_base_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """Base model in float32 on CPU (exact) or bfloat16 on CUDA, safetensors only, plus its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.to(device).eval(), tokenizer
+
+
+def candidate_sigmas(
+    spectra: Mapping[str, Spectrum],
+    grads: Mapping[str, torch.Tensor],
+    policy: str,
+    params: Mapping[str, Any],
+    constraint: str,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """New singular values for every edited module under one policy and constraint (float64, CPU)."""
+    out = {}
+    for name, spec in spectra.items():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        raw = reweight(spec.sigma, grads[name], policy, params, generator=gen)
+        out[name] = constrain(spec.sigma, raw, constraint)
+    return out
+
+
+def refine(
+    base_model: str | os.PathLike | None,
+    adapter: str | os.PathLike | LoraAdapter,
+    calibration: str | os.PathLike | Sequence[Mapping[str, Any]],
+    output: str | os.PathLike | None = None,
+    config: SurgeryConfig | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    **overrides: Any,
+) -> SurgeryResult:
+    """Refine `adapter` by Spectral Surgery and write it to `output` if it measurably helps.
+
+    base_model: a transformers model directory; or pass an already loaded `model` and `tokenizer`
+        (left unmodified: the adapter is applied through hooks that are removed afterwards).
+    calibration: a JSONL file or a list of records ({"prompt", "completion"} or {"messages"}).
+    overrides: SurgeryConfig fields, e.g. refine(..., policy="auto", samples=128).
+    """
+    if config is None:
+        config = SurgeryConfig(**overrides)
+    elif overrides:
+        raise ConfigError("pass either a SurgeryConfig or keyword settings, not both")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if output is not None:
+        out = Path(output)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise AdapterError(f"{out}: already exists; choose a new output directory")
+    lora = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
+    edited = select_modules(lora.modules, config.modules, config.layers)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    if model is None:
+        if base_model is None:
+            raise ConfigError("give base_model (a directory) or a loaded model and tokenizer")
+        model, tokenizer = load_base_model(base_model, device)
+    elif tokenizer is None:
+        raise ConfigError("a loaded model needs its tokenizer too")
+    else:
+        device = next(model.parameters()).device
+    base_name = str(base_model) if base_model is not None else str(getattr(model.config, "_name_or_path", ""))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    timings["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    calib_set = load_calibration(
+        calibration, tokenizer, max_length=config.max_length, samples=config.samples, seed=config.seed
+    )
+    calib, heldout = split_heldout(calib_set.examples, config.heldout_fraction, config.seed)
+    if calib_set.n_truncated:
+        log.warning(
+            "%d calibration examples were longer than max_length=%d; their prompts were cut on the left",
+            calib_set.n_truncated,
+            config.max_length,
+        )
+    spectra = {name: lora_svd(lora.lora_a(name), lora.lora_b(name)) for name in edited}
+    timings["prepare"] = time.perf_counter() - t
+
+    batch = {"max_batch_tokens": config.max_batch_tokens, "pad_id": pad_id}
+    with AdaptedModel(model, lora, spectra) as adapted:
+        t = time.perf_counter()
+        grads, stats = compute_sensitivities(adapted, calib, progress=config.progress, **batch)
+        timings["sensitivity"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        candidates = {
+            policy: candidate_sigmas(
+                spectra, grads, policy, policy_params(policy, params), config.constraint, config.seed
+            )
+            for policy, params in config.candidate_params().items()
+        }
+        before: Quality | None = None
+        scores: dict[str, Quality] = {}
+        if heldout:
+            before = heldout_quality(
+                adapted, heldout, progress=config.progress, desc="held-out original", **batch
+            )
+            for policy, sigmas in candidates.items():
+                with adapted.sigma_values(sigmas):
+                    scores[policy] = heldout_quality(
+                        adapted, heldout, progress=config.progress, desc=f"held-out {policy}", **batch
+                    )
+        timings["evaluation"] = time.perf_counter() - t
+
+    table: dict[str, dict[str, float]] = {}
+    for policy, q in scores.items():
+        rel, se = paired_improvement(before, q)
+        table[policy] = {"loss": q.loss, "relative_improvement": rel, "relative_improvement_se": se}
+    best = min(scores, key=lambda p: scores[p].loss) if scores else next(iter(candidates))
+    after = scores.get(best)
+    if before is None:
+        wins, reason = False, "no held-out split (heldout_fraction=0): quality was not measured"
+    else:
+        gain = table[best]["relative_improvement"]
+        wins = gain >= config.min_improvement
+        reason = (
+            f"{best} lowers held-out answer loss from {before.loss:.4f} to {after.loss:.4f} "
+            f"({100 * gain:+.2f}%; margin {100 * config.min_improvement:.2f}%)"
+        )
+        if not wins:
+            reason = "no candidate beats the original by the margin: " + reason
+    decision = "accept" if wins else ("forced" if config.force else "keep_original")
+
+    modules = {
+        name: ModuleResult(
+            rank=lora.modules[name].rank,
+            scaling=lora.modules[name].scaling,
+            sigma=spectra[name].sigma.tolist(),
+            sigma_new=candidates[best][name].float().tolist(),
+            sensitivity=grads[name].tolist(),
+        )
+        for name in edited
+    }
+    result = SurgeryResult(
+        decision=decision,
+        reason=reason,
+        policy=best,
+        constraint=config.constraint,
+        quality_before=before,
+        quality_after=after,
+        candidates=table,
+        modules=modules,
+        output_path=None,
+        adapter_hash=lora.content_hash(),
+        calibration={
+            "source": calib_set.source,
+            "sha256": calib_set.sha256,
+            "examples": len(calib),
+            "heldout_examples": len(heldout),
+            "truncated": calib_set.n_truncated,
+            "answer_tokens": stats.answer_tokens,
+        },
+        base_model=base_name,
+        config=config.to_dict(),
+        timings=timings,
+        stats={
+            "answer_tokens_per_s": stats.answer_tokens_per_s,
+            "batches": stats.batches,
+            "padding_fraction": 1 - stats.tokens / max(stats.padded_tokens, 1),
+            "device": str(device),
+        },
+    )
+    if output is not None and decision != "keep_original":
+        t = time.perf_counter()
+        replacements = {}
+        for name in edited:
+            mod = lora.modules[name]
+            a, b = lora_factors(spectra[name], candidates[best][name], lora.lora_a(name).dtype)
+            replacements[mod.a_key], replacements[mod.b_key] = a, b
+        provenance = result.to_dict()
+        provenance["output_path"] = None  # the directory itself; absolute paths move with it badly
+        provenance["source_adapter"] = str(lora.path)
+        result.output_path = save_adapter(lora, output, replacements, provenance)
+        timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    log.info("refine %s: %s", lora.path, reason)
+    return result
