@@ -112,9 +112,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_base_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, Any]:
+def load_base_model(
+    path: str | os.PathLike, device: torch.device, progress: bool = True
+) -> tuple[torch.nn.Module, Any]:
     """Base model in float32 on CPU (exact) or bfloat16 on CUDA, safetensors only, plus its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -174,7 +180,7 @@ def refine(
     if model is None:
         if base_model is None:
             raise ConfigError("give base_model (a directory) or a loaded model and tokenizer")
-        model, tokenizer = load_base_model(base_model, device)
+        model, tokenizer = load_base_model(base_model, device, config.progress)
     elif tokenizer is None:
         raise ConfigError("a loaded model needs its tokenizer too")
     else:

@@ -1,0 +1,129 @@
+"""The installed `vllm-surgery` command, run as users run it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# The console script pip installed next to this interpreter: the command users type.
+SCRIPT = Path(sys.executable).parent / "vllm-surgery"
+CLI = [str(SCRIPT)]
+
+
+def run(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_is_installed():
+    assert SCRIPT.is_file(), "pip install -e . should provide the vllm-surgery command"
+    p = run("--help")
+    assert p.returncode == 0 and "refine" in p.stdout and "inspect" in p.stdout
+
+
+def test_refine_force_writes_adapter_report_and_prints_decision(
+    tiny_base, tiny_adapter, tiny_calibration, tmp_path
+):
+    out, report = tmp_path / "refined", tmp_path / "report.json"
+    p = run(
+        "refine",
+        "--base-model",
+        tiny_base,
+        "--adapter",
+        tiny_adapter,
+        "--calibration",
+        tiny_calibration,
+        "--output",
+        out,
+        "--policy",
+        "auto",
+        "--policy-param",
+        "grad_direction.eta_s=1.5",
+        "--modules",
+        "all",
+        "--layers",
+        "0:1",
+        "--samples",
+        "12",
+        "--force",
+        "--quiet",
+        "--report",
+        report,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "decision:" in p.stdout and "held-out answer loss" in p.stdout
+    data = json.loads(report.read_text())
+    assert data["decision"] in ("accept", "forced") and data["output_path"] == str(out)
+    assert len(data["modules"]) == 7 and all(".layers.0." in m for m in data["modules"])
+    assert data["config"]["policy_params"] == {"grad_direction": {"eta_s": "1.5"}}
+    for mod in data["modules"].values():
+        assert {"sigma", "sigma_new", "sensitivity"} <= set(mod)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "surgery.json").is_file()
+
+
+def test_keep_original_exit_code(tiny_base, tiny_adapter, tiny_calibration, tmp_path):
+    p = run(
+        "refine",
+        "--base-model",
+        tiny_base,
+        "--adapter",
+        tiny_adapter,
+        "--calibration",
+        tiny_calibration,
+        "--output",
+        tmp_path / "o",
+        "--min-improvement",
+        "0.99",
+        "--quiet",
+    )
+    assert p.returncode == 3, p.stderr
+    assert "nothing written (original kept)" in p.stdout and not (tmp_path / "o").exists()
+
+
+def test_bad_input_exit_code_and_message(tiny_base, tiny_calibration, tmp_path):
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["o_proj"]}'
+    )
+    (tmp_path / "ad" / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    p = run(
+        "refine",
+        "--base-model",
+        tiny_base,
+        "--adapter",
+        tmp_path / "ad",
+        "--calibration",
+        tiny_calibration,
+        "--output",
+        tmp_path / "o",
+    )
+    assert p.returncode == 2
+    assert "refusing to unpickle" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+    p = run(
+        "refine",
+        "--base-model",
+        tiny_base,
+        "--adapter",
+        tmp_path / "ad",
+        "--calibration",
+        tiny_calibration,
+        "--output",
+        tmp_path / "o",
+        "--policy-param",
+        "eta_s",
+    )
+    assert p.returncode == 2 and "NAME=VALUE" in p.stderr
+
+
+def test_inspect_table_and_json(tiny_adapter):
+    p = run("inspect", tiny_adapter)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["module", "r", "scale"] and len(lines) == 1 + 14
+    p = run("inspect", tiny_adapter, "--json")
+    data = json.loads(p.stdout)
+    assert len(data) == 14
+    for m in data:
+        assert m["rank"] == 8 and len(m["sigma"]) == 8
+        assert 0 < m["energy_top1"] <= m["energy_top_quarter"] <= 1
+        assert 1 <= m["effective_rank"] <= 8

@@ -1,0 +1,157 @@
+"""`vllm-surgery`: refine an adapter offline, or inspect its spectrum."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import SurgeryError
+from .policies import POLICIES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-surgery", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("refine", help="refine a PEFT LoRA adapter by Spectral Surgery")
+    r.add_argument(
+        "--base-model", required=True, help="transformers model directory the adapter was trained on"
+    )
+    r.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (safetensors)")
+    r.add_argument("--calibration", required=True, help="JSONL: {prompt, completion} or {messages} per line")
+    r.add_argument("--output", required=True, help="new directory for the refined adapter")
+    r.add_argument("--policy", default="grad_direction", choices=["auto", *POLICIES])
+    r.add_argument(
+        "--policy-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a policy parameter, e.g. eta_s=1.0 (with auto: grad_direction.eta_s=1.0)",
+    )
+    r.add_argument("--constraint", default="l1", choices=["l1", "l2", "none"])
+    r.add_argument("--modules", default="residual", help="residual|attention|mlp|all or NAME,NAME,...")
+    r.add_argument("--layers", default=None, help="layer range START:END (half open)")
+    r.add_argument("--heldout-fraction", type=float, default=0.25)
+    r.add_argument(
+        "--min-improvement", type=float, default=0.005, help="relative held-out loss gain required"
+    )
+    r.add_argument("--samples", type=int, default=None, help="use N examples of the calibration file")
+    r.add_argument("--max-length", type=int, default=1024)
+    r.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch")
+    r.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--force", action="store_true", help="write the refined adapter even if it does not win")
+    r.add_argument("--report", default=None, help="write the full JSON report here")
+    r.add_argument("--plot", default=None, help="write a PNG of the spectra and candidates here")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="per-module rank, singular values, energy and effective rank")
+    i.add_argument("adapter")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _policy_params(items: Sequence[str], policy: str) -> dict:
+    params: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SurgeryError(f"--policy-param expects NAME=VALUE, got {item!r}")
+        if policy == "auto":
+            name, dot, key = key.partition(".")
+            if not dot:
+                raise SurgeryError(f"with --policy auto, write POLICY.NAME=VALUE, got {item!r}")
+            params.setdefault(name, {})[key] = value
+        else:
+            params[key] = value
+    return params
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _refine(args: argparse.Namespace) -> int:
+    from .config import SurgeryConfig
+    from .refine import refine
+
+    config = SurgeryConfig(
+        policy=args.policy,
+        policy_params=_policy_params(args.policy_param, args.policy),
+        constraint=args.constraint,
+        modules=args.modules,
+        layers=args.layers,
+        heldout_fraction=args.heldout_fraction,
+        min_improvement=args.min_improvement,
+        samples=args.samples,
+        max_length=args.max_length,
+        max_batch_tokens=args.batch_tokens,
+        device=args.device,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    result = refine(args.base_model, args.adapter, args.calibration, args.output, config)
+    report = result.to_dict()
+    if args.report:
+        _write_json_atomic(args.report, report)
+    if args.plot:
+        from .plotting import plot_report
+
+        plot_report(report, args.plot)
+    print(f"decision: {result.decision}")
+    print(f"reason:   {result.reason}")
+    if result.quality_before is not None:
+        print(f"held-out answer loss: original {result.quality_before.loss:.4f}")
+        for policy, row in result.candidates.items():
+            mark = "*" if policy == result.policy else " "
+            print(
+                f"  {mark} {policy:<15} {row['loss']:.4f}  ({100 * row['relative_improvement']:+.2f}% "
+                f"± {100 * row['relative_improvement_se']:.2f}%)"
+            )
+    print(
+        f"modules edited: {len(result.modules)}; calibration: {result.calibration['examples']} examples, "
+        f"{result.calibration['heldout_examples']} held out, {result.calibration['truncated']} truncated"
+    )
+    print(f"output: {result.output_path if result.output_path else 'nothing written (original kept)'}")
+    return 0 if result.decision != "keep_original" else 3
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_adapter
+
+    spectra = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in spectra], indent=2))
+        return 0
+    print(
+        f"{'module':<48} {'r':>3} {'scale':>6} {'sigma_1':>9} {'sigma_r':>9} {'top1':>6} {'top25%':>7} {'eff.rank':>8}"
+    )
+    for s in spectra:
+        print(
+            f"{s.name:<48} {s.rank:>3} {s.scaling:>6.2f} {s.sigma[0]:>9.4f} {s.sigma[-1]:>9.4f} "
+            f"{s.energy_top1:>6.1%} {s.energy_top_quarter:>7.1%} {s.effective_rank:>8.2f}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done (refined adapter written, or inspect), 3 original kept, 2 bad input."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _refine(args) if args.command == "refine" else _inspect(args)
+    except SurgeryError as e:
+        print(f"vllm-surgery: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
