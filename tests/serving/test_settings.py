@@ -1,0 +1,101 @@
+"""Operator settings: environment variables, an optional JSON file, and which one wins."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vllm_surgery.errors import ConfigError
+from vllm_surgery.serving.settings import DEFAULT_STORE, ServingSettings, SettingsError
+
+
+def test_defaults_without_any_setting() -> None:
+    s = ServingSettings.from_env({})
+    assert s.adapter_dirs == ()
+    assert s.store == DEFAULT_STORE.expanduser()
+    assert "~" not in str(s.store)
+
+
+def test_environment_variables(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    env = {
+        "VLLM_SURGERY_ADAPTER_DIRS": f"{a}{os.pathsep}{os.pathsep}{b}",  # empty entries are ignored
+        "VLLM_SURGERY_STORE": str(tmp_path / "store"),
+    }
+    s = ServingSettings.from_env(env)
+    assert s.adapter_dirs == (a, b)
+    assert s.store == tmp_path / "store"
+
+
+def test_file_values_and_relative_paths(tmp_path: Path) -> None:
+    cfg = tmp_path / "conf" / "serving.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"adapter_dirs": ["adapters", str(tmp_path / "abs")], "store": "store"}))
+    s = ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(cfg)})
+    # Relative to the file, not to the server's working directory.
+    assert s.adapter_dirs == (cfg.parent / "adapters", tmp_path / "abs")
+    assert s.store == cfg.parent / "store"
+
+
+def test_file_adapter_dirs_as_one_string(tmp_path: Path) -> None:
+    cfg = tmp_path / "serving.json"
+    cfg.write_text(json.dumps({"adapter_dirs": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"}))
+    s = ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(cfg)})
+    assert s.adapter_dirs == (tmp_path / "a", tmp_path / "b")
+    assert s.store == DEFAULT_STORE.expanduser()
+
+
+def test_environment_wins_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "serving.json"
+    cfg.write_text(json.dumps({"adapter_dirs": ["from-file"], "store": "file-store"}))
+    env = {
+        "VLLM_SURGERY_CONFIG": str(cfg),
+        "VLLM_SURGERY_ADAPTER_DIRS": str(tmp_path / "env"),
+        "VLLM_SURGERY_STORE": str(tmp_path / "env-store"),
+    }
+    s = ServingSettings.from_env(env)
+    assert s.adapter_dirs == (tmp_path / "env",)
+    assert s.store == tmp_path / "env-store"
+    # An empty variable counts as unset, so the file applies.
+    s = ServingSettings.from_env({**env, "VLLM_SURGERY_ADAPTER_DIRS": "", "VLLM_SURGERY_STORE": " "})
+    assert s.adapter_dirs == (tmp_path / "from-file",)
+    assert s.store == tmp_path / "file-store"
+
+
+def test_reads_os_environ_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_SURGERY_ADAPTER_DIRS", str(tmp_path))
+    monkeypatch.delenv("VLLM_SURGERY_CONFIG", raising=False)
+    assert ServingSettings.from_env().adapter_dirs == (tmp_path,)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"adapter_dir": ["x"]}', "unknown key"),
+        ('{"adapter_dirs": 3}', "'adapter_dirs' must be"),
+        ('{"adapter_dirs": ["ok", ""]}', "'adapter_dirs' must be"),
+        ('{"store": 5}', "'store' must be"),
+        ('{"store": ""}', "'store' must be"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_bad_file_is_a_clear_error(tmp_path: Path, content: str | bytes, message: str) -> None:
+    cfg = tmp_path / "serving.json"
+    if isinstance(content, bytes):
+        cfg.write_bytes(content)
+    else:
+        cfg.write_text(content)
+    with pytest.raises(SettingsError, match=message) as info:
+        ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(cfg)})
+    assert str(cfg) in str(info.value)
+    assert isinstance(info.value, ConfigError)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"VLLM_SURGERY_CONFIG=.*cannot be read"):
+        ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(tmp_path / "missing.json")})

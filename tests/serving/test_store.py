@@ -1,0 +1,142 @@
+"""The refined-version store on real directories, including one version written by refine() itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vllm_surgery.adapter import load_adapter
+from vllm_surgery.serving.names import InvalidAdapterName
+from vllm_surgery.serving.store import SERVED_NAME, StoreError, VersionStore
+
+
+def fake_version(store: VersionStore, name: str, adapter: Path, decision: str, adapter_hash: str) -> Path:
+    """A version directory as refine() leaves it: the adapter's files plus surgery.json."""
+    path = store.new_version_dir(name)
+    path.rmdir()
+    shutil.copytree(adapter, path)
+    (path / "surgery.json").write_text(json.dumps({"decision": decision, "adapter_hash": adapter_hash}))
+    return path
+
+
+@pytest.fixture
+def original_hash(tiny_adapter: Path) -> str:
+    return load_adapter(tiny_adapter).content_hash()
+
+
+def test_empty_store(tmp_path: Path, original_hash: str) -> None:
+    store = VersionStore(tmp_path / "store")
+    assert store.versions("math") == []
+    assert store.served("math", original_hash) is None
+    assert not (tmp_path / "store").exists()  # reading never creates anything
+
+
+def test_new_version_dirs_are_unique_empty_and_time_sorted(tmp_path: Path) -> None:
+    store = VersionStore(tmp_path / "store")
+    dirs = [store.new_version_dir("math") for _ in range(50)]
+    assert len(set(dirs)) == 50
+    assert all(d.is_dir() and not any(d.iterdir()) for d in dirs)
+    assert [d.name for d in dirs] == sorted(d.name for d in dirs)
+    assert all(d.parent == (tmp_path / "store" / "math").resolve() for d in dirs)
+    # Reserved but never written: not a version.
+    assert store.versions("math") == []
+
+
+def test_refined_version_round_trip(
+    tmp_path, tiny_base, tiny_adapter, tiny_calibration, original_hash
+) -> None:
+    from vllm_surgery.refine import refine
+
+    store = VersionStore(tmp_path / "store")
+    out = store.new_version_dir("math")
+    result = refine(tiny_base, tiny_adapter, tiny_calibration, out, device="cpu", force=True, progress=False)
+    assert result.written and result.decision in ("accept", "forced")
+
+    (info,) = store.versions("math")
+    assert info.path == out and info.version_id == out.name
+    assert info.decision == result.decision and info.adapter_hash == original_hash and info.servable
+
+    assert store.served("math", original_hash) is None  # written, but not chosen yet
+    served_file = store.set_served("math", out.name)
+    assert served_file == out.parent / SERVED_NAME
+    assert json.loads(served_file.read_text())["version"] == out.name
+    assert store.served("math", original_hash) == out
+    load_adapter(store.served("math", original_hash))  # a complete adapter
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_stale_version_is_ignored(tmp_path: Path, tiny_adapter: Path, original_hash: str) -> None:
+    store = VersionStore(tmp_path / "store")
+    old = fake_version(store, "math", tiny_adapter, "accept", "0" * 64)
+    store.set_served("math", old.name)
+    assert store.served("math", "0" * 64) == old
+    # The operator replaced the original: its hash changed, the old refinement must not be served.
+    assert store.served("math", original_hash) is None
+
+
+def test_served_follows_the_latest_choice(tmp_path: Path, tiny_adapter: Path, original_hash: str) -> None:
+    store = VersionStore(tmp_path / "store")
+    first = fake_version(store, "math", tiny_adapter, "accept", original_hash)
+    second = fake_version(store, "math", tiny_adapter, "forced", original_hash)
+    assert [v.path for v in store.versions("math")] == [first, second]
+    store.set_served("math", second.name)
+    assert store.served("math", original_hash) == second
+    store.set_served("math", first.name)
+    assert store.served("math", original_hash) == first
+
+
+def test_unservable_versions_cannot_be_chosen(tmp_path: Path, tiny_adapter: Path, original_hash: str) -> None:
+    store = VersionStore(tmp_path / "store")
+    kept = fake_version(store, "math", tiny_adapter, "keep_original", original_hash)
+    with pytest.raises(StoreError, match="keep_original"):
+        store.set_served("math", kept.name)
+    with pytest.raises(StoreError, match="no complete refined version"):
+        store.set_served("math", "20990101T000000000000Z-deadbeef")
+    empty = store.new_version_dir("math")
+    with pytest.raises(StoreError, match="no complete refined version"):
+        store.set_served("math", empty.name)
+    assert not (store.root / "math" / SERVED_NAME).exists()
+
+
+def test_served_json_pointing_at_bad_versions(tmp_path: Path, tiny_adapter: Path, original_hash: str) -> None:
+    """A hand-edited or damaged served.json degrades to the original, never to an error or a bad path."""
+    store = VersionStore(tmp_path / "store")
+    good = fake_version(store, "math", tiny_adapter, "accept", original_hash)
+    served = store.root / "math" / SERVED_NAME
+    for content in (
+        "{broken",
+        "[]",
+        json.dumps({"version": 3}),
+        json.dumps({"version": "../../elsewhere"}),
+        json.dumps({"version": "missing"}),
+    ):
+        served.write_text(content)
+        assert store.served("math", original_hash) is None, content
+    kept = fake_version(store, "math", tiny_adapter, "keep_original", original_hash)
+    served.write_text(json.dumps({"version": kept.name}))
+    assert store.served("math", original_hash) is None
+    store.set_served("math", good.name)
+    assert store.served("math", original_hash) == good
+
+
+def test_corrupt_surgery_json_is_skipped(tmp_path: Path, tiny_adapter: Path, original_hash: str) -> None:
+    store = VersionStore(tmp_path / "store")
+    good = fake_version(store, "math", tiny_adapter, "accept", original_hash)
+    bad = fake_version(store, "math", tiny_adapter, "accept", original_hash)
+    (bad / "surgery.json").write_text("{")
+    (store.root / "math" / ".tmp-in-progress").mkdir()
+    assert [v.path for v in store.versions("math")] == [good]
+
+
+@pytest.mark.parametrize("name", ["../x", ".hidden", "/abs", ""])
+def test_store_refuses_bad_names(tmp_path: Path, name: str) -> None:
+    store = VersionStore(tmp_path / "store")
+    for call in (store.versions, store.new_version_dir, lambda n: store.served(n, "h")):
+        with pytest.raises(InvalidAdapterName):
+            call(name)
+    with pytest.raises(InvalidAdapterName):
+        store.set_served("math", name or "../x")
+    assert not (tmp_path / "store").exists()

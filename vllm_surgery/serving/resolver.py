@@ -1,0 +1,98 @@
+"""SurgeryResolver: answers a request for adapter X with X's served refined version, else X itself.
+
+vLLM calls a resolver once per unknown model name (under a per-name lock), then loads the returned
+path and caches the name -> LoRARequest mapping for the life of the server. So this runs rarely, and a
+refined version marked served later reaches only names resolved after that (or after a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver
+
+from ..adapter import load_adapter
+from ..errors import AdapterError
+from .names import InvalidAdapterName, path_under, validate_adapter_name
+from .settings import ServingSettings
+from .store import VersionStore
+
+# Under vLLM's "vllm" logger tree so the messages appear in the server log with vLLM's format and
+# level (VLLM_LOGGING_LEVEL); a plain package logger would have no handler in the server process.
+log = logging.getLogger(f"vllm.{__name__}")
+
+
+class SurgeryResolver(LoRAResolver):
+    """Resolve adapter names against the operator's adapter roots and the refined-version store."""
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.settings = settings
+        self.store = VersionStore(settings.store)
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        """None means "not mine": vLLM then tries other resolvers and finally answers 404."""
+        try:
+            validate_adapter_name(lora_name)
+        except InvalidAdapterName as e:
+            log.warning("refusing to resolve adapter name: %s", e)
+            return None
+        # Disk reads, hashing and safetensors parsing block: keep them off the server's event loop.
+        path = await asyncio.to_thread(self.choose_path, lora_name)
+        if path is None:
+            return None
+        # vLLM overwrites lora_int_id with its own counter; any positive value is fine here.
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+
+    def find_original(self, name: str) -> Path | None:
+        """`<root>/<name>` in the first configured root that has it as a directory."""
+        for root in self.settings.adapter_dirs:
+            try:
+                candidate = path_under(root, name)
+            except InvalidAdapterName as e:  # e.g. a symlink in the root pointing outside it
+                log.warning("adapter %r under %s: %s; skipped", name, root, e)
+                continue
+            if candidate.is_dir():
+                return candidate
+        return None
+
+    def choose_path(self, name: str) -> Path | None:
+        """The directory to serve for a validated `name`, or None if there is nothing servable.
+
+        The original is validated even when a refined version will be served: its content hash is
+        what ties a refined version to it, and a broken original means the operator's deployment is
+        broken, which should be visible rather than masked by an older refinement.
+        """
+        original = self.find_original(name)
+        if original is None:
+            log.debug("adapter %r not found under %s", name, [str(d) for d in self.settings.adapter_dirs])
+            return None
+        try:
+            adapter = load_adapter(original)
+        except AdapterError as e:
+            log.error("adapter %r at %s is not servable: %s", name, original, e)
+            return None
+        try:
+            refined = self.store.served(name, adapter.content_hash())
+        except (OSError, ValueError) as e:
+            log.error(
+                "adapter %r: refined-version store %s unusable (%s); serving the original",
+                name,
+                self.settings.store,
+                e,
+            )
+            refined = None
+        if refined is not None:
+            try:
+                load_adapter(refined)
+            except AdapterError as e:
+                log.error(
+                    "adapter %r: refined version %s is broken (%s); serving the original", name, refined, e
+                )
+            else:
+                log.info("adapter %r: serving refined version %s", name, refined)
+                return refined
+        log.info("adapter %r: serving the original %s", name, original)
+        return original

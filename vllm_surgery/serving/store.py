@@ -1,0 +1,221 @@
+"""The store of refined adapter versions, one directory tree on local disk.
+
+Layout::
+
+    <store>/<adapter name>/<version id>/   a complete PEFT adapter written by refine(), with surgery.json
+    <store>/<adapter name>/served.json     {"version": "<version id>"}: the accepted version to serve
+
+A version directory is never modified after refine() renamed it into place: vLLM's prefix cache keys
+LoRA requests by (name, path), so new weights always get a new directory. served.json is replaced
+atomically, so a resolver reads either the old or the new choice, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..adapter import PROVENANCE_NAME
+from ..errors import SurgeryError
+from .names import path_under
+
+log = logging.getLogger(__name__)
+
+SERVED_NAME = "served.json"
+# Decisions under which refine() wrote a version that may be served ("keep_original" writes nothing).
+SERVABLE_DECISIONS = frozenset({"accept", "forced"})
+
+
+class StoreError(SurgeryError, ValueError):
+    """A store operation that cannot be done as asked (unknown version, unservable decision, ...)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One refined version as recorded by its surgery.json."""
+
+    name: str
+    version_id: str
+    path: Path
+    decision: str | None
+    adapter_hash: str | None
+
+    @property
+    def servable(self) -> bool:
+        return self.decision in SERVABLE_DECISIONS and bool(self.adapter_hash)
+
+
+class VersionStore:
+    """Refined versions of named adapters under one root directory (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser()
+
+    def adapter_dir(self, name: str) -> Path:
+        """`<store>/<name>`, validated: the name comes from requests and must stay inside the store."""
+        return path_under(self.root, name)
+
+    def version_dir(self, name: str, version_id: str) -> Path:
+        return path_under(self.adapter_dir(name), version_id)
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Complete versions of `name`, oldest first (version ids sort by creation time).
+
+        In-progress or abandoned directories (refine()'s hidden temp dirs, an empty reserved dir, one
+        without a readable surgery.json) are skipped: they are not versions yet.
+        """
+        base = self.adapter_dir(name)
+        if not base.is_dir():
+            return []
+        out: list[VersionInfo] = []
+        for entry in sorted(base.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            info = self._read_version(name, entry)
+            if info is not None:
+                out.append(info)
+        return out
+
+    def _read_version(self, name: str, path: Path) -> VersionInfo | None:
+        try:
+            record: Any = json.loads((path / PROVENANCE_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("refined version %s: unreadable %s (%s); ignored", path, PROVENANCE_NAME, e)
+            return None
+        if not isinstance(record, dict):
+            log.warning("refined version %s: %s is not a JSON object; ignored", path, PROVENANCE_NAME)
+            return None
+        decision, adapter_hash = record.get("decision"), record.get("adapter_hash")
+        return VersionInfo(
+            name=name,
+            version_id=path.name,
+            path=path,
+            decision=decision if isinstance(decision, str) else None,
+            adapter_hash=adapter_hash if isinstance(adapter_hash, str) else None,
+        )
+
+    def served_version_id(self, name: str) -> str | None:
+        """The version id recorded in served.json, or None when none is recorded (or it is unreadable)."""
+        path = self.adapter_dir(name) / SERVED_NAME
+        try:
+            record: Any = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s); serving the original adapter", path, e)
+            return None
+        version = record.get("version") if isinstance(record, dict) else None
+        if not isinstance(version, str):
+            log.warning("%s: no 'version' string; serving the original adapter", path)
+            return None
+        return version
+
+    def served(self, name: str, adapter_hash: str) -> Path | None:
+        """The directory of the version to serve for `name`, or None to serve the original.
+
+        Only a version refined from exactly this original content qualifies: when the operator
+        replaces the original adapter, its old refined versions go stale and are ignored here,
+        rather than silently serving a refinement of weights that are no longer deployed.
+        """
+        version_id = self.served_version_id(name)
+        if version_id is None:
+            return None
+        try:
+            path = self.version_dir(name, version_id)
+        except ValueError as e:
+            log.warning(
+                "store %s: served version of %r is invalid (%s); serving the original", self.root, name, e
+            )
+            return None
+        info = self._read_version(name, path) if path.is_dir() else None
+        if info is None:
+            log.warning(
+                "store: served version %s of %r is missing or incomplete; serving the original",
+                version_id,
+                name,
+            )
+            return None
+        if not info.servable:
+            log.warning(
+                "store: served version %s of %r has decision %r; serving the original",
+                version_id,
+                name,
+                info.decision,
+            )
+            return None
+        if info.adapter_hash != adapter_hash:
+            log.info(
+                "store: served version %s of %r was refined from other adapter content (stale); "
+                "serving the original",
+                version_id,
+                name,
+            )
+            return None
+        return info.path
+
+    def set_served(self, name: str, version_id: str) -> Path:
+        """Record `version_id` as the version to serve for `name` (atomically); returns served.json.
+
+        Only complete versions with a servable decision can be chosen. Already-resolved names keep
+        what they were resolved to until the server restarts (vLLM caches resolutions by name).
+        """
+        path = self.version_dir(name, version_id)
+        info = self._read_version(name, path) if path.is_dir() else None
+        if info is None:
+            raise StoreError(f"{path}: no complete refined version (missing directory or {PROVENANCE_NAME})")
+        if not info.servable:
+            raise StoreError(
+                f"{path}: decision {info.decision!r} with adapter_hash {info.adapter_hash!r} cannot be "
+                f"served; only {sorted(SERVABLE_DECISIONS)} versions with a hash can"
+            )
+        record = {"version": version_id, "adapter_hash": info.adapter_hash, "set_at": time.time()}
+        target = self.adapter_dir(name) / SERVED_NAME
+        _atomic_write(target, json.dumps(record, indent=2) + "\n")
+        return target
+
+    def new_version_dir(self, name: str) -> Path:
+        """Reserve a fresh, empty version directory for refine() to write into.
+
+        The id sorts by creation time (UTC, microseconds) and has a random suffix; the directory is
+        created here with exist_ok=False, so two writers can never be handed the same one.
+        """
+        base = self.adapter_dir(name)
+        base.mkdir(parents=True, exist_ok=True)
+        while True:
+            now_us = time.time_ns() // 1000
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now_us // 1_000_000))
+            version_id = f"{stamp}{now_us % 1_000_000:06d}Z-{secrets.token_hex(4)}"
+            path = path_under(base, version_id)
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return path
+
+
+def _atomic_write(target: Path, text: str) -> None:
+    """Write via a temp file in the same directory, fsync, then os.replace: readers never see a torn file."""
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
