@@ -28,7 +28,22 @@ _EXPORTS = {
     "lora_factors": "spectral",
     "lora_svd": "spectral",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AdapterError",
+    "CalibrationError",
+    "ConfigError",
+    "LoraAdapter",
+    "Spectrum",
+    "SurgeryConfig",
+    "SurgeryError",
+    "SurgeryResult",
+    "load_adapter",
+    "lora_factors",
+    "lora_svd",
+    "refine",
+    "save_adapter",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter, load_adapter, save_adapter
