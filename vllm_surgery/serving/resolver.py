@@ -16,6 +16,7 @@ from vllm.lora.resolver import LoRAResolver
 
 from ..adapter import load_adapter
 from ..errors import AdapterError
+from . import metrics
 from .names import InvalidAdapterName, path_under, validate_adapter_name
 from .settings import ServingSettings
 from .store import VersionStore
@@ -93,6 +94,10 @@ class SurgeryResolver(LoRAResolver):
                 )
             else:
                 log.info("adapter %r: serving refined version %s", name, refined)
+                metrics.record_store_lookup(hit=True)
+                metrics.record_served(name, refined.name)
                 return refined
         log.info("adapter %r: serving the original %s", name, original)
+        metrics.record_store_lookup(hit=False)
+        metrics.record_served(name, "original")
         return original

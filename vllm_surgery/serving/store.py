@@ -162,6 +162,20 @@ class VersionStore:
             return None
         return info.path
 
+    def version_info(self, name: str, version_id: str) -> VersionInfo | None:
+        """The complete version `version_id` of `name`, or None if there is none (invalid ids raise)."""
+        path = self.version_dir(name, version_id)
+        return self._read_version(name, path) if path.is_dir() else None
+
+    def clear_served(self, name: str) -> bool:
+        """Forget the served choice of `name` (the original is served again); True if one was recorded."""
+        target = self.adapter_dir(name) / SERVED_NAME
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def set_served(self, name: str, version_id: str) -> Path:
         """Record `version_id` as the version to serve for `name` (atomically); returns served.json.
 

@@ -1,0 +1,275 @@
+"""Hot-swap over real HTTP: one `vllm serve` (via `vllm-surgery-serve`) with the endpoint plugin.
+
+Adapter "x" lives in an operator root; the store holds a refined version of it (refine(force=True))
+and a corrupt copy of that version (truncated weights, intact surgery.json). Which weights answered
+is proven by log-probs against transformers+PEFT float32 teacher forcing, as in test_server.py.
+The server runs with --api-key and an admin token, so every route is exercised authenticated.
+
+Slow (engine start 25-70 s on 2 cores): `pytest -m slow tests/serving/test_hotswap.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from server import REQUEST_TIMEOUT_S, Server, assert_served_by, complete, start_server, stop
+from tiny import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-api-key"
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"X-Surgery-Admin-Token": ADMIN_TOKEN}
+PROMPTS = ["what is 12 + 30 ?", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("hotswap")
+    base = build_tiny_llama(root / "base", hidden=128, heads=2, kv_heads=2, layers=2, intermediate=256)
+    adapters = root / "adapters"
+    build_lora_adapter(base, adapters / "x", r=8, alpha=16, target_modules=ALL_PROJ, seed=1)
+    env = {
+        "VLLM_SURGERY_ADAPTER_DIRS": str(adapters),
+        "VLLM_SURGERY_STORE": str(root / "store"),
+        "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
+        "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
+    srv = start_server(
+        root, base, env, ["--api-key", API_KEY], headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    try:
+        yield srv
+    finally:
+        left = stop(srv.proc)
+        assert not left, f"processes left behind after SIGTERM (killed now): {left}"
+
+
+@pytest.fixture(scope="module")
+def versions(server: Server) -> dict[str, Path]:
+    """The refined version of "x" and a corrupt copy of it, both complete store versions."""
+    from vllm_surgery.refine import refine
+    from vllm_surgery.serving.store import VersionStore
+
+    store = VersionStore(server.root / "store")
+    refined = store.new_version_dir("x")
+    calib = write_calibration(server.root / "calib.jsonl", n=16)
+    result = refine(
+        server.base, server.root / "adapters" / "x", calib, refined,
+        policy="grad_direction", modules="all", device="cpu", force=True, progress=False,
+    )  # fmt: skip
+    assert result.written
+    corrupt = store.new_version_dir("x")
+    shutil.copytree(refined, corrupt, dirs_exist_ok=True)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return {"refined": refined, "corrupt": corrupt}
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(server: Server) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server.base)
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def peft_model(server: Server, versions: dict[str, Path]):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(server.base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, server.root / "adapters" / "x", adapter_name="original")
+    model.load_adapter(versions["refined"], adapter_name="refined")
+    return model.eval()
+
+
+def swap(server: Server, version: str, name: str = "x") -> tuple[int, dict]:
+    return server.post(f"/v1/surgery/adapters/{name}/swap", {"version": version}, headers=ADMIN)
+
+
+def served_json(server: Server) -> dict | None:
+    path = server.root / "store" / "x" / "served.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_routes_need_the_api_key(server: Server, versions) -> None:
+    bare = {"Authorization": ""}
+    assert server.get("/v1/surgery/adapters", headers=bare)[0] == 401
+    assert server.get("/v1/surgery/adapters/x", headers=bare)[0] == 401
+    assert server.post("/v1/surgery/adapters/x/swap", {"version": "original"}, headers=bare)[0] == 401
+    assert server.post("/v1/surgery/adapters/x/rollback", {}, headers={**bare, **ADMIN})[0] == 401
+    # The API key alone may read but not mutate: mutations also need the admin token.
+    assert server.get("/v1/surgery/adapters")[0] == 200
+    status, body = server.post("/v1/surgery/adapters/x/swap", {"version": versions["refined"].name})
+    assert status == 403, body
+    assert (
+        server.post("/v1/surgery/adapters/x/swap", {"version": "x"}, headers={"X-Surgery-Admin-Token": "no"})[
+            0
+        ]
+        == 403
+    )
+
+
+def test_original_is_served_first(server, prompt_ids, peft_model, versions) -> None:
+    assert_served_by(server, "x", prompt_ids, peft_model, expected="original", other="refined")
+    status, body = server.get("/v1/surgery/adapters")
+    assert status == 200, body
+    (x,) = [a for a in body["adapters"] if a["name"] == "x"]
+    assert x["served_version"] == "original" and x["loaded"]
+    assert {v["id"] for v in x["versions"]} == {versions["refined"].name, versions["corrupt"].name}
+
+
+def test_swap_to_refined_version(server, prompt_ids, peft_model, versions) -> None:
+    refined = versions["refined"].name
+    status, body = swap(server, refined)
+    assert status == 200, (body, server.log_tail())
+    assert body["changed"] and body["version"] == refined and body["previous_version"] == "original"
+    assert_served_by(server, "x", prompt_ids, peft_model, expected="refined", other="original")
+    assert served_json(server)["version"] == refined  # a restart serves the same version
+    status, body = swap(server, refined)  # idempotent
+    assert status == 200 and body["changed"] is False, body
+    status, body = server.get("/v1/surgery/adapters/x")
+    assert status == 200 and body["served_version"] == refined, body
+    # The stored request must not be an in-place load (upstream bug: re-read from disk every step).
+    assert body["served_load_inplace"] is False, body
+    assert_served_by(server, "x", prompt_ids, peft_model, expected="refined", other="original")
+
+
+def test_swaps_under_load_fail_no_request(server, prompt_ids, versions) -> None:
+    stop_flag = threading.Event()
+    failures: list[str] = []
+    done = [0]
+    lock = threading.Lock()
+
+    def stream_once(ids: list[int]) -> None:
+        body = {
+            "model": "x",
+            "prompt": ids,
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        req = urllib.request.Request(
+            server.url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **server.headers},
+        )
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+            text = r.read().decode()
+        if "data: [DONE]" not in text or '"error"' in text:
+            raise AssertionError(f"bad stream: {text[-300:]}")
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop_flag.is_set():
+            ids = prompt_ids[n % len(prompt_ids)]
+            try:
+                if (i + n) % 2:
+                    stream_once(ids)
+                else:
+                    status, body = complete(server, "x", ids)
+                    if status != 200:
+                        raise AssertionError(f"{status} {body}")
+            except Exception as e:  # any failure at all counts
+                with lock:
+                    failures.append(f"client {i}: {e!r}")
+            else:
+                with lock:
+                    done[0] += 1
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        for version in ["original", versions["refined"].name, "original", versions["refined"].name]:
+            status, body = swap(server, version)
+            assert status == 200 and body["changed"], body
+            time.sleep(0.5)
+    finally:
+        stop_flag.set()
+        for t in threads:
+            t.join(timeout=REQUEST_TIMEOUT_S)
+    assert not failures, failures[:5]
+    assert done[0] >= 8, done[0]
+
+
+def test_rollback_restores_the_previous_version(server, prompt_ids, peft_model, versions) -> None:
+    assert swap(server, "original")[0] == 200
+    assert swap(server, versions["refined"].name)[0] == 200
+    status, body = server.post("/v1/surgery/adapters/x/rollback", {}, headers=ADMIN)
+    assert status == 200, body
+    assert body["version"] == "original" and body["changed"]
+    assert_served_by(server, "x", prompt_ids, peft_model, expected="original", other="refined")
+    assert served_json(server) is None  # original again: nothing recorded in the store
+
+
+def test_corrupt_version_is_refused_and_old_version_keeps_serving(
+    server, prompt_ids, peft_model, versions
+) -> None:
+    assert swap(server, versions["refined"].name)[0] == 200
+    status, body = swap(server, versions["corrupt"].name)
+    assert status == 422, body
+    assert "corrupt" in body["error"]["message"]
+    assert_served_by(server, "x", prompt_ids, peft_model, expected="refined", other="original")
+    assert served_json(server)["version"] == versions["refined"].name
+    assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "expected", "expected_get"),
+    [
+        (".hidden", "original", 400, 400),
+        ("a..b", "original", 400, 400),
+        ("nope", "original", 404, 404),
+        ("x", "no-such-version", 404, 200),
+        ("x", "..", 400, 200),
+    ],
+)
+def test_bad_names_and_versions_are_refused(server, name, version, expected, expected_get) -> None:
+    status, body = swap(server, name=name, version=version)
+    assert status == expected, body
+    assert "error" in body
+    assert server.get(f"/v1/surgery/adapters/{name}")[0] == expected_get
+
+
+def test_metrics_are_valid_prometheus_text(server, versions) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = server.get_text("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    swaps = families["vllm_surgery_hotswaps"]
+    counts = {
+        (s.labels["adapter"], s.labels["outcome"]): s.value
+        for s in swaps.samples
+        if s.name.endswith("_total")
+    }
+    assert counts[("x", "swapped")] >= 6
+    assert counts[("x", "noop")] >= 1
+    assert counts[("x", "corrupt")] >= 1
+    assert counts[("", "not_found")] >= 1
+    assert {a for a, _ in counts} <= {"x", ""}  # bounded: only existing adapters are labels
+    latency = families["vllm_surgery_swap_latency_seconds"]
+    (count,) = [s.value for s in latency.samples if s.name.endswith("_count")]
+    assert count >= 6
+    info = [s for s in families["vllm_surgery_served_version_info"].samples if s.labels.get("adapter") == "x"]
+    assert len(info) == 1 and info[0].value == 1.0
+    assert info[0].labels["version"] == versions["refined"].name  # the corrupt swap changed nothing
+    lookups = {
+        s.labels["result"]: s.value
+        for s in families["vllm_surgery_resolver_store_lookups"].samples
+        if s.name.endswith("_total")
+    }
+    assert lookups.get("miss", 0) >= 1  # "x" was first resolved to its original

@@ -1,0 +1,232 @@
+"""HotSwapper and the endpoint plugin without a server: a fake OpenAIServingModels stands in for vLLM's
+(same attributes: lora_requests, lora_resolver_lock, async load_lora_adapter). Imports vLLM, starts
+no engine. The real engine path is covered by the slow test_hotswap.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections import defaultdict
+from http import HTTPStatus
+from pathlib import Path
+
+import pytest
+
+from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
+from vllm_surgery.serving.settings import ServingSettings
+from vllm_surgery.serving.store import VersionStore
+
+pytest.importorskip("vllm")
+
+
+class FakeModels:
+    """Mimics OpenAIServingModels.load_lora_adapter as vLLM 0.32 implements it (stores the request
+    with the caller's load_inplace, keeps the name's id)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.lora_requests: dict = {}
+        self.lora_resolver_lock = defaultdict(asyncio.Lock)
+        self.loads: list = []
+        self.fail = fail
+
+    async def load_lora_adapter(self, request, base_model_name=None):
+        from vllm.entrypoints.serve import create_error_response
+        from vllm.lora.request import LoRARequest
+
+        async with self.lora_resolver_lock[request.lora_name]:
+            self.loads.append(request)
+            if self.fail:
+                return create_error_response(
+                    message="engine said no", err_type="X", status_code=HTTPStatus.INTERNAL_SERVER_ERROR
+                )
+            if request.lora_name in self.lora_requests and not request.load_inplace:
+                return create_error_response(
+                    message="already loaded", err_type="X", status_code=HTTPStatus.BAD_REQUEST
+                )
+            old = self.lora_requests.get(request.lora_name)
+            self.lora_requests[request.lora_name] = LoRARequest(
+                lora_name=request.lora_name,
+                lora_int_id=old.lora_int_id if old else len(self.lora_requests) + 1,
+                lora_path=request.lora_path,
+                load_inplace=request.load_inplace,
+            )
+            return "Success"
+
+
+def add_version(store: VersionStore, name: str, source: Path, adapter_hash: str, decision="forced") -> Path:
+    out = store.new_version_dir(name)
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    (out / PROVENANCE_NAME).write_text(json.dumps({"decision": decision, "adapter_hash": adapter_hash}))
+    return out
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_adapter: Path):
+    from vllm.lora.request import LoRARequest
+
+    from vllm_surgery.serving.hotswap import HotSwapper
+
+    roots = tmp_path / "adapters"
+    shutil.copytree(tiny_adapter, roots / "x")
+    store = VersionStore(tmp_path / "store")
+    h = load_adapter(roots / "x").content_hash()
+    good = add_version(store, "x", tiny_adapter, h)
+    corrupt = add_version(store, "x", tiny_adapter, h)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    stale = add_version(store, "x", tiny_adapter, "0" * 64)
+    models = FakeModels()
+    # "x" already resolved to its original, as the resolver would leave it.
+    models.lora_requests["x"] = LoRARequest(
+        lora_name="x", lora_int_id=7, lora_path=str((roots / "x").resolve())
+    )
+    swapper = HotSwapper(models, ServingSettings(adapter_dirs=(roots,), store=store.root))
+    return {
+        "swapper": swapper,
+        "models": models,
+        "store": store,
+        "good": good,
+        "corrupt": corrupt,
+        "stale": stale,
+    }
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_swap_uses_inplace_load_then_stores_a_non_inplace_request(env) -> None:
+    swapper, models, store = env["swapper"], env["models"], env["store"]
+    result = run(swapper.swap("x", env["good"].name))
+    assert result.changed and result.previous_version == "original"
+    (load,) = models.loads
+    assert load.load_inplace is True and load.lora_path == str(env["good"])
+    stored = models.lora_requests["x"]
+    assert stored.lora_path == str(env["good"]) and stored.lora_int_id == 7
+    assert stored.load_inplace is False  # upstream-bug workaround
+    assert store.served_version_id("x") == env["good"].name
+    info = swapper.describe("x")
+    assert info["served_version"] == env["good"].name and info["previous_version"] == "original"
+
+
+def test_swap_of_a_name_not_loaded_yet_loads_it(env) -> None:
+    swapper, models = env["swapper"], env["models"]
+    del models.lora_requests["x"]
+    result = run(swapper.swap("x", env["good"].name))
+    assert result.changed and result.previous_version is None
+    (load,) = models.loads
+    assert load.load_inplace is False
+    assert models.lora_requests["x"].lora_path == str(env["good"])
+
+
+def test_same_path_is_a_noop(env) -> None:
+    swapper, models = env["swapper"], env["models"]
+    assert run(swapper.swap("x", "original")).changed is False
+    assert models.loads == []
+
+
+def test_rollback_returns_to_the_previous_version(env) -> None:
+    swapper, models, store = env["swapper"], env["models"], env["store"]
+    run(swapper.swap("x", env["good"].name))
+    result = run(swapper.rollback("x"))
+    assert result.changed and result.version == "original"
+    assert models.lora_requests["x"].lora_path.endswith("/adapters/x")
+    assert store.served_version_id("x") is None
+
+
+def test_rollback_without_history_is_a_conflict(env) -> None:
+    from vllm_surgery.serving.hotswap import HotSwapError
+
+    with pytest.raises(HotSwapError) as e:
+        run(env["swapper"].rollback("x"))
+    assert e.value.status == 409
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "status"),
+    [
+        ("x", "corrupt", 422),
+        ("x", "stale", 409),
+        ("x", "missing", 404),
+        ("x", "../x", 400),
+        ("../x", "original", 400),
+        ("nope", "original", 404),
+    ],
+)
+def test_refusals_leave_the_old_version_serving(env, name, version, status) -> None:
+    from vllm_surgery.serving.hotswap import HotSwapError
+
+    swapper, models = env["swapper"], env["models"]
+    version = env[version].name if version in env else version
+    before = models.lora_requests["x"]
+    with pytest.raises(HotSwapError) as e:
+        run(swapper.swap(name, version))
+    assert e.value.status == status, e.value
+    assert models.loads == []  # validated before the engine was touched
+    assert models.lora_requests["x"] is before
+
+
+def test_engine_refusal_leaves_the_old_version(env) -> None:
+    from vllm_surgery.serving.hotswap import HotSwapError
+
+    swapper, models = env["swapper"], env["models"]
+    models.fail = True
+    before = models.lora_requests["x"]
+    with pytest.raises(HotSwapError) as e:
+        run(swapper.swap("x", env["good"].name))
+    assert e.value.status == 500
+    assert models.lora_requests["x"] is before
+    assert env["store"].served_version_id("x") is None
+
+
+def test_concurrent_swaps_of_one_name_are_serialised(env) -> None:
+    swapper, models = env["swapper"], env["models"]
+
+    async def both():
+        return await asyncio.gather(swapper.swap("x", env["good"].name), swapper.swap("x", env["good"].name))
+
+    results = run(both())
+    assert sorted(r.changed for r in results) == [False, True]
+    assert len(models.loads) == 1
+
+
+def test_endpoint_routes_and_admin_token(env, monkeypatch) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vllm_surgery.serving.endpoints import ADMIN_HEADER, STATE_KEY, SurgeryEndpointPlugin
+
+    monkeypatch.setenv("VLLM_SURGERY_ADMIN_TOKEN", "sesame")
+    plugin = SurgeryEndpointPlugin()
+    app = FastAPI()
+    plugin.attach_router(app)
+    setattr(app.state, STATE_KEY, env["swapper"])
+    client = TestClient(app)
+    listing = client.get("/v1/surgery/adapters").json()
+    assert [a["name"] for a in listing["adapters"]] == ["x"]
+    assert client.get("/v1/surgery/adapters/.x").status_code == 400
+    good = env["good"].name
+    assert client.post("/v1/surgery/adapters/x/swap", json={"version": good}).status_code == 403
+    bad = client.post("/v1/surgery/adapters/x/swap", json={"version": good}, headers={ADMIN_HEADER: "no"})
+    assert bad.status_code == 403
+    ok = client.post("/v1/surgery/adapters/x/swap", json={"version": good}, headers={ADMIN_HEADER: "sesame"})
+    assert ok.status_code == 200 and ok.json()["changed"], ok.text
+    bearer = client.post("/v1/surgery/adapters/x/rollback", headers={"Authorization": "Bearer sesame"})
+    assert bearer.status_code == 200, bearer.text
+    assert (
+        client.post("/v1/surgery/adapters/x/swap", json={}, headers={ADMIN_HEADER: "sesame"}).status_code
+        == 400
+    )
+    corrupt = client.post(
+        "/v1/surgery/adapters/x/swap", json={"version": env["corrupt"].name}, headers={ADMIN_HEADER: "sesame"}
+    )
+    assert corrupt.status_code == 422 and "corrupt" in corrupt.json()["error"]["message"]
+
+
+def test_endpoint_plugin_is_registered() -> None:
+    from importlib.metadata import entry_points
+
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
+
+    (ep,) = [e for e in entry_points(group="vllm.endpoint_plugins") if e.name == "vllm_surgery_api"]
+    assert isinstance(ep.load()(), EndpointPlugin)

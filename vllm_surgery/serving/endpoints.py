@@ -1,0 +1,168 @@
+"""The `vllm.endpoint_plugins` entry point `vllm_surgery_api`: adapter version routes under /v1/surgery/.
+
+Routes (JSON):
+
+- ``GET  /v1/surgery/adapters``                 every known adapter (name, served path/version, versions)
+- ``GET  /v1/surgery/adapters/{name}``          one adapter
+- ``POST /v1/surgery/adapters/{name}/swap``     body ``{"version": ID}``; ID is a store version id or
+  ``"original"``; hot-swaps without a restart (see `hotswap`)
+- ``POST /v1/surgery/adapters/{name}/rollback`` back to the version served before the last swap
+
+Errors answer ``{"error": {"message", "type", "code"}}`` with 400 (bad name or body), 404 (unknown
+adapter or version), 409 (stale, unservable, nothing to roll back to), 422 (corrupt version; the old
+version keeps serving) or 500 (the engine refused the load; the old version keeps serving).
+
+Enabling: vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them, and then VLLM_PLUGINS is
+an allow-list for every plugin group, so name the general plugin too:
+``VLLM_PLUGINS=vllm_surgery,vllm_surgery_api`` (with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``, which
+`vllm-surgery-serve` sets, and ``--enable-lora``).
+
+Authentication:
+
+- ``--api-key`` / ``VLLM_API_KEY``: vLLM's own AuthenticationMiddleware guards every path under /v1,
+  so all routes here need ``Authorization: Bearer <api key>`` exactly like /v1/completions (401
+  otherwise). It runs before these routes and cannot be bypassed by them.
+- ``VLLM_SURGERY_ADMIN_TOKEN`` (read at server start): if set, the mutating routes (swap, rollback)
+  additionally require it, in the header ``X-Surgery-Admin-Token: <token>`` or, when no API key is
+  configured, as ``Authorization: Bearer <token>``. Read-only routes do not need it. So the inference
+  API key alone cannot change which weights are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+from argparse import Namespace
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .hotswap import HotSwapError, HotSwapper
+from .settings import ServingSettings
+
+log = logging.getLogger(f"vllm.{__name__}")
+
+PLUGIN_NAME = "vllm_surgery_api"
+ENV_ADMIN_TOKEN = "VLLM_SURGERY_ADMIN_TOKEN"
+ADMIN_HEADER = "X-Surgery-Admin-Token"
+STATE_KEY = "vllm_surgery_hotswapper"
+
+
+def _error(message: str, status: int, err_type: str = "BadRequestError") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": err_type, "code": status}}, status_code=status)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+class SurgeryEndpointPlugin:
+    """Satisfies vllm.plugins.endpoint_plugins.interface.EndpointPlugin."""
+
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        token = os.environ.get(ENV_ADMIN_TOKEN, "")
+        self._admin_digest = _digest(token) if token else None
+
+    def _admin_ok(self, request: Request) -> bool:
+        if self._admin_digest is None:
+            return True
+        candidates = [request.headers.get(ADMIN_HEADER, "")]
+        scheme, _, param = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            candidates.append(param)
+        ok = False
+        for c in candidates:
+            ok |= bool(c) and secrets.compare_digest(_digest(c), self._admin_digest)
+        return ok
+
+    @staticmethod
+    def _swapper(request: Request) -> HotSwapper | None:
+        return getattr(request.app.state, STATE_KEY, None)
+
+    def attach_router(self, app: FastAPI) -> None:
+        router = APIRouter(prefix="/v1/surgery")
+
+        def unavailable() -> JSONResponse:
+            return _error(
+                "hot-swap is not available on this server (no LoRA engine)", 503, "ServiceUnavailable"
+            )
+
+        def failed(e: HotSwapError) -> JSONResponse:
+            return _error(str(e), int(e.status), e.outcome)
+
+        @router.get("/adapters")
+        async def list_adapters(request: Request) -> Any:
+            swapper = self._swapper(request)
+            if swapper is None:
+                return unavailable()
+            out = []
+            for name in await _in_thread(swapper.known_names):
+                try:
+                    out.append(await _in_thread(swapper.describe, name))
+                except HotSwapError:
+                    continue
+            return {"adapters": out}
+
+        @router.get("/adapters/{name}")
+        async def get_adapter(name: str, request: Request) -> Any:
+            swapper = self._swapper(request)
+            if swapper is None:
+                return unavailable()
+            try:
+                return await _in_thread(swapper.describe, name)
+            except HotSwapError as e:
+                return failed(e)
+
+        @router.post("/adapters/{name}/swap")
+        async def swap(name: str, request: Request) -> Any:
+            if not self._admin_ok(request):
+                return _error(f"swap needs the admin token ({ADMIN_HEADER})", 403, "Forbidden")
+            swapper = self._swapper(request)
+            if swapper is None:
+                return unavailable()
+            try:
+                body = await request.json()
+            except ValueError:
+                return _error('body must be JSON: {"version": ID}', 400)
+            version = body.get("version") if isinstance(body, dict) else None
+            if not isinstance(version, str) or not version:
+                return _error('body must be {"version": ID} with a non-empty string ID', 400)
+            try:
+                return (await swapper.swap(name, version)).to_dict()
+            except HotSwapError as e:
+                return failed(e)
+
+        @router.post("/adapters/{name}/rollback")
+        async def rollback(name: str, request: Request) -> Any:
+            if not self._admin_ok(request):
+                return _error(f"rollback needs the admin token ({ADMIN_HEADER})", 403, "Forbidden")
+            swapper = self._swapper(request)
+            if swapper is None:
+                return unavailable()
+            try:
+                return (await swapper.rollback(name)).to_dict()
+            except HotSwapError as e:
+                return failed(e)
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        models = getattr(state, "openai_serving_models", None)
+        if engine_client is None or models is None or not hasattr(models, "load_lora_adapter"):
+            log.warning("%s: no engine or LoRA support; /v1/surgery routes answer 503", PLUGIN_NAME)
+            return
+        if not getattr(args, "enable_lora", False):
+            log.warning("%s: started without --enable-lora; swaps will fail", PLUGIN_NAME)
+        setattr(state, STATE_KEY, HotSwapper(models, ServingSettings.from_env()))
+
+
+async def _in_thread(fn, *args):
+    """describe() and known_names() read the filesystem: keep them off the server's event loop."""
+    return await asyncio.to_thread(fn, *args)

@@ -1,0 +1,257 @@
+"""Hot-swap: switch a served adapter name to another version directory inside a running API server.
+
+`HotSwapper.swap(name, version)` makes requests for adapter `name` use `version` ("original", the
+operator's adapter under its root, or the id of a refined version in the store) without a restart:
+
+1. the name, the version and its directory are checked, and the directory is fully loaded with
+   `vllm_surgery.adapter.load_adapter` BEFORE the engine is touched; a corrupt or stale version
+   raises HotSwapError and the previous version keeps serving;
+2. under a per-name asyncio.Lock, a swap to the path already served is a no-op;
+3. vLLM's own in-place load (`OpenAIServingModels.load_lora_adapter` with `load_inplace=True`, the
+   code behind POST /v1/load_lora_adapter) keeps the name's lora_int_id and replaces its weights in
+   the engine: running requests are not failed, new ones get the new weights;
+4. the stored LoRARequest is then replaced by a copy with `load_inplace=False`: vLLM 0.32 reuses the
+   stored request for every later request, and with load_inplace=True the worker re-reads the adapter
+   from disk on every step (upstream bug);
+5. the store's served.json is updated, so a restarted server (whose resolver reads it) serves the same
+   version, and the previous version is remembered so that `rollback(name)` is one call.
+
+The rollback history (one step per name) lives in the API-server process and is lost on restart;
+served.json is what survives. Swaps act on this API server only (one API-server process).
+
+Every version lives in its own directory, so vLLM's prefix cache (keyed by name and path) never mixes
+blocks computed with different weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..adapter import load_adapter
+from ..errors import AdapterError, SurgeryError
+from . import metrics
+from .names import InvalidAdapterName, validate_adapter_name
+from .resolver import SurgeryResolver
+from .settings import ServingSettings
+
+log = logging.getLogger(f"vllm.{__name__}")
+
+ORIGINAL = "original"
+
+
+class HotSwapError(SurgeryError):
+    """A swap that was refused or failed; `status` is the HTTP status the endpoint answers with.
+    Whenever this is raised, the version served before the call is still served."""
+
+    def __init__(self, message: str, status: int, outcome: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    name: str
+    version: str
+    path: str
+    previous_version: str | None
+    previous_path: str | None
+    changed: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.name,
+            "version": self.version,
+            "path": self.path,
+            "previous_version": self.previous_version,
+            "previous_path": self.previous_path,
+            "changed": self.changed,
+            "seconds": round(self.seconds, 6),
+        }
+
+
+class HotSwapper:
+    """Hot-swaps adapters of one API server. `serving_models` is vLLM's OpenAIServingModels
+    (`app.state.openai_serving_models`): its `lora_requests` dict maps a name to the LoRARequest
+    every request for that name uses."""
+
+    def __init__(self, serving_models: Any, settings: ServingSettings) -> None:
+        self.models = serving_models
+        self.settings = settings
+        self.resolver = SurgeryResolver(settings)  # for find_original; it is not registered anywhere
+        self.store = self.resolver.store
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._previous: dict[str, tuple[str, str]] = {}  # name -> (version, path) served before the last swap
+
+    # ----------------------------------------------------------------- inspection
+    def served_path(self, name: str) -> str | None:
+        request = self.models.lora_requests.get(name)
+        return request.lora_path if request is not None else None
+
+    def version_of(self, name: str, path: str | None) -> str | None:
+        """'original', a store version id, or None (nothing loaded, or a path from elsewhere)."""
+        if path is None:
+            return None
+        p = Path(path).resolve()
+        original = self.resolver.find_original(name)
+        if original is not None and p == original.resolve():
+            return ORIGINAL
+        if p.parent == self.store.adapter_dir(name):
+            return p.name
+        return None
+
+    def known_names(self) -> list[str]:
+        names: set[str] = set()
+        for root in self.settings.adapter_dirs:
+            if root.is_dir():
+                names.update(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+        names.update(self.models.lora_requests)
+        out = []
+        for name in sorted(names):
+            try:
+                validate_adapter_name(name)
+            except InvalidAdapterName:
+                continue
+            if self.resolver.find_original(name) is not None:
+                out.append(name)
+        return out
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What is known about one adapter; raises HotSwapError (400/404) for bad or unknown names."""
+        original = self._original(name)
+        stored = self.models.lora_requests.get(name)
+        path = stored.lora_path if stored is not None else None
+        previous = self._previous.get(name)
+        return {
+            "name": name,
+            "original_path": str(original),
+            "loaded": path is not None,
+            "served_path": path,
+            "served_version": self.version_of(name, path),
+            "served_load_inplace": stored.load_inplace if stored is not None else None,
+            "store_served_version": self.store.served_version_id(name),
+            "previous_version": previous[0] if previous else None,
+            "versions": [
+                {"id": v.version_id, "decision": v.decision, "servable": v.servable}
+                for v in self.store.versions(name)
+            ],
+        }
+
+    # ----------------------------------------------------------------- swapping
+    def _original(self, name: str) -> Path:
+        try:
+            validate_adapter_name(name)
+        except InvalidAdapterName as e:
+            raise HotSwapError(str(e), HTTPStatus.BAD_REQUEST, "invalid") from e
+        original = self.resolver.find_original(name)
+        if original is None:
+            raise HotSwapError(f"adapter {name!r} not found", HTTPStatus.NOT_FOUND, "not_found")
+        return original
+
+    def _target(self, name: str, version: str) -> tuple[Path, str]:
+        """Validate (blocking: reads and hashes files) and return the directory for `version`."""
+        original = self._original(name)
+        try:
+            original_hash = load_adapter(original).content_hash()
+        except AdapterError as e:
+            raise HotSwapError(f"adapter {name!r}: original is broken: {e}", 422, "corrupt") from e
+        if version == ORIGINAL:
+            return original, ORIGINAL
+        try:
+            info = self.store.version_info(name, version)
+        except ValueError as e:  # InvalidAdapterName: a version id is a path component too
+            raise HotSwapError(f"version {version!r}: {e}", HTTPStatus.BAD_REQUEST, "invalid") from e
+        if info is None:
+            raise HotSwapError(
+                f"adapter {name!r} has no complete version {version!r}", HTTPStatus.NOT_FOUND, "not_found"
+            )
+        if not info.servable:
+            raise HotSwapError(
+                f"version {version!r} of {name!r} has decision {info.decision!r}; not servable",
+                HTTPStatus.CONFLICT,
+                "conflict",
+            )
+        if info.adapter_hash != original_hash:
+            raise HotSwapError(
+                f"version {version!r} of {name!r} was refined from other adapter content (stale)",
+                HTTPStatus.CONFLICT,
+                "conflict",
+            )
+        try:
+            load_adapter(info.path)
+        except AdapterError as e:
+            raise HotSwapError(f"version {version!r} of {name!r} is corrupt: {e}", 422, "corrupt") from e
+        return info.path, version
+
+    async def swap(self, name: str, version: str) -> SwapResult:
+        start = time.perf_counter()
+        known = None
+        try:
+            if not isinstance(version, str) or not version:
+                raise HotSwapError("'version' must be a non-empty string", HTTPStatus.BAD_REQUEST, "invalid")
+            self._original(name)
+            known = name
+            path, version = await asyncio.to_thread(self._target, name, version)
+            async with self._locks[name]:
+                result = await self._swap_locked(name, version, str(path), start)
+        except HotSwapError as e:
+            metrics.record_swap(known, e.outcome)
+            log.warning("hot-swap of %r to %r refused: %s", name, version, e)
+            raise
+        metrics.record_swap(name, "swapped" if result.changed else "noop")
+        if result.changed:
+            metrics.SWAP_LATENCY.observe(result.seconds)
+        return result
+
+    async def rollback(self, name: str) -> SwapResult:
+        self._original(name)
+        previous = self._previous.get(name)
+        if previous is None:
+            metrics.record_swap(name, "conflict")
+            raise HotSwapError(f"adapter {name!r}: no earlier version to roll back to", 409, "conflict")
+        return await self.swap(name, previous[0])
+
+    async def _swap_locked(self, name: str, version: str, path: str, start: float) -> SwapResult:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        old_path = self.served_path(name)
+        old_version = self.version_of(name, old_path)
+        if old_path is not None and Path(old_path).resolve() == Path(path).resolve():
+            return SwapResult(name, version, path, old_version, old_path, False, time.perf_counter() - start)
+        request = LoadLoRAAdapterRequest(lora_name=name, lora_path=path, load_inplace=old_path is not None)
+        response = await self.models.load_lora_adapter(request)
+        if isinstance(response, ErrorResponse):
+            raise HotSwapError(
+                f"vLLM refused to load {path} for {name!r}: {response.error.message}",
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                "failed",
+            )
+        # Upstream bug workaround: never leave a load_inplace=True request stored for the name.
+        async with self.models.lora_resolver_lock[name]:
+            stored = self.models.lora_requests.get(name)
+            if stored is not None and stored.lora_path == path and stored.load_inplace:
+                self.models.lora_requests[name] = msgspec.structs.replace(stored, load_inplace=False)
+        if old_path is not None and old_version is not None:
+            self._previous[name] = (old_version, old_path)
+        try:
+            if version == ORIGINAL:
+                self.store.clear_served(name)
+            else:
+                self.store.set_served(name, version)
+        except (OSError, ValueError) as e:
+            log.error("adapter %r now serves %s, but served.json could not be updated: %s", name, version, e)
+        metrics.record_served(name, version)
+        seconds = time.perf_counter() - start
+        log.info("adapter %r: hot-swapped %s -> %s (%s) in %.3f s", name, old_version, version, path, seconds)
+        return SwapResult(name, version, path, old_version, old_path, True, seconds)
