@@ -269,7 +269,115 @@ def test_metrics_are_valid_prometheus_text(server, versions) -> None:
     assert info[0].labels["version"] == versions["refined"].name  # the corrupt swap changed nothing
     lookups = {
         s.labels["result"]: s.value
-        for s in families["vllm_surgery_resolver_store_lookups"].samples
-        if s.name.endswith("_total")
+        for s in families["vllm_surgery_store_lookups"].samples
+        if s.name.endswith("_total") and s.labels["by"] == "resolver"
     }
     assert lookups.get("miss", 0) >= 1  # "x" was first resolved to its original
+
+
+# ---------------------------------------------------------------------------------------------------
+# POST /v1/surgery/adapters/{name}/refine (after the swap tests: "x" serves versions["refined"] here)
+
+
+def refine_body(server: Server, **extra) -> dict:
+    lines = (server.root / "calib.jsonl").read_text().splitlines()
+    return {"records": [json.loads(line) for line in lines if line.strip()], "modules": "all", **extra}
+
+
+def store_version_dirs(server: Server) -> set[str]:
+    return {p.name for p in (server.root / "store" / "x").iterdir() if p.is_dir() and p.name[0] != "."}
+
+
+@pytest.fixture(scope="module")
+def refined_in_server(server: Server, versions) -> dict:
+    """One refinement computed by the server (force=True, so a version is written and swapped in)."""
+    before = store_version_dirs(server)
+    start = time.monotonic()
+    status, body = server.post(
+        "/v1/surgery/adapters/x/refine", refine_body(server, force=True, seed=3), ADMIN
+    )
+    assert status == 200, (body, server.log_tail())
+    body["seconds"] = time.monotonic() - start
+    assert store_version_dirs(server) == before | {body["version"]}
+    return body
+
+
+def test_refine_needs_the_admin_token(server: Server) -> None:
+    assert server.post("/v1/surgery/adapters/x/refine", refine_body(server))[0] == 403
+
+
+def test_refine_writes_and_serves_a_new_version(
+    server, prompt_ids, peft_model, versions, refined_in_server
+) -> None:
+    body = refined_in_server
+    assert body["decision"] in ("accept", "forced") and body["cached"] is False
+    assert body["version"] and body["version"] != versions["refined"].name
+    assert body["swapped"] is True and body["served_version"] == body["version"]
+    assert body["quality_before"]["loss"] > 0 and body["quality_after"]["loss"] > 0
+    assert set(body["timings"]) >= {"load", "prepare", "sensitivity", "evaluation", "write", "total"}
+    peft_model.load_adapter(server.root / "store" / "x" / body["version"], adapter_name="new")
+    assert_served_by(server, "x", prompt_ids, peft_model, expected="new", other="original")
+    assert served_json(server)["version"] == body["version"]
+    status, x = server.get("/v1/surgery/adapters/x")
+    assert status == 200 and x["served_version"] == body["version"], x
+    assert x["served_quality"]["quality_after"]["loss"] == pytest.approx(body["quality_after"]["loss"])
+
+
+def test_same_refine_request_is_a_store_hit(server, refined_in_server) -> None:
+    start = time.monotonic()
+    status, body = server.post(
+        "/v1/surgery/adapters/x/refine", refine_body(server, force=True, seed=3), ADMIN
+    )
+    seconds = time.monotonic() - start
+    assert status == 200, body
+    assert body["cached"] is True and body["version"] == refined_in_server["version"]
+    assert body["key"] == refined_in_server["key"] and body["swapped"] is True
+    assert seconds < 5.0, seconds
+    # Without force, a forced version answers as keep_original (what the request would compute).
+    if refined_in_server["decision"] == "forced":
+        status, body = server.post("/v1/surgery/adapters/x/refine", refine_body(server, seed=3), ADMIN)
+        assert status == 200 and body["cached"] and body["decision"] == "keep_original", body
+
+
+def test_bad_calibration_is_refused_and_nothing_changes(server, refined_in_server) -> None:
+    before = store_version_dirs(server)
+    good = refine_body(server, force=True, seed=4)
+    good["records"][1] = {"prompt": "no answer here"}
+    status, body = server.post("/v1/surgery/adapters/x/refine", good, ADMIN)
+    assert status == 400, body
+    assert "record 1" in body["error"]["message"] and "completion" in body["error"]["message"]
+    status, body = server.post("/v1/surgery/adapters/x/refine", refine_body(server, policy="nope"), ADMIN)
+    assert status == 400 and "unknown policy" in body["error"]["message"], body
+    assert server.post("/v1/surgery/adapters/nope/refine", refine_body(server), ADMIN)[0] == 404
+    assert store_version_dirs(server) == before
+    status, x = server.get("/v1/surgery/adapters/x")
+    assert x["served_version"] == refined_in_server["version"]
+    assert served_json(server)["version"] == refined_in_server["version"]
+
+
+def test_refine_metrics(server, refined_in_server) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(server.get_text("/metrics"))}
+    outcomes = {
+        s.labels["outcome"]: s.value
+        for s in families["vllm_surgery_refinements"].samples
+        if s.name.endswith("_total") and s.labels["adapter"] == "x"
+    }
+    assert outcomes[refined_in_server["decision"]] >= 1
+    assert outcomes["cached"] >= 1 and outcomes["error"] >= 2
+    stages = {
+        s.labels["stage"]: s.value
+        for s in families["vllm_surgery_refinement_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert {"load", "prepare", "sensitivity", "evaluation", "write", "total"} <= set(stages)
+    losses = {s.labels["which"]: s.value for s in families["vllm_surgery_heldout_loss"].samples}
+    assert losses["before"] == pytest.approx(refined_in_server["quality_before"]["loss"])
+    assert losses["after"] == pytest.approx(refined_in_server["quality_after"]["loss"])
+    lookups = {
+        s.labels["result"]: s.value
+        for s in families["vllm_surgery_store_lookups"].samples
+        if s.name.endswith("_total") and s.labels["by"] == "refine"
+    }
+    assert lookups["hit"] >= 1 and lookups["miss"] >= 1

@@ -99,3 +99,16 @@ def test_bad_file_is_a_clear_error(tmp_path: Path, content: str | bytes, message
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"VLLM_SURGERY_CONFIG=.*cannot be read"):
         ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(tmp_path / "missing.json")})
+
+
+def test_calibration_dir_from_env_and_file(tmp_path: Path) -> None:
+    from vllm_surgery.serving.settings import ServingSettings as S
+
+    assert S.from_env({}).calibration_dir is None
+    assert S.from_env({"VLLM_SURGERY_CALIBRATION_DIR": str(tmp_path / "c")}).calibration_dir == tmp_path / "c"
+    cfg = tmp_path / "surgery.json"
+    cfg.write_text(json.dumps({"calibration_dir": "calib"}))
+    assert S.from_env({"VLLM_SURGERY_CONFIG": str(cfg)}).calibration_dir == tmp_path / "calib"
+    cfg.write_text(json.dumps({"calibration_dir": 3}))
+    with pytest.raises(SettingsError, match="'calibration_dir' must be"):
+        S.from_env({"VLLM_SURGERY_CONFIG": str(cfg)})

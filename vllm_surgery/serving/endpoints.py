@@ -7,6 +7,8 @@ Routes (JSON):
 - ``POST /v1/surgery/adapters/{name}/swap``     body ``{"version": ID}``; ID is a store version id or
   ``"original"``; hot-swaps without a restart (see `hotswap`)
 - ``POST /v1/surgery/adapters/{name}/rollback`` back to the version served before the last swap
+- ``POST /v1/surgery/adapters/{name}/refine``   refine the adapter in the server (synchronous; store
+  hits answer at once; see `refining` for the body, 409-when-busy and the error statuses)
 
 Errors answer ``{"error": {"message", "type", "code"}}`` with 400 (bad name or body), 404 (unknown
 adapter or version), 409 (stale, unservable, nothing to roll back to), 422 (corrupt version; the old
@@ -24,7 +26,8 @@ Authentication:
   otherwise). It runs before these routes and cannot be bypassed by them.
 - ``VLLM_SURGERY_ADMIN_TOKEN`` (read at server start): if set, the mutating routes (swap, rollback)
   additionally require it, in the header ``X-Surgery-Admin-Token: <token>`` or, when no API key is
-  configured, as ``Authorization: Bearer <token>``. Read-only routes do not need it. So the inference
+  configured, as ``Authorization: Bearer <token>``. Read-only routes do not need it. refine is a
+  mutating route (it writes to the store and may swap). So the inference
   API key alone cannot change which weights are served.
 """
 
@@ -42,6 +45,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .hotswap import HotSwapError, HotSwapper
+from .refining import RefineError, Refiner
 from .settings import ServingSettings
 
 log = logging.getLogger(f"vllm.{__name__}")
@@ -50,6 +54,7 @@ PLUGIN_NAME = "vllm_surgery_api"
 ENV_ADMIN_TOKEN = "VLLM_SURGERY_ADMIN_TOKEN"
 ADMIN_HEADER = "X-Surgery-Admin-Token"
 STATE_KEY = "vllm_surgery_hotswapper"
+REFINER_KEY = "vllm_surgery_refiner"
 
 
 def _error(message: str, status: int, err_type: str = "BadRequestError") -> JSONResponse:
@@ -151,6 +156,26 @@ class SurgeryEndpointPlugin:
             except HotSwapError as e:
                 return failed(e)
 
+        @router.post("/adapters/{name}/refine")
+        async def refine(name: str, request: Request) -> Any:
+            if not self._admin_ok(request):
+                return _error(f"refine needs the admin token ({ADMIN_HEADER})", 403, "Forbidden")
+            refiner: Refiner | None = getattr(request.app.state, REFINER_KEY, None)
+            if refiner is None:
+                return unavailable()
+            try:
+                body = await request.json()
+            except ValueError:
+                return _error("body must be a JSON object", 400)
+            try:
+                return await refiner.refine(name, body)
+            except HotSwapError as e:
+                return failed(e)
+            except RefineError as e:
+                status = e.status
+                kind = {400: "BadRequestError", 404: "NotFoundError", 409: "Conflict", 422: "Unprocessable"}
+                return _error(str(e), status, kind.get(status, "InternalServerError"))
+
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -160,7 +185,9 @@ class SurgeryEndpointPlugin:
             return
         if not getattr(args, "enable_lora", False):
             log.warning("%s: started without --enable-lora; swaps will fail", PLUGIN_NAME)
-        setattr(state, STATE_KEY, HotSwapper(models, ServingSettings.from_env()))
+        swapper = HotSwapper(models, ServingSettings.from_env())
+        setattr(state, STATE_KEY, swapper)
+        setattr(state, REFINER_KEY, Refiner(swapper, str(args.model)))
 
 
 async def _in_thread(fn, *args):

@@ -80,6 +80,14 @@ class SwapResult:
         }
 
 
+def _qualities(info: Any) -> dict[str, Any] | None:
+    """Held-out quality before/after recorded in a version's surgery.json (None for the original)."""
+    if info is None:
+        return None
+    record = info.record or {}
+    return {"quality_before": record.get("quality_before"), "quality_after": record.get("quality_after")}
+
+
 class HotSwapper:
     """Hot-swaps adapters of one API server. `serving_models` is vLLM's OpenAIServingModels
     (`app.state.openai_serving_models`): its `lora_requests` dict maps a name to the LoRARequest
@@ -115,35 +123,63 @@ class HotSwapper:
         for root in self.settings.adapter_dirs:
             if root.is_dir():
                 names.update(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
-        names.update(self.models.lora_requests)
+        static = set(self.models.lora_requests)
+        names.update(static)
         out = []
         for name in sorted(names):
             try:
                 validate_adapter_name(name)
             except InvalidAdapterName:
                 continue
-            if self.resolver.find_original(name) is not None:
+            if name in static or self.resolver.find_original(name) is not None:
                 out.append(name)
         return out
 
     def describe(self, name: str) -> dict[str, Any]:
-        """What is known about one adapter; raises HotSwapError (400/404) for bad or unknown names."""
-        original = self._original(name)
+        """What is known about one adapter; raises HotSwapError (400/404) for bad or unknown names.
+
+        An adapter the server knows but that lies under no operator root (--lora-modules, or loaded
+        with /v1/load_lora_adapter) is described with source "static": it is served as registered and
+        cannot be swapped or refined here.
+        """
         stored = self.models.lora_requests.get(name)
+        try:
+            original = self._original(name)
+        except HotSwapError:
+            if stored is None:
+                raise
+            return {
+                "name": name,
+                "source": "static",
+                "original_path": None,
+                "loaded": True,
+                "served_path": stored.lora_path,
+                "served_version": None,
+                "served_load_inplace": stored.load_inplace,
+                "served_quality": None,
+                "store_served_version": None,
+                "previous_version": None,
+                "versions": [],
+            }
         path = stored.lora_path if stored is not None else None
         previous = self._previous.get(name)
+        versions = self.store.versions(name)
+        served_version = self.version_of(name, path)
+        served_info = next((v for v in versions if v.version_id == served_version), None)
         return {
             "name": name,
+            "source": "root",
             "original_path": str(original),
             "loaded": path is not None,
             "served_path": path,
-            "served_version": self.version_of(name, path),
+            "served_version": served_version,
+            "served_quality": _qualities(served_info),
             "served_load_inplace": stored.load_inplace if stored is not None else None,
             "store_served_version": self.store.served_version_id(name),
             "previous_version": previous[0] if previous else None,
             "versions": [
-                {"id": v.version_id, "decision": v.decision, "servable": v.servable}
-                for v in self.store.versions(name)
+                {"id": v.version_id, "decision": v.decision, "servable": v.servable, **_qualities(v)}
+                for v in versions
             ],
         }
 

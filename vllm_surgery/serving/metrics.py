@@ -8,10 +8,17 @@ hot-swap routes run, so these series appear there without multiprocess mode. Lab
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, Info
+from collections.abc import Mapping
+
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 SWAP_OUTCOMES = ("swapped", "noop", "invalid", "not_found", "conflict", "corrupt", "failed")
 STORE_RESULTS = ("hit", "miss")
+# Who looked the store up: the resolver (is a refined version served for this name?) or a refine
+# request (was this exact refinement done before?).
+STORE_LOOKUPS_BY = ("resolver", "refine")
+REFINE_OUTCOMES = ("accept", "keep_original", "forced", "error", "cached")
+REFINE_STAGES = ("load", "prepare", "sensitivity", "evaluation", "write", "total")
 
 HOTSWAPS = Counter(
     "vllm_surgery_hotswaps",
@@ -28,10 +35,28 @@ SERVED_VERSION = Info(
     "The adapter version currently served by this server ('original' or a store version id).",
     ["adapter"],
 )
-RESOLVER_STORE = Counter(
-    "vllm_surgery_resolver_store_lookups",
-    "Resolver lookups of the refined-version store: hit = a refined version is served, miss = the original.",
-    ["result"],
+STORE_LOOKUPS = Counter(
+    "vllm_surgery_store_lookups",
+    "Lookups of the refined-version store. by=resolver: hit = a refined version is served, miss = the "
+    "original; by=refine: hit = the requested refinement was found and not recomputed.",
+    ["by", "result"],
+)
+REFINEMENTS = Counter(
+    "vllm_surgery_refinements",
+    "Refinement requests, by adapter and outcome (cached = answered from the store).",
+    ["adapter", "outcome"],
+)
+REFINE_DURATION = Histogram(
+    "vllm_surgery_refinement_duration_seconds",
+    "Duration of computed refinements, by stage (refine() timings).",
+    ["stage"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+)
+HELDOUT_LOSS = Gauge(
+    "vllm_surgery_heldout_loss",
+    "Held-out mean answer loss of the last refinement: which=before is the original adapter, which=after "
+    "the candidate that was accepted and swapped in.",
+    ["adapter", "which"],
 )
 
 
@@ -45,5 +70,20 @@ def record_served(adapter: str, version: str) -> None:
     SERVED_VERSION.labels(adapter=adapter).info({"version": version})
 
 
-def record_store_lookup(hit: bool) -> None:
-    RESOLVER_STORE.labels(result="hit" if hit else "miss").inc()
+def record_store_lookup(hit: bool, by: str = "resolver") -> None:
+    assert by in STORE_LOOKUPS_BY, by
+    STORE_LOOKUPS.labels(by=by, result="hit" if hit else "miss").inc()
+
+
+def record_refinement(adapter: str, outcome: str, timings: Mapping[str, float] | None = None) -> None:
+    assert outcome in REFINE_OUTCOMES, outcome
+    REFINEMENTS.labels(adapter=adapter, outcome=outcome).inc()
+    for stage, seconds in (timings or {}).items():
+        if stage in REFINE_STAGES:
+            REFINE_DURATION.labels(stage=stage).observe(seconds)
+
+
+def record_heldout_loss(adapter: str, which: str, loss: float | None) -> None:
+    assert which in ("before", "after"), which
+    if loss is not None:
+        HELDOUT_LOSS.labels(adapter=adapter, which=which).set(loss)

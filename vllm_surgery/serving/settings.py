@@ -6,8 +6,11 @@ completed by a JSON file:
 - ``VLLM_SURGERY_ADAPTER_DIRS``: root directories, separated by ``os.pathsep`` (':' on POSIX).
   Adapter ``X`` is the directory ``<root>/X``; the first root that has it wins.
 - ``VLLM_SURGERY_STORE``: the refined-version store (default ``~/.cache/vllm-surgery/store``).
+- ``VLLM_SURGERY_CALIBRATION_DIR``: the directory that ``POST /v1/surgery/adapters/{name}/refine``
+  reads named calibration files from (``"calibration": "<file name>"``); unset: only inline records.
 - ``VLLM_SURGERY_CONFIG``: optional path of a JSON object with the same settings as keys
-  ``adapter_dirs`` (a list of paths, or one string split like the variable) and ``store``.
+  ``adapter_dirs`` (a list of paths, or one string split like the variable), ``store`` and
+  ``calibration_dir``.
 
 A variable that is set and non-empty wins over the file; the file wins over the defaults. Relative
 paths in the file are taken relative to the file's directory.
@@ -27,8 +30,9 @@ from ..errors import ConfigError
 ENV_ADAPTER_DIRS = "VLLM_SURGERY_ADAPTER_DIRS"
 ENV_STORE = "VLLM_SURGERY_STORE"
 ENV_CONFIG = "VLLM_SURGERY_CONFIG"
+ENV_CALIBRATION_DIR = "VLLM_SURGERY_CALIBRATION_DIR"
 DEFAULT_STORE = Path("~/.cache/vllm-surgery/store")
-_FILE_KEYS = frozenset({"adapter_dirs", "store"})
+_FILE_KEYS = frozenset({"adapter_dirs", "store", "calibration_dir"})
 
 
 class SettingsError(ConfigError):
@@ -46,6 +50,7 @@ class ServingSettings:
 
     adapter_dirs: tuple[Path, ...] = ()
     store: Path = field(default_factory=lambda: DEFAULT_STORE.expanduser())
+    calibration_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -70,7 +75,18 @@ class ServingSettings:
             store = _relative_to_file(Path(value).expanduser(), config_path)
         else:
             store = DEFAULT_STORE.expanduser()
-        return cls(adapter_dirs=tuple(dirs), store=store)
+
+        calibration_dir: Path | None = None
+        if env.get(ENV_CALIBRATION_DIR, "").strip():
+            calibration_dir = Path(env[ENV_CALIBRATION_DIR]).expanduser()
+        elif file_values.get("calibration_dir") is not None:
+            value = file_values["calibration_dir"]
+            if not isinstance(value, str) or not value.strip():
+                raise SettingsError(
+                    f"{config_path}: 'calibration_dir' must be a non-empty string path, got {value!r}"
+                )
+            calibration_dir = _relative_to_file(Path(value).expanduser(), config_path)
+        return cls(adapter_dirs=tuple(dirs), store=store, calibration_dir=calibration_dir)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -4,6 +4,14 @@ Layout::
 
     <store>/<adapter name>/<version id>/   a complete PEFT adapter written by refine(), with surgery.json
     <store>/<adapter name>/served.json     {"version": "<version id>"}: the accepted version to serve
+    <store>/<adapter name>/.outcomes/<key>.json   a remembered refinement that wrote no version
+                                           (decision keep_original), so the same request is not rerun
+
+Every refinement has a key (`version_key`): SHA-256 over what determines its result, i.e. the
+original adapter's content hash, the base model identity (the server's --model string), the
+result-affecting SurgeryConfig fields (`KEY_CONFIG_FIELDS`) and the calibration data's SHA-256. A
+version's key is computed from its own surgery.json (which records all of these), so versions written
+by the CLI into the store are found too, and nothing is ever added to a finished version directory.
 
 A version directory is never modified after refine() renamed it into place: vLLM's prefix cache keys
 LoRA requests by (name, path), so new weights always get a new directory. served.json is replaced
@@ -12,13 +20,15 @@ atomically, so a resolver reads either the old or the new choice, never a torn f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +39,58 @@ from .names import path_under
 log = logging.getLogger(__name__)
 
 SERVED_NAME = "served.json"
+OUTCOMES_DIR = ".outcomes"
+# SurgeryConfig fields that change what refine() computes. device, max_batch_tokens and progress only
+# change how fast (and, for device, float rounding); force only changes whether a losing candidate is
+# written, which lookups handle separately (a remembered keep_original does not answer a forced request).
+KEY_CONFIG_FIELDS = (
+    "policy",
+    "policy_params",
+    "constraint",
+    "modules",
+    "layers",
+    "heldout_fraction",
+    "min_improvement",
+    "samples",
+    "max_length",
+    "seed",
+)
+KEY_VERSION = 1
 # Decisions under which refine() wrote a version that may be served ("keep_original" writes nothing).
 SERVABLE_DECISIONS = frozenset({"accept", "forced"})
+
+
+def version_key(
+    adapter_hash: str, base_model: str, config: Mapping[str, Any], calibration_sha256: str
+) -> str:
+    """The store key of a refinement: equal keys mean refine() would produce the same result.
+
+    `config` is a SurgeryConfig.to_dict() (or the "config" of a surgery.json); only KEY_CONFIG_FIELDS
+    are used. Values are normalised through JSON (tuples become lists), as surgery.json stores them.
+    """
+    missing = [f for f in KEY_CONFIG_FIELDS if f not in config]
+    if missing:
+        raise StoreError(f"config lacks field(s) {missing} needed for the store key")
+    record = {
+        "key_version": KEY_VERSION,
+        "adapter_hash": adapter_hash,
+        "base_model": str(base_model),
+        "config": {f: config[f] for f in KEY_CONFIG_FIELDS},
+        "calibration_sha256": calibration_sha256,
+    }
+    text = json.dumps(json.loads(json.dumps(record, default=str)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def key_of_record(record: Mapping[str, Any]) -> str | None:
+    """The key of a surgery.json record, or None if it lacks what the key needs."""
+    try:
+        calibration = record["calibration"]
+        return version_key(
+            record["adapter_hash"], record["base_model"], record["config"], calibration["sha256"]
+        )
+    except (KeyError, TypeError, StoreError):
+        return None
 
 
 class StoreError(SurgeryError, ValueError):
@@ -46,6 +106,8 @@ class VersionInfo:
     path: Path
     decision: str | None
     adapter_hash: str | None
+    key: str | None = None
+    record: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def servable(self) -> bool:
@@ -101,6 +163,8 @@ class VersionStore:
             path=path,
             decision=decision if isinstance(decision, str) else None,
             adapter_hash=adapter_hash if isinstance(adapter_hash, str) else None,
+            key=key_of_record(record),
+            record=record,
         )
 
     def served_version_id(self, name: str) -> str | None:
@@ -195,6 +259,37 @@ class VersionStore:
         target = self.adapter_dir(name) / SERVED_NAME
         _atomic_write(target, json.dumps(record, indent=2) + "\n")
         return target
+
+    def find(self, name: str, key: str) -> Path | None:
+        """The newest complete, servable version of `name` with store key `key`, or None."""
+        for info in reversed(self.versions(name)):
+            if info.key == key and info.servable:
+                return info.path
+        return None
+
+    def _outcome_path(self, name: str, key: str) -> Path:
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise StoreError(f"invalid store key {key!r}")
+        return self.adapter_dir(name) / OUTCOMES_DIR / f"{key}.json"
+
+    def remember(self, name: str, key: str, record: Mapping[str, Any]) -> Path:
+        """Remember a refinement that wrote no version (keep_original) under its key; atomic."""
+        path = self._outcome_path(name, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps({**record, "key": key}, indent=2, default=str) + "\n")
+        return path
+
+    def recall(self, name: str, key: str) -> dict[str, Any] | None:
+        """A remembered outcome for `key` (see remember), or None."""
+        path = self._outcome_path(name, key)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s); ignored", path, e)
+            return None
+        return record if isinstance(record, dict) and record.get("key") == key else None
 
     def new_version_dir(self, name: str) -> Path:
         """Reserve a fresh, empty version directory for refine() to write into.

@@ -1,0 +1,196 @@
+"""Store keys, find/remember/recall, and refine-request parsing, without a server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_surgery.adapter import load_adapter
+from vllm_surgery.config import SurgeryConfig
+from vllm_surgery.serving.refining import RefineError, parse_request, records_sha256
+from vllm_surgery.serving.store import KEY_CONFIG_FIELDS, StoreError, VersionStore, key_of_record, version_key
+
+CALIB_SHA = "c" * 64
+
+
+def key(config: SurgeryConfig, adapter_hash: str = "a" * 64, base: str = "/models/base") -> str:
+    return version_key(adapter_hash, base, config.to_dict(), CALIB_SHA)
+
+
+def test_version_key_is_deterministic_and_covers_every_result_field() -> None:
+    k = key(SurgeryConfig())
+    assert k == key(SurgeryConfig()) and len(k) == 64
+    assert k != key(SurgeryConfig(), adapter_hash="b" * 64)
+    assert k != key(SurgeryConfig(), base="/models/other")
+    assert k != version_key("a" * 64, "/models/base", SurgeryConfig().to_dict(), "d" * 64)
+    changed = {
+        "policy": "abs_select",
+        "policy_params": {"eta_s": 2.0},
+        "constraint": "none",
+        "modules": "all",
+        "layers": (0, 1),
+        "heldout_fraction": 0.5,
+        "min_improvement": 0.0,
+        "samples": 8,
+        "max_length": 64,
+        "seed": 1,
+    }
+    assert set(changed) == set(KEY_CONFIG_FIELDS)
+    keys = {key(SurgeryConfig(**{f: v})) for f, v in changed.items()}
+    assert len(keys) == len(changed) and k not in keys
+    # Speed-only settings and force do not change the key.
+    assert k == key(SurgeryConfig(device="cpu", max_batch_tokens=64, force=True, progress=False))
+    # A tuple and the list surgery.json stores it as are the same key.
+    cfg = SurgeryConfig(layers=(0, 1)).to_dict()
+    assert version_key("a", "b", cfg, "c") == version_key("a", "b", json.loads(json.dumps(cfg)), "c")
+    with pytest.raises(StoreError):
+        version_key("a", "b", {"policy": "x"}, "c")
+
+
+def test_records_sha256_matches_load_calibration(tiny_base: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_surgery.calibration import load_calibration
+
+    records = [{"prompt": "what is 1 + 2 ?", "completion": " 3"}, {"completion": " 5", "prompt": "2 + 3"}]
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    assert load_calibration(records, tok).sha256 == records_sha256(records)
+
+
+def test_find_locates_a_version_written_by_refine(
+    tmp_path: Path, tiny_base: Path, tiny_adapter: Path, tiny_calibration: Path
+) -> None:
+    import hashlib
+
+    from vllm_surgery.refine import refine
+
+    store = VersionStore(tmp_path / "store")
+    config = SurgeryConfig(modules="all", device="cpu", force=True, progress=False)
+    out = store.new_version_dir("math")
+    result = refine(tiny_base, tiny_adapter, tiny_calibration, out, config)
+    assert result.written
+    k = version_key(
+        load_adapter(tiny_adapter).content_hash(),
+        str(tiny_base),
+        config.to_dict(),
+        hashlib.sha256(tiny_calibration.read_bytes()).hexdigest(),
+    )
+    (info,) = store.versions("math")
+    assert info.key == k == key_of_record(info.record)
+    assert store.find("math", k) == out
+    assert store.find("math", "0" * 64) is None
+    assert store.find("other", k) is None
+
+
+def test_remember_and_recall(tmp_path: Path) -> None:
+    store = VersionStore(tmp_path / "store")
+    k = "e" * 64
+    assert store.recall("math", k) is None
+    path = store.remember("math", k, {"decision": "keep_original", "reason": "no win"})
+    assert path.parent.name == ".outcomes"
+    assert store.recall("math", k)["decision"] == "keep_original"
+    assert store.versions("math") == []  # a remembered outcome is not a version
+    assert store.find("math", k) is None
+    path.write_text("{broken")
+    assert store.recall("math", k) is None
+    with pytest.raises(StoreError):
+        store.remember("math", "../../x", {})
+
+
+RECORDS = [{"prompt": "1 + 1", "completion": " 2"}, {"prompt": "2 + 2", "completion": " 4"}]
+
+
+def test_parse_request_inline_records() -> None:
+    req = parse_request({"records": RECORDS, "policy": "abs_select", "layers": [0, 1], "force": True}, None)
+    assert req.swap is True and req.calibration == RECORDS
+    assert req.config.policy == "abs_select" and req.config.layers == (0, 1) and req.config.force
+    assert req.config.progress is False
+    assert req.calibration_sha256 == records_sha256(RECORDS)
+
+
+def test_parse_request_calibration_file(tmp_path: Path) -> None:
+    (tmp_path / "math.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
+    req = parse_request({"calibration": "math.jsonl", "swap": False}, tmp_path)
+    assert req.calibration == (tmp_path / "math.jsonl").resolve() and req.swap is False
+    with pytest.raises(RefineError) as e:
+        parse_request({"calibration": "nope.jsonl"}, tmp_path)
+    assert e.value.status == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ([], "JSON object"),
+        ({"records": RECORDS, "device": "cuda"}, "unknown field"),
+        ({}, "exactly one of"),
+        ({"records": RECORDS, "calibration": "a.jsonl"}, "exactly one of"),
+        ({"records": []}, "non-empty list"),
+        ({"records": RECORDS, "policy": "nope"}, "unknown policy"),
+        ({"records": RECORDS, "heldout_fraction": 1.5}, "heldout_fraction"),
+        ({"records": RECORDS, "heldout_fraction": "x"}, "invalid settings"),
+        ({"records": RECORDS, "swap": "yes"}, "'swap'"),
+        ({"calibration": "../etc/passwd"}, "calibration file name"),
+        ({"calibration": "/etc/passwd"}, "calibration file name"),
+        ({"calibration": ".hidden"}, "calibration file name"),
+    ],
+)
+def test_parse_request_refusals(tmp_path: Path, body, needle: str) -> None:
+    with pytest.raises(RefineError) as e:
+        parse_request(body, tmp_path)
+    assert e.value.status == 400
+    assert needle in str(e.value)
+
+
+def test_named_calibration_needs_a_directory() -> None:
+    with pytest.raises(RefineError) as e:
+        parse_request({"calibration": "math.jsonl"}, None)
+    assert e.value.status == 400 and "VLLM_SURGERY_CALIBRATION_DIR" in str(e.value)
+
+
+class FakeSwapper:
+    """What Refiner uses of a HotSwapper, with no engine: an original, a store, settings."""
+
+    def __init__(self, root: Path, original: Path) -> None:
+        from vllm_surgery.serving.settings import ServingSettings
+
+        self.original = original
+        self.store = VersionStore(root / "store")
+        self.settings = ServingSettings(adapter_dirs=(), store=root / "store")
+
+    def _original(self, name: str) -> Path:
+        return self.original
+
+    def served_path(self, name: str) -> str:
+        return str(self.original)
+
+    def version_of(self, name: str, path: str | None) -> str:
+        return "original"
+
+
+def test_busy_server_answers_409_but_store_hits_answer_at_once(tmp_path: Path, tiny_adapter: Path) -> None:
+    import asyncio
+
+    from vllm_surgery.serving.refining import Refiner
+
+    swapper = FakeSwapper(tmp_path, tiny_adapter)
+    refiner = Refiner(swapper, "/models/base")  # type: ignore[arg-type]
+    body = {"records": RECORDS, "seed": 1}
+    k = refiner._key(tiny_adapter, parse_request(body, None))
+
+    async def scenario() -> None:
+        async with refiner.lock:  # another refinement is running
+            with pytest.raises(RefineError) as e:
+                await refiner.refine("math", body)
+            assert e.value.status == 409
+            swapper.store.remember("math", k, {"decision": "keep_original", "reason": "no win"})
+            answer = await refiner.refine("math", body)
+            assert answer["cached"] and answer["decision"] == "keep_original" and answer["key"] == k
+            assert answer["version"] is None and answer["swapped"] is False
+            with pytest.raises(RefineError) as e:  # a forced request is not answered by keep_original
+                await refiner.refine("math", {**body, "force": True})
+            assert e.value.status == 409
+
+    asyncio.run(scenario())
+    assert swapper.store.versions("math") == []
