@@ -118,6 +118,11 @@ def test_routes_need_the_api_key(server: Server, versions) -> None:
         ]
         == 403
     )
+    # The admin token alone, as the bearer token, passes vLLM's guard and ours (nothing to roll back yet).
+    as_admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert server.get("/v1/surgery/adapters", headers=as_admin)[0] == 200
+    status, body = server.post("/v1/surgery/adapters/x/rollback", {}, headers=as_admin)
+    assert status == 409, body
 
 
 def test_original_is_served_first(server, prompt_ids, peft_model, versions) -> None:

@@ -24,11 +24,12 @@ Authentication:
 - ``--api-key`` / ``VLLM_API_KEY``: vLLM's own AuthenticationMiddleware guards every path under /v1,
   so all routes here need ``Authorization: Bearer <api key>`` exactly like /v1/completions (401
   otherwise). It runs before these routes and cannot be bypassed by them.
-- ``VLLM_SURGERY_ADMIN_TOKEN`` (read at server start): if set, the mutating routes (swap, rollback)
-  additionally require it, in the header ``X-Surgery-Admin-Token: <token>`` or, when no API key is
-  configured, as ``Authorization: Bearer <token>``. Read-only routes do not need it. refine is a
-  mutating route (it writes to the store and may swap). So the inference
-  API key alone cannot change which weights are served.
+- ``VLLM_SURGERY_ADMIN_TOKEN`` (read at server start): if set, the mutating routes (swap, rollback,
+  refine) require it, either as ``Authorization: Bearer <admin token>`` (no API key needed: the token
+  is added to the tokens vLLM's AuthenticationMiddleware accepts, so it also passes vLLM's guard; an
+  admin may therefore also call the other /v1 routes) or in the header
+  ``X-Surgery-Admin-Token: <token>`` beside the API key. Read-only routes do not need it. So the
+  inference API key alone cannot change which weights are served.
 """
 
 from __future__ import annotations
@@ -72,8 +73,28 @@ class SurgeryEndpointPlugin:
     required_tasks = ("generate",)
 
     def __init__(self) -> None:
-        token = os.environ.get(ENV_ADMIN_TOKEN, "")
-        self._admin_digest = _digest(token) if token else None
+        self._admin_token = os.environ.get(ENV_ADMIN_TOKEN, "")
+        self._admin_digest = _digest(self._admin_token) if self._admin_token else None
+        self._app: FastAPI | None = None
+
+    def _accept_admin_token_as_bearer(self) -> None:
+        """Let vLLM's --api-key guard accept the admin token too, so mutating routes accept it alone.
+
+        vLLM adds its AuthenticationMiddleware after endpoint plugins attach their routes and before
+        init_state; its SageMaker bootstrap has already built the middleware stack by then, so the stack
+        is rebuilt (the server has not started serving yet).
+        """
+        if not self._admin_token or self._app is None:
+            return
+        changed = False
+        for m in getattr(self._app, "user_middleware", []):
+            tokens = m.kwargs.get("tokens")
+            is_auth = getattr(m.cls, "__name__", "") == "AuthenticationMiddleware"
+            if is_auth and isinstance(tokens, list) and self._admin_token not in tokens:
+                m.kwargs["tokens"] = [*tokens, self._admin_token]
+                changed = True
+        if changed and getattr(self._app, "middleware_stack", None) is not None:
+            self._app.middleware_stack = self._app.build_middleware_stack()
 
     def _admin_ok(self, request: Request) -> bool:
         if self._admin_digest is None:
@@ -92,6 +113,7 @@ class SurgeryEndpointPlugin:
         return getattr(request.app.state, STATE_KEY, None)
 
     def attach_router(self, app: FastAPI) -> None:
+        self._app = app
         router = APIRouter(prefix="/v1/surgery")
 
         def unavailable() -> JSONResponse:
@@ -179,6 +201,7 @@ class SurgeryEndpointPlugin:
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        self._accept_admin_token_as_bearer()
         models = getattr(state, "openai_serving_models", None)
         if engine_client is None or models is None or not hasattr(models, "load_lora_adapter"):
             log.warning("%s: no engine or LoRA support; /v1/surgery routes answer 503", PLUGIN_NAME)
