@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from server import REQUEST_TIMEOUT_S, Server, assert_served_by, complete, start_server, stop
+from server import (
+    LOGPROB_TOL,
+    REQUEST_TIMEOUT_S,
+    Server,
+    assert_served_by,
+    complete,
+    start_server,
+    stop,
+    teacher_forced,
+)
 from tiny import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
 pytestmark = pytest.mark.slow
@@ -148,6 +157,54 @@ def test_swap_to_refined_version(server, prompt_ids, peft_model, versions) -> No
     # The stored request must not be an in-place load (upstream bug: re-read from disk every step).
     assert body["served_load_inplace"] is False, body
     assert_served_by(server, "x", prompt_ids, peft_model, expected="refined", other="original")
+
+
+def test_response_in_flight_during_a_swap_stays_on_its_version(server, prompt_ids, peft_model, versions) -> None:
+    """A long streamed completion that spans a swap is generated entirely by the version it started on."""
+    assert swap(server, versions["refined"].name)[0] == 200  # idempotent if already served
+    ids = prompt_ids[0]
+    body = {
+        "model": "x", "prompt": ids, "max_tokens": 160, "temperature": 0.0, "ignore_eos": True,
+        "stream": True, "logprobs": 1, "return_tokens_as_token_ids": True,
+    }  # fmt: skip
+    req = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **server.headers},
+    )
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    arrivals: list[float] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: {"):
+                    continue
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                tokens.extend(int(t.removeprefix("token_id:")) for t in lp["tokens"])
+                logprobs.extend(lp["token_logprobs"])
+                arrivals.append(time.monotonic())
+                first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert first.wait(REQUEST_TIMEOUT_S), "no streamed token"
+    status, result = swap(server, "original")
+    swapped_at = time.monotonic()
+    assert status == 200 and result["changed"], result
+    reader.join(REQUEST_TIMEOUT_S)
+    assert len(tokens) == 160
+    late = sum(t > swapped_at for t in arrivals)
+    assert late > 0, "the stream finished before the swap; nothing was in flight"
+    want = teacher_forced(peft_model, "refined", ids, tokens)
+    worst = max(abs(a - b) for a, b in zip(logprobs, want, strict=True))
+    assert worst < LOGPROB_TOL, f"response mixed versions across the swap ({late} chunks after it): {worst}"
+    # and the next request is served by the new version
+    assert_served_by(server, "x", prompt_ids, peft_model, expected="original", other="refined")
+    assert swap(server, versions["refined"].name)[0] == 200  # leave "x" as the next test expects
 
 
 def test_swaps_under_load_fail_no_request(server, prompt_ids, versions) -> None:

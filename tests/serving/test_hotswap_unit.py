@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 from collections import defaultdict
-from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -20,38 +19,42 @@ from vllm_surgery.serving.store import VersionStore
 pytest.importorskip("vllm")
 
 
-class FakeModels:
-    """Mimics OpenAIServingModels.load_lora_adapter as vLLM 0.32 implements it (stores the request
-    with the caller's load_inplace, keeps the name's id)."""
+class FakeEngine:
+    """Stands in for the engine client: records add_lora calls, or refuses them."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self) -> None:
+        self.loads: list = []
+        self.fail = False
+
+    async def add_lora(self, request) -> bool:
+        if self.fail:
+            raise RuntimeError("engine said no")
+        self.loads.append(request)
+        return True
+
+
+class FakeModels:
+    """The attributes of vLLM 0.32's OpenAIServingModels that HotSwapper uses."""
+
+    def __init__(self) -> None:
+        from vllm.utils.counter import AtomicCounter
+
         self.lora_requests: dict = {}
         self.lora_resolver_lock = defaultdict(asyncio.Lock)
-        self.loads: list = []
-        self.fail = fail
+        self.lora_id_counter = AtomicCounter(100)
+        self.engine_client = FakeEngine()
 
-    async def load_lora_adapter(self, request, base_model_name=None):
-        from vllm.entrypoints.serve import create_error_response
-        from vllm.lora.request import LoRARequest
+    @property
+    def loads(self) -> list:
+        return self.engine_client.loads
 
-        async with self.lora_resolver_lock[request.lora_name]:
-            self.loads.append(request)
-            if self.fail:
-                return create_error_response(
-                    message="engine said no", err_type="X", status_code=HTTPStatus.INTERNAL_SERVER_ERROR
-                )
-            if request.lora_name in self.lora_requests and not request.load_inplace:
-                return create_error_response(
-                    message="already loaded", err_type="X", status_code=HTTPStatus.BAD_REQUEST
-                )
-            old = self.lora_requests.get(request.lora_name)
-            self.lora_requests[request.lora_name] = LoRARequest(
-                lora_name=request.lora_name,
-                lora_int_id=old.lora_int_id if old else len(self.lora_requests) + 1,
-                lora_path=request.lora_path,
-                load_inplace=request.load_inplace,
-            )
-            return "Success"
+    @property
+    def fail(self) -> bool:
+        return self.engine_client.fail
+
+    @fail.setter
+    def fail(self, value: bool) -> None:
+        self.engine_client.fail = value
 
 
 def add_version(store: VersionStore, name: str, source: Path, adapter_hash: str, decision="forced") -> Path:
@@ -95,15 +98,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_swap_uses_inplace_load_then_stores_a_non_inplace_request(env) -> None:
+def test_swap_loads_the_version_under_a_new_id_then_switches_the_name(env) -> None:
     swapper, models, store = env["swapper"], env["models"], env["store"]
+    before = models.lora_requests["x"]
     result = run(swapper.swap("x", env["good"].name))
     assert result.changed and result.previous_version == "original"
     (load,) = models.loads
-    assert load.load_inplace is True and load.lora_path == str(env["good"])
     stored = models.lora_requests["x"]
-    assert stored.lora_path == str(env["good"]) and stored.lora_int_id == 7
-    assert stored.load_inplace is False  # upstream-bug workaround
+    assert stored is load and load.lora_path == str(env["good"]) and load.lora_name == "x"
+    # a new id: requests already scheduled with the old one (7) finish on the old weights
+    assert load.lora_int_id not in (7, before.lora_int_id)
+    assert load.load_inplace is False  # never in place (upstream bug in 0.32)
     assert store.served_version_id("x") == env["good"].name
     info = swapper.describe("x")
     assert info["served_version"] == env["good"].name and info["previous_version"] == "original"
@@ -116,7 +121,7 @@ def test_swap_of_a_name_not_loaded_yet_loads_it(env) -> None:
     assert result.changed and result.previous_version is None
     (load,) = models.loads
     assert load.load_inplace is False
-    assert models.lora_requests["x"].lora_path == str(env["good"])
+    assert models.lora_requests["x"] is load and load.lora_path == str(env["good"])
 
 
 def test_same_path_is_a_noop(env) -> None:

@@ -7,12 +7,13 @@ operator's adapter under its root, or the id of a refined version in the store) 
    `vllm_surgery.adapter.load_adapter` BEFORE the engine is touched; a corrupt or stale version
    raises HotSwapError and the previous version keeps serving;
 2. under a per-name asyncio.Lock, a swap to the path already served is a no-op;
-3. vLLM's own in-place load (`OpenAIServingModels.load_lora_adapter` with `load_inplace=True`, the
-   code behind POST /v1/load_lora_adapter) keeps the name's lora_int_id and replaces its weights in
-   the engine: running requests are not failed, new ones get the new weights;
-4. the stored LoRARequest is then replaced by a copy with `load_inplace=False`: vLLM 0.32 reuses the
-   stored request for every later request, and with load_inplace=True the worker re-reads the adapter
-   from disk on every step (upstream bug);
+3. the new version is loaded into the engine under a NEW lora_int_id (engine `add_lora`), then the
+   name's stored LoRARequest (`OpenAIServingModels.lora_requests[name]`) is replaced under vLLM's
+   per-name lock: requests already running finish on the old version (no response mixes versions),
+   new ones get the new version; nothing fails or waits;
+4. vLLM's in-place load (`load_inplace=True`) is deliberately not used: it rewrites the weights under
+   running requests, and in 0.32 a stored request with load_inplace=True makes the worker re-read the
+   adapter from disk on every step (upstream bug). Stored requests are always load_inplace=False;
 5. the store's served.json is updated, so a restarted server (whose resolver reads it) serves the same
    version, and the previous version is remembered so that `rollback(name)` is one call.
 
@@ -33,8 +34,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from ..adapter import load_adapter
 from ..errors import AdapterError, SurgeryError
@@ -258,26 +257,30 @@ class HotSwapper:
         return await self.swap(name, previous[0])
 
     async def _swap_locked(self, name: str, version: str, path: str, start: float) -> SwapResult:
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+        from vllm.lora.request import LoRARequest
 
         old_path = self.served_path(name)
         old_version = self.version_of(name, old_path)
         if old_path is not None and Path(old_path).resolve() == Path(path).resolve():
             return SwapResult(name, version, path, old_version, old_path, False, time.perf_counter() - start)
-        request = LoadLoRAAdapterRequest(lora_name=name, lora_path=path, load_inplace=old_path is not None)
-        response = await self.models.load_lora_adapter(request)
-        if isinstance(response, ErrorResponse):
-            raise HotSwapError(
-                f"vLLM refused to load {path} for {name!r}: {response.error.message}",
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                "failed",
-            )
-        # Upstream bug workaround: never leave a load_inplace=True request stored for the name.
+        # Each version gets its own lora_int_id: requests already running keep the LoRARequest they
+        # were scheduled with and finish on the old weights; requests arriving after the mapping below
+        # is replaced get the new ones. (vLLM's load_inplace would instead rewrite the weights under
+        # running requests, mixing versions inside one response, and 0.32 re-reads such an adapter
+        # from disk on every step.) The old version's weights leave the worker caches by LRU.
         async with self.models.lora_resolver_lock[name]:
-            stored = self.models.lora_requests.get(name)
-            if stored is not None and stored.lora_path == path and stored.load_inplace:
-                self.models.lora_requests[name] = msgspec.structs.replace(stored, load_inplace=False)
+            request = LoRARequest(
+                lora_name=name, lora_int_id=self.models.lora_id_counter.inc(1), lora_path=path
+            )
+            try:
+                await self.models.engine_client.add_lora(request)  # loads and validates in the workers
+            except Exception as e:
+                raise HotSwapError(
+                    f"vLLM refused to load {path} for {name!r}: {e}",
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    "failed",
+                ) from e
+            self.models.lora_requests[name] = request
         if old_path is not None and old_version is not None:
             self._previous[name] = (old_version, old_path)
         try:
