@@ -443,3 +443,9 @@ def test_refine_metrics(server, refined_in_server) -> None:
         if s.name.endswith("_total") and s.labels["by"] == "refine"
     }
     assert lookups["hit"] >= 1 and lookups["miss"] >= 1
+    # The loss series describe the served version: none while the original is served.
+    assert swap(server, "original")[0] == 200
+    families = {f.name: f for f in text_string_to_metric_families(server.get_text("/metrics"))}
+    family = families.get("vllm_surgery_heldout_loss")
+    assert family is None or not [s for s in family.samples if s.labels.get("adapter") == "x"]
+    assert swap(server, refined_in_server["version"])[0] == 200

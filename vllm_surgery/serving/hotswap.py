@@ -290,7 +290,8 @@ class HotSwapper:
                 self.store.set_served(name, version)
         except (OSError, ValueError) as e:
             log.error("adapter %r now serves %s, but served.json could not be updated: %s", name, version, e)
-        metrics.record_served(name, version)
+        info = None if version == ORIGINAL else self.store.version_info(name, version)
+        metrics.record_served(name, version, info.record if info else None)
         seconds = time.perf_counter() - start
         log.info("adapter %r: hot-swapped %s -> %s (%s) in %.3f s", name, old_version, version, path, seconds)
         return SwapResult(name, version, path, old_version, old_path, True, seconds)

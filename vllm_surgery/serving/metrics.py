@@ -8,7 +8,9 @@ hot-swap routes run, so these series appear there without multiprocess mode. Lab
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
@@ -54,8 +56,8 @@ REFINE_DURATION = Histogram(
 )
 HELDOUT_LOSS = Gauge(
     "vllm_surgery_heldout_loss",
-    "Held-out mean answer loss of the last refinement: which=before is the original adapter, which=after "
-    "the candidate that was accepted and swapped in.",
+    "Held-out mean answer loss recorded for the SERVED refined version of an adapter: which=before is the "
+    "original adapter, which=after the served version. No series while the original is served.",
     ["adapter", "which"],
 )
 
@@ -66,8 +68,27 @@ def record_swap(adapter: str | None, outcome: str) -> None:
     HOTSWAPS.labels(adapter=adapter or "", outcome=outcome).inc()
 
 
-def record_served(adapter: str, version: str) -> None:
+def record_served(adapter: str, version: str, record: Mapping[str, Any] | None = None) -> None:
+    """Publish the served version and, from its surgery.json `record`, its held-out loss before/after.
+
+    The loss series always describe what is served now, so they cannot go stale after a rollback or a
+    refinement that kept the original; with the original served there is nothing to compare.
+    """
     SERVED_VERSION.labels(adapter=adapter).info({"version": version})
+    record = record or {}
+    losses = {which: _loss(record.get(f"quality_{which}")) for which in ("before", "after")}
+    for which, loss in losses.items():
+        if version != "original" and None not in losses.values():
+            HELDOUT_LOSS.labels(adapter=adapter, which=which).set(loss)
+        else:
+            with contextlib.suppress(KeyError):
+                HELDOUT_LOSS.remove(adapter, which)
+
+
+def _loss(quality: Any) -> float | None:
+    if isinstance(quality, Mapping) and isinstance(quality.get("loss"), (int, float)):
+        return float(quality["loss"])
+    return None
 
 
 def record_store_lookup(hit: bool, by: str = "resolver") -> None:
@@ -81,9 +102,3 @@ def record_refinement(adapter: str, outcome: str, timings: Mapping[str, float] |
     for stage, seconds in (timings or {}).items():
         if stage in REFINE_STAGES:
             REFINE_DURATION.labels(stage=stage).observe(seconds)
-
-
-def record_heldout_loss(adapter: str, which: str, loss: float | None) -> None:
-    assert which in ("before", "after"), which
-    if loss is not None:
-        HELDOUT_LOSS.labels(adapter=adapter, which=which).set(loss)

@@ -138,12 +138,6 @@ def _quality(q: Any) -> dict[str, Any] | None:
     return q if isinstance(q, dict) else q.to_dict()
 
 
-def _loss(q: Any) -> float | None:
-    q = _quality(q)
-    value = q.get("loss") if q else None
-    return float(value) if isinstance(value, (int, float)) else None
-
-
 class Refiner:
     """Runs refinements for one API server; see the module docstring."""
 
@@ -264,7 +258,6 @@ class Refiner:
             metrics.record_refinement(name, "cached")
         else:
             metrics.record_refinement(name, answer["decision"], answer["timings"])
-        metrics.record_heldout_loss(name, "before", _loss(answer["quality_before"]))
         swapped, swap_error = False, None
         if answer["version"] is not None and request.swap:
             try:
@@ -272,8 +265,6 @@ class Refiner:
                 swapped = True
             except HotSwapError as e:
                 swap_error = str(e)
-        if swapped:
-            metrics.record_heldout_loss(name, "after", _loss(answer["quality_after"]))
         served = self.swapper.served_path(name)
         return {
             "adapter": name,

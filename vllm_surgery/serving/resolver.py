@@ -95,7 +95,8 @@ class SurgeryResolver(LoRAResolver):
             else:
                 log.info("adapter %r: serving refined version %s", name, refined)
                 metrics.record_store_lookup(hit=True)
-                metrics.record_served(name, refined.name)
+                info = self.store.version_info(name, refined.name)
+                metrics.record_served(name, refined.name, info.record if info else None)
                 return refined
         log.info("adapter %r: serving the original %s", name, original)
         metrics.record_store_lookup(hit=False)

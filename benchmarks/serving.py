@@ -1,0 +1,619 @@
+"""Serving benchmark of the vLLM plugin against real `vllm serve` processes (loopback only).
+
+Two servers are started from one model and one LoRA adapter "x", with identical engine flags:
+
+- "plugin": VLLM_PLUGINS=vllm_surgery,vllm_surgery_api; "x" is resolved by the plugin's resolver from
+  an operator root; the store holds a second servable version of "x" for hot-swaps;
+- "baseline": VLLM_PLUGINS set to a name that matches no plugin (ours disabled), "x" passed with
+  `--lora-modules x=<adapter>`.
+
+Measured and printed:
+
+(a) swap latency: time from sending POST /v1/surgery/adapters/x/swap to the first completion whose
+    log-probs (fixed prompt, greedy, a few tokens) equal the new version's, probed in a tight loop
+    concurrently with the swap call; N swaps alternating between the two versions;
+(b) failed requests while K client threads send completions (half streamed) in a loop and M swaps
+    happen: must be 0 (the process exits 1 otherwise);
+(c) throughput (generated tokens/s, C concurrent clients, R requests, fixed max_tokens, ignore_eos)
+    on adapter "x" (same weights on both servers), rounds interleaved ABBA..., medians and their ratio.
+
+The second version is the original adapter with freshly drawn lora_B matrices, recorded in the store
+with a servable surgery.json (decision "forced" and the original's content hash) exactly as refine()
+would leave it; the benchmark measures serving, not refinement.
+
+    .venv/bin/python benchmarks/serving.py                  # tiny random Llama, ~3-5 min on 2 cores
+    .venv/bin/python benchmarks/serving.py --model default  # embedded SmolLM2-135M
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WORDS = (
+    "the quick brown fox jumps over the lazy dog . what is one plus two ? three . "
+    "question answer user assistant hello world add numbers sum result is equal "
+    "0 1 2 3 4 5 6 7 8 9 + - = ! , : ; ( ) a b c d e f g h i j k l m n o p q r s t u v w x y z"
+)
+STARTUP_TIMEOUT_S = 240.0
+REQUEST_TIMEOUT_S = 120.0
+PROBE_TOKENS = 4
+LOGPROB_TOL = 1e-4
+ADMIN_TOKEN = "bench-admin-token"
+NO_PLUGIN = "vllm_surgery_benchmark_none"  # matches no installed plugin: every plugin group is disabled
+
+
+# --------------------------------------------------------------------------- model and adapters
+def build_tiny_llama(out_dir: Path) -> Path:
+    """Random Llama (hidden 128, 2 heads, 2 KV heads: head_dim 64) with a BPE tokenizer trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([WORDS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(out_dir)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_lora_adapter(base: Path, out_dir: Path, r: int, seed: int = 1, scale: float = 0.3) -> Path:
+    """PEFT LoRA on all projections with random non-zero A and B (as if trained)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=ALL_PROJ, init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, scale / (p.shape[1] ** 0.5))
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def write_store_version(original: Path, store: Path, name: str, seed: int = 7) -> str:
+    """A complete, servable store version of `name`: the original with re-drawn lora_B matrices."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
+    from vllm_surgery.serving.store import VersionStore
+
+    version_dir = VersionStore(store).new_version_dir(name)
+    shutil.copytree(original, version_dir, dirs_exist_ok=True)
+    weights = version_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    gen = torch.Generator().manual_seed(seed)
+    for key, t in tensors.items():
+        if "lora_B" in key:
+            tensors[key] = (torch.randn(t.shape, generator=gen) * t.float().std()).to(t.dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    record = {
+        "decision": "forced",
+        "adapter_hash": load_adapter(original).content_hash(),
+        "note": "benchmark",
+    }
+    (version_dir / PROVENANCE_NAME).write_text(json.dumps(record) + "\n")
+    return version_dir.name
+
+
+# --------------------------------------------------------------------------- servers
+@dataclass
+class Server:
+    label: str
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def post(self, path: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **(headers or {})},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raw = e.read() or b"{}"
+            try:
+                return e.code, json.loads(raw)
+            except ValueError:
+                return e.code, {"raw": raw.decode(errors="replace")}
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=REQUEST_TIMEOUT_S) as r:
+            return r.read().decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(label: str, base: Path, workdir: Path, env_extra: dict[str, str], extra: list[str]) -> Server:
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    for key in ("VLLM_SURGERY_CONFIG", "VLLM_PLUGINS", "VLLM_API_KEY", "VLLM_SURGERY_ADMIN_TOKEN"):
+        env.pop(key, None)
+    env.update(env_extra)
+    cmd = [
+        str(Path(sys.executable).parent / "vllm-surgery-serve"), str(base),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0",
+        "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-num-seqs", "4",
+        *extra,
+    ]  # fmt: skip
+    log_path = workdir / f"{label}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Server(label, f"http://127.0.0.1:{port}", proc, log_path)
+
+
+def wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.label} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{server.label} not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{server.log_tail()}"
+            )
+        time.sleep(0.25)
+
+
+def stop(server: Server) -> None:
+    """SIGTERM (vLLM stops engine and workers), then SIGKILL the server's own process group if needed."""
+    proc = server.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return
+    time.sleep(2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- requests
+def probe(server: Server, ids: list[int]) -> list[float]:
+    """Greedy continuation log-probs of a fixed prompt: a fingerprint of the weights serving "x"."""
+    status, body = server.post(
+        "/v1/completions",
+        {"model": "x", "prompt": ids, "max_tokens": PROBE_TOKENS, "temperature": 0.0, "logprobs": 0,
+         "ignore_eos": True},
+    )  # fmt: skip
+    if status != 200:
+        raise RuntimeError(f"probe failed: {status} {body}")
+    return [float(v) for v in body["choices"][0]["logprobs"]["token_logprobs"]]
+
+
+def same(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) < LOGPROB_TOL
+
+
+def swap(server: Server, version: str) -> tuple[int, dict]:
+    return server.post(
+        "/v1/surgery/adapters/x/swap", {"version": version}, headers={"X-Surgery-Admin-Token": ADMIN_TOKEN}
+    )
+
+
+def completion_once(server: Server, ids: list[int], max_tokens: int, stream: bool) -> int:
+    """One completion on "x"; returns the generated token count, raises on any failure."""
+    body = {"model": "x", "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    if not stream:
+        status, out = server.post("/v1/completions", body)
+        if status != 200:
+            raise RuntimeError(f"{status} {str(out)[:200]}")
+        return int(out["usage"]["completion_tokens"])
+    body["stream"] = True
+    req = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+        text = r.read().decode()
+    if "data: [DONE]" not in text or '"error"' in text:
+        raise RuntimeError(f"bad stream: {text[-200:]}")
+    return sum(1 for line in text.splitlines() if line.startswith("data: {"))
+
+
+# --------------------------------------------------------------------------- measurements
+def classify(lp: list[float], new: list[float], old: list[float]) -> str:
+    if same(lp, new):
+        return "new"
+    if same(lp, old):
+        return "old"
+    if abs(lp[0] - old[0]) < LOGPROB_TOL:
+        return "mixed"  # prefilled with the old weights, later tokens with the new: in flight during the swap
+    return "other"
+
+
+def measure_swap_latency(
+    server: Server, ids: list[int], fingerprints: dict[str, list[float]], order: list[str]
+) -> list[dict]:
+    """Probes run back to back from the moment the swap call is sent until the new version answers,
+    and then `settle` more probes after the swap call returned, to catch old or mixed weights served
+    after the swap was acknowledged."""
+    rows = []
+    settle = 5
+    for target in order:
+        other = next(v for v in fingerprints if v != target)
+        result: dict = {}
+
+        def call(target: str = target, result: dict = result) -> None:
+            result["status"], result["body"] = swap(server, target)
+            result["returned"] = time.perf_counter()
+
+        probes: list[tuple[float, float, str]] = []  # (sent, received, class)
+        t0 = time.perf_counter()
+        thread = threading.Thread(target=call)
+        thread.start()
+        first_new = None
+        after_return = 0
+        while time.perf_counter() - t0 < 60:
+            sent = time.perf_counter()
+            cls = classify(probe(server, ids), fingerprints[target], fingerprints[other])
+            received = time.perf_counter()
+            probes.append((sent, received, cls))
+            if cls == "new" and first_new is None:
+                first_new = received
+            returned = result.get("returned")
+            if returned is not None and sent > returned:
+                after_return += 1
+            if first_new is not None and returned is not None and after_return >= settle:
+                break
+        thread.join(timeout=REQUEST_TIMEOUT_S)
+        if result.get("status") != 200 or not result["body"].get("changed"):
+            raise RuntimeError(f"swap to {target} failed: {result}")
+        if first_new is None:
+            raise RuntimeError(f"version {target} never served within 60 s of its swap")
+        returned = result["returned"]
+        before = [c for s_, _, c in probes if s_ <= returned]
+        after = [c for s_, _, c in probes if s_ > returned]
+        rows.append({
+            "target": target,
+            "first_new_s": first_new - t0,
+            "call_s": returned - t0,
+            "server_s": float(result["body"]["seconds"]),
+            "inflight_mixed": sum(c == "mixed" for c in before),
+            "inflight_other": sum(c == "other" for c in before),
+            "probe_s": [r_ - s_ for s_, r_, _ in probes],
+            "stale_after_return": sum(c != "new" for c in after),
+            "after_classes": after,
+            "last_not_new_after_return_s": max(
+                (r - returned for s_, r, c in probes if s_ > returned and c != "new"), default=0.0
+            ),
+        })  # fmt: skip
+        time.sleep(0.2)
+    return rows
+
+
+def swaps_under_load(
+    server: Server, prompts: list[list[int]], versions: list[str], k: int, m: int, gap_s: float
+) -> tuple[int, int, list[str]]:
+    stop_flag = threading.Event()
+    lock = threading.Lock()
+    failures: list[str] = []
+    done = [0]
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop_flag.is_set():
+            try:
+                completion_once(server, prompts[(i + n) % len(prompts)], 8, stream=bool((i + n) % 2))
+            except Exception as e:  # every failure counts
+                with lock:
+                    failures.append(f"client {i}: {e!r}"[:300])
+            else:
+                with lock:
+                    done[0] += 1
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(k)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        for j in range(m):
+            status, body = swap(server, versions[j % len(versions)])
+            if status != 200 or not body.get("changed"):
+                failures.append(f"swap {j} to {versions[j % len(versions)]}: {status} {body}")
+            time.sleep(gap_s)
+    finally:
+        stop_flag.set()
+        for t in threads:
+            t.join(timeout=REQUEST_TIMEOUT_S)
+    return done[0], len(failures), failures
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process of a server's process group (API server, engine
+    core, workers): less sensitive than wall time to other load on a shared machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def throughput(
+    server: Server, prompts: list[list[int]], c: int, r: int, max_tokens: int
+) -> tuple[float, float]:
+    """(generated tokens per wall second, server CPU seconds per 1000 generated tokens)."""
+    cpu0 = group_cpu_seconds(server.proc.pid)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(c) as pool:
+        tokens = list(
+            pool.map(
+                lambda i: completion_once(server, prompts[i % len(prompts)], max_tokens, False), range(r)
+            )
+        )
+    wall = time.perf_counter() - t0
+    cpu = group_cpu_seconds(server.proc.pid) - cpu0
+    if any(t != max_tokens for t in tokens):
+        raise RuntimeError(
+            f"{server.label}: expected {max_tokens} tokens per request, got {sorted(set(tokens))}"
+        )
+    return sum(tokens) / wall, 1000 * cpu / sum(tokens)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama), 'default' (SmolLM2) or a path")
+    ap.add_argument("--swaps", type=int, default=10, help="N: swaps timed in (a)")
+    ap.add_argument("--clients", type=int, default=4, help="K: client threads in (b)")
+    ap.add_argument("--load-swaps", type=int, default=10, help="M: swaps under load in (b)")
+    ap.add_argument("--concurrency", type=int, default=4, help="C: concurrent clients in (c)")
+    ap.add_argument("--requests", type=int, default=16, help="R: requests per throughput round")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=10, help="throughput rounds per server (interleaved)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
+    args = ap.parse_args(argv)
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="vllm-surgery-bench-"))
+    servers: list[Server] = []
+    try:
+        if args.model == "tiny":
+            base = build_tiny_llama(work / "base")
+        elif args.model == "default":
+            from vllm_surgery.default_model import default_model_path
+
+            base = default_model_path()
+        else:
+            base = Path(args.model)
+        vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+        adapters = work / "adapters"
+        original = build_lora_adapter(base, adapters / "x", r=args.rank)
+        refined = write_store_version(original, work / "store", "x")
+        gen = torch.Generator().manual_seed(0)
+        prompts = [
+            torch.randint(10, vocab, (int(n),), generator=gen).tolist() for n in (12, 16, 20, 24, 28, 32)
+        ]
+        probe_ids = prompts[1]
+
+        plugin_env = {
+            "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
+            "VLLM_SURGERY_ADAPTER_DIRS": str(adapters),
+            "VLLM_SURGERY_STORE": str(work / "store"),
+            "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
+        }
+        plugin = launch("plugin", base, work, plugin_env, [])
+        servers.append(plugin)
+        baseline = launch(
+            "baseline", base, work, {"VLLM_PLUGINS": NO_PLUGIN}, ["--lora-modules", f"x={original}"]
+        )
+        servers.append(baseline)
+        for s in servers:
+            wait_healthy(s)
+        print(f"model {args.model} ({base}); servers healthy after {time.perf_counter() - started:.1f} s")
+
+        # Plugin really active on one, really absent on the other.
+        assert plugin.text("/metrics").count("vllm_surgery_") > 0, "plugin metrics missing"
+        assert "vllm_surgery_" not in baseline.text("/metrics"), "baseline server has the plugin loaded"
+        status, _ = baseline.post("/v1/surgery/adapters/x/swap", {"version": "original"})
+        assert status == 404, f"baseline server answers /v1/surgery routes ({status})"
+
+        fingerprints = {"original": probe(plugin, probe_ids)}
+        assert same(probe(baseline, probe_ids), fingerprints["original"]), "servers disagree on the original"
+        status, body = swap(plugin, refined)
+        assert status == 200 and body["changed"], body
+        fingerprints[refined] = probe(plugin, probe_ids)
+        gap = max(abs(a - b) for a, b in zip(fingerprints["original"], fingerprints[refined], strict=True))
+        assert gap > 100 * LOGPROB_TOL, f"the two versions are indistinguishable by the probe ({gap})"
+
+        # (a) swap latency
+        order = ["original" if i % 2 == 0 else refined for i in range(args.swaps)]
+        rows = measure_swap_latency(plugin, probe_ids, fingerprints, order)
+        first = [r["first_new_s"] for r in rows]
+        calls = [r["call_s"] for r in rows]
+        srv = [r["server_s"] for r in rows]
+        inflight = sum(r["inflight_mixed"] for r in rows)
+        inflight_other = sum(r["inflight_other"] for r in rows)
+        probe_s = [d for r in rows for d in r["probe_s"]]
+        stale = sum(r["stale_after_return"] for r in rows)
+        unexpected = stale
+        print(f"\n(a) swap latency over {len(rows)} swaps (alternating original <-> {refined}), seconds")
+        print(f"    {'':34s} {'median':>8s} {'p95':>8s} {'max':>8s}")
+        for label, vals in (
+            ("swap call -> first new response", first),
+            ("swap call -> swap HTTP response", calls),
+            ("server-side swap (body.seconds)", srv),
+        ):
+            print(f"    {label:34s} {statistics.median(vals):8.3f} {pct(vals, 0.95):8.3f} {max(vals):8.3f}")
+        print(
+            f"    one probe request ({PROBE_TOKENS} tokens) takes median {statistics.median(probe_s):.3f} s; "
+            f"probes are sequential, so 'first new response' includes up to ~2 probe durations"
+        )
+        n_after = sum(len(r["after_classes"]) for r in rows)
+        print(
+            f"    probes in flight across a swap call: {inflight} answered with mixed versions "
+            f"(prefill old, later tokens new), {inflight_other} other; probes sent AFTER the swap "
+            f"call returned: {n_after}, of which not the new version: {stale}"
+        )
+        for i, r in enumerate(rows):
+            if r["stale_after_return"]:
+                print(
+                    f"    swap {i} -> {r['target'][:12]}: after return {r['after_classes']}, "
+                    f"last non-new answer {r['last_not_new_after_return_s']:.3f} s after the call returned"
+                )
+
+        # (b) failures under load
+        done, failed, failures = swaps_under_load(
+            plugin, prompts, ["original", refined], args.clients, args.load_swaps, 0.5
+        )
+        print(
+            f"\n(b) {args.load_swaps} swaps under load, {args.clients} clients: "
+            f"{done} requests ok, {failed} failed"
+        )
+        for f in failures[:5]:
+            print("    ", f)
+
+        # (c) throughput, same weights on both servers: the plugin server back on the original.
+        status, body = swap(plugin, "original")
+        assert status == 200, body
+        assert same(probe(plugin, probe_ids), fingerprints["original"])
+        for s in (plugin, baseline):  # warm-up
+            throughput(s, prompts, args.concurrency, args.concurrency * 2, args.max_tokens)
+        results: dict[str, list[float]] = {"plugin": [], "baseline": []}
+        cpu: dict[str, list[float]] = {"plugin": [], "baseline": []}
+        for i in range(args.rounds):
+            pair = (plugin, baseline) if i % 2 == 0 else (baseline, plugin)
+            for s in pair:
+                tps, cpu_per_1k = throughput(s, prompts, args.concurrency, args.requests, args.max_tokens)
+                results[s.label].append(tps)
+                cpu[s.label].append(cpu_per_1k)
+        med = {k: statistics.median(v) for k, v in results.items()}
+        ratio = med["plugin"] / med["baseline"]
+        paired = [p / b for p, b in zip(results["plugin"], results["baseline"], strict=True)]
+        print(
+            f"\n(c) throughput, adapter x (rank {args.rank}), C={args.concurrency}, R={args.requests}, "
+            f"max_tokens={args.max_tokens}, ignore_eos, {args.rounds} interleaved rounds, tokens/s"
+        )
+        for k, v in results.items():
+            print(f"    {k:9s} median {med[k]:8.1f}   rounds {' '.join(f'{x:.1f}' for x in v)}")
+        print(f"    per-round ratios plugin/baseline {' '.join(f'{x:.3f}' for x in paired)}")
+        for k, v in cpu.items():
+            print(
+                f"    {k:9s} server CPU s per 1k tokens: median {statistics.median(v):.2f}   "
+                f"rounds {' '.join(f'{x:.2f}' for x in v)}"
+            )
+        cpu_ratio = statistics.median(cpu["baseline"]) / statistics.median(cpu["plugin"])
+        print(
+            f"    CPU-efficiency ratio plugin/baseline (baseline CPU per token / plugin's) {cpu_ratio:.3f}x"
+        )
+        paired_median = statistics.median(paired)
+        verdict = "meets" if paired_median >= 0.98 else "BELOW"
+        print(
+            f"    ratio of medians {ratio:.3f}x; median of per-round ratios {paired_median:.3f}x "
+            f"({verdict} target >= 0.98x)"
+        )
+
+        # Cross-check with the plugin's own metrics.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        fams = {f.name: f for f in text_string_to_metric_families(plugin.text("/metrics"))}
+        swapped = sum(
+            s.value for s in fams["vllm_surgery_hotswaps"].samples
+            if s.name.endswith("_total") and s.labels.get("outcome") == "swapped"
+        )  # fmt: skip
+        bad = sum(
+            s.value for s in fams["vllm_surgery_hotswaps"].samples
+            if s.name.endswith("_total") and s.labels.get("outcome") not in ("swapped", "noop")
+        )  # fmt: skip
+        print(f"\nplugin /metrics: hotswaps swapped={swapped:.0f} other-than-swapped/noop={bad:.0f}")
+        print(f"total wall time {time.perf_counter() - started:.1f} s")
+        return 1 if failed or unexpected or bad else 0
+    finally:
+        for s in servers:
+            stop(s)
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
