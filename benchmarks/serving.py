@@ -48,12 +48,8 @@ from pathlib import Path
 
 import torch
 
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-WORDS = (
-    "the quick brown fox jumps over the lazy dog . what is one plus two ? three . "
-    "question answer user assistant hello world add numbers sum result is equal "
-    "0 1 2 3 4 5 6 7 8 9 + - = ! , : ; ( ) a b c d e f g h i j k l m n o p q r s t u v w x y z"
-)
+from vllm_surgery.testing import build_lora_adapter, build_tiny_llama
+
 STARTUP_TIMEOUT_S = 240.0
 REQUEST_TIMEOUT_S = 120.0
 PROBE_TOKENS = 4
@@ -63,55 +59,6 @@ NO_PLUGIN = "vllm_surgery_benchmark_none"  # matches no installed plugin: every 
 
 
 # --------------------------------------------------------------------------- model and adapters
-def build_tiny_llama(out_dir: Path) -> Path:
-    """Random Llama (hidden 128, 2 heads, 2 KV heads: head_dim 64) with a BPE tokenizer trained here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([WORDS] * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.save_pretrained(out_dir)
-    config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
-def build_lora_adapter(base: Path, out_dir: Path, r: int, seed: int = 1, scale: float = 0.3) -> Path:
-    """PEFT LoRA on all projections with random non-zero A and B (as if trained)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=ALL_PROJ, init_lora_weights=False, task_type="CAUSAL_LM"
-    )
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, scale / (p.shape[1] ** 0.5))
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
 def write_store_version(original: Path, store: Path, name: str, seed: int = 7) -> str:
     """A complete, servable store version of `name`: the original with re-drawn lora_B matrices."""
     from safetensors.torch import load_file, save_file
@@ -457,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[Server] = []
     try:
         if args.model == "tiny":
-            base = build_tiny_llama(work / "base")
+            base = build_tiny_llama(work / "base", hidden=128, heads=2, kv_heads=2, intermediate=256)
         elif args.model == "default":
             from vllm_surgery.default_model import default_model_path
 
@@ -466,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             base = Path(args.model)
         vocab = json.loads((base / "config.json").read_text())["vocab_size"]
         adapters = work / "adapters"
-        original = build_lora_adapter(base, adapters / "x", r=args.rank)
+        original = build_lora_adapter(base, adapters / "x", r=args.rank, alpha=2 * args.rank)
         refined = write_store_version(original, work / "store", "x")
         gen = torch.Generator().manual_seed(0)
         prompts = [

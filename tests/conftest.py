@@ -1,12 +1,9 @@
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import build_lora_adapter, build_tiny_llama, write_calibration
+from vllm_surgery.testing import build_lora_adapter, build_tiny_llama, write_calibration
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def test_loads_standard_peft_adapter(tiny_adapter):
 
 
 def test_rank_and_alpha_patterns_and_rslora(tiny_base, tmp_path):
-    from tiny import build_lora_adapter
+    from vllm_surgery.testing import build_lora_adapter
 
     path = build_lora_adapter(
         tiny_base,

@@ -172,7 +172,7 @@ def test_bad_inputs_leave_no_output(tiny_base, tiny_adapter, adapter_copy, tmp_p
 
 
 def test_adapter_for_another_base_model_is_refused(tiny_adapter, tiny_calibration, tmp_path):
-    from tiny import build_tiny_llama
+    from vllm_surgery.testing import build_tiny_llama
 
     other = build_tiny_llama(tmp_path / "other", hidden=32, heads=2, kv_heads=1, intermediate=64)
     with pytest.raises(AdapterError, match="trained for another base model"):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
+
+from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
 pytestmark = pytest.mark.slow
 

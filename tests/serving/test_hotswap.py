@@ -30,7 +30,8 @@ from server import (
     stop,
     teacher_forced,
 )
-from tiny import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
+
+from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
 pytestmark = pytest.mark.slow
 

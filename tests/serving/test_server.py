@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from server import Server, assert_served_by, complete, start_server, stop
-from tiny import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
+
+from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
 pytestmark = pytest.mark.slow
 

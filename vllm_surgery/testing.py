@@ -1,4 +1,9 @@
-"""Small, fully local models, tokenizers and adapters for the tests (nothing comes from a hub)."""
+"""Small, fully local models, tokenizers and adapters for tests, benchmarks and users' own CI.
+
+Nothing comes from a hub: a byte-level BPE is trained on the spot and the weights are random, so a
+whole refine -> serve cycle can be exercised in seconds on a CPU. Needs the `tokenizers` package
+(installed with transformers).
+"""
 
 from __future__ import annotations
 
@@ -93,7 +98,7 @@ def build_lora_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     cfg = LoraConfig(
         r=r,
         lora_alpha=alpha,
