@@ -92,7 +92,7 @@ def test_keep_original_writes_nothing(tiny_base, tiny_adapter, tiny_calibration,
         tiny_base, tiny_adapter, tiny_calibration, out, policy="auto", min_improvement=0.9, progress=False
     )
     assert result.decision == "keep_original" and result.output_path is None
-    assert "no candidate beats the original" in result.reason
+    assert "no candidate measurably beats the original" in result.reason
     assert set(result.candidates) == {"grad_direction", "abs_select", "smooth_abs"}
     assert result.policy == min(result.candidates, key=lambda p: result.candidates[p]["loss"])
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -183,3 +183,22 @@ def test_adapter_for_another_base_model_is_refused(tiny_adapter, tiny_calibratio
 def test_config_object_and_keywords_are_exclusive(tiny_base, tiny_adapter, tiny_calibration):
     with pytest.raises(ConfigError, match="not both"):
         refine(tiny_base, tiny_adapter, tiny_calibration, None, SurgeryConfig(), policy="auto")
+
+
+def test_gain_within_noise_is_not_accepted(tiny_base, tiny_adapter, tiny_calibration, tmp_path):
+    """A candidate must beat the original by min_z standard errors, not only by the relative margin."""
+    kw = {"policy": "grad_direction", "min_improvement": 0.0, "progress": False}
+    lenient = refine(tiny_base, tiny_adapter, tiny_calibration, None, min_z=0.0, **kw)
+    row = lenient.candidates["grad_direction"]
+    assert row["relative_improvement"] > 0 and row["relative_improvement_se"] > 0
+    z = row["relative_improvement"] / row["relative_improvement_se"]
+    assert lenient.decision == "accept"
+    strict = refine(tiny_base, tiny_adapter, tiny_calibration, tmp_path / "o", min_z=z + 0.01, **kw)
+    assert strict.decision == "keep_original" and "standard errors" in strict.reason
+    assert not (tmp_path / "o").exists()
+
+
+def test_written_files_are_readable_by_other_users(forced):
+    _, out = forced
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o044 == 0o044, f

@@ -288,9 +288,14 @@ def save_adapter(
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=adapter.metadata or {"format": "pt"})
         if provenance is not None:
             (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+        # Readable like any other model file (safetensors writes 0600): a server may run as another user.
+        umask = os.umask(0)
+        os.umask(umask)
         for f in tmp.iterdir():
+            os.chmod(f, 0o644 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755 & ~umask)
         _fsync_dir(tmp)
         if out_dir.exists():  # an empty directory left for us: rename() cannot replace it portably
             out_dir.rmdir()

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--min-improvement", type=float, default=0.005, help="relative held-out loss gain required"
     )
+    r.add_argument(
+        "--min-z", type=float, default=2.0, help="required gain in standard errors of the paired difference"
+    )
     r.add_argument("--samples", type=int, default=None, help="use N examples of the calibration file")
     r.add_argument("--max-length", type=int, default=1024)
     r.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch")
@@ -90,6 +93,7 @@ def _refine(args: argparse.Namespace) -> int:
         layers=args.layers,
         heldout_fraction=args.heldout_fraction,
         min_improvement=args.min_improvement,
+        min_z=args.min_z,
         samples=args.samples,
         max_length=args.max_length,
         max_batch_tokens=args.batch_tokens,

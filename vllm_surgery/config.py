@@ -29,6 +29,8 @@ class SurgeryConfig:
     modules: residual | attention | mlp | all, or a list of leaf names (o_proj) / full module names.
     layers: (start, end) half-open layer range, either end None for open.
     min_improvement: relative held-out loss reduction a candidate must reach to replace the original.
+    min_z: and that reduction must be at least min_z standard errors of the paired per-example
+        difference, so that noise on a small held-out set is not mistaken for a gain (0 disables).
     """
 
     policy: str = "grad_direction"
@@ -38,6 +40,7 @@ class SurgeryConfig:
     layers: tuple[int | None, int | None] | None = None
     heldout_fraction: float = 0.25
     min_improvement: float = 0.005
+    min_z: float = 2.0
     samples: int | None = None
     max_length: int = 1024
     max_batch_tokens: int | None = None
@@ -69,6 +72,8 @@ class SurgeryConfig:
             raise ConfigError("policy auto picks a candidate on held-out data; heldout_fraction must be > 0")
         if self.min_improvement < 0:
             raise ConfigError(f"min_improvement must be >= 0, got {self.min_improvement}")
+        if self.min_z < 0:
+            raise ConfigError(f"min_z must be >= 0, got {self.min_z}")
         if self.samples is not None and self.samples < 1:
             raise ConfigError(f"samples must be positive, got {self.samples}")
         if self.max_length < 2:

@@ -238,14 +238,16 @@ def refine(
     if before is None:
         wins, reason = False, "no held-out split (heldout_fraction=0): quality was not measured"
     else:
-        gain = table[best]["relative_improvement"]
-        wins = gain >= config.min_improvement
+        gain, se = table[best]["relative_improvement"], table[best]["relative_improvement_se"]
+        z = gain / se if se > 0 else (float("inf") if gain > 0 else 0.0)
+        wins = gain >= config.min_improvement and z >= config.min_z
         reason = (
             f"{best} lowers held-out answer loss from {before.loss:.4f} to {after.loss:.4f} "
-            f"({100 * gain:+.2f}%; margin {100 * config.min_improvement:.2f}%)"
+            f"({100 * gain:+.2f}% = {z:.1f} standard errors; needed {100 * config.min_improvement:.2f}% "
+            f"and {config.min_z:.1f} SE)"
         )
         if not wins:
-            reason = "no candidate beats the original by the margin: " + reason
+            reason = "no candidate measurably beats the original: " + reason
     decision = "accept" if wins else ("forced" if config.force else "keep_original")
 
     modules = {

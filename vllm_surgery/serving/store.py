@@ -51,6 +51,7 @@ KEY_CONFIG_FIELDS = (
     "layers",
     "heldout_fraction",
     "min_improvement",
+    "min_z",
     "samples",
     "max_length",
     "seed",
