@@ -47,6 +47,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = build_tiny_llama(root / "base", hidden=128, heads=2, kv_heads=2, layers=2, intermediate=256)
     adapters = root / "adapters"
     build_lora_adapter(base, adapters / "x", r=8, alpha=16, target_modules=ALL_PROJ, seed=1)
+    # an adapter given the classic way, outside every operator root
+    static = build_lora_adapter(base, root / "elsewhere" / "static", r=8, alpha=16, seed=2)
     env = {
         "VLLM_SURGERY_ADAPTER_DIRS": str(adapters),
         "VLLM_SURGERY_STORE": str(root / "store"),
@@ -54,7 +56,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
     }
     srv = start_server(
-        root, base, env, ["--api-key", API_KEY], headers={"Authorization": f"Bearer {API_KEY}"}
+        root,
+        base,
+        env,
+        ["--api-key", API_KEY, "--lora-modules", f"static={static}"],
+        headers={"Authorization": f"Bearer {API_KEY}"},
     )
     try:
         yield srv
@@ -450,3 +456,15 @@ def test_refine_metrics(server, refined_in_server) -> None:
     family = families.get("vllm_surgery_heldout_loss")
     assert family is None or not [s for s in family.samples if s.labels.get("adapter") == "x"]
     assert swap(server, refined_in_server["version"])[0] == 200
+
+
+def test_lora_modules_adapter_can_be_refined_and_swapped(server, versions, prompt_ids) -> None:
+    status, info = server.get("/v1/surgery/adapters/static")
+    assert status == 200 and info["source"] == "lora-modules", info
+    assert info["served_version"] == "original"
+    status, body = server.post("/v1/surgery/adapters/static/refine", refine_body(server, force=True), ADMIN)
+    assert status == 200 and body["swapped"] and body["version"], body
+    status, info = server.get("/v1/surgery/adapters/static")
+    assert info["served_version"] == body["version"] and info["served_path"].endswith(body["version"])
+    assert complete(server, "static", prompt_ids[0])[0] == 200
+    assert swap(server, "original", name="static")[0] == 200

@@ -235,3 +235,25 @@ def test_endpoint_plugin_is_registered() -> None:
 
     (ep,) = [e for e in entry_points(group="vllm.endpoint_plugins") if e.name == "vllm_surgery_api"]
     assert isinstance(ep.load()(), EndpointPlugin)
+
+
+def test_lora_modules_adapter_is_an_original_and_its_served_version_is_restored(tmp_path, tiny_adapter) -> None:
+    from vllm.lora.request import LoRARequest
+
+    from vllm_surgery.serving.hotswap import HotSwapper
+
+    outside = tmp_path / "elsewhere" / "y"
+    shutil.copytree(tiny_adapter, outside)
+    store = VersionStore(tmp_path / "store")
+    good = add_version(store, "y", tiny_adapter, load_adapter(outside).content_hash())
+    store.set_served("y", good.name)
+    models = FakeModels()
+    # as vLLM leaves an adapter given with --lora-modules y=<path> before plugins start
+    models.lora_requests["y"] = LoRARequest(lora_name="y", lora_int_id=3, lora_path=str(outside))
+    swapper = HotSwapper(models, ServingSettings(adapter_dirs=(tmp_path / "roots",), store=store.root))
+    assert swapper.describe("y")["source"] == "lora-modules"
+    run(swapper.restore_served_versions())  # what a restarted server does at start
+    assert models.lora_requests["y"].lora_path == str(good)
+    assert swapper.describe("y")["served_version"] == good.name
+    assert run(swapper.swap("y", "original")).changed
+    assert models.lora_requests["y"].lora_path == str(outside)

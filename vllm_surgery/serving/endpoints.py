@@ -210,6 +210,7 @@ class SurgeryEndpointPlugin:
             log.warning("%s: started without --enable-lora; swaps will fail", PLUGIN_NAME)
         swapper = HotSwapper(models, ServingSettings.from_env())
         setattr(state, STATE_KEY, swapper)
+        await swapper.restore_served_versions()
         setattr(state, REFINER_KEY, Refiner(swapper, str(args.model)))
 
 

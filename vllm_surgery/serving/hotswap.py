@@ -99,6 +99,33 @@ class HotSwapper:
         self.store = self.resolver.store
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._previous: dict[str, tuple[str, str]] = {}  # name -> (version, path) served before the last swap
+        # Adapters given with --lora-modules: vLLM registered them before this object exists. They are
+        # originals like those under an operator root (refinable, swappable), found by name here.
+        self.startup: dict[str, Path] = {}
+        for name, request in dict(self.models.lora_requests).items():
+            try:
+                validate_adapter_name(name)
+            except InvalidAdapterName:
+                continue
+            if Path(request.lora_path).is_dir():
+                self.startup[name] = Path(request.lora_path)
+
+    def find_original(self, name: str) -> Path | None:
+        """The operator's original of `name`: under an adapter root, else as given with --lora-modules."""
+        return self.resolver.find_original(name) or self.startup.get(name)
+
+    async def restore_served_versions(self) -> None:
+        """Serve the store's chosen version of each --lora-modules adapter, as the resolver does for the
+        others, so that a restart keeps serving what was swapped in before it."""
+        for name, original in self.startup.items():
+            try:
+                refined = await asyncio.to_thread(
+                    lambda o=original, n=name: self.store.served(n, load_adapter(o).content_hash())
+                )
+                if refined is not None:
+                    await self.swap(name, refined.name)
+            except (AdapterError, HotSwapError, OSError, ValueError) as e:
+                log.error("adapter %r: could not restore its served refined version: %s", name, e)
 
     # ----------------------------------------------------------------- inspection
     def served_path(self, name: str) -> str | None:
@@ -110,7 +137,7 @@ class HotSwapper:
         if path is None:
             return None
         p = Path(path).resolve()
-        original = self.resolver.find_original(name)
+        original = self.find_original(name)
         if original is not None and p == original.resolve():
             return ORIGINAL
         if p.parent == self.store.adapter_dir(name):
@@ -130,16 +157,16 @@ class HotSwapper:
                 validate_adapter_name(name)
             except InvalidAdapterName:
                 continue
-            if name in static or self.resolver.find_original(name) is not None:
+            if name in static or self.find_original(name) is not None:
                 out.append(name)
         return out
 
     def describe(self, name: str) -> dict[str, Any]:
         """What is known about one adapter; raises HotSwapError (400/404) for bad or unknown names.
 
-        An adapter the server knows but that lies under no operator root (--lora-modules, or loaded
-        with /v1/load_lora_adapter) is described with source "static": it is served as registered and
-        cannot be swapped or refined here.
+        Originals come from an operator root (source "root") or from --lora-modules (source
+        "lora-modules"). An adapter loaded at run time with vLLM's /v1/load_lora_adapter is described
+        with source "static": it is served as registered and cannot be swapped or refined here.
         """
         stored = self.models.lora_requests.get(name)
         try:
@@ -167,7 +194,7 @@ class HotSwapper:
         served_info = next((v for v in versions if v.version_id == served_version), None)
         return {
             "name": name,
-            "source": "root",
+            "source": "lora-modules" if self.resolver.find_original(name) is None else "root",
             "original_path": str(original),
             "loaded": path is not None,
             "served_path": path,
@@ -188,7 +215,7 @@ class HotSwapper:
             validate_adapter_name(name)
         except InvalidAdapterName as e:
             raise HotSwapError(str(e), HTTPStatus.BAD_REQUEST, "invalid") from e
-        original = self.resolver.find_original(name)
+        original = self.find_original(name)
         if original is None:
             raise HotSwapError(f"adapter {name!r} not found", HTTPStatus.NOT_FOUND, "not_found")
         return original

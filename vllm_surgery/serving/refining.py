@@ -26,7 +26,8 @@ Design:
   fails, that directory is removed, so only complete versions remain. A failure never touches the
   served version: 400 (bad body, config or calibration; the message names the record or line),
   404 (unknown adapter or calibration file), 409 (busy), 422 (broken original), 500 (anything else).
-- Adapters registered with --lora-modules (not under an operator root) cannot be refined: 404.
+- Adapters given with --lora-modules are originals too (refinable and swappable); adapters loaded at
+  run time through vLLM's /v1/load_lora_adapter are not: 404.
 """
 
 from __future__ import annotations
