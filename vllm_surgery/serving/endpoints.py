@@ -108,27 +108,33 @@ class SurgeryEndpointPlugin:
             ok |= bool(c) and secrets.compare_digest(_digest(c), self._admin_digest)
         return ok
 
-    @staticmethod
-    def _swapper(request: Request) -> HotSwapper | None:
-        return getattr(request.app.state, STATE_KEY, None)
+    def _guard(
+        self, request: Request, action: str | None, key: str = STATE_KEY
+    ) -> tuple[Any, JSONResponse | None]:
+        """(the HotSwapper or Refiner under `key`, None), or (None, the error to answer with).
+
+        `action` names a mutating route, which needs the admin token when one is configured."""
+        if action is not None and not self._admin_ok(request):
+            return None, _error(f"{action} needs the admin token ({ADMIN_HEADER})", 403, "Forbidden")
+        target = getattr(request.app.state, key, None)
+        if target is None:
+            return None, _error(
+                "hot-swap is not available on this server (no LoRA engine)", 503, "ServiceUnavailable"
+            )
+        return target, None
 
     def attach_router(self, app: FastAPI) -> None:
         self._app = app
         router = APIRouter(prefix="/v1/surgery")
-
-        def unavailable() -> JSONResponse:
-            return _error(
-                "hot-swap is not available on this server (no LoRA engine)", 503, "ServiceUnavailable"
-            )
 
         def failed(e: HotSwapError) -> JSONResponse:
             return _error(str(e), int(e.status), e.outcome)
 
         @router.get("/adapters")
         async def list_adapters(request: Request) -> Any:
-            swapper = self._swapper(request)
-            if swapper is None:
-                return unavailable()
+            swapper, denied = self._guard(request, None)
+            if denied:
+                return denied
             out = []
             for name in await _in_thread(swapper.known_names):
                 try:
@@ -139,9 +145,9 @@ class SurgeryEndpointPlugin:
 
         @router.get("/adapters/{name}")
         async def get_adapter(name: str, request: Request) -> Any:
-            swapper = self._swapper(request)
-            if swapper is None:
-                return unavailable()
+            swapper, denied = self._guard(request, None)
+            if denied:
+                return denied
             try:
                 return await _in_thread(swapper.describe, name)
             except HotSwapError as e:
@@ -149,11 +155,9 @@ class SurgeryEndpointPlugin:
 
         @router.post("/adapters/{name}/swap")
         async def swap(name: str, request: Request) -> Any:
-            if not self._admin_ok(request):
-                return _error(f"swap needs the admin token ({ADMIN_HEADER})", 403, "Forbidden")
-            swapper = self._swapper(request)
-            if swapper is None:
-                return unavailable()
+            swapper, denied = self._guard(request, "swap")
+            if denied:
+                return denied
             try:
                 body = await request.json()
             except ValueError:
@@ -168,11 +172,9 @@ class SurgeryEndpointPlugin:
 
         @router.post("/adapters/{name}/rollback")
         async def rollback(name: str, request: Request) -> Any:
-            if not self._admin_ok(request):
-                return _error(f"rollback needs the admin token ({ADMIN_HEADER})", 403, "Forbidden")
-            swapper = self._swapper(request)
-            if swapper is None:
-                return unavailable()
+            swapper, denied = self._guard(request, "rollback")
+            if denied:
+                return denied
             try:
                 return (await swapper.rollback(name)).to_dict()
             except HotSwapError as e:
@@ -180,11 +182,9 @@ class SurgeryEndpointPlugin:
 
         @router.post("/adapters/{name}/refine")
         async def refine(name: str, request: Request) -> Any:
-            if not self._admin_ok(request):
-                return _error(f"refine needs the admin token ({ADMIN_HEADER})", 403, "Forbidden")
-            refiner: Refiner | None = getattr(request.app.state, REFINER_KEY, None)
-            if refiner is None:
-                return unavailable()
+            refiner, denied = self._guard(request, "refine", REFINER_KEY)
+            if denied:
+                return denied
             try:
                 body = await request.json()
             except ValueError:
