@@ -15,14 +15,20 @@ For a fair speed comparison the naive loss per batch is sum(answer-token CE) / (
 whole set), which transformers computes when given num_items_in_batch (what its Trainer passes), so
 both paths must give the same dL/dsigma; the script exits non-zero if they do not.
 
+Measured for each: answer tokens/s of (1) one whole pass, and on the CPU (2) per-batch timings taken
+in turns between the passes, best of --rounds, summed (robust to other load on a shared machine);
+peak memory above the level before the pass (CUDA: max_memory_allocated; CPU: sampled RSS in a
+separate pass with glibc made to return freed memory, see allocator_mode and heaviest).
+
 Run:  .venv/bin/python benchmarks/sensitivity_pass.py                   (SmolLM2-135M, HumanEval, CPU)
-      .venv/bin/python benchmarks/sensitivity_pass.py --batch-tokens 512,1024,2048
-      .venv/bin/python benchmarks/sensitivity_pass.py --llama8b-shape   (GPU only: random 8B Llama)
+      .venv/bin/python benchmarks/sensitivity_pass.py --batch-tokens 256,512,1024,2048 --rounds 2
+      .venv/bin/python benchmarks/sensitivity_pass.py --llama8b-shape   (CUDA: random 8B-shaped Llama)
+See benchmarks/RESULTS.md for measured numbers.
 """
 
 from __future__ import annotations
 
-# glibc's malloc is configured through ctypes before torch allocates anything (see AllocatorMode).
+# glibc's malloc is configured through ctypes before torch allocates anything (see allocator_mode).
 import ctypes
 import ctypes.util
 import os
