@@ -497,7 +497,7 @@ def print_summary(
         f"        --report {args.out}/report-gd.json --plot {args.out}/surgery-gd.png"
     )
     served = result.output_path or adapter_dir
-    print(f"    vllm serve {model_dir} --enable-lora --max-lora-rank {RANK} --lora-modules addition={served}")
+    print(f"    vllm-surgery-serve {model_dir} --enable-lora --max-lora-rank {RANK} --lora-modules addition={served}")
 
 
 if __name__ == "__main__":
