@@ -268,6 +268,13 @@ def test_config_object_and_keywords_are_exclusive(tiny_base, tiny_adapter, tiny_
         refine(tiny_base, tiny_adapter, tiny_calibration, None, SurgeryConfig(), policy="auto")
 
 
+def test_a_config_changed_after_construction_is_validated_again(tiny_base, tiny_adapter, tiny_calibration):
+    config = SurgeryConfig()
+    config.max_false_accept = float("nan")
+    with pytest.raises(ConfigError, match=r"max_false_accept must be a probability in \(0, 1\]; got nan"):
+        refine(tiny_base, tiny_adapter, tiny_calibration, None, config)
+
+
 @pytest.fixture(scope="module")
 def larger_calibration(tmp_path_factory):
     """48 examples, half held out: 24, enough for the gate to detect a real gain of the tiny adapter."""

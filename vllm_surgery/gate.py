@@ -44,7 +44,7 @@ from .evaluation import Quality
 
 EXACT_MAX_EXAMPLES = 16  # 2^16 = 65,536 sign vectors: enumerated in milliseconds
 RANDOM_FLIPS = 20_000  # p-value resolution 5e-5; Monte Carlo SE 0.0011 at p = 0.025
-_CHUNK = 4096  # sign vectors per matrix product
+_CHUNK_ELEMENTS = 1 << 22  # signs per matrix product (32 MiB of float64), at most 4,096 sign vectors
 _BITS = 62  # random sign bits taken from one int64 draw
 TEST_NAME = "one-sided paired sign-flip test, max statistic over candidates (Westfall-Young max-T)"
 
@@ -161,18 +161,19 @@ def relative_gain(before_sums: torch.Tensor, after_sums: torch.Tensor) -> tuple[
 
 def _sign_vectors(n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Chunks of +-1 sign vectors (rows): all 2^n of them when n is small, else RANDOM_FLIPS random ones."""
+    chunk = max(1, min(4096, _CHUNK_ELEMENTS // n))
     if n <= EXACT_MAX_EXAMPLES:
         bits = torch.arange(n)
         total = 2**n
-        for start in range(0, total, _CHUNK):
-            idx = torch.arange(start, min(start + _CHUNK, total))
+        for start in range(0, total, chunk):
+            idx = torch.arange(start, min(start + chunk, total))
             yield 1.0 - 2.0 * ((idx[:, None] >> bits) & 1).to(torch.float64)  # row 0: the identity
         return
     # 62 independent fair bits per random integer: several times faster than one draw per sign.
     bits = torch.arange(_BITS)
     words = -(-n // _BITS)
-    for start in range(0, RANDOM_FLIPS, _CHUNK):
-        rows = min(_CHUNK, RANDOM_FLIPS - start)
+    for start in range(0, RANDOM_FLIPS, chunk):
+        rows = min(chunk, RANDOM_FLIPS - start)
         draws = torch.randint(0, 2**_BITS, (rows, words, 1), generator=generator)
         signs = ((draws >> bits) & 1).reshape(rows, words * _BITS)[:, :n]
         yield 1.0 - 2.0 * signs.to(torch.float64)

@@ -6,6 +6,7 @@ The sequence is load -> thin SVD -> sensitivity pass -> candidate singular value
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -189,6 +190,8 @@ def refine(
         config = SurgeryConfig.from_mapping(overrides)
     elif overrides:
         raise ConfigError("pass either a SurgeryConfig or keyword settings, not both")
+    else:
+        config = dataclasses.replace(config)  # validates again: fields may have been set after construction
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if output is not None:
