@@ -98,8 +98,9 @@ class GateResult:
         """One sentence with the figures behind the decision."""
         row = self.candidates[self.chosen]
         k = len(self.candidates)
+        verb = "lowers" if row.loss < self.original_loss else "does not lower"
         text = (
-            f"{self.chosen} changes held-out answer loss from {self.original_loss:.4f} to {row.loss:.4f} "
+            f"{self.chosen} {verb} held-out answer loss: {self.original_loss:.4f} -> {row.loss:.4f} "
             f"({100 * row.relative_improvement:+.2f}% ± {100 * row.relative_improvement_se:.2f}% SE, "
             f"p = {row.p_value:.4g} corrected for {k} candidate{'s' if k > 1 else ''}; "
             f"needed >= {100 * self.min_improvement:.2f}% and p <= {self.max_false_accept:g})"
