@@ -8,10 +8,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
+from .config import SurgeryConfig
 from .errors import SurgeryError
-from .policies import POLICIES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,30 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (safetensors)")
     r.add_argument("--calibration", required=True, help="JSONL: {prompt, completion} or {messages} per line")
     r.add_argument("--output", required=True, help="new directory for the refined adapter")
-    r.add_argument("--policy", default="grad_direction", choices=["auto", *POLICIES])
-    r.add_argument(
-        "--policy-param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a policy parameter, e.g. eta_s=1.0 (with auto: grad_direction.eta_s=1.0)",
-    )
-    r.add_argument("--constraint", default="l1", choices=["l1", "l2", "none"])
-    r.add_argument("--modules", default="residual", help="residual|attention|mlp|all or NAME,NAME,...")
-    r.add_argument("--layers", default=None, help="layer range START:END (half open)")
-    r.add_argument("--heldout-fraction", type=float, default=0.25)
-    r.add_argument(
-        "--min-improvement", type=float, default=0.005, help="relative held-out loss gain required"
-    )
-    r.add_argument(
-        "--min-z", type=float, default=2.0, help="required gain in standard errors of the paired difference"
-    )
-    r.add_argument("--samples", type=int, default=None, help="use N examples of the calibration file")
-    r.add_argument("--max-length", type=int, default=1024)
-    r.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch")
-    r.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--force", action="store_true", help="write the refined adapter even if it does not win")
+    _add_config_options(r)
     r.add_argument("--report", default=None, help="write the full JSON report here")
     r.add_argument("--plot", default=None, help="write a PNG of the spectra and candidates here")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -59,12 +37,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per SurgeryConfig field that has CLI metadata; help and default come from the field."""
+    for f in fields(SurgeryConfig):
+        if f.name == "policy_params":
+            parser.add_argument(
+                "--policy-param",
+                action="append",
+                default=[],
+                metavar="NAME=VALUE",
+                help="override a policy parameter, e.g. eta_s=1.0 (with auto: grad_direction.eta_s=1.0)",
+            )
+        if "cli" not in f.metadata:
+            continue
+        options = dict(f.metadata["cli"])
+        flag = options.pop("flag", "--" + f.name.replace("_", "-"))
+        parser.add_argument(flag, dest=f.name, default=f.default, help=f.metadata["help"], **options)
+
+
+def _config(args: argparse.Namespace) -> SurgeryConfig:
+    """The SurgeryConfig of a parsed `refine` command line (validated by SurgeryConfig itself)."""
+    settings = {f.name: getattr(args, f.name) for f in fields(SurgeryConfig) if "cli" in f.metadata}
+    return SurgeryConfig(
+        **settings, policy_params=_policy_params(args.policy_param, args.policy), progress=not args.quiet
+    )
+
+
 def _policy_params(items: Sequence[str], policy: str) -> dict:
+    """--policy-param NAME=VALUE items as overrides ({POLICY: {NAME: value}} with auto); VALUE a number."""
     params: dict = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep:
             raise SurgeryError(f"--policy-param expects NAME=VALUE, got {item!r}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise SurgeryError(f"--policy-param {item!r}: VALUE must be a number") from None
         if policy == "auto":
             name, dot, key = key.partition(".")
             if not dot:
@@ -82,27 +91,9 @@ def _write_json_atomic(path: str, data: dict) -> None:
 
 
 def _refine(args: argparse.Namespace) -> int:
-    from .config import SurgeryConfig
     from .refine import refine
 
-    config = SurgeryConfig(
-        policy=args.policy,
-        policy_params=_policy_params(args.policy_param, args.policy),
-        constraint=args.constraint,
-        modules=args.modules,
-        layers=args.layers,
-        heldout_fraction=args.heldout_fraction,
-        min_improvement=args.min_improvement,
-        min_z=args.min_z,
-        samples=args.samples,
-        max_length=args.max_length,
-        max_batch_tokens=args.batch_tokens,
-        device=args.device,
-        seed=args.seed,
-        force=args.force,
-        progress=not args.quiet,
-    )
-    result = refine(args.base_model, args.adapter, args.calibration, args.output, config)
+    result = refine(args.base_model, args.adapter, args.calibration, args.output, _config(args))
     report = result.to_dict()
     if args.report:
         _write_json_atomic(args.report, report)
@@ -118,8 +109,15 @@ def _refine(args: argparse.Namespace) -> int:
             mark = "*" if policy == result.policy else " "
             print(
                 f"  {mark} {policy:<15} {row['loss']:.4f}  ({100 * row['relative_improvement']:+.2f}% "
-                f"± {100 * row['relative_improvement_se']:.2f}%)"
+                f"± {100 * row['relative_improvement_se']:.2f}% SE, p = {row['p_value']:.4g})"
             )
+        gate = result.gate
+        flips = "all" if gate["exact"] else "random"
+        print(
+            f"gate: {gate['test']}; {gate['candidates']} candidate(s), {gate['heldout_examples']} held-out "
+            f"examples, {gate['sign_flips']} {flips} sign flips; accept if gain >= "
+            f"{100 * gate['min_improvement']:.2f}% and p <= {gate['max_false_accept']:g}"
+        )
     print(
         f"modules edited: {len(result.modules)}; calibration: {result.calibration['examples']} examples, "
         f"{result.calibration['heldout_examples']} held out, {result.calibration['truncated']} truncated"

@@ -1,4 +1,4 @@
-"""Held-out quality: the answer-token loss of an adapter, and whether a candidate measurably beats it."""
+"""Held-out quality: the answer-token loss of an adapter, with what the gate (`gate.py`) needs per example."""
 
 from __future__ import annotations
 
@@ -16,11 +16,21 @@ from .sensitivity import autocast_for, default_batch_tokens
 
 @dataclass(frozen=True)
 class Quality:
-    """Mean answer-token cross-entropy (nats) and its per-example values, for paired comparisons."""
+    """Token-weighted mean answer-token cross-entropy (nats) over a set of examples.
+
+    example_loss_sums and example_tokens (per example, in the order of the examples) are what the gate's
+    paired, token-weighted statistics need: loss == sum(example_loss_sums) / sum(example_tokens).
+    """
 
     loss: float
     answer_tokens: int
-    per_example: tuple[float, ...]
+    example_loss_sums: tuple[float, ...]
+    example_tokens: tuple[int, ...]
+
+    @property
+    def per_example(self) -> tuple[float, ...]:
+        """Mean answer-token loss of each example."""
+        return tuple(s / t for s, t in zip(self.example_loss_sums, self.example_tokens, strict=True))
 
     @property
     def perplexity(self) -> float:
@@ -28,7 +38,8 @@ class Quality:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("per_example")
+        d.pop("example_loss_sums")
+        d.pop("example_tokens")
         d["perplexity"] = self.perplexity
         return d
 
@@ -59,16 +70,6 @@ def heldout_quality(
     return Quality(
         loss=float(sums.sum()) / total,
         answer_tokens=int(total),
-        per_example=tuple((sums / counts).tolist()),
+        example_loss_sums=tuple(sums.tolist()),
+        example_tokens=tuple(int(c) for c in counts.tolist()),
     )
-
-
-def paired_improvement(before: Quality, after: Quality) -> tuple[float, float]:
-    """(relative loss improvement, its standard error from the per-example paired differences)."""
-    diff = torch.tensor(before.per_example, dtype=torch.float64) - torch.tensor(
-        after.per_example, dtype=torch.float64
-    )
-    n = diff.numel()
-    se = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("inf")
-    rel = (before.loss - after.loss) / before.loss if before.loss > 0 else 0.0
-    return rel, se / before.loss if before.loss > 0 else float("inf")
