@@ -5,7 +5,7 @@ Body (JSON object)::
     {"records": [{"prompt": ..., "completion": ...}, ...]}   inline calibration (JSONL line objects)
     {"calibration": "math.jsonl"}                             a file in VLLM_SURGERY_CALIBRATION_DIR
     + optional SurgeryConfig fields: policy, policy_params, constraint, modules, layers,
-      heldout_fraction, min_improvement, min_z, samples, max_length, max_batch_tokens, seed, force
+      heldout_fraction, min_improvement, max_false_accept, samples, max_length, max_batch_tokens, seed, force
     + "swap": true (default): hot-swap a written version (accept, or forced) in at once
 
 Design:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import PROVENANCE_NAME
+from ..config import SurgeryConfig
 from ..errors import SurgeryError
 from .names import path_under
 
@@ -40,23 +41,13 @@ log = logging.getLogger(__name__)
 
 SERVED_NAME = "served.json"
 OUTCOMES_DIR = ".outcomes"
-# SurgeryConfig fields that change what refine() computes. device, max_batch_tokens and progress only
-# change how fast (and, for device, float rounding); force only changes whether a losing candidate is
-# written, which lookups handle separately (a remembered keep_original does not answer a forced request).
-KEY_CONFIG_FIELDS = (
-    "policy",
-    "policy_params",
-    "constraint",
-    "modules",
-    "layers",
-    "heldout_fraction",
-    "min_improvement",
-    "min_z",
-    "samples",
-    "max_length",
-    "seed",
-)
-KEY_VERSION = 1
+# SurgeryConfig fields that change what refine() computes, as the config declares them (field metadata
+# affects_result). device, max_batch_tokens and progress only change how fast (and, for device, float
+# rounding); force only changes whether a losing candidate is written, which lookups handle separately
+# (a remembered keep_original does not answer a forced request).
+KEY_CONFIG_FIELDS = SurgeryConfig.result_fields()
+# 2: min_z was replaced by max_false_accept (the gate's statistics changed, so old results do not answer).
+KEY_VERSION = 2
 # Decisions under which refine() wrote a version that may be served ("keep_original" writes nothing).
 SERVABLE_DECISIONS = frozenset({"accept", "forced"})
 
