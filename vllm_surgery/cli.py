@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--force", action="store_true", help="write the refined adapter even if it does not win")
+    r.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="accept an adapter whose base_model_name_or_path names another model (shapes are still checked)",
+    )
     r.add_argument("--report", default=None, help="write the full JSON report here")
     r.add_argument("--plot", default=None, help="write a PNG of the spectra and candidates here")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -102,7 +107,10 @@ def _refine(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
     )
-    result = refine(args.base_model, args.adapter, args.calibration, args.output, config)
+    result = refine(
+        args.base_model, args.adapter, args.calibration, args.output, config,
+        allow_base_mismatch=args.allow_base_mismatch,
+    )  # fmt: skip
     report = result.to_dict()
     if args.report:
         _write_json_atomic(args.report, report)
