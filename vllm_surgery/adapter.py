@@ -89,32 +89,32 @@ _KNOWN_FIELDS = frozenset(
 )  # fmt: skip
 # Fields that change the function in a way we do not reproduce: (what it is, the remedy).
 _REFUSED_FIELDS = {
-    "use_dora": ("DoRA adapters (use_dora=true)", "convert to a plain LoRA or merge it into the base model"),
-    "lora_bias": ("LoRA biases (lora_bias=true)", "retrain without lora_bias"),
+    "use_dora": ("DoRA", "convert to a plain LoRA or merge it into the base model"),
+    "lora_bias": ("LoRA biases", "retrain without lora_bias"),
     "fan_in_fan_out": (
-        "Conv1D base layers (fan_in_fan_out=true, GPT-2 style models)",
+        "Conv1D base layers (GPT-2 style models)",
         "only models with nn.Linear layers are supported",
     ),
     "trainable_token_indices": (
-        "trainable tokens (trainable_token_indices)",
+        "trainable tokens",
         "merge them into the base model (PEFT merge_and_unload) and train the LoRA without them",
     ),
     "target_parameters": (
-        "LoRA on parameters (target_parameters, e.g. MoE experts)",
+        "LoRA on parameters (e.g. MoE experts)",
         "only LoRA on linear and embedding layers is supported",
     ),
     "layer_replication": (
-        "layer replication (layer_replication)",
+        "layer replication",
         "merge the adapter into the base model (PEFT merge_and_unload)",
     ),
-    "megatron_config": ("Megatron parallel layers (megatron_config)", "convert to a transformers LoRA"),
-    "alora_invocation_tokens": ("Activated LoRA (alora_invocation_tokens)", "use a plain LoRA"),
-    "use_qalora": ("QALoRA (use_qalora=true)", "use a plain LoRA"),
-    "use_bdlora": ("block-diagonal LoRA (use_bdlora)", "use a plain LoRA"),
-    "arrow_config": ("Arrow routing (arrow_config)", "use a plain LoRA"),
-    "kasa_config": ("KaSA (kasa_config)", "use a plain LoRA"),
-    "velora_config": ("VeLoRA (velora_config)", "use a plain LoRA"),
-    "monteclora_config": ("MonteCLoRA (monteclora_config)", "use a plain LoRA"),
+    "megatron_config": ("Megatron parallel layers", "convert to a transformers LoRA"),
+    "alora_invocation_tokens": ("Activated LoRA (aLoRA)", "use a plain LoRA"),
+    "use_qalora": ("QALoRA", "use a plain LoRA"),
+    "use_bdlora": ("block-diagonal LoRA", "use a plain LoRA"),
+    "arrow_config": ("Arrow routing", "use a plain LoRA"),
+    "kasa_config": ("KaSA", "use a plain LoRA"),
+    "velora_config": ("VeLoRA", "use a plain LoRA"),
+    "monteclora_config": ("MonteCLoRA", "use a plain LoRA"),
 }
 _CAUSAL_LM_TASKS = (None, "CAUSAL_LM")
 
@@ -217,7 +217,7 @@ def _check_fields(config: Mapping[str, Any], cfg_path: Path) -> None:
     """Refuse, by field name, every setting that changes the adapter's function in a way we do not apply."""
     for name, (what, remedy) in _REFUSED_FIELDS.items():
         if not _is_default(config.get(name)):
-            raise AdapterError(f"{cfg_path}: {what} are not supported ({name}={config[name]!r}); {remedy}")
+            raise AdapterError(f"{cfg_path}: unsupported: {what} ({name}={config[name]!r}); {remedy}")
     unknown = sorted(
         k
         for k, v in config.items()

@@ -30,7 +30,9 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         with torch.cuda.device(index):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+            return (
+                torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+            )
     return torch.float32
 
 
