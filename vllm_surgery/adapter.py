@@ -116,7 +116,6 @@ _REFUSED_FIELDS = {
     "velora_config": ("VeLoRA", "use a plain LoRA"),
     "monteclora_config": ("MonteCLoRA", "use a plain LoRA"),
 }
-_CAUSAL_LM_TASKS = (None, "CAUSAL_LM")
 
 
 @dataclass(frozen=True)
@@ -229,7 +228,7 @@ def _check_fields(config: Mapping[str, Any], cfg_path: Path) -> None:
             "not know whether they change what the adapter computes, so it refuses it; remove them if they are "
             "metadata only"
         )
-    if config.get("task_type") not in _CAUSAL_LM_TASKS:
+    if config.get("task_type") is not None and str(config["task_type"]).upper() != "CAUSAL_LM":
         raise AdapterError(
             f"{cfg_path}: task_type is {config['task_type']!r}; only causal language model adapters "
             "(CAUSAL_LM) are supported"
