@@ -37,6 +37,13 @@ def tied_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def gemma_base(tmp_path_factory):
+    """A tiny Gemma-2: tied, and its embedding layer scales its output (embed_scale), which PEFT applies
+    to the embedding LoRA too."""
+    return build_tiny_model("gemma2", tmp_path_factory.mktemp("gemma") / "base")
+
+
+@pytest.fixture(scope="module")
 def examples(tiny_base, tiny_calibration):
     return load_calibration(tiny_calibration, AutoTokenizer.from_pretrained(tiny_base)).examples[:6]
 
@@ -72,10 +79,10 @@ def _without_part(adapter, variant):
     return dataclasses.replace(adapter, saved_modules={})
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model", ["llama", "llama_tied", "gemma2"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_applied_parts_equal_peft(variant, tied, tiny_base, tied_base, examples, tmp_path):
-    base = tied_base if tied else tiny_base
+def test_applied_parts_equal_peft(variant, model, tiny_base, tied_base, gemma_base, examples, tmp_path):
+    base = {"llama": tiny_base, "llama_tied": tied_base, "gemma2": gemma_base}[model]
     adapter_dir = build_lora_adapter(base, tmp_path / "adapter", **VARIANTS[variant])
     adapter = load_adapter(adapter_dir)
     pad = AutoTokenizer.from_pretrained(base).pad_token_id
