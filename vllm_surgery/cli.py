@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--calibration", required=True, help="JSONL: {prompt, completion} or {messages} per line")
     r.add_argument("--output", required=True, help="new directory for the refined adapter")
     _add_config_options(r)
+    r.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="accept an adapter whose base_model_name_or_path names another model (shapes are still checked)",
+    )
     r.add_argument("--report", default=None, help="write the full JSON report here")
     r.add_argument("--plot", default=None, help="write a PNG of the spectra and candidates here")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -93,7 +98,10 @@ def _write_json_atomic(path: str, data: dict) -> None:
 def _refine(args: argparse.Namespace) -> int:
     from .refine import refine
 
-    result = refine(args.base_model, args.adapter, args.calibration, args.output, _config(args))
+    result = refine(
+        args.base_model, args.adapter, args.calibration, args.output, _config(args),
+        allow_base_mismatch=args.allow_base_mismatch,
+    )  # fmt: skip
     report = result.to_dict()
     if args.report:
         _write_json_atomic(args.report, report)

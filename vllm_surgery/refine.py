@@ -21,12 +21,14 @@ import torch
 
 from .adapted_model import AdaptedModel
 from .adapter import LoraAdapter, load_adapter, save_adapter
+from .base_model import check_base_model
 from .calibration import load_calibration, split_heldout
 from .config import SurgeryConfig, select_modules
 from .errors import AdapterError, ConfigError, SurgeryError
 from .evaluation import Quality, heldout_quality
 from .gate import GateResult, decide
 from .policies import constrain, policy_params, reweight
+from .precision import compute_dtype
 from .sensitivity import compute_sensitivities
 from .spectral import Spectrum, lora_factors, lora_svd
 
@@ -123,14 +125,15 @@ def resolve_device(name: str) -> torch.device:
 def load_base_model(
     path: str | os.PathLike, device: torch.device, progress: bool = True
 ) -> tuple[torch.nn.Module, Any]:
-    """Base model in float32 on CPU (exact) or bfloat16 on CUDA, safetensors only, plus its tokenizer."""
+    """Base model in float32 on CPU (exact) or bf16 on CUDA (fp16 without bf16), safetensors only, plus its
+    tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not progress:
         hf_logging.disable_progress_bar()
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     return model.to(device).eval(), tokenizer
@@ -177,6 +180,7 @@ def refine(
     *,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
+    allow_base_mismatch: bool = False,
     **overrides: Any,
 ) -> SurgeryResult:
     """Refine `adapter` by Spectral Surgery and write it to `output` if it measurably helps.
@@ -184,7 +188,10 @@ def refine(
     base_model: a transformers model directory; or pass an already loaded `model` and `tokenizer`
         (left unmodified: the adapter is applied through hooks that are removed afterwards).
     calibration: a JSONL file or a list of records ({"prompt", "completion"} or {"messages"}).
+    allow_base_mismatch: accept an adapter whose recorded base_model_name_or_path names another model
+        (vllm_surgery.base_model states the rule); shapes are checked regardless.
     overrides: SurgeryConfig fields, e.g. refine(..., policy="auto", samples=128).
+    Raises AdapterError, CalibrationError or ConfigError naming the problem, before any work where it can.
     """
     if config is None:
         config = SurgeryConfig.from_mapping(overrides)
@@ -200,6 +207,8 @@ def refine(
             raise AdapterError(f"{out}: already exists; choose a new output directory")
     lora = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
     edited = select_modules(lora.modules, config.modules, config.layers)
+    # e1: base name, quantization and shapes, before loading weights or data
+    check_base_model(lora, base_model, model, allow_base_mismatch=allow_base_mismatch)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if model is None:

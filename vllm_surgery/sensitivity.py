@@ -8,7 +8,6 @@ and are read once at the end. Only sigma requires a gradient: no weight gradient
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapted_model import AdaptedModel
 from .calibration import Example, collate, token_budget_batches
+from .precision import autocast_for
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -25,13 +25,6 @@ def default_batch_tokens(device: torch.device) -> int:
     # CPU: measured on SmolLM2-135M (benchmarks/RESULTS.md), 512 was fastest and used 0.3x the memory of
     # the straightforward pass; larger batches only add padding and activation memory on 2-16 cores.
     return 16384 if device.type == "cuda" else 512
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (tensor cores); exact float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass
