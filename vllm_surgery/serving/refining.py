@@ -36,9 +36,10 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -55,6 +56,44 @@ log = logging.getLogger(f"vllm.{__name__}")
 
 CONFIG_FIELDS = frozenset({*KEY_CONFIG_FIELDS, "max_batch_tokens", "force"})
 BODY_FIELDS = frozenset({"records", "calibration", "swap"}) | CONFIG_FIELDS
+SEED_LIMIT = 2**63  # torch.manual_seed takes seeds below 2^63
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The JSON type of each settings field of the body, checked before SurgeryConfig sees it: a value of
+# the wrong type must be a 400 naming the field, not a crash (or a silently odd refinement) later.
+# SurgeryConfig checks the values themselves (ranges, names).
+_JSON_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "policy": (lambda v: isinstance(v, str), "a string"),
+    "constraint": (lambda v: isinstance(v, str), "a string"),
+    "policy_params": (lambda v: isinstance(v, dict), "an object"),
+    "modules": (
+        lambda v: isinstance(v, str) or (isinstance(v, list) and bool(v) and all(isinstance(m, str) for m in v)),
+        "a string or a non-empty list of strings",
+    ),
+    "layers": (
+        lambda v: v is None
+        or isinstance(v, str)
+        or (isinstance(v, list) and len(v) == 2 and all(x is None or _is_int(x) for x in v)),
+        'null, "START:END" or [START, END] with integers or null',
+    ),
+    "samples": (lambda v: v is None or _is_int(v), "null or an integer"),
+    "max_batch_tokens": (lambda v: v is None or _is_int(v), "null or an integer"),
+    "max_length": (_is_int, "an integer"),
+    "seed": (lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer in [0, 2^63)"),
+    "heldout_fraction": (_is_number, "a finite number"),
+    "min_improvement": (_is_number, "a finite number"),
+    "min_z": (_is_number, "a finite number"),
+    "max_false_accept": (_is_number, "a finite number"),
+    "force": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 class RefineError(SurgeryError):
@@ -93,13 +132,15 @@ def parse_request(body: Any, calibration_dir: Path | None) -> RefineRequest:
     if not isinstance(swap, bool):
         raise RefineError("'swap' must be true or false", HTTPStatus.BAD_REQUEST)
     fields = {k: v for k, v in body.items() if k in CONFIG_FIELDS}
+    for key, value in fields.items():
+        ok, expected = _JSON_TYPES.get(key, (lambda v: True, ""))
+        if not ok(value):
+            raise RefineError(f"'{key}' must be {expected}, got {json.dumps(value)[:80]}", HTTPStatus.BAD_REQUEST)
     if isinstance(fields.get("layers"), list):
         fields["layers"] = tuple(fields["layers"])
-    if "force" in fields and not isinstance(fields["force"], bool):
-        raise RefineError("'force' must be true or false", HTTPStatus.BAD_REQUEST)
     try:
         config = SurgeryConfig(**fields, progress=False)
-    except (ConfigError, TypeError, ValueError) as e:
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:
         raise RefineError(f"invalid settings: {e}", HTTPStatus.BAD_REQUEST) from e
 
     if ("records" in body) == ("calibration" in body):
@@ -199,16 +240,19 @@ class Refiner:
     def _compute(self, name: str, original: Path, request: RefineRequest, key: str) -> dict[str, Any]:
         from ..refine import refine
 
-        out_dir = self.store.new_version_dir(name)
-        try:
-            model, tokenizer = self._model_and_tokenizer()
-            result = refine(
-                self.base_model, original, request.calibration, out_dir, request.config,
-                model=model, tokenizer=tokenizer,
-            )  # fmt: skip
-        except BaseException:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+        # The writer lock tells start-up cleaning of a server sharing this store that the reserved
+        # directory below is being filled, not left behind by a killed process.
+        with self.store.writer_lock(name):
+            out_dir = self.store.new_version_dir(name)
+            try:
+                model, tokenizer = self._model_and_tokenizer()
+                result = refine(
+                    self.base_model, original, request.calibration, out_dir, request.config,
+                    model=model, tokenizer=tokenizer,
+                )  # fmt: skip
+            except BaseException:
+                shutil.rmtree(out_dir, ignore_errors=True)
+                raise
         record = result.to_dict()
         if not result.written:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -223,7 +267,7 @@ class Refiner:
     # ------------------------------------------------------------------ the request
     async def refine(self, name: str, body: Any) -> dict[str, Any]:
         """Answer one refine request; raises RefineError (or HotSwapError for bad/unknown names)."""
-        original = self.swapper._original(name)  # 400 / 404 before anything else
+        original = await asyncio.to_thread(self.swapper._original, name)  # 400 / 404 before anything else
         known = name
         try:
             request = await asyncio.to_thread(parse_request, body, self.swapper.settings.calibration_dir)
@@ -243,7 +287,7 @@ class Refiner:
             metrics.record_refinement(known, "error")
             log.warning("refine %r refused: %s", name, e)
             raise
-        except (CalibrationError, ConfigError) as e:
+        except (CalibrationError, ConfigError, OverflowError, RecursionError) as e:
             metrics.record_refinement(known, "error")
             log.warning("refine %r failed: %s", name, e)
             raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
@@ -266,7 +310,7 @@ class Refiner:
                 swapped = True
             except HotSwapError as e:
                 swap_error = str(e)
-        served = self.swapper.served_path(name)
+        served_version = await asyncio.to_thread(self.swapper.version_of, name, self.swapper.served_path(name))
         return {
             "adapter": name,
             **answer,
@@ -274,5 +318,5 @@ class Refiner:
             "key": key,
             "swapped": swapped,
             "swap_error": swap_error,
-            "served_version": self.swapper.version_of(name, served),
+            "served_version": served_version,
         }
