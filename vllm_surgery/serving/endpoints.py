@@ -227,13 +227,13 @@ class SurgeryEndpointPlugin:
         if engine_client is None or models is None:
             log.warning("%s: no engine or LoRA support; /v1/surgery routes answer 503", PLUGIN_NAME)
             return
-        vllm_compat.self_check(models)
+        await asyncio.to_thread(vllm_compat.self_check, models)  # imports and parses: off the loop
         if not getattr(args, "enable_lora", False):
             log.warning("%s: started without --enable-lora; swaps will fail", PLUGIN_NAME)
         limits = await asyncio.to_thread(server_limits, args, engine_client)
         registered = vllm_compat.registered_resolver(RESOLVER_NAME)
         resolver = registered if isinstance(registered, SurgeryResolver) else None
-        swapper = HotSwapper(models, self.settings, resolver)
+        swapper = await asyncio.to_thread(HotSwapper, models, self.settings, resolver)  # stats paths
         swapper.resolver.configure(limits)
         log.info(
             "vllm-surgery: adapters must fit %s (max rank %s, dtype %s)",
