@@ -4,8 +4,8 @@ Two servers are started from one model and one LoRA adapter "x", with identical 
 
 - "plugin": VLLM_PLUGINS=vllm_surgery,vllm_surgery_api; "x" is resolved by the plugin's resolver from
   an operator root; the store holds a second servable version of "x" for hot-swaps;
-- "baseline": VLLM_PLUGINS set to a name that matches no plugin (ours disabled), "x" passed with
-  `--lora-modules x=<adapter>`.
+- "baseline": VLLM_PLUGINS set to a name that matches no plugin (ours disabled), runtime LoRA updating
+  off, "x" passed with `--lora-modules x=<adapter>`.
 
 Measured and printed:
 
@@ -429,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         plugin = launch("plugin", base, work, plugin_env, [])
         servers.append(plugin)
-        baseline = launch(
-            "baseline", base, work, {"VLLM_PLUGINS": NO_PLUGIN}, ["--lora-modules", f"x={original}"]
-        )
+        # Runtime LoRA updating off: without the plugin nothing resolves adapters, and vllm-surgery-serve
+        # refuses to open vLLM's runtime adapter routes unguarded (the engine flags stay identical).
+        baseline_env = {"VLLM_PLUGINS": NO_PLUGIN, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "0"}
+        baseline = launch("baseline", base, work, baseline_env, ["--lora-modules", f"x={original}"])
         servers.append(baseline)
         for s in servers:
             wait_healthy(s)

@@ -48,13 +48,9 @@ class Server:
         req = urllib.request.Request(self.url + path, data=data, headers=all_headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as response:
-                return response.status, json.loads(response.read())
+                return response.status, _json_or_raw(response.read())
         except urllib.error.HTTPError as e:
-            raw = e.read() or b"{}"
-            try:
-                return e.code, json.loads(raw)
-            except ValueError:
-                return e.code, {"raw": raw.decode(errors="replace")}
+            return e.code, _json_or_raw(e.read() or b"{}")
 
     def post(self, path: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
         return self.request("POST", path, body, headers)
@@ -66,6 +62,14 @@ class Server:
         req = urllib.request.Request(self.url + path, headers=self.headers)
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as response:
             return response.read().decode()
+
+
+def _json_or_raw(raw: bytes) -> dict:
+    """A JSON answer, or {"raw": text} for the plain-text ones (vLLM's load/unload answer text)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"raw": raw.decode(errors="replace")}
 
 
 def free_port() -> int:

@@ -19,6 +19,9 @@ from fastapi.responses import JSONResponse
 # calibration records inline (the paper's range is 32-256 examples).
 SMALL_BODY_BYTES = 64 * 1024
 LARGE_BODY_BYTES = 16 * 1024 * 1024
+# No body of ours nests deeper than a few levels (refine: body > records > record > value). Deeper
+# JSON is refused here, so that no later step (hashing with json.dumps, say) can meet a RecursionError.
+MAX_DEPTH = 32
 
 _TYPES = {
     400: "BadRequestError",
@@ -80,11 +83,26 @@ def parse_json_object(raw: bytes, allowed: Collection[str] | None = None, exampl
         raise BodyError(f"body is not valid JSON ({e}){hint}") from None
     if not isinstance(body, dict):
         raise BodyError(f"body must be a JSON object, got {type(body).__name__}{hint}")
+    if _depth(body) > MAX_DEPTH:
+        raise BodyError(f"body is JSON nested deeper than {MAX_DEPTH} levels")
     if allowed is not None:
         unknown = sorted(set(body) - set(allowed))
         if unknown:
             raise BodyError(f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
     return body
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (1 for a flat object)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in v)
+    return deepest
 
 
 async def json_object_body(

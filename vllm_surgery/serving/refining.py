@@ -95,11 +95,9 @@ def parse_request(body: Any, calibration_dir: Path | None) -> RefineRequest:
     fields = {k: v for k, v in body.items() if k in CONFIG_FIELDS}
     if isinstance(fields.get("layers"), list):
         fields["layers"] = tuple(fields["layers"])
-    if "force" in fields and not isinstance(fields["force"], bool):
-        raise RefineError("'force' must be true or false", HTTPStatus.BAD_REQUEST)
     try:
         config = SurgeryConfig(**fields, progress=False)
-    except (ConfigError, TypeError, ValueError) as e:
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:
         raise RefineError(f"invalid settings: {e}", HTTPStatus.BAD_REQUEST) from e
 
     if ("records" in body) == ("calibration" in body):
@@ -199,16 +197,19 @@ class Refiner:
     def _compute(self, name: str, original: Path, request: RefineRequest, key: str) -> dict[str, Any]:
         from ..refine import refine
 
-        out_dir = self.store.new_version_dir(name)
-        try:
-            model, tokenizer = self._model_and_tokenizer()
-            result = refine(
-                self.base_model, original, request.calibration, out_dir, request.config,
-                model=model, tokenizer=tokenizer,
-            )  # fmt: skip
-        except BaseException:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+        # The writer lock tells start-up cleaning of a server sharing this store that the reserved
+        # directory below is being filled, not left behind by a killed process.
+        with self.store.writer_lock(name):
+            out_dir = self.store.new_version_dir(name)
+            try:
+                model, tokenizer = self._model_and_tokenizer()
+                result = refine(
+                    self.base_model, original, request.calibration, out_dir, request.config,
+                    model=model, tokenizer=tokenizer,
+                )  # fmt: skip
+            except BaseException:
+                shutil.rmtree(out_dir, ignore_errors=True)
+                raise
         record = result.to_dict()
         if not result.written:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -223,7 +224,7 @@ class Refiner:
     # ------------------------------------------------------------------ the request
     async def refine(self, name: str, body: Any) -> dict[str, Any]:
         """Answer one refine request; raises RefineError (or HotSwapError for bad/unknown names)."""
-        original = self.swapper._original(name)  # 400 / 404 before anything else
+        original = await asyncio.to_thread(self.swapper._original, name)  # 400 / 404 before anything else
         known = name
         try:
             request = await asyncio.to_thread(parse_request, body, self.swapper.settings.calibration_dir)
@@ -243,7 +244,7 @@ class Refiner:
             metrics.record_refinement(known, "error")
             log.warning("refine %r refused: %s", name, e)
             raise
-        except (CalibrationError, ConfigError) as e:
+        except (CalibrationError, ConfigError, OverflowError, RecursionError) as e:
             metrics.record_refinement(known, "error")
             log.warning("refine %r failed: %s", name, e)
             raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
@@ -266,7 +267,7 @@ class Refiner:
                 swapped = True
             except HotSwapError as e:
                 swap_error = str(e)
-        served = self.swapper.served_path(name)
+        served_version = await asyncio.to_thread(self.swapper.version_of, name, self.swapper.served_path(name))
         return {
             "adapter": name,
             **answer,
@@ -274,5 +275,5 @@ class Refiner:
             "key": key,
             "swapped": swapped,
             "swap_error": swap_error,
-            "served_version": self.swapper.version_of(name, served),
+            "served_version": served_version,
         }

@@ -141,6 +141,22 @@ class ServingSettings:
         "Directory of named calibration files that POST .../refine may name ({\"calibration\": FILE}).",
         default=None,
     )
+    admin_token: str = setting(
+        "VLLM_SURGERY_ADMIN_TOKEN",
+        STRING,
+        "Token that every route changing what is served needs (swap, rollback, refine, vLLM's "
+        "load/unload adapter routes): `X-Surgery-Admin-Token` header, or the bearer token. Unset: those "
+        "routes answer 403, unless VLLM_SURGERY_ALLOW_UNAUTHENTICATED_ADMIN is on.",
+        default="",
+        repr=False,  # never printed with the settings
+    )
+    allow_unauthenticated_admin: bool = setting(
+        "VLLM_SURGERY_ALLOW_UNAUTHENTICATED_ADMIN",
+        BOOL,
+        "Without an admin token, let anyone who passes vLLM's --api-key guard (or anyone, without one) "
+        "change what is served. For a trusted local development server only.",
+        default=False,
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
