@@ -9,6 +9,8 @@ Routes (JSON):
 - ``POST /v1/surgery/adapters/{name}/rollback`` back to the version served before the last swap
 - ``POST /v1/surgery/adapters/{name}/refine``   refine the adapter in the server (synchronous; store
   hits answer at once; see `refining` for the body, 409-when-busy and the error statuses)
+- ``POST /v1/surgery/feedback``, ``GET /v1/surgery/traffic[/{name}]``: recorded traffic and its
+  feedback (see `traffic_api`; recording itself is `capture` and `traffic`)
 
 Errors answer ``{"error": {"message", "type", "code"}}`` with 400 (bad name or body), 404 (unknown
 adapter or version), 409 (stale, unservable, nothing to roll back to), 422 (corrupt version; the old
@@ -48,6 +50,7 @@ from fastapi.responses import JSONResponse
 from .hotswap import HotSwapError, HotSwapper
 from .refining import RefineError, Refiner
 from .settings import ServingSettings
+from .traffic_api import attach_capture, attach_traffic_routes, calibration_source, start_capture
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -76,6 +79,7 @@ class SurgeryEndpointPlugin:
         self._admin_token = os.environ.get(ENV_ADMIN_TOKEN, "")
         self._admin_digest = _digest(self._admin_token) if self._admin_token else None
         self._app: FastAPI | None = None
+        self._capture = None
 
     def _accept_admin_token_as_bearer(self) -> None:
         """Let vLLM's --api-key guard accept the admin token too, so mutating routes accept it alone.
@@ -198,7 +202,9 @@ class SurgeryEndpointPlugin:
                 kind = {400: "BadRequestError", 404: "NotFoundError", 409: "Conflict", 422: "Unprocessable"}
                 return _error(str(e), status, kind.get(status, "InternalServerError"))
 
+        attach_traffic_routes(router, self._guard)
         app.include_router(router)
+        self._capture = attach_capture(app, ServingSettings.from_env())
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         self._accept_admin_token_as_bearer()
@@ -208,10 +214,14 @@ class SurgeryEndpointPlugin:
             return
         if not getattr(args, "enable_lora", False):
             log.warning("%s: started without --enable-lora; swaps will fail", PLUGIN_NAME)
-        swapper = HotSwapper(models, ServingSettings.from_env())
+        settings = ServingSettings.from_env()
+        swapper = HotSwapper(models, settings)
         setattr(state, STATE_KEY, swapper)
         await swapper.restore_served_versions()
-        setattr(state, REFINER_KEY, Refiner(swapper, str(args.model)))
+        refiner = Refiner(swapper, str(args.model))
+        setattr(state, REFINER_KEY, refiner)
+        recorder = await _in_thread(start_capture, self._capture, engine_client, state, args, settings, swapper)
+        refiner.traffic = calibration_source(settings, recorder)
 
 
 async def _in_thread(fn, *args):
