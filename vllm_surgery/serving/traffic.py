@@ -460,20 +460,24 @@ class TrafficRecorder:
         redacted = apply_redaction(self.redaction, replace(record, completion=correction))
         return None if redacted is None else redacted.completion
 
-    def usable_examples(self) -> dict[str, int]:
+    def usable_examples(self, adapter: str | None = None) -> dict[str, int]:
         """Usable calibration examples from traffic per adapter (the rules of traffic_calibration)."""
         out: dict[str, int] = {}
-        for row in self.db.stats():
+        for row in self.db.stats(adapter):
             extra = row.unrated_usable if self.policy.for_adapter(row.adapter).include_unrated else 0
             out[row.adapter] = out.get(row.adapter, 0) + row.usable + extra
         return out
 
-    def refresh_gauges(self) -> None:
-        counts = self.usable_examples()
-        for adapter in self._gauged - set(counts):
-            metrics.CALIBRATION_EXAMPLES.labels(adapter=adapter).set(0)
-        for adapter, n in counts.items():
-            metrics.CALIBRATION_EXAMPLES.labels(adapter=adapter).set(n)
+    def refresh_gauges(self, adapter: str | None = None) -> None:
+        """Set the usable-examples gauge of one adapter (after feedback) or of all (periodically)."""
+        counts = self.usable_examples(adapter)
+        if adapter is None:
+            for gone in self._gauged - set(counts):
+                metrics.CALIBRATION_EXAMPLES.labels(adapter=gone).set(0)
+        elif adapter not in counts:
+            counts[adapter] = 0
+        for name, n in counts.items():
+            metrics.CALIBRATION_EXAMPLES.labels(adapter=name).set(n)
         self._gauged |= set(counts)
 
     def close(self, timeout: float | None = 60.0) -> bool:

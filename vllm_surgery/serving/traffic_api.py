@@ -105,6 +105,7 @@ async def give_feedback(recorder: TrafficRecorder, body: dict[str, Any]) -> dict
     except UnknownRequest as e:
         raise BodyError(f"request {request_id!r}: {e}", 404) from e
     metrics.record_feedback(stored.record.adapter, rating)
+    await asyncio.to_thread(recorder.refresh_gauges, stored.record.adapter)
     return {
         "request_id": stored.record.request_id,
         "response_id": stored.record.response_id,
