@@ -162,14 +162,17 @@ def test_retention_by_count_and_age_per_adapter(db: SQLiteDatabase) -> None:
     ids = db.insert([record(f"x{i}", created=100.0 + i) for i in range(10)])
     db.insert([record(f"y{i}", adapter="y", created=100.0 + i) for i in range(4)])
     db.add_feedback(ids[0], "good", None)
-    assert db.enforce_retention("x", Retention(max_records=6)) == 4
+    assert db.enforce_retention("x", Retention(max_records=6)) == (4, 6)
     assert [r.record.request_id for r in db.records("x")] == [f"x{i}" for i in range(4, 10)]
     assert len(db.records("y")) == 4  # other adapters untouched
     assert db.connection().execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0  # went with its record
     # Age: records created before now - max_age go.
-    assert db.enforce_retention("x", Retention(max_age_s=3.5), now=110.0) == 3  # 104, 105, 106
+    assert db.enforce_retention("x", Retention(max_age_s=3.5), now=110.0) == (3, 3)  # 104, 105, 106
     assert [r.record.request_id for r in db.records("x")] == ["x7", "x8", "x9"]
-    assert db.enforce_retention("x", Retention()) == 0
+    assert db.enforce_retention("x", Retention()) == (0, 3)
+    # With the count the caller keeps (the writer's), nothing is counted; the oldest go first.
+    assert db.enforce_retention("x", Retention(max_records=2), count=3) == (1, 2)
+    assert [r.record.request_id for r in db.records("x")] == ["x8", "x9"]
 
 
 def test_records_paging_and_since(db: SQLiteDatabase) -> None:

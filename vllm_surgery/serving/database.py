@@ -227,8 +227,12 @@ class Database(ABC):
         """Names of adapters with at least one record."""
 
     @abstractmethod
-    def enforce_retention(self, adapter: str, retention: Retention, now: float | None = None) -> int:
-        """Delete an adapter's records beyond its retention (feedback goes with them); returns the count."""
+    def enforce_retention(
+        self, adapter: str, retention: Retention, now: float | None = None, count: int | None = None
+    ) -> tuple[int, int]:
+        """Delete an adapter's records beyond its retention, oldest first (their feedback goes with
+        them). `count`: the adapter's record count if the caller knows it (saves counting). Returns
+        (records deleted, records left)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -465,7 +469,12 @@ class SQLiteDatabase(Database):
     def adapters(self) -> list[str]:
         return [r[0] for r in self._query("SELECT DISTINCT adapter FROM traffic ORDER BY adapter")]
 
-    def enforce_retention(self, adapter: str, retention: Retention, now: float | None = None) -> int:
+    def enforce_retention(
+        self, adapter: str, retention: Retention, now: float | None = None, count: int | None = None
+    ) -> tuple[int, int]:
+        # Cost: the age limit is one range delete on (adapter, created); the count limit deletes the
+        # `count - max_records` oldest rows by id. Counting (when `count` is not given) walks the
+        # adapter's index entries, so the writer passes the count it keeps and recounts only now and then.
         deleted = 0
         with self.transaction() as c:
             if retention.max_age_s is not None:
@@ -473,16 +482,20 @@ class SQLiteDatabase(Database):
                 deleted += c.execute(
                     "DELETE FROM traffic WHERE adapter = ? AND created < ?", (adapter, cutoff)
                 ).rowcount
-            if retention.max_records is not None:
-                row = c.execute(
-                    "SELECT id FROM traffic WHERE adapter = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
-                    (adapter, retention.max_records - 1),
-                ).fetchone()
-                if row is not None:
-                    deleted += c.execute(
-                        "DELETE FROM traffic WHERE adapter = ? AND id < ?", (adapter, row[0])
-                    ).rowcount
-        return deleted
+            if count is None:
+                count = c.execute("SELECT COUNT(*) FROM traffic WHERE adapter = ?", (adapter,)).fetchone()[0]
+            else:
+                count = max(0, count - deleted)
+            excess = count - retention.max_records if retention.max_records is not None else 0
+            if excess > 0:
+                removed = c.execute(
+                    "DELETE FROM traffic WHERE id IN "
+                    "(SELECT id FROM traffic WHERE adapter = ? ORDER BY id LIMIT ?)",
+                    (adapter, excess),
+                ).rowcount
+                deleted += removed
+                count -= removed
+        return deleted, count
 
     def close(self) -> None:
         with self._lock:

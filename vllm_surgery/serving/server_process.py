@@ -143,9 +143,10 @@ class ServerProcess:
         while group_members(self.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the group's live processes (API server, engine, workers)."""
-        return group_cpu_seconds(self.proc.pid)
+    def cpu_seconds(self, api_server_only: bool = False) -> float:
+        """User + system CPU seconds of the group's live processes (API server, engine, workers), or of
+        the API-server process alone (where the plugin's request-path code runs)."""
+        return group_cpu_seconds(self.proc.pid, leader_only=api_server_only)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> list[str]:
@@ -194,10 +195,13 @@ def group_members(pgid: int) -> list[str]:
     return [who for who, rest in _group_stats(pgid) if rest[0] != "Z"]
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of a process group's live processes: less sensitive than wall time to
-    other load on a shared machine."""
-    ticks = sum(int(rest[11]) + int(rest[12]) for _, rest in _group_stats(pgid))
+def group_cpu_seconds(pgid: int, leader_only: bool = False) -> float:
+    """User + system CPU seconds of a process group's live processes (or of its leader alone): less
+    sensitive than wall time to other load on a shared machine."""
+    stats = _group_stats(pgid)
+    if leader_only:
+        stats = [(who, rest) for who, rest in stats if who.split()[0] == str(pgid)]
+    ticks = sum(int(rest[11]) + int(rest[12]) for _, rest in stats)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -3,7 +3,7 @@ redaction applied before anything is stored, and the writer thread that stores r
 
 Off the request path: the server's event loop only puts a captured request into a bounded queue
 (`TrafficWriter.submit`, a non-blocking put). One daemon thread takes what is queued (up to
-`BATCH_SIZE` at a time), turns it into records (version lookup, JSON, redaction: the costly parts),
+`BATCH_SIZE` at a time, waiting up to `LINGER_S` after the first for company), turns it into records (version lookup, JSON, redaction: the costly parts),
 writes the batch in one transaction and enforces the retention of the adapters in it; every
 `MAINTENANCE_INTERVAL_S` it also enforces the retention of every adapter and refreshes the
 usable-calibration-examples gauge.
@@ -15,8 +15,9 @@ summary at most every 10 s). A batch that the database refuses is retried once, 
 
 Crash bound: a committed batch survives a crash or SIGKILL (SQLite WAL, see `database`). What can be
 missing after a crash is at most what was queued (``traffic_queue_size`` records, observable as the
-queue-depth gauge) plus the batch being written (at most `BATCH_SIZE`), plus the requests whose
-responses were still being sent (they are queued when their last byte is sent).
+queue-depth gauge) plus the batch being written (at most `BATCH_SIZE`, gathered for at most
+`LINGER_S`), plus the requests whose responses were still being sent (they are queued just before
+their last byte is sent).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .settings import ServingSettings, SettingsError
 log = logging.getLogger(f"vllm.{__name__}")
 
 BATCH_SIZE = 256
+LINGER_S = 0.05  # after the first queued record, wait this long for more to share its transaction
 MAINTENANCE_INTERVAL_S = 60.0
 DROP_LOG_INTERVAL_S = 10.0
 DAY_S = 86400.0
@@ -181,6 +183,8 @@ def apply_redaction(hook: Redaction | None, record: TrafficRecord) -> TrafficRec
     unredacted is never the fallback)."""
     if hook is None:
         return record
+    if hook is builtin_redaction:  # the same result without copying the record into a dict and back
+        return replace(record, prompt=_redact_prompt(record.prompt), completion=redact_text(record.completion))
     out = hook(asdict(record))
     if out is None:
         return None
@@ -214,8 +218,10 @@ class TrafficWriter:
         maintenance: Callable[[], None] | None = None,
         batch_size: int = BATCH_SIZE,
         maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
+        linger_s: float = LINGER_S,
     ) -> None:
         self.db = db
+        self.linger_s = linger_s
         self.prepare = prepare
         self.retention = retention
         self.maintenance = maintenance
@@ -229,6 +235,7 @@ class TrafficWriter:
         self._stop = threading.Event()
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
+        self._counts: dict[str, int] = {}  # records per adapter, as far as this writer knows
         self._thread = threading.Thread(target=self._run, name="vllm-surgery-traffic-writer", daemon=True)
         self._started = False
         metrics.TRAFFIC_QUEUE_DEPTH.set_function(self.queue.qsize)
@@ -301,15 +308,7 @@ class TrafficWriter:
     def _run(self) -> None:
         next_maintenance = time.monotonic() + self.maintenance_interval_s
         while True:
-            timeout = max(0.05, min(1.0, next_maintenance - time.monotonic()))
-            items = []
-            try:
-                items.append(self.queue.get(timeout=timeout))
-                while len(items) < self.batch_size:
-                    items.append(self.queue.get_nowait())
-            except queue.Empty:
-                pass
-            items = [i for i in items if i is not _WAKE]
+            items = self._next_batch(max(0.05, min(1.0, next_maintenance - time.monotonic())))
             if items:
                 self._write(items)
             if time.monotonic() >= next_maintenance:
@@ -319,6 +318,34 @@ class TrafficWriter:
                 break
         with contextlib.suppress(Exception):
             self._maintain()
+
+    def _next_batch(self, timeout: float) -> list[Any]:
+        """Up to batch_size items: waits `timeout` for the first, then up to linger_s for more (one
+        transaction for several records costs little more than for one), unless woken (flush, close)."""
+        items: list[Any] = []
+        try:
+            first = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return items
+        if first is _WAKE:
+            return items
+        items.append(first)
+        deadline = time.monotonic() + self.linger_s
+        while len(items) < self.batch_size:
+            try:
+                item = self.queue.get_nowait() if self._stop.is_set() else self.queue.get(
+                    timeout=max(0.0, deadline - time.monotonic())
+                )
+            except queue.Empty:
+                break
+            if item is _WAKE:
+                with contextlib.suppress(queue.Empty):
+                    while len(items) < self.batch_size:  # take what is there, without waiting
+                        if (more := self.queue.get_nowait()) is not _WAKE:
+                            items.append(more)
+                break
+            items.append(item)
+        return items
 
     def _write(self, items: list[Any]) -> None:
         records: list[TrafficRecord] = []
@@ -333,9 +360,11 @@ class TrafficWriter:
                 metrics.record_traffic(adapter, "failed")
         try:
             if records and self._insert(records):
+                added: dict[str, int] = {}
                 for r in records:
                     metrics.record_traffic(r.adapter, "logged")
-                self._retain({r.adapter for r in records})
+                    added[r.adapter] = added.get(r.adapter, 0) + 1
+                self._retain(added)
         finally:
             with self._cond:
                 self._done += len(items)
@@ -357,19 +386,26 @@ class TrafficWriter:
                 time.sleep(1.0)
         return False
 
-    def _retain(self, adapters: set[str]) -> None:
-        for adapter in sorted(adapters):
+    def _retain(self, added: Mapping[str, int] | None = None) -> None:
+        """Retention of the adapters just written (`added`: records per adapter, counted on top of the
+        count kept here) or, with None, of every adapter (recounted: other processes write too)."""
+        adapters = sorted(added) if added is not None else self.db.adapters()
+        for adapter in adapters:
+            known = self._counts.get(adapter) if added is not None else None
             try:
-                removed = self.db.enforce_retention(adapter, self.retention(adapter))
+                removed, self._counts[adapter] = self.db.enforce_retention(
+                    adapter, self.retention(adapter), count=None if known is None else known + added[adapter]
+                )
             except DatabaseError as e:
+                self._counts.pop(adapter, None)
                 log.error("traffic: retention of adapter %r failed: %s", adapter, e)
                 continue
             if removed:
-                log.info("traffic: retention removed %d record(s) of adapter %r", removed, adapter)
+                log.debug("traffic: retention removed %d record(s) of adapter %r", removed, adapter)
 
     def _maintain(self) -> None:
         try:
-            self._retain(set(self.db.adapters()))
+            self._retain()
             if self.maintenance is not None:
                 self.maintenance()
         except Exception:
