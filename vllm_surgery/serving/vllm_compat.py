@@ -87,8 +87,10 @@ def add_asgi_middleware(app: Any, middleware: type, **kwargs: Any) -> None:
 def on_shutdown(app: Any, callback: Callable[[], Any]) -> None:
     """Run `callback` (blocking; run in a thread) when the app's lifespan ends, by wrapping the app's
     lifespan context (FastAPI(lifespan=...) in vllm/entrypoints/launchers/app.py; Starlette ignores
-    on_shutdown handlers when a lifespan is given). vLLM 0.32 stops its HTTP server by cancelling it,
-    which can skip the lifespan's end, so callers also register the callback with atexit."""
+    on_shutdown handlers when a lifespan is given). On SIGTERM vLLM 0.32 drains or aborts the engine,
+    then lets uvicorn shut down, which ends the lifespan ("Waiting for application shutdown" in the
+    log) while the event loop still runs. vLLM also cancels the server task right after asking it to
+    exit, which could skip the lifespan's end: callers register the callback with atexit as well."""
     import asyncio
 
     router = app.router
