@@ -33,6 +33,9 @@ class Server(ServerProcess):
     def base(self) -> Path:
         return self.model
 
+    def get_text(self, path: str) -> str:
+        return self.text(path)
+
 
 def start_server(
     root: Path,
