@@ -252,3 +252,13 @@ def test_bad_adapter_traffic_setting_names_the_problem(value: str, message: str)
     with pytest.raises(SettingsError, match=message) as info:
         ServingSettings.from_env({"VLLM_SURGERY_TRAFFIC_ADAPTERS": value})
     assert "VLLM_SURGERY_TRAFFIC_ADAPTERS" in str(info.value)
+
+
+def test_rust_frontend_is_refused_while_recording() -> None:
+    from vllm_surgery.serving.vllm_compat import rust_frontend_conflict
+
+    rust = {"VLLM_USE_RUST_FRONTEND": "1"}
+    assert "VLLM_USE_RUST_FRONTEND" in rust_frontend_conflict({**rust, "VLLM_SURGERY_TRAFFIC": "1"})
+    assert "Rust" in rust_frontend_conflict({**rust, "VLLM_SURGERY_TRAFFIC_ADAPTERS": '{"x": {}}'})
+    assert rust_frontend_conflict(rust) is None  # nothing to record: nothing to refuse
+    assert rust_frontend_conflict({"VLLM_SURGERY_TRAFFIC": "1", "VLLM_USE_RUST_FRONTEND": "0"}) is None

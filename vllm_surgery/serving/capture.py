@@ -408,17 +408,3 @@ def finish(recorder: TrafficRecorder, capture: Capture) -> None:
         return
     recorder.submit(capture)
 
-
-def frontend_conflict(environ: dict[str, str] | None = None) -> str | None:
-    """Why this server cannot record the traffic its settings ask for, or None. Checked by the launcher
-    before vLLM starts: with VLLM_USE_RUST_FRONTEND no Python hook sees a request."""
-    from .settings import ServingSettings
-    from .traffic import TrafficPolicy
-
-    if vllm_compat.rust_frontend_enabled(environ) and TrafficPolicy(ServingSettings.from_env(environ)).enabled:
-        return (
-            "traffic recording is on (VLLM_SURGERY_TRAFFIC / VLLM_SURGERY_TRAFFIC_ADAPTERS) but "
-            "VLLM_USE_RUST_FRONTEND=1 serves HTTP from vLLM's Rust frontend, which no plugin can observe; "
-            "unset VLLM_USE_RUST_FRONTEND or turn traffic recording off"
-        )
-    return None

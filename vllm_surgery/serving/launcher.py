@@ -57,9 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     install_version_shim()
-    from .capture import frontend_conflict
+    from .vllm_compat import rust_frontend_conflict
 
-    conflict = frontend_conflict()
+    conflict = rust_frontend_conflict()
     if conflict:
         sys.exit(f"vllm-surgery-serve: {conflict}")
     sys.argv = serve_argv(sys.argv[1:] if argv is None else argv)

@@ -271,6 +271,14 @@ class ServingSettings:
         """The traffic database: `database`, or <store>.sqlite3 beside the store directory."""
         return self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
 
+    @property
+    def records_traffic(self) -> bool:
+        """Whether any traffic can be recorded: on globally with a rate above 0, or for some adapter."""
+        rate = self.traffic_sample_rate
+        return (self.traffic and rate > 0) or any(
+            a.capture and (a.sample_rate if a.sample_rate is not None else rate) > 0 for a in self.traffic_adapters
+        )
+
     def adapter_traffic(self, name: str) -> AdapterTraffic | None:
         """The `traffic_adapters` entry of `name`, if there is one."""
         return next((a for a in self.traffic_adapters if a.name == name), None)

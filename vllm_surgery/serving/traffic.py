@@ -69,11 +69,7 @@ class TrafficPolicy:
     @property
     def enabled(self) -> bool:
         """Whether anything at all can be recorded (the middleware is installed only then)."""
-        s = self.settings
-        return (s.traffic and s.traffic_sample_rate > 0) or any(
-            a.capture and (a.sample_rate if a.sample_rate is not None else s.traffic_sample_rate) > 0
-            for a in s.traffic_adapters
-        )
+        return self.settings.records_traffic
 
     def for_adapter(self, name: str) -> AdapterPolicy:
         policy = self._cache.get(name)

@@ -76,6 +76,21 @@ def rust_frontend_enabled(environ: Mapping[str, str] | None = None) -> bool:
         return value.lower() in ("true", "yes", "on")
 
 
+def rust_frontend_conflict(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this server cannot record the traffic its settings ask for, or None. Checked by the launcher
+    before vLLM starts (importing nothing that registers metrics: a server with the plugins disabled
+    must stay free of them)."""
+    from .settings import ServingSettings
+
+    if rust_frontend_enabled(environ) and ServingSettings.from_env(environ).records_traffic:
+        return (
+            "traffic recording is on (VLLM_SURGERY_TRAFFIC / VLLM_SURGERY_TRAFFIC_ADAPTERS) but "
+            "VLLM_USE_RUST_FRONTEND=1 serves HTTP from vLLM's Rust frontend, which no plugin can observe; "
+            "unset VLLM_USE_RUST_FRONTEND or turn traffic recording off"
+        )
+    return None
+
+
 # ----------------------------------------------------------------------------- the web app
 def add_asgi_middleware(app: Any, middleware: type, **kwargs: Any) -> None:
     """Add a pure-ASGI middleware. Called from an endpoint plugin's attach_router, which vLLM runs
