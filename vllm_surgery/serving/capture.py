@@ -363,7 +363,7 @@ class TrafficCaptureMiddleware:
         capture = None
         if complete and size <= MAX_REQUEST_BYTES:
             capture = begin(recorder, endpoint, b"".join(m.get("body", b"") for m in messages), scope)
-        elif complete or size > MAX_REQUEST_BYTES:
+        elif size > MAX_REQUEST_BYTES:
             _once("big", "traffic: request bodies above %d bytes are not recorded", MAX_REQUEST_BYTES)
         if capture is None:
             return await self.app(scope, replay, send)
