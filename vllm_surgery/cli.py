@@ -1,4 +1,5 @@
-"""`vllm-surgery`: refine an adapter offline, or inspect its spectrum."""
+"""`vllm-surgery`: refine an adapter offline, inspect its spectrum, or turn recorded traffic into
+calibration data."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from .config import SurgeryConfig
 from .errors import SurgeryError
+from .serving.names import InvalidAdapterName
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +41,27 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-module rank, singular values, energy and effective rank")
     i.add_argument("adapter")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    db_help = "traffic database (default: the serving settings' database, VLLM_SURGERY_DATABASE or beside the store)"
+    t = sub.add_parser("traffic", help="recorded traffic of the vLLM plugin")
+    tsub = t.add_subparsers(dest="traffic_command", required=True)
+    ts = tsub.add_parser("stats", help="records, rated, corrected and usable examples per adapter and version")
+    ts.add_argument("adapter", nargs="?", default=None)
+    ts.add_argument("--db", default=None, help=db_help)
+    ts.add_argument("--json", action="store_true", help="machine-readable output")
+
+    c = sub.add_parser("calibration", help="calibration data from recorded traffic")
+    csub = c.add_subparsers(dest="calibration_command", required=True)
+    ce = csub.add_parser("export", help="write an adapter's calibration set as the JSONL `refine` reads")
+    ce.add_argument("adapter")
+    ce.add_argument("--output", required=True, help="JSONL file to write (atomically)")
+    ce.add_argument("--since", default=None, help="only traffic since: 7d, 12h, 30m, or an ISO 8601 date/time")
+    ce.add_argument(
+        "--include-unrated",
+        action="store_true",
+        help="also use completions nobody rated (weak targets: the adapter's own unreviewed output)",
+    )
+    ce.add_argument("--db", default=None, help=db_help)
     return p
 
 
@@ -152,13 +175,74 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_traffic(db: str | None) -> tuple[object, object]:
+    """(database, serving settings): --db, else the database the serving settings name."""
+    from .serving.database import SQLiteDatabase
+    from .serving.settings import ServingSettings
+
+    settings = ServingSettings.from_env()
+    return SQLiteDatabase(Path(db) if db else settings.database_path, create=False), settings
+
+
+def _traffic_stats(args: argparse.Namespace) -> int:
+    db, _ = _open_traffic(args.db)
+    try:
+        rows = db.stats(args.adapter)
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    print(f"traffic database: {db.path}")
+    header = ("adapter", "version", "records", "rated", "good", "bad", "corrected", "usable", "+unrated")
+    print(f"{header[0]:<24} {header[1]:<40} " + " ".join(f"{h:>9}" for h in header[2:]))
+    for r in rows:
+        counts = (r.records, r.rated, r.good, r.bad, r.corrected, r.usable, r.unrated_usable)
+        print(f"{r.adapter:<24} {r.version:<40} " + " ".join(f"{n:>9}" for n in counts))
+    if not rows:
+        print("(no records" + (f" for adapter {args.adapter!r})" if args.adapter else ")"))
+    return 0
+
+
+def _calibration_export(args: argparse.Namespace) -> int:
+    from .serving.names import validate_adapter_name
+    from .serving.traffic import TrafficPolicy
+    from .traffic_calibration import calibration_set, parse_since, registered_files, write_jsonl
+
+    validate_adapter_name(args.adapter)
+    since = parse_since(args.since) if args.since else None
+    db, settings = _open_traffic(args.db)
+    policy = TrafficPolicy(settings).for_adapter(args.adapter)
+    files = registered_files(settings.calibration_dir, policy.calibration_files, args.adapter)
+    try:
+        data = calibration_set(
+            db, args.adapter, since=since, include_unrated=args.include_unrated or policy.include_unrated,
+            static_files=files,
+        )  # fmt: skip
+    finally:
+        db.close()
+    if not data.records:
+        raise SurgeryError(f"nothing to export: {data.summary()}")
+    write_jsonl(data.records, args.output)
+    print(data.summary())
+    print(f"output: {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done (refined adapter written, or inspect), 3 original kept, 2 bad input."""
+    """Exit codes: 0 done (refined adapter written, inspect, traffic, export), 3 original kept, 2 bad
+    input."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {
+        "refine": _refine,
+        "inspect": _inspect,
+        "traffic": _traffic_stats,
+        "calibration": _calibration_export,
+    }
     try:
-        return _refine(args) if args.command == "refine" else _inspect(args)
-    except SurgeryError as e:
+        return commands[args.command](args)
+    except (SurgeryError, InvalidAdapterName) as e:
         print(f"vllm-surgery: error: {e}", file=sys.stderr)
         return 2
 

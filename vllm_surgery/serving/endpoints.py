@@ -12,6 +12,8 @@ Routes (JSON):
   hits answer at once; see `refining` for the body, 409-when-busy and the error statuses)
 - vLLM's ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` are replaced by guarded
   versions, and the SageMaker ``/adapters`` routes switched off (see `runtime_lora`).
+- ``POST /v1/surgery/feedback``, ``GET /v1/surgery/traffic[/{name}]``: recorded traffic and its
+  feedback (see `traffic_api`; recording itself is `capture` and `traffic`)
 
 Every bad request answers 4xx with ``{"error": {"message", "type", "code"}}``, never a 500 or a
 traceback: 400 (bad name, or a body that is not JSON, nested too deeply, of the wrong types or with
@@ -63,6 +65,7 @@ from .plugin import RESOLVER_NAME
 from .refining import BODY_FIELDS, RefineError, Refiner
 from .resolver import SurgeryResolver
 from .settings import ServingSettings, SettingsError
+from .traffic_api import attach_capture, attach_traffic_routes, calibration_source, start_capture
 from .validation import ServingLimits
 
 log = logging.getLogger(f"vllm.{__name__}")
@@ -136,6 +139,7 @@ class SurgeryEndpointPlugin:
             self.settings = ServingSettings(allow_unauthenticated_admin=False)
         self.guard = AdminGuard(self.settings)
         self._app: FastAPI | None = None
+        self._capture = None
 
     def _guard(self, request: Request, action: str | None, key: str = STATE_KEY) -> Any:
         """The HotSwapper or Refiner under `key`; raises HotSwapError (403/503) to answer instead.
@@ -153,6 +157,13 @@ class SurgeryEndpointPlugin:
                 "hot-swap is not available on this server (no LoRA engine)", 503, "ServiceUnavailable"
             )
         return target
+
+    def _guard_answer(self, request: Request, action: str | None, key: str) -> tuple[Any, JSONResponse | None]:
+        """`_guard` as (target, None) or (None, the error answer), for routes that answer errors themselves."""
+        try:
+            return self._guard(request, action, key), None
+        except HotSwapError as e:
+            return None, _failed(e)
 
     def attach_router(self, app: FastAPI) -> None:
         self._app = app
@@ -195,6 +206,7 @@ class SurgeryEndpointPlugin:
             )
             return await refiner.refine(name, body)
 
+        attach_traffic_routes(router, self._guard_answer)
         app.include_router(router)
         if vllm_compat.runtime_lora_updating():
             # Same path and method as vLLM's: these replace its unguarded runtime LoRA routes.
@@ -206,6 +218,7 @@ class SurgeryEndpointPlugin:
             self._runtime_routes = routes
             app.add_api_route(vllm_compat.RUNTIME_LOAD_PATH, routes.load, methods=["POST"])
             app.add_api_route(vllm_compat.RUNTIME_UNLOAD_PATH, routes.unload, methods=["POST"])
+        self._capture = attach_capture(app, self.settings)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if self._settings_error is not None:
@@ -248,7 +261,12 @@ class SurgeryEndpointPlugin:
             )
         setattr(state, STATE_KEY, swapper)
         await swapper.restore_served_versions()
-        setattr(state, REFINER_KEY, Refiner(swapper, str(args.model)))
+        refiner = Refiner(swapper, str(args.model))
+        setattr(state, REFINER_KEY, refiner)
+        recorder = await asyncio.to_thread(
+            start_capture, self._capture, engine_client, state, args, self.settings, swapper
+        )
+        refiner.traffic = calibration_source(self.settings, recorder)
 
 
 def _describe_all(swapper: HotSwapper) -> list[dict[str, Any]]:

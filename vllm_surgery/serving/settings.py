@@ -113,6 +113,80 @@ def number(lo: float, hi: float = math.inf, integer: bool = False) -> Kind:
     return Kind(what, from_text, lambda value, source, base: check(value, source))
 
 
+@dataclass(frozen=True)
+class AdapterTraffic:
+    """One entry of `traffic_adapters`: the traffic settings of one adapter. None means "the global
+    value" (traffic_sample_rate, traffic_max_records, traffic_max_age_days)."""
+
+    name: str
+    capture: bool = True  # listing an adapter switches its capture on, unless this is false
+    sample_rate: float | None = None
+    max_records: int | None = None
+    max_age_days: float | None = None
+    include_unrated: bool = False  # calibration sets of this adapter include unrated completions
+    calibration_files: tuple[str, ...] = ()  # static calibration files (names in calibration_dir)
+
+
+_ADAPTER_TRAFFIC_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "capture": lambda v: isinstance(v, bool),
+    "sample_rate": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+    "max_records": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "max_age_days": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf,
+    "include_unrated": lambda v: isinstance(v, bool),
+    "calibration_files": lambda v: isinstance(v, list) and all(isinstance(f, str) and f.strip() for f in v),
+}
+_ADAPTER_TRAFFIC_HELP = {
+    "capture": "true or false",
+    "sample_rate": "a number in [0, 1]",
+    "max_records": "an integer >= 1",
+    "max_age_days": "a number >= 0 (0: no age limit)",
+    "include_unrated": "true or false",
+    "calibration_files": "a list of file names in calibration_dir",
+}
+
+
+def _json_adapter_traffic(value: Any, source: str, base: Path) -> tuple[AdapterTraffic, ...]:
+    """{"name": {"sample_rate": 0.5, ...}, ...}: names and keys are checked, errors name them."""
+    from .names import InvalidAdapterName, validate_adapter_name
+
+    if not isinstance(value, dict):
+        raise SettingsError(f"{source} must be a JSON object mapping adapter names to objects, got {value!r}")
+    out = []
+    for name, entry in sorted(value.items()):
+        try:
+            validate_adapter_name(name)
+        except InvalidAdapterName as e:
+            raise SettingsError(f"{source}: {e}") from None
+        if not isinstance(entry, dict):
+            raise SettingsError(f"{source}: {name!r} must be an object with keys {sorted(_ADAPTER_TRAFFIC_CHECKS)}")
+        unknown = sorted(set(entry) - set(_ADAPTER_TRAFFIC_CHECKS))
+        if unknown:
+            raise SettingsError(f"{source}: {name!r}: unknown key(s) {unknown}; allowed: {sorted(_ADAPTER_TRAFFIC_CHECKS)}")
+        for key, v in entry.items():
+            if not _ADAPTER_TRAFFIC_CHECKS[key](v):
+                raise SettingsError(f"{source}: {name!r}: {key!r} must be {_ADAPTER_TRAFFIC_HELP[key]}, got {v!r}")
+        values = dict(entry)
+        if "calibration_files" in values:
+            values["calibration_files"] = tuple(f.strip() for f in values["calibration_files"])
+        out.append(AdapterTraffic(name=name, **values))
+    return tuple(out)
+
+
+def _text_adapter_traffic(text: str, source: str) -> tuple[AdapterTraffic, ...]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise SettingsError(f"{source} must be a JSON object ({e}), got {text!r}") from None
+    return _json_adapter_traffic(value, source, Path("."))
+
+
+ADAPTER_TRAFFIC = Kind(
+    "JSON object: adapter -> {" + ", ".join(_ADAPTER_TRAFFIC_CHECKS) + "}",
+    _text_adapter_traffic,
+    _json_adapter_traffic,
+)
+
+
 def setting(env: str, kind: Kind, help: str, **kwargs: Any) -> Any:
     """A ServingSettings field read from variable `env` (or the file key of the field's name)."""
     return field(metadata={"env": env, "kind": kind, "help": help}, **kwargs)
@@ -157,6 +231,73 @@ class ServingSettings:
         "change what is served. For a trusted local development server only.",
         default=False,
     )
+    database: Path | None = setting(
+        "VLLM_SURGERY_DATABASE",
+        PATH,
+        "SQLite database of recorded traffic and feedback (default: <store>.sqlite3 next to the store).",
+        default=None,
+    )
+    traffic: bool = setting(
+        "VLLM_SURGERY_TRAFFIC",
+        BOOL,
+        "Record the completions and chat traffic of every adapter known to the plugin (off by default).",
+        default=False,
+    )
+    traffic_sample_rate: float = setting(
+        "VLLM_SURGERY_TRAFFIC_SAMPLE_RATE",
+        number(0, 1),
+        "Share of an adapter's requests that are recorded (per request, at random).",
+        default=1.0,
+    )
+    traffic_adapters: tuple[AdapterTraffic, ...] = setting(
+        "VLLM_SURGERY_TRAFFIC_ADAPTERS",
+        ADAPTER_TRAFFIC,
+        "Per-adapter traffic settings; listing an adapter records it even when traffic is off "
+        '(e.g. {"x": {"sample_rate": 0.5, "max_records": 5000, "calibration_files": ["x.jsonl"]}}).',
+        default=(),
+    )
+    traffic_max_records: int = setting(
+        "VLLM_SURGERY_TRAFFIC_MAX_RECORDS",
+        number(1, integer=True),
+        "Retention: records kept per adapter (the oldest go first).",
+        default=100_000,
+    )
+    traffic_max_age_days: float = setting(
+        "VLLM_SURGERY_TRAFFIC_MAX_AGE_DAYS",
+        number(0),
+        "Retention: days a record is kept (0: no age limit).",
+        default=90.0,
+    )
+    traffic_redact: str = setting(
+        "VLLM_SURGERY_TRAFFIC_REDACT",
+        STRING,
+        "Redaction before storing: 'builtin' (e-mail addresses and runs of 7+ digits), 'none', or "
+        "'package.module:function' taking and returning a record dict (None drops the record).",
+        default="builtin",
+    )
+    traffic_queue_size: int = setting(
+        "VLLM_SURGERY_TRAFFIC_QUEUE_SIZE",
+        number(1, 10_000_000, integer=True),
+        "Records waiting to be written; beyond it records are dropped and counted (metric and log).",
+        default=10_000,
+    )
+
+    @property
+    def database_path(self) -> Path:
+        """The traffic database: `database`, or <store>.sqlite3 beside the store directory."""
+        return self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
+
+    @property
+    def records_traffic(self) -> bool:
+        """Whether any traffic can be recorded: on globally with a rate above 0, or for some adapter."""
+        rate = self.traffic_sample_rate
+        return (self.traffic and rate > 0) or any(
+            a.capture and (a.sample_rate if a.sample_rate is not None else rate) > 0 for a in self.traffic_adapters
+        )
+
+    def adapter_traffic(self, name: str) -> AdapterTraffic | None:
+        """The `traffic_adapters` entry of `name`, if there is one."""
+        return next((a for a in self.traffic_adapters if a.name == name), None)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:

@@ -14,6 +14,7 @@ it against the installed vLLM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import sys
@@ -272,6 +273,88 @@ def rust_frontend_requested(environ: Mapping[str, str] | None = None) -> bool:
         return True  # vLLM would fail on it; treat an unreadable value as "on", never as "off"
 
 
+# ----------------------------------------------------------------------------- traffic capture
+_OBSERVED = "_vllm_surgery_observed_generate"
+
+
+def serving_engine_clients(state: Any) -> list[Any]:
+    """The engine clients whose `generate` the completion and chat handlers call
+    (`state.openai_serving_completion.engine_client`, `state.openai_serving_chat.engine_client`:
+    attributes of vLLM's serving classes, set in init_app_state)."""
+    out: list[Any] = []
+    for attr in ("openai_serving_completion", "openai_serving_chat"):
+        serving = getattr(state, attr, None)
+        client = getattr(serving, "engine_client", None)
+        if client is not None and all(client is not c for c in out):
+            out.append(client)
+    return out
+
+
+def observe_generate(engine_client: Any, observer: Callable[..., Any]) -> bool:
+    """Route `engine_client.generate(...)` through `observer(original, *args, **kwargs)`, which must
+    return what `original(*args, **kwargs)` returns (an async generator of RequestOutput) or a wrapper
+    of it. Relies on EngineClient.generate's documented signature (vllm/engine/protocol.py: prompt,
+    sampling_params, request_id, keyword-only lora_request, ...) and on the handlers calling it as an
+    attribute of the client object. Idempotent; returns False if it was already observed."""
+    if getattr(engine_client, _OBSERVED, False):
+        return False
+    original = engine_client.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        return observer(original, *args, **kwargs)
+
+    engine_client.generate = generate  # instance attribute: shadows the class's method
+    setattr(engine_client, _OBSERVED, True)
+    return True
+
+
+def lora_path(lora_request: Any) -> str | None:
+    """The adapter directory a LoRARequest loads (`LoRARequest.lora_path`)."""
+    return getattr(lora_request, "lora_path", None)
+
+
+def outputs_are_deltas(sampling_params: Any) -> bool:
+    """Whether each RequestOutput carries only new tokens (RequestOutputKind.DELTA, what the streaming
+    handlers ask for) rather than everything so far (CUMULATIVE, FINAL_ONLY)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    return getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+
+
+def request_id_headers_enabled(args: Any) -> bool:
+    """`--enable-request-id-headers`: vLLM's own XRequestIdMiddleware then returns X-Request-Id."""
+    return bool(getattr(args, "enable_request_id_headers", False))
+
+
+# ----------------------------------------------------------------------------- the web app
+def add_asgi_middleware(app: Any, middleware: type, **kwargs: Any) -> None:
+    """Add a pure-ASGI middleware. Called from an endpoint plugin's attach_router, which vLLM runs
+    before its own middleware (CORS, --api-key authentication, X-Request-Id) is added: Starlette puts
+    later additions outside, so this one runs after authentication, next to the routes."""
+    app.add_middleware(middleware, **kwargs)
+
+
+def on_shutdown(app: Any, callback: Callable[[], Any]) -> None:
+    """Run `callback` (blocking; run in a thread) when the app's lifespan ends, by wrapping the app's
+    lifespan context (FastAPI(lifespan=...) in vllm/entrypoints/launchers/app.py; Starlette ignores
+    on_shutdown handlers when a lifespan is given). On SIGTERM vLLM 0.32 drains or aborts the engine,
+    then lets uvicorn shut down, which ends the lifespan ("Waiting for application shutdown" in the
+    log) while the event loop still runs. vLLM also cancels the server task right after asking it to
+    exit, which could skip the lifespan's end: callers register the callback with atexit as well."""
+    router = app.router
+    original = router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any):
+        async with original(a) as state:
+            try:
+                yield state
+            finally:
+                await asyncio.to_thread(callback)
+
+    router.lifespan_context = lifespan
+
+
 # --------------------------------------------------------------------------- self-check
 def _require(ok: bool, piece: str, detail: str) -> None:
     if not ok:
@@ -328,6 +411,27 @@ def check_serving_models(models: Any) -> None:
         _require(inspect.iscoroutinefunction(getattr(models, method, None)), where, f"has no async {method}")
 
 
+def check_traffic_api() -> None:
+    """What traffic capture uses: EngineClient.generate's parameters, RequestOutputKind.DELTA, and the
+    app's lifespan context (FastAPI's router.lifespan_context) that on_shutdown wraps."""
+    from fastapi import FastAPI
+    from vllm.engine.protocol import EngineClient
+    from vllm.sampling_params import RequestOutputKind
+
+    names = _params(EngineClient.generate)
+    _require(
+        names[1:4] == ["prompt", "sampling_params", "request_id"] and "lora_request" in names,
+        "vllm.engine.protocol.EngineClient.generate",
+        "is not generate(self, prompt, sampling_params, request_id, ..., lora_request=...)",
+    )
+    _require(hasattr(RequestOutputKind, "DELTA"), "vllm.sampling_params.RequestOutputKind", "has no DELTA")
+    _require(
+        callable(getattr(FastAPI().router, "lifespan_context", None)),
+        "fastapi.FastAPI().router",
+        "has no lifespan_context",
+    )
+
+
 def _stand_in_serving_models() -> Any:
     """A real OpenAIServingModels built around a minimal engine client (no engine is started)."""
     from vllm.entrypoints.openai.models.protocol import BaseModelPath
@@ -368,6 +472,7 @@ def self_check(models: Any | None = None) -> None:
         "vllm.entrypoints.serve.middleware.authenticate.AuthenticationMiddleware",
         "no longer takes (app, tokens)",
     )
+    check_traffic_api()
     from vllm.config import ModelConfig
 
     fields = getattr(ModelConfig, "__dataclass_fields__", {})
