@@ -44,7 +44,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i, name in enumerate(("x", "r", "off")):
         build_lora_adapter(base, adapters / name, r=8, alpha=16, target_modules=ALL_PROJ, seed=1 + i)
     static = build_lora_adapter(base, root / "elsewhere" / "static", r=8, alpha=16, seed=7)
-    loaded = build_lora_adapter(base, root / "elsewhere" / "loaded", r=8, alpha=16, seed=8)
     env = {
         "VLLM_SURGERY_ADAPTER_DIRS": str(adapters),
         "VLLM_SURGERY_STORE": str(root / "store"),
@@ -61,7 +60,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     vocab = AutoTokenizer.from_pretrained(base).get_vocab()
     letters = sorted(i for t, i in vocab.items() if t.replace("Ġ", "").isalpha() and t.replace("Ġ", "").isascii())
-    return {"root": root, "base": base, "env": env, "args": args, "loaded": loaded, "db": root / "traffic.sqlite3",
+    return {"root": root, "base": base, "env": env, "args": args, "db": root / "traffic.sqlite3",
             "letters": letters}  # fmt: skip
 
 
@@ -214,7 +213,9 @@ def test_what_is_not_recorded(server: Server, setup: dict) -> None:
     assert base["status"] == 200
     off = ask(server, "off", "capture is off for me")
     assert off["status"] == 200 and off["id"] is None
-    status, body = server.post("/v1/load_lora_adapter", {"lora_name": "loaded", "lora_path": str(setup["loaded"])})
+    # vLLM's load route (guarded: admin token, and only originals or store versions) under a new name
+    loaded_path = str(setup["root"] / "adapters" / "x")
+    status, body = server.post("/v1/load_lora_adapter", {"lora_name": "loaded", "lora_path": loaded_path}, ADMIN)
     assert status == 200, body
     loaded = ask(server, "loaded", "loaded by hand", rid="loaded-1")
     assert loaded["status"] == 200
