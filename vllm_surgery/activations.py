@@ -1,0 +1,137 @@
+"""Less activation memory per token: answer logits in chunks, decoder layers recomputed in the backward.
+
+Both leave the result unchanged (the tests check it against an uninterrupted, unchunked computation):
+
+- The loss over a batch's answer tokens is a sum over positions, so its gradient with respect to the
+  final hidden states can be built chunk by chunk: each chunk's vocabulary projection, float32 copy,
+  log-softmax and gradient exist only while that chunk is processed (at most LOGITS_CHUNK_BYTES of
+  float32 logits), and the decoder's backward then runs once from the assembled gradient. Nothing is
+  computed twice. For Llama-3.1-8B's 128,256-token vocabulary that is 523 answer positions a chunk,
+  where the whole batch's logits would take several GB.
+- RecomputedLayers wraps the forward of the first k decoder layers in torch.utils.checkpoint
+  (non-reentrant): such a layer keeps only its input and runs its forward again in the backward, adapter
+  hooks included (they are ordinary forward hooks of the layer's linears, so they run again and the
+  sigma leaves receive their gradient through the recomputed graph). It costs one more forward of
+  those layers; vllm_surgery.memory decides when that pays.
+- Batches are right-padded (calibration.collate) and the model is causal, so no real position ever
+  attends to a padding position: the decoder runs with no attention mask at all, which gives the same
+  values at every real position and lets SDPA use its causal kernels instead of a materialised mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .calibration import Batch
+from .memory import logits_chunk_tokens
+
+
+def answer_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Final hidden states at the positions whose next-token logits predict answer tokens."""
+    decoder = model.get_decoder()
+    # Right padding + causal attention: real positions never see padding, so no mask is needed.
+    hidden = decoder(input_ids=batch.input_ids, use_cache=False)[0]
+    return hidden[batch.rows, batch.cols]
+
+
+def token_losses(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each target given the final hidden state that predicts it (float32 logits)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _chunks(model: torch.nn.Module, n: int) -> list[slice]:
+    size = logits_chunk_tokens(model.get_output_embeddings().weight.shape[0])
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def answer_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Loss of every answer token of `batch`, without a graph (evaluation), logits formed in chunks."""
+    hidden = answer_hidden(model, batch)
+    return torch.cat([token_losses(model, hidden[c], batch.targets[c]) for c in _chunks(model, len(hidden))])
+
+
+def backward_answer_loss(model: torch.nn.Module, batch: Batch, total: int) -> torch.Tensor:
+    """Backpropagate sum(answer-token losses of `batch`) / total; returns the losses (detached).
+
+    The logits are formed and differentiated chunk by chunk against a detached copy of the hidden
+    states; the decoder's backward then runs once from their gradient.
+    """
+    hidden = answer_hidden(model, batch)
+    chunks = _chunks(model, len(hidden))
+    if len(chunks) == 1:
+        losses = token_losses(model, hidden, batch.targets)
+        (losses.sum() / total).backward()
+        return losses.detach()
+    free = hidden.detach().requires_grad_(True)
+    parts = []
+    for c in chunks:
+        losses = token_losses(model, free[c], batch.targets[c])
+        (losses.sum() / total).backward()
+        parts.append(losses.detach())
+    hidden.backward(free.grad)
+    return torch.cat(parts)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's list of layers; ValueError for a model whose decoder has none under `.layers`."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(
+            f"{type(model).__name__}: its decoder has no `layers` list, so its layers cannot be recomputed"
+        )
+    return layers
+
+
+def _recomputing(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+class RecomputedLayers:
+    """While active, the first `count` decoder layers recompute their forward in the backward.
+
+    Each layer's own forward is wrapped on the instance and restored by set(0) or on leaving the
+    block; the model is otherwise untouched. set() may change the count between batches.
+    """
+
+    def __init__(self, model: torch.nn.Module, count: int = 0) -> None:
+        self.model = model
+        self._saved: list[tuple[torch.nn.Module, object]] = []
+        self.set(count)
+
+    @property
+    def count(self) -> int:
+        return len(self._saved)
+
+    def set(self, count: int) -> None:
+        if count == self.count:
+            return
+        self._restore()
+        if count <= 0:
+            return
+        for layer in list(decoder_layers(self.model))[:count]:
+            self._saved.append((layer, layer.__dict__.get("forward")))
+            layer.forward = functools.partial(_recomputing, layer.forward)
+
+    def _restore(self) -> None:
+        for layer, own in reversed(self._saved):
+            if own is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = own
+        self._saved.clear()
+
+    def __enter__(self) -> RecomputedLayers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
