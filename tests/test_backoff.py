@@ -12,6 +12,7 @@ from vllm_surgery.calibration import collate, load_calibration
 from vllm_surgery.config import select_modules
 from vllm_surgery.errors import DeviceMemoryError
 from vllm_surgery.evaluation import evaluation_budget, heldout_quality
+from vllm_surgery.memory import DeviceMemory
 from vllm_surgery.sensitivity import compute_sensitivities
 from vllm_surgery.spectral import lora_svd
 
@@ -193,3 +194,45 @@ def test_no_attention_mask_gives_the_masked_losses(setup):
     with AdaptedModel(model, adapter, spectra) as adapted, torch.no_grad():
         masked = adapted.answer_losses(batch)
         assert torch.allclose(answer_losses(model, batch), masked, rtol=1e-5, atol=1e-6)
+
+
+class CountingMemory(DeviceMemory):
+    """CUDA's memory counters, stood in for on the CPU: a fixed usable figure, and as peak
+    `per_token` bytes times the most tokens a batch has had since start()."""
+
+    def __init__(self, model, usable: int, per_token: int) -> None:
+        self._usable, self.per_token, self.largest, self.batches = usable, per_token, 0, []
+        self.handle = model.get_decoder().register_forward_pre_hook(self.seen, with_kwargs=True)
+
+    def seen(self, module, args, kwargs):
+        tokens = kwargs["input_ids"].numel()
+        self.batches.append(tokens)
+        self.largest = max(self.largest, tokens)
+
+    def usable(self) -> int:
+        return self._usable
+
+    def start(self) -> None:
+        self.largest = 0
+
+    def peak(self) -> int:
+        return self.largest * self.per_token
+
+
+def test_planned_budget_probes_first_then_replans_with_the_measured_cost(setup):
+    model = setup[-1]
+    want, _ = sensitivities(setup, max_batch_tokens=ONE_BATCH)
+    shape = memory.ModelShape.of(model.config, 4)
+    per_token = shape.pass_bytes_per_token(0)
+    # room for exactly 256 tokens at the estimate; the first batch is a probe of at most 256 / 4
+    counters = CountingMemory(model, shape.logits_bytes + 256 * per_token, 2 * per_token)
+    try:
+        got, stats = sensitivities(setup, recompute="off", memory=counters)
+    finally:
+        counters.handle.remove()
+    assert counters.batches[0] <= 64
+    # the probe measured twice the estimate: the rest is planned at 256 / 2 tokens a batch
+    assert stats.budget_source == "device memory" and stats.batch_tokens == 128
+    assert all(tokens <= 128 for tokens in counters.batches[1:]) and max(counters.batches[1:]) > 64
+    assert stats.peak_bytes == max(counters.batches) * 2 * per_token and stats.backoffs == []
+    assert_same_gradients(got, want)

@@ -139,18 +139,51 @@ def logits_chunk_tokens(vocab: int) -> int:
     return max(1, LOGITS_CHUNK_BYTES // (4 * max(vocab, 1)))
 
 
-def usable_bytes(device: torch.device) -> int | None:
-    """Bytes a batch may use on `device` now (see usable_from); None on the CPU, where it is not sized."""
-    if device.type != "cuda":
-        return None
-    free, total = torch.cuda.mem_get_info(device)
-    return usable_from(
-        free=free,
-        total=total,
-        reserved=torch.cuda.memory_reserved(device),
-        allocated=torch.cuda.memory_allocated(device),
-        fraction=torch.cuda.get_per_process_memory_fraction(device),
-    )
+class DeviceMemory:
+    """The memory counters the planner reads: a CUDA device's (CudaMemory), or a test's stand-in."""
+
+    def usable(self) -> int:
+        """Bytes a batch may use now."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Begin measuring: peak() counts from here."""
+        raise NotImplementedError
+
+    def peak(self) -> int:
+        """Most bytes allocated at once since start(), above the level at start()."""
+        raise NotImplementedError
+
+
+class CudaMemory(DeviceMemory):
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+
+    def usable(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        return usable_from(
+            free=free,
+            total=total,
+            reserved=torch.cuda.memory_reserved(self.device),
+            allocated=torch.cuda.memory_allocated(self.device),
+            fraction=get_fraction(self.device) if get_fraction is not None else 1.0,
+        )
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - self.base
+
+
+def device_memory(device: torch.device) -> DeviceMemory | None:
+    """The counters of `device`; None on the CPU, where batches are not sized by memory."""
+    return CudaMemory(device) if device.type == "cuda" else None
 
 
 def usable_from(*, free: int, total: int, reserved: int, allocated: int, fraction: float = 1.0) -> int:

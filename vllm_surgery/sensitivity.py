@@ -30,13 +30,14 @@ from .calibration import Example, collate
 from .memory import (
     CPU_BATCH_TOKENS,
     BudgetPlan,
+    DeviceMemory,
     ModelShape,
     TokenBudget,
     activation_bytes,
+    device_memory,
     plan_evaluation,
     plan_pass,
     run_in_batches,
-    usable_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -62,22 +63,22 @@ def plan_batches(
     evaluation: bool = False,
     recompute: str = "auto",
     scale: float = 1.0,
+    memory: DeviceMemory | None = None,
 ) -> BudgetPlan:
     """The token budget of a pass (or, with evaluation=True, of a held-out evaluation) on `device`.
 
     An explicit max_batch_tokens wins (with recompute "all" honoured); on the CPU the measured default;
-    on CUDA the plan of vllm_surgery.memory from the free memory at this moment.
+    on CUDA (or with `memory`) the plan of vllm_surgery.memory from the memory usable at this moment.
     """
-    all_layers = recompute == "all" and not evaluation
-    if max_batch_tokens or device.type != "cuda":
-        k = ModelShape.of(model.config, 4).layers if all_layers else 0
+    memory = memory or device_memory(device)
+    if max_batch_tokens or memory is None:
+        k = ModelShape.of(model.config, 4).layers if recompute == "all" and not evaluation else 0
         source = "explicit" if max_batch_tokens else "cpu default"
         return BudgetPlan(max_batch_tokens or CPU_BATCH_TOKENS, k, source)
     shape = ModelShape.of(model.config, activation_bytes(model, device))
-    usable = usable_bytes(device) or 0
     if evaluation:
-        return plan_evaluation(shape, usable)
-    return plan_pass(shape, usable, scale=scale, recompute=recompute)
+        return plan_evaluation(shape, memory.usable())
+    return plan_pass(shape, memory.usable(), scale=scale, recompute=recompute)
 
 
 @dataclass
@@ -111,10 +112,12 @@ def compute_sensitivities(
     pad_id: int = 0,
     progress: bool = True,
     recompute: str = "auto",
+    memory: DeviceMemory | None = None,
 ) -> tuple[dict[str, torch.Tensor], PassStats]:
     """g[name][k] = dL/dsigma_k for every module whose sigma is free in `adapted` (float32, on CPU).
 
     recompute: "auto" (recompute decoder layers only where memory is short), "off" or "all".
+    memory: the device's memory counters (default: CUDA's; none on the CPU, where the budget is fixed).
     Raises DeviceMemoryError when a single example does not fit in the device's memory.
     """
     if not examples:
@@ -125,11 +128,10 @@ def compute_sensitivities(
     sigmas = adapted.sigma
     for sigma in sigmas.values():
         sigma.grad = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base_bytes = torch.cuda.memory_allocated(device)
-    plan = plan_batches(model, device, max_batch_tokens, recompute=recompute)
+    memory = memory or device_memory(device)
+    if memory is not None:
+        memory.start()  # the first batch's peak is the probe; the whole pass's is reported
+    plan = plan_batches(model, device, max_batch_tokens, recompute=recompute, memory=memory)
     budget = TokenBudget(plan)
     acc: dict[str, torch.Tensor] = {}
     bar = tqdm(total=total, desc="sensitivity", unit="tok", disable=not progress, leave=False)
@@ -137,9 +139,6 @@ def compute_sensitivities(
 
     def step(idx: list[int]) -> None:
         batch = collate([examples[i] for i in idx], pad_id, device)
-        if not probe and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            probe["before"] = torch.cuda.memory_allocated(device)
         with autocast_for(device):
             backward_answer_loss(model, batch, total)
         for name, s in sigmas.items():  # the batch finished: its gradients count
@@ -149,8 +148,7 @@ def compute_sensitivities(
                 else:
                     acc[name] = s.grad
                 s.grad = None
-        if "padded" not in probe:
-            probe["padded"] = batch.input_ids.numel()
+        probe.setdefault("padded", batch.input_ids.numel())
         bar.update(int(batch.targets.numel()))
 
     def discard() -> None:
@@ -161,9 +159,11 @@ def compute_sensitivities(
     def replan() -> None:
         """After the first batch: plan again with what it really used per token."""
         nonlocal plan
-        measured = (torch.cuda.max_memory_allocated(device) - probe["before"]) / probe["padded"]
+        measured = memory.peak() / probe["padded"]
         estimate = plan.bytes_per_token or measured
-        plan = plan_batches(model, device, None, recompute=recompute, scale=measured / estimate)
+        plan = plan_batches(
+            model, device, None, recompute=recompute, scale=measured / estimate, memory=memory
+        )
         log.info("sensitivity pass: measured %.2f MiB per token; %s", measured / 2**20, plan.describe())
         budget.tokens = min(budget.tokens, plan.tokens)
         recomputing.set(plan.recomputed_layers)
@@ -189,10 +189,7 @@ def compute_sensitivities(
         name: (acc[name].detach().float().cpu() if name in acc else torch.zeros_like(s, device="cpu"))
         for name, s in sigmas.items()
     }
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base_bytes
+    peak = memory.peak() if memory is not None else None
     stats = PassStats(
         examples=len(examples),
         answer_tokens=total,
