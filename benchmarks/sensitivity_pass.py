@@ -675,6 +675,14 @@ def evaluation_check(
     )
 
 
+def simulate_card(gib: float, device: torch.device) -> float:
+    """Limit this process to `gib` GiB of the device (no-op where the device is not larger)."""
+    fraction = min(1.0, gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    print(f"card      this process may use {fraction:.3f} of the device ({gib:g} GiB)")
+    return fraction
+
+
 def card_check(spec: str, device: torch.device, dry_run: bool) -> dict:
     """Refine's default settings on a model of SHAPES on a card of N GB (simulated by a memory fraction).
 
@@ -682,13 +690,9 @@ def card_check(spec: str, device: torch.device, dry_run: bool) -> dict:
     pass on 96 examples and four held-out evaluations of 32, as refine(policy="auto") does.
     """
     shape, card = spec.lower().split("-")
-    card_gib = float(card.removesuffix("gb"))
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        fraction = min(1.0, card_gib * 2**30 / total)
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
-    else:
-        fraction = float("nan")
+    fraction = (
+        simulate_card(float(card.removesuffix("gb")), device) if device.type == "cuda" else float("nan")
+    )
     model = random_llama("tiny" if dry_run else shape, device)
     examples = synthetic_examples(
         16 if dry_run else 128, model.config.vocab_size, scale=0.1 if dry_run else 1
@@ -792,6 +796,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="defaults on a simulated card instead, e.g. 1b-24gb,8b-80gb (shape-card size in GiB)",
     )
     p.add_argument(
+        "--simulate-card",
+        type=float,
+        default=None,
+        help="CUDA: let this process use at most this many GiB (set_per_process_memory_fraction)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="tiny shapes and few examples, so that a CPU checks every step of a GPU run",
@@ -812,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"software  {versions(device)}")
+    if args.simulate_card and device.type == "cuda":
+        simulate_card(args.simulate_card, device)
     if args.card_check:
         outcomes = [card_check(spec, device, args.dry_run) for spec in args.card_check.split(",")]
         if args.json:
