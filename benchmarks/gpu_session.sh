@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU figure of the sensitivity pass (issue 9) in ONE device call of about 6-8 minutes:
 #   1. the Llama-3.1-8B-shaped workload (random bf16, LoRA r16 on 7 projections, residual scope,
-#      128 synthetic examples): ours at the planned budget, with every decoder layer recomputed, and at
-#      fixed budgets 4096 and 2048; the paper's code path; each against a float32 reference; the FLOP
-#      floor at a measured bf16 matmul rate; four held-out evaluations at the planned budget;
+#      128 synthetic examples), variants BUDGET/RECOMPUTE/LEAN of our pass: the defaults (planned budget,
+#      recompute and lean activations auto), every decoder layer recomputed, neither lean nor
+#      recomputed, and fixed budgets 4096 (with and without lean) and 2048; the paper's code path;
+#      each against a float32 reference; the FLOP floor at a measured bf16 matmul rate; the top
+#      CUDA operators of the default pass; four held-out evaluations at the planned budget;
 #   2. refine's defaults never run out of memory: a 1B model on a simulated 24 GB card and the 8B
 #      model on an 80 GB card (set_per_process_memory_fraction).
 # Needs torch (CUDA), transformers and peft; never imports vLLM. Writes logs, JSON and a markdown
@@ -46,7 +48,8 @@ step() {  # step NAME TIMEOUT_S ARGS...: run one benchmark invocation, log it, r
 torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 } 2>&1 | tee "$OUT/versions.txt"
 
-step llama8b 390 --llama8b-shape --simulate-card 80 --batch-tokens auto,4096,2048 --recompute auto,all
+step llama8b 420 --llama8b-shape --simulate-card 80 --profile \
+    --variants auto/auto/auto,auto/all/auto,auto/off/off,4096/off/off,4096/off/auto,2048/off/auto
 step card-1b-24gb 120 --card-check 1b-24gb
 step card-8b-80gb 150 --card-check 8b-80gb
 

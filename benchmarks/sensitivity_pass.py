@@ -429,6 +429,7 @@ class Measurement:
     interleaved_seconds: float = float("nan")  # sum over batches of the best interleaved timing
     budget: str = ""
     recomputed_layers: int = 0
+    lean_modules: int = 0
     backoffs: list[str] = field(default_factory=list)
     agreement: Agreement | None = None
 
@@ -619,20 +620,34 @@ class Variant:
     label: str
     budget: int | None
     recompute: str
+    lean: str
 
 
-def variants(batch_tokens: str, recompute: str) -> list[Variant]:
-    """Every budget x recompute setting; a repeated setting gets its own label (#2, #3)."""
+def variants(spec: str | None, batch_tokens: str, recompute: str, lean: str) -> list[Variant]:
+    """Explicit BUDGET/RECOMPUTE/LEAN triples, else every budget x recompute x lean setting.
+
+    A repeated setting gets its own label (#2, #3), so that each measurement is reported.
+    """
+    if spec:
+        triples = [tuple(part.strip() for part in item.split("/")) for item in spec.split(",")]
+        bad = [t for t in triples if len(t) != 3]
+        if bad:
+            raise SystemExit(f"--variants: each item is BUDGET/RECOMPUTE/LEAN, got {'/'.join(bad[0])!r}")
+    else:
+        triples = [
+            (b.strip(), r.strip(), le.strip())
+            for b in batch_tokens.split(",")
+            for r in recompute.split(",")
+            for le in lean.split(",")
+        ]
     out: list[Variant] = []
-    for b in batch_tokens.split(","):
-        for r in recompute.split(","):
-            budget = None if b.strip() == "auto" else int(b)
-            base = f"ours ({b.strip()}, recompute {r.strip()})"
-            label, n = base, 1
-            while any(v.label == label for v in out):
-                n += 1
-                label = f"{base} #{n}"
-            out.append(Variant(label, budget, r.strip()))
+    for b, r, le in triples:
+        base = f"ours ({b}, recompute {r}, lean {le})"
+        label, n = base, 1
+        while any(v.label == label for v in out):
+            n += 1
+            label = f"{base} #{n}"
+        out.append(Variant(label, None if b == "auto" else int(b), r, le))
     return out
 
 
@@ -749,6 +764,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--recompute", default="auto", help="decoder-layer recomputation, comma-separated: auto, off, all"
+    )
+    p.add_argument(
+        "--lean", default="auto", help="LeanActivations, comma-separated: auto (on with CUDA), on, off"
+    )
+    p.add_argument(
+        "--variants",
+        help="explicit BUDGET/RECOMPUTE/LEAN triples, comma-separated (instead of the product of the three)",
     )
     p.add_argument(
         "--check-examples",
@@ -929,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapted = AdaptedModel(model, lora, spectra)
     eval_line = ""
     try:
-        for v in variants(args.batch_tokens, args.recompute):
+        for i, v in enumerate(variants(args.variants, args.batch_tokens, args.recompute, args.lean)):
 
             def ours(ex: Sequence[Example], v: Variant = v) -> Callable[[], object]:
                 return lambda: compute_sensitivities(
@@ -951,10 +973,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[v.label] = Measurement(
                 v.label, seconds, cpu, answer_tokens, peak, stats.batches, stats.padded_tokens, first,
                 budget=f"{stats.batch_tokens} ({stats.budget_source})",
-                recomputed_layers=stats.recomputed_layers, backoffs=list(stats.backoffs),
+                recomputed_layers=stats.recomputed_layers, lean_modules=stats.lean_modules,
+                backoffs=list(stats.backoffs),
             )  # fmt: skip
             grads_subset[v.label] = grads if whole_is_subset else ours(subset)()[0]
-            if args.profile:
+            if args.profile and i == 0:
                 profile_ours(adapted, examples[:8], stats.batch_tokens, pad_id)
         if args.eval_check:
             eval_line = evaluation_check(adapted, examples[-32:], pad_id)
@@ -1077,13 +1100,14 @@ def report(
 ) -> list[str]:
     """The results table, ratios against the naive path and the targets, and agreement with float32."""
     lines = [
-        "| pass | budget | recomputed layers | batches | padding | first pass s | whole pass s | interleaved s "
-        "| answer tok/s | peak memory | x FLOP floor | back-offs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pass | budget | recomputed layers | lean modules | batches | padding | first pass s | whole pass s "
+        "| interleaved s | answer tok/s | peak memory | x FLOP floor | back-offs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results.values():
         lines.append(
-            f"| {m.label} | {m.budget} | {m.recomputed_layers} | {m.batches} | {1 - tokens / m.padded_tokens:.1%} "
+            f"| {m.label} | {m.budget} | {m.recomputed_layers} | {m.lean_modules} | {m.batches} "
+            f"| {1 - tokens / m.padded_tokens:.1%} "
             f"| {m.cold_seconds:.2f} | {m.seconds:.2f} | {m.interleaved_seconds:.2f} "
             f"| {m.answer_tokens / m.best_seconds:,.0f} "
             f"| {fmt_bytes(m.peak_bytes) if m.peak_bytes >= 0 else 'n/a'} "

@@ -236,3 +236,35 @@ def test_planned_budget_probes_first_then_replans_with_the_measured_cost(setup):
     assert all(tokens <= 128 for tokens in counters.batches[1:]) and max(counters.batches[1:]) > 64
     assert stats.peak_bytes == max(counters.batches) * 2 * per_token and stats.backoffs == []
     assert_same_gradients(got, want)
+
+
+def test_lean_activations_give_the_same_gradients_and_keep_less(setup):
+    from vllm_surgery.activations import LeanActivations
+
+    tok, examples, _, _, model = setup
+    want, _ = sensitivities(setup, max_batch_tokens=ONE_BATCH, lean="off")
+    got, stats = sensitivities(setup, max_batch_tokens=ONE_BATCH, lean="on")
+    assert stats.lean_modules == 2 * 3  # per layer: two RMSNorms and the MLP
+    assert_same_gradients(got, want)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored
+
+    def kept_bytes(lean: bool) -> int:
+        """Bytes autograd saves for the backward of one forward (tensors counted once)."""
+        seen = {}
+
+        def pack(t):
+            seen[(t.untyped_storage().data_ptr(), t.dtype, t.shape)] = t.numel() * t.element_size()
+            return t
+
+        batch = collate(examples, tok.pad_token_id)
+        x = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
+        positions = torch.arange(x.shape[1])[None]
+        rope = model.get_decoder().rotary_emb(x, positions)
+        with LeanActivations(model, lean), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.get_decoder().layers[0](x, position_embeddings=rope)
+        return sum(seen.values())
+
+    # float32: the norms' upcast is their input itself, so the saving is mostly the MLP's act(gate)
+    intermediate = model.config.intermediate_size
+    tokens = collate(examples, tok.pad_token_id).input_ids.numel()
+    assert kept_bytes(False) - kept_bytes(True) >= intermediate * 4 * tokens

@@ -40,7 +40,7 @@ def test_shape_from_a_transformers_config():
 
 def test_bytes_per_token_of_llama_8b():
     # norms 2*4*4096 = 32768; attention (2*32 + 2*8)*128*2 = 20480; MLP 3*14336*2 = 86016
-    assert LLAMA_8B.kept_per_layer == 139264  # 136 KiB (147 KiB measured with saved_tensors_hooks)
+    assert LLAMA_8B.kept_per_layer() == 139264  # 136 KiB (147 KiB measured with saved_tensors_hooks)
     # transient 4*14336*2 + 8*4096 = 147456; embedding + final norm 4096*(2+4) = 24576
     assert LLAMA_8B.pass_bytes_per_token(0) == 32 * 139264 + 147456 + 24576 == 4628480
     # 8 layers recomputed: 24 keep everything, 8 keep their input (4096*2), one is rebuilt at a time
@@ -119,3 +119,14 @@ def test_usable_memory():
 @pytest.mark.parametrize(("tokens", "expected"), [(0, 1), (1, 1), (255, 255), (256, 256), (8191, 7936)])
 def test_round_budget(tokens, expected):
     assert round_budget(tokens) == expected
+
+
+def test_lean_activations_keep_a_third_less_and_spare_the_recomputation():
+    # norms keep their bf16 input: 2*4096*2 = 16384; attention 20480; MLP gate and up: 2*14336*2 = 57344
+    assert LLAMA_8B.kept_per_layer(lean=True) == 16384 + 20480 + 57344 == 94208  # vs 139264
+    assert LLAMA_8B.pass_bytes_per_token(0, lean=True) == 32 * 94208 + 147456 + 24576 == 3186688
+    # 8 GiB: 7650844160 // 3186688 = 2400 tokens fit without recomputing any layer -> 2304
+    plan = plan_pass(LLAMA_8B, 8 * GiB, lean=True)
+    assert (plan.tokens, plan.recomputed_layers) == (2304, 0)
+    # in float32 the norms' upcast is their input: only the MLP's act(gate) is saved
+    assert SMOLLM2_FP32.kept_per_layer() - SMOLLM2_FP32.kept_per_layer(lean=True) == 1536 * 4

@@ -13,6 +13,12 @@ Both leave the result unchanged (the tests check it against an uninterrupted, un
   hooks included (they are ordinary forward hooks of the layer's linears, so they run again and the
   sigma leaves receive their gradient through the recomputed graph). It costs one more forward of
   those layers; vllm_surgery.memory decides when that pays.
+- LeanActivations keeps less inside every layer, at the price of a few elementwise operations: each
+  RMSNorm runs under torch.utils.checkpoint, so it keeps its (bf16) input instead of its float32
+  upcast; each gated MLP computes act(gate) * up under checkpoint, so it keeps gate and up but not
+  act(gate). The recomputation replays the same operations, so the gradient is the one autograd
+  would give without it. A module is changed only if its class's forward, replayed that way on a
+  probe input, gives bit-identical outputs.
 - Batches are right-padded (calibration.collate) and the model is causal, so no real position ever
   attends to a padding position: the decoder runs with no attention mask at all, which gives the same
   values at every real position and lets SDPA use its causal kernels instead of a materialised mask.
@@ -135,3 +141,78 @@ class RecomputedLayers:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+
+def _gated(act: torch.nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return act(gate) * up
+
+
+def _lean_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    if torch.is_grad_enabled():
+        product = checkpoint(_gated, mlp.act_fn, gate, up, use_reentrant=False)
+    else:
+        product = _gated(mlp.act_fn, gate, up)
+    return mlp.down_proj(product)
+
+
+def _is_gated_mlp(module: torch.nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm")
+
+
+class LeanActivations:
+    """While active, RMSNorms and gated MLPs of the decoder layers keep less for the backward.
+
+    Only modules whose class passes a probe (the lean forward gives bit-identical outputs to the
+    original on a random input) are changed; everything is restored on leaving the block.
+    """
+
+    def __init__(self, model: torch.nn.Module, enabled: bool = True) -> None:
+        self._saved: list[tuple[torch.nn.Module, object]] = []
+        self.modules = 0  # how many were made lean
+        if not enabled:
+            return
+        verdict: dict[type, bool] = {}
+        for layer in decoder_layers(model):
+            for module in layer.modules():
+                if _is_rms_norm(module):  # replays its own forward: the same by construction
+                    lean, probe = functools.partial(_recomputing, module.forward), False
+                elif _is_gated_mlp(module):  # rewritten: checked on a probe input once per class
+                    lean, probe = functools.partial(_lean_mlp_forward, module), True
+                else:
+                    continue
+                if probe and type(module) not in verdict:
+                    verdict[type(module)] = _same_outputs(module, lean)
+                if not probe or verdict[type(module)]:
+                    self._saved.append((module, module.__dict__.get("forward")))
+                    module.forward = lean
+        self.modules = len(self._saved)
+
+    def __enter__(self) -> LeanActivations:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, own in reversed(self._saved):
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+        self._saved.clear()
+
+
+@torch.no_grad()
+def _same_outputs(module: torch.nn.Module, lean) -> bool:
+    """Does `lean` compute exactly what module.forward does, on a random probe input?"""
+    weight = module.gate_proj.weight
+    width = module.gate_proj.in_features
+    probe = torch.randn(1, 2, width, generator=torch.Generator().manual_seed(0)).to(
+        weight.device, weight.dtype
+    )
+    try:
+        return torch.equal(module(probe), lean(probe))
+    except Exception:  # a forward with another signature: left as it is
+        return False

@@ -98,13 +98,16 @@ class ModelShape:
             act_bytes=act_bytes,
         )
 
-    @property
-    def kept_per_layer(self) -> int:
-        """Bytes per token that autograd keeps in one decoder layer (see the module docstring)."""
+    def kept_per_layer(self, lean: bool = False) -> int:
+        """Bytes per token that autograd keeps in one decoder layer (see the module docstring).
+
+        lean: with LeanActivations, the norms keep their input (h a) instead of a float32 copy, and
+        the MLP keeps gate and up but not act(gate).
+        """
         a = self.act_bytes
-        norms = 2 * 4 * self.hidden
+        norms = 2 * (a if lean else 4) * self.hidden
         attention = (2 * self.heads + 2 * self.kv_heads) * self.head_dim * a
-        mlp = 3 * self.intermediate * a
+        mlp = (2 if lean else 3) * self.intermediate * a
         return norms + attention + mlp
 
     @property
@@ -112,12 +115,13 @@ class ModelShape:
         """Working memory per token of the one layer being computed, not kept."""
         return 4 * self.intermediate * self.act_bytes + 8 * self.hidden
 
-    def pass_bytes_per_token(self, recomputed_layers: int = 0) -> int:
+    def pass_bytes_per_token(self, recomputed_layers: int = 0, lean: bool = False) -> int:
         """Peak bytes per token of a sensitivity-pass batch with the first `recomputed_layers` recomputed."""
         k = min(max(recomputed_layers, 0), self.layers)
-        kept = (self.layers - k) * self.kept_per_layer + k * self.hidden * self.act_bytes
+        layer = self.kept_per_layer(lean)
+        kept = (self.layers - k) * layer + k * self.hidden * self.act_bytes
         if k:
-            kept += self.kept_per_layer  # the recomputed layer whose backward is running
+            kept += layer  # the recomputed layer whose backward is running
         # + the embedding output and the final norm's float32 copy, kept for the whole batch
         return kept + self.transient + self.hidden * (self.act_bytes + 4)
 
@@ -231,6 +235,7 @@ def plan_pass(
     *,
     scale: float = 1.0,
     recompute: str = "auto",
+    lean: bool = False,
     max_tokens: int = MAX_CUDA_PASS_TOKENS,
     efficient_tokens: int = EFFICIENT_CUDA_PASS_TOKENS,
 ) -> BudgetPlan:
@@ -239,6 +244,7 @@ def plan_pass(
     scale: measured / estimated bytes per token (>= 1 makes the plan more careful; < 1 is ignored).
     recompute: "auto" recomputes the fewest first layers that let `efficient_tokens` fit when the cap
         does not fit without; "off" never; "all" every layer.
+    lean: the layers run under LeanActivations.
     """
     if recompute not in ("auto", "off", "all"):
         raise ValueError(f"recompute must be auto, off or all, got {recompute!r}")
@@ -246,7 +252,7 @@ def plan_pass(
     room = max(0, usable - shape.logits_bytes)
 
     def fit(k: int) -> tuple[int, int]:
-        per_token = math.ceil(shape.pass_bytes_per_token(k) * scale)
+        per_token = math.ceil(shape.pass_bytes_per_token(k, lean) * scale)
         return room // per_token, per_token
 
     if recompute == "all":

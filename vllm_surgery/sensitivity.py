@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .activations import RecomputedLayers, backward_answer_loss
+from .activations import LeanActivations, RecomputedLayers, backward_answer_loss
 from .adapted_model import AdaptedModel
 from .calibration import Example, collate
 from .memory import (
@@ -64,6 +64,7 @@ def plan_batches(
     recompute: str = "auto",
     scale: float = 1.0,
     memory: DeviceMemory | None = None,
+    lean: bool = False,
 ) -> BudgetPlan:
     """The token budget of a pass (or, with evaluation=True, of a held-out evaluation) on `device`.
 
@@ -78,7 +79,7 @@ def plan_batches(
     shape = ModelShape.of(model.config, activation_bytes(model, device))
     if evaluation:
         return plan_evaluation(shape, memory.usable())
-    return plan_pass(shape, memory.usable(), scale=scale, recompute=recompute)
+    return plan_pass(shape, memory.usable(), scale=scale, recompute=recompute, lean=lean)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class PassStats:
     final_batch_tokens: int = 0  # after any back-off
     budget_source: str = ""
     recomputed_layers: int = 0
+    lean_modules: int = 0  # norms and MLPs run under LeanActivations
     backoffs: list[str] = field(default_factory=list)
     peak_bytes: int | None = None  # CUDA: max allocated above the level at the start
 
@@ -112,11 +114,14 @@ def compute_sensitivities(
     pad_id: int = 0,
     progress: bool = True,
     recompute: str = "auto",
+    lean: str = "auto",
     memory: DeviceMemory | None = None,
 ) -> tuple[dict[str, torch.Tensor], PassStats]:
     """g[name][k] = dL/dsigma_k for every module whose sigma is free in `adapted` (float32, on CPU).
 
     recompute: "auto" (recompute decoder layers only where memory is short), "off" or "all".
+    lean: LeanActivations "on", "off", or "auto" (on with CUDA: on the CPU the extra elementwise work
+        costs more time than the memory it saves is worth).
     memory: the device's memory counters (default: CUDA's; none on the CPU, where the budget is fixed).
     Raises DeviceMemoryError when a single example does not fit in the device's memory.
     """
@@ -131,7 +136,10 @@ def compute_sensitivities(
     memory = memory or device_memory(device)
     if memory is not None:
         memory.start()  # the first batch's peak is the probe; the whole pass's is reported
-    plan = plan_batches(model, device, max_batch_tokens, recompute=recompute, memory=memory)
+    if lean not in ("auto", "on", "off"):
+        raise ValueError(f"lean must be auto, on or off, got {lean!r}")
+    lean_on = lean == "on" or (lean == "auto" and device.type == "cuda")
+    plan = plan_batches(model, device, max_batch_tokens, recompute=recompute, memory=memory, lean=lean_on)
     budget = TokenBudget(plan)
     acc: dict[str, torch.Tensor] = {}
     bar = tqdm(total=total, desc="sensitivity", unit="tok", disable=not progress, leave=False)
@@ -172,7 +180,10 @@ def compute_sensitivities(
     start = time.perf_counter()
     model.eval()
     log.info("sensitivity pass: %s", plan.describe())
-    with RecomputedLayers(model, plan.recomputed_layers) as recomputing:
+    with (
+        LeanActivations(model, lean_on) as leaner,
+        RecomputedLayers(model, plan.recomputed_layers) as recomputing,
+    ):
         batches, padded = run_in_batches(
             examples,
             budget,
@@ -201,6 +212,7 @@ def compute_sensitivities(
         final_batch_tokens=budget.tokens,
         budget_source=plan.source,
         recomputed_layers=plan.recomputed_layers,
+        lean_modules=leaner.modules,
         backoffs=list(budget.backoffs),
         peak_bytes=peak,
     )
