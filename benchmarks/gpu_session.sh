@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of the sensitivity pass (issue 9) in ONE device call of about 6-8 minutes:
+# Every GPU figure of the sensitivity pass (issue 9) in ONE device call: about 6 minutes expected,
+# at most 530 s of steps (each has its own time limit):
 #   1. the Llama-3.1-8B-shaped workload (random bf16, LoRA r16 on 7 projections, residual scope,
 #      128 synthetic examples), variants BUDGET/RECOMPUTE/LEAN of our pass: the defaults (planned budget,
 #      recompute and lean activations auto), every decoder layer recomputed, neither lean nor
@@ -48,10 +49,10 @@ step() {  # step NAME TIMEOUT_S ARGS...: run one benchmark invocation, log it, r
 torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 } 2>&1 | tee "$OUT/versions.txt"
 
-step llama8b 420 --llama8b-shape --simulate-card 80 --profile \
+step llama8b 330 --llama8b-shape --simulate-card 80 --profile \
     --variants auto/auto/auto,auto/all/auto,auto/off/off,4096/off/off,4096/off/auto,2048/off/auto
-step card-1b-24gb 120 --card-check 1b-24gb
-step card-8b-80gb 150 --card-check 8b-80gb
+step card-1b-24gb 90 --card-check 1b-24gb
+step card-8b-80gb 110 --card-check 8b-80gb
 
 {
     echo "## Sensitivity pass on a GPU (benchmarks/gpu_session.sh, $(date -u +%Y-%m-%d))"
