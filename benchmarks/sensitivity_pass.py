@@ -567,6 +567,10 @@ def matmul_rate(model: torch.nn.Module, device: torch.device) -> float:
     return flops / best
 
 
+def fmt_rate(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -921,7 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"adapter   {adapter_dir if args.adapter else 'random r=16 alpha=32, all 7 projections'}",
         f"edited    {len(edited)} modules (o_proj, down_proj), {sum(s.sigma.numel() for s in spectra.values())} sigmas",
         f"data      {data_name}: {len(examples)} examples, {tokens} tokens, {answer_tokens} answer tokens",
-        f"matmul    {rate / 1e12:.1f} TFLOP/s measured ({'bf16' if device.type == 'cuda' else 'float32'}, "
+        f"matmul    {fmt_rate(rate)} measured ({'bf16' if device.type == 'cuda' else 'float32'}, "
         "the MLP's shape)",
         "memory    "
         + (
@@ -1056,7 +1060,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0,
         f"FLOP floor: 4 x {body / 1e6:,.0f}M body params x {tokens} tokens + 4 x {head / 1e6:,.0f}M lm_head "
         f"params x {answer_tokens} answer tokens = {floor / 1e12:,.2f} TFLOP = {floor / rate:.2f} s at "
-        f"{rate / 1e12:.1f} TFLOP/s",
+        f"{fmt_rate(rate)}",
     )
     if eval_line:
         lines.append(eval_line)

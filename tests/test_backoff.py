@@ -219,15 +219,16 @@ class CountingMemory(DeviceMemory):
         return self.largest * self.per_token
 
 
-def test_planned_budget_probes_first_then_replans_with_the_measured_cost(setup):
+@pytest.mark.parametrize("lean", ["off", "on"])
+def test_planned_budget_probes_first_then_replans_with_the_measured_cost(setup, lean):
     model = setup[-1]
     want, _ = sensitivities(setup, max_batch_tokens=ONE_BATCH)
     shape = memory.ModelShape.of(model.config, 4)
-    per_token = shape.pass_bytes_per_token(0)
+    per_token = shape.pass_bytes_per_token(0, lean=lean == "on")
     # room for exactly 256 tokens at the estimate; the first batch is a probe of at most 256 / 4
     counters = CountingMemory(model, shape.logits_bytes + 256 * per_token, 2 * per_token)
     try:
-        got, stats = sensitivities(setup, recompute="off", memory=counters)
+        got, stats = sensitivities(setup, recompute="off", lean=lean, memory=counters)
     finally:
         counters.handle.remove()
     assert counters.batches[0] <= 64

@@ -170,7 +170,7 @@ def compute_sensitivities(
         measured = memory.peak() / probe["padded"]
         estimate = plan.bytes_per_token or measured
         plan = plan_batches(
-            model, device, None, recompute=recompute, scale=measured / estimate, memory=memory
+            model, device, None, recompute=recompute, scale=measured / estimate, memory=memory, lean=lean_on
         )
         log.info("sensitivity pass: measured %.2f MiB per token; %s", measured / 2**20, plan.describe())
         budget.tokens = min(budget.tokens, plan.tokens)
