@@ -43,11 +43,6 @@ from .memory import (
 log = logging.getLogger(__name__)
 
 
-def default_batch_tokens(device: torch.device) -> int:
-    """The CPU's measured budget; on CUDA the budget is planned from free memory (see plan_batches)."""
-    return CPU_BATCH_TOKENS
-
-
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (tensor cores); exact float32 elsewhere."""
     if device.type == "cuda":
