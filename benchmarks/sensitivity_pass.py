@@ -968,6 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pad_id=pad_id,
                     progress=False,
                     recompute=v.recompute,
+                    lean=v.lean,
                 )
 
             if device.type != "cuda":
