@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,15 +126,18 @@ def test_usable_since_counts_examples_that_became_usable_after_a_time(db: SQLite
                              prompt="p", completion="c", sampling={}, created=created, calibratable=True)  # fmt: skip
 
     ids = db.insert([rec(i, 10.0 + i) for i in range(6)])
+    empty = db.insert([replace(rec(6, 16.0), completion=" "), replace(rec(7, 17.0), completion="")])
+    db.add_feedback(empty[0], "good", None, created=90.0)  # good, but nothing was answered: not usable
+    db.add_feedback(empty[1], None, "the answer", created=90.0)  # a corrected empty answer: usable
     db.add_feedback(ids[0], "good", None, created=20.0)  # before
     db.add_feedback(ids[1], "good", None, created=50.0)  # after
     db.add_feedback(ids[2], None, "fixed", created=60.0)  # a correction, after
     db.add_feedback(ids[3], "bad", None, created=70.0)  # bad: never usable
     db.add_feedback(ids[0], "bad", "better", created=80.0)  # corrected later: newly usable
-    assert db.usable_since("a", 40.0, include_unrated=False) == 3
-    assert db.usable_since("a", 0.0, include_unrated=False) == 3
-    assert db.usable_since("a", 0.0, include_unrated=True) == 5  # + r4, r5 (never rated)
-    assert db.usable_since("a", 14.5, include_unrated=True) == 4  # r5 recorded at 15
+    assert db.usable_since("a", 40.0, include_unrated=False) == 4
+    assert db.usable_since("a", 85.0, include_unrated=False) == 1
+    assert db.usable_since("a", 0.0, include_unrated=True) == 6  # + r4, r5 (never rated)
+    assert db.usable_since("a", 14.5, include_unrated=True) == 5  # r5 recorded at 15
     assert db.usable_since("b", 0.0, include_unrated=True) == 0
 
 

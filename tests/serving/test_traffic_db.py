@@ -202,6 +202,9 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
         ]
     )
     db.insert([record("f")])  # unrated
+    empty = db.insert([record("g", completion=" "), record("h", completion="\n"), record("i", completion="")])
+    db.add_feedback(empty[0], "good", None)  # good, but nothing was answered: not usable
+    db.add_feedback(empty[1], None, "the answer")  # a corrected empty answer: usable
     db.add_feedback(a, "good", None)
     db.add_feedback(b, "bad", None)
     db.add_feedback(c, "bad", "fixed")
@@ -209,9 +212,10 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
     db.add_feedback(e, None, "fixed too")
     rows = {(s.adapter, s.version): s for s in db.stats()}
     orig = rows[("x", "original")]
-    # records a b c d f; rated a b c d; good a d; bad b c; corrected c; usable a c; unrated usable f
+    # records a b c d f g h i; rated a b c d g; good a d g; bad b c; corrected c h; usable a c h;
+    # unrated usable f (i is unrated but empty)
     assert (orig.records, orig.rated, orig.good, orig.bad, orig.corrected, orig.usable, orig.unrated_usable) == (
-        5, 4, 2, 2, 1, 2, 1,
+        8, 5, 3, 2, 2, 3, 1,
     )  # fmt: skip
     v2 = rows[("x", "v2")]
     assert (v2.records, v2.rated, v2.corrected, v2.usable) == (1, 0, 1, 1)

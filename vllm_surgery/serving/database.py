@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeryError
-from .job_queue import JOBS_SCHEMA, JobQueue, SQLiteJobQueue
+from .job_queue import ANSWERED, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
 
 BUSY_TIMEOUT_S = 30.0
 RATINGS = ("good", "bad")
@@ -466,8 +466,8 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
             "SELECT t.adapter, t.version, COUNT(*), "
             "COALESCE(SUM(f.rating IS NOT NULL), 0), COALESCE(SUM(f.rating = 'good'), 0), "
             "COALESCE(SUM(f.rating = 'bad'), 0), COALESCE(SUM(f.correction IS NOT NULL), 0), "
-            "COALESCE(SUM(t.calibratable AND (f.correction IS NOT NULL OR f.rating = 'good')), 0), "
-            "COALESCE(SUM(t.calibratable AND f.id IS NULL), 0), MIN(t.created), MAX(t.created) "
+            f"COALESCE(SUM(t.calibratable AND (f.correction IS NOT NULL OR (f.rating = 'good' AND {ANSWERED}))), 0), "
+            f"COALESCE(SUM(t.calibratable AND f.id IS NULL AND {ANSWERED}), 0), MIN(t.created), MAX(t.created) "
             f"FROM traffic t {_LATEST} {where} GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
             params,
         )

@@ -86,6 +86,9 @@ JOBS_SCHEMA = (
     "CREATE INDEX feedback_created ON feedback (created)",
 )
 
+# A completion that is an answer (not only whitespace): what rated-good and unrated records need to be
+# usable (a correction is the answer itself). Used by database.stats too.
+ANSWERED = "TRIM(t.completion, ' ' || char(9, 10, 13)) != ''"
 _COLUMNS = (
     "id, adapter, trigger, state, spec, dedupe_key, created, started, finished, lease_owner, "
     "lease_expires, heartbeat, attempts, max_attempts, error, result, swap, swap_error"
@@ -419,14 +422,14 @@ class SQLiteJobQueue(JobQueue):
         rated = self._query(
             "SELECT COUNT(*) FROM feedback f JOIN traffic t ON t.id = f.traffic_id "
             f"WHERE t.adapter = ? AND t.calibratable AND f.created > ? AND {latest} "
-            "AND (f.correction IS NOT NULL OR f.rating = 'good')",
+            f"AND (f.correction IS NOT NULL OR (f.rating = 'good' AND {ANSWERED}))",
             (adapter, since),
         )[0][0]
         unrated = 0
         if include_unrated:
             unrated = self._query(
                 "SELECT COUNT(*) FROM traffic t WHERE t.adapter = ? AND t.created > ? AND t.calibratable "
-                "AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.traffic_id = t.id)",
+                f"AND {ANSWERED} AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.traffic_id = t.id)",
                 (adapter, since),
             )[0][0]
         return int(rated) + int(unrated)
