@@ -134,6 +134,7 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
         ({}, "exactly one of"),
         ({"records": RECORDS, "calibration": "a.jsonl"}, "exactly one of"),
         ({"records": []}, "non-empty list"),
+        ({"records": [*RECORDS, {"prompt": "3 +"}]}, "record 2: missing 'completion'"),
         ({"records": RECORDS, "policy": "nope"}, "unknown policy"),
         ({"records": RECORDS, "heldout_fraction": 1.5}, "heldout_fraction"),
         ({"records": RECORDS, "heldout_fraction": "x"}, "invalid settings: heldout_fraction must be"),

@@ -267,6 +267,10 @@ def test_traffic_with_feedback_is_refined_and_swapped_in_without_a_person(server
     status, shown = server.get(f"/v1/surgery/jobs/{job['id']}")
     assert status == 200 and (shown["state"], shown["version"], shown["swap"]) == ("accepted", version, "done")
     assert shown["quality_after"]["loss"] == pytest.approx(after) and "records" not in json.dumps(shown["spec"])
+    # the same refinement asked by a person: answered from the store at once, nothing queued
+    status, hit = server.post("/v1/surgery/adapters/gain/refine", {"from_traffic": True, **JOB_SETTINGS}, ADMIN)
+    assert status == 200 and hit["cached"] and (hit["decision"], hit["version"]) == ("accept", version), hit
+    assert hit["served_version"] == version and len(jobs(setup, "adapter = 'gain'")) == 1
 
 
 def test_an_adapters_own_calibration_file_refines_it_on_first_load(server, setup, first_worker) -> None:

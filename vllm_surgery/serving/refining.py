@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import load_adapter
+from ..calibration import check_record
 from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
 from . import metrics
 from .database import DatabaseError
@@ -137,6 +138,11 @@ def parse_request(
         records = body["records"]
         if not isinstance(records, list) or not records:
             raise RefineError("'records' must be a non-empty list of objects", HTTPStatus.BAD_REQUEST)
+        try:  # shapes now, naming the record; tokens when the job runs
+            for i, record in enumerate(records):
+                check_record(record, f"record {i}")
+        except CalibrationError as e:
+            raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
         digest = records_sha256(records)
         source = {"source": "records", "records": records, "sha256": digest}
         return RefineRequest(config, fields, source, digest, len(records), swap)
