@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from . import activations
 from .adapter import LoraAdapter
 from .base_model import check_adapter_fits, check_not_quantized, layer_shapes
 from .calibration import Batch
@@ -254,15 +255,22 @@ class AdaptedModel:
         """Cross-entropy (float32) of every answer token, with logits only where an answer token is predicted.
 
         Skipping the vocabulary projection at prompt and padding positions saves most of the memory
-        and much of the time of a full forward pass with labels. The first call checks the logits
-        against the model's own forward (check_logits).
+        and much of the time of a full forward pass with labels (see `activations`). The first call
+        checks the logits against the model's own forward (check_logits).
         """
+        self._check_logits_once(batch)
+        return activations.answer_losses(self, batch)
+
+    def backward_answer_loss(self, batch: Batch, total: int) -> torch.Tensor:
+        """Backpropagate sum(answer-token losses of `batch`) / total into the sigma leaves; returns the
+        (detached) losses. The first call checks the logits against the model's own forward."""
+        self._check_logits_once(batch)
+        return activations.backward_answer_loss(self, batch, total)
+
+    def _check_logits_once(self, batch: Batch) -> None:
         if not self._logits_checked:
             self.check_logits(batch)
             self._logits_checked = True
-        hidden = self._hidden(batch.input_ids, batch.attention_mask)
-        logits = self.output_logits(hidden[batch.rows, batch.cols])
-        return F.cross_entropy(logits, batch.targets, reduction="none")
 
     def _model_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}

@@ -110,7 +110,7 @@ class SurgeryConfig:
     )
     max_batch_tokens: int | None = _setting(
         None,
-        help="token budget per batch",
+        help="token budget per batch (default: planned from free GPU memory and the model's shape on CUDA, 512 on the CPU; an out-of-memory batch halves it for the rest of the run)",
         affects_result=False,
         cli={"flag": "--batch-tokens", "type": int, "metavar": "BATCH_TOKENS"},
     )

@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapted_model import AdaptedModel
-from .calibration import Example, collate, token_budget_batches
-from .sensitivity import autocast_for, default_batch_tokens
+from .calibration import Example, collate
+from .memory import TokenBudget, run_in_batches
+from .sensitivity import autocast_for, plan_batches
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,15 @@ class Quality:
         return d
 
 
+def evaluation_budget(adapted: AdaptedModel, max_batch_tokens: int | None = None) -> TokenBudget:
+    """A token budget for held-out evaluations, to share between the evaluations of one run.
+
+    No graph is kept, so on CUDA it is planned far larger than the sensitivity pass's; a back-off
+    taken by one evaluation holds for the later ones.
+    """
+    return TokenBudget(plan_batches(adapted.model, adapted.device, max_batch_tokens, evaluation=True))
+
+
 @torch.inference_mode()
 def heldout_quality(
     adapted: AdaptedModel,
@@ -53,19 +63,30 @@ def heldout_quality(
     pad_id: int = 0,
     progress: bool = False,
     desc: str = "held-out",
+    budget: TokenBudget | None = None,
 ) -> Quality:
-    """Token-weighted mean answer loss, the same quantity the sensitivity pass differentiates."""
+    """Token-weighted mean answer loss, the same quantity the sensitivity pass differentiates.
+
+    budget: shared by the evaluations of one run (see evaluation_budget); made here when None.
+    Raises DeviceMemoryError when a single example does not fit in the device's memory.
+    """
     device = adapted.device
-    budget = max_batch_tokens or default_batch_tokens(device)
+    budget = budget or evaluation_budget(adapted, max_batch_tokens)
     sums = torch.zeros(len(examples), dtype=torch.float64)
     counts = torch.zeros(len(examples), dtype=torch.float64)
-    for idx in tqdm(token_budget_batches(examples, budget), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, leave=False)
+
+    def step(idx: list[int]) -> None:
         batch = collate([examples[i] for i in idx], pad_id, device)
         with autocast_for(device):
             losses = adapted.answer_losses(batch).double().cpu()
         owner = torch.tensor(idx, dtype=torch.long)[batch.example_index.cpu()]
-        sums.index_add_(0, owner, losses)
+        sums.index_add_(0, owner, losses)  # only once the whole batch succeeded
         counts.index_add_(0, owner, torch.ones_like(losses))
+        bar.update(len(idx))
+
+    run_in_batches(examples, budget, step, device=device, what=f"{desc} evaluation")
+    bar.close()
     total = float(counts.sum())
     return Quality(
         loss=float(sums.sum()) / total,

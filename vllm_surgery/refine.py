@@ -25,7 +25,7 @@ from .base_model import check_base_model
 from .calibration import load_calibration, split_heldout
 from .config import SurgeryConfig, select_modules
 from .errors import AdapterError, ConfigError, SurgeryError
-from .evaluation import Quality, heldout_quality
+from .evaluation import Quality, evaluation_budget, heldout_quality
 from .gate import GateResult, decide
 from .policies import constrain, policy_params, reweight
 from .precision import compute_dtype
@@ -253,6 +253,7 @@ def refine(
         before: Quality | None = None
         scores: dict[str, Quality] = {}
         if heldout:
+            batch["budget"] = evaluation_budget(adapted, config.max_batch_tokens)  # one for all versions
             before = heldout_quality(
                 adapted, heldout, progress=config.progress, desc="held-out original", **batch
             )
@@ -316,6 +317,12 @@ def refine(
             "batches": stats.batches,
             "padding_fraction": 1 - stats.tokens / max(stats.padded_tokens, 1),
             "device": str(device),
+            "batch_tokens": stats.batch_tokens,
+            "budget_source": stats.budget_source,
+            "recomputed_layers": stats.recomputed_layers,
+            "evaluation_batch_tokens": batch["budget"].plan.tokens if "budget" in batch else None,
+            # out-of-memory back-offs of the pass and of the evaluations (the results do not change)
+            "backoffs": stats.backoffs + (batch["budget"].backoffs if "budget" in batch else []),
         },
         gate=gate.to_dict() if gate else {},
     )
