@@ -8,9 +8,9 @@ test_hotswap_unit.py). The real processes are tested by the slow test_worker.py.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import vllm_surgery
 from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
 from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
 from vllm_surgery.serving.jobs import job_spec, records_sha256
@@ -27,7 +28,10 @@ from vllm_surgery.serving.store import VersionStore
 from vllm_surgery.serving.worker import RefinementWorker, WorkerOptions, WorkerStopped
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
 
-refine_module = importlib.import_module("vllm_surgery.refine")  # the package exports the function refine
+# The package exports the function `refine` lazily: resolve that export before touching the submodule,
+# or importing the submodule first would leave the package attribute `refine` pointing at the module.
+assert callable(vllm_surgery.refine)
+refine_module = sys.modules["vllm_surgery.refine"]
 UNREACHABLE = "http://127.0.0.1:9"  # nothing listens on the discard port
 
 

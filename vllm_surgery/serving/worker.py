@@ -37,13 +37,15 @@ Sizing (one GPU shared with vLLM, another GPU, or the CPU):
   the worker on the same GPU, lower it so the worker fits in what is left: its own copy of the base
   model (bf16: 2 bytes per parameter, e.g. 16 GB for an 8B model) plus the sensitivity pass's
   activations, which grow with the token budget. For an 8B model on an 80 GB card, vLLM at 0.6 leaves
-  about 30 GB: 16 GB of weights and 14 GB for the pass. The token budget (``max_batch_tokens``) is
-  refine()'s to choose from the memory it finds; set it by hand in the refine body or in
-  ``refine_settings`` (e.g. {"max_batch_tokens": 2048}) to use less.
+  about 30 GB: 16 GB of weights and 14 GB for the pass. refine() plans the token budget
+  (``max_batch_tokens``) from the memory it finds free on the card when the job runs, and halves it on
+  an out-of-memory error; set it by hand in the refine body or in ``refine_settings`` (e.g.
+  {"max_batch_tokens": 2048}) to use less than what is free.
 - Another GPU: ``--device cuda:1``; vLLM keeps its default utilisation on its own card.
 - The CPU: ``--device cpu`` (float32; slow for large models, fine for small ones and for tests).
-- A job that does not fit (CUDA out of memory, or refine's own "does not fit" error) fails with a
-  message that says what to change; the adapter keeps serving its current version.
+- A job that does not fit (CUDA out of memory that refine's budget back-off could not absorb, or its
+  DeviceMemoryError: not even one example fits) fails with a message that says what to change; the
+  adapter keeps serving its current version.
 
 Usage::
 
@@ -124,7 +126,7 @@ def out_of_memory_message(device: Any, error: BaseException) -> str:
 def _out_of_memory_types() -> tuple[type[BaseException], ...]:
     import torch
 
-    return (torch.OutOfMemoryError, MemoryError)  # refine's own "does not fit" error is a MemoryError
+    return (torch.OutOfMemoryError, MemoryError)  # errors.DeviceMemoryError (the planner: nothing fits) is one
 
 
 # ----------------------------------------------------------------------------- base models
