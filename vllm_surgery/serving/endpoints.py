@@ -19,12 +19,13 @@ Routes (JSON):
   feedback (see `traffic_api`; recording itself is `capture` and `traffic`)
 
 Every bad request answers 4xx with ``{"error": {"message", "type", "code"}}``, never a 500 or a
-traceback: 202 (a refinement queued), 400 (bad name, or a body that is not JSON, nested too deeply, of the wrong types or with
+traceback: 400 (bad name, or a body that is not JSON, nested too deeply, of the wrong types or with
 unknown fields), 403 (no admin token), 404 (unknown adapter or version), 409 (stale, unservable by
 decision, nothing to roll back to, no usable traffic to refine from), 413 (body too large: refused before it is read whole), 422
 (the version cannot be served here: corrupt, NaN, rank above --max-lora-rank, shapes that do not fit
 the base model, weights that overflow the serving dtype; the old version keeps serving). 500 only when
-the engine itself refuses a load that passed every check (the old version keeps serving).
+the engine itself refuses a load that passed every check (the old version keeps serving); 503 when the
+job database cannot be used (refine and the job routes only).
 
 Enabling: vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (`vllm-surgery-serve` adds
 this one when VLLM_PLUGINS is unset, see `launcher`).
