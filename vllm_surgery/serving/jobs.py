@@ -141,7 +141,7 @@ def describe_job(job: Job) -> dict[str, Any]:
         "quality_before": result.get("quality_before"),
         "quality_after": result.get("quality_after"),
         "gate": result.get("gate"),
-        "calibration_examples": result.get("calibration"),
+        "calibration": result.get("calibration"),
         "timings": result.get("timings") or {},
         "reused": result.get("reused"),
         "spec": {
