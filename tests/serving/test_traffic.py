@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server import REQUEST_TIMEOUT_S, Server, start_server, stop
 
 from vllm_surgery.cli import main as cli
+from vllm_surgery.serving.database import SCHEMA_VERSION
 from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
 pytestmark = pytest.mark.slow
@@ -427,10 +428,12 @@ def test_export_then_refine_from_the_exported_file(server: Server, setup: dict, 
 
 
 def test_refine_route_from_traffic(server: Server) -> None:
-    body = {"from_traffic": True, "include_unrated": True, "force": True, "modules": "all", "swap": False}
+    body = {"from_traffic": True, "include_unrated": True, "modules": "all", "swap": False}
     status, got = server.post("/v1/surgery/adapters/x/refine", body, ADMIN)
-    assert status == 200, got
-    assert got["decision"] == "forced" and got["version"] and got["swapped"] is False
+    assert status == 202, got  # queued for a worker, with the adapter's set built when it runs
+    assert got["state"] == "queued" and got["examples"] > 30, got
+    source = got["job"]["spec"]["calibration"]
+    assert source["source"] == "adapter" and source["include_unrated"] is True and got["job"]["spec"]["swap"] is False
     status, got = server.post("/v1/surgery/adapters/r/refine", {"from_traffic": True}, ADMIN)
     assert status == 409 and "no usable calibration examples" in got["error"]["message"], got
     status, got = server.post("/v1/surgery/adapters/x/refine", {"from_traffic": True, "records": []}, ADMIN)
@@ -448,7 +451,7 @@ def test_sigkill_keeps_every_committed_record_and_the_schema(server: Server, set
     try:
         conn = sqlite3.connect(setup["db"])
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()
         assert db_rows(setup) == committed
