@@ -444,19 +444,12 @@ def print_summary(
             mark = "*" if policy == result.policy else " "
             print(
                 f"  {mark} {policy:<16} {row['loss']:.4f}  {100 * row['relative_improvement']:+6.2f}% "
-                f"(± {100 * row['relative_improvement_se']:.2f}% SE)"
+                f"(± {100 * row['relative_improvement_se']:.2f}% SE, p = {row['p_value']:.2g} corrected)"
             )
-        chosen = result.candidates.get(result.policy)
-        if (
-            chosen
-            and result.decision != "keep_original"
-            and chosen["relative_improvement"] < 2 * chosen["relative_improvement_se"]
-        ):
-            print(
-                f"  note: the gain is under 2 standard errors of the paired per-example difference on "
-                f"{cal['heldout_examples']} held-out examples, so it may be noise (more --calibration data "
-                "sharpens the check)"
-            )
+        print(
+            f"    accepted only with a gain of at least {100 * result.config['min_improvement']:.2f}% and "
+            f"p <= {result.config['max_false_accept']:g} ({cal['heldout_examples']} held-out examples)"
+        )
     print(f"\nexact match on {args.test} unseen test problems:")
     labels = {
         "base": "base model, no adapter",
