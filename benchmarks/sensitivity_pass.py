@@ -1,38 +1,92 @@
-"""Benchmark: our sensitivity pass against the straightforward implementation the paper's authors use.
+"""Benchmark: our sensitivity pass against the paper's code path, each checked against float32.
 
-Both compute the same quantity on the same model, adapter and calibration examples, in one process:
+Both compute dL/dsigma on the same model, adapter and calibration examples, in one process:
 
   ours   compute_sensitivities() on an AdaptedModel, exactly as refine() calls it: forward hooks with a
-         free sigma leaf, no weight gradient anywhere, token-budget batches sorted by length, logits
-         only at answer positions, gradients read from the device once at the end.
-  naive  base model + PeftModel.from_pretrained(..., is_trainable=True); o_proj and down_proj of every
-         layer reparametrised so that B @ A = U diag(sigma) V^T with sigma an nn.Parameter; every LoRA
-         A and B keeps requires_grad=True; fixed batches of 2 examples in file order; an ordinary
-         model(input_ids, attention_mask, labels=...) forward (full-vocabulary logits at every
-         position); after every step each sigma gradient is copied to the host and accumulated.
+         free sigma leaf, no weight gradient anywhere, token-budget batches sorted by length (the
+         budget planned from free memory on CUDA, or --batch-tokens), answer logits in chunks,
+         decoder layers recomputed where memory is short (--recompute), gradients read once.
+  naive  the paper's code path, as facts (GPU issue 9): the base model in fp16 (float32 on the CPU),
+         PeftModel.from_pretrained(..., is_trainable=True) with every LoRA A/B requiring grad; on each
+         edited LoRA-wrapped module a forward hook keeping input * attention mask and a full backward
+         hook computing ((dL/dy) @ U * (x @ V)).sum(0) * scaling in float32, reading
+         attention_mask.sum().item() and adding the result to a host accumulator with .cpu(); batches of
+         2 in file order, right-padded; model(input_ids, attention_mask, labels) with full-vocabulary
+         logits; loss.item() every step. Its loss is each batch's mean, so it computes the sum over
+         batches of d(batch mean)/dsigma: not our quantity (the mean over all answer tokens).
 
-For a fair speed comparison the naive loss per batch is sum(answer-token CE) / (answer tokens of the
-whole set), which transformers computes when given num_items_in_batch (what its Trainer passes), so
-both paths must give the same dL/dsigma; the script exits non-zero if they do not.
+Correctness: a float32 reference, one example at a time, gives d(sum of the example's answer-token
+loss)/dsigma on a subset (--check-examples); from it follow both paths' quantities exactly, and each
+path run on that subset is compared with its own (cosine, worst module's cosine, max relative error).
+On the CPU everything is float32 and must agree to --rtol; with bf16/fp16 the errors are reported.
 
-Measured for each: answer tokens/s of (1) one whole pass, and on the CPU (2) per-batch timings taken
-in turns between the passes, best of --rounds, summed (robust to other load on a shared machine);
-peak memory above the level before the pass (CUDA: max_memory_allocated; CPU: sampled RSS in a
-separate pass with glibc made to return freed memory, see allocator_mode and heaviest).
+Measured for each: answer tokens/s of one whole pass (CUDA: the first in the process and a warm one;
+CPU: also per-batch timings taken in turns between the passes, best of --rounds, summed, robust to
+other load on a shared machine); peak memory above the level before the pass (CUDA:
+max_memory_allocated; CPU: sampled RSS in a separate pass with glibc made to return freed memory, see
+allocator_mode and heaviest); the ratio to the FLOP floor at a measured plain matmul rate.
 
 Run:  .venv/bin/python benchmarks/sensitivity_pass.py                   (SmolLM2-135M, HumanEval, CPU)
-      .venv/bin/python benchmarks/sensitivity_pass.py --batch-tokens 256,512,1024,2048 --rounds 2
-      .venv/bin/python benchmarks/sensitivity_pass.py --llama8b-shape   (CUDA: random 8B-shaped Llama)
+      .venv/bin/python benchmarks/sensitivity_pass.py --batch-tokens 256,512,1024 --rounds 2
+      python benchmarks/sensitivity_pass.py --llama8b-shape             (CUDA: random 8B-shaped Llama)
+      python benchmarks/sensitivity_pass.py --card-check 1b-24gb        (defaults on a simulated card)
+      bash benchmarks/gpu_session.sh                                    (everything, one GPU call)
 See benchmarks/RESULTS.md for measured numbers.
 """
 
 from __future__ import annotations
 
-# glibc's malloc is configured through ctypes before torch allocates anything (see allocator_mode).
+import argparse
+import copy
 import ctypes
 import ctypes.util
+import datetime
+import gc
+import json
 import os
+import platform
+import random
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from vllm_surgery.adapted_model import AdaptedModel
+from vllm_surgery.adapter import LoraAdapter, load_adapter
+from vllm_surgery.calibration import Example, collate, load_calibration, token_budget_batches
+from vllm_surgery.config import select_modules
+from vllm_surgery.evaluation import evaluation_budget, heldout_quality
+from vllm_surgery.sensitivity import compute_sensitivities, plan_batches
+from vllm_surgery.spectral import Spectrum, lora_svd
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NAIVE_BATCH = 2
+# Llama-3.1-8B and Llama-3.2-1B shapes (random weights: nothing is downloaded); "tiny" stands in for
+# both in --dry-run, which checks on a CPU that every step of the GPU session runs.
+SHAPES = {
+    "8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+    ),
+    "1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+# --------------------------------------------------------------------------------------------------
+# glibc malloc, for the CPU's peak-RSS measurement (never touched on CUDA)
+# --------------------------------------------------------------------------------------------------
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
 
@@ -52,7 +106,7 @@ LIBC = _libc()
 
 
 def allocator_mode(mode: str) -> bool:
-    """Switch glibc malloc between the two ways a pass is measured; False if that is not possible.
+    """Switch glibc malloc between the two ways a CPU pass is measured; False if that is not possible.
 
     "memory": mallopt(M_MMAP_THRESHOLD, 64 KiB), so that the process RSS follows frees. By default
     glibc raises its mmap threshold dynamically (up to 32 MiB) each time a large mmap'ed block is
@@ -66,7 +120,7 @@ def allocator_mode(mode: str) -> bool:
     that would add a large cost shared by both implementations and blur the comparison. So passes
     are timed with the allocator in glibc's steady state (mmap threshold at its 32 MiB dynamic
     maximum, trim threshold at twice that, as glibc sets them), and peak memory is measured in a
-    separate pass.
+    separate pass. Only CPU measurements call this: CUDA runs keep glibc's defaults throughout.
     """
     if LIBC is None:
         return False
@@ -75,38 +129,6 @@ def allocator_mode(mode: str) -> bool:
         LIBC.malloc_trim(0)
         return bool(ok)
     return bool(LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20) and LIBC.mallopt(M_TRIM_THRESHOLD, 64 << 20))
-
-
-MALLOPT_OK = allocator_mode("memory")  # at start, as early as possible: see allocator_mode
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import datetime  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from vllm_surgery.adapted_model import AdaptedModel  # noqa: E402
-from vllm_surgery.adapter import load_adapter  # noqa: E402
-from vllm_surgery.calibration import Example, collate, load_calibration, token_budget_batches  # noqa: E402
-from vllm_surgery.config import select_modules  # noqa: E402
-from vllm_surgery.sensitivity import autocast_for, compute_sensitivities, default_batch_tokens  # noqa: E402
-from vllm_surgery.spectral import lora_svd  # noqa: E402
-
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-NAIVE_BATCH = 2
-# Dense bf16 tensor-core peak of an H100 SXM, only to put the achieved rate in proportion.
-H100_BF16_PEAK = 989e12
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,27 +175,21 @@ def humaneval_jsonl(path: Path) -> Path:
     return path
 
 
-def llama8b_model(device: torch.device) -> torch.nn.Module:
-    """A Llama-3.1-8B-shaped LlamaForCausalLM with random bf16 weights, built on `device` (no download)."""
+def random_llama(shape: str, device: torch.device) -> torch.nn.Module:
+    """A LlamaForCausalLM of one of SHAPES with random weights (bf16 on CUDA), built on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
+        **SHAPES[shape],
         max_position_embeddings=8192,
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=128000,
-        eos_token_id=128001,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         with torch.device(device):
             model = LlamaForCausalLM(config)
@@ -182,64 +198,96 @@ def llama8b_model(device: torch.device) -> torch.nn.Module:
     return model.eval()
 
 
-def synthetic_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
-    """Random-token prompt/answer pairs of varied length (prompt 64-512, answer 32-256 tokens)."""
+def synthetic_examples(n: int, vocab: int, seed: int = 0, scale: float = 1.0) -> list[Example]:
+    """Random-token prompt/answer pairs of varied length (prompt 64-512, answer 32-256 tokens x scale)."""
     rng = random.Random(seed)
+    lo_p, hi_p, lo_a, hi_a = (max(1, int(x * scale)) for x in (64, 512, 32, 256))
     out = []
     for i in range(n):
-        prompt = tuple(rng.randrange(3, vocab) for _ in range(rng.randint(64, 512)))
-        answer = tuple(rng.randrange(3, vocab) for _ in range(rng.randint(32, 256)))
+        prompt = tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo_p, hi_p)))
+        answer = tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo_a, hi_a)))
         out.append(Example(prompt, answer, f"synthetic:{i}"))
     return out
 
 
 # --------------------------------------------------------------------------------------------------
-# The naive implementation (the authors' style)
+# The paper's code path
 # --------------------------------------------------------------------------------------------------
 
 
-class SigmaB(torch.nn.Module):
-    """Stands in for PEFT's lora_B linear: weight U diag(sigma), with U and sigma both trainable."""
+class PaperHooks:
+    """The paper's sensitivity hooks on the edited LoRA-wrapped modules of a PeftModel.
 
-    def __init__(self, u: torch.Tensor, sigma: torch.Tensor) -> None:
-        super().__init__()
-        self.u = torch.nn.Parameter(u.clone())
-        self.sigma = torch.nn.Parameter(sigma.clone())
+    Forward: keep the module's input times the attention mask. Full backward: dL/dsigma_k =
+    scaling * sum over tokens of (dL/dy . U_k)(x . V_k), in float32, read the mask's token count with
+    .item() and add the result to a host-side accumulator with .cpu() (one sync per module and step).
+    """
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.u * self.sigma
+    def __init__(self, peft_model: torch.nn.Module, lora: LoraAdapter, spectra: dict[str, Spectrum]) -> None:
+        inner = peft_model.get_base_model()
+        self.mask: torch.Tensor | None = None
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.acc = {
+            name: torch.zeros(spec.sigma.shape, dtype=torch.float32) for name, spec in spectra.items()
+        }
+        self.tokens_seen = 0
+        self.handles = []
+        for name, spec in spectra.items():
+            module = inner.get_submodule(name)
+            dev = module.lora_A["default"].weight.device
+            u, v = spec.U.to(dev, torch.float32), spec.V.to(dev, torch.float32)
+            self.handles.append(module.register_forward_hook(self._keep_input(name)))
+            self.handles.append(
+                module.register_full_backward_hook(self._sensitivity(name, u, v, lora.modules[name].scaling))
+            )
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.linear(z, self.weight.to(z.dtype))
+    def _keep_input(self, name: str):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            self.inputs[name] = x * self.mask.unsqueeze(-1).to(x.dtype)
+
+        return hook
+
+    def _sensitivity(self, name: str, u: torch.Tensor, v: torch.Tensor, scaling: float):
+        def hook(module: torch.nn.Module, grad_input: tuple, grad_output: tuple) -> None:
+            dy = grad_output[0].float()
+            x = self.inputs.pop(name).float()
+            g = ((dy @ u) * (x @ v)).reshape(-1, u.shape[1]).sum(0) * scaling
+            self.tokens_seen += int(self.mask.sum().item())
+            self.acc[name] += g.cpu()
+
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The accumulated sensitivities, and a fresh start."""
+        out = {name: a.clone() for name, a in self.acc.items()}
+        for a in self.acc.values():
+            a.zero_()
+        self.tokens_seen = 0
+        return out
 
 
-def naive_model(base: torch.nn.Module, adapter_dir: Path, spectra: dict) -> tuple[torch.nn.Module, dict]:
-    """PeftModel over a shared copy of `base`; edited modules get lora_A = V^T and lora_B = SigmaB."""
+def naive_model(
+    base: torch.nn.Module, adapter_dir: Path, lora: LoraAdapter, spectra: dict[str, Spectrum]
+) -> tuple[torch.nn.Module, PaperHooks]:
+    """PeftModel over the base (an fp16 copy on CUDA, the same float32 tensors on the CPU), hooked."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(shared_copy(base), str(adapter_dir), is_trainable=True)
-    inner = peft_model.get_base_model()
-    sigmas = {}
-    for name, spec in spectra.items():
-        layer = inner.get_submodule(name)
-        lora_a = layer.lora_A["default"]
-        dev, dtype = lora_a.weight.device, lora_a.weight.dtype
-        lora_a.weight = torch.nn.Parameter(spec.V.T.contiguous().to(dev, dtype))
-        layer.lora_B["default"] = SigmaB(spec.U.to(dev, dtype), spec.sigma.to(dev, dtype))
-        sigmas[name] = layer.lora_B["default"].sigma
+    if next(base.parameters()).device.type == "cuda":
+        body = copy.deepcopy(base).to(torch.float16)
+    else:
+        body = shared_copy(base)
+    peft_model = PeftModel.from_pretrained(body, str(adapter_dir), is_trainable=True)
     lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
-    assert lora_params and all(p.requires_grad for p in lora_params), "every LoRA parameter must train"
+    assert lora_params and all(p.requires_grad for p in lora_params), "every LoRA A/B must require grad"
     peft_model.eval()  # no dropout (the adapters here have none anyway); gradients stay on
-    return peft_model, sigmas
+    return peft_model, PaperHooks(peft_model, lora, spectra)
 
 
 def naive_pass(
-    model: torch.nn.Module, sigmas: dict, examples: Sequence[Example], pad_id: int, device: torch.device
+    model: torch.nn.Module, hooks: PaperHooks, examples: Sequence[Example], pad_id: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Fixed batches of 2 in file order, full logits + labels, sigma gradients to the host every step."""
-    total = sum(len(e.answer_ids) for e in examples)
-    acc = {name: torch.zeros(s.shape, dtype=torch.float32) for name, s in sigmas.items()}
+    """Batches of 2 in file order, full logits + labels, loss.item() and host accumulation every step."""
     model.zero_grad(set_to_none=True)
     for i in range(0, len(examples), NAIVE_BATCH):
         chunk = examples[i : i + NAIVE_BATCH]
@@ -248,19 +296,85 @@ def naive_pass(
         for b, e in enumerate(chunk):
             start = len(e.prompt_ids)
             labels[b, start : start + len(e.answer_ids)] = torch.tensor(e.answer_ids, device=device)
-        with autocast_for(device):
-            out = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                labels=labels,
-                num_items_in_batch=total,  # loss = sum of answer-token CE / answer tokens of the set
-                use_cache=False,
-            )
+        hooks.mask = batch.attention_mask
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels)
         out.loss.backward()
-        for name, s in sigmas.items():
-            acc[name] += s.grad.detach().float().cpu()
+        out.loss.item()
         model.zero_grad(set_to_none=True)
-    return acc
+    return hooks.take()
+
+
+# --------------------------------------------------------------------------------------------------
+# The float32 reference
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_sums(
+    model32: torch.nn.Module,
+    lora: LoraAdapter,
+    spectra: dict[str, Spectrum],
+    examples: Sequence[Example],
+    pad_id: int,
+) -> list[dict[str, torch.Tensor]]:
+    """Per example, d(sum of its answer-token losses)/dsigma in float32 (float64 on the host)."""
+    assert next(model32.parameters()).dtype == torch.float32
+    out = []
+    with AdaptedModel(model32, lora, spectra) as adapted:
+        for e in examples:
+            adapted.backward_answer_loss(collate([e], pad_id, adapted.device), 1)
+            out.append({n: s.grad.detach().double().cpu() for n, s in adapted.sigma.items()})
+            for s in adapted.sigma.values():
+                s.grad = None
+    return out
+
+
+def expected_ours(
+    sums: list[dict[str, torch.Tensor]], examples: Sequence[Example]
+) -> dict[str, torch.Tensor]:
+    """d(mean over all answer tokens)/dsigma."""
+    total = sum(len(e.answer_ids) for e in examples)
+    return {n: sum(s[n] for s in sums) / total for n in sums[0]}
+
+
+def expected_naive(
+    sums: list[dict[str, torch.Tensor]], examples: Sequence[Example]
+) -> dict[str, torch.Tensor]:
+    """Sum over batches of 2 (file order) of d(batch mean over its answer tokens)/dsigma."""
+    out = {n: torch.zeros_like(t) for n, t in sums[0].items()}
+    for i in range(0, len(examples), NAIVE_BATCH):
+        n_b = sum(len(e.answer_ids) for e in examples[i : i + NAIVE_BATCH])
+        for n in out:
+            out[n] += sum(s[n] for s in sums[i : i + NAIVE_BATCH]) / n_b
+    return out
+
+
+@dataclass
+class Agreement:
+    cosine: float  # all modules' sensitivities as one vector
+    worst_cosine: float  # the module that agrees least
+    max_rel: float  # max over modules of max|g - ref| / max|ref|
+    worst_module: str
+
+    def line(self) -> str:
+        return (
+            f"cosine {self.cosine:.6f}, worst module {self.worst_cosine:.6f}, max rel. error "
+            f"{self.max_rel:.2e} ({self.worst_module})"
+        )
+
+
+def agreement(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> Agreement:
+    names = sorted(ref)
+    g = torch.cat([got[n].double().flatten() for n in names])
+    r = torch.cat([ref[n].double().flatten() for n in names])
+    cos = float(g @ r / (g.norm() * r.norm()).clamp_min(1e-300))
+    worst_cos, max_rel, where = 1.0, 0.0, names[0]
+    for n in names:
+        a, b = got[n].double(), ref[n].double()
+        worst_cos = min(worst_cos, float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300)))
+        rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+        if rel > max_rel:
+            max_rel, where = rel, n
+    return Agreement(cos, worst_cos, max_rel, where)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,13 +418,19 @@ class RssSampler:
 @dataclass
 class Measurement:
     label: str
-    seconds: float  # one whole pass, timed as it runs
+    seconds: float  # one whole pass, timed as it runs (CUDA: a warm one)
     cpu_seconds: float
     answer_tokens: int
     peak_bytes: int  # -1: not measured
     batches: int
     padded_tokens: int
+    cold_seconds: float = float("nan")  # CUDA: the first whole pass of this path in the process
     interleaved_seconds: float = float("nan")  # sum over batches of the best interleaved timing
+    budget: str = ""
+    recomputed_layers: int = 0
+    lean_modules: int = 0
+    backoffs: list[str] = field(default_factory=list)
+    agreement: Agreement | None = None
 
     @property
     def tok_s(self) -> float:
@@ -319,6 +439,13 @@ class Measurement:
     @property
     def interleaved_tok_s(self) -> float:
         return self.answer_tokens / self.interleaved_seconds
+
+    @property
+    def best_seconds(self) -> float:
+        """Interleaved time where measured, else the whole pass."""
+        return (
+            self.interleaved_seconds if self.interleaved_seconds == self.interleaved_seconds else self.seconds
+        )
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float, int]:
@@ -409,24 +536,6 @@ def interleaved_seconds(
     return {label: sum(b) for label, b in best.items()}
 
 
-def max_rel_diff(ours: dict[str, torch.Tensor], naive: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """max over modules of max|g_ours - g_naive| / max|g_naive| (the worst module and its value)."""
-    worst, where = 0.0, ""
-    for name, g in ours.items():
-        ref = naive[name].double()
-        rel = float((g.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        if rel > worst or not where:
-            worst, where = rel, name
-    return worst, where
-
-
-def padded_of(examples: Sequence[Example], batch: int) -> int:
-    return sum(
-        len(examples[i : i + batch]) * max(e.length for e in examples[i : i + batch])
-        for i in range(0, len(examples), batch)
-    )
-
-
 def flop_floor(model: torch.nn.Module, tokens: int, answer_tokens: int) -> tuple[float, int, int]:
     """4 x params x tokens: forward (2P) + backward to activations only (2P), no weight gradient.
 
@@ -440,6 +549,27 @@ def flop_floor(model: torch.nn.Module, tokens: int, answer_tokens: int) -> tuple
     return 4.0 * body * tokens + 4.0 * head.numel() * answer_tokens, body, head.numel()
 
 
+def matmul_rate(model: torch.nn.Module, device: torch.device) -> float:
+    """FLOP/s of a plain matmul at the model's MLP shape in the pass's precision (bf16 on CUDA)."""
+    cfg = model.config
+    rows = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(rows, cfg.hidden_size, device=device, dtype=dtype)
+    b = torch.randn(cfg.hidden_size, cfg.intermediate_size, device=device, dtype=dtype)
+    flops = 2.0 * rows * cfg.hidden_size * cfg.intermediate_size
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        _, seconds, _, _ = timed(lambda: [a @ b for _ in range(10)], device)
+        best = min(best, seconds / 10)
+    return flops / best
+
+
+def fmt_rate(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -448,7 +578,26 @@ def load_average() -> str:
 
 
 def fmt_bytes(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
+    if n < 0:
+        return "n/a"
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+
+
+def versions(device: torch.device) -> str:
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    text = f"torch {torch.__version__}, transformers {v('transformers')}, peft {v('peft')}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        text += (
+            f", CUDA {torch.version.cuda}, {props.name} ({props.total_memory / 2**30:.1f} GiB, "
+            f"capability {props.major}.{props.minor})"
+        )
+    return text
 
 
 def profile_ours(adapted: AdaptedModel, examples: Sequence[Example], budget: int, pad_id: int) -> None:
@@ -456,15 +605,146 @@ def profile_ours(adapted: AdaptedModel, examples: Sequence[Example], budget: int
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if adapted.device.type == "cuda" else [])
-    with profile(activities=acts, record_shapes=False) as prof:
-        compute_sensitivities(adapted, examples, max_batch_tokens=budget, pad_id=pad_id, progress=False)
-    key = "self_cuda_time_total" if adapted.device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    try:
+        with profile(activities=acts, record_shapes=False) as prof:
+            compute_sensitivities(adapted, examples, max_batch_tokens=budget, pad_id=pad_id, progress=False)
+        key = "self_cuda_time_total" if adapted.device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=20))
+    except Exception as e:  # a profiler that cannot run here must not cost the measurements
+        print(f"  profile not taken: {type(e).__name__}: {e}")
 
 
 # --------------------------------------------------------------------------------------------------
-# Main
+# Runs
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of our pass: budget None = planned (CUDA) / the CPU default."""
+
+    label: str
+    budget: int | None
+    recompute: str
+    lean: str
+
+
+def variants(spec: str | None, batch_tokens: str, recompute: str, lean: str) -> list[Variant]:
+    """Explicit BUDGET/RECOMPUTE/LEAN triples, else every budget x recompute x lean setting.
+
+    A repeated setting gets its own label (#2, #3), so that each measurement is reported.
+    """
+    if spec:
+        triples = [tuple(part.strip() for part in item.split("/")) for item in spec.split(",")]
+        bad = [t for t in triples if len(t) != 3]
+        if bad:
+            raise SystemExit(f"--variants: each item is BUDGET/RECOMPUTE/LEAN, got {'/'.join(bad[0])!r}")
+    else:
+        triples = [
+            (b.strip(), r.strip(), le.strip())
+            for b in batch_tokens.split(",")
+            for r in recompute.split(",")
+            for le in lean.split(",")
+        ]
+    out: list[Variant] = []
+    for b, r, le in triples:
+        base = f"ours ({b}, recompute {r}, lean {le})"
+        label, n = base, 1
+        while any(v.label == label for v in out):
+            n += 1
+            label = f"{base} #{n}"
+        out.append(Variant(label, None if b == "auto" else int(b), r, le))
+    return out
+
+
+def run_pass(
+    label: str, fn: Callable[[], object], device: torch.device, *, cold: bool
+) -> tuple[object, float, float, int, float]:
+    """(result, seconds, CPU seconds, peak, first-pass seconds): on CUDA a first pass, then a warm one."""
+    first = float("nan")
+    if cold:
+        _, first, _, _ = timed(fn, device)
+        print(f"  {label}: first pass in the process {first:.2f} s", flush=True)
+    result, seconds, cpu, peak = timed(fn, device)
+    print(
+        f"  {label}: whole pass {seconds:.2f} s wall, {cpu:.1f} s CPU"
+        + (f", peak {fmt_bytes(peak)}" if peak >= 0 else "")
+        + f", load {load_average().split()[0]}",
+        flush=True,
+    )
+    return result, seconds, cpu, peak, first
+
+
+def evaluation_check(
+    adapted: AdaptedModel, examples: Sequence[Example], pad_id: int, versions_n: int = 4
+) -> str:
+    """Held-out evaluation of `versions_n` versions at the default (planned) budget, as refine runs it."""
+    device = adapted.device
+    budget = evaluation_budget(adapted)
+
+    def run() -> None:
+        for _ in range(versions_n):
+            heldout_quality(adapted, examples, pad_id=pad_id, budget=budget)
+
+    run()  # first: kernel selection for these shapes
+    _, seconds, _, peak = timed(run, device)
+    return (
+        f"held-out evaluation, {versions_n} versions x {len(examples)} examples at the planned budget "
+        f"({budget.plan.describe()}): {seconds:.2f} s warm"
+        + (f", peak {fmt_bytes(peak)}" if peak >= 0 else "")
+        + f", back-offs: {len(budget.backoffs)}"
+    )
+
+
+def simulate_card(gib: float, device: torch.device) -> float:
+    """Limit this process to `gib` GiB of the device (no-op where the device is not larger)."""
+    fraction = min(1.0, gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    print(f"card      this process may use {fraction:.3f} of the device ({gib:g} GiB)")
+    return fraction
+
+
+def card_check(spec: str, device: torch.device, dry_run: bool) -> dict:
+    """Refine's default settings on a model of SHAPES on a card of N GB (simulated by a memory fraction).
+
+    spec: e.g. "1b-24gb": the 1B shape; the process may use 24 GiB of the device. Runs the sensitivity
+    pass on 96 examples and four held-out evaluations of 32, as refine(policy="auto") does.
+    """
+    shape, card = spec.lower().split("-")
+    fraction = (
+        simulate_card(float(card.removesuffix("gb")), device) if device.type == "cuda" else float("nan")
+    )
+    model = random_llama("tiny" if dry_run else shape, device)
+    examples = synthetic_examples(
+        16 if dry_run else 128, model.config.vocab_size, scale=0.1 if dry_run else 1
+    )
+    calib, held = examples[: len(examples) * 3 // 4], examples[len(examples) * 3 // 4 :]
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = load_adapter(build_random_adapter(model, Path(tmp) / "adapter"))
+    spectra = {n: lora_svd(lora.lora_a(n), lora.lora_b(n)) for n in select_modules(lora.modules, "residual")}
+    outcome: dict = {"check": spec, "memory_fraction": fraction, "device": versions(device)}
+    try:
+        with AdaptedModel(model, lora, spectra) as adapted:
+            (_, stats), seconds, _, peak = timed(
+                lambda: compute_sensitivities(adapted, calib, pad_id=0, progress=False), device
+            )
+            outcome.update(
+                pass_seconds=seconds,
+                pass_peak_bytes=peak,
+                pass_plan=f"{stats.batch_tokens} tokens, {stats.recomputed_layers} layers recomputed",
+                backoffs=list(stats.backoffs),
+            )
+            budget = evaluation_budget(adapted)
+            _, seconds, _, peak = timed(
+                lambda: [heldout_quality(adapted, held, budget=budget) for _ in range(4)], device
+            )
+            outcome.update(eval_seconds=seconds, eval_peak_bytes=peak, eval_plan=budget.plan.describe())
+            outcome["backoffs"] += budget.backoffs
+        outcome["result"] = "no out-of-memory" if not outcome["backoffs"] else "backed off (did not fail)"
+    except Exception as e:  # reported, not hidden: the check failed
+        outcome["result"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0]}"
+    print(f"card check {spec}: " + json.dumps(outcome, indent=1, default=str))
+    return outcome
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -478,20 +758,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--samples",
         type=int,
         default=None,
-        help="calibration examples (default 64 on CUDA; 16 on the CPU, where 64 take about half an hour)",
+        help="calibration examples (default: 128 with --llama8b-shape, the issue's workload; 64 on "
+        "CUDA; 16 on the CPU, where 64 take about half an hour)",
     )
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument(
         "--batch-tokens",
+        default="auto",
+        help="our token budgets, comma-separated: auto (planned from free memory; 512 on the CPU) or N",
+    )
+    p.add_argument(
+        "--recompute", default="auto", help="decoder-layer recomputation, comma-separated: auto, off, all"
+    )
+    p.add_argument(
+        "--lean", default="auto", help="LeanActivations, comma-separated: auto (on with CUDA), on, off"
+    )
+    p.add_argument(
+        "--variants",
+        help="explicit BUDGET/RECOMPUTE/LEAN triples, comma-separated (instead of the product of the three)",
+    )
+    p.add_argument(
+        "--check-examples",
+        type=int,
         default=None,
-        help="our token budget per batch; a comma list measures several (default: default_batch_tokens)",
+        help="examples in the float32 correctness check (default: all on the CPU, 16 on CUDA)",
     )
     p.add_argument(
         "--rtol",
         type=float,
-        default=None,
-        help="max relative difference of g (default 1e-3 in float32, 5e-2 with bf16)",
+        default=1e-3,
+        help="float32 runs: max relative error against the float32 reference (bf16/fp16: reported only)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
@@ -510,11 +807,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--profile", action="store_true", help="also print the top operators of our pass")
     p.add_argument("--skip-naive", action="store_true", help="measure only our pass (no comparison)")
+    p.add_argument(
+        "--eval-check",
+        action="store_true",
+        help="also time four held-out evaluations at the planned budget (default with --llama8b-shape)",
+    )
     p.add_argument("--json", help="write the measurements to this JSON file")
+    p.add_argument("--markdown", help="write a RESULTS.md snippet with the figures to this file")
     p.add_argument(
         "--llama8b-shape",
         action="store_true",
         help="GPU: random Llama-3.1-8B-shaped bf16 model, synthetic tokens, FLOP floor vs achieved",
+    )
+    p.add_argument(
+        "--card-check",
+        help="defaults on a simulated card instead, e.g. 1b-24gb,8b-80gb (shape-card size in GiB)",
+    )
+    p.add_argument(
+        "--simulate-card",
+        type=float,
+        default=None,
+        help="CUDA: let this process use at most this many GiB (set_per_process_memory_fraction)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny shapes and few examples, so that a CPU checks every step of a GPU run",
     )
     return p.parse_args(argv)
 
@@ -530,28 +848,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if args.llama8b_shape and device.type != "cuda" and args.device == "auto":
+    print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"software  {versions(device)}")
+    if args.simulate_card and device.type == "cuda":
+        simulate_card(args.simulate_card, device)
+    if args.card_check:
+        outcomes = [card_check(spec, device, args.dry_run) for spec in args.card_check.split(",")]
+        if args.json:
+            Path(args.json).write_text(json.dumps(outcomes, indent=2, default=str))
+        if args.markdown:
+            Path(args.markdown).write_text(card_markdown(outcomes))
+        return 1 if any(o["result"].startswith("FAILED") for o in outcomes) else 0
+    if args.llama8b_shape and device.type != "cuda" and not (args.dry_run or args.device == "cpu"):
         print(
             "error: --llama8b-shape is meant for a CUDA device (16 GB of bf16 weights, hours on a CPU); "
-            "pass --device cpu to run it anyway",
+            "pass --device cpu to run it anyway, or --dry-run for tiny shapes",
             file=sys.stderr,
         )
         return 2
     if args.samples is None:
-        args.samples = 64 if device.type == "cuda" else 16
-    budgets = (
-        [int(b) for b in args.batch_tokens.split(",")]
-        if args.batch_tokens
-        else [default_batch_tokens(device)]
-    )
+        args.samples = (
+            12 if args.dry_run else 128 if args.llama8b_shape else 64 if device.type == "cuda" else 16
+        )
     tmp = Path(tempfile.mkdtemp(prefix="sensitivity-bench-"))
 
     # ---- model, adapter, calibration set (identical for both paths) ----
     t_setup = time.perf_counter()
     if args.llama8b_shape:
-        model = llama8b_model(device)
-        examples = synthetic_examples(args.samples, model.config.vocab_size)
-        pad_id, model_name, data_name = 0, "random Llama-3.1-8B shape (bf16)", "synthetic tokens"
+        model = random_llama("tiny" if args.dry_run else "8b", device)
+        examples = synthetic_examples(args.samples, model.config.vocab_size, scale=0.1 if args.dry_run else 1)
+        pad_id, data_name = 0, "synthetic tokens (prompt 64-512, answer 32-256)"
+        model_name = "random Llama-3.1-8B shape" if not args.dry_run else "random tiny Llama (dry run)"
+        args.eval_check = True
     else:
         from vllm_surgery.refine import load_base_model
 
@@ -575,201 +903,266 @@ def main(argv: Sequence[str] | None = None) -> int:
     lora = load_adapter(adapter_dir)
     edited = select_modules(lora.modules, "residual")
     spectra = {name: lora_svd(lora.lora_a(name), lora.lora_b(name)) for name in edited}
-    naive, naive_sigmas = (None, {}) if args.skip_naive else naive_model(model, adapter_dir, spectra)
     setup_s = time.perf_counter() - t_setup
 
     answer_tokens = sum(len(e.answer_ids) for e in examples)
     tokens = sum(e.length for e in examples)
     dtype = next(model.parameters()).dtype
-    # float32 end to end agrees to ~1e-5; with bf16 weights or autocast, rounding differs with the batching.
-    low_precision = dtype != torch.float32 or device.type == "cuda"
-    rtol = args.rtol if args.rtol is not None else (5e-2 if low_precision else 1e-3)
-    print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(
-        f"machine   {platform.node()} {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
-    )
-    print(f"command   {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}")
-    print(f"model     {model_name} ({dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)")
-    print(f"adapter   {adapter_dir if args.adapter else 'random r=16 alpha=32, all 7 projections'}")
-    print(
-        f"edited    {len(edited)} modules (o_proj, down_proj), {sum(s.sigma.numel() for s in spectra.values())} sigmas"
-    )
-    print(f"data      {data_name}: {len(examples)} examples, {tokens} tokens, {answer_tokens} answer tokens")
-    print(
+    exact = dtype == torch.float32 and device.type != "cuda"
+    n_check = args.check_examples or (len(examples) if device.type != "cuda" else 16)
+    subset = list(examples[: min(n_check, len(examples))])
+    whole_is_subset = len(subset) == len(examples)
+    rounds = args.rounds if args.rounds is not None else (0 if device.type == "cuda" or args.dry_run else 1)
+    memory = not (args.no_memory or args.dry_run) and device.type != "cuda"
+    cold = device.type == "cuda"
+    rate = matmul_rate(model, device)
+    header = [
+        f"machine   {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} threads",
+        f"command   {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}",
+        f"model     {model_name} ({dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:,.0f}M params)",
+        f"adapter   {adapter_dir if args.adapter else 'random r=16 alpha=32, all 7 projections'}",
+        f"edited    {len(edited)} modules (o_proj, down_proj), {sum(s.sigma.numel() for s in spectra.values())} sigmas",
+        f"data      {data_name}: {len(examples)} examples, {tokens} tokens, {answer_tokens} answer tokens",
+        f"matmul    {fmt_rate(rate)} measured ({'bf16' if device.type == 'cuda' else 'float32'}, "
+        "the MLP's shape)",
         "memory    "
         + (
-            "CUDA max_memory_allocated delta of the timed pass"
+            "CUDA max_memory_allocated above the level before the pass"
             if device.type == "cuda"
             else "peak RSS delta, separate pass"
             + ("" if args.full_memory_pass else " over the heaviest batches")
-        )
-        + ("" if device.type == "cuda" or MALLOPT_OK else " (mallopt failed: RSS may not follow frees)")
-    )
-    print(f"setup     {setup_s:.1f} s")
-    print(f"load      {load_average()} (1/5/15 min; other processes share this machine's cores)")
-
-    memory = not args.no_memory
-    rounds = args.rounds if args.rounds is not None else (0 if device.type == "cuda" else 1)
-    ours_batches = {b: token_budget_batches(examples, b) for b in budgets}
-    naive_batches = [
-        list(range(i, min(i + NAIVE_BATCH, len(examples)))) for i in range(0, len(examples), NAIVE_BATCH)
+        ),
+        f"setup     {setup_s:.1f} s",
+        f"load      {load_average()} (1/5/15 min; other processes share this machine's cores)",
     ]
-    labels = [f"ours (budget {b})" for b in budgets] + (
-        [f"naive (PEFT, batch {NAIVE_BATCH})"] if naive is not None else []
-    )
-    grads: dict[str, dict[str, torch.Tensor]] = {}
-    single: dict[str, tuple[float, float, int]] = {}
-    peaks: dict[str, int] = {}
-    inter: dict[str, float] = {}
+    print("\n".join(header), flush=True)
 
-    def ours_fn(adapted: AdaptedModel, budget: int, ex: Sequence[Example]) -> Callable[[], object]:
-        return lambda: compute_sensitivities(
-            adapted, ex, max_batch_tokens=budget, pad_id=pad_id, progress=False
-        )
+    results: dict[str, Measurement] = {}
+    grads_subset: dict[str, dict[str, torch.Tensor]] = {}
+    per_batch: dict[str, list[Callable[[], object]]] = {}
+    heavy_calls: dict[str, list[Callable[[], object]]] = {}
 
-    def naive_fn(ex: Sequence[Example]) -> Callable[[], object]:
-        return lambda: naive_pass(naive, naive_sigmas, ex, pad_id, device)
-
-    def subset(idx: Sequence[int]) -> list[Example]:
+    def subset_of(idx: Sequence[int]) -> list[Example]:
         return [examples[i] for i in idx]
 
-    allocator_mode("time")
-    with AdaptedModel(model, lora, spectra) as adapted:
-        # label -> (whole pass, one call per batch: each forms exactly the batch it is in the whole pass)
-        plan = {
-            f"ours (budget {b})": (
-                ours_fn(adapted, b, examples),
-                [ours_fn(adapted, b, subset(i)) for i in ours_batches[b]],
-                heaviest(ours_batches[b], examples),
-                b,
-            )
-            for b in budgets
-        }
-        if naive is not None:
-            plan[labels[-1]] = (
-                naive_fn(examples),
-                [naive_fn(subset(i)) for i in naive_batches],
-                heaviest(naive_batches, examples),
-                None,
-            )
-        # Warm-up: each pass's largest batch once, so that kernels are initialised and the heap has
-        # grown to its working size before anything is timed.
-        for _, per_batch, heavy, budget in plan.values():
-            batches = ours_batches[budget] if budget is not None else naive_batches
-            per_batch[batches.index(heavy[0])]()
-        # 1. One whole pass of each: the sensitivities to compare, and the plain wall time.
-        for label, (whole, *_) in plan.items():
-            result, seconds, cpu, peak = timed(whole, device)
-            grads[label] = result[0] if label.startswith("ours") else result
-            single[label] = (seconds, cpu, peak)
-            print(
-                f"  {label}: whole pass {seconds:.2f} s wall, {cpu:.1f} s CPU, load {load_average().split()[0]}",
-                flush=True,
-            )
-        # 2. Per-batch interleaved timing, robust to other load on the machine.
+    # ---- ours ----
+    # The naive path's PEFT copy must not inherit our hooks: on the CPU (where the passes are
+    # interleaved) it is built first; on CUDA after our runs, when its fp16 weights no longer reduce
+    # the free memory our budget is planned from.
+    naive_label = f"naive (paper's path, batch {NAIVE_BATCH})"
+    naive = hooks = None
+    if not args.skip_naive and device.type != "cuda":
+        naive, hooks = naive_model(model, adapter_dir, lora, spectra)
+    adapted = AdaptedModel(model, lora, spectra)
+    eval_line = ""
+    try:
+        for i, v in enumerate(variants(args.variants, args.batch_tokens, args.recompute, args.lean)):
+
+            def ours(ex: Sequence[Example], v: Variant = v) -> Callable[[], object]:
+                return lambda: compute_sensitivities(
+                    adapted,
+                    ex,
+                    max_batch_tokens=v.budget,
+                    pad_id=pad_id,
+                    progress=False,
+                    recompute=v.recompute,
+                    lean=v.lean,
+                )
+
+            if device.type != "cuda":
+                tokens_cpu = plan_batches(model, device, v.budget).tokens
+                batches = token_budget_batches(examples, tokens_cpu)
+                per_batch[v.label] = [ours(subset_of(b)) for b in batches]
+                heavy_calls[v.label] = [ours(subset_of(b)) for b in heaviest(batches, examples)]
+                heavy_calls[v.label][0]()  # warm-up: kernels initialised, heap at working size
+            (grads, stats), seconds, cpu, peak, first = run_pass(v.label, ours(examples), device, cold=cold)
+            results[v.label] = Measurement(
+                v.label, seconds, cpu, answer_tokens, peak, stats.batches, stats.padded_tokens, first,
+                budget=f"{stats.batch_tokens} ({stats.budget_source})",
+                recomputed_layers=stats.recomputed_layers, lean_modules=stats.lean_modules,
+                backoffs=list(stats.backoffs),
+            )  # fmt: skip
+            grads_subset[v.label] = grads if whole_is_subset else ours(subset)()[0]
+            if args.profile and i == 0:
+                profile_ours(adapted, examples[:8], stats.batch_tokens, pad_id)
+        if args.eval_check:
+            eval_line = evaluation_check(adapted, examples[-32:], pad_id)
+            print("  " + eval_line, flush=True)
+
+        # ---- the paper's code path ----
+        if not args.skip_naive:
+            if naive is None:
+                adapted.remove()
+                naive, hooks = naive_model(model, adapter_dir, lora, spectra)
+
+            def naive_fn(ex: Sequence[Example]) -> Callable[[], object]:
+                return lambda: naive_pass(naive, hooks, ex, pad_id, device)
+
+            naive_batches = [
+                list(range(i, min(i + NAIVE_BATCH, len(examples))))
+                for i in range(0, len(examples), NAIVE_BATCH)
+            ]
+            if device.type != "cuda":
+                per_batch[naive_label] = [naive_fn(subset_of(b)) for b in naive_batches]
+                heavy_calls[naive_label] = [naive_fn(subset_of(b)) for b in heaviest(naive_batches, examples)]
+                heavy_calls[naive_label][0]()
+            grads, seconds, cpu, peak, first = run_pass(naive_label, naive_fn(examples), device, cold=cold)
+            padded = sum(len(b) * max(examples[i].length for i in b) for b in naive_batches)
+            results[naive_label] = Measurement(
+                naive_label, seconds, cpu, answer_tokens, peak, len(naive_batches), padded, first,
+                budget=f"{NAIVE_BATCH} examples",
+            )  # fmt: skip
+            grads_subset[naive_label] = grads if whole_is_subset else naive_fn(subset)()
+        # ---- CPU: interleaved timing and peak memory ----
         if rounds > 0:
-            inter = interleaved_seconds({k: v[1] for k, v in plan.items()}, rounds, device)
-        # 3. CPU peak memory: separate calls with RSS following frees (see allocator_mode).
-        if memory and device.type != "cuda":
-            for label, (whole, _, heavy, budget) in plan.items():
-                if args.full_memory_pass:
-                    calls = [whole]
-                elif budget is not None:
-                    calls = [ours_fn(adapted, budget, subset(i)) for i in heavy]
-                else:
-                    calls = [naive_fn(subset(i)) for i in heavy]
-                peaks[label] = cpu_peak(calls)
-                print(f"  {label}: peak {fmt_bytes(peaks[label])} over {len(calls)} call(s)", flush=True)
-        if args.profile:
-            profile_ours(adapted, examples[:8], budgets[0], pad_id)
-    if args.profile and naive is not None:
-        from torch.profiler import ProfilerActivity, profile
+            for label, s in interleaved_seconds(per_batch, rounds, device).items():
+                results[label].interleaved_seconds = s
+        if memory:
+            for label, calls in heavy_calls.items():
+                results[label].peak_bytes = cpu_peak(calls)
+                print(
+                    f"  {label}: peak {fmt_bytes(results[label].peak_bytes)} over {len(calls)} call(s)",
+                    flush=True,
+                )
+        if not args.skip_naive:
+            for h in hooks.handles:
+                h.remove()
+            del naive, hooks
+    finally:
+        adapted.remove()
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            naive_pass(naive, naive_sigmas, examples[:8], pad_id, device)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-
-    results: list[Measurement] = []
-    for label in labels:
-        seconds, cpu, cuda_peak = single[label]
-        budget = plan[label][3]
-        batches = ours_batches[budget] if budget is not None else naive_batches
-        padded = sum(len(b) * max(examples[i].length for i in b) for b in batches)
-        peak = cuda_peak if device.type == "cuda" else peaks.get(label, -1)
-        m = Measurement(label, seconds, cpu, answer_tokens, peak, len(batches), padded)
-        m.interleaved_seconds = inter.get(label, float("nan"))
-        results.append(m)
+    # ---- float32 reference on the subset ----
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        model.float()  # the same (bf16) weights, now in float32
+        torch.backends.cuda.matmul.allow_tf32 = False
+    t = time.perf_counter()
+    sums = reference_sums(model, lora, spectra, subset, pad_id)
+    print(
+        f"  float32 reference: {len(subset)} examples one at a time, {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
+    failed = False
+    for label, g in grads_subset.items():
+        ref = expected_naive(sums, subset) if label.startswith("naive") else expected_ours(sums, subset)
+        results[label].agreement = agreement(g, ref)
+        failed |= exact and not results[label].agreement.max_rel < args.rtol
+        failed |= not results[label].agreement.cosine > 0.9  # any precision: a gross error is a bug
 
     # ---- report ----
-    print(f"\nload      {load_average()} (1/5/15 min) at the end")
-    print(
-        f"\n| {'pass':<22} | {'batches':>7} | {'padding':>7} | {'whole pass s':>12} | {'CPU s':>6} "
-        f"| {'tok/s':>6} | {'interleaved s':>13} | {'tok/s':>6} | {'peak mem':>10} |"
-    )
-    print("|" + "|".join("-" * (w + 2) for w in (22, 7, 7, 12, 6, 6, 13, 6, 10)) + "|")
-    for m in results:
-        pad = 1 - tokens / m.padded_tokens
-        print(
-            f"| {m.label:<22} | {m.batches:>7} | {pad:>7.1%} | {m.seconds:>12.2f} | {m.cpu_seconds:>6.1f} "
-            f"| {m.tok_s:>6.1f} | {m.interleaved_seconds:>13.2f} | {m.interleaved_tok_s:>6.1f} "
-            f"| {fmt_bytes(m.peak_bytes) if m.peak_bytes >= 0 else 'n/a':>10} |"
-        )
-    print("(tok/s: answer tokens per second; interleaved: per-batch timing, best of the rounds, summed)")
-    failed = False
-    if naive is not None:
-        base = results[-1]
-        print()
-        for m in results[:-1]:
-            rel, where = max_rel_diff(grads[m.label], grads[base.label])
-            ok = rel < rtol
-            failed |= not ok
-            mem = (
-                f"{m.peak_bytes / base.peak_bytes:.2f}x"
-                if m.peak_bytes >= 0 and base.peak_bytes > 0
-                else "n/a"
-            )
-            speed = f"{m.tok_s / base.tok_s:.2f}x whole pass"
-            if rounds > 0:
-                speed += f", {m.interleaved_tok_s / base.interleaved_tok_s:.2f}x interleaved"
-            print(
-                f"{m.label}: throughput ours/naive {speed} (target >= 3x); peak memory ours/naive {mem} "
-                f"(target <= 0.6x); max rel. diff of g {rel:.2e} ({'OK' if ok else 'MISMATCH'}, "
-                f"tolerance {rtol:g}; worst {where})"
-            )
     floor, body, head = flop_floor(model, tokens, answer_tokens)
-    print()
-    print(
-        f"FLOP floor: 4 x {body / 1e6:,.0f}M body params x {tokens} tokens (all: prompt + answer) + "
-        f"4 x {head / 1e6:,.0f}M lm_head params x {answer_tokens} answer tokens = {floor / 1e12:.2f} TFLOP"
+    lines = report(
+        results, tokens, floor, rate, device, naive_label if not args.skip_naive else None, exact, args.rtol
     )
-    for m in results:
-        rate = floor / (
-            m.interleaved_seconds if m.interleaved_seconds == m.interleaved_seconds else m.seconds
-        )
-        extra = f" = {rate / H100_BF16_PEAK:.1%} of H100 bf16 dense peak" if device.type == "cuda" else ""
-        print(f"  {m.label}: {rate / 1e9:,.1f} GFLOP/s of useful work{extra} (interleaved time if measured)")
+    lines.insert(
+        0,
+        f"FLOP floor: 4 x {body / 1e6:,.0f}M body params x {tokens} tokens + 4 x {head / 1e6:,.0f}M lm_head "
+        f"params x {answer_tokens} answer tokens = {floor / 1e12:,.2f} TFLOP = {floor / rate:.2f} s at "
+        f"{fmt_rate(rate)}",
+    )
+    if eval_line:
+        lines.append(eval_line)
+    print(f"\nload      {load_average()} (1/5/15 min) at the end\n")
+    print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(
             json.dumps(
                 {
                     "device": str(device),
+                    "software": versions(device),
                     "examples": len(examples),
                     "tokens": tokens,
                     "answer_tokens": answer_tokens,
+                    "flop_floor": floor,
+                    "matmul_flops": rate,
+                    "evaluation": eval_line,
                     "results": [
-                        vars(m) | {"tok_s": m.tok_s, "interleaved_tok_s": m.interleaved_tok_s}
-                        for m in results
+                        vars(m) | {"agreement": vars(m.agreement) if m.agreement else None, "tok_s": m.tok_s}
+                        for m in results.values()
                     ],
                 },
                 indent=2,
+                default=str,
             )
         )
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(["```", *header, "```", "", *lines, ""]))
     if failed:
-        print("error: our sensitivities differ from the naive implementation's", file=sys.stderr)
+        print("error: a path's sensitivities disagree with the float32 reference", file=sys.stderr)
         return 1
     return 0
+
+
+def report(
+    results: dict[str, Measurement],
+    tokens: int,
+    floor: float,
+    rate: float,
+    device: torch.device,
+    naive_label: str | None,
+    exact: bool,
+    rtol: float,
+) -> list[str]:
+    """The results table, ratios against the naive path and the targets, and agreement with float32."""
+    lines = [
+        "| pass | budget | recomputed layers | lean modules | batches | padding | first pass s | whole pass s "
+        "| interleaved s | answer tok/s | peak memory | x FLOP floor | back-offs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in results.values():
+        lines.append(
+            f"| {m.label} | {m.budget} | {m.recomputed_layers} | {m.lean_modules} | {m.batches} "
+            f"| {1 - tokens / m.padded_tokens:.1%} "
+            f"| {m.cold_seconds:.2f} | {m.seconds:.2f} | {m.interleaved_seconds:.2f} "
+            f"| {m.answer_tokens / m.best_seconds:,.0f} "
+            f"| {fmt_bytes(m.peak_bytes) if m.peak_bytes >= 0 else 'n/a'} "
+            f"| {m.best_seconds / (floor / rate):.2f} | {len(m.backoffs)} |"
+        )
+    lines.append(
+        "(answer tok/s and x FLOP floor use the interleaved time where measured, else the whole pass; "
+        "first pass: CUDA only, the one-time set-up included)"
+    )
+    lines.append("")
+    base = results.get(naive_label) if naive_label else None
+    for m in results.values():
+        if base is None or m is base:
+            continue
+        speed = base.best_seconds / m.best_seconds
+        mem = m.peak_bytes / base.peak_bytes if m.peak_bytes >= 0 and base.peak_bytes > 0 else float("nan")
+        ratio = m.best_seconds / (floor / rate)
+        lines.append(
+            f"{m.label} vs naive: throughput {speed:.2f}x (target >= 4x: {'met' if speed >= 4 else 'MISSED'}); "
+            f"peak memory {mem:.2f}x (target <= 0.6x: {'met' if mem <= 0.6 else 'MISSED'}); "
+            f"{ratio:.2f}x the FLOP floor (target <= 2.5x: {'met' if ratio <= 2.5 else 'MISSED'})"
+        )
+    lines.append("")
+    lines.append("Agreement with the float32 reference (each path's own quantity, same examples):")
+    for m in results.values():
+        if m.agreement is not None:
+            verdict = ("OK" if m.agreement.max_rel < rtol else "MISMATCH") if exact else "reported"
+            lines.append(f"- {m.label}: {m.agreement.line()} [{verdict}]")
+    for m in results.values():
+        for note in m.backoffs:
+            lines.append(f"- back-off in {m.label}: {note}")
+    return lines
+
+
+def card_markdown(outcomes: Sequence[dict]) -> str:
+    lines = [
+        "| check | memory fraction | pass plan | pass s | pass peak | evaluation plan | 4 evaluations s "
+        "| eval peak | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        lines.append(
+            f"| {o['check']} | {o['memory_fraction']:.3f} | {o.get('pass_plan', '-')} "
+            f"| {o.get('pass_seconds', float('nan')):.2f} | {fmt_bytes(o.get('pass_peak_bytes', -1))} "
+            f"| {o.get('eval_plan', '-')} | {o.get('eval_seconds', float('nan')):.2f} "
+            f"| {fmt_bytes(o.get('eval_peak_bytes', -1))} | {o['result']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

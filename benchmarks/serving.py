@@ -15,43 +15,41 @@ Measured and printed:
 (b) failed requests while K client threads send completions (half streamed) in a loop and M swaps
     happen: must be 0 (the process exits 1 otherwise);
 (c) throughput (generated tokens/s, C concurrent clients, R requests, fixed max_tokens, ignore_eos)
-    on adapter "x" (same weights on both servers), rounds interleaved ABBA..., medians and their ratio.
+    on adapter "x" (same weights on both servers), rounds interleaved ABBA..., medians and their ratio;
+(d) the cost of recording traffic: a third server, "traffic", is the plugin server with
+    VLLM_SURGERY_TRAFFIC=1 (every request of "x" recorded, built-in redaction, its own store and
+    database); throughput with recording on ("traffic") / off ("plugin"), half the requests streamed,
+    rounds interleaved, medians and their ratio; the writer queue's peak depth; and a check that the
+    traffic server recorded exactly one record per request (none dropped).
 
 The second version is the original adapter with freshly drawn lora_B matrices, recorded in the store
 with a servable surgery.json (decision "forced" and the original's content hash) exactly as refine()
 would leave it; the benchmark measures serving, not refinement.
 
     .venv/bin/python benchmarks/serving.py                  # tiny random Llama, ~3-5 min on 2 cores
+    .venv/bin/python benchmarks/serving.py --sections d     # only (d): recording on / off
     .venv/bin/python benchmarks/serving.py --model default  # embedded SmolLM2-135M
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vllm_surgery.serving.server_process import REQUEST_TIMEOUT_S, STARTUP_TIMEOUT_S, start_server
+from vllm_surgery.serving.server_process import ServerProcess as Server
 from vllm_surgery.testing import build_lora_adapter, build_tiny_llama
 
-STARTUP_TIMEOUT_S = 240.0
-REQUEST_TIMEOUT_S = 120.0
 PROBE_TOKENS = 4
 LOGPROB_TOL = 1e-4
 ADMIN_TOKEN = "bench-admin-token"
@@ -85,108 +83,9 @@ def write_store_version(original: Path, store: Path, name: str, seed: int = 7) -
 
 
 # --------------------------------------------------------------------------- servers
-@dataclass
-class Server:
-    label: str
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def post(self, path: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-        req = urllib.request.Request(
-            self.url + path,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", **(headers or {})},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raw = e.read() or b"{}"
-            try:
-                return e.code, json.loads(raw)
-            except ValueError:
-                return e.code, {"raw": raw.decode(errors="replace")}
-
-    def text(self, path: str) -> str:
-        with urllib.request.urlopen(self.url + path, timeout=REQUEST_TIMEOUT_S) as r:
-            return r.read().decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(label: str, base: Path, workdir: Path, env_extra: dict[str, str], extra: list[str]) -> Server:
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    for key in ("VLLM_SURGERY_CONFIG", "VLLM_PLUGINS", "VLLM_API_KEY", "VLLM_SURGERY_ADMIN_TOKEN"):
-        env.pop(key, None)
-    env.update(env_extra)
-    cmd = [
-        str(Path(sys.executable).parent / "vllm-surgery-serve"), str(base),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0",
-        "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-num-seqs", "4",
-        *extra,
-    ]  # fmt: skip
-    log_path = workdir / f"{label}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    return Server(label, f"http://127.0.0.1:{port}", proc, log_path)
-
-
-def wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.label} exited with {server.proc.returncode}:\n{server.log_tail()}")
-        try:
-            with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{server.label} not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{server.log_tail()}"
-            )
-        time.sleep(0.25)
-
-
-def stop(server: Server) -> None:
-    """SIGTERM (vLLM stops engine and workers), then SIGKILL the server's own process group if needed."""
-    proc = server.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        return
-    time.sleep(2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """Start one server without waiting (servers start in parallel; wait_healthy() each later)."""
+    return start_server(base, workdir, env_extra, extra, label=label, wait=False, timeout=STARTUP_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- requests
@@ -220,17 +119,13 @@ def completion_once(server: Server, ids: list[int], max_tokens: int, stream: boo
         if status != 200:
             raise RuntimeError(f"{status} {str(out)[:200]}")
         return int(out["usage"]["completion_tokens"])
-    body["stream"] = True
-    req = urllib.request.Request(
-        server.url + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
-        text = r.read().decode()
-    if "data: [DONE]" not in text or '"error"' in text:
-        raise RuntimeError(f"bad stream: {text[-200:]}")
-    return sum(1 for line in text.splitlines() if line.startswith("data: {"))
+    body.update(stream=True, stream_options={"include_usage": True})
+    status, _, raw = server.raw_request("POST", "/v1/completions", body)
+    text = raw.decode()
+    if status != 200 or "data: [DONE]" not in text or '"error"' in text:
+        raise RuntimeError(f"bad stream ({status}): {text[-200:]}")
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    return int(events[-1]["usage"]["completion_tokens"])
 
 
 # --------------------------------------------------------------------------- measurements
@@ -342,36 +237,22 @@ def swaps_under_load(
     return done[0], len(failures), failures
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process of a server's process group (API server, engine
-    core, workers): less sensitive than wall time to other load on a shared machine."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
-
-
 def throughput(
-    server: Server, prompts: list[list[int]], c: int, r: int, max_tokens: int
+    server: Server, prompts: list[list[int]], c: int, r: int, max_tokens: int, mixed: bool = False
 ) -> tuple[float, float]:
-    """(generated tokens per wall second, server CPU seconds per 1000 generated tokens)."""
-    cpu0 = group_cpu_seconds(server.proc.pid)
+    """(generated tokens per wall second, server CPU seconds per 1000 generated tokens). With `mixed`,
+    every other request is streamed."""
+    cpu0 = server.cpu_seconds()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(c) as pool:
         tokens = list(
             pool.map(
-                lambda i: completion_once(server, prompts[i % len(prompts)], max_tokens, False), range(r)
+                lambda i: completion_once(server, prompts[i % len(prompts)], max_tokens, mixed and i % 2 == 1),
+                range(r),
             )
         )
     wall = time.perf_counter() - t0
-    cpu = group_cpu_seconds(server.proc.pid) - cpu0
+    cpu = server.cpu_seconds() - cpu0
     if any(t != max_tokens for t in tokens):
         raise RuntimeError(
             f"{server.label}: expected {max_tokens} tokens per request, got {sorted(set(tokens))}"
@@ -382,6 +263,79 @@ def throughput(
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def logged_records(server: Server, outcome: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(server.text("/metrics")):
+        for sample in family.samples:
+            if sample.name == "vllm_surgery_traffic_records_total" and sample.labels.get("outcome") == outcome:
+                return sample.value
+    return 0.0
+
+
+def queue_peak(server: Server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(server.text("/metrics")):
+        for sample in family.samples:
+            if sample.name == "vllm_surgery_traffic_queue_peak_depth":
+                return sample.value
+    raise RuntimeError("vllm_surgery_traffic_queue_peak_depth missing: is recording on?")
+
+
+def measure_recording(plugin: Server, traffic: Server, prompts: list[list[int]], probe_ids: list[int], args) -> int:
+    """(d): throughput with recording on / off. Returns the number of records lost (0 expected)."""
+    status, body = swap(plugin, "original")  # same weights on both (a no-op unless a-c swapped)
+    assert status == 200, body
+    assert same(probe(traffic, probe_ids), probe(plugin, probe_ids)), "recording server serves other weights"
+    sent = 1  # the probe
+    for s in (plugin, traffic):  # warm-up
+        throughput(s, prompts, args.concurrency, args.concurrency * 2, args.max_tokens, mixed=True)
+    sent += args.concurrency * 2
+    results: dict[str, list[float]] = {"traffic": [], "plugin": []}
+    cpu: dict[str, list[float]] = {"traffic": [], "plugin": []}
+    api_cpu: dict[str, list[float]] = {"traffic": [], "plugin": []}  # ms per request, API server only
+    for i in range(args.rounds):
+        for s in (traffic, plugin) if i % 2 == 0 else (plugin, traffic):
+            api0 = s.cpu_seconds(api_server_only=True)
+            tps, cpu_per_1k = throughput(s, prompts, args.concurrency, args.requests, args.max_tokens, mixed=True)
+            api_cpu[s.label].append(1000 * (s.cpu_seconds(api_server_only=True) - api0) / args.requests)
+            results[s.label].append(tps)
+            cpu[s.label].append(cpu_per_1k)
+    sent += args.rounds * args.requests
+    med = {k: statistics.median(v) for k, v in results.items()}
+    paired = [t / p for t, p in zip(results["traffic"], results["plugin"], strict=True)]
+    print(
+        f"\n(d) recording traffic on / off, adapter x, C={args.concurrency}, R={args.requests}, "
+        f"max_tokens={args.max_tokens}, half streamed, {args.rounds} interleaved rounds, tokens/s"
+    )
+    for k, v in results.items():
+        label = "on " if k == "traffic" else "off"
+        print(f"    recording {label} median {med[k]:8.1f}   rounds {' '.join(f'{x:.1f}' for x in v)}")
+    print(f"    per-round ratios on/off {' '.join(f'{x:.3f}' for x in paired)}")
+    for k, v in cpu.items():
+        print(
+            f"    recording {'on ' if k == 'traffic' else 'off'} CPU: whole server {statistics.median(v):.2f} s per 1k "
+            f"tokens; API-server process {statistics.median(api_cpu[k]):.2f} ms per request (medians)"
+        )
+    paired_median = statistics.median(paired)
+    verdict = "meets" if paired_median >= 0.98 else "BELOW"
+    print(
+        f"    ratio of medians {med['traffic'] / med['plugin']:.3f}x; median of per-round ratios "
+        f"{paired_median:.3f}x ({verdict} target >= 0.98x)"
+    )
+    deadline = time.monotonic() + 30
+    while logged_records(traffic, "logged") < sent and time.monotonic() < deadline:
+        time.sleep(0.2)
+    logged, dropped = logged_records(traffic, "logged"), logged_records(traffic, "dropped")
+    failed = logged_records(traffic, "failed")
+    print(
+        f"    requests sent to the recording server {sent}, records logged {logged:.0f}, dropped {dropped:.0f}, "
+        f"failed {failed:.0f}; writer queue peak depth {queue_peak(traffic):.0f} (capacity 10000)"
+    )
+    return int(sent - logged + dropped + failed)
 
 
 # --------------------------------------------------------------------------- main
@@ -396,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=10, help="throughput rounds per server (interleaved)")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--sections", default="abcd", help="which measurements: a, b, c (run together) and/or d")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
     args = ap.parse_args(argv)
+    run_abc, run_d = any(c in args.sections for c in "abc"), "d" in args.sections
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="vllm-surgery-bench-"))
@@ -429,133 +385,145 @@ def main(argv: list[str] | None = None) -> int:
         }
         plugin = launch("plugin", base, work, plugin_env, [])
         servers.append(plugin)
-        baseline = launch(
-            "baseline", base, work, {"VLLM_PLUGINS": NO_PLUGIN}, ["--lora-modules", f"x={original}"]
-        )
-        servers.append(baseline)
+        if run_abc:
+            # Runtime LoRA updating off: without the plugin nothing resolves adapters, and vllm-surgery-serve
+            # refuses to open vLLM's runtime adapter routes unguarded (the engine flags stay identical).
+            baseline_env = {"VLLM_PLUGINS": NO_PLUGIN, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "0"}
+            baseline = launch("baseline", base, work, baseline_env, ["--lora-modules", f"x={original}"])
+            servers.append(baseline)
+        if run_d:
+            # Its own store (so the plugin server's swaps never change what it serves) and database.
+            traffic_env = {**plugin_env, "VLLM_SURGERY_STORE": str(work / "store-traffic"), "VLLM_SURGERY_TRAFFIC": "1"}
+            traffic = launch("traffic", base, work, traffic_env, [])
+            servers.append(traffic)
         for s in servers:
-            wait_healthy(s)
+            s.wait_healthy(STARTUP_TIMEOUT_S)
         print(f"model {args.model} ({base}); servers healthy after {time.perf_counter() - started:.1f} s")
+        failed = unexpected = bad = lost = 0
 
-        # Plugin really active on one, really absent on the other.
-        assert plugin.text("/metrics").count("vllm_surgery_") > 0, "plugin metrics missing"
-        assert "vllm_surgery_" not in baseline.text("/metrics"), "baseline server has the plugin loaded"
-        status, _ = baseline.post("/v1/surgery/adapters/x/swap", {"version": "original"})
-        assert status == 404, f"baseline server answers /v1/surgery routes ({status})"
+        if run_abc:
+            # Plugin really active on one, really absent on the other.
+            assert plugin.text("/metrics").count("vllm_surgery_") > 0, "plugin metrics missing"
+            assert "vllm_surgery_" not in baseline.text("/metrics"), "baseline server has the plugin loaded"
+            status, _ = baseline.post("/v1/surgery/adapters/x/swap", {"version": "original"})
+            assert status == 404, f"baseline server answers /v1/surgery routes ({status})"
 
-        fingerprints = {"original": probe(plugin, probe_ids)}
-        assert same(probe(baseline, probe_ids), fingerprints["original"]), "servers disagree on the original"
-        status, body = swap(plugin, refined)
-        assert status == 200 and body["changed"], body
-        fingerprints[refined] = probe(plugin, probe_ids)
-        gap = max(abs(a - b) for a, b in zip(fingerprints["original"], fingerprints[refined], strict=True))
-        assert gap > 100 * LOGPROB_TOL, f"the two versions are indistinguishable by the probe ({gap})"
+            fingerprints = {"original": probe(plugin, probe_ids)}
+            assert same(probe(baseline, probe_ids), fingerprints["original"]), "servers disagree on the original"
+            status, body = swap(plugin, refined)
+            assert status == 200 and body["changed"], body
+            fingerprints[refined] = probe(plugin, probe_ids)
+            gap = max(abs(a - b) for a, b in zip(fingerprints["original"], fingerprints[refined], strict=True))
+            assert gap > 100 * LOGPROB_TOL, f"the two versions are indistinguishable by the probe ({gap})"
 
-        # (a) swap latency
-        order = ["original" if i % 2 == 0 else refined for i in range(args.swaps)]
-        rows = measure_swap_latency(plugin, probe_ids, fingerprints, order)
-        first = [r["first_new_s"] for r in rows]
-        calls = [r["call_s"] for r in rows]
-        srv = [r["server_s"] for r in rows]
-        inflight = sum(r["inflight_mixed"] for r in rows)
-        inflight_other = sum(r["inflight_other"] for r in rows)
-        probe_s = [d for r in rows for d in r["probe_s"]]
-        stale = sum(r["stale_after_return"] for r in rows)
-        unexpected = stale
-        print(f"\n(a) swap latency over {len(rows)} swaps (alternating original <-> {refined}), seconds")
-        print(f"    {'':34s} {'median':>8s} {'p95':>8s} {'max':>8s}")
-        for label, vals in (
-            ("swap call -> first new response", first),
-            ("swap call -> swap HTTP response", calls),
-            ("server-side swap (body.seconds)", srv),
-        ):
-            print(f"    {label:34s} {statistics.median(vals):8.3f} {pct(vals, 0.95):8.3f} {max(vals):8.3f}")
-        print(
-            f"    one probe request ({PROBE_TOKENS} tokens) takes median {statistics.median(probe_s):.3f} s; "
-            f"probes are sequential, so 'first new response' includes up to ~2 probe durations"
-        )
-        n_after = sum(len(r["after_classes"]) for r in rows)
-        print(
-            f"    probes in flight across a swap call: {inflight} answered with mixed versions "
-            f"(prefill old, later tokens new), {inflight_other} other; probes sent AFTER the swap "
-            f"call returned: {n_after}, of which not the new version: {stale}"
-        )
-        for i, r in enumerate(rows):
-            if r["stale_after_return"]:
-                print(
-                    f"    swap {i} -> {r['target'][:12]}: after return {r['after_classes']}, "
-                    f"last non-new answer {r['last_not_new_after_return_s']:.3f} s after the call returned"
-                )
-
-        # (b) failures under load
-        done, failed, failures = swaps_under_load(
-            plugin, prompts, ["original", refined], args.clients, args.load_swaps, 0.5
-        )
-        print(
-            f"\n(b) {args.load_swaps} swaps under load, {args.clients} clients: "
-            f"{done} requests ok, {failed} failed"
-        )
-        for f in failures[:5]:
-            print("    ", f)
-
-        # (c) throughput, same weights on both servers: the plugin server back on the original.
-        status, body = swap(plugin, "original")
-        assert status == 200, body
-        assert same(probe(plugin, probe_ids), fingerprints["original"])
-        for s in (plugin, baseline):  # warm-up
-            throughput(s, prompts, args.concurrency, args.concurrency * 2, args.max_tokens)
-        results: dict[str, list[float]] = {"plugin": [], "baseline": []}
-        cpu: dict[str, list[float]] = {"plugin": [], "baseline": []}
-        for i in range(args.rounds):
-            pair = (plugin, baseline) if i % 2 == 0 else (baseline, plugin)
-            for s in pair:
-                tps, cpu_per_1k = throughput(s, prompts, args.concurrency, args.requests, args.max_tokens)
-                results[s.label].append(tps)
-                cpu[s.label].append(cpu_per_1k)
-        med = {k: statistics.median(v) for k, v in results.items()}
-        ratio = med["plugin"] / med["baseline"]
-        paired = [p / b for p, b in zip(results["plugin"], results["baseline"], strict=True)]
-        print(
-            f"\n(c) throughput, adapter x (rank {args.rank}), C={args.concurrency}, R={args.requests}, "
-            f"max_tokens={args.max_tokens}, ignore_eos, {args.rounds} interleaved rounds, tokens/s"
-        )
-        for k, v in results.items():
-            print(f"    {k:9s} median {med[k]:8.1f}   rounds {' '.join(f'{x:.1f}' for x in v)}")
-        print(f"    per-round ratios plugin/baseline {' '.join(f'{x:.3f}' for x in paired)}")
-        for k, v in cpu.items():
+            # (a) swap latency
+            order = ["original" if i % 2 == 0 else refined for i in range(args.swaps)]
+            rows = measure_swap_latency(plugin, probe_ids, fingerprints, order)
+            first = [r["first_new_s"] for r in rows]
+            calls = [r["call_s"] for r in rows]
+            srv = [r["server_s"] for r in rows]
+            inflight = sum(r["inflight_mixed"] for r in rows)
+            inflight_other = sum(r["inflight_other"] for r in rows)
+            probe_s = [d for r in rows for d in r["probe_s"]]
+            stale = sum(r["stale_after_return"] for r in rows)
+            unexpected = stale
+            print(f"\n(a) swap latency over {len(rows)} swaps (alternating original <-> {refined}), seconds")
+            print(f"    {'':34s} {'median':>8s} {'p95':>8s} {'max':>8s}")
+            for label, vals in (
+                ("swap call -> first new response", first),
+                ("swap call -> swap HTTP response", calls),
+                ("server-side swap (body.seconds)", srv),
+            ):
+                print(f"    {label:34s} {statistics.median(vals):8.3f} {pct(vals, 0.95):8.3f} {max(vals):8.3f}")
             print(
-                f"    {k:9s} server CPU s per 1k tokens: median {statistics.median(v):.2f}   "
-                f"rounds {' '.join(f'{x:.2f}' for x in v)}"
+                f"    one probe request ({PROBE_TOKENS} tokens) takes median {statistics.median(probe_s):.3f} s; "
+                f"probes are sequential, so 'first new response' includes up to ~2 probe durations"
             )
-        cpu_ratio = statistics.median(cpu["baseline"]) / statistics.median(cpu["plugin"])
-        print(
-            f"    CPU-efficiency ratio plugin/baseline (baseline CPU per token / plugin's) {cpu_ratio:.3f}x"
-        )
-        paired_median = statistics.median(paired)
-        verdict = "meets" if paired_median >= 0.98 else "BELOW"
-        print(
-            f"    ratio of medians {ratio:.3f}x; median of per-round ratios {paired_median:.3f}x "
-            f"({verdict} target >= 0.98x)"
-        )
+            n_after = sum(len(r["after_classes"]) for r in rows)
+            print(
+                f"    probes in flight across a swap call: {inflight} answered with mixed versions "
+                f"(prefill old, later tokens new), {inflight_other} other; probes sent AFTER the swap "
+                f"call returned: {n_after}, of which not the new version: {stale}"
+            )
+            for i, r in enumerate(rows):
+                if r["stale_after_return"]:
+                    print(
+                        f"    swap {i} -> {r['target'][:12]}: after return {r['after_classes']}, "
+                        f"last non-new answer {r['last_not_new_after_return_s']:.3f} s after the call returned"
+                    )
 
-        # Cross-check with the plugin's own metrics.
-        from prometheus_client.parser import text_string_to_metric_families
+            # (b) failures under load
+            done, failed, failures = swaps_under_load(
+                plugin, prompts, ["original", refined], args.clients, args.load_swaps, 0.5
+            )
+            print(
+                f"\n(b) {args.load_swaps} swaps under load, {args.clients} clients: "
+                f"{done} requests ok, {failed} failed"
+            )
+            for f in failures[:5]:
+                print("    ", f)
 
-        fams = {f.name: f for f in text_string_to_metric_families(plugin.text("/metrics"))}
-        swapped = sum(
-            s.value for s in fams["vllm_surgery_hotswaps"].samples
-            if s.name.endswith("_total") and s.labels.get("outcome") == "swapped"
-        )  # fmt: skip
-        bad = sum(
-            s.value for s in fams["vllm_surgery_hotswaps"].samples
-            if s.name.endswith("_total") and s.labels.get("outcome") not in ("swapped", "noop")
-        )  # fmt: skip
-        print(f"\nplugin /metrics: hotswaps swapped={swapped:.0f} other-than-swapped/noop={bad:.0f}")
+            # (c) throughput, same weights on both servers: the plugin server back on the original.
+            status, body = swap(plugin, "original")
+            assert status == 200, body
+            assert same(probe(plugin, probe_ids), fingerprints["original"])
+            for s in (plugin, baseline):  # warm-up
+                throughput(s, prompts, args.concurrency, args.concurrency * 2, args.max_tokens)
+            results: dict[str, list[float]] = {"plugin": [], "baseline": []}
+            cpu: dict[str, list[float]] = {"plugin": [], "baseline": []}
+            for i in range(args.rounds):
+                pair = (plugin, baseline) if i % 2 == 0 else (baseline, plugin)
+                for s in pair:
+                    tps, cpu_per_1k = throughput(s, prompts, args.concurrency, args.requests, args.max_tokens)
+                    results[s.label].append(tps)
+                    cpu[s.label].append(cpu_per_1k)
+            med = {k: statistics.median(v) for k, v in results.items()}
+            ratio = med["plugin"] / med["baseline"]
+            paired = [p / b for p, b in zip(results["plugin"], results["baseline"], strict=True)]
+            print(
+                f"\n(c) throughput, adapter x (rank {args.rank}), C={args.concurrency}, R={args.requests}, "
+                f"max_tokens={args.max_tokens}, ignore_eos, {args.rounds} interleaved rounds, tokens/s"
+            )
+            for k, v in results.items():
+                print(f"    {k:9s} median {med[k]:8.1f}   rounds {' '.join(f'{x:.1f}' for x in v)}")
+            print(f"    per-round ratios plugin/baseline {' '.join(f'{x:.3f}' for x in paired)}")
+            for k, v in cpu.items():
+                print(
+                    f"    {k:9s} server CPU s per 1k tokens: median {statistics.median(v):.2f}   "
+                    f"rounds {' '.join(f'{x:.2f}' for x in v)}"
+                )
+            cpu_ratio = statistics.median(cpu["baseline"]) / statistics.median(cpu["plugin"])
+            print(
+                f"    CPU-efficiency ratio plugin/baseline (baseline CPU per token / plugin's) {cpu_ratio:.3f}x"
+            )
+            paired_median = statistics.median(paired)
+            verdict = "meets" if paired_median >= 0.98 else "BELOW"
+            print(
+                f"    ratio of medians {ratio:.3f}x; median of per-round ratios {paired_median:.3f}x "
+                f"({verdict} target >= 0.98x)"
+            )
+
+            # Cross-check with the plugin's own metrics.
+            from prometheus_client.parser import text_string_to_metric_families
+
+            fams = {f.name: f for f in text_string_to_metric_families(plugin.text("/metrics"))}
+            swapped = sum(
+                s.value for s in fams["vllm_surgery_hotswaps"].samples
+                if s.name.endswith("_total") and s.labels.get("outcome") == "swapped"
+            )  # fmt: skip
+            bad = sum(
+                s.value for s in fams["vllm_surgery_hotswaps"].samples
+                if s.name.endswith("_total") and s.labels.get("outcome") not in ("swapped", "noop")
+            )  # fmt: skip
+            print(f"\nplugin /metrics: hotswaps swapped={swapped:.0f} other-than-swapped/noop={bad:.0f}")
+        if run_d:
+            lost = measure_recording(plugin, traffic, prompts, probe_ids, args)
         print(f"total wall time {time.perf_counter() - started:.1f} s")
+        return 1 if failed or unexpected or bad or lost else 0
         return 1 if failed or unexpected or bad else 0
     finally:
         for s in servers:
-            stop(s)
+            s.stop()
         if args.keep:
             print(f"work directory kept: {work}")
         else:

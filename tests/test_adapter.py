@@ -66,9 +66,10 @@ def test_content_hash_is_stable_and_sensitive(tiny_adapter, adapter_copy, tmp_pa
     _edit_config(adapter_copy, base_model_name_or_path="/elsewhere")
     assert load_adapter(adapter_copy).content_hash() == h
     _edit_tensors(adapter_copy, lambda t: t[f"base_model.model.{O_PROJ}.lora_B.weight"].mul_(1.001))
-    assert load_adapter(adapter_copy).content_hash() != h
-    _edit_config(adapter_copy, lora_alpha=17)
-    assert len({h, load_adapter(adapter_copy).content_hash()}) == 2
+    edited = load_adapter(adapter_copy).content_hash()
+    assert edited != h
+    _edit_config(adapter_copy, lora_alpha=17)  # the scaling changes the function: a new hash
+    assert load_adapter(adapter_copy).content_hash() not in (h, edited)
 
 
 def test_save_copies_untouched_tensors_bit_for_bit_and_config_verbatim(tiny_adapter, tmp_path):
@@ -189,3 +190,28 @@ def test_bad_adapters_get_clear_errors(adapter_copy, kind, message):
 def test_not_a_directory(tmp_path):
     with pytest.raises(AdapterError, match="not a directory"):
         load_adapter(tmp_path / "nope")
+
+
+def test_save_refuses_non_finite_tensors_and_leaves_nothing(tiny_adapter, tmp_path):
+    ad = load_adapter(tiny_adapter)
+    key = ad.modules[O_PROJ].b_key
+    bad = ad.tensors[key].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(AdapterError) as info:
+        save_adapter(ad, tmp_path / "v1", {key: bad}, {"method": "test"})
+    assert str(info.value) == (
+        f"{tmp_path / 'v1' / 'adapter_model.safetensors'}: tensor {key!r} would be written with NaN or Inf "
+        "values; nothing was written"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_values_that_overflow_the_adapter_dtype(adapter_copy, tmp_path):
+    """A float32 replacement finite as computed can overflow a float16 adapter when cast."""
+    _edit_tensors(adapter_copy, lambda t: t.update({k: v.half() for k, v in t.items()}))
+    ad = load_adapter(adapter_copy)
+    key = ad.modules[O_PROJ].a_key
+    big = torch.full(ad.tensors[key].shape, 1e6)  # float16 tops out at 65504
+    with pytest.raises(AdapterError, match=rf"tensor '{key}' would be written with NaN or Inf values"):
+        save_adapter(ad, tmp_path / "out" / "v1", {key: big})
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -14,6 +14,20 @@ def run(*args):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+def refine_args(base, adapter, calibration, output) -> list:
+    return [
+        "refine",
+        "--base-model",
+        base,
+        "--adapter",
+        adapter,
+        "--calibration",
+        calibration,
+        "--output",
+        output,
+    ]
+
+
 def test_console_script_is_installed():
     assert SCRIPT.is_file(), "pip install -e . should provide the vllm-surgery command"
     p = run("--help")
@@ -25,15 +39,7 @@ def test_refine_force_writes_adapter_report_and_prints_decision(
 ):
     out, report = tmp_path / "refined", tmp_path / "report.json"
     p = run(
-        "refine",
-        "--base-model",
-        tiny_base,
-        "--adapter",
-        tiny_adapter,
-        "--calibration",
-        tiny_calibration,
-        "--output",
-        out,
+        *refine_args(tiny_base, tiny_adapter, tiny_calibration, out),
         "--policy",
         "auto",
         "--policy-param",
@@ -50,11 +56,20 @@ def test_refine_force_writes_adapter_report_and_prints_decision(
         report,
     )
     assert p.returncode == 0, p.stderr
-    assert "decision:" in p.stdout and "held-out answer loss" in p.stdout
+    # 12 examples, 3 held out: the smallest p-value (1/8) cannot pass max_false_accept 0.025; forced.
+    assert "decision: forced" in p.stdout and "held-out answer loss" in p.stdout
+    assert "gate: one-sided paired sign-flip test" in p.stdout
+    assert (
+        "3 candidate(s), 3 held-out examples, 8 all sign flips; accept if gain >= 0.50% and p <= 0.025"
+        in p.stdout
+    )
     data = json.loads(report.read_text())
-    assert data["decision"] in ("accept", "forced") and data["output_path"] == str(out)
+    assert data["decision"] == "forced" and data["output_path"] == str(out)
+    assert data["gate"]["smallest_p_value"] == 1 / 8 and data["gate"]["candidates"] == 3
+    for policy in ("grad_direction", "abs_select", "smooth_abs"):
+        assert f"{policy:<15} {data['candidates'][policy]['loss']:.4f}" in p.stdout
     assert len(data["modules"]) == 7 and all(".layers.0." in m for m in data["modules"])
-    assert data["config"]["policy_params"] == {"grad_direction": {"eta_s": "1.5"}}
+    assert data["config"]["policy_params"] == {"grad_direction": {"eta_s": 1.5}}
     for mod in data["modules"].values():
         assert {"sigma", "sigma_new", "sensitivity"} <= set(mod)
     assert (out / "adapter_model.safetensors").is_file() and (out / "surgery.json").is_file()
@@ -62,15 +77,7 @@ def test_refine_force_writes_adapter_report_and_prints_decision(
 
 def test_keep_original_exit_code(tiny_base, tiny_adapter, tiny_calibration, tmp_path):
     p = run(
-        "refine",
-        "--base-model",
-        tiny_base,
-        "--adapter",
-        tiny_adapter,
-        "--calibration",
-        tiny_calibration,
-        "--output",
-        tmp_path / "o",
+        *refine_args(tiny_base, tiny_adapter, tiny_calibration, tmp_path / "o"),
         "--min-improvement",
         "0.99",
         "--quiet",
@@ -113,6 +120,30 @@ def test_bad_input_exit_code_and_message(tiny_base, tiny_calibration, tmp_path):
         "eta_s",
     )
     assert p.returncode == 2 and "NAME=VALUE" in p.stderr
+
+
+def test_settings_that_produce_garbage_exit_2_and_write_nothing(
+    tiny_base, tiny_adapter, tiny_calibration, tmp_path
+):
+    # one of each kind of refusal; the whole table of bad values is tests/test_config.py
+    cases = [
+        (
+            ["--policy-param", "eta_s=nan"],
+            "policy parameter grad_direction.eta_s must be a finite number; got nan",
+        ),
+        (["--policy-param", "eta_s=two"], "--policy-param 'eta_s=two': VALUE must be a number"),
+        (["--max-false-accept", "0"], "max_false_accept must be a probability in (0, 1]; got 0.0"),
+    ]
+    for extra, message in cases:
+        p = run(
+            *refine_args(tiny_base, tiny_adapter, tiny_calibration, tmp_path / "o"),
+            "--force",
+            "--quiet",
+            *extra,
+        )
+        assert p.returncode == 2, (extra, p.stdout, p.stderr)
+        assert f"vllm-surgery: error: {message}" in p.stderr, (extra, p.stderr)
+        assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
 
 
 def test_inspect_table_and_json(tiny_adapter):

@@ -1,15 +1,17 @@
 """refine() end to end on a tiny random Llama: what is written, what is not, and bad input."""
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from vllm_surgery import ConfigError, SurgeryConfig, load_adapter, refine
 from vllm_surgery.errors import AdapterError, CalibrationError
-from vllm_surgery.policies import constrain, reweight
-from vllm_surgery.spectral import lora_svd
+from vllm_surgery.testing import write_calibration
 
 RESIDUAL = ("o_proj", "down_proj")
 
@@ -21,22 +23,81 @@ def forced(tiny_base, tiny_adapter, tiny_calibration, tmp_path_factory):
     return result, out
 
 
+def lora_pair(adapter_dir, name):
+    """(A, B) of one module, read straight from the safetensors file, in float64."""
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    prefix = f"base_model.model.{name}"
+    return tensors[f"{prefix}.lora_A.weight"].double(), tensors[f"{prefix}.lora_B.weight"].double()
+
+
+def test_forced_decision_on_four_heldout_examples(forced):
+    result, _ = forced
+    # 16 examples, a quarter held out: 4 examples, whose smallest possible p-value (1/16) is above the
+    # default max_false_accept (0.025), so nothing can pass and force writes the candidate anyway.
+    assert result.decision == "forced" and result.policy == "grad_direction"
+    assert result.calibration["heldout_examples"] == 4
+    assert "with 4 held-out examples no p-value can fall below 0.0625" in result.reason
+    assert result.gate["smallest_p_value"] == 1 / 16 and result.gate["sign_flips"] == 16
+    assert result.gate["candidates"] == 1 and result.gate["max_false_accept"] == 0.025
+
+
 def test_written_adapter_equals_the_edit_formula(forced, tiny_adapter):
+    """sigma' = sigma * exp(-(2.0 * max(gh, 0) + 0.2 * min(gh, 0))), gh = g / mean|g|, rescaled to keep
+    sum(sigma) (l1), from an independent float64 SVD of B @ A; the written B' @ A' = U diag(sigma') V^T."""
     result, out = forced
-    assert result.output_path == out and result.decision in ("accept", "forced")
-    orig, new = load_adapter(tiny_adapter), load_adapter(out)
-    assert set(result.modules) == {m for m in orig.modules if m.endswith(RESIDUAL)}
+    assert result.output_path == out
+    assert set(result.modules) == {m for m in load_adapter(tiny_adapter).modules if m.endswith(RESIDUAL)}
     for name, mod in result.modules.items():
-        spec = lora_svd(orig.lora_a(name), orig.lora_b(name))
-        g = torch.tensor(mod.sensitivity)
-        expected = constrain(spec.sigma, reweight(spec.sigma, g, "grad_direction"), "l1")
-        assert mod.sigma_new == pytest.approx(expected.tolist(), rel=1e-6)
-        want = spec.U.double() @ torch.diag(expected) @ spec.V.double().T
-        got = new.lora_b(name).double() @ new.lora_a(name).double()
-        assert torch.allclose(got, want, atol=1e-6), name
-        # the l1 constraint kept the nuclear norm of the update
-        assert sum(mod.sigma_new) == pytest.approx(sum(mod.sigma), rel=1e-5)
-        assert new.lora_a(name).dtype == orig.lora_a(name).dtype
+        a, b = lora_pair(tiny_adapter, name)
+        u, sigma, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        u, sigma, vh = u[:, :8], sigma[:8], vh[:8]
+        g = torch.tensor(mod.sensitivity, dtype=torch.float64)
+        gh = g / g.abs().mean()
+        raw = sigma * torch.exp(-(2.0 * gh.clamp(min=0) + 0.2 * gh.clamp(max=0)))
+        expected = raw * sigma.sum() / raw.sum()
+        assert mod.sigma == pytest.approx(sigma.tolist(), rel=1e-5), name
+        assert mod.sigma_new == pytest.approx(expected.tolist(), rel=1e-5), name
+        a_new, b_new = lora_pair(out, name)
+        want = u @ torch.diag(expected) @ vh
+        assert torch.allclose(b_new @ a_new, want, atol=1e-6), name
+        assert load_adapter(out).lora_a(name).dtype == torch.float32
+
+
+def heldout_loss_by_peft(base_dir, adapter_dir, examples) -> tuple[float, int]:
+    """Answer-token mean cross-entropy of PEFT's own model: one full forward per example."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            logits = model(input_ids=torch.tensor([list(e.prompt_ids + e.answer_ids)])).logits[0].double()
+            start = len(e.prompt_ids)
+            predicting = logits[start - 1 : start - 1 + len(e.answer_ids)]
+            total += F.cross_entropy(predicting, torch.tensor(e.answer_ids), reduction="sum").item()
+            tokens += len(e.answer_ids)
+    return total / tokens, tokens
+
+
+def test_measured_equals_written(forced, tiny_base, tiny_adapter, tiny_calibration):
+    """The held-out loss PEFT computes with the written adapter is the reported quality_after, and with
+    the original adapter the reported quality_before."""
+    from transformers import AutoTokenizer
+
+    from vllm_surgery.calibration import load_calibration, split_heldout
+
+    result, out = forced
+    examples = load_calibration(tiny_calibration, AutoTokenizer.from_pretrained(tiny_base)).examples
+    _, heldout = split_heldout(examples, 0.25, seed=0)  # refine's defaults: heldout_fraction 0.25, seed 0
+    assert len(heldout) == result.calibration["heldout_examples"]
+    after, tokens = heldout_loss_by_peft(tiny_base, out, heldout)
+    assert tokens == result.quality_after.answer_tokens
+    assert result.quality_after.loss == pytest.approx(after, rel=1e-6, abs=0)  # observed: ~5e-9
+    before, _ = heldout_loss_by_peft(tiny_base, tiny_adapter, heldout)
+    assert result.quality_before.loss == pytest.approx(before, rel=1e-6, abs=0)
+    assert abs(after - before) > 1e-4 * before  # the two adapters really differ on these examples
 
 
 def test_modules_outside_scope_are_byte_identical(forced, tiny_adapter):
@@ -57,10 +118,20 @@ def test_provenance_and_report(forced, tiny_adapter, tiny_calibration):
     prov = json.loads((out / "surgery.json").read_text())
     assert prov["method"] == "spectral-surgery" and prov["policy"] == "grad_direction"
     assert prov["constraint"] == "l1" and prov["config"]["modules"] == "residual"
-    assert prov["adapter_hash"] == load_adapter(tiny_adapter).content_hash()
+    # the hash of the adapter refined from, not of the one written
+    assert (
+        prov["adapter_hash"] == load_adapter(tiny_adapter).content_hash() != load_adapter(out).content_hash()
+    )
     assert len(prov["calibration"]["sha256"]) == 64 and prov["calibration"]["examples"] == 12
     assert prov["calibration"]["heldout_examples"] == 4
     assert prov["quality_before"]["loss"] > 0 and prov["quality_after"]["loss"] > 0
+    assert prov["quality_before"]["answer_tokens"] == prov["quality_after"]["answer_tokens"] > 0
+    row = prov["candidates"]["grad_direction"]
+    assert set(row) == {"loss", "relative_improvement", "relative_improvement_se", "z", "p_value"}
+    assert row["loss"] == prov["quality_after"]["loss"]
+    gain = (prov["quality_before"]["loss"] - row["loss"]) / prov["quality_before"]["loss"]
+    assert row["relative_improvement"] == pytest.approx(gain, rel=1e-9)
+    assert prov["gate"]["p_value"] == row["p_value"] and prov["gate"]["chosen"] == "grad_direction"
     assert set(prov["versions"]) >= {"torch", "transformers", "peft", "safetensors"}
     assert {"load", "prepare", "sensitivity", "evaluation"} <= set(prov["timings"])
     for name, mod in prov["modules"].items():
@@ -126,20 +197,32 @@ def test_same_seed_same_result(tiny_base, tiny_adapter, tiny_calibration):
     a = refine(tiny_base, tiny_adapter, tiny_calibration, None, **kw)
     b = refine(tiny_base, tiny_adapter, tiny_calibration, None, **kw)
     assert {k: v.sigma_new for k, v in a.modules.items()} == {k: v.sigma_new for k, v in b.modules.items()}
-    assert a.quality_before == b.quality_before and a.calibration == b.calibration
+    assert a.quality_before == b.quality_before and a.calibration == b.calibration and a.gate == b.gate
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"policy": "best"}, ConfigError, "unknown policy"),
-        ({"constraint": "l0"}, ConfigError, "unknown constraint"),
-        ({"modules": "lm_head"}, ConfigError, "matches no module"),
+        ({"policy": "best"}, ConfigError, "unknown policy 'best'"),
+        ({"constraint": "l0"}, ConfigError, "unknown constraint 'l0'"),
+        ({"modules": "lm_head"}, ConfigError, "module 'lm_head' matches no module of the adapter"),
         ({"layers": "5:9"}, ConfigError, "selects no module"),
         ({"layers": "x"}, ConfigError, "START:END"),
-        ({"heldout_fraction": 1.0}, ConfigError, "heldout_fraction"),
+        ({"heldout_fraction": 1.0}, ConfigError, r"heldout_fraction must be a number in \[0, 1\); got 1.0"),
         ({"policy": "auto", "heldout_fraction": 0.0}, ConfigError, "must be > 0"),
         ({"policy_params": {"eta": 1}}, ConfigError, "no parameter 'eta'"),
+        (
+            {"policy_params": {"eta_s": float("nan")}},
+            ConfigError,
+            "grad_direction.eta_s must be a finite number",
+        ),
+        ({"min_z": 2.0}, ConfigError, "min_z was replaced by max_false_accept"),
+        # finite parameters whose exp() overflows: refused before anything is measured or written
+        (
+            {"policy_params": {"eta_e": 1e6}},
+            ConfigError,
+            r"policy grad_direction \(eta_s=2, eta_e=1e\+06\) gives non-finite singular values for model\.",
+        ),
     ],
 )
 def test_bad_settings_are_refused_and_nothing_written(
@@ -185,17 +268,69 @@ def test_config_object_and_keywords_are_exclusive(tiny_base, tiny_adapter, tiny_
         refine(tiny_base, tiny_adapter, tiny_calibration, None, SurgeryConfig(), policy="auto")
 
 
-def test_gain_within_noise_is_not_accepted(tiny_base, tiny_adapter, tiny_calibration, tmp_path):
-    """A candidate must beat the original by min_z standard errors, not only by the relative margin."""
-    kw = {"policy": "grad_direction", "min_improvement": 0.0, "progress": False}
-    lenient = refine(tiny_base, tiny_adapter, tiny_calibration, None, min_z=0.0, **kw)
-    row = lenient.candidates["grad_direction"]
-    assert row["relative_improvement"] > 0 and row["relative_improvement_se"] > 0
-    z = row["relative_improvement"] / row["relative_improvement_se"]
-    assert lenient.decision == "accept"
-    strict = refine(tiny_base, tiny_adapter, tiny_calibration, tmp_path / "o", min_z=z + 0.01, **kw)
-    assert strict.decision == "keep_original" and "standard errors" in strict.reason
-    assert not (tmp_path / "o").exists()
+def test_a_config_changed_after_construction_is_validated_again(tiny_base, tiny_adapter, tiny_calibration):
+    config = SurgeryConfig()
+    config.max_false_accept = float("nan")
+    with pytest.raises(ConfigError, match=r"max_false_accept must be a probability in \(0, 1\]; got nan"):
+        refine(tiny_base, tiny_adapter, tiny_calibration, None, config)
+
+
+@pytest.fixture(scope="module")
+def larger_calibration(tmp_path_factory):
+    """48 examples, half held out: 24, enough for the gate to detect a real gain of the tiny adapter."""
+    return write_calibration(tmp_path_factory.mktemp("cal48") / "calibration.jsonl", n=48)
+
+
+def test_a_measured_gain_is_accepted_and_a_stricter_rate_keeps_the_original(
+    tiny_base, tiny_adapter, larger_calibration, tmp_path
+):
+    kw = {"policy": "auto", "heldout_fraction": 0.5, "min_improvement": 0.001, "progress": False}
+    accepted = refine(tiny_base, tiny_adapter, larger_calibration, tmp_path / "a", **kw)
+    assert accepted.decision == "accept" and accepted.written
+    gate = accepted.gate
+    assert (gate["candidates"], gate["heldout_examples"], gate["exact"]) == (3, 24, False)
+    assert gate["p_value"] <= 0.025 and gate["relative_improvement"] >= 0.001
+    assert accepted.quality_after.loss < accepted.quality_before.loss  # accept means better on held-out data
+    assert (
+        accepted.policy == gate["chosen"]
+        and accepted.candidates[accepted.policy]["p_value"] == gate["p_value"]
+    )
+    # The same run with a false-acceptance rate below the measured p-value keeps the original.
+    strict = refine(
+        tiny_base,
+        tiny_adapter,
+        larger_calibration,
+        tmp_path / "s",
+        max_false_accept=gate["p_value"] / 2,
+        **kw,
+    )
+    assert strict.decision == "keep_original" and not (tmp_path / "s").exists()
+    assert strict.reason.startswith("no candidate measurably beats the original")
+    assert strict.gate["p_value"] == gate["p_value"]  # same seed, same sign flips
+
+
+def test_auto_never_accepts_a_candidate_that_does_not_lower_the_loss(
+    tiny_base, tiny_adapter, tiny_calibration
+):
+    """With the test switched off and no floor, acceptance still needs a lower held-out loss."""
+    for seed in range(3):
+        r = refine(
+            tiny_base,
+            tiny_adapter,
+            tiny_calibration,
+            None,
+            policy="auto",
+            min_improvement=0.0,
+            max_false_accept=1.0,
+            seed=seed,
+            progress=False,
+        )
+        best_loss = min(row["loss"] for row in r.candidates.values())
+        if best_loss < r.quality_before.loss:
+            assert r.decision == "accept" and r.quality_after.loss == best_loss
+        else:
+            assert r.decision == "keep_original"
+        assert math.isfinite(r.candidates[r.policy]["p_value"])
 
 
 def test_written_files_are_readable_by_other_users(forced):

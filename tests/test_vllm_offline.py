@@ -165,7 +165,8 @@ def test_refined_adapter_is_written_and_changed(artifacts: dict) -> None:
     from safetensors.torch import load_file
 
     result = artifacts["result"]
-    assert result.decision in ("accept", "forced") and result.written
+    # 16 examples, 4 held out: no p-value can pass the default max_false_accept, so force writes it.
+    assert result.decision == "forced" and result.written
     refined = Path(artifacts["refined"])
     cfg_orig = json.loads((Path(artifacts["orig"]) / "adapter_config.json").read_text())
     cfg_new = json.loads((refined / "adapter_config.json").read_text())

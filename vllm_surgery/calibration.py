@@ -3,7 +3,12 @@
 Two line formats, as in the training data people already have:
   {"prompt": "...", "completion": "..."}         the completion is the answer; EOS is appended
   {"messages": [{"role": ..., "content": ...}]}  rendered with the tokenizer's chat template;
-                                                 the last (assistant) turn is the answer
+                                                 the last (assistant) turn is the answer: everything
+                                                 the template writes after the generation prompt
+                                                 (end-of-turn tokens, Qwen3's empty think block)
+
+The whole text (prompt + completion, or the rendered conversation) is tokenised once and split at the
+answer's first character (see split_tokens), so the answer tokens are those the model sees.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def _check_text(value: Any, field: str, where: str) -> str:
     return value
 
 
-def _render(record: Any, tokenizer: Any, where: str) -> tuple[list[int], list[int], bool]:
-    """(prompt ids, answer ids, eos already in answer) for one parsed line."""
+def _render(record: Any, tokenizer: Any, where: str) -> tuple[str, int, bool]:
+    """(whole text, character offset where the answer starts, whether the tokenizer adds its special
+    tokens) for one parsed line. With messages the chat template renders the whole conversation."""
     if not isinstance(record, dict):
         raise CalibrationError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -85,9 +91,7 @@ def _render(record: Any, tokenizer: Any, where: str) -> tuple[list[int], list[in
             raise CalibrationError(
                 f"{where}: the chat template does not render the conversation as prompt + answer"
             )
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-        return prompt_ids, answer_ids, True
+        return full, len(prompt), False  # the template writes the special tokens itself
     if "prompt" in record or "completion" in record:
         for key in ("prompt", "completion"):
             if key not in record:
@@ -96,10 +100,33 @@ def _render(record: Any, tokenizer: Any, where: str) -> tuple[list[int], list[in
         completion = _check_text(record["completion"], "completion", where)
         if not completion.strip():
             raise CalibrationError(f"{where}: 'completion' is empty")
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        return prompt_ids, answer_ids, False
+        return prompt + completion, len(prompt), True
     raise CalibrationError(f"{where}: needs either 'prompt' and 'completion', or 'messages'")
+
+
+def split_tokens(
+    tokenizer: Any, text: str, boundary: int, add_special_tokens: bool, where: str
+) -> tuple[list[int], list[int]]:
+    """Tokenise `text` once and split the tokens where the answer (text[boundary:]) begins.
+
+    The answer tokens are then exactly those the model sees for the whole text; tokenising prompt and
+    answer separately differs per tokenizer family (a SentencePiece prefix piece before the answer,
+    merges across the boundary). A token that straddles the boundary (part prompt, part answer text)
+    belongs to the answer, so every answer character is scored; so do special tokens the tokenizer
+    appends after it. Raises CalibrationError for a tokenizer without offsets (not a "fast" one).
+    """
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except NotImplementedError:
+        enc = {}
+    if "offset_mapping" not in enc:  # Python ("slow") tokenizers ignore the request or refuse it
+        raise CalibrationError(
+            f"{where}: the tokenizer ({type(tokenizer).__name__}) cannot report character offsets, which are "
+            "needed to find the answer tokens; use a fast tokenizer (one with tokenizer.json)"
+        )
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    start = next((i for i, (_, end) in enumerate(offsets) if end > boundary), len(ids))
+    return ids[:start], ids[start:]
 
 
 def tokenize_records(
@@ -113,11 +140,12 @@ def tokenize_records(
     examples: list[Example] = []
     n_truncated = 0
     for where, record in records:
-        prompt_ids, answer_ids, has_eos = _render(record, tokenizer, where)
-        if not has_eos and eos is not None:
-            answer_ids = [*answer_ids, eos]
+        text, boundary, plain = _render(record, tokenizer, where)
+        prompt_ids, answer_ids = split_tokens(tokenizer, text, boundary, plain, where)
         if not answer_ids:
             raise CalibrationError(f"{where}: the answer tokenises to nothing")
+        if plain and eos is not None and answer_ids[-1] != eos:
+            answer_ids = [*answer_ids, eos]
         if not prompt_ids:
             raise CalibrationError(
                 f"{where}: the prompt tokenises to nothing (and the tokenizer adds no BOS)"

@@ -1,4 +1,5 @@
-"""`vllm-surgery`: refine an adapter offline, or inspect its spectrum."""
+"""`vllm-surgery`: refine an adapter offline, inspect its spectrum, or turn recorded traffic into
+calibration data."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
+from .config import SurgeryConfig
 from .errors import SurgeryError
-from .policies import POLICIES
+from .serving.names import InvalidAdapterName
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,30 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (safetensors)")
     r.add_argument("--calibration", required=True, help="JSONL: {prompt, completion} or {messages} per line")
     r.add_argument("--output", required=True, help="new directory for the refined adapter")
-    r.add_argument("--policy", default="grad_direction", choices=["auto", *POLICIES])
+    _add_config_options(r)
     r.add_argument(
-        "--policy-param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a policy parameter, e.g. eta_s=1.0 (with auto: grad_direction.eta_s=1.0)",
+        "--allow-base-mismatch",
+        action="store_true",
+        help="accept an adapter whose base_model_name_or_path names another model (shapes are still checked)",
     )
-    r.add_argument("--constraint", default="l1", choices=["l1", "l2", "none"])
-    r.add_argument("--modules", default="residual", help="residual|attention|mlp|all or NAME,NAME,...")
-    r.add_argument("--layers", default=None, help="layer range START:END (half open)")
-    r.add_argument("--heldout-fraction", type=float, default=0.25)
-    r.add_argument(
-        "--min-improvement", type=float, default=0.005, help="relative held-out loss gain required"
-    )
-    r.add_argument(
-        "--min-z", type=float, default=2.0, help="required gain in standard errors of the paired difference"
-    )
-    r.add_argument("--samples", type=int, default=None, help="use N examples of the calibration file")
-    r.add_argument("--max-length", type=int, default=1024)
-    r.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch")
-    r.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--force", action="store_true", help="write the refined adapter even if it does not win")
     r.add_argument("--report", default=None, help="write the full JSON report here")
     r.add_argument("--plot", default=None, help="write a PNG of the spectra and candidates here")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -56,15 +41,67 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-module rank, singular values, energy and effective rank")
     i.add_argument("adapter")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    db_help = "traffic database (default: the serving settings' database, VLLM_SURGERY_DATABASE or beside the store)"
+    t = sub.add_parser("traffic", help="recorded traffic of the vLLM plugin")
+    tsub = t.add_subparsers(dest="traffic_command", required=True)
+    ts = tsub.add_parser("stats", help="records, rated, corrected and usable examples per adapter and version")
+    ts.add_argument("adapter", nargs="?", default=None)
+    ts.add_argument("--db", default=None, help=db_help)
+    ts.add_argument("--json", action="store_true", help="machine-readable output")
+
+    c = sub.add_parser("calibration", help="calibration data from recorded traffic")
+    csub = c.add_subparsers(dest="calibration_command", required=True)
+    ce = csub.add_parser("export", help="write an adapter's calibration set as the JSONL `refine` reads")
+    ce.add_argument("adapter")
+    ce.add_argument("--output", required=True, help="JSONL file to write (atomically)")
+    ce.add_argument("--since", default=None, help="only traffic since: 7d, 12h, 30m, or an ISO 8601 date/time")
+    ce.add_argument(
+        "--include-unrated",
+        action="store_true",
+        help="also use completions nobody rated (weak targets: the adapter's own unreviewed output)",
+    )
+    ce.add_argument("--db", default=None, help=db_help)
     return p
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per SurgeryConfig field that has CLI metadata; help and default come from the field."""
+    for f in fields(SurgeryConfig):
+        if f.name == "policy_params":
+            parser.add_argument(
+                "--policy-param",
+                action="append",
+                default=[],
+                metavar="NAME=VALUE",
+                help="override a policy parameter, e.g. eta_s=1.0 (with auto: grad_direction.eta_s=1.0)",
+            )
+        if "cli" not in f.metadata:
+            continue
+        options = dict(f.metadata["cli"])
+        flag = options.pop("flag", "--" + f.name.replace("_", "-"))
+        parser.add_argument(flag, dest=f.name, default=f.default, help=f.metadata["help"], **options)
+
+
+def _config(args: argparse.Namespace) -> SurgeryConfig:
+    """The SurgeryConfig of a parsed `refine` command line (validated by SurgeryConfig itself)."""
+    settings = {f.name: getattr(args, f.name) for f in fields(SurgeryConfig) if "cli" in f.metadata}
+    return SurgeryConfig(
+        **settings, policy_params=_policy_params(args.policy_param, args.policy), progress=not args.quiet
+    )
+
+
 def _policy_params(items: Sequence[str], policy: str) -> dict:
+    """--policy-param NAME=VALUE items as overrides ({POLICY: {NAME: value}} with auto); VALUE a number."""
     params: dict = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep:
             raise SurgeryError(f"--policy-param expects NAME=VALUE, got {item!r}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise SurgeryError(f"--policy-param {item!r}: VALUE must be a number") from None
         if policy == "auto":
             name, dot, key = key.partition(".")
             if not dot:
@@ -82,27 +119,12 @@ def _write_json_atomic(path: str, data: dict) -> None:
 
 
 def _refine(args: argparse.Namespace) -> int:
-    from .config import SurgeryConfig
     from .refine import refine
 
-    config = SurgeryConfig(
-        policy=args.policy,
-        policy_params=_policy_params(args.policy_param, args.policy),
-        constraint=args.constraint,
-        modules=args.modules,
-        layers=args.layers,
-        heldout_fraction=args.heldout_fraction,
-        min_improvement=args.min_improvement,
-        min_z=args.min_z,
-        samples=args.samples,
-        max_length=args.max_length,
-        max_batch_tokens=args.batch_tokens,
-        device=args.device,
-        seed=args.seed,
-        force=args.force,
-        progress=not args.quiet,
-    )
-    result = refine(args.base_model, args.adapter, args.calibration, args.output, config)
+    result = refine(
+        args.base_model, args.adapter, args.calibration, args.output, _config(args),
+        allow_base_mismatch=args.allow_base_mismatch,
+    )  # fmt: skip
     report = result.to_dict()
     if args.report:
         _write_json_atomic(args.report, report)
@@ -118,8 +140,15 @@ def _refine(args: argparse.Namespace) -> int:
             mark = "*" if policy == result.policy else " "
             print(
                 f"  {mark} {policy:<15} {row['loss']:.4f}  ({100 * row['relative_improvement']:+.2f}% "
-                f"± {100 * row['relative_improvement_se']:.2f}%)"
+                f"± {100 * row['relative_improvement_se']:.2f}% SE, p = {row['p_value']:.4g})"
             )
+        gate = result.gate
+        flips = "all" if gate["exact"] else "random"
+        print(
+            f"gate: {gate['test']}; {gate['candidates']} candidate(s), {gate['heldout_examples']} held-out "
+            f"examples, {gate['sign_flips']} {flips} sign flips; accept if gain >= "
+            f"{100 * gate['min_improvement']:.2f}% and p <= {gate['max_false_accept']:g}"
+        )
     print(
         f"modules edited: {len(result.modules)}; calibration: {result.calibration['examples']} examples, "
         f"{result.calibration['heldout_examples']} held out, {result.calibration['truncated']} truncated"
@@ -146,13 +175,74 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_traffic(db: str | None) -> tuple[object, object]:
+    """(database, serving settings): --db, else the database the serving settings name."""
+    from .serving.database import SQLiteDatabase
+    from .serving.settings import ServingSettings
+
+    settings = ServingSettings.from_env()
+    return SQLiteDatabase(Path(db) if db else settings.database_path, create=False), settings
+
+
+def _traffic_stats(args: argparse.Namespace) -> int:
+    db, _ = _open_traffic(args.db)
+    try:
+        rows = db.stats(args.adapter)
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    print(f"traffic database: {db.path}")
+    header = ("adapter", "version", "records", "rated", "good", "bad", "corrected", "usable", "+unrated")
+    print(f"{header[0]:<24} {header[1]:<40} " + " ".join(f"{h:>9}" for h in header[2:]))
+    for r in rows:
+        counts = (r.records, r.rated, r.good, r.bad, r.corrected, r.usable, r.unrated_usable)
+        print(f"{r.adapter:<24} {r.version:<40} " + " ".join(f"{n:>9}" for n in counts))
+    if not rows:
+        print("(no records" + (f" for adapter {args.adapter!r})" if args.adapter else ")"))
+    return 0
+
+
+def _calibration_export(args: argparse.Namespace) -> int:
+    from .serving.names import validate_adapter_name
+    from .serving.traffic import TrafficPolicy
+    from .traffic_calibration import calibration_set, parse_since, registered_files, write_jsonl
+
+    validate_adapter_name(args.adapter)
+    since = parse_since(args.since) if args.since else None
+    db, settings = _open_traffic(args.db)
+    policy = TrafficPolicy(settings).for_adapter(args.adapter)
+    files = registered_files(settings.calibration_dir, policy.calibration_files, args.adapter)
+    try:
+        data = calibration_set(
+            db, args.adapter, since=since, include_unrated=args.include_unrated or policy.include_unrated,
+            static_files=files,
+        )  # fmt: skip
+    finally:
+        db.close()
+    if not data.records:
+        raise SurgeryError(f"nothing to export: {data.summary()}")
+    write_jsonl(data.records, args.output)
+    print(data.summary())
+    print(f"output: {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done (refined adapter written, or inspect), 3 original kept, 2 bad input."""
+    """Exit codes: 0 done (refined adapter written, inspect, traffic, export), 3 original kept, 2 bad
+    input."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {
+        "refine": _refine,
+        "inspect": _inspect,
+        "traffic": _traffic_stats,
+        "calibration": _calibration_export,
+    }
     try:
-        return _refine(args) if args.command == "refine" else _inspect(args)
-    except SurgeryError as e:
+        return commands[args.command](args)
+    except (SurgeryError, InvalidAdapterName) as e:
         print(f"vllm-surgery: error: {e}", file=sys.stderr)
         return 2
 

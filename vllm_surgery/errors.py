@@ -15,3 +15,7 @@ class CalibrationError(SurgeryError, ValueError):
 
 class ConfigError(SurgeryError, ValueError):
     """Surgery settings that contradict each other or the adapter."""
+
+
+class DeviceMemoryError(SurgeryError, MemoryError):
+    """Not even one calibration example fits in the device's memory; the message says what to change."""

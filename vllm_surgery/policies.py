@@ -7,6 +7,7 @@ parameter is settable because the paper shows no single setting wins on every ta
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,30 +37,46 @@ CONSTRAINTS = ("l1", "l2", "none")
 
 
 def policy_params(policy: str, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """The policy's defaults with `overrides` applied; unknown names and impossible values are refused."""
-    if policy not in POLICY_DEFAULTS:
+    """The policy's defaults with `overrides` applied.
+
+    Raises ConfigError for an unknown policy or parameter name, a value that is not a finite number
+    (bools and strings included: NaN or infinite factors would write an all-NaN adapter), and values
+    outside the ranges where the policy means something; the message names the parameter and its default.
+    """
+    if not isinstance(policy, str) or policy not in POLICY_DEFAULTS:
         raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)} or auto")
-    params = dict(POLICY_DEFAULTS[policy])
+    defaults = POLICY_DEFAULTS[policy]
+    params = dict(defaults)
     for key, value in (overrides or {}).items():
         if key not in params:
             raise ConfigError(f"policy {policy!r} has no parameter {key!r} (it has: {', '.join(params)})")
-        try:
-            params[key] = float(value)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"policy parameter {key!r} must be a number, got {value!r}") from e
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ConfigError(
+                f"policy parameter {policy}.{key} must be a finite number; got {value!r} "
+                f"(the default is {defaults[key]})"
+            )
+        params[key] = float(value)
+
+    def refuse(keys: str, rule: str) -> None:
+        given = ", ".join(f"{k}={params[k]}" for k in keys.split())
+        raise ConfigError(f"{policy} needs {rule}; got {given}")
+
     if policy == "grad_direction":
-        if params["eta_s"] < 0 or params["eta_e"] < 0:
-            raise ConfigError("grad_direction needs eta_s >= 0 and eta_e >= 0")
-    else:
-        for key in ("core_frac", "noise_frac"):
-            if not 0.0 <= params[key] <= 1.0:
-                raise ConfigError(f"{policy}: {key} must lie in [0, 1], got {params[key]}")
-        if min(params["amp"], params["sup"], params["mid"]) < 0:
-            raise ConfigError(f"{policy}: amp, sup and mid must be >= 0")
-        if policy == "smooth_abs" and not params["sup"] < params["mid"] < params["amp"]:
-            raise ConfigError("smooth_abs needs sup < mid < amp (the gate passes through mid at the median)")
-        if policy == "smooth_abs" and params["tau_scale"] <= 0:
-            raise ConfigError("smooth_abs needs tau_scale > 0")
+        for key in ("eta_s", "eta_e"):
+            if params[key] < 0:
+                refuse(key, f"{key} >= 0 (a step size; the default is {defaults[key]})")
+        return params
+    for key in ("core_frac", "noise_frac"):
+        if not 0.0 <= params[key] <= 1.0:
+            refuse(key, f"{key} to lie in [0, 1] (a share of the rank)")
+    for key in ("amp", "sup", "mid"):
+        if params[key] < 0:
+            refuse(key, f"{key} >= 0 (a factor on singular values)")
+    if policy == "smooth_abs":
+        if not params["sup"] < params["mid"] < params["amp"]:
+            refuse("sup mid amp", "sup < mid < amp (the gate passes through mid at the median)")
+        if params["tau_scale"] <= 0:
+            refuse("tau_scale", "tau_scale > 0")
     return params
 
 

@@ -6,6 +6,7 @@ The sequence is load -> thin SVD -> sensitivity pass -> candidate singular value
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -20,11 +21,14 @@ import torch
 
 from .adapted_model import AdaptedModel
 from .adapter import LoraAdapter, load_adapter, save_adapter
+from .base_model import check_base_model
 from .calibration import load_calibration, split_heldout
 from .config import SurgeryConfig, select_modules
-from .errors import AdapterError, ConfigError
-from .evaluation import Quality, heldout_quality, paired_improvement
+from .errors import AdapterError, ConfigError, SurgeryError
+from .evaluation import Quality, evaluation_budget, heldout_quality
+from .gate import GateResult, decide
 from .policies import constrain, policy_params, reweight
+from .precision import compute_dtype
 from .sensitivity import compute_sensitivities
 from .spectral import Spectrum, lora_factors, lora_svd
 
@@ -46,9 +50,13 @@ class ModuleResult:
 class SurgeryResult:
     """What refine() decided and why, with everything needed to audit it.
 
-    decision: "accept" (a candidate beat the original by the margin and was written), "keep_original"
-    (nothing written unless forced), or "forced" (written on request although it did not win).
+    decision: "accept" (a candidate passed the gate and was written), "keep_original" (nothing written),
+    or "forced" (written on request although it did not pass).
     quality_*: held-out mean answer-token loss (lower is better); None without a held-out split.
+    candidates: per candidate policy, its held-out loss, relative improvement, the improvement's
+        standard error, z and the p-value corrected for the number of candidates (see gate.py).
+    gate: the test's figures for the chosen candidate (test, candidates, held-out examples, sign flips,
+        gain, SE, p-value, thresholds); empty without a held-out split.
     """
 
     decision: str
@@ -66,6 +74,7 @@ class SurgeryResult:
     config: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
 
     @property
     def written(self) -> bool:
@@ -81,6 +90,7 @@ class SurgeryResult:
             "quality_before": self.quality_before.to_dict() if self.quality_before else None,
             "quality_after": self.quality_after.to_dict() if self.quality_after else None,
             "candidates": self.candidates,
+            "gate": self.gate,
             "output_path": str(self.output_path) if self.output_path else None,
             "adapter_hash": self.adapter_hash,
             "base_model": self.base_model,
@@ -115,14 +125,15 @@ def resolve_device(name: str) -> torch.device:
 def load_base_model(
     path: str | os.PathLike, device: torch.device, progress: bool = True
 ) -> tuple[torch.nn.Module, Any]:
-    """Base model in float32 on CPU (exact) or bfloat16 on CUDA, safetensors only, plus its tokenizer."""
+    """Base model in float32 on CPU (exact) or bf16 on CUDA (fp16 without bf16), safetensors only, plus its
+    tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not progress:
         hf_logging.disable_progress_bar()
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     return model.to(device).eval(), tokenizer
@@ -136,12 +147,27 @@ def candidate_sigmas(
     constraint: str,
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """New singular values for every edited module under one policy and constraint (float64, CPU)."""
+    """New singular values for every edited module under one policy and constraint (float64, CPU).
+
+    Raises SurgeryError for a non-finite sensitivity and ConfigError when the policy's parameters
+    overflow (e.g. a huge eta_e), so that no NaN or Inf singular value can reach a written adapter.
+    """
     out = {}
     for name, spec in spectra.items():
+        if not bool(torch.isfinite(grads[name]).all()):
+            raise SurgeryError(
+                f"the sensitivity of {name} is not finite (the calibration loss overflowed): check the "
+                "base model and adapter, or run on another device"
+            )
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         raw = reweight(spec.sigma, grads[name], policy, params, generator=gen)
         out[name] = constrain(spec.sigma, raw, constraint)
+        if not bool(torch.isfinite(out[name]).all()):
+            given = ", ".join(f"{k}={v:g}" for k, v in params.items())
+            raise ConfigError(
+                f"policy {policy} ({given}) gives non-finite singular values for {name}: "
+                "use smaller factors or step sizes"
+            )
     return out
 
 
@@ -154,6 +180,7 @@ def refine(
     *,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
+    allow_base_mismatch: bool = False,
     **overrides: Any,
 ) -> SurgeryResult:
     """Refine `adapter` by Spectral Surgery and write it to `output` if it measurably helps.
@@ -161,12 +188,17 @@ def refine(
     base_model: a transformers model directory; or pass an already loaded `model` and `tokenizer`
         (left unmodified: the adapter is applied through hooks that are removed afterwards).
     calibration: a JSONL file or a list of records ({"prompt", "completion"} or {"messages"}).
+    allow_base_mismatch: accept an adapter whose recorded base_model_name_or_path names another model
+        (vllm_surgery.base_model states the rule); shapes are checked regardless.
     overrides: SurgeryConfig fields, e.g. refine(..., policy="auto", samples=128).
+    Raises AdapterError, CalibrationError or ConfigError naming the problem, before any work where it can.
     """
     if config is None:
-        config = SurgeryConfig(**overrides)
+        config = SurgeryConfig.from_mapping(overrides)
     elif overrides:
         raise ConfigError("pass either a SurgeryConfig or keyword settings, not both")
+    else:
+        config = dataclasses.replace(config)  # validates again: fields may have been set after construction
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if output is not None:
@@ -175,6 +207,8 @@ def refine(
             raise AdapterError(f"{out}: already exists; choose a new output directory")
     lora = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
     edited = select_modules(lora.modules, config.modules, config.layers)
+    # e1: base name, quantization and shapes, before loading weights or data
+    check_base_model(lora, base_model, model, allow_base_mismatch=allow_base_mismatch)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if model is None:
@@ -219,6 +253,7 @@ def refine(
         before: Quality | None = None
         scores: dict[str, Quality] = {}
         if heldout:
+            batch["budget"] = evaluation_budget(adapted, config.max_batch_tokens)  # one for all versions
             before = heldout_quality(
                 adapted, heldout, progress=config.progress, desc="held-out original", **batch
             )
@@ -229,25 +264,20 @@ def refine(
                     )
         timings["evaluation"] = time.perf_counter() - t
 
-    table: dict[str, dict[str, float]] = {}
-    for policy, q in scores.items():
-        rel, se = paired_improvement(before, q)
-        table[policy] = {"loss": q.loss, "relative_improvement": rel, "relative_improvement_se": se}
-    best = min(scores, key=lambda p: scores[p].loss) if scores else next(iter(candidates))
-    after = scores.get(best)
+    gate: GateResult | None = None
     if before is None:
+        best = next(iter(candidates))
         wins, reason = False, "no held-out split (heldout_fraction=0): quality was not measured"
     else:
-        gain, se = table[best]["relative_improvement"], table[best]["relative_improvement_se"]
-        z = gain / se if se > 0 else (float("inf") if gain > 0 else 0.0)
-        wins = gain >= config.min_improvement and z >= config.min_z
-        reason = (
-            f"{best} lowers held-out answer loss from {before.loss:.4f} to {after.loss:.4f} "
-            f"({100 * gain:+.2f}% = {z:.1f} standard errors; needed {100 * config.min_improvement:.2f}% "
-            f"and {config.min_z:.1f} SE)"
+        gate = decide(
+            before,
+            scores,
+            min_improvement=config.min_improvement,
+            max_false_accept=config.max_false_accept,
+            seed=config.seed,
         )
-        if not wins:
-            reason = "no candidate measurably beats the original: " + reason
+        best, wins, reason = gate.chosen, gate.accepted, gate.reason
+    after = scores.get(best)
     decision = "accept" if wins else ("forced" if config.force else "keep_original")
 
     modules = {
@@ -267,7 +297,7 @@ def refine(
         constraint=config.constraint,
         quality_before=before,
         quality_after=after,
-        candidates=table,
+        candidates={p: row.to_dict() for p, row in gate.candidates.items()} if gate else {},
         modules=modules,
         output_path=None,
         adapter_hash=lora.content_hash(),
@@ -287,7 +317,14 @@ def refine(
             "batches": stats.batches,
             "padding_fraction": 1 - stats.tokens / max(stats.padded_tokens, 1),
             "device": str(device),
+            "batch_tokens": stats.batch_tokens,
+            "budget_source": stats.budget_source,
+            "recomputed_layers": stats.recomputed_layers,
+            "evaluation_batch_tokens": batch["budget"].plan.tokens if "budget" in batch else None,
+            # out-of-memory back-offs of the pass and of the evaluations (the results do not change)
+            "backoffs": stats.backoffs + (batch["budget"].backoffs if "budget" in batch else []),
         },
+        gate=gate.to_dict() if gate else {},
     )
     if output is not None and decision != "keep_original":
         t = time.perf_counter()

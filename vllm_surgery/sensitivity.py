@@ -2,36 +2,72 @@
 
 L is the mean cross-entropy over ALL answer tokens of the calibration set (not a sum of per-batch
 means), so the result does not depend on how examples are batched. Each batch contributes
-sum(token losses) / total_answer_tokens; gradients accumulate on the sigma leaves on the device
-and are read once at the end. Only sigma requires a gradient: no weight gradient is ever formed.
+sum(token losses) / total_answer_tokens; its sigma gradients are added to an accumulator on the device
+only once its backward has finished, so a batch that runs out of memory midway is simply run again in
+smaller batches (vllm_surgery.memory.run_in_batches) without counting twice. The accumulators are read
+once at the end. Only sigma requires a gradient: no weight gradient is ever formed.
+
+How many tokens a batch holds is chosen from the device's free memory and the model's shape
+(vllm_surgery.memory), unless max_batch_tokens says; the answer logits are formed in chunks and,
+where memory is short, the first decoder layers are recomputed in the backward
+(vllm_surgery.activations).
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from .activations import LeanActivations, RecomputedLayers
 from .adapted_model import AdaptedModel
-from .calibration import Example, collate, token_budget_batches
+from .calibration import Example, collate
+from .memory import (
+    CPU_BATCH_TOKENS,
+    BudgetPlan,
+    DeviceMemory,
+    ModelShape,
+    TokenBudget,
+    activation_bytes,
+    device_memory,
+    plan_evaluation,
+    plan_pass,
+    run_in_batches,
+)
+from .precision import autocast_for
+
+log = logging.getLogger(__name__)
 
 
-def default_batch_tokens(device: torch.device) -> int:
-    """Token budget per batch: big enough to keep the matmuls efficient, small enough for memory."""
-    # CPU: measured on SmolLM2-135M (benchmarks/RESULTS.md), 512 was fastest and used 0.3x the memory of
-    # the straightforward pass; larger batches only add padding and activation memory on 2-16 cores.
-    return 16384 if device.type == "cuda" else 512
+def plan_batches(
+    model: torch.nn.Module,
+    device: torch.device,
+    max_batch_tokens: int | None,
+    *,
+    evaluation: bool = False,
+    recompute: str = "auto",
+    scale: float = 1.0,
+    memory: DeviceMemory | None = None,
+    lean: bool = False,
+) -> BudgetPlan:
+    """The token budget of a pass (or, with evaluation=True, of a held-out evaluation) on `device`.
 
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (tensor cores); exact float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    An explicit max_batch_tokens wins (with recompute "all" honoured); on the CPU the measured default;
+    on CUDA (or with `memory`) the plan of vllm_surgery.memory from the memory usable at this moment.
+    """
+    memory = memory or device_memory(device)
+    if max_batch_tokens or memory is None:
+        k = ModelShape.of(model.config, 4).layers if recompute == "all" and not evaluation else 0
+        source = "explicit" if max_batch_tokens else "cpu default"
+        return BudgetPlan(max_batch_tokens or CPU_BATCH_TOKENS, k, source)
+    shape = ModelShape.of(model.config, activation_bytes(model, device))
+    if evaluation:
+        return plan_evaluation(shape, memory.usable())
+    return plan_pass(shape, memory.usable(), scale=scale, recompute=recompute, lean=lean)
 
 
 @dataclass
@@ -42,10 +78,20 @@ class PassStats:
     padded_tokens: int
     batches: int
     seconds: float
+    batch_tokens: int = 0  # the budget planned at the start
+    final_batch_tokens: int = 0  # after any back-off
+    budget_source: str = ""
+    recomputed_layers: int = 0
+    lean_modules: int = 0  # norms and MLPs run under LeanActivations
+    backoffs: list[str] = field(default_factory=list)
+    peak_bytes: int | None = None  # CUDA: max allocated above the level at the start
 
     @property
     def answer_tokens_per_s(self) -> float:
         return self.answer_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"answer_tokens_per_s": self.answer_tokens_per_s}
 
 
 def compute_sensitivities(
@@ -55,42 +101,107 @@ def compute_sensitivities(
     max_batch_tokens: int | None = None,
     pad_id: int = 0,
     progress: bool = True,
+    recompute: str = "auto",
+    lean: str = "auto",
+    memory: DeviceMemory | None = None,
 ) -> tuple[dict[str, torch.Tensor], PassStats]:
-    """g[name][k] = dL/dsigma_k for every module whose sigma is free in `adapted` (float32, on CPU)."""
+    """g[name][k] = dL/dsigma_k for every module whose sigma is free in `adapted` (float32, on CPU).
+
+    recompute: "auto" (recompute decoder layers only where memory is short), "off" or "all".
+    lean: LeanActivations "on", "off", or "auto" (on with CUDA: on the CPU the extra elementwise work
+        costs more time than the memory it saves is worth).
+    memory: the device's memory counters (default: CUDA's; none on the CPU, where the budget is fixed).
+    Raises DeviceMemoryError when a single example does not fit in the device's memory.
+    """
     if not examples:
         raise ValueError("the sensitivity pass needs at least one calibration example")
     device = adapted.device
-    budget = max_batch_tokens or default_batch_tokens(device)
+    model = adapted.model
     total = sum(len(e.answer_ids) for e in examples)
-    for sigma in adapted.sigma.values():
+    sigmas = adapted.sigma
+    for sigma in sigmas.values():
         sigma.grad = None
-    batches = token_budget_batches(examples, budget)
-    start = time.perf_counter()
-    padded = 0
+    memory = memory or device_memory(device)
+    if memory is not None:
+        memory.start()  # the first batch's peak is the probe; the whole pass's is reported
+    if lean not in ("auto", "on", "off"):
+        raise ValueError(f"lean must be auto, on or off, got {lean!r}")
+    lean_on = lean == "on" or (lean == "auto" and device.type == "cuda")
+    plan = plan_batches(model, device, max_batch_tokens, recompute=recompute, memory=memory, lean=lean_on)
+    budget = TokenBudget(plan)
+    acc: dict[str, torch.Tensor] = {}
     bar = tqdm(total=total, desc="sensitivity", unit="tok", disable=not progress, leave=False)
-    adapted.model.eval()
-    for idx in batches:
+    probe: dict[str, int] = {}
+
+    def step(idx: list[int]) -> None:
         batch = collate([examples[i] for i in idx], pad_id, device)
-        padded += batch.input_ids.numel()
         with autocast_for(device):
-            losses = adapted.answer_losses(batch)
-        (losses.sum() / total).backward()
+            adapted.backward_answer_loss(batch, total)
+        for name, s in sigmas.items():  # the batch finished: its gradients count
+            if s.grad is not None:
+                if name in acc:
+                    acc[name].add_(s.grad)
+                else:
+                    acc[name] = s.grad
+                s.grad = None
+        probe.setdefault("padded", batch.input_ids.numel())
         bar.update(int(batch.targets.numel()))
+
+    def discard() -> None:
+        for s in sigmas.values():
+            s.grad = None
+        probe.clear()
+
+    def replan() -> None:
+        """After the first batch: plan again with what it really used per token."""
+        nonlocal plan
+        measured = memory.peak() / probe["padded"]
+        estimate = plan.bytes_per_token or measured
+        plan = plan_batches(
+            model, device, None, recompute=recompute, scale=measured / estimate, memory=memory, lean=lean_on
+        )
+        log.info("sensitivity pass: measured %.2f MiB per token; %s", measured / 2**20, plan.describe())
+        budget.tokens = min(budget.tokens, plan.tokens)
+        recomputing.set(plan.recomputed_layers)
+
+    auto = plan.source == "device memory"
+    start = time.perf_counter()
+    model.eval()
+    log.info("sensitivity pass: %s", plan.describe())
+    with (
+        LeanActivations(model, lean_on) as leaner,
+        RecomputedLayers(model, plan.recomputed_layers) as recomputing,
+    ):
+        batches, padded = run_in_batches(
+            examples,
+            budget,
+            step,
+            device=device,
+            what="sensitivity pass",
+            discard=discard,
+            # the first batch is a probe: a quarter of the plan, so that it is measured safely
+            first_tokens=max(1, plan.tokens // 4) if auto else None,
+            after_first=replan if auto else None,
+        )
     bar.close()
     grads = {
-        name: (s.grad.detach().float().cpu() if s.grad is not None else torch.zeros_like(s, device="cpu"))
-        for name, s in adapted.sigma.items()
+        name: (acc[name].detach().float().cpu() if name in acc else torch.zeros_like(s, device="cpu"))
+        for name, s in sigmas.items()
     }
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    peak = memory.peak() if memory is not None else None
     stats = PassStats(
         examples=len(examples),
         answer_tokens=total,
         tokens=sum(e.length for e in examples),
         padded_tokens=padded,
-        batches=len(batches),
+        batches=batches,
         seconds=time.perf_counter() - start,
+        batch_tokens=plan.tokens,
+        final_batch_tokens=budget.tokens,
+        budget_source=plan.source,
+        recomputed_layers=plan.recomputed_layers,
+        lean_modules=leaner.modules,
+        backoffs=list(budget.backoffs),
+        peak_bytes=peak,
     )
-    for sigma in adapted.sigma.values():
-        sigma.grad = None
     return grads, stats

@@ -135,7 +135,10 @@ def allowed_label_values() -> dict[str, set[str]]:
     from vllm_surgery.serving import metrics
 
     return {
-        "outcome": set(metrics.SWAP_OUTCOMES) | set(getattr(metrics, "REFINE_OUTCOMES", ())),
+        "outcome": set(metrics.SWAP_OUTCOMES)
+        | set(getattr(metrics, "REFINE_OUTCOMES", ()))
+        | set(getattr(metrics, "TRAFFIC_OUTCOMES", ())),
+        "rating": set(getattr(metrics, "FEEDBACK_RATINGS", ())),
         "result": set(metrics.STORE_RESULTS),
         "by": set(getattr(metrics, "STORE_LOOKUPS_BY", ())),
         "which": {"before", "after"},
@@ -181,7 +184,7 @@ def test_rules_yaml_structure() -> None:
                 assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
             assert rule["expr"].count("(") == rule["expr"].count(")"), rule["expr"]
     alerts = {r["alert"] for r in all_rules() if "alert" in r}
-    assert {"VllmSurgeryHotSwapFailed", "VllmSurgeryWorseRefinedVersionServed"} <= alerts
+    assert {"VllmSurgeryHotSwapFailed", "VllmSurgeryWorseRefinedVersionServed", "VllmSurgeryTrafficRecordsLost"} <= alerts
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=f"promtool not on PATH ({INSTALL_HINT})")
@@ -259,6 +262,8 @@ def test_dashboard_has_the_planned_panels() -> None:
         "vllm_surgery_refinement_duration_seconds_bucket",
         "vllm_surgery_heldout_loss",
         "vllm_surgery_store_lookups_total",
+        "vllm_surgery_traffic_records_total",
+        "vllm_surgery_calibration_examples",
         "vllm:request_success_total",
         "vllm:e2e_request_latency_seconds_bucket",
     ):

@@ -1,6 +1,7 @@
 """HotSwapper and the endpoint plugin without a server: a fake OpenAIServingModels stands in for vLLM's
-(same attributes: lora_requests, lora_resolver_lock, async load_lora_adapter). Imports vLLM, starts
-no engine. The real engine path is covered by the slow test_hotswap.py."""
+(same attributes: lora_requests, lora_resolver_lock, lora_id_counter, engine_client.add_lora, async
+load/unload_lora_adapter; test_vllm_compat.py checks them against the real class). Imports vLLM,
+starts no engine. The real engine path is covered by the slow test_hotswap.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
 
 from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
 from vllm_surgery.serving.settings import ServingSettings
 from vllm_surgery.serving.store import VersionStore
-
-pytest.importorskip("vllm")
 
 
 class FakeEngine:
@@ -26,10 +26,10 @@ class FakeEngine:
         self.loads: list = []
         self.fail = False
 
-    async def add_lora(self, request) -> bool:
+    async def add_lora(self, lora_request) -> bool:
         if self.fail:
             raise RuntimeError("engine said no")
-        self.loads.append(request)
+        self.loads.append(lora_request)
         return True
 
 
@@ -43,6 +43,12 @@ class FakeModels:
         self.lora_resolver_lock = defaultdict(asyncio.Lock)
         self.lora_id_counter = AtomicCounter(100)
         self.engine_client = FakeEngine()
+
+    async def load_lora_adapter(self, request, base_model_name=None):
+        raise AssertionError("HotSwapper never uses vLLM's load path")
+
+    async def unload_lora_adapter(self, request):
+        raise AssertionError("HotSwapper never uses vLLM's unload path")
 
     @property
     def loads(self) -> list:

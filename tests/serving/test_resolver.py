@@ -9,12 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
 
 from vllm_surgery.adapter import load_adapter
 from vllm_surgery.serving.settings import ServingSettings
 from vllm_surgery.serving.store import VersionStore
-
-pytest.importorskip("vllm")
 
 
 @pytest.fixture

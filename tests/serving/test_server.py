@@ -28,6 +28,7 @@ from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama,
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["what is 12 + 30 ?", "the quick brown fox"]
+LEFTOVER_ID = "20200101T000000000000Z-deadbeef"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     shutil.copytree(adapters / "math", root / "outside")
     os.symlink(root / "outside", adapters / "escape")
 
-    # VLLM_PLUGINS stays unset (start_server removes it): the general plugin loads by default.
+    # What a refinement killed with SIGKILL leaves in the store: the reserved (empty) version directory,
+    # save_adapter's hidden temporary directory and a torn served.json temp file. Start-up removes them.
+    code_store = root / "store" / "code"
+    (code_store / LEFTOVER_ID).mkdir(parents=True)
+    (code_store / f".{LEFTOVER_ID}.tmp-0123456789ab").mkdir()
+    (code_store / f".{LEFTOVER_ID}.tmp-0123456789ab" / "adapter_model.safetensors").write_bytes(b"partial")
+    (code_store / ".served.json.tmp-abcdef012345").write_text('{"vers')
+    # A corrupt served.json: "math" falls back to its original, and the server log must say so.
+    (root / "store" / "math").mkdir(parents=True)
+    (root / "store" / "math" / "served.json").write_text("{not json")
+
+    # VLLM_PLUGINS stays unset (start_server removes it): vllm-surgery-serve then enables what vLLM
+    # loads by default plus the endpoint plugin. No admin token: mutations are refused.
     env = {"VLLM_SURGERY_ADAPTER_DIRS": str(adapters), "VLLM_SURGERY_STORE": str(root / "store")}
     srv = start_server(root, base, env)
     try:
@@ -119,3 +132,39 @@ def test_broken_adapter_is_refused_and_server_keeps_serving(server, prompt_ids) 
     status, body = complete(server, "math", prompt_ids[0])
     assert status == 200, body
     assert server.proc.poll() is None
+
+
+def test_leftovers_of_a_killed_refinement_are_removed_at_start(server) -> None:
+    code_store = server.root / "store" / "code"
+    assert not (code_store / LEFTOVER_ID).exists()
+    assert not (code_store / f".{LEFTOVER_ID}.tmp-0123456789ab").exists()
+    assert not (code_store / ".served.json.tmp-abcdef012345").exists()
+    assert server.log_path.read_text().count("left by an interrupted write") == 3
+    status, body = server.get("/v1/surgery/adapters/code")
+    assert status == 200, body
+    assert LEFTOVER_ID not in {v["id"] for v in body["versions"]}
+    for version in body["versions"]:
+        assert (code_store / version["id"] / "surgery.json").is_file()
+
+
+def test_store_warnings_reach_the_server_log(server, prompt_ids) -> None:
+    assert complete(server, "math", prompt_ids[0])[0] == 200
+    served = server.root / "store" / "math" / "served.json"
+    lines = [line for line in server.log_path.read_text().splitlines() if f"{served}: unreadable" in line]
+    assert lines and "serving the original adapter" in lines[0], server.log_tail()
+    assert "WARNING" in lines[0]  # vLLM's format: the plugin logs under the "vllm." logger tree
+
+
+def test_without_an_admin_token_nothing_that_changes_weights_is_allowed(server) -> None:
+    assert "no admin token (VLLM_SURGERY_ADMIN_TOKEN)" in server.log_path.read_text()
+    for path, body in [
+        ("/v1/surgery/adapters/math/swap", {"version": "original"}),
+        ("/v1/surgery/adapters/math/rollback", {}),
+        ("/v1/surgery/adapters/math/refine", {"records": [{"prompt": "1 +", "completion": " 1"}]}),
+        ("/v1/load_lora_adapter", {"lora_name": "o", "lora_path": str(server.root / "outside")}),
+        ("/v1/unload_lora_adapter", {"lora_name": "math"}),
+    ]:
+        status, answer = server.post(path, body)
+        assert status == 403, (path, answer)
+        assert "VLLM_SURGERY_ADMIN_TOKEN" in answer["error"]["message"], (path, answer)
+    assert server.get("/v1/surgery/adapters/math")[0] == 200  # reading needs no token

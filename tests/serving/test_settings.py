@@ -112,3 +112,37 @@ def test_calibration_dir_from_env_and_file(tmp_path: Path) -> None:
     cfg.write_text(json.dumps({"calibration_dir": 3}))
     with pytest.raises(SettingsError, match="'calibration_dir' must be"):
         S.from_env({"VLLM_SURGERY_CONFIG": str(cfg)})
+
+
+def test_number_and_bool_kinds_refuse_bad_text_by_variable_name() -> None:
+    from vllm_surgery.serving.settings import BOOL, number
+
+    rate = number(0, 1)
+    assert rate.from_text("0.25", "RATE") == 0.25
+    for bad in ("nan", "inf", "1.5", "-0.1", "x"):
+        with pytest.raises(SettingsError, match=r"RATE must be a number in \[0, 1\]"):
+            rate.from_text(bad, "RATE")
+    count = number(1, integer=True)
+    assert count.from_json(3, "file: 'n'", Path(".")) == 3
+    for bad in (True, 2.5, 0, "3"):
+        with pytest.raises(SettingsError, match=r"file: 'n' must be an integer in \[1, inf\]"):
+            count.from_json(bad, "file: 'n'", Path("."))
+    assert BOOL.from_text(" Yes ", "FLAG") is True
+    assert BOOL.from_text("off", "FLAG") is False
+    with pytest.raises(SettingsError, match="FLAG must be one of"):
+        BOOL.from_text("maybe", "FLAG")
+
+
+def test_the_readme_shows_the_settings_table_of_the_code() -> None:
+    from vllm_surgery.serving.settings import settings_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert settings_table() in readme, "regenerate it: python -m vllm_surgery.serving.settings"
+
+
+def test_settings_table_lists_every_variable_once() -> None:
+    from vllm_surgery.serving.settings import settings_table
+
+    table = settings_table()
+    for env in ("VLLM_SURGERY_ADAPTER_DIRS", "VLLM_SURGERY_STORE", "VLLM_SURGERY_CALIBRATION_DIR"):
+        assert table.count(f"`{env}`") == 1

@@ -140,3 +140,38 @@ def test_store_refuses_bad_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidAdapterName):
         store.set_served("math", name or "../x")
     assert not (tmp_path / "store").exists()
+
+
+def leave_leftovers(store: VersionStore, name: str) -> list[Path]:
+    """What a refinement killed with SIGKILL leaves: the reserved (empty) version directory and the
+    hidden temporary directory save_adapter was writing into, plus a torn served.json temp file."""
+    reserved = store.new_version_dir(name)
+    temp_dir = reserved.parent / f".{reserved.name}.tmp-0123456789ab"
+    temp_dir.mkdir()
+    (temp_dir / "adapter_model.safetensors").write_bytes(b"partial")
+    temp_file = reserved.parent / ".served.json.tmp-abcdef012345"
+    temp_file.write_text('{"vers')
+    return [reserved, temp_dir, temp_file]
+
+
+def test_leftovers_of_interrupted_writes_are_removed(tmp_path: Path, tiny_adapter: Path, original_hash) -> None:
+    store = VersionStore(tmp_path / "store")
+    complete = fake_version(store, "math", tiny_adapter, "accept", original_hash)
+    leftovers = leave_leftovers(store, "math")
+    operators = store.adapter_dir("math") / "copied-by-hand"
+    shutil.copytree(tiny_adapter, operators)  # no surgery.json: not a version, but not ours to delete
+    assert [v.path for v in store.versions("math")] == [complete]  # never listed
+    assert sorted(store.remove_leftovers()) == sorted(leftovers)
+    assert not any(p.exists() for p in leftovers)
+    assert complete.is_dir() and operators.is_dir()
+    assert store.remove_leftovers() == []
+
+
+def test_leftovers_of_a_refinement_still_running_elsewhere_are_kept(tmp_path: Path) -> None:
+    store = VersionStore(tmp_path / "store")
+    in_progress = leave_leftovers(store, "math")
+    done = leave_leftovers(store, "code")
+    with store.writer_lock("math"):  # another server sharing the store is writing "math"
+        assert sorted(store.remove_leftovers()) == sorted(done)
+    assert all(p.exists() for p in in_progress)
+    assert sorted(store.remove_leftovers()) == sorted(in_progress)

@@ -2,68 +2,123 @@
 
 Routes (JSON):
 
-- ``GET  /v1/surgery/adapters``                 every known adapter (name, served path/version, versions)
+- ``GET  /v1/surgery/adapters``                 every known adapter (name, served path/version, versions
+  with ``servable`` and, when false, the ``reason``: the same check a swap makes)
 - ``GET  /v1/surgery/adapters/{name}``          one adapter
 - ``POST /v1/surgery/adapters/{name}/swap``     body ``{"version": ID}``; ID is a store version id or
   ``"original"``; hot-swaps without a restart (see `hotswap`)
 - ``POST /v1/surgery/adapters/{name}/rollback`` back to the version served before the last swap
 - ``POST /v1/surgery/adapters/{name}/refine``   refine the adapter in the server (synchronous; store
   hits answer at once; see `refining` for the body, 409-when-busy and the error statuses)
+- vLLM's ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` are replaced by guarded
+  versions, and the SageMaker ``/adapters`` routes switched off (see `runtime_lora`).
+- ``POST /v1/surgery/feedback``, ``GET /v1/surgery/traffic[/{name}]``: recorded traffic and its
+  feedback (see `traffic_api`; recording itself is `capture` and `traffic`)
 
-Errors answer ``{"error": {"message", "type", "code"}}`` with 400 (bad name or body), 404 (unknown
-adapter or version), 409 (stale, unservable, nothing to roll back to), 422 (corrupt version; the old
-version keeps serving) or 500 (the engine refused the load; the old version keeps serving).
+Every bad request answers 4xx with ``{"error": {"message", "type", "code"}}``, never a 500 or a
+traceback: 400 (bad name, or a body that is not JSON, nested too deeply, of the wrong types or with
+unknown fields), 403 (no admin token), 404 (unknown adapter or version), 409 (stale, unservable by
+decision, nothing to roll back to, busy), 413 (body too large: refused before it is read whole), 422
+(the version cannot be served here: corrupt, NaN, rank above --max-lora-rank, shapes that do not fit
+the base model, weights that overflow the serving dtype; the old version keeps serving). 500 only when
+the engine itself refuses a load that passed every check (the old version keeps serving).
 
-Enabling: vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them, and then VLLM_PLUGINS is
-an allow-list for every plugin group, so name the general plugin too:
-``VLLM_PLUGINS=vllm_surgery,vllm_surgery_api`` (with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``, which
-`vllm-surgery-serve` sets, and ``--enable-lora``).
+Enabling: vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (`vllm-surgery-serve` adds
+this one when VLLM_PLUGINS is unset, see `launcher`).
 
 Authentication:
 
 - ``--api-key`` / ``VLLM_API_KEY``: vLLM's own AuthenticationMiddleware guards every path under /v1,
   so all routes here need ``Authorization: Bearer <api key>`` exactly like /v1/completions (401
   otherwise). It runs before these routes and cannot be bypassed by them.
-- ``VLLM_SURGERY_ADMIN_TOKEN`` (read at server start): if set, the mutating routes (swap, rollback,
-  refine) require it, either as ``Authorization: Bearer <admin token>`` (no API key needed: the token
-  is added to the tokens vLLM's AuthenticationMiddleware accepts, so it also passes vLLM's guard; an
-  admin may therefore also call the other /v1 routes) or in the header
-  ``X-Surgery-Admin-Token: <token>`` beside the API key. Read-only routes do not need it. So the
-  inference API key alone cannot change which weights are served.
+- The admin token (see `auth`): every route that changes what is served needs it, as
+  ``Authorization: Bearer <admin token>`` (no API key needed: the token is added to the tokens vLLM's
+  AuthenticationMiddleware accepts, so an admin may also call the other /v1 routes) or as
+  ``X-Surgery-Admin-Token: <token>`` beside the API key. Without a configured admin token these routes
+  answer 403 unless the operator opted in. Read-only routes do not need it.
+
+Start-up (init_state) checks the vLLM internals the plugin uses (`vllm_compat.self_check`), refuses
+more than one API-server process, reads the engine's limits (max rank, dtype, base-model shapes),
+removes what interrupted refinements left in the store, and restores served versions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
-import os
-import secrets
 from argparse import Namespace
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from ..base_model import base_layer_shapes
+from ..errors import AdapterError
+from . import vllm_compat
+from .auth import ADMIN_HEADER, AdminGuard
 from .hotswap import HotSwapError, HotSwapper
-from .refining import RefineError, Refiner
-from .settings import ServingSettings
+from .http import LARGE_BODY_BYTES, BodyError, error_response, json_object_body
+from .launcher import ONE_API_SERVER
+from .plugin import RESOLVER_NAME
+from .refining import BODY_FIELDS, RefineError, Refiner
+from .resolver import SurgeryResolver
+from .settings import ServingSettings, SettingsError
+from .traffic_api import attach_capture, attach_traffic_routes, calibration_source, start_capture
+from .validation import ServingLimits
 
 log = logging.getLogger(f"vllm.{__name__}")
 
 PLUGIN_NAME = "vllm_surgery_api"
-ENV_ADMIN_TOKEN = "VLLM_SURGERY_ADMIN_TOKEN"
-ADMIN_HEADER = "X-Surgery-Admin-Token"
 STATE_KEY = "vllm_surgery_hotswapper"
 REFINER_KEY = "vllm_surgery_refiner"
+SWAP_FIELDS = ("version",)
+__all__ = ["ADMIN_HEADER", "PLUGIN_NAME", "REFINER_KEY", "STATE_KEY", "SurgeryEndpointPlugin"]
 
 
-def _error(message: str, status: int, err_type: str = "BadRequestError") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": err_type, "code": status}}, status_code=status)
+def server_limits(args: Namespace, engine_client: Any) -> ServingLimits:
+    """The engine's limits for adapters (blocking: reads the base model's configuration)."""
+    shapes = None
+    try:
+        shapes = base_layer_shapes(args.model)
+    except AdapterError as e:
+        log.error("vllm-surgery: adapter shapes cannot be checked against the base model: %s", e)
+    rank = getattr(args, "max_lora_rank", None)
+    return ServingLimits(
+        max_rank=int(rank) if rank is not None else None,
+        dtype=vllm_compat.serving_dtype(engine_client),
+        shapes=shapes,
+    )
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8")).digest()
+def _failed(e: HotSwapError) -> JSONResponse:
+    return error_response(str(e), int(e.status), e.outcome)
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def _answer_4xx(handler: Handler) -> Handler:
+    """Map the errors a route can meet to answers: BodyError (400/413), HotSwapError, RefineError; any
+    other error of the request's content (ValueError, TypeError, OverflowError, RecursionError) is a
+    400 with its message; nothing escapes as a bare 500 with a traceback."""
+
+    @functools.wraps(handler)  # FastAPI reads the parameters from the wrapped signature
+    async def route(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except BodyError as e:
+            return error_response(str(e), e.status)
+        except HotSwapError as e:
+            return _failed(e)
+        except RefineError as e:
+            return error_response(str(e), e.status)
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:
+            log.warning("request refused: %s: %s", type(e).__name__, e)
+            return error_response(f"bad request: {type(e).__name__}: {e}", 400)
+
+    return route
 
 
 class SurgeryEndpointPlugin:
@@ -73,147 +128,153 @@ class SurgeryEndpointPlugin:
     required_tasks = ("generate",)
 
     def __init__(self) -> None:
-        self._admin_token = os.environ.get(ENV_ADMIN_TOKEN, "")
-        self._admin_digest = _digest(self._admin_token) if self._admin_token else None
+        # vLLM logs and skips a plugin whose constructor raises, which would leave its own runtime LoRA
+        # routes unguarded: never raise here; broken settings fail closed (every mutation refused) and
+        # stop the server in init_state.
+        self._settings_error: SettingsError | None = None
+        try:
+            self.settings = ServingSettings.from_env()
+        except SettingsError as e:
+            self._settings_error = e
+            self.settings = ServingSettings(allow_unauthenticated_admin=False)
+        self.guard = AdminGuard(self.settings)
         self._app: FastAPI | None = None
+        self._capture = None
 
-    def _accept_admin_token_as_bearer(self) -> None:
-        """Let vLLM's --api-key guard accept the admin token too, so mutating routes accept it alone.
+    def _guard(self, request: Request, action: str | None, key: str = STATE_KEY) -> Any:
+        """The HotSwapper or Refiner under `key`; raises HotSwapError (403/503) to answer instead.
 
-        vLLM adds its AuthenticationMiddleware after endpoint plugins attach their routes and before
-        init_state; its SageMaker bootstrap has already built the middleware stack by then, so the stack
-        is rebuilt (the server has not started serving yet).
-        """
-        if not self._admin_token or self._app is None:
-            return
-        changed = False
-        for m in getattr(self._app, "user_middleware", []):
-            tokens = m.kwargs.get("tokens")
-            is_auth = getattr(m.cls, "__name__", "") == "AuthenticationMiddleware"
-            if is_auth and isinstance(tokens, list) and self._admin_token not in tokens:
-                m.kwargs["tokens"] = [*tokens, self._admin_token]
-                changed = True
-        if changed and getattr(self._app, "middleware_stack", None) is not None:
-            self._app.middleware_stack = self._app.build_middleware_stack()
-
-    def _admin_ok(self, request: Request) -> bool:
-        if self._admin_digest is None:
-            return True
-        candidates = [request.headers.get(ADMIN_HEADER, "")]
-        scheme, _, param = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            candidates.append(param)
-        ok = False
-        for c in candidates:
-            ok |= bool(c) and secrets.compare_digest(_digest(c), self._admin_digest)
-        return ok
-
-    def _guard(
-        self, request: Request, action: str | None, key: str = STATE_KEY
-    ) -> tuple[Any, JSONResponse | None]:
-        """(the HotSwapper or Refiner under `key`, None), or (None, the error to answer with).
-
-        `action` names a mutating route, which needs the admin token when one is configured."""
-        if action is not None and not self._admin_ok(request):
-            return None, _error(f"{action} needs the admin token ({ADMIN_HEADER})", 403, "Forbidden")
+        `action` names a mutating route, which needs the admin token (see `auth`)."""
+        if action is not None:
+            reason = self.guard.refusal(request, action)
+            if self._settings_error is not None:
+                reason = f"{action} is refused: the server's settings are broken ({self._settings_error})"
+            if reason is not None:
+                raise HotSwapError(reason, 403, "Forbidden")
         target = getattr(request.app.state, key, None)
         if target is None:
-            return None, _error(
+            raise HotSwapError(
                 "hot-swap is not available on this server (no LoRA engine)", 503, "ServiceUnavailable"
             )
-        return target, None
+        return target
+
+    def _guard_answer(self, request: Request, action: str | None, key: str) -> tuple[Any, JSONResponse | None]:
+        """`_guard` as (target, None) or (None, the error answer), for routes that answer errors themselves."""
+        try:
+            return self._guard(request, action, key), None
+        except HotSwapError as e:
+            return None, _failed(e)
 
     def attach_router(self, app: FastAPI) -> None:
         self._app = app
         router = APIRouter(prefix="/v1/surgery")
 
-        def failed(e: HotSwapError) -> JSONResponse:
-            return _error(str(e), int(e.status), e.outcome)
-
         @router.get("/adapters")
+        @_answer_4xx
         async def list_adapters(request: Request) -> Any:
-            swapper, denied = self._guard(request, None)
-            if denied:
-                return denied
-            out = []
-            for name in await _in_thread(swapper.known_names):
-                try:
-                    out.append(await _in_thread(swapper.describe, name))
-                except HotSwapError:
-                    continue
-            return {"adapters": out}
+            swapper = self._guard(request, None)
+            return {"adapters": await asyncio.to_thread(_describe_all, swapper)}
 
         @router.get("/adapters/{name}")
+        @_answer_4xx
         async def get_adapter(name: str, request: Request) -> Any:
-            swapper, denied = self._guard(request, None)
-            if denied:
-                return denied
-            try:
-                return await _in_thread(swapper.describe, name)
-            except HotSwapError as e:
-                return failed(e)
+            swapper = self._guard(request, None)
+            return await asyncio.to_thread(swapper.describe, name)
 
         @router.post("/adapters/{name}/swap")
+        @_answer_4xx
         async def swap(name: str, request: Request) -> Any:
-            swapper, denied = self._guard(request, "swap")
-            if denied:
-                return denied
-            try:
-                body = await request.json()
-            except ValueError:
-                return _error('body must be JSON: {"version": ID}', 400)
-            version = body.get("version") if isinstance(body, dict) else None
+            swapper = self._guard(request, "swap")
+            body = await json_object_body(request, allowed=SWAP_FIELDS, example='{"version": "original"}')
+            version = body.get("version")
             if not isinstance(version, str) or not version:
-                return _error('body must be {"version": ID} with a non-empty string ID', 400)
-            try:
-                return (await swapper.swap(name, version)).to_dict()
-            except HotSwapError as e:
-                return failed(e)
+                raise BodyError('body must be {"version": ID} with a non-empty string ID')
+            return (await swapper.swap(name, version)).to_dict()
 
         @router.post("/adapters/{name}/rollback")
+        @_answer_4xx
         async def rollback(name: str, request: Request) -> Any:
-            swapper, denied = self._guard(request, "rollback")
-            if denied:
-                return denied
-            try:
-                return (await swapper.rollback(name)).to_dict()
-            except HotSwapError as e:
-                return failed(e)
+            swapper = self._guard(request, "rollback")
+            return (await swapper.rollback(name)).to_dict()
 
         @router.post("/adapters/{name}/refine")
+        @_answer_4xx
         async def refine(name: str, request: Request) -> Any:
-            refiner, denied = self._guard(request, "refine", REFINER_KEY)
-            if denied:
-                return denied
-            try:
-                body = await request.json()
-            except ValueError:
-                return _error("body must be a JSON object", 400)
-            try:
-                return await refiner.refine(name, body)
-            except HotSwapError as e:
-                return failed(e)
-            except RefineError as e:
-                status = e.status
-                kind = {400: "BadRequestError", 404: "NotFoundError", 409: "Conflict", 422: "Unprocessable"}
-                return _error(str(e), status, kind.get(status, "InternalServerError"))
+            refiner = self._guard(request, "refine", REFINER_KEY)
+            body = await json_object_body(
+                request, LARGE_BODY_BYTES, allowed=BODY_FIELDS, example='{"records": [...]}'
+            )
+            return await refiner.refine(name, body)
 
+        attach_traffic_routes(router, self._guard_answer)
         app.include_router(router)
+        if vllm_compat.runtime_lora_updating():
+            # Same path and method as vLLM's: these replace its unguarded runtime LoRA routes.
+            from .runtime_lora import RuntimeLoraRoutes
+
+            routes = RuntimeLoraRoutes(
+                self.guard, lambda request: getattr(request.app.state, STATE_KEY, None)
+            )
+            self._runtime_routes = routes
+            app.add_api_route(vllm_compat.RUNTIME_LOAD_PATH, routes.load, methods=["POST"])
+            app.add_api_route(vllm_compat.RUNTIME_UNLOAD_PATH, routes.unload, methods=["POST"])
+        self._capture = attach_capture(app, self.settings)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
-        self._accept_admin_token_as_bearer()
-        models = getattr(state, "openai_serving_models", None)
-        if engine_client is None or models is None or not hasattr(models, "load_lora_adapter"):
+        if self._settings_error is not None:
+            raise self._settings_error
+        count = vllm_compat.api_server_count(args)
+        if count > 1:
+            raise RuntimeError(ONE_API_SERVER.format(version=vllm_compat.vllm_version(), count=count))
+        self.guard.log_startup()
+        if self._app is not None and hasattr(self, "_runtime_routes"):
+            # The SageMaker bootstrap mounted its adapter routes after attach_router: switch them off.
+            closed = vllm_compat.replace_routes(
+                self._app, vllm_compat.sagemaker_adapter_routes(), self._runtime_routes.switched_off
+            )
+            if closed:
+                log.info("vllm-surgery: switched off %s (unguarded adapter routes)", ", ".join(closed))
+        if self.settings.admin_token and self._app is not None:
+            vllm_compat.accept_bearer_token(self._app, self.settings.admin_token)
+        models = vllm_compat.serving_models(state)
+        if engine_client is None or models is None:
             log.warning("%s: no engine or LoRA support; /v1/surgery routes answer 503", PLUGIN_NAME)
             return
+        await asyncio.to_thread(vllm_compat.self_check, models)  # imports and parses: off the loop
         if not getattr(args, "enable_lora", False):
             log.warning("%s: started without --enable-lora; swaps will fail", PLUGIN_NAME)
-        swapper = HotSwapper(models, ServingSettings.from_env())
+        limits = await asyncio.to_thread(server_limits, args, engine_client)
+        registered = vllm_compat.registered_resolver(RESOLVER_NAME)
+        resolver = registered if isinstance(registered, SurgeryResolver) else None
+        swapper = await asyncio.to_thread(HotSwapper, models, self.settings, resolver)  # stats paths
+        swapper.resolver.configure(limits)
+        log.info(
+            "vllm-surgery: adapters must fit %s (max rank %s, dtype %s)",
+            args.model,
+            limits.max_rank,
+            limits.dtype,
+        )
+        removed = await asyncio.to_thread(swapper.store.remove_leftovers)
+        if removed:
+            log.warning(
+                "vllm-surgery: removed %d leftover(s) of interrupted writes from the store", len(removed)
+            )
         setattr(state, STATE_KEY, swapper)
         await swapper.restore_served_versions()
-        setattr(state, REFINER_KEY, Refiner(swapper, str(args.model)))
+        refiner = Refiner(swapper, str(args.model))
+        setattr(state, REFINER_KEY, refiner)
+        recorder = await asyncio.to_thread(
+            start_capture, self._capture, engine_client, state, args, self.settings, swapper
+        )
+        refiner.traffic = calibration_source(self.settings, recorder)
 
 
-async def _in_thread(fn, *args):
-    """describe() and known_names() read the filesystem: keep them off the server's event loop."""
-    return await asyncio.to_thread(fn, *args)
+def _describe_all(swapper: HotSwapper) -> list[dict[str, Any]]:
+    """Blocking (reads the roots and the store): every known adapter, described."""
+    out = []
+    for name in swapper.known_names():
+        try:
+            out.append(swapper.describe(name))
+        except HotSwapError:
+            continue
+    return out

@@ -18,7 +18,15 @@ operator's adapter under its root, or the id of a refined version in the store) 
    version, and the previous version is remembered so that `rollback(name)` is one call.
 
 The rollback history (one step per name) lives in the API-server process and is lost on restart;
-served.json is what survives. Swaps act on this API server only (one API-server process).
+served.json is what survives. A server runs exactly one API-server process (`vllm-surgery-serve` and
+init_state refuse --api-server-count > 1), so the mapping, the history and the metrics are those of
+the only process that answers; scale out with several servers sharing one store instead.
+
+Validation is one function, `validated_target`: the listing's `servable` is computed with it too, and
+it checks the adapter against this server (see `validation`): corrupt files, NaN, a rank above
+--max-lora-rank, shapes that do not fit the base model, weights that overflow the serving dtype, a
+version or file that leads out of the store. Blocking work (file reads, served.json writes with
+fsync, path resolution) runs in worker threads, never on the event loop.
 
 Every version lives in its own directory, so vLLM's prefix cache (keyed by name and path) never mixes
 blocks computed with different weights.
@@ -35,9 +43,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from ..adapter import load_adapter
 from ..errors import AdapterError, SurgeryError
-from . import metrics
+from . import metrics, vllm_compat
 from .names import InvalidAdapterName, validate_adapter_name
 from .resolver import SurgeryResolver
 from .settings import ServingSettings
@@ -92,17 +99,22 @@ class HotSwapper:
     (`app.state.openai_serving_models`): its `lora_requests` dict maps a name to the LoRARequest
     every request for that name uses."""
 
-    def __init__(self, serving_models: Any, settings: ServingSettings) -> None:
+    def __init__(
+        self, serving_models: Any, settings: ServingSettings, resolver: SurgeryResolver | None = None
+    ) -> None:
         self.models = serving_models
         self.settings = settings
-        self.resolver = SurgeryResolver(settings)  # for find_original; it is not registered anywhere
+        # The registered resolver when there is one, so that resolution and swaps share one validator
+        # (limits and cached verdicts); else a private one, used for find_original and validation.
+        self.resolver = resolver if resolver is not None else SurgeryResolver(settings)
+        self.validator = self.resolver.validator
         self.store = self.resolver.store
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._previous: dict[str, tuple[str, str]] = {}  # name -> (version, path) served before the last swap
         # Adapters given with --lora-modules: vLLM registered them before this object exists. They are
         # originals like those under an operator root (refinable, swappable), found by name here.
         self.startup: dict[str, Path] = {}
-        for name, request in dict(self.models.lora_requests).items():
+        for name, request in dict(vllm_compat.served_requests(self.models)).items():
             try:
                 validate_adapter_name(name)
             except InvalidAdapterName:
@@ -120,7 +132,7 @@ class HotSwapper:
         for name, original in self.startup.items():
             try:
                 refined = await asyncio.to_thread(
-                    lambda o=original, n=name: self.store.served(n, load_adapter(o).content_hash())
+                    lambda o=original, n=name: self.store.served(n, self.validator.validate(o))
                 )
                 if refined is not None:
                     await self.swap(name, refined.name)
@@ -129,7 +141,7 @@ class HotSwapper:
 
     # ----------------------------------------------------------------- inspection
     def served_path(self, name: str) -> str | None:
-        request = self.models.lora_requests.get(name)
+        request = vllm_compat.served_requests(self.models).get(name)
         return request.lora_path if request is not None else None
 
     def version_of(self, name: str, path: str | None) -> str | None:
@@ -149,7 +161,7 @@ class HotSwapper:
         for root in self.settings.adapter_dirs:
             if root.is_dir():
                 names.update(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
-        static = set(self.models.lora_requests)
+        static = set(vllm_compat.served_requests(self.models))
         names.update(static)
         out = []
         for name in sorted(names):
@@ -168,7 +180,7 @@ class HotSwapper:
         "lora-modules"). An adapter loaded at run time with vLLM's /v1/load_lora_adapter is described
         with source "static": it is served as registered and cannot be swapped or refined here.
         """
-        stored = self.models.lora_requests.get(name)
+        stored = vllm_compat.served_requests(self.models).get(name)
         try:
             original = self._original(name)
         except HotSwapError:
@@ -203,10 +215,22 @@ class HotSwapper:
             "served_load_inplace": stored.load_inplace if stored is not None else None,
             "store_served_version": self.store.served_version_id(name),
             "previous_version": previous[0] if previous else None,
-            "versions": [
-                {"id": v.version_id, "decision": v.decision, "servable": v.servable, **_qualities(v)}
-                for v in versions
-            ],
+            "versions": [self._describe_version(v) for v in versions],
+        }
+
+    def _describe_version(self, info: Any) -> dict[str, Any]:
+        """One listed version; `servable` and `reason` come from the very check a swap makes."""
+        try:
+            self.validated_target(info.name, info.version_id)
+            servable, reason = True, None
+        except HotSwapError as e:
+            servable, reason = False, str(e)
+        return {
+            "id": info.version_id,
+            "decision": info.decision,
+            "servable": servable,
+            "reason": reason,
+            **_qualities(info),
         }
 
     # ----------------------------------------------------------------- swapping
@@ -220,19 +244,27 @@ class HotSwapper:
             raise HotSwapError(f"adapter {name!r} not found", HTTPStatus.NOT_FOUND, "not_found")
         return original
 
-    def _target(self, name: str, version: str) -> tuple[Path, str]:
-        """Validate (blocking: reads and hashes files) and return the directory for `version`."""
+    def validated_target(self, name: str, version: str) -> tuple[Path, str]:
+        """The directory to serve for `version` of `name`, validated for this server (blocking: reads
+        files, once per change thanks to the validator's cache). The one check behind swaps, the
+        listing's `servable` and the guarded runtime-load route. Raises HotSwapError: 400 (bad name or
+        id), 404 (unknown), 409 (not servable by decision, or refined from other content), 422 (the
+        files cannot be served here: corrupt, NaN, rank, shapes, dtype overflow, outside the store)."""
         original = self._original(name)
         try:
-            original_hash = load_adapter(original).content_hash()
+            original_hash = self.validator.validate(original)
         except AdapterError as e:
-            raise HotSwapError(f"adapter {name!r}: original is broken: {e}", 422, "corrupt") from e
+            raise HotSwapError(f"adapter {name!r}: original is not servable: {e}", 422, "corrupt") from e
         if version == ORIGINAL:
             return original, ORIGINAL
         try:
-            info = self.store.version_info(name, version)
-        except ValueError as e:  # InvalidAdapterName: a version id is a path component too
+            validate_adapter_name(version)  # a version id is a path component too
+        except InvalidAdapterName as e:
             raise HotSwapError(f"version {version!r}: {e}", HTTPStatus.BAD_REQUEST, "invalid") from e
+        try:
+            info = self.store.version_info(name, version)
+        except ValueError as e:  # the id is fine, but the directory resolves outside the store
+            raise HotSwapError(f"version {version!r} of {name!r} is not servable: {e}", 422, "corrupt") from e
         if info is None:
             raise HotSwapError(
                 f"adapter {name!r} has no complete version {version!r}", HTTPStatus.NOT_FOUND, "not_found"
@@ -250,10 +282,27 @@ class HotSwapper:
                 "conflict",
             )
         try:
-            load_adapter(info.path)
+            self.validator.validate(info.path, inside=self.store.adapter_dir(name))
         except AdapterError as e:
-            raise HotSwapError(f"version {version!r} of {name!r} is corrupt: {e}", 422, "corrupt") from e
+            raise HotSwapError(f"version {version!r} of {name!r} is not servable (corrupt): {e}", 422, "corrupt") from e
         return info.path, version
+
+    def locate(self, path: Path) -> tuple[str, str] | None:
+        """(adapter name, version) of the original or store version that `path` is, or None if it is
+        neither (blocking: resolves symlinks, so a link out of a root or the store is not either)."""
+        resolved = path.resolve()
+        for name, original in self.startup.items():
+            if original.resolve() == resolved:
+                return name, ORIGINAL
+        try:
+            original = self.resolver.find_original(validate_adapter_name(resolved.name))
+        except InvalidAdapterName:
+            original = None
+        if original is not None and original.resolve() == resolved:
+            return resolved.name, ORIGINAL
+        if resolved.parent.parent == self.store.root.resolve():
+            return resolved.parent.name, resolved.name
+        return None
 
     async def swap(self, name: str, version: str) -> SwapResult:
         start = time.perf_counter()
@@ -261,9 +310,9 @@ class HotSwapper:
         try:
             if not isinstance(version, str) or not version:
                 raise HotSwapError("'version' must be a non-empty string", HTTPStatus.BAD_REQUEST, "invalid")
-            self._original(name)
+            await asyncio.to_thread(self._original, name)
             known = name
-            path, version = await asyncio.to_thread(self._target, name, version)
+            path, version = await asyncio.to_thread(self.validated_target, name, version)
             async with self._locks[name]:
                 result = await self._swap_locked(name, version, str(path), start)
         except HotSwapError as e:
@@ -276,40 +325,20 @@ class HotSwapper:
         return result
 
     async def rollback(self, name: str) -> SwapResult:
-        self._original(name)
+        await asyncio.to_thread(self._original, name)
         previous = self._previous.get(name)
         if previous is None:
             metrics.record_swap(name, "conflict")
             raise HotSwapError(f"adapter {name!r}: no earlier version to roll back to", 409, "conflict")
         return await self.swap(name, previous[0])
 
-    async def _swap_locked(self, name: str, version: str, path: str, start: float) -> SwapResult:
-        from vllm.lora.request import LoRARequest
+    def _same_as_served(self, name: str, old_path: str | None, path: str) -> tuple[str | None, bool]:
+        """(version of `old_path`, whether it is `path`): blocking path resolution, run in a thread."""
+        same = old_path is not None and Path(old_path).resolve() == Path(path).resolve()
+        return self.version_of(name, old_path), same
 
-        old_path = self.served_path(name)
-        old_version = self.version_of(name, old_path)
-        if old_path is not None and Path(old_path).resolve() == Path(path).resolve():
-            return SwapResult(name, version, path, old_version, old_path, False, time.perf_counter() - start)
-        # Each version gets its own lora_int_id: requests already running keep the LoRARequest they
-        # were scheduled with and finish on the old weights; requests arriving after the mapping below
-        # is replaced get the new ones. (vLLM's load_inplace would instead rewrite the weights under
-        # running requests, mixing versions inside one response, and 0.32 re-reads such an adapter
-        # from disk on every step.) The old version's weights leave the worker caches by LRU.
-        async with self.models.lora_resolver_lock[name]:
-            request = LoRARequest(
-                lora_name=name, lora_int_id=self.models.lora_id_counter.inc(1), lora_path=path
-            )
-            try:
-                await self.models.engine_client.add_lora(request)  # loads and validates in the workers
-            except Exception as e:
-                raise HotSwapError(
-                    f"vLLM refused to load {path} for {name!r}: {e}",
-                    HTTPStatus.INTERNAL_SERVER_ERROR,
-                    "failed",
-                ) from e
-            self.models.lora_requests[name] = request
-        if old_path is not None and old_version is not None:
-            self._previous[name] = (old_version, old_path)
+    def _record_served(self, name: str, version: str) -> Any:
+        """Update served.json (fsync: blocking, run in a thread); returns the version's surgery.json."""
         try:
             if version == ORIGINAL:
                 self.store.clear_served(name)
@@ -318,7 +347,33 @@ class HotSwapper:
         except (OSError, ValueError) as e:
             log.error("adapter %r now serves %s, but served.json could not be updated: %s", name, version, e)
         info = None if version == ORIGINAL else self.store.version_info(name, version)
-        metrics.record_served(name, version, info.record if info else None)
+        return info.record if info else None
+
+    async def _swap_locked(self, name: str, version: str, path: str, start: float) -> SwapResult:
+        old_path = self.served_path(name)
+        old_version, same = await asyncio.to_thread(self._same_as_served, name, old_path, path)
+        if same:
+            return SwapResult(name, version, path, old_version, old_path, False, time.perf_counter() - start)
+        # Each version gets its own lora_int_id: requests already running keep the LoRARequest they
+        # were scheduled with and finish on the old weights; requests arriving after the mapping below
+        # is replaced get the new ones. (vLLM's load_inplace would instead rewrite the weights under
+        # running requests, mixing versions inside one response, and 0.32 re-reads such an adapter
+        # from disk on every step.) The old version's weights leave the worker caches by LRU.
+        async with vllm_compat.name_lock(self.models, name):
+            request = vllm_compat.lora_request(name, path, vllm_compat.next_lora_id(self.models))
+            try:
+                await vllm_compat.add_lora(self.models, request)  # loads and validates in the workers
+            except Exception as e:
+                raise HotSwapError(
+                    f"vLLM refused to load {path} for {name!r}: {e}",
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    "failed",
+                ) from e
+            vllm_compat.served_requests(self.models)[name] = request
+        if old_path is not None and old_version is not None:
+            self._previous[name] = (old_version, old_path)
+        record = await asyncio.to_thread(self._record_served, name, version)
+        metrics.record_served(name, version, record)
         seconds = time.perf_counter() - start
         log.info("adapter %r: hot-swapped %s -> %s (%s) in %.3f s", name, old_version, version, path, seconds)
         return SwapResult(name, version, path, old_version, old_path, True, seconds)

@@ -21,6 +21,11 @@ STORE_RESULTS = ("hit", "miss")
 STORE_LOOKUPS_BY = ("resolver", "refine")
 REFINE_OUTCOMES = ("accept", "keep_original", "forced", "error", "cached")
 REFINE_STAGES = ("load", "prepare", "sensitivity", "evaluation", "write", "total")
+# What became of a captured request's records: logged (stored), dropped (the queue was full or closed),
+# failed (the database or the redaction hook failed), redacted_out (the redaction hook dropped it),
+# incomplete (no complete answer reached the client: error status, disconnect, cut stream).
+TRAFFIC_OUTCOMES = ("logged", "dropped", "failed", "redacted_out", "incomplete")
+FEEDBACK_RATINGS = ("good", "bad", "none")  # none: a correction without a rating
 
 HOTSWAPS = Counter(
     "vllm_surgery_hotswaps",
@@ -60,6 +65,40 @@ HELDOUT_LOSS = Gauge(
     "original adapter, which=after the served version. No series while the original is served.",
     ["adapter", "which"],
 )
+
+TRAFFIC_RECORDS = Counter(
+    "vllm_surgery_traffic_records",
+    "Recorded traffic (one record per returned choice), by adapter and outcome.",
+    ["adapter", "outcome"],
+)
+TRAFFIC_FEEDBACK = Counter(
+    "vllm_surgery_traffic_feedback",
+    "Feedback received on recorded requests, by adapter and rating (none = a correction alone).",
+    ["adapter", "rating"],
+)
+CALIBRATION_EXAMPLES = Gauge(
+    "vllm_surgery_calibration_examples",
+    "Usable calibration examples from recorded traffic per adapter (corrected + rated good, + unrated "
+    "where the adapter's settings include them); refreshed by the traffic writer every minute.",
+    ["adapter"],
+)
+TRAFFIC_QUEUE_DEPTH = Gauge(
+    "vllm_surgery_traffic_queue_depth", "Captured requests waiting for the traffic writer thread."
+)
+TRAFFIC_QUEUE_PEAK = Gauge(
+    "vllm_surgery_traffic_queue_peak_depth", "Highest traffic queue depth since the server started."
+)
+
+
+def record_traffic(adapter: str, outcome: str, n: int = 1) -> None:
+    assert outcome in TRAFFIC_OUTCOMES, outcome
+    TRAFFIC_RECORDS.labels(adapter=adapter, outcome=outcome).inc(n)
+
+
+def record_feedback(adapter: str, rating: str | None) -> None:
+    rating = rating or "none"
+    assert rating in FEEDBACK_RATINGS, rating
+    TRAFFIC_FEEDBACK.labels(adapter=adapter, rating=rating).inc()
 
 
 def record_swap(adapter: str | None, outcome: str) -> None:

@@ -4,8 +4,10 @@ Body (JSON object)::
 
     {"records": [{"prompt": ..., "completion": ...}, ...]}   inline calibration (JSONL line objects)
     {"calibration": "math.jsonl"}                             a file in VLLM_SURGERY_CALIBRATION_DIR
+    {"from_traffic": true}                                    the adapter's recorded traffic and feedback
+      (+ optional "include_unrated": bool, "since": "7d" or an ISO time; see traffic_calibration)
     + optional SurgeryConfig fields: policy, policy_params, constraint, modules, layers,
-      heldout_fraction, min_improvement, min_z, samples, max_length, max_batch_tokens, seed, force
+      heldout_fraction, min_improvement, max_false_accept, samples, max_length, max_batch_tokens, seed, force
     + "swap": true (default): hot-swap a written version (accept, or forced) in at once
 
 Design:
@@ -38,8 +40,9 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,8 @@ from .store import KEY_CONFIG_FIELDS, VersionInfo, version_key
 log = logging.getLogger(f"vllm.{__name__}")
 
 CONFIG_FIELDS = frozenset({*KEY_CONFIG_FIELDS, "max_batch_tokens", "force"})
-BODY_FIELDS = frozenset({"records", "calibration", "swap"}) | CONFIG_FIELDS
+TRAFFIC_FIELDS = frozenset({"include_unrated", "since"})
+BODY_FIELDS = frozenset({"records", "calibration", "from_traffic", "swap"}) | TRAFFIC_FIELDS | CONFIG_FIELDS
 
 
 class RefineError(SurgeryError):
@@ -78,8 +82,12 @@ def records_sha256(records: list[Any]) -> str:
     return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
 
 
-def parse_request(body: Any, calibration_dir: Path | None) -> RefineRequest:
-    """Validate a refine body (blocking: may hash a calibration file). Raises RefineError (400/404)."""
+def parse_request(
+    body: Any, calibration_dir: Path | None, from_traffic: Callable[[bool | None, float | None], Any] | None = None
+) -> RefineRequest:
+    """Validate a refine body (blocking: may hash a calibration file or read the traffic database).
+    `from_traffic(include_unrated, since)` builds the adapter's calibration set from its traffic.
+    Raises RefineError (400/404; 409 when the traffic holds no usable example)."""
     from ..config import SurgeryConfig
 
     if not isinstance(body, dict):
@@ -95,19 +103,21 @@ def parse_request(body: Any, calibration_dir: Path | None) -> RefineRequest:
     fields = {k: v for k, v in body.items() if k in CONFIG_FIELDS}
     if isinstance(fields.get("layers"), list):
         fields["layers"] = tuple(fields["layers"])
-    if "force" in fields and not isinstance(fields["force"], bool):
-        raise RefineError("'force' must be true or false", HTTPStatus.BAD_REQUEST)
     try:
         config = SurgeryConfig(**fields, progress=False)
-    except (ConfigError, TypeError, ValueError) as e:
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:
         raise RefineError(f"invalid settings: {e}", HTTPStatus.BAD_REQUEST) from e
 
-    if ("records" in body) == ("calibration" in body):
+    if sum(k in body for k in ("records", "calibration", "from_traffic")) != 1:
         raise RefineError(
-            "give calibration data as exactly one of 'records' (a list of JSONL line objects) or "
-            "'calibration' (a file name in the calibration directory)",
+            "give calibration data as exactly one of 'records' (a list of JSONL line objects), "
+            "'calibration' (a file name in the calibration directory) or 'from_traffic': true",
             HTTPStatus.BAD_REQUEST,
         )
+    if "from_traffic" in body:
+        return _traffic_request(body, config, swap, from_traffic)
+    if TRAFFIC_FIELDS & set(body):
+        raise RefineError(f"{sorted(TRAFFIC_FIELDS & set(body))} only go with 'from_traffic'", 400)
     if "records" in body:
         records = body["records"]
         if not isinstance(records, list) or not records:
@@ -133,6 +143,33 @@ def parse_request(body: Any, calibration_dir: Path | None) -> RefineRequest:
     return RefineRequest(config, path, digest, swap)
 
 
+def _traffic_request(
+    body: dict[str, Any], config: Any, swap: bool, from_traffic: Callable[[bool | None, float | None], Any] | None
+) -> RefineRequest:
+    from ..traffic_calibration import parse_since
+
+    if body["from_traffic"] is not True:
+        raise RefineError("'from_traffic' must be true", HTTPStatus.BAD_REQUEST)
+    include_unrated = body.get("include_unrated")
+    if include_unrated is not None and not isinstance(include_unrated, bool):
+        raise RefineError("'include_unrated' must be true or false", HTTPStatus.BAD_REQUEST)
+    since = body.get("since")
+    if since is not None and not isinstance(since, str):
+        raise RefineError("'since' must be a string such as \"7d\" or an ISO 8601 time", HTTPStatus.BAD_REQUEST)
+    if from_traffic is None:
+        raise RefineError("this server cannot read recorded traffic", HTTPStatus.BAD_REQUEST)
+    try:
+        data = from_traffic(include_unrated, None if since is None else parse_since(since))
+    except CalibrationError as e:
+        raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
+    except SurgeryError as e:
+        raise RefineError(str(e), HTTPStatus.CONFLICT) from e
+    if not data.records:
+        raise RefineError(f"no usable calibration examples in the traffic: {data.summary()}", HTTPStatus.CONFLICT)
+    log.info("refine from traffic: %s", data.summary())
+    return RefineRequest(config, data.records, records_sha256(data.records), swap)
+
+
 def _quality(q: Any) -> dict[str, Any] | None:
     if q is None:
         return None
@@ -148,6 +185,8 @@ class Refiner:
         self.base_model = str(base_model)
         self.lock = asyncio.Lock()
         self._model: tuple[Any, Any] | None = None
+        # (adapter, include_unrated, since) -> CalibrationFromTraffic; set by the plugin (traffic_api)
+        self.traffic: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ blocking helpers (threads)
     def _model_and_tokenizer(self) -> tuple[Any, Any]:
@@ -199,16 +238,19 @@ class Refiner:
     def _compute(self, name: str, original: Path, request: RefineRequest, key: str) -> dict[str, Any]:
         from ..refine import refine
 
-        out_dir = self.store.new_version_dir(name)
-        try:
-            model, tokenizer = self._model_and_tokenizer()
-            result = refine(
-                self.base_model, original, request.calibration, out_dir, request.config,
-                model=model, tokenizer=tokenizer,
-            )  # fmt: skip
-        except BaseException:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+        # The writer lock tells start-up cleaning of a server sharing this store that the reserved
+        # directory below is being filled, not left behind by a killed process.
+        with self.store.writer_lock(name):
+            out_dir = self.store.new_version_dir(name)
+            try:
+                model, tokenizer = self._model_and_tokenizer()
+                result = refine(
+                    self.base_model, original, request.calibration, out_dir, request.config,
+                    model=model, tokenizer=tokenizer,
+                )  # fmt: skip
+            except BaseException:
+                shutil.rmtree(out_dir, ignore_errors=True)
+                raise
         record = result.to_dict()
         if not result.written:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -223,10 +265,11 @@ class Refiner:
     # ------------------------------------------------------------------ the request
     async def refine(self, name: str, body: Any) -> dict[str, Any]:
         """Answer one refine request; raises RefineError (or HotSwapError for bad/unknown names)."""
-        original = self.swapper._original(name)  # 400 / 404 before anything else
+        original = await asyncio.to_thread(self.swapper._original, name)  # 400 / 404 before anything else
         known = name
         try:
-            request = await asyncio.to_thread(parse_request, body, self.swapper.settings.calibration_dir)
+            traffic = partial(self.traffic, name) if self.traffic is not None else None
+            request = await asyncio.to_thread(parse_request, body, self.swapper.settings.calibration_dir, traffic)
             key = await asyncio.to_thread(self._key, original, request)
             answer = await asyncio.to_thread(self._lookup, name, key, request.config.force)
             metrics.record_store_lookup(answer is not None, by="refine")
@@ -243,7 +286,7 @@ class Refiner:
             metrics.record_refinement(known, "error")
             log.warning("refine %r refused: %s", name, e)
             raise
-        except (CalibrationError, ConfigError) as e:
+        except (CalibrationError, ConfigError, OverflowError, RecursionError) as e:
             metrics.record_refinement(known, "error")
             log.warning("refine %r failed: %s", name, e)
             raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
@@ -266,7 +309,7 @@ class Refiner:
                 swapped = True
             except HotSwapError as e:
                 swap_error = str(e)
-        served = self.swapper.served_path(name)
+        served_version = await asyncio.to_thread(self.swapper.version_of, name, self.swapper.served_path(name))
         return {
             "adapter": name,
             **answer,
@@ -274,5 +317,5 @@ class Refiner:
             "key": key,
             "swapped": swapped,
             "swap_error": swap_error,
-            "served_version": self.swapper.version_of(name, served),
+            "served_version": served_version,
         }

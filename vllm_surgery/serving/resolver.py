@@ -11,15 +11,16 @@ import asyncio
 import logging
 from pathlib import Path
 
-from vllm.lora.request import LoRARequest
-from vllm.lora.resolver import LoRAResolver
+import torch
 
-from ..adapter import load_adapter
+from ..base_model import base_layer_shapes
 from ..errors import AdapterError
 from . import metrics
 from .names import InvalidAdapterName, path_under, validate_adapter_name
 from .settings import ServingSettings
 from .store import VersionStore
+from .validation import AdapterValidator, ServingLimits
+from .vllm_compat import LoRARequest, LoRAResolver, lora_request
 
 # Under vLLM's "vllm" logger tree so the messages appear in the server log with vLLM's format and
 # level (VLLM_LOGGING_LEVEL); a plain package logger would have no handler in the server process.
@@ -32,6 +33,30 @@ class SurgeryResolver(LoRAResolver):
     def __init__(self, settings: ServingSettings) -> None:
         self.settings = settings
         self.store = VersionStore(settings.store)
+        # Limits come from the engine (endpoint plugin's init_state calls validator.configure); until
+        # then, or under plain `vllm serve` without the endpoint plugin, see _default_limits.
+        self.validator = AdapterValidator()
+        self.configured = False
+
+    def configure(self, limits: ServingLimits) -> None:
+        """The running engine's limits (max rank, dtype, base-model shapes), from the endpoint plugin."""
+        self.validator.configure(limits)
+        self.configured = True
+
+    def _default_limits(self, base_model_name: str) -> None:
+        """Without the endpoint plugin, the resolver knows only the base model (vLLM passes --model):
+        shapes are checked against its configuration and weights against float32's range (bfloat16's
+        too); the engine itself checks the rank. Logged once."""
+        shapes = None
+        try:
+            shapes = base_layer_shapes(base_model_name)
+        except AdapterError as e:
+            log.error("adapter shapes cannot be checked against the base model: %s", e)
+        log.warning(
+            "vllm-surgery's endpoint plugin is not enabled: adapters are checked against the base model's "
+            "shapes and float32's range; --max-lora-rank and the serving dtype are left to the engine"
+        )
+        self.configure(ServingLimits(dtype=torch.float32, shapes=shapes))
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         """None means "not mine": vLLM then tries other resolvers and finally answers 404."""
@@ -40,12 +65,14 @@ class SurgeryResolver(LoRAResolver):
         except InvalidAdapterName as e:
             log.warning("refusing to resolve adapter name: %s", e)
             return None
+        if not self.configured:
+            await asyncio.to_thread(self._default_limits, base_model_name)
         # Disk reads, hashing and safetensors parsing block: keep them off the server's event loop.
         path = await asyncio.to_thread(self.choose_path, lora_name)
         if path is None:
             return None
         # vLLM overwrites lora_int_id with its own counter; any positive value is fine here.
-        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+        return lora_request(lora_name, str(path))
 
     def find_original(self, name: str) -> Path | None:
         """`<root>/<name>` in the first configured root that has it as a directory."""
@@ -71,12 +98,12 @@ class SurgeryResolver(LoRAResolver):
             log.debug("adapter %r not found under %s", name, [str(d) for d in self.settings.adapter_dirs])
             return None
         try:
-            adapter = load_adapter(original)
+            adapter_hash = self.validator.validate(original)
         except AdapterError as e:
             log.error("adapter %r at %s is not servable: %s", name, original, e)
             return None
         try:
-            refined = self.store.served(name, adapter.content_hash())
+            refined = self.store.served(name, adapter_hash)
         except (OSError, ValueError) as e:
             log.error(
                 "adapter %r: refined-version store %s unusable (%s); serving the original",
@@ -87,7 +114,7 @@ class SurgeryResolver(LoRAResolver):
             refined = None
         if refined is not None:
             try:
-                load_adapter(refined)
+                self.validator.validate(refined, inside=self.store.adapter_dir(name))
             except AdapterError as e:
                 log.error(
                     "adapter %r: refined version %s is broken (%s); serving the original", name, refined, e

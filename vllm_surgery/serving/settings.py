@@ -1,46 +1,195 @@
-"""Operator settings for the serving plugin: where original adapters live and where refined ones go.
+"""Operator settings for the serving plugin, declared once: each field of `ServingSettings` names its
+environment variable, its kind and its help text, and the parsing of variables and of the JSON file,
+the file's allowed keys and the settings table in the docs (`settings_table`) are all derived from it.
 
 Read from the environment of the `vllm serve` process (every vLLM process inherits it), optionally
-completed by a JSON file:
-
-- ``VLLM_SURGERY_ADAPTER_DIRS``: root directories, separated by ``os.pathsep`` (':' on POSIX).
-  Adapter ``X`` is the directory ``<root>/X``; the first root that has it wins.
-- ``VLLM_SURGERY_STORE``: the refined-version store (default ``~/.cache/vllm-surgery/store``).
-- ``VLLM_SURGERY_CALIBRATION_DIR``: the directory that ``POST /v1/surgery/adapters/{name}/refine``
-  reads named calibration files from (``"calibration": "<file name>"``); unset: only inline records.
-- ``VLLM_SURGERY_CONFIG``: optional path of a JSON object with the same settings as keys
-  ``adapter_dirs`` (a list of paths, or one string split like the variable), ``store`` and
-  ``calibration_dir``.
-
-A variable that is set and non-empty wins over the file; the file wins over the defaults. Relative
-paths in the file are taken relative to the file's directory.
+completed by a JSON file named by ``VLLM_SURGERY_CONFIG`` whose keys are the field names. A variable
+that is set and non-empty wins over the file; the file wins over the defaults. Relative paths in the
+file are taken relative to the file's directory. Unknown keys and values of the wrong kind are errors
+that name the variable or file: a typo must not silently serve unrefined adapters.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 
-ENV_ADAPTER_DIRS = "VLLM_SURGERY_ADAPTER_DIRS"
-ENV_STORE = "VLLM_SURGERY_STORE"
 ENV_CONFIG = "VLLM_SURGERY_CONFIG"
-ENV_CALIBRATION_DIR = "VLLM_SURGERY_CALIBRATION_DIR"
 DEFAULT_STORE = Path("~/.cache/vllm-surgery/store")
-_FILE_KEYS = frozenset({"adapter_dirs", "store", "calibration_dir"})
 
 
 class SettingsError(ConfigError):
     """Serving settings that cannot be used; the message names the variable or file at fault."""
 
 
+@dataclass(frozen=True)
+class Kind:
+    """How one setting is read: from a variable's text, or from a JSON value in the file."""
+
+    name: str  # shown in the settings table
+    from_text: Callable[[str, str], Any]  # (text, source) -> value
+    from_json: Callable[[Any, str, Path], Any]  # (value, source, file's directory) -> value
+
+
 def _split_dirs(value: str) -> list[Path]:
     return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+
+
+def _relative(path: Path, base: Path) -> Path:
+    """Relative paths in the file mean relative to the file, not to wherever the server was started."""
+    return path if path.is_absolute() else base / path
+
+
+def _json_path(value: Any, source: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{source} must be a non-empty string path, got {value!r}")
+    return _relative(Path(value).expanduser(), base)
+
+
+def _json_dirs(value: Any, source: str, base: Path) -> tuple[Path, ...]:
+    if isinstance(value, str):
+        return tuple(_relative(p, base) for p in _split_dirs(value))
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+        return tuple(_relative(Path(v).expanduser(), base) for v in value)
+    raise SettingsError(f"{source} must be a list of paths or one string, got {value!r}")
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _text_bool(text: str, source: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise SettingsError(f"{source} must be one of {', '.join(_TRUE + _FALSE)}, got {text!r}")
+
+
+def _json_bool(value: Any, source: str, base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"{source} must be true or false, got {value!r}")
+    return value
+
+
+def _text_str(text: str, source: str) -> str:
+    return text.strip()
+
+
+def _json_str(value: Any, source: str, base: Path) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{source} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+PATH = Kind("path", lambda text, source: Path(text.strip()).expanduser(), _json_path)
+DIRS = Kind(f"paths separated by '{os.pathsep}' (file: a list)", lambda t, s: tuple(_split_dirs(t)), _json_dirs)
+BOOL = Kind("boolean", _text_bool, _json_bool)
+STRING = Kind("string", _text_str, _json_str)
+
+
+def number(lo: float, hi: float = math.inf, integer: bool = False) -> Kind:
+    """A finite number in [lo, hi] (an integer if `integer`)."""
+    what = f"{'an integer' if integer else 'a number'} in [{lo:g}, {hi:g}]"
+
+    def check(value: Any, source: str) -> float | int:
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not lo <= value <= hi:
+            raise SettingsError(f"{source} must be {what}, got {value!r}")
+        return value
+
+    def from_text(text: str, source: str) -> float | int:
+        try:
+            value: Any = int(text) if integer else float(text)
+        except ValueError:
+            raise SettingsError(f"{source} must be {what}, got {text!r}") from None
+        return check(value, source)
+
+    return Kind(what, from_text, lambda value, source, base: check(value, source))
+
+
+@dataclass(frozen=True)
+class AdapterTraffic:
+    """One entry of `traffic_adapters`: the traffic settings of one adapter. None means "the global
+    value" (traffic_sample_rate, traffic_max_records, traffic_max_age_days)."""
+
+    name: str
+    capture: bool = True  # listing an adapter switches its capture on, unless this is false
+    sample_rate: float | None = None
+    max_records: int | None = None
+    max_age_days: float | None = None
+    include_unrated: bool = False  # calibration sets of this adapter include unrated completions
+    calibration_files: tuple[str, ...] = ()  # static calibration files (names in calibration_dir)
+
+
+_ADAPTER_TRAFFIC_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "capture": lambda v: isinstance(v, bool),
+    "sample_rate": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+    "max_records": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "max_age_days": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf,
+    "include_unrated": lambda v: isinstance(v, bool),
+    "calibration_files": lambda v: isinstance(v, list) and all(isinstance(f, str) and f.strip() for f in v),
+}
+_ADAPTER_TRAFFIC_HELP = {
+    "capture": "true or false",
+    "sample_rate": "a number in [0, 1]",
+    "max_records": "an integer >= 1",
+    "max_age_days": "a number >= 0 (0: no age limit)",
+    "include_unrated": "true or false",
+    "calibration_files": "a list of file names in calibration_dir",
+}
+
+
+def _json_adapter_traffic(value: Any, source: str, base: Path) -> tuple[AdapterTraffic, ...]:
+    """{"name": {"sample_rate": 0.5, ...}, ...}: names and keys are checked, errors name them."""
+    from .names import InvalidAdapterName, validate_adapter_name
+
+    if not isinstance(value, dict):
+        raise SettingsError(f"{source} must be a JSON object mapping adapter names to objects, got {value!r}")
+    out = []
+    for name, entry in sorted(value.items()):
+        try:
+            validate_adapter_name(name)
+        except InvalidAdapterName as e:
+            raise SettingsError(f"{source}: {e}") from None
+        if not isinstance(entry, dict):
+            raise SettingsError(f"{source}: {name!r} must be an object with keys {sorted(_ADAPTER_TRAFFIC_CHECKS)}")
+        unknown = sorted(set(entry) - set(_ADAPTER_TRAFFIC_CHECKS))
+        if unknown:
+            raise SettingsError(f"{source}: {name!r}: unknown key(s) {unknown}; allowed: {sorted(_ADAPTER_TRAFFIC_CHECKS)}")
+        for key, v in entry.items():
+            if not _ADAPTER_TRAFFIC_CHECKS[key](v):
+                raise SettingsError(f"{source}: {name!r}: {key!r} must be {_ADAPTER_TRAFFIC_HELP[key]}, got {v!r}")
+        values = dict(entry)
+        if "calibration_files" in values:
+            values["calibration_files"] = tuple(f.strip() for f in values["calibration_files"])
+        out.append(AdapterTraffic(name=name, **values))
+    return tuple(out)
+
+
+def _text_adapter_traffic(text: str, source: str) -> tuple[AdapterTraffic, ...]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise SettingsError(f"{source} must be a JSON object ({e}), got {text!r}") from None
+    return _json_adapter_traffic(value, source, Path("."))
+
+
+ADAPTER_TRAFFIC = Kind(
+    "JSON object: adapter -> {" + ", ".join(_ADAPTER_TRAFFIC_CHECKS) + "}",
+    _text_adapter_traffic,
+    _json_adapter_traffic,
+)
+
+
+def setting(env: str, kind: Kind, help: str, **kwargs: Any) -> Any:
+    """A ServingSettings field read from variable `env` (or the file key of the field's name)."""
+    return field(metadata={"env": env, "kind": kind, "help": help}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -48,45 +197,144 @@ class ServingSettings:
     """Resolved settings. Paths are expanded (``~``) but not required to exist: a missing root simply
     holds no adapters, so a server can start before the operator's storage is mounted."""
 
-    adapter_dirs: tuple[Path, ...] = ()
-    store: Path = field(default_factory=lambda: DEFAULT_STORE.expanduser())
-    calibration_dir: Path | None = None
+    adapter_dirs: tuple[Path, ...] = setting(
+        "VLLM_SURGERY_ADAPTER_DIRS",
+        DIRS,
+        "Root directories of the original adapters: adapter X is <root>/X, the first root that has it wins.",
+        default=(),
+    )
+    store: Path = setting(
+        "VLLM_SURGERY_STORE",
+        PATH,
+        "The refined-version store (default ~/.cache/vllm-surgery/store).",
+        default_factory=lambda: DEFAULT_STORE.expanduser(),
+    )
+    calibration_dir: Path | None = setting(
+        "VLLM_SURGERY_CALIBRATION_DIR",
+        PATH,
+        "Directory of named calibration files that POST .../refine may name ({\"calibration\": FILE}).",
+        default=None,
+    )
+    admin_token: str = setting(
+        "VLLM_SURGERY_ADMIN_TOKEN",
+        STRING,
+        "Token that every route changing what is served needs (swap, rollback, refine, vLLM's "
+        "load/unload adapter routes): `X-Surgery-Admin-Token` header, or the bearer token. Unset: those "
+        "routes answer 403, unless VLLM_SURGERY_ALLOW_UNAUTHENTICATED_ADMIN is on.",
+        default="",
+        repr=False,  # never printed with the settings
+    )
+    allow_unauthenticated_admin: bool = setting(
+        "VLLM_SURGERY_ALLOW_UNAUTHENTICATED_ADMIN",
+        BOOL,
+        "Without an admin token, let anyone who passes vLLM's --api-key guard (or anyone, without one) "
+        "change what is served. For a trusted local development server only.",
+        default=False,
+    )
+    database: Path | None = setting(
+        "VLLM_SURGERY_DATABASE",
+        PATH,
+        "SQLite database of recorded traffic and feedback (default: <store>.sqlite3 next to the store).",
+        default=None,
+    )
+    traffic: bool = setting(
+        "VLLM_SURGERY_TRAFFIC",
+        BOOL,
+        "Record the completions and chat traffic of every adapter known to the plugin (off by default).",
+        default=False,
+    )
+    traffic_sample_rate: float = setting(
+        "VLLM_SURGERY_TRAFFIC_SAMPLE_RATE",
+        number(0, 1),
+        "Share of an adapter's requests that are recorded (per request, at random).",
+        default=1.0,
+    )
+    traffic_adapters: tuple[AdapterTraffic, ...] = setting(
+        "VLLM_SURGERY_TRAFFIC_ADAPTERS",
+        ADAPTER_TRAFFIC,
+        "Per-adapter traffic settings; listing an adapter records it even when traffic is off "
+        '(e.g. {"x": {"sample_rate": 0.5, "max_records": 5000, "calibration_files": ["x.jsonl"]}}).',
+        default=(),
+    )
+    traffic_max_records: int = setting(
+        "VLLM_SURGERY_TRAFFIC_MAX_RECORDS",
+        number(1, integer=True),
+        "Retention: records kept per adapter (the oldest go first).",
+        default=100_000,
+    )
+    traffic_max_age_days: float = setting(
+        "VLLM_SURGERY_TRAFFIC_MAX_AGE_DAYS",
+        number(0),
+        "Retention: days a record is kept (0: no age limit).",
+        default=90.0,
+    )
+    traffic_redact: str = setting(
+        "VLLM_SURGERY_TRAFFIC_REDACT",
+        STRING,
+        "Redaction before storing: 'builtin' (e-mail addresses and runs of 7+ digits), 'none', or "
+        "'package.module:function' taking and returning a record dict (None drops the record).",
+        default="builtin",
+    )
+    traffic_queue_size: int = setting(
+        "VLLM_SURGERY_TRAFFIC_QUEUE_SIZE",
+        number(1, 10_000_000, integer=True),
+        "Records waiting to be written; beyond it records are dropped and counted (metric and log).",
+        default=10_000,
+    )
+
+    @property
+    def database_path(self) -> Path:
+        """The traffic database: `database`, or <store>.sqlite3 beside the store directory."""
+        return self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
+
+    @property
+    def records_traffic(self) -> bool:
+        """Whether any traffic can be recorded: on globally with a rate above 0, or for some adapter."""
+        rate = self.traffic_sample_rate
+        return (self.traffic and rate > 0) or any(
+            a.capture and (a.sample_rate if a.sample_rate is not None else rate) > 0 for a in self.traffic_adapters
+        )
+
+    def adapter_traffic(self, name: str) -> AdapterTraffic | None:
+        """The `traffic_adapters` entry of `name`, if there is one."""
+        return next((a for a in self.traffic_adapters if a.name == name), None)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
+        """Settings from `environ` (default os.environ) and the file it names. Raises SettingsError."""
         env = os.environ if environ is None else environ
         file_values: dict[str, Any] = {}
         config_path = env.get(ENV_CONFIG, "").strip()
+        base = Path(".")
         if config_path:
-            file_values = _read_file(Path(config_path).expanduser())
-
-        dirs: list[Path] = []
-        if env.get(ENV_ADAPTER_DIRS, "").strip():
-            dirs = _split_dirs(env[ENV_ADAPTER_DIRS])
-        elif "adapter_dirs" in file_values:
-            dirs = _file_dirs(file_values["adapter_dirs"], config_path)
-
-        if env.get(ENV_STORE, "").strip():
-            store = Path(env[ENV_STORE]).expanduser()
-        elif "store" in file_values:
-            value = file_values["store"]
-            if not isinstance(value, str) or not value.strip():
-                raise SettingsError(f"{config_path}: 'store' must be a non-empty string path, got {value!r}")
-            store = _relative_to_file(Path(value).expanduser(), config_path)
-        else:
-            store = DEFAULT_STORE.expanduser()
-
-        calibration_dir: Path | None = None
-        if env.get(ENV_CALIBRATION_DIR, "").strip():
-            calibration_dir = Path(env[ENV_CALIBRATION_DIR]).expanduser()
-        elif file_values.get("calibration_dir") is not None:
-            value = file_values["calibration_dir"]
-            if not isinstance(value, str) or not value.strip():
-                raise SettingsError(
-                    f"{config_path}: 'calibration_dir' must be a non-empty string path, got {value!r}"
+            path = Path(config_path).expanduser()
+            file_values, base = _read_file(path), path.parent
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            meta = f.metadata
+            text = env.get(meta["env"], "")
+            if text.strip():
+                values[f.name] = meta["kind"].from_text(text, meta["env"])
+            elif f.name in file_values:
+                values[f.name] = meta["kind"].from_json(
+                    file_values[f.name], f"{config_path}: {f.name!r}", base
                 )
-            calibration_dir = _relative_to_file(Path(value).expanduser(), config_path)
-        return cls(adapter_dirs=tuple(dirs), store=store, calibration_dir=calibration_dir)
+        return cls(**values)
+
+
+def file_keys() -> frozenset[str]:
+    return frozenset(f.name for f in fields(ServingSettings))
+
+
+def settings_table() -> str:
+    """A markdown table of every setting (variable, file key, kind, default, help), for the docs."""
+    rows = ["| variable | file key | kind | default | meaning |", "|---|---|---|---|---|"]
+    for f in fields(ServingSettings):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        shown = "" if default in ((), None) else str(default).replace(str(Path.home()), "~")
+        meta = f.metadata
+        rows.append(f"| `{meta['env']}` | `{f.name}` | {meta['kind'].name} | {shown} | {meta['help']} |")
+    return "\n".join(rows)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -100,22 +348,14 @@ def _read_file(path: Path) -> dict[str, Any]:
         values = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SettingsError(f"{path}: not valid JSON ({e})") from e
+    keys = sorted(file_keys())
     if not isinstance(values, dict):
-        raise SettingsError(f"{path}: must hold a JSON object with keys {sorted(_FILE_KEYS)}")
-    unknown = sorted(set(values) - _FILE_KEYS)
+        raise SettingsError(f"{path}: must hold a JSON object with keys {keys}")
+    unknown = sorted(set(values) - set(keys))
     if unknown:
-        raise SettingsError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(_FILE_KEYS)}")
+        raise SettingsError(f"{path}: unknown key(s) {unknown}; allowed: {keys}")
     return values
 
 
-def _relative_to_file(path: Path, config_path: str) -> Path:
-    """Relative paths in the file mean relative to the file, not to wherever the server was started."""
-    return path if path.is_absolute() else Path(config_path).expanduser().parent / path
-
-
-def _file_dirs(value: Any, source: str) -> list[Path]:
-    if isinstance(value, str):
-        return [_relative_to_file(p, source) for p in _split_dirs(value)]
-    if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
-        return [_relative_to_file(Path(v).expanduser(), source) for v in value]
-    raise SettingsError(f"{source}: 'adapter_dirs' must be a list of paths or one string, got {value!r}")
+if __name__ == "__main__":  # `python -m vllm_surgery.serving.settings` prints the table for the README
+    print(settings_table())

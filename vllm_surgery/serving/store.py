@@ -20,43 +20,44 @@ atomically, so a resolver reads either the old or the new choice, never a torn f
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
+import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..adapter import PROVENANCE_NAME
+from ..config import SurgeryConfig
 from ..errors import SurgeryError
 from .names import path_under
 
-log = logging.getLogger(__name__)
+# Under vLLM's logger tree, like every module of the plugin: a plain package logger has no handler in
+# the server process, and its warnings (a corrupt served.json, say) would never reach the server log.
+log = logging.getLogger(f"vllm.{__name__}")
 
 SERVED_NAME = "served.json"
 OUTCOMES_DIR = ".outcomes"
-# SurgeryConfig fields that change what refine() computes. device, max_batch_tokens and progress only
-# change how fast (and, for device, float rounding); force only changes whether a losing candidate is
-# written, which lookups handle separately (a remembered keep_original does not answer a forced request).
-KEY_CONFIG_FIELDS = (
-    "policy",
-    "policy_params",
-    "constraint",
-    "modules",
-    "layers",
-    "heldout_fraction",
-    "min_improvement",
-    "min_z",
-    "samples",
-    "max_length",
-    "seed",
-)
-KEY_VERSION = 1
+LOCK_NAME = ".writer.lock"
+# Temporary names of save_adapter (".<version>.tmp-<12 hex>", a directory) and of _atomic_write
+# (".<file>.tmp-<12 hex>", a file): what a process killed while writing leaves behind.
+_TEMP_NAME = re.compile(r"\..+\.tmp-[0-9a-f]{12}")
+# SurgeryConfig fields that change what refine() computes, as the config declares them (field metadata
+# affects_result). device, max_batch_tokens and progress only change how fast (and, for device, float
+# rounding); force only changes whether a losing candidate is written, which lookups handle separately
+# (a remembered keep_original does not answer a forced request).
+KEY_CONFIG_FIELDS = SurgeryConfig.result_fields()
+# 2: min_z was replaced by max_false_accept (the gate's statistics changed, so old results do not answer).
+KEY_VERSION = 2
 # Decisions under which refine() wrote a version that may be served ("keep_original" writes nothing).
 SERVABLE_DECISIONS = frozenset({"accept", "forced"})
 
@@ -292,6 +293,49 @@ class VersionStore:
             return None
         return record if isinstance(record, dict) and record.get("key") == key else None
 
+    @contextlib.contextmanager
+    def writer_lock(self, name: str) -> Iterator[None]:
+        """Hold the exclusive writer lock of adapter `name` (blocking) while writing a new version.
+
+        A lock held by a process that dies is released by the kernel, so start-up cleaning
+        (`remove_leftovers`) can tell an interrupted write from one still running in another server
+        that shares this store.
+        """
+        base = self.adapter_dir(name)
+        base.mkdir(parents=True, exist_ok=True)
+        fd = os.open(base / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete what interrupted writes left (blocking; run at server start); returns what was removed.
+
+        Removed: empty version directories (reserved by `new_version_dir`, never filled) and hidden
+        temporary files and directories of atomic writes. Nothing else: a non-empty directory without
+        surgery.json may be an operator's and is only skipped by listings. Adapters whose writer lock is
+        held (a refinement running in another server sharing the store) are left alone.
+        """
+        if not self.root.is_dir():
+            return []
+        removed: list[Path] = []
+        for base in sorted(self.root.iterdir()):
+            if base.name.startswith(".") or not base.is_dir() or base.is_symlink():
+                continue
+            fd = os.open(base / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("store: %s is being written by another process; not cleaned", base)
+                    continue
+                removed.extend(_remove_leftovers_in(base))
+            finally:
+                os.close(fd)
+        return removed
+
     def new_version_dir(self, name: str) -> Path:
         """Reserve a fresh, empty version directory for refine() to write into.
 
@@ -310,6 +354,34 @@ class VersionStore:
             except FileExistsError:
                 continue
             return path
+
+
+def _remove_leftovers_in(base: Path) -> list[Path]:
+    removed = []
+    for parent in (base, base / OUTCOMES_DIR):
+        if not parent.is_dir():
+            continue
+        for entry in sorted(parent.iterdir()):
+            leftover = _TEMP_NAME.fullmatch(entry.name) is not None or (
+                parent == base
+                and not entry.name.startswith(".")
+                and entry.is_dir()
+                and not entry.is_symlink()
+                and not any(entry.iterdir())
+            )
+            if not leftover:
+                continue
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError as e:
+                log.error("store: cannot remove %s, left by an interrupted write: %s", entry, e)
+                continue
+            log.warning("store: removed %s, left by an interrupted write (a killed refinement?)", entry)
+            removed.append(entry)
+    return removed
 
 
 def _atomic_write(target: Path, text: str) -> None:

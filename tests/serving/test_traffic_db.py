@@ -1,0 +1,251 @@
+"""The traffic database: schema and migrations, WAL, feedback history, retention, statistics, and two
+processes writing one file at once."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_surgery.serving import database
+from vllm_surgery.serving.database import (
+    SCHEMA_VERSION,
+    DatabaseError,
+    Migration,
+    Retention,
+    SQLiteDatabase,
+    TrafficRecord,
+    UnknownRequest,
+)
+
+
+def record(request_id: str = "r1", adapter: str = "x", choice: int = 0, created: float = 1000.0, **kw) -> TrafficRecord:
+    values = {
+        "request_id": request_id,
+        "response_id": f"cmpl-{request_id}",
+        "choice": choice,
+        "adapter": adapter,
+        "version": "original",
+        "endpoint": "completions",
+        "prompt": "what is 1 + 2 ?",
+        "completion": "3",
+        "sampling": {"temperature": 0},
+        "created": created,
+        "calibratable": True,
+    }
+    values.update(kw)
+    return TrafficRecord(**values)
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    d = SQLiteDatabase(tmp_path / "traffic.sqlite3")
+    yield d
+    d.close()
+
+
+def test_new_database_has_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
+    db = SQLiteDatabase(tmp_path / "sub" / "t.sqlite3")  # the directory is created
+    assert db.schema_version() == SCHEMA_VERSION == 1
+    db.close()
+    raw = sqlite3.connect(tmp_path / "sub" / "t.sqlite3")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"traffic", "feedback"} <= tables
+    raw.close()
+
+
+def test_missing_database_is_not_created_when_only_reading(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseError, match="no database here"):
+        SQLiteDatabase(tmp_path / "missing.sqlite3", create=False)
+    assert not (tmp_path / "missing.sqlite3").exists()
+
+
+def test_a_file_that_is_not_a_database_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "notes.sqlite3"
+    path.write_bytes(b"this is not sqlite " * 100)
+    with pytest.raises(DatabaseError, match=r"notes\.sqlite3"):
+        SQLiteDatabase(path)
+
+
+def test_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite3"
+    SQLiteDatabase(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA user_version = 99")
+    raw.commit()
+    raw.close()
+    with pytest.raises(DatabaseError, match="schema version 99 was written by a newer"):
+        SQLiteDatabase(path)
+
+
+def test_a_next_migration_applies_on_open_and_keeps_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """How the job queue (or any later table) is added: append a Migration."""
+    path = tmp_path / "t.sqlite3"
+    db = SQLiteDatabase(path)
+    db.insert([record("kept")])
+    db.close()
+    jobs = Migration(2, "jobs", ("CREATE TABLE jobs (id INTEGER PRIMARY KEY, adapter TEXT NOT NULL, leased_until REAL)",))
+    monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, jobs))
+    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
+    db = SQLiteDatabase(path)
+    assert db.schema_version() == 2
+    assert db.find("kept") is not None
+    with db.transaction() as c:
+        c.execute("INSERT INTO jobs (adapter) VALUES ('x')")
+    assert db.connection().execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    db.close()
+    db = SQLiteDatabase(path)  # opening again applies nothing twice
+    assert db.schema_version() == 2
+    db.close()
+
+
+def test_a_failed_transaction_leaves_nothing(db: SQLiteDatabase) -> None:
+    with pytest.raises(RuntimeError), db.transaction() as c:
+        c.execute(
+            "INSERT INTO traffic (request_id, choice, adapter, version, endpoint, completion, sampling, "
+            "calibratable, created) VALUES ('r', 0, 'x', 'original', 'completions', 'c', '{}', 1, 0)"
+        )
+        raise RuntimeError("abort")
+    assert db.find("r") is None
+    with pytest.raises(DatabaseError, match="CHECK constraint"), db.transaction() as c:
+        c.execute("INSERT INTO feedback (traffic_id, rating, created) VALUES (1, 'meh', 0)")
+
+
+def test_find_by_request_id_or_response_id_and_choice(db: SQLiteDatabase) -> None:
+    db.insert([record("r1", choice=0, completion="a"), record("r1", choice=1, completion="b")])
+    assert db.find("r1").record.completion == "a"
+    assert db.find("r1", 1).record.completion == "b"
+    assert db.find("cmpl-r1", 1).record.completion == "b"
+    assert db.find("r1", 2) is None
+    assert db.find("r2") is None
+    # A client that reuses an id: the latest request with it answers.
+    db.insert([record("r1", completion="later")])
+    assert db.find("r1").record.completion == "later"
+
+
+def test_json_fields_round_trip(db: SQLiteDatabase) -> None:
+    messages = [{"role": "user", "content": "héllo"}]
+    db.insert([record("c", endpoint="chat", prompt=messages, sampling={"n": 2, "stop": ["\n"]})])
+    got = db.find("c").record
+    assert got.prompt == messages and got.sampling == {"n": 2, "stop": ["\n"]} and got.endpoint == "chat"
+    db.insert([record("t", prompt=[1, 2, 3], calibratable=False)])
+    assert db.find("t").record.prompt == [1, 2, 3] and db.find("t").record.calibratable is False
+
+
+def test_feedback_latest_wins_and_history_is_kept(db: SQLiteDatabase) -> None:
+    (rid,) = db.insert([record("r1")])
+    assert db.add_feedback(rid, "bad", None, created=1.0) == 1
+    assert db.add_feedback(rid, None, "4", created=2.0) == 2
+    assert db.add_feedback(rid, "good", None, created=3.0) == 3
+    stored = db.find("r1")
+    assert (stored.rating, stored.correction, stored.feedback_count) == ("good", None, 3)
+    assert db.feedback_history(rid) == [
+        {"rating": "bad", "correction": None, "created": 1.0},
+        {"rating": None, "correction": "4", "created": 2.0},
+        {"rating": "good", "correction": None, "created": 3.0},
+    ]
+    with pytest.raises(ValueError, match="rating must be one of"):
+        db.add_feedback(rid, "meh", None)
+    with pytest.raises(ValueError, match="needs a rating or a correction"):
+        db.add_feedback(rid, None, None)
+    with pytest.raises(UnknownRequest):
+        db.add_feedback(rid + 100, "good", None)
+
+
+def test_retention_by_count_and_age_per_adapter(db: SQLiteDatabase) -> None:
+    ids = db.insert([record(f"x{i}", created=100.0 + i) for i in range(10)])
+    db.insert([record(f"y{i}", adapter="y", created=100.0 + i) for i in range(4)])
+    db.add_feedback(ids[0], "good", None)
+    assert db.enforce_retention("x", Retention(max_records=6)) == (4, 6)
+    assert [r.record.request_id for r in db.records("x")] == [f"x{i}" for i in range(4, 10)]
+    assert len(db.records("y")) == 4  # other adapters untouched
+    assert db.connection().execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0  # went with its record
+    # Age: records created before now - max_age go.
+    assert db.enforce_retention("x", Retention(max_age_s=3.5), now=110.0) == (3, 3)  # 104, 105, 106
+    assert [r.record.request_id for r in db.records("x")] == ["x7", "x8", "x9"]
+    assert db.enforce_retention("x", Retention()) == (0, 3)
+    # With the count the caller keeps (the writer's), nothing is counted; the oldest go first.
+    assert db.enforce_retention("x", Retention(max_records=2), count=3) == (1, 2)
+    assert [r.record.request_id for r in db.records("x")] == ["x8", "x9"]
+
+
+def test_records_paging_and_since(db: SQLiteDatabase) -> None:
+    db.insert([record(f"r{i}", created=float(i)) for i in range(7)])
+    first = db.records("x", limit=3)
+    second = db.records("x", limit=3, after_id=first[-1].id)
+    assert [r.record.request_id for r in first + second] == [f"r{i}" for i in range(6)]
+    assert [r.record.request_id for r in db.records("x", since=5.0)] == ["r5", "r6"]
+
+
+def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
+    a, b, c, d, e = db.insert(
+        [
+            record("a"),
+            record("b"),
+            record("c"),
+            record("d", calibratable=False),
+            record("e", version="v2"),
+        ]
+    )
+    db.insert([record("f")])  # unrated
+    db.add_feedback(a, "good", None)
+    db.add_feedback(b, "bad", None)
+    db.add_feedback(c, "bad", "fixed")
+    db.add_feedback(d, "good", None)  # good but not text: not usable
+    db.add_feedback(e, None, "fixed too")
+    rows = {(s.adapter, s.version): s for s in db.stats()}
+    orig = rows[("x", "original")]
+    # records a b c d f; rated a b c d; good a d; bad b c; corrected c; usable a c; unrated usable f
+    assert (orig.records, orig.rated, orig.good, orig.bad, orig.corrected, orig.usable, orig.unrated_usable) == (
+        5, 4, 2, 2, 1, 2, 1,
+    )  # fmt: skip
+    v2 = rows[("x", "v2")]
+    assert (v2.records, v2.rated, v2.corrected, v2.usable) == (1, 0, 1, 1)
+    assert db.stats("y") == []
+    assert db.adapters() == ["x"]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
+    db = SQLiteDatabase(sys.argv[1], busy_timeout_s=60)
+    tag = sys.argv[2]
+    for batch in range(40):
+        db.insert([
+            TrafficRecord(request_id=f"{tag}-{batch}-{i}", choice=0, adapter="x", version="original",
+                          endpoint="completions", prompt="p", completion="c", sampling={}, created=0.0,
+                          calibratable=True)
+            for i in range(10)
+        ])
+    db.close()
+    """
+)
+
+
+def test_two_processes_write_one_database_at_once(tmp_path: Path) -> None:
+    """Several API servers, the CLI and the worker share the file: WAL + busy timeout, no lost row."""
+    path = tmp_path / "shared.sqlite3"
+    SQLiteDatabase(path).close()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag], stderr=subprocess.PIPE)
+        for tag in ("a", "b")
+    ]
+    reader = SQLiteDatabase(path)
+    seen = []
+    while any(p.poll() is None for p in procs):
+        seen.append(len(reader.records("x", limit=1000)))  # reads while both write
+        time.sleep(0.05)
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode()
+    assert len(reader.records("x", limit=1000)) == 800
+    assert seen == sorted(seen)  # readers see whole batches, never a count that goes back
+    assert all(n % 10 == 0 for n in seen)
+    assert reader.integrity_check() == "ok"
+    reader.close()

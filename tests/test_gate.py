@@ -1,0 +1,238 @@
+"""The acceptance gate's statistics: hand-computed figures, and its false-acceptance rate and power measured
+by simulating thousands of held-out sets (pure torch, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_surgery.evaluation import Quality
+from vllm_surgery.gate import EXACT_MAX_EXAMPLES, RANDOM_FLIPS, decide, max_t_p_values, relative_gain
+
+
+def quality(sums, tokens) -> Quality:
+    sums, tokens = [float(s) for s in sums], [int(t) for t in tokens]
+    return Quality(sum(sums) / sum(tokens), sum(tokens), tuple(sums), tuple(tokens))
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures computed by hand
+# --------------------------------------------------------------------------------------------------
+
+
+def test_relative_gain_is_token_weighted_with_the_ratio_estimator_se():
+    # loss sums b = [2, 4], a = [1, 4]: d = [1, 0], gain = 1 / 6.
+    # residuals d - gain * b = [2/3, -2/3]; SE = sqrt(2 / 1 * 8/9) / 6 = (4/3) / 6 = 2/9.
+    gain, se = relative_gain(torch.tensor([2.0, 4.0]), torch.tensor([1.0, 4.0]))
+    assert gain == pytest.approx(1 / 6, rel=1e-12) and se == pytest.approx(2 / 9, rel=1e-12)
+    # one example: no standard error can be estimated
+    assert relative_gain(torch.tensor([2.0]), torch.tensor([1.0])) == (0.5, math.inf)
+
+
+def test_exact_sign_flip_p_value_by_hand():
+    # d = [3, 1, -1]: the 8 signed sums are 5, 3, 3, 1, -1, -3, -3, -5; the observed one is 3,
+    # reached or beaten by 3 of 8 -> p = 3/8.
+    p, flips, exact = max_t_p_values(torch.tensor([[3.0], [1.0], [-1.0]]))
+    assert exact and flips == 8 and p.tolist() == [0.375]
+
+
+def test_max_statistic_corrects_for_the_number_of_candidates():
+    # Two candidates, each better on one of two examples: alone each has p = 2/4 (flips (+,+) and the
+    # one keeping its example positive); with the max over both, 3 of 4 flips reach 1 -> p = 3/4 each.
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert max_t_p_values(d[:, :1])[0].tolist() == [0.5]
+    assert max_t_p_values(d)[0].tolist() == [0.75, 0.75]
+
+
+def test_random_flips_agree_with_an_independent_exact_enumeration():
+    n = EXACT_MAX_EXAMPLES + 2  # just above the exact limit: random sign flips
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(n, 2, generator=g, dtype=torch.float64) + torch.tensor([0.4, 0.2], dtype=torch.float64)
+    p, flips, exact = max_t_p_values(d, seed=3)
+    assert not exact and flips == RANDOM_FLIPS
+    assert torch.equal(p, max_t_p_values(d, seed=3)[0])  # seeded
+    # Independent: enumerate all 2^18 sign vectors with itertools-free integer arithmetic.
+    t = d.sum(0) / d.norm(dim=0)
+    codes = torch.arange(2**n)
+    reached = torch.zeros(2, dtype=torch.float64)
+    for lo in range(0, 2**n, 2**14):
+        block = codes[lo : lo + 2**14, None]
+        signs = torch.where((block // 2 ** torch.arange(n)) % 2 == 1, -1.0, 1.0).double()
+        flipped = (signs @ (d / d.norm(dim=0))).max(dim=1).values
+        reached += (flipped[:, None] >= t[None, :] - 1e-12).sum(0)
+    exact_p = reached / 2**n
+    mc_se = torch.sqrt(exact_p * (1 - exact_p) / RANDOM_FLIPS)
+    assert torch.all((p - exact_p).abs() <= 5 * mc_se + 1 / RANDOM_FLIPS), (p, exact_p)
+
+
+def test_decision_picks_the_lowest_loss_among_candidates_that_pass():
+    tokens = [2] * 10
+    before = quality([10.0] * 10, tokens)
+    big_but_noisy = quality([1.0, 19.0] * 5, tokens)  # same total as the original: gain 0
+    steady = quality([9.0] * 10, tokens)  # 10% better on every example
+    steadier = quality([9.5] * 10, tokens)  # 5% better on every example
+    gate = decide(
+        before,
+        {"noisy": big_but_noisy, "steady": steady, "steadier": steadier},
+        min_improvement=0.005,
+        max_false_accept=0.025,
+    )
+    assert gate.accepted and gate.chosen == "steady"
+    # steady (and steadier) beat the original on all 10 examples: their statistic is the largest
+    # possible, sqrt(10), reached by the identity flip and by the one flip that turns all of noisy's
+    # differences (+9, -9, +9, ...) positive: p = 2/1024. Alone it would be 1/1024: the price of
+    # trying three candidates.
+    assert gate.candidates["steady"].p_value == 2 / 1024
+    assert (
+        decide(before, {"steady": steady}, min_improvement=0, max_false_accept=1).candidates["steady"].p_value
+        == 1 / 1024
+    )
+    assert gate.candidates["steady"].relative_improvement == pytest.approx(0.1)
+    assert gate.candidates["steady"].relative_improvement_se == pytest.approx(0.0, abs=1e-12)
+    assert gate.candidates["noisy"].relative_improvement == 0.0
+    figures = gate.to_dict()
+    assert (figures["candidates"], figures["heldout_examples"], figures["sign_flips"]) == (3, 10, 1024)
+    assert figures["exact"] and figures["p_value"] == 2 / 1024 and figures["max_false_accept"] == 0.025
+    # the practical floor: 10% is not enough when 20% is asked for
+    floor = decide(before, {"steady": steady}, min_improvement=0.2, max_false_accept=0.025)
+    assert not floor.accepted and floor.reason.startswith("no candidate measurably beats the original")
+
+
+def test_never_accepts_a_candidate_that_is_not_better():
+    tokens = [3, 1, 4, 1, 5]
+    before = quality([3.0, 1.0, 4.0, 1.0, 5.0], tokens)
+    same = quality([3.0, 1.0, 4.0, 1.0, 5.0], tokens)
+    worse = quality([3.3, 1.1, 4.4, 1.1, 5.5], tokens)
+    # even with the test switched off (max_false_accept=1) and no floor (min_improvement=0)
+    gate = decide(before, {"same": same, "worse": worse}, min_improvement=0.0, max_false_accept=1.0)
+    assert not gate.accepted and gate.chosen == "same"
+    assert gate.candidates["worse"].relative_improvement == pytest.approx(-0.1)
+
+
+def test_small_heldout_sets_say_why_nothing_can_pass():
+    before = quality([4.0, 4.0, 4.0, 4.0], [2, 2, 2, 2])
+    better = quality([2.0, 2.0, 2.0, 2.0], [2, 2, 2, 2])  # 50% better everywhere, but only 4 examples
+    gate = decide(before, {"grad_direction": better}, min_improvement=0.005, max_false_accept=0.025)
+    assert not gate.accepted and gate.candidates["grad_direction"].p_value == 1 / 16
+    assert gate.smallest_p_value == 1 / 16
+    assert "with 4 held-out examples no p-value can fall below 0.0625" in gate.reason
+
+
+def test_qualities_of_other_examples_are_refused():
+    with pytest.raises(ValueError, match="other held-out examples"):
+        decide(
+            quality([1.0, 2.0], [1, 2]),
+            {"x": quality([1.0, 2.0], [2, 1])},
+            min_improvement=0,
+            max_false_accept=1,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Simulation: the false-acceptance rate the README claims, and power
+# --------------------------------------------------------------------------------------------------
+
+
+def simulated_heldout(gen: torch.Generator, n: int, gains: list[float]) -> tuple[Quality, dict[str, Quality]]:
+    """An original and len(gains) candidates on n held-out examples; candidate j is truly better by
+    gains[j] (relative), and 0 means truly no better.
+
+    Answers are short (1-5 tokens, 80% of examples) or long (30-80 tokens): the token-weighted gain is
+    dominated by the few long examples, which is what an SE from unweighted per-example means misses.
+    Each example's differences are the candidates' gains plus noise of 10% of the example's loss, with
+    a component shared by all candidates (correlation 0.25); with zero gains the vector of differences
+    is symmetric about 0, the null hypothesis of the gate.
+    """
+    long = torch.rand(n, generator=gen) < 0.2
+    short_tokens = torch.randint(1, 6, (n,), generator=gen)
+    tokens = torch.where(long, torch.randint(30, 81, (n,), generator=gen), short_tokens)
+    before = tokens * (0.5 + torch.rand(n, generator=gen, dtype=torch.float64))
+    shared = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    own = torch.randn(n, len(gains), generator=gen, dtype=torch.float64)
+    noise = 0.1 * (0.5 * shared + math.sqrt(0.75) * own)
+    after = before[:, None] * (1 - torch.tensor(gains, dtype=torch.float64) - noise)
+    return quality(before, tokens), {f"c{j}": quality(after[:, j], tokens) for j in range(len(gains))}
+
+
+def previous_gate(before: Quality, candidates: dict[str, Quality]) -> bool:
+    """The gate this project had before: best candidate by loss, SE from unweighted per-example means,
+    no correction for the choice, z >= 2 (and min_improvement 0)."""
+    best = min(candidates, key=lambda c: candidates[c].loss)
+    diff = torch.tensor(before.per_example) - torch.tensor(candidates[best].per_example)
+    gain = (before.loss - candidates[best].loss) / before.loss
+    se = float(diff.std()) / math.sqrt(diff.numel()) / before.loss
+    return gain >= 0 and gain / se >= 2
+
+
+def binomial_upper_limit(runs: int, rate: float, tail: float = 1e-6) -> int:
+    """Smallest count c with P(Binomial(runs, rate) >= c) <= tail.
+
+    If the gate's true false-acceptance rate were exactly the claimed rate, a count of c or more would
+    happen with probability at most 1e-6: reaching it means the claim is false, not bad luck.
+    """
+    log_pmf = [
+        math.lgamma(runs + 1)
+        - math.lgamma(x + 1)
+        - math.lgamma(runs - x + 1)
+        + x * math.log(rate)
+        + (runs - x) * math.log1p(-rate)
+        for x in range(runs + 1)
+    ]
+    upper = 0.0
+    for c in range(runs, -1, -1):
+        upper += math.exp(log_pmf[c])
+        if upper > tail:
+            return c + 1
+    return 0
+
+
+@pytest.fixture
+def one_thread():
+    """The simulation calls the gate thousands of times on tiny tensors: threads only add overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "alpha", "runs"),
+    [
+        (8, 1, 0.025, 4000),  # exact enumeration (2^8 sign vectors), one policy
+        (8, 3, 0.025, 4000),  # exact, auto's three candidates
+        (8, 3, 0.10, 4000),  # exact, a laxer level
+        (30, 3, 0.025, 2000),  # random sign flips, auto's three candidates
+    ],
+)
+def test_false_acceptance_rate_is_at_most_the_claimed_rate(one_thread, n, k, alpha, runs):
+    gen = torch.Generator().manual_seed(1000 * n + 10 * k + int(100 * alpha))
+    ours = previous = 0
+    for run in range(runs):
+        before, candidates = simulated_heldout(gen, n, [0.0] * k)
+        gate = decide(before, candidates, min_improvement=0.0, max_false_accept=alpha, seed=run)
+        ours += gate.accepted
+        previous += previous_gate(before, candidates)
+    limit = binomial_upper_limit(runs, alpha)
+    print(
+        f"n={n} k={k} alpha={alpha}: accepted {ours}/{runs} = {ours / runs:.4f} (limit {limit}); "
+        f"previous gate {previous / runs:.4f}"
+    )
+    assert ours < limit, f"false acceptances {ours}/{runs} exceed the claimed {alpha} (limit {limit})"
+    # The simulation has teeth: the previous gate (claimed ~2.3%) fails it.
+    if alpha == 0.025:
+        assert previous >= limit, f"the previous gate accepted only {previous}/{runs}"
+
+
+def test_power_a_truly_better_candidate_is_accepted(one_thread):
+    gen = torch.Generator().manual_seed(7)
+    runs, accepted, right = 300, 0, 0
+    for run in range(runs):
+        # auto's situation: one candidate 12% better, two no better, 40 held-out examples
+        before, candidates = simulated_heldout(gen, 40, [0.12, 0.0, 0.0])
+        gate = decide(before, candidates, min_improvement=0.005, max_false_accept=0.025, seed=run)
+        accepted += gate.accepted
+        right += gate.accepted and gate.chosen == "c0"
+    print(f"power: accepted {accepted}/{runs}, the better candidate {right}/{runs}")
+    assert right / runs >= 0.8

@@ -1,0 +1,161 @@
+"""From recorded traffic to calibration data: the rules, the export CLI and `traffic stats`."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from vllm_surgery.calibration import read_jsonl
+from vllm_surgery.cli import main
+from vllm_surgery.errors import CalibrationError
+from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
+from vllm_surgery.traffic_calibration import calibration_set, parse_since, traffic_examples, write_jsonl
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2 ?"}]
+
+
+def rec(request_id: str, completion: str, **kw) -> TrafficRecord:
+    values = {
+        "request_id": request_id,
+        "choice": 0,
+        "adapter": "math",
+        "version": "original",
+        "endpoint": "completions",
+        "prompt": f"question {request_id}",
+        "completion": completion,
+        "sampling": {},
+        "created": 1000.0,
+        "calibratable": True,
+    }
+    values.update(kw)
+    return TrafficRecord(**values)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """One record for every rule (comments: latest feedback, expected outcome)."""
+    path = tmp_path / "traffic.sqlite3"
+    db = SQLiteDatabase(path)
+    ids = db.insert(
+        [
+            rec("good", "answer g", created=1000.0),  # good -> completion
+            rec("bad", "answer b", created=1001.0),  # bad, no correction -> never
+            rec("fixed", "wrong", created=1002.0),  # bad + correction -> correction
+            rec("fixonly", "wrong too", created=1003.0),  # correction alone -> correction
+            rec("unrated", "answer u", created=1004.0),  # nothing -> only with include_unrated
+            rec("flip", "answer f", created=1005.0),  # good then bad -> latest (bad) wins: never
+            rec("chat", "4", endpoint="chat", prompt=CHAT, created=1006.0),  # good chat -> messages
+            rec("ids", "x", prompt=[5, 6, 7], calibratable=False, created=1007.0),  # good, token ids: not text
+            rec("other", "o", adapter="other", created=1008.0),  # another adapter
+        ]
+    )
+    by = dict(zip(["good", "bad", "fixed", "fixonly", "unrated", "flip", "chat", "ids", "other"], ids, strict=True))
+    db.add_feedback(by["good"], "good", None)
+    db.add_feedback(by["bad"], "bad", None)
+    db.add_feedback(by["fixed"], "bad", "right")
+    db.add_feedback(by["fixonly"], None, "right too")
+    db.add_feedback(by["flip"], "good", None)
+    db.add_feedback(by["flip"], "bad", None)
+    db.add_feedback(by["chat"], "good", None)
+    db.add_feedback(by["ids"], "good", None)
+    db.add_feedback(by["other"], "good", None)
+    db.close()
+    return path
+
+
+EXPECTED = [
+    {"prompt": "question good", "completion": "answer g"},
+    {"prompt": "question fixed", "completion": "right"},
+    {"prompt": "question fixonly", "completion": "right too"},
+    {"messages": [*CHAT, {"role": "assistant", "content": "4"}]},
+]
+
+
+def test_the_rules(db_path: Path) -> None:
+    db = SQLiteDatabase(db_path, create=False)
+    data = traffic_examples(db, "math")
+    assert data.records == EXPECTED
+    assert data.counts == {
+        "corrected": 2, "good": 2, "unrated": 0, "static": 0, "bad_without_correction": 2,
+        "unrated_left_out": 1, "not_text": 1,
+    }  # fmt: skip
+    with_unrated = traffic_examples(db, "math", include_unrated=True)
+    assert with_unrated.records == [*EXPECTED[:3], {"prompt": "question unrated", "completion": "answer u"}, EXPECTED[3]]
+    # The SQL statistics agree with the rules.
+    (row,) = db.stats("math")
+    assert (row.usable, row.unrated_usable) == (4, 1)
+    assert traffic_examples(db, "math", since=1002.0).records == EXPECTED[1:]
+    db.close()
+
+
+def test_static_files_are_appended(db_path: Path, tmp_path: Path) -> None:
+    static = tmp_path / "static.jsonl"
+    static.write_text('{"prompt": "s1", "completion": "a1"}\n\n{"prompt": "s2", "completion": "a2"}\n')
+    db = SQLiteDatabase(db_path, create=False)
+    data = calibration_set(db, "math", static_files=[static])
+    db.close()
+    assert data.records == [*EXPECTED, {"prompt": "s1", "completion": "a1"}, {"prompt": "s2", "completion": "a2"}]
+    assert data.counts["static"] == 2
+    assert "6 examples for 'math'" in data.summary()
+
+
+def test_parse_since() -> None:
+    assert parse_since("7d", now=1_000_000.0) == 1_000_000.0 - 7 * 86400
+    assert parse_since("90s", now=100.0) == 10.0
+    assert parse_since("1.5h", now=10_000.0) == 10_000.0 - 5400
+    assert parse_since("2026-11-20T08:00:00+00:00") == datetime(2026, 11, 20, 8, tzinfo=timezone.utc).timestamp()
+    assert parse_since("2026-11-20") == datetime(2026, 11, 20).timestamp()  # local time
+    with pytest.raises(CalibrationError, match="expected a duration like 7d"):
+        parse_since("last week")
+
+
+def test_write_jsonl_is_atomic_and_readable(tmp_path: Path) -> None:
+    out = write_jsonl(EXPECTED, tmp_path / "calib.jsonl")
+    records, _ = read_jsonl(out)
+    assert [r for _, r in records] == EXPECTED
+    assert [p.name for p in tmp_path.iterdir()] == ["calib.jsonl"]  # no temporary file left
+    with pytest.raises(Exception, match="cannot be written"):
+        write_jsonl(EXPECTED, tmp_path / "missing-dir" / "x.jsonl")
+
+
+def test_cli_export_and_stats(db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    for key in ("VLLM_SURGERY_CONFIG", "VLLM_SURGERY_TRAFFIC_ADAPTERS", "VLLM_SURGERY_CALIBRATION_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "export.jsonl"
+    assert main(["calibration", "export", "math", "--output", str(out), "--db", str(db_path)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == EXPECTED
+    assert "4 examples for 'math'" in capsys.readouterr().out
+    assert main(["calibration", "export", "math", "--output", str(out), "--db", str(db_path), "--include-unrated"]) == 0
+    assert len(out.read_text().splitlines()) == 5
+
+    # Static files registered in the settings are part of the export.
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "math.jsonl").write_text('{"prompt": "s", "completion": "t"}\n')
+    monkeypatch.setenv("VLLM_SURGERY_CALIBRATION_DIR", str(calib))
+    monkeypatch.setenv("VLLM_SURGERY_TRAFFIC_ADAPTERS", '{"math": {"calibration_files": ["math.jsonl"]}}')
+    assert main(["calibration", "export", "math", "--output", str(out), "--db", str(db_path)]) == 0
+    assert json.loads(out.read_text().splitlines()[-1]) == {"prompt": "s", "completion": "t"}
+    capsys.readouterr()
+
+    assert main(["traffic", "stats", "--db", str(db_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["adapter"], r["records"], r["usable"]) for r in rows} == {("math", 8, 4), ("other", 1, 1)}
+    assert main(["traffic", "stats", "math", "--db", str(db_path)]) == 0
+    text = capsys.readouterr().out
+    assert "math" in text and "other" not in text
+
+
+def test_cli_errors_are_clear(db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "x.jsonl"
+    assert main(["calibration", "export", "nobody", "--output", str(out), "--db", str(db_path)]) == 2
+    assert "nothing to export" in capsys.readouterr().err and not out.exists()
+    assert main(["calibration", "export", "../etc", "--output", str(out), "--db", str(db_path)]) == 2
+    assert "adapter name" in capsys.readouterr().err
+    assert main(["traffic", "stats", "--db", str(tmp_path / "none.sqlite3")]) == 2
+    assert "no database here" in capsys.readouterr().err
+    assert main(["calibration", "export", "math", "--output", str(out), "--db", str(db_path), "--since", "soon"]) == 2
+    assert "--since 'soon'" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Who may change what is served: the admin token.
+
+Every route that changes which weights answer under a name (swap, rollback, refine, and vLLM's
+runtime load/unload routes, which the plugin replaces) needs the admin token (`admin_token`,
+``VLLM_SURGERY_ADMIN_TOKEN``), sent as ``X-Surgery-Admin-Token: <token>`` beside the API key or as
+``Authorization: Bearer <token>`` alone (the token is then also accepted by vLLM's --api-key guard).
+The inference API key alone never suffices. With no admin token configured these routes are refused
+(403 naming the setting), unless the operator opts in explicitly with
+``VLLM_SURGERY_ALLOW_UNAUTHENTICATED_ADMIN`` (trusted development servers); the start-up log warns in
+both cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+
+from fastapi import Request
+
+from .settings import ServingSettings
+
+log = logging.getLogger(f"vllm.{__name__}")
+
+ADMIN_HEADER = "X-Surgery-Admin-Token"
+TOKEN_ENV = "VLLM_SURGERY_ADMIN_TOKEN"
+ALLOW_ENV = "VLLM_SURGERY_ALLOW_UNAUTHENTICATED_ADMIN"
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+class AdminGuard:
+    """Decides whether a request may change what is served."""
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.token = settings.admin_token
+        self.allow_unauthenticated = settings.allow_unauthenticated_admin
+        self._digest = _digest(self.token) if self.token else None
+
+    def log_startup(self) -> None:
+        """One line saying how mutating routes are protected (a warning unless a token is set)."""
+        if self._digest is not None:
+            if self.allow_unauthenticated:
+                log.warning("%s is ignored: an admin token is configured and required", ALLOW_ENV)
+            log.info("vllm-surgery: routes that change what is served need the admin token")
+        elif self.allow_unauthenticated:
+            log.warning(
+                "vllm-surgery: %s is on and no admin token is set: anyone who passes vLLM's --api-key "
+                "guard (anyone at all without --api-key) can change which adapter weights are served",
+                ALLOW_ENV,
+            )
+        else:
+            log.warning(
+                "vllm-surgery: no admin token (%s): swap, rollback, refine and adapter load/unload are "
+                "refused with 403 until one is set",
+                TOKEN_ENV,
+            )
+
+    def refusal(self, request: Request, action: str) -> str | None:
+        """None if `request` may perform `action`, else the reason (answered with 403)."""
+        if self._digest is None:
+            if self.allow_unauthenticated:
+                return None
+            return (
+                f"{action} changes what is served and is switched off on this server: no admin token is "
+                f"configured (set {TOKEN_ENV}, or {ALLOW_ENV}=1 on a trusted development server)"
+            )
+        candidates = [request.headers.get(ADMIN_HEADER, "")]
+        scheme, _, param = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            candidates.append(param)
+        ok = False
+        for c in candidates:  # no early exit: the time taken does not tell which candidate matched
+            ok |= bool(c) and secrets.compare_digest(_digest(c), self._digest)
+        if ok:
+            return None
+        return f"{action} needs the admin token ({ADMIN_HEADER} header, or Authorization: Bearer)"

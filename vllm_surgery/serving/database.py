@@ -1,0 +1,507 @@
+"""The plugin's database: recorded traffic and feedback (and, in later migrations, other tables such as
+a job queue), behind one small interface.
+
+`Database` is the interface every caller uses (the traffic writer, the feedback route, the CLI, the
+calibration export); `SQLiteDatabase` is the embedded implementation. A server database for many
+replicas can implement the same methods later without touching the callers.
+
+SQLite choices, and why:
+
+- WAL journal: readers (the CLI, the feedback route) never block the writer thread and vice versa,
+  and several processes (API servers, the CLI, a worker) can use one file. Every connection sets a
+  busy timeout, so a writer that finds the file locked waits instead of failing.
+- ``synchronous=NORMAL`` in WAL mode: a transaction that has committed survives a crash or SIGKILL of
+  the process (the WAL is in the OS page cache, and SQLite recovers it on the next open); only a power
+  loss or OS crash can lose the last transactions. That is the bound the traffic log documents.
+- Versioned schema: ``PRAGMA user_version`` is the schema version; `MIGRATIONS` lists every step, and
+  opening a database applies the missing ones, each in its own ``BEGIN IMMEDIATE`` transaction (so two
+  processes opening the file at once cannot both apply a step). A database written by a newer version
+  of this package (user_version above the last migration here) is refused rather than misread.
+- One connection per thread (`connection()`), and one transaction helper (`transaction()`, which takes
+  the write lock at BEGIN so that a transaction never fails half-way on a lock upgrade). New tables
+  (e.g. a job queue with leases and heartbeats) add a `Migration` and use the same helper.
+
+Times are Unix seconds (float). Prompts and sampling settings are stored as JSON text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SurgeryError
+
+BUSY_TIMEOUT_S = 30.0
+RATINGS = ("good", "bad")
+
+
+class DatabaseError(SurgeryError):
+    """The database cannot be opened or used; the message names the file and the problem."""
+
+
+class UnknownRequest(DatabaseError):
+    """No recorded request has this id (and choice)."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: `statements` run in one transaction, then user_version becomes `version`."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "recorded traffic (one row per returned choice) and feedback (history kept, latest wins)",
+        (
+            """CREATE TABLE traffic (
+                id INTEGER PRIMARY KEY,
+                request_id TEXT NOT NULL,
+                response_id TEXT,
+                choice INTEGER NOT NULL,
+                adapter TEXT NOT NULL,
+                version TEXT NOT NULL,
+                served_path TEXT,
+                endpoint TEXT NOT NULL CHECK (endpoint IN ('completions', 'chat')),
+                prompt TEXT,
+                completion TEXT NOT NULL,
+                finish_reason TEXT,
+                sampling TEXT NOT NULL,
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                calibratable INTEGER NOT NULL,
+                created REAL NOT NULL
+            )""",
+            "CREATE INDEX traffic_request_id ON traffic (request_id)",
+            "CREATE INDEX traffic_response_id ON traffic (response_id)",
+            "CREATE INDEX traffic_adapter ON traffic (adapter)",
+            "CREATE INDEX traffic_adapter_created ON traffic (adapter, created)",
+            """CREATE TABLE feedback (
+                id INTEGER PRIMARY KEY,
+                traffic_id INTEGER NOT NULL REFERENCES traffic (id) ON DELETE CASCADE,
+                rating TEXT CHECK (rating IN ('good', 'bad')),
+                correction TEXT,
+                created REAL NOT NULL,
+                CHECK (rating IS NOT NULL OR correction IS NOT NULL)
+            )""",
+            "CREATE INDEX feedback_traffic ON feedback (traffic_id, id)",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+@dataclass(frozen=True)
+class TrafficRecord:
+    """One returned choice of one request, as it is stored.
+
+    `prompt` is the completions prompt of this choice (a string, or a list of token ids as the client
+    sent it) or, for chat, the list of messages. `calibratable` says whether prompt and completion are
+    text that a calibration file can hold (see vllm_surgery.traffic_calibration)."""
+
+    request_id: str
+    choice: int
+    adapter: str
+    version: str
+    endpoint: str
+    prompt: Any
+    completion: str
+    sampling: Mapping[str, Any]
+    created: float
+    calibratable: bool
+    response_id: str | None = None
+    served_path: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A stored TrafficRecord with its row id and its latest feedback (None where there is none)."""
+
+    id: int
+    record: TrafficRecord
+    rating: str | None = None
+    correction: str | None = None
+    feedback_count: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "id": self.id,
+            "request_id": r.request_id,
+            "response_id": r.response_id,
+            "choice": r.choice,
+            "adapter": r.adapter,
+            "version": r.version,
+            "served_path": r.served_path,
+            "endpoint": r.endpoint,
+            "prompt": r.prompt,
+            "completion": r.completion,
+            "finish_reason": r.finish_reason,
+            "sampling": dict(r.sampling),
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "calibratable": r.calibratable,
+            "created": r.created,
+            "feedback": {"rating": self.rating, "correction": self.correction, "count": self.feedback_count},
+        }
+
+
+@dataclass(frozen=True)
+class TrafficStats:
+    """Counts for one (adapter, version). `usable` follows the calibration rules without unrated
+    records; `unrated_usable` is what --include-unrated would add."""
+
+    adapter: str
+    version: str
+    records: int
+    rated: int
+    good: int
+    bad: int
+    corrected: int
+    usable: int
+    unrated_usable: int
+    first: float | None = None
+    last: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Per-adapter retention: at most `max_records` rows, none older than `max_age_s` (None: no limit)."""
+
+    max_records: int | None = None
+    max_age_s: float | None = None
+
+
+class Database(ABC):
+    """What the plugin, the CLI and the calibration export need from storage. Methods raise
+    DatabaseError when the storage cannot be used."""
+
+    @abstractmethod
+    def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
+        """Store records in one transaction; returns their ids."""
+
+    @abstractmethod
+    def find(self, request_id: str, choice: int = 0) -> StoredRecord | None:
+        """The latest record whose request id or response id is `request_id`, for `choice`."""
+
+    @abstractmethod
+    def add_feedback(
+        self, record_id: int, rating: str | None, correction: str | None, created: float | None = None
+    ) -> int:
+        """Append feedback to a record (the latest wins; history is kept); returns the history length.
+        Raises UnknownRequest if the record is gone."""
+
+    @abstractmethod
+    def records(
+        self, adapter: str, since: float | None = None, limit: int | None = None, after_id: int = 0
+    ) -> list[StoredRecord]:
+        """An adapter's records in id order, with their latest feedback."""
+
+    @abstractmethod
+    def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
+        """Every feedback row of a record, oldest first."""
+
+    @abstractmethod
+    def stats(self, adapter: str | None = None) -> list[TrafficStats]:
+        """Counts per (adapter, version), sorted."""
+
+    @abstractmethod
+    def adapters(self) -> list[str]:
+        """Names of adapters with at least one record."""
+
+    @abstractmethod
+    def enforce_retention(
+        self, adapter: str, retention: Retention, now: float | None = None, count: int | None = None
+    ) -> tuple[int, int]:
+        """Delete an adapter's records beyond its retention, oldest first (their feedback goes with
+        them). `count`: the adapter's record count if the caller knows it (saves counting). Returns
+        (records deleted, records left)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+
+# The latest feedback row of a traffic row (by id): "the latest wins".
+_LATEST = "LEFT JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id)"
+_COUNT = "(SELECT COUNT(*) FROM feedback WHERE traffic_id = t.id)"
+_COLUMNS = (
+    "t.id, t.request_id, t.response_id, t.choice, t.adapter, t.version, t.served_path, t.endpoint, "
+    "t.prompt, t.completion, t.finish_reason, t.sampling, t.prompt_tokens, t.completion_tokens, "
+    f"t.calibratable, t.created, f.rating, f.correction, {_COUNT}"
+)
+
+
+def _row_to_record(row: Sequence[Any]) -> StoredRecord:
+    (id_, request_id, response_id, choice, adapter, version, served_path, endpoint, prompt, completion,
+     finish_reason, sampling, prompt_tokens, completion_tokens, calibratable, created, rating, correction,
+     count) = row  # fmt: skip
+    record = TrafficRecord(
+        request_id=request_id,
+        response_id=response_id,
+        choice=choice,
+        adapter=adapter,
+        version=version,
+        served_path=served_path,
+        endpoint=endpoint,
+        prompt=None if prompt is None else json.loads(prompt),
+        completion=completion,
+        finish_reason=finish_reason,
+        sampling=json.loads(sampling),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        calibratable=bool(calibratable),
+        created=created,
+    )
+    return StoredRecord(id_, record, rating, correction, count)
+
+
+class SQLiteDatabase(Database):
+    """The embedded database: one SQLite file in WAL mode (see the module docstring).
+
+    Safe for several threads (each gets its own connection) and several processes (WAL, busy timeout,
+    write transactions that take the lock at BEGIN)."""
+
+    def __init__(self, path: str | Path, create: bool = True, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+        """Open (with `create`, create) the database at `path` and bring its schema up to date.
+        Raises DatabaseError naming the file: missing (create=False), unreadable, not a database, or
+        written by a newer version."""
+        self.path = Path(path).expanduser()
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        if not self.path.exists():
+            if not create:
+                raise DatabaseError(f"{self.path}: no database here (nothing has been recorded yet?)")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DatabaseError(f"{self.path}: cannot create its directory ({e.strerror or e})") from e
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise DatabaseError(f"{self.path}: cannot be used as the traffic database ({e})") from e
+
+    # ------------------------------------------------------------------ connections and transactions
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (autocommit mode: use `transaction()` to group writes)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise DatabaseError(f"{self.path}: database is closed")
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+                )
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA synchronous = NORMAL")
+            except sqlite3.Error as e:
+                raise DatabaseError(f"{self.path}: cannot open ({e})") from e
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE: the write lock is taken at once, waiting up to the busy
+        timeout); committed on success, rolled back on any exception. Raises DatabaseError for
+        SQLite errors."""
+        conn = self.connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise DatabaseError(f"{self.path}: cannot begin a transaction ({e})") from e
+        try:
+            yield conn
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise DatabaseError(f"{self.path}: {e}") from e
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise DatabaseError(f"{self.path}: commit failed ({e})") from e
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        try:
+            return self.connection().execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise DatabaseError(f"{self.path}: query failed ({e})") from e
+
+    def _migrate(self) -> None:
+        conn = self.connection()
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise DatabaseError(f"{self.path}: cannot switch to WAL mode (journal_mode is {mode})")
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
+        for migration in MIGRATIONS:
+            with self.transaction() as c:
+                current = c.execute("PRAGMA user_version").fetchone()[0]
+                if current > SCHEMA_VERSION:
+                    raise DatabaseError(
+                        f"{self.path}: schema version {current} was written by a newer vllm-surgery "
+                        f"(this one knows up to {SCHEMA_VERSION}); upgrade vllm-surgery"
+                    )
+                if current >= migration.version:
+                    continue
+                if current != migration.version - 1:
+                    raise DatabaseError(f"{self.path}: schema version {current} has no migration path")
+                for statement in migration.statements:
+                    c.execute(statement)
+                c.execute(f"PRAGMA user_version = {migration.version}")
+
+    def schema_version(self) -> int:
+        return self._query("PRAGMA user_version")[0][0]
+
+    def integrity_check(self) -> str:
+        """SQLite's own check of the whole file: 'ok' when intact."""
+        return "; ".join(str(r[0]) for r in self._query("PRAGMA integrity_check"))
+
+    # ------------------------------------------------------------------ traffic
+    def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
+        rows = [
+            (
+                r.request_id, r.response_id, r.choice, r.adapter, r.version, r.served_path, r.endpoint,
+                None if r.prompt is None else json.dumps(r.prompt, ensure_ascii=False), r.completion,
+                r.finish_reason, json.dumps(dict(r.sampling), ensure_ascii=False, default=str),
+                r.prompt_tokens, r.completion_tokens, int(bool(r.calibratable)), r.created,
+            )
+            for r in records
+        ]  # fmt: skip
+        ids = []
+        with self.transaction() as c:
+            for row in rows:
+                cur = c.execute(
+                    "INSERT INTO traffic (request_id, response_id, choice, adapter, version, served_path, "
+                    "endpoint, prompt, completion, finish_reason, sampling, prompt_tokens, "
+                    "completion_tokens, calibratable, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    row,
+                )
+                ids.append(int(cur.lastrowid))
+        return ids
+
+    def find(self, request_id: str, choice: int = 0) -> StoredRecord | None:
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM traffic t {_LATEST} "
+            "WHERE (t.request_id = ? OR t.response_id = ?) AND t.choice = ? ORDER BY t.id DESC LIMIT 1",
+            (request_id, request_id, choice),
+        )
+        return _row_to_record(rows[0]) if rows else None
+
+    def add_feedback(
+        self, record_id: int, rating: str | None, correction: str | None, created: float | None = None
+    ) -> int:
+        if rating is not None and rating not in RATINGS:
+            raise ValueError(f"rating must be one of {RATINGS}, got {rating!r}")
+        if rating is None and correction is None:
+            raise ValueError("feedback needs a rating or a correction")
+        with self.transaction() as c:
+            if c.execute("SELECT 1 FROM traffic WHERE id = ?", (record_id,)).fetchone() is None:
+                raise UnknownRequest(f"record {record_id} no longer exists (removed by retention?)")
+            c.execute(
+                "INSERT INTO feedback (traffic_id, rating, correction, created) VALUES (?,?,?,?)",
+                (record_id, rating, correction, time.time() if created is None else created),
+            )
+            return c.execute("SELECT COUNT(*) FROM feedback WHERE traffic_id = ?", (record_id,)).fetchone()[0]
+
+    def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT rating, correction, created FROM feedback WHERE traffic_id = ? ORDER BY id", (record_id,)
+        )
+        return [{"rating": r, "correction": c, "created": t} for r, c, t in rows]
+
+    def records(
+        self, adapter: str, since: float | None = None, limit: int | None = None, after_id: int = 0
+    ) -> list[StoredRecord]:
+        sql = f"SELECT {_COLUMNS} FROM traffic t {_LATEST} WHERE t.adapter = ? AND t.id > ?"
+        params: list[Any] = [adapter, after_id]
+        if since is not None:
+            sql += " AND t.created >= ?"
+            params.append(since)
+        sql += " ORDER BY t.id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [_row_to_record(r) for r in self._query(sql, params)]
+
+    def stats(self, adapter: str | None = None) -> list[TrafficStats]:
+        where, params = ("WHERE t.adapter = ?", (adapter,)) if adapter is not None else ("", ())
+        rows = self._query(
+            "SELECT t.adapter, t.version, COUNT(*), "
+            "COALESCE(SUM(f.rating IS NOT NULL), 0), COALESCE(SUM(f.rating = 'good'), 0), "
+            "COALESCE(SUM(f.rating = 'bad'), 0), COALESCE(SUM(f.correction IS NOT NULL), 0), "
+            "COALESCE(SUM(t.calibratable AND (f.correction IS NOT NULL OR f.rating = 'good')), 0), "
+            "COALESCE(SUM(t.calibratable AND f.id IS NULL), 0), MIN(t.created), MAX(t.created) "
+            f"FROM traffic t {_LATEST} {where} GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
+            params,
+        )
+        return [TrafficStats(*row) for row in rows]
+
+    def adapters(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT DISTINCT adapter FROM traffic ORDER BY adapter")]
+
+    def enforce_retention(
+        self, adapter: str, retention: Retention, now: float | None = None, count: int | None = None
+    ) -> tuple[int, int]:
+        # Cost: the age limit is one range delete on (adapter, created); the count limit deletes the
+        # `count - max_records` oldest rows by id. Counting (when `count` is not given) walks the
+        # adapter's index entries, so the writer passes the count it keeps and recounts only now and then.
+        deleted = 0
+        with self.transaction() as c:
+            if retention.max_age_s is not None:
+                cutoff = (time.time() if now is None else now) - retention.max_age_s
+                deleted += c.execute(
+                    "DELETE FROM traffic WHERE adapter = ? AND created < ?", (adapter, cutoff)
+                ).rowcount
+            if count is None:
+                count = c.execute("SELECT COUNT(*) FROM traffic WHERE adapter = ?", (adapter,)).fetchone()[0]
+            else:
+                count = max(0, count - deleted)
+            excess = count - retention.max_records if retention.max_records is not None else 0
+            if excess > 0:
+                removed = c.execute(
+                    "DELETE FROM traffic WHERE id IN "
+                    "(SELECT id FROM traffic WHERE adapter = ? ORDER BY id LIMIT ?)",
+                    (adapter, excess),
+                ).rowcount
+                deleted += removed
+                count -= removed
+        return deleted, count
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()

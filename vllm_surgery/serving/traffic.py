@@ -1,0 +1,523 @@
+"""Recording traffic without slowing serving: which requests are recorded (policy and sampling), the
+redaction applied before anything is stored, and the writer thread that stores records in batches.
+
+Off the request path: the server's event loop only puts a captured request into a bounded queue
+(`TrafficWriter.submit`, a non-blocking put). One daemon thread takes what is queued (up to
+`BATCH_SIZE` at a time, waiting up to `LINGER_S` after the first for company), turns it into records (version lookup, JSON, redaction: the costly parts),
+writes the batch in one transaction and enforces the retention of the adapters in it; every
+`MAINTENANCE_INTERVAL_S` it also enforces the retention of every adapter and refreshes the
+usable-calibration-examples gauge.
+
+Never silently lost: when the queue is full the record is dropped, counted in
+``vllm_surgery_traffic_records_total{outcome="dropped"}`` and logged (the first drop at once, then a
+summary at most every 10 s). A batch that the database refuses is retried once, then counted as
+``failed`` and logged. `close()` (the server's shutdown) writes everything still queued.
+
+Crash bound: a committed batch survives a crash or SIGKILL (SQLite WAL, see `database`). What can be
+missing after a crash is at most what was queued (``traffic_queue_size`` records, observable as the
+queue-depth gauge) plus the batch being written (at most `BATCH_SIZE`, gathered for at most
+`LINGER_S`), plus the requests whose responses were still being sent (they are queued just before
+their last byte is sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import queue
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from . import metrics
+from .database import Database, DatabaseError, Retention, TrafficRecord
+from .settings import ServingSettings, SettingsError
+
+log = logging.getLogger(f"vllm.{__name__}")
+
+BATCH_SIZE = 256
+LINGER_S = 0.05  # after the first queued record, wait this long for more to share its transaction
+MAINTENANCE_INTERVAL_S = 60.0
+DROP_LOG_INTERVAL_S = 10.0
+DAY_S = 86400.0
+
+
+# ----------------------------------------------------------------------------- policy
+@dataclass(frozen=True)
+class AdapterPolicy:
+    """The effective traffic settings of one adapter (per-adapter entry over the global values)."""
+
+    sample_rate: float
+    retention: Retention
+    include_unrated: bool
+    calibration_files: tuple[str, ...]
+
+
+class TrafficPolicy:
+    """Which adapters are recorded, at what rate, and how long their records are kept."""
+
+    def __init__(self, settings: ServingSettings, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self._rng = rng or random.Random()
+        self._cache: dict[str, AdapterPolicy] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything at all can be recorded (the middleware is installed only then)."""
+        return self.settings.records_traffic
+
+    def for_adapter(self, name: str) -> AdapterPolicy:
+        policy = self._cache.get(name)
+        if policy is None:
+            s = self.settings
+            entry = s.adapter_traffic(name)
+            if entry is None:
+                rate = s.traffic_sample_rate if s.traffic else 0.0
+            elif not entry.capture:
+                rate = 0.0
+            else:
+                rate = entry.sample_rate if entry.sample_rate is not None else s.traffic_sample_rate
+            days = entry.max_age_days if entry and entry.max_age_days is not None else s.traffic_max_age_days
+            records = entry.max_records if entry and entry.max_records is not None else s.traffic_max_records
+            policy = AdapterPolicy(
+                sample_rate=rate,
+                retention=Retention(max_records=records, max_age_s=days * DAY_S if days > 0 else None),
+                include_unrated=bool(entry and entry.include_unrated),
+                calibration_files=entry.calibration_files if entry else (),
+            )
+            if len(self._cache) > 4096:  # names come from requests: keep the cache bounded
+                self._cache.clear()
+            self._cache[name] = policy
+        return policy
+
+    def sample(self, name: str) -> bool:
+        """Whether this request for adapter `name` is recorded (cheap: called on the event loop)."""
+        rate = self.for_adapter(name).sample_rate
+        return rate >= 1.0 or (rate > 0.0 and self._rng.random() < rate)
+
+
+# ----------------------------------------------------------------------------- redaction
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# 7 or more digits, possibly grouped by single spaces, dashes or dots: phone, card, account and ID
+# numbers. Shorter numbers (amounts, years, arithmetic) are kept.
+DIGIT_RUN = re.compile(r"(?<!\d)\d(?:[ .-]?\d){6,}(?!\d)")
+EMAIL_MARK, NUMBER_MARK = "[EMAIL]", "[NUMBER]"
+
+Redaction = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+
+
+def redact_text(text: str) -> str:
+    """E-mail addresses and long digit runs replaced by [EMAIL] and [NUMBER]."""
+    return DIGIT_RUN.sub(NUMBER_MARK, EMAIL.sub(EMAIL_MARK, text))
+
+
+def _redact_prompt(prompt: Any) -> Any:
+    if isinstance(prompt, str):
+        return redact_text(prompt)
+    if isinstance(prompt, list):  # chat messages (token id prompts hold no text)
+        out = []
+        for m in prompt:
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                m = {**m, "content": redact_text(m["content"])}
+            elif isinstance(m, dict) and isinstance(m.get("content"), list):
+                parts = [
+                    {**p, "text": redact_text(p["text"])}
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                    else p
+                    for p in m["content"]
+                ]
+                m = {**m, "content": parts}
+            out.append(m)
+        return out
+    return prompt
+
+
+def builtin_redaction(record: dict[str, Any]) -> dict[str, Any]:
+    """The built-in redaction hook: e-mail addresses and runs of 7+ digits in the prompt (or the
+    messages) and the completion become [EMAIL] / [NUMBER]."""
+    return {
+        **record,
+        "prompt": _redact_prompt(record.get("prompt")),
+        "completion": redact_text(record["completion"]),
+    }
+
+
+def load_redaction(spec: str) -> Redaction | None:
+    """'builtin', 'none' (None: nothing is changed) or 'package.module:function' (or
+    'package.module.function'). Raises SettingsError naming VLLM_SURGERY_TRAFFIC_REDACT."""
+    spec = spec.strip()
+    if spec == "builtin":
+        return builtin_redaction
+    if spec == "none":
+        return None
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    where = f"VLLM_SURGERY_TRAFFIC_REDACT={spec!r}"
+    if not module_name or not attr:
+        raise SettingsError(f"{where}: expected 'builtin', 'none' or 'package.module:function'")
+    try:
+        hook = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SettingsError(f"{where}: cannot be imported ({type(e).__name__}: {e})") from e
+    if not callable(hook):
+        raise SettingsError(f"{where}: {attr!r} is not callable")
+    return hook
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(TrafficRecord))
+
+
+def apply_redaction(hook: Redaction | None, record: TrafficRecord) -> TrafficRecord | None:
+    """`record` as the hook rewrote it, or None if the hook dropped it. A hook that raises or returns
+    something other than a record dict raises ValueError (the caller drops the record: storing it
+    unredacted is never the fallback)."""
+    if hook is None:
+        return record
+    if hook is builtin_redaction:  # the same result without copying the record into a dict and back
+        return replace(record, prompt=_redact_prompt(record.prompt), completion=redact_text(record.completion))
+    out = hook(asdict(record))
+    if out is None:
+        return None
+    if (
+        not isinstance(out, Mapping)
+        or set(out) - _RECORD_FIELDS
+        or not isinstance(out.get("completion"), str)
+    ):
+        raise ValueError(
+            f"redaction hook returned {type(out).__name__}, not a record dict with a string completion"
+        )
+    return replace(record, **{k: v for k, v in out.items() if k in _RECORD_FIELDS})
+
+
+# ----------------------------------------------------------------------------- the writer
+class TrafficWriter:
+    """A bounded queue and one thread that writes what it holds, in batches (module docstring).
+
+    `prepare(item)` runs in the writer thread and turns a queued item into the records to store (an
+    empty list: nothing to store). `retention(adapter)` gives an adapter's limits; `maintenance` runs
+    every `maintenance_interval_s` after the retention of every adapter (the server refreshes its
+    gauges there)."""
+
+    def __init__(
+        self,
+        db: Database,
+        prepare: Callable[[Any], list[TrafficRecord]],
+        *,
+        queue_size: int,
+        retention: Callable[[str], Retention],
+        maintenance: Callable[[], None] | None = None,
+        batch_size: int = BATCH_SIZE,
+        maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
+        linger_s: float = LINGER_S,
+    ) -> None:
+        self.db = db
+        self.linger_s = linger_s
+        self.prepare = prepare
+        self.retention = retention
+        self.maintenance = maintenance
+        self.batch_size = batch_size
+        self.maintenance_interval_s = maintenance_interval_s
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._cond = threading.Condition()
+        self._submitted = 0
+        self._done = 0
+        self._peak = 0
+        self._stop = threading.Event()
+        self._dropped_since_log = 0
+        self._last_drop_log = 0.0
+        self._counts: dict[str, int] = {}  # records per adapter, as far as this writer knows
+        self._thread = threading.Thread(target=self._run, name="vllm-surgery-traffic-writer", daemon=True)
+        self._started = False
+        metrics.TRAFFIC_QUEUE_DEPTH.set_function(self.queue.qsize)
+        metrics.TRAFFIC_QUEUE_PEAK.set_function(lambda: self._peak)
+
+    @property
+    def peak_depth(self) -> int:
+        return self._peak
+
+    def start(self) -> TrafficWriter:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        return self
+
+    # ------------------------------------------------------------------ producer side (event loop)
+    def submit(self, item: Any, adapter: str) -> bool:
+        """Queue `item` without blocking. False (and counted, and logged) when it had to be dropped."""
+        with self._cond:
+            if not self._stop.is_set():
+                try:
+                    self.queue.put_nowait(item)
+                except queue.Full:
+                    pass
+                else:
+                    self._submitted += 1
+                    depth = self.queue.qsize()
+                    if depth > self._peak:
+                        self._peak = depth
+                    return True
+        self._dropped(adapter, "closed" if self._stop.is_set() else "full")
+        return False
+
+    def _dropped(self, adapter: str, why: str) -> None:
+        metrics.record_traffic(adapter, "dropped")
+        self._dropped_since_log += 1
+        now = time.monotonic()
+        if self._last_drop_log == 0.0 or now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            log.warning(
+                "traffic: %d record(s) dropped since the last report (latest: adapter %r; queue %s, "
+                "size %d); raise traffic_queue_size or lower the sample rate",
+                self._dropped_since_log, adapter, why, self.queue.maxsize,
+            )  # fmt: skip
+            self._dropped_since_log = 0
+            self._last_drop_log = now
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until everything submitted before this call has been written (or given up on).
+        True if that happened within `timeout` seconds."""
+        with self._cond:
+            target = self._submitted
+            if self._done >= target:
+                return True
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(_WAKE)
+            return self._cond.wait_for(lambda: self._done >= target, timeout)
+
+    def close(self, timeout: float | None = 60.0) -> bool:
+        """Stop accepting, write everything queued, stop the thread. Idempotent. True if all was written."""
+        with self._cond:
+            self._stop.set()
+        if not self._started:
+            return self.queue.empty()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(_WAKE)
+        self._thread.join(timeout)
+        return not self._thread.is_alive() and self.queue.empty()
+
+    # ------------------------------------------------------------------ consumer side (thread)
+    def _run(self) -> None:
+        next_maintenance = time.monotonic() + self.maintenance_interval_s
+        while True:
+            items = self._next_batch(max(0.05, min(1.0, next_maintenance - time.monotonic())))
+            if items:
+                self._write(items)
+            if time.monotonic() >= next_maintenance:
+                self._maintain()
+                next_maintenance = time.monotonic() + self.maintenance_interval_s
+            if self._stop.is_set() and self.queue.empty():
+                break
+        with contextlib.suppress(Exception):
+            self._maintain()
+
+    def _next_batch(self, timeout: float) -> list[Any]:
+        """Up to batch_size items: waits `timeout` for the first, then up to linger_s for more (one
+        transaction for several records costs little more than for one), unless woken (flush, close)."""
+        items: list[Any] = []
+        try:
+            first = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return items
+        if first is _WAKE:
+            return items
+        items.append(first)
+        deadline = time.monotonic() + self.linger_s
+        while len(items) < self.batch_size:
+            try:
+                item = self.queue.get_nowait() if self._stop.is_set() else self.queue.get(
+                    timeout=max(0.0, deadline - time.monotonic())
+                )
+            except queue.Empty:
+                break
+            if item is _WAKE:
+                with contextlib.suppress(queue.Empty):
+                    while len(items) < self.batch_size:  # take what is there, without waiting
+                        if (more := self.queue.get_nowait()) is not _WAKE:
+                            items.append(more)
+                break
+            items.append(item)
+        return items
+
+    def _write(self, items: list[Any]) -> None:
+        records: list[TrafficRecord] = []
+        for item in items:
+            try:
+                records.extend(self.prepare(item))
+            except Exception:
+                adapter = getattr(item, "adapter", "")
+                log.exception(
+                    "traffic: a record of adapter %r could not be prepared; it is not stored", adapter
+                )
+                metrics.record_traffic(adapter, "failed")
+        try:
+            if records and self._insert(records):
+                added: dict[str, int] = {}
+                for r in records:
+                    metrics.record_traffic(r.adapter, "logged")
+                    added[r.adapter] = added.get(r.adapter, 0) + 1
+                self._retain(added)
+        finally:
+            with self._cond:
+                self._done += len(items)
+                self._cond.notify_all()
+
+    def _insert(self, records: list[TrafficRecord]) -> bool:
+        """Write one batch, retrying once; False (counted as failed, logged) if it could not be written."""
+        for attempt in (1, 2):
+            try:
+                self.db.insert(records)
+                return True
+            except DatabaseError as e:
+                if attempt == 2:
+                    log.error("traffic: %d record(s) could not be written and are lost: %s", len(records), e)
+                    for r in records:
+                        metrics.record_traffic(r.adapter, "failed")
+                    return False
+                log.warning("traffic: writing %d record(s) failed (%s); retrying once", len(records), e)
+                time.sleep(1.0)
+        return False
+
+    def _retain(self, added: Mapping[str, int] | None = None) -> None:
+        """Retention of the adapters just written (`added`: records per adapter, counted on top of the
+        count kept here) or, with None, of every adapter (recounted: other processes write too)."""
+        adapters = sorted(added) if added is not None else self.db.adapters()
+        for adapter in adapters:
+            known = self._counts.get(adapter) if added is not None else None
+            try:
+                removed, self._counts[adapter] = self.db.enforce_retention(
+                    adapter, self.retention(adapter), count=None if known is None else known + added[adapter]
+                )
+            except DatabaseError as e:
+                self._counts.pop(adapter, None)
+                log.error("traffic: retention of adapter %r failed: %s", adapter, e)
+                continue
+            if removed:
+                log.debug("traffic: retention removed %d record(s) of adapter %r", removed, adapter)
+
+    def _maintain(self) -> None:
+        try:
+            self._retain()
+            if self.maintenance is not None:
+                self.maintenance()
+        except Exception:
+            log.exception("traffic: periodic maintenance failed")
+
+
+_WAKE = object()  # put into the queue to wake the writer (flush, close); never stored
+
+
+# ----------------------------------------------------------------------------- the recorder
+class TrafficRecorder:
+    """Everything the server needs to record traffic: the policy (consulted by the capture middleware),
+    the writer, the redaction, and the mapping of a served adapter path to its version.
+
+    `version_of(adapter, path)` answers 'original', a store version id, or None for an adapter the
+    plugin does not know (loaded through vLLM's own /v1/load_lora_adapter): those are not recorded."""
+
+    def __init__(
+        self,
+        settings: ServingSettings,
+        db: Database,
+        version_of: Callable[[str, str], str | None],
+        *,
+        rng: random.Random | None = None,
+        maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
+    ) -> None:
+        self.settings = settings
+        self.policy = TrafficPolicy(settings, rng)
+        self.redaction = load_redaction(settings.traffic_redact)
+        self.db = db
+        self.version_of = version_of
+        self._versions: dict[tuple[str, str], str | None] = {}
+        self._gauged: set[str] = set()
+        self.writer = TrafficWriter(
+            db,
+            self.prepare,
+            queue_size=settings.traffic_queue_size,
+            retention=lambda adapter: self.policy.for_adapter(adapter).retention,
+            maintenance=self.refresh_gauges,
+            maintenance_interval_s=maintenance_interval_s,
+        )
+
+    def start(self) -> TrafficRecorder:
+        self.writer.start()
+        self.refresh_gauges()
+        return self
+
+    def submit(self, capture: Any) -> bool:
+        return self.writer.submit(capture, capture.adapter)
+
+    def _version(self, adapter: str, path: str) -> str | None:
+        key = (adapter, path)
+        if key not in self._versions:
+            if len(self._versions) > 4096:
+                self._versions.clear()
+            self._versions[key] = self.version_of(adapter, path)
+        return self._versions[key]
+
+    def prepare(self, capture: Any) -> list[TrafficRecord]:
+        """A capture's records, redacted (writer thread). Unknown adapters give none."""
+        version = self._version(capture.adapter, capture.lora_path)
+        if version is None:
+            log.debug(
+                "traffic: adapter %r (%s) is not known to the plugin; not recorded",
+                capture.adapter,
+                capture.lora_path,
+            )
+            return []
+        out = []
+        for record in capture.to_records(version, capture.lora_path):
+            try:
+                redacted = apply_redaction(self.redaction, record)
+            except Exception:
+                log.exception(
+                    "traffic: the redaction hook failed; record of adapter %r not stored", record.adapter
+                )
+                metrics.record_traffic(record.adapter, "failed")
+                continue
+            if redacted is None:
+                metrics.record_traffic(record.adapter, "redacted_out")
+            else:
+                out.append(redacted)
+        return out
+
+    def redact_correction(self, record: TrafficRecord, correction: str) -> str | None:
+        """A user's correction is a completion for the recorded prompt: it goes through the same
+        redaction as the record (None: the hook dropped it). Raises ValueError for a broken hook."""
+        redacted = apply_redaction(self.redaction, replace(record, completion=correction))
+        return None if redacted is None else redacted.completion
+
+    def usable_examples(self, adapter: str | None = None) -> dict[str, int]:
+        """Usable calibration examples from traffic per adapter (the rules of traffic_calibration)."""
+        out: dict[str, int] = {}
+        for row in self.db.stats(adapter):
+            extra = row.unrated_usable if self.policy.for_adapter(row.adapter).include_unrated else 0
+            out[row.adapter] = out.get(row.adapter, 0) + row.usable + extra
+        return out
+
+    def refresh_gauges(self, adapter: str | None = None) -> None:
+        """Set the usable-examples gauge of one adapter (after feedback) or of all (periodically)."""
+        counts = self.usable_examples(adapter)
+        if adapter is None:
+            for gone in self._gauged - set(counts):
+                metrics.CALIBRATION_EXAMPLES.labels(adapter=gone).set(0)
+        elif adapter not in counts:
+            counts[adapter] = 0
+        for name, n in counts.items():
+            metrics.CALIBRATION_EXAMPLES.labels(adapter=name).set(n)
+        self._gauged |= set(counts)
+
+    def close(self, timeout: float | None = 60.0) -> bool:
+        """Write everything queued and release the database. Idempotent."""
+        ok = self.writer.close(timeout)
+        if not ok:
+            log.error(
+                "traffic: %d queued record(s) could not be written at shutdown", self.writer.queue.qsize()
+            )
+        self.db.close()
+        return ok
