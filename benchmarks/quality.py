@@ -31,7 +31,10 @@ What it measures, on the embedded SmolLM2-135M-Instruct (CPU, float32):
 Output: a table printed and written to benchmarks/quality_results.md, the per-run numbers to
 benchmarks/quality_results.json and a plot to benchmarks/quality_results.png.
 
-Run:  python benchmarks/quality.py                        (everything: about 90 minutes on 2 cores)
+Finished runs are cached by the engine's source fingerprint (RunCache): an interrupted full run
+resumes where it stopped, and a rerun with unchanged code only measures what is missing.
+
+Run:  python benchmarks/quality.py                        (everything: 36 runs, 2-3 hours on 2 cores)
       python benchmarks/quality.py --quick                (smoke run: 1 seed, 32 examples, 100 problems)
       python benchmarks/quality.py --tasks addition --seeds 2 --sizes 32
       python benchmarks/quality.py --train-only           (train and cache the adapters, score them)
@@ -309,6 +312,51 @@ def train_adapters(
 # One refine(policy="auto") call per (adapter, calibration size, seed), and the forced candidates
 # --------------------------------------------------------------------------------------------------
 
+#: Part of every cached run's key: bump it when what a run measures or records changes.
+MEASUREMENT = "runs-v1"
+
+
+def code_fingerprint() -> str:
+    """Digest of the engine's source (the core package, not serving/) and of MEASUREMENT: a cached run
+    is reused only when the code that would produce it again is byte for byte the same."""
+    import hashlib
+
+    import vllm_surgery
+
+    root = Path(vllm_surgery.__file__).resolve().parent
+    digest = hashlib.sha256(MEASUREMENT.encode())
+    for path in sorted(root.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class RunCache:
+    """One JSON file per finished (adapter, n, seed) run and per scored original, under
+    <cache>/quality/runs/<fingerprint>/: an interrupted full run resumes where it stopped, and a rerun
+    with unchanged code only redoes what is missing. Written atomically (a reader never sees half)."""
+
+    root: Path | None  # None: no caching (--no-run-cache)
+    hits: int = 0
+    misses: int = 0
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.root is None else self.root / f"{key}.json"
+
+    def get(self, key: str) -> Any:
+        path = self._path(key)
+        if path is None or not path.is_file():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def put(self, key: str, value: Any) -> None:
+        path = self._path(key)
+        if path is not None:
+            write_atomically(path, json.dumps(value, default=str))
+
+
 
 @dataclass
 class Candidates:
@@ -397,7 +445,8 @@ def verify_forced_equivalence(
 
 
 def gate_figures(result: Any) -> dict[str, Any]:
-    """What the gate saw for the candidate auto picked: losses, relative gain, its SE and z."""
+    """What the gate saw for the candidate auto picked: losses, relative gain, its SE, z and the corrected
+    p-value the decision used."""
     row = dict(result.candidates.get(result.policy, {}))
     before = result.quality_before.loss
     row.setdefault("relative_improvement", (before - row["loss"]) / before)
@@ -463,16 +512,32 @@ def run_adapter(
     seeds: Sequence[int],
     workdir: Path,
     verify: bool,
+    cache: RunCache,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
-    """Score the original, then for every (size, seed): refine(auto), derive the forced candidates, score."""
+    """Score the original, then for every (size, seed): refine(auto), derive the forced candidates, score.
+    Finished runs come from `cache` when the same code measured them before."""
     lora = load_adapter(adapter.path)
-    original = scorer(lora, desc=f"{task.name}/{adapter.level} original")
+    base_key = (
+        f"{RECIPE}-{task.name}-{adapter.level}-{adapter.steps}steps-{lora.content_hash()[:12]}"
+        f"-test{len(scorer.problems)}-pool{len(pool)}"
+    )
+    original = cache.get(f"{base_key}-original")
+    if original is None:
+        original = scorer(lora, desc=f"{task.name}/{adapter.level} original")
+        cache.put(f"{base_key}-original", original)
     summary = {"original_accuracy": sum(original) / len(original)}
     log(f"  original adapter: exact match {summary['original_accuracy']:.1%} on {len(original)} problems")
     records = [p.record() for p in pool]
     runs, verification = [], None
     for size in sizes:
         for seed in seeds:
+            run_key = f"{base_key}-n{size}-seed{seed}"
+            if verify and verification is None:
+                verification = cache.get(f"{run_key}-verification")
+            if (cached := cache.get(run_key)) is not None and not (verify and verification is None):
+                runs.append({**cached, "cached": True})
+                log(f"  n={size} seed={seed}: from the run cache (measured {cached['measured_at']})")
+                continue
             t0 = time.perf_counter()
             config = SurgeryConfig(policy="auto", samples=size, seed=seed, progress=False)
             out = workdir / f"auto-{task.name}-{adapter.level}-{size}-{seed}"
@@ -495,6 +560,7 @@ def run_adapter(
                     model, tokenizer, lora, records, config, cands, heldout, workdir
                 )
                 verification.update(task=task.name, level=adapter.level, size=size, seed=seed)
+                cache.put(f"{run_key}-verification", verification)
                 log(
                     "  equal: every forced refine() wrote the derived tensors bit for bit, same held-out loss"
                 )
@@ -533,8 +599,10 @@ def run_adapter(
                     "exact_match": scores,
                     "auto": {**auto, "policy": result.policy if written else None},
                     "seconds": {"refine": t_refine, "score": time.perf_counter() - t1},
+                    "measured_at": time.strftime("%Y-%m-%d %H:%M"),
                 }
             )
+            cache.put(run_key, runs[-1])
             log(
                 f"  n={size} seed={seed}: auto {result.decision} ({result.policy}); exact match change "
                 + ", ".join(f"{p} {100 * s['delta']:+.1f}" for p, s in scores.items())
@@ -626,18 +694,19 @@ def results_table(rows: Sequence[Mapping[str, Any]], adapters: Mapping[tuple, Ma
 def auto_table(runs: Sequence[Mapping[str, Any]]) -> str:
     lines = [
         "| task | level | n (sens. + held-out) | seed | decision | candidate | held-out loss before → after "
-        "| gain | SE | z | test change (pp) | fixed / broken | sign-test p |",
-        "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| gain | SE | z | gate p (corrected) | test change (pp) | fixed / broken | sign-test p |",
+        "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         g = r["gate"]
         best = r["exact_match"][g["policy"]]  # the candidate the gate judged, written or not
         z = f"{g['z']:.1f}" if "z" in g else "n/a"
         se = f"{100 * g['relative_improvement_se']:.2f}%" if "relative_improvement_se" in g else "n/a"
+        p = f"{g['p_value']:.2g}" if "p_value" in g else "n/a"
         lines.append(
             f"| {r['task']} | {r['level']} | {r['size']} ({r['sensitivity_examples']} + {r['heldout_examples']}) "
             f"| {r['seed']} | {r['decision']} | {g['policy']} | {g['before']:.4g} → {g['loss']:.4g} "
-            f"| {100 * g['relative_improvement']:+.2f}% | {se} | {z} | {pp(best['delta'])} "
+            f"| {100 * g['relative_improvement']:+.2f}% | {se} | {z} | {p} | {pp(best['delta'])} "
             f"| {best['fixed']} / {best['broken']} | {sign_test(best['fixed'], best['broken']):.2g} |"
         )
     return "\n".join(lines)
@@ -670,6 +739,7 @@ def findings(
                 f"{sign_test(a['fixed'], a['broken']):.2g}). The gate saw held-out loss {g['before']:.4g} → "
                 f"{g['loss']:.4g} ({100 * g['relative_improvement']:+.2f}%"
                 + (f", z = {g['z']:.1f}" if "z" in g else "")
+                + (f", corrected p = {g['p_value']:.2g}" if "p_value" in g else "")
                 + f") on {r['heldout_examples']} held-out examples. Gate's reason: {r['reason']}"
             )
     out.append("\n### `auto` against the paper's headline policy (grad_direction, forced)\n")
@@ -845,7 +915,14 @@ def report(
         "",
         f"Generated by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
         f"({os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()}, torch {torch.__version__}); "
-        f"the whole run took {timings['total'] / 60:.0f} minutes. Every number below is measured in that run.",
+        + (
+            f"the whole run took {timings['total'] / 60:.0f} minutes. Every number below is measured in that run."
+            if not timings["runs_from_cache"]
+            else f"this invocation took {timings['total'] / 60:.0f} minutes; {timings['runs_from_cache']} of "
+            f"{len(runs)} runs were read from the run cache, measured earlier by the same code (engine source "
+            f"fingerprint `{timings['code_fingerprint']}`; each run's date is in quality_results.json). The runs "
+            f"took {timings['runs_measured_seconds'] / 60:.0f} minutes of compute in all."
+        ),
         "",
         f"![accuracy change per task and policy]({png.name})",
         "",
@@ -948,6 +1025,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--train-only", action="store_true", help="train (or find) the adapters and score them only"
     )
     p.add_argument("--no-verify", action="store_true", help="skip the check against forced refine() calls")
+    p.add_argument(
+        "--no-run-cache",
+        action="store_true",
+        help="measure every run again (default: reuse runs the same code measured before, see RunCache)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="generation batch size (default 64)")
     p.add_argument("--train-seed", type=int, default=0, help="seed of adapter training (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -1001,6 +1083,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scorers: list[Scorer] = []
     t_refine_total = 0.0
     workdir = Path(tempfile.mkdtemp(prefix="vllm-surgery-quality-"))
+    fingerprint = code_fingerprint()
+    run_cache = RunCache(None if args.no_run_cache else cache / "quality" / "runs" / fingerprint)
+    log(f"run cache: {run_cache.root or 'off'}")
     try:
         for task in tasks:
             test = task.draw(random.Random(f"{task.name}-test"), args.test, "test")
@@ -1030,6 +1115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         range(args.seeds),
                         workdir,
                         verify=not args.no_verify and verification is None,
+                        cache=run_cache,
                     )
                     t_refine_total += sum(r["seconds"]["refine"] for r in new_runs)
                 verification = verification or ver
@@ -1051,6 +1137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "refine": t_refine_total,
         "scoring": sum(seconds),
         "per_score": statistics.fmean(seconds) if seconds else 0.0,
+        "runs_from_cache": sum(1 for r in runs if r.get("cached")),
+        "runs_measured_seconds": sum(r["seconds"]["refine"] + r["seconds"]["score"] for r in runs),
+        "code_fingerprint": fingerprint,
     }
     log(
         f"done in {timings['total']:.0f} s: training {t_train:.0f} s, refine {t_refine_total:.0f} s, "
