@@ -3,7 +3,7 @@
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo demo-offline test test-fast lint bench
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml scripts/setup.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/python examples/serving_demo.py
+
+demo-offline: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
 test: $(STAMP)

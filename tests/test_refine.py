@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from vllm_surgery import ConfigError, SurgeryConfig, load_adapter, refine
 from vllm_surgery.errors import AdapterError, CalibrationError
-from vllm_surgery.testing import write_calibration
+from vllm_surgery.testing import build_gain_case
 
 RESIDUAL = ("o_proj", "down_proj")
 
@@ -276,16 +276,14 @@ def test_a_config_changed_after_construction_is_validated_again(tiny_base, tiny_
 
 
 @pytest.fixture(scope="module")
-def larger_calibration(tmp_path_factory):
-    """48 examples, half held out: 24, enough for the gate to detect a real gain of the tiny adapter."""
-    return write_calibration(tmp_path_factory.mktemp("cal48") / "calibration.jsonl", n=48)
+def gain_case(tmp_path_factory):
+    """The shared case on which the gate accepts a real gain: 48 examples, half held out (24)."""
+    return build_gain_case(tmp_path_factory.mktemp("gain"))
 
 
-def test_a_measured_gain_is_accepted_and_a_stricter_rate_keeps_the_original(
-    tiny_base, tiny_adapter, larger_calibration, tmp_path
-):
-    kw = {"policy": "auto", "heldout_fraction": 0.5, "min_improvement": 0.001, "progress": False}
-    accepted = refine(tiny_base, tiny_adapter, larger_calibration, tmp_path / "a", **kw)
+def test_a_measured_gain_is_accepted_and_a_stricter_rate_keeps_the_original(gain_case, tmp_path):
+    kw = {**gain_case.settings, "progress": False}
+    accepted = refine(gain_case.base, gain_case.adapter, gain_case.calibration, tmp_path / "a", **kw)
     assert accepted.decision == "accept" and accepted.written
     gate = accepted.gate
     assert (gate["candidates"], gate["heldout_examples"], gate["exact"]) == (3, 24, False)
@@ -297,9 +295,9 @@ def test_a_measured_gain_is_accepted_and_a_stricter_rate_keeps_the_original(
     )
     # The same run with a false-acceptance rate below the measured p-value keeps the original.
     strict = refine(
-        tiny_base,
-        tiny_adapter,
-        larger_calibration,
+        gain_case.base,
+        gain_case.adapter,
+        gain_case.calibration,
         tmp_path / "s",
         max_false_accept=gate["p_value"] / 2,
         **kw,

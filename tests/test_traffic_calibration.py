@@ -79,7 +79,7 @@ def test_the_rules(db_path: Path) -> None:
     data = traffic_examples(db, "math")
     assert data.records == EXPECTED
     assert data.counts == {
-        "corrected": 2, "good": 2, "unrated": 0, "static": 0, "bad_without_correction": 2,
+        "corrected": 2, "good": 2, "unrated": 0, "static": 0, "adapter_file": 0, "bad_without_correction": 2,
         "unrated_left_out": 1, "not_text": 1,
     }  # fmt: skip
     with_unrated = traffic_examples(db, "math", include_unrated=True)
@@ -100,6 +100,27 @@ def test_static_files_are_appended(db_path: Path, tmp_path: Path) -> None:
     assert data.records == [*EXPECTED, {"prompt": "s1", "completion": "a1"}, {"prompt": "s2", "completion": "a2"}]
     assert data.counts["static"] == 2
     assert "6 examples for 'math'" in data.summary()
+
+
+def test_the_adapters_own_calibration_file_comes_last(db_path: Path, tmp_path: Path) -> None:
+    """surgery_calibration.jsonl next to adapter_config.json: an adapter's set includes it, alone
+    (no database: before any traffic) or after the traffic and the registered files."""
+    from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
+
+    adapter = tmp_path / "math"
+    adapter.mkdir()
+    (adapter / ADAPTER_CALIBRATION_NAME).write_text('{"prompt": "own", "completion": "yes"}\n')
+    alone = calibration_set(None, "math", adapter_dir=adapter)
+    assert alone.records == [{"prompt": "own", "completion": "yes"}] and alone.counts["adapter_file"] == 1
+    db = SQLiteDatabase(db_path, create=False)
+    data = calibration_set(db, "math", adapter_dir=adapter)
+    db.close()
+    assert data.records == [*EXPECTED, {"prompt": "own", "completion": "yes"}]
+    assert "1 from the adapter's own surgery_calibration.jsonl" in data.summary()
+    assert calibration_set(None, "math", adapter_dir=tmp_path).records == []  # no file: nothing
+    (adapter / ADAPTER_CALIBRATION_NAME).write_text('{"prompt": "own"}\n')
+    with pytest.raises(CalibrationError, match=r"math/surgery_calibration\.jsonl:1: missing 'completion'"):
+        calibration_set(None, "math", adapter_dir=adapter)
 
 
 def test_parse_since() -> None:

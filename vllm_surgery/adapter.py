@@ -59,6 +59,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .calibration import ADAPTER_CALIBRATION_NAME
 from .errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
@@ -461,7 +462,8 @@ def save_adapter(
 ) -> Path:
     """Write `adapter` with some tensors replaced, atomically, to a new directory `out_dir`.
 
-    adapter_config.json and every other file of the source directory (pickles excepted) are copied
+    adapter_config.json and every other file of the source directory (pickles and the adapter's own
+    calibration sample, calibration.ADAPTER_CALIBRATION_NAME, excepted) are copied
     byte for byte, so PEFT and vLLM accept the result unchanged; tensors not in `replacements` are
     written from the very bytes that were read. Provenance goes to a separate surgery.json.
 
@@ -498,7 +500,7 @@ def save_adapter(
         for src in adapter.path.iterdir():
             if (
                 src.is_file()
-                and src.name not in (WEIGHTS_NAME, PROVENANCE_NAME)
+                and src.name not in (WEIGHTS_NAME, PROVENANCE_NAME, ADAPTER_CALIBRATION_NAME)
                 and src.suffix not in PICKLE_SUFFIXES
             ):
                 shutil.copyfile(src, tmp / src.name)

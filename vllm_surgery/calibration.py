@@ -9,6 +9,11 @@ Two line formats, as in the training data people already have:
 
 The whole text (prompt + completion, or the rendered conversation) is tokenised once and split at the
 answer's first character (see split_tokens), so the answer tokens are those the model sees.
+
+An adapter directory may carry its own calibration sample (e.g. a slice of its training set) as
+`ADAPTER_CALIBRATION_NAME` next to adapter_config.json, in this same JSONL format: the serving plugin
+uses it for an adapter's first refinement, before any traffic exists. Neither PEFT, vLLM nor
+load_adapter read it; save_adapter does not copy it into refined versions.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 import torch
 
 from .errors import CalibrationError
+
+ADAPTER_CALIBRATION_NAME = "surgery_calibration.jsonl"
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,9 @@ def _check_text(value: Any, field: str, where: str) -> str:
     return value
 
 
-def _render(record: Any, tokenizer: Any, where: str) -> tuple[str, int, bool]:
-    """(whole text, character offset where the answer starts, whether the tokenizer adds its special
-    tokens) for one parsed line. With messages the chat template renders the whole conversation."""
+def check_record(record: Any, where: str) -> str:
+    """Check one parsed line's shape without a tokenizer; returns its format ("messages" or
+    "completion"). Raises CalibrationError naming `where` (file:line or record N) and the field."""
     if not isinstance(record, dict):
         raise CalibrationError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -78,6 +85,23 @@ def _render(record: Any, tokenizer: Any, where: str) -> tuple[str, int, bool]:
             )
         if not messages[-1]["content"].strip():
             raise CalibrationError(f"{where}: the assistant's answer is empty")
+        return "messages"
+    if "prompt" in record or "completion" in record:
+        for key in ("prompt", "completion"):
+            if key not in record:
+                raise CalibrationError(f"{where}: missing {key!r}")
+        _check_text(record["prompt"], "prompt", where)
+        if not _check_text(record["completion"], "completion", where).strip():
+            raise CalibrationError(f"{where}: 'completion' is empty")
+        return "completion"
+    raise CalibrationError(f"{where}: needs either 'prompt' and 'completion', or 'messages'")
+
+
+def _render(record: Any, tokenizer: Any, where: str) -> tuple[str, int, bool]:
+    """(whole text, character offset where the answer starts, whether the tokenizer adds its special
+    tokens) for one parsed line. With messages the chat template renders the whole conversation."""
+    if check_record(record, where) == "messages":
+        messages = record["messages"]
         if getattr(tokenizer, "chat_template", None) is None:
             raise CalibrationError(
                 f"{where}: 'messages' needs a tokenizer with a chat template; this one has none"
@@ -92,16 +116,8 @@ def _render(record: Any, tokenizer: Any, where: str) -> tuple[str, int, bool]:
                 f"{where}: the chat template does not render the conversation as prompt + answer"
             )
         return full, len(prompt), False  # the template writes the special tokens itself
-    if "prompt" in record or "completion" in record:
-        for key in ("prompt", "completion"):
-            if key not in record:
-                raise CalibrationError(f"{where}: missing {key!r}")
-        prompt = _check_text(record["prompt"], "prompt", where)
-        completion = _check_text(record["completion"], "completion", where)
-        if not completion.strip():
-            raise CalibrationError(f"{where}: 'completion' is empty")
-        return prompt + completion, len(prompt), True
-    raise CalibrationError(f"{where}: needs either 'prompt' and 'completion', or 'messages'")
+    prompt, completion = record["prompt"], record["completion"]
+    return prompt + completion, len(prompt), True
 
 
 def split_tokens(
@@ -215,18 +231,25 @@ def load_calibration(
     return CalibrationSet(examples=examples, sha256=digest, n_truncated=n_truncated, source=source)
 
 
-def split_heldout(
-    examples: Sequence[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """A seeded random split into (calibration, held-out); both are non-empty when fraction > 0."""
+def heldout_count(n: int, fraction: float) -> int:
+    """How many of `n` examples split_heldout holds out (at least 1 and at most n - 1 when fraction > 0).
+    Raises CalibrationError for a fraction outside [0, 1), or fewer than 2 examples to split."""
     if not 0.0 <= fraction < 1.0:
         raise CalibrationError(f"held-out fraction must lie in [0, 1), got {fraction}")
-    n = len(examples)
     n_held = round(fraction * n)
     if fraction > 0:
         if n < 2:
             raise CalibrationError(f"a held-out check needs at least 2 examples, got {n}")
         n_held = min(max(n_held, 1), n - 1)
+    return n_held
+
+
+def split_heldout(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """A seeded random split into (calibration, held-out); both are non-empty when fraction > 0."""
+    n = len(examples)
+    n_held = heldout_count(n, fraction)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held = sorted(order[:n_held])

@@ -1,5 +1,5 @@
-"""`vllm-surgery`: refine an adapter offline, inspect its spectrum, or turn recorded traffic into
-calibration data."""
+"""`vllm-surgery`: refine an adapter offline, inspect its spectrum, turn recorded traffic into
+calibration data, or run the refinement worker beside a vLLM server."""
 
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
         help="also use completions nobody rated (weak targets: the adapter's own unreviewed output)",
     )
     ce.add_argument("--db", default=None, help=db_help)
+
+    from .serving import worker
+
+    w = sub.add_parser(
+        "worker",
+        help="run refinement jobs beside a vLLM server (long-lived; see its --help for sizing)",
+        description=worker.__doc__.split("\n\n")[0],
+        epilog=worker.SIZING_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    worker.add_arguments(w)
     return p
 
 
@@ -229,9 +240,15 @@ def _calibration_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from .serving.worker import run_from_args
+
+    return run_from_args(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done (refined adapter written, inspect, traffic, export), 3 original kept, 2 bad
-    input."""
+    """Exit codes: 0 done (refined adapter written, inspect, traffic, export, worker stopped), 3 original
+    kept, 2 bad input."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
@@ -239,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": _inspect,
         "traffic": _traffic_stats,
         "calibration": _calibration_export,
+        "worker": _worker,
     }
     try:
         return commands[args.command](args)

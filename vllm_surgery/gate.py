@@ -139,6 +139,12 @@ class GateResult:
         }
 
 
+def min_heldout_examples(max_false_accept: float) -> int:
+    """The fewest held-out examples whose smallest possible p-value (2^-n, exact test) is at most
+    `max_false_accept`: with fewer, no candidate can ever be accepted."""
+    return max(0, math.ceil(-math.log2(max_false_accept) - 1e-12))
+
+
 def relative_gain(before_sums: torch.Tensor, after_sums: torch.Tensor) -> tuple[float, float]:
     """(token-weighted relative loss reduction, its delta-method SE) from per-example loss sums.
 

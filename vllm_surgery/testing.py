@@ -8,6 +8,7 @@ whole refine -> serve cycle can be exercised in seconds on a CPU. Needs the `tok
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -326,3 +327,38 @@ def write_calibration(path: Path, n: int = 12, seed: int = 0) -> Path:
             filler = " ".join(rng.choice(WORDS.split()) for _ in range(rng.randint(0, 12)))
             f.write(json.dumps({"prompt": f"{filler} what is {a} + {b} ?", "completion": f" {a + b}"}) + "\n")
     return Path(path)
+
+
+# Sizes of a tiny Llama that vLLM's CPU build serves (its attention needs head_dim 64 or more).
+SERVABLE_TINY_LLAMA = {"hidden": 128, "heads": 2, "kv_heads": 2, "layers": 2, "intermediate": 256}
+# refine() settings under which the gain case below is accepted: half held out (24 of 48 examples,
+# enough for the gate's test to see the tiny adapter's ~0.5-1% gain), and a floor below that gain.
+GAIN_SETTINGS = {"policy": "auto", "heldout_fraction": 0.5, "min_improvement": 0.001}
+GAIN_EXAMPLES = 48
+
+
+@dataclass(frozen=True)
+class GainCase:
+    """A base model, an adapter and calibration data on which refine(**GAIN_SETTINGS) accepts a measured
+    gain (a real one: the gate's test, not force). Built by `build_gain_case`."""
+
+    base: Path
+    adapter: Path
+    calibration: Path
+    settings: dict
+
+    def records(self) -> list[dict]:
+        """The calibration lines as records (what a refine request's "records" or traffic would carry)."""
+        return [json.loads(line) for line in self.calibration.read_text().splitlines() if line.strip()]
+
+
+def build_gain_case(root: Path, *, base: Path | None = None, adapter_seed: int = 1) -> GainCase:
+    """The servable tiny Llama (or `base`, built with SERVABLE_TINY_LLAMA), a rank-8 adapter on all
+    seven projections and GAIN_EXAMPLES arithmetic examples (write_calibration, seed 0). Measured: the
+    gate accepts grad_direction under auto at p <= 0.001 for adapter seeds 1-3 (see tests/test_refine.py)."""
+    root = Path(root)
+    base = base or build_tiny_llama(root / "base", **SERVABLE_TINY_LLAMA)
+    adapter = build_lora_adapter(base, root / f"adapter-{adapter_seed}", r=8, alpha=16, target_modules=ALL_PROJ,
+                                 seed=adapter_seed)  # fmt: skip
+    calibration = write_calibration(root / "gain-calibration.jsonl", n=GAIN_EXAMPLES)
+    return GainCase(base, adapter, calibration, dict(GAIN_SETTINGS))

@@ -15,7 +15,10 @@ the latest wins):
   already does, including its mistakes. It can still help when most answers are right and the
   held-out check guards the result;
 - plus the lines of the static calibration files the operator registered for the adapter
-  (``traffic_adapters: {"X": {"calibration_files": [...]}}``, names in ``calibration_dir``).
+  (``traffic_adapters: {"X": {"calibration_files": [...]}}``, names in ``calibration_dir``);
+- plus the adapter's own calibration sample, ``surgery_calibration.jsonl`` next to its
+  adapter_config.json (`calibration.ADAPTER_CALIBRATION_NAME`), when it has one: what a first
+  refinement can use before any traffic exists.
 
 Only text can be written as calibration: completions requests with a string prompt and chat requests
 whose messages all have string contents, without echo or suffix (token-id prompts, multimodal
@@ -34,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .calibration import read_jsonl
+from .calibration import ADAPTER_CALIBRATION_NAME, check_record, read_jsonl
 from .errors import CalibrationError, SurgeryError
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -54,6 +57,7 @@ class CalibrationFromTraffic:
                 "good",
                 "unrated",
                 "static",
+                "adapter_file",
                 "bad_without_correction",
                 "unrated_left_out",
                 "not_text",
@@ -66,7 +70,8 @@ class CalibrationFromTraffic:
         c = self.counts
         return (
             f"{len(self.records)} examples for {self.adapter!r}: {c['corrected']} corrected, {c['good']} rated "
-            f"good, {c['unrated']} unrated, {c['static']} from static files; left out: "
+            f"good, {c['unrated']} unrated, {c['static']} from static files, {c['adapter_file']} from the "
+            f"adapter's own {ADAPTER_CALIBRATION_NAME}; left out: "
             f"{c['bad_without_correction']} bad without correction, {c['unrated_left_out']} unrated, "
             f"{c['not_text']} not text"
         )
@@ -136,14 +141,25 @@ def traffic_examples(
 
 
 def static_examples(
-    files: Sequence[str | os.PathLike], out: CalibrationFromTraffic
+    files: Sequence[str | os.PathLike], out: CalibrationFromTraffic, kind: str = "static"
 ) -> CalibrationFromTraffic:
-    """Append the lines of registered static calibration files. Raises CalibrationError (file, line)."""
+    """Append the lines of registered static calibration files (counted under `kind`), each checked
+    here, where its file and line are still known. Raises CalibrationError (file, line, field)."""
     for path in files:
         records, _ = read_jsonl(path)
+        for where, record in records:
+            check_record(record, where)
         out.records.extend(record for _, record in records)
-        out.counts["static"] += len(records)
+        out.counts[kind] += len(records)
     return out
+
+
+def adapter_file(adapter_dir: str | os.PathLike | None) -> Path | None:
+    """The adapter's own calibration sample (ADAPTER_CALIBRATION_NAME in its directory), if it has one."""
+    if adapter_dir is None:
+        return None
+    path = Path(adapter_dir) / ADAPTER_CALIBRATION_NAME
+    return path if path.is_file() else None
 
 
 def calibration_set(
@@ -153,10 +169,18 @@ def calibration_set(
     since: float | None = None,
     include_unrated: bool = False,
     static_files: Sequence[str | os.PathLike] = (),
+    adapter_dir: str | os.PathLike | None = None,
 ) -> CalibrationFromTraffic:
-    """An adapter's whole calibration set: traffic by the rules, then its static files."""
-    out = traffic_examples(db, adapter, since=since, include_unrated=include_unrated)
-    return static_examples(static_files, out)
+    """An adapter's whole calibration set: traffic by the rules (none without a database), then its
+    static files, then its own sample in `adapter_dir`. Raises CalibrationError (file, line)."""
+    out = (
+        traffic_examples(db, adapter, since=since, include_unrated=include_unrated)
+        if db is not None
+        else CalibrationFromTraffic(adapter)
+    )
+    static_examples(static_files, out)
+    own = adapter_file(adapter_dir)
+    return static_examples([own], out, "adapter_file") if own is not None else out
 
 
 def registered_files(calibration_dir: Path | None, names: Sequence[str], adapter: str) -> list[Path]:

@@ -48,7 +48,8 @@ SUFFIXES = {
 
 # ----------------------------------------------------------------------------- helpers
 def plugin_families() -> dict[str, str]:
-    """name -> type of every metric object defined in vllm_surgery.serving.metrics."""
+    """name -> type of every metric object defined in vllm_surgery.serving.metrics, and of every family
+    its custom collectors describe (the job figures read from the database at scrape time)."""
     from prometheus_client.metrics import MetricWrapperBase
 
     from vllm_surgery.serving import metrics
@@ -56,8 +57,13 @@ def plugin_families() -> dict[str, str]:
     out = {}
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
-            for family in value.describe():
-                out[family.name] = family.type
+            families = value.describe()
+        elif isinstance(value, type) and value.__module__ == metrics.__name__ and hasattr(value, "collect"):
+            families = value(None).describe()
+        else:
+            continue
+        for family in families:
+            out[family.name] = family.type
     assert out, "vllm_surgery.serving.metrics defines no metrics"
     return out
 
@@ -137,12 +143,14 @@ def allowed_label_values() -> dict[str, set[str]]:
     return {
         "outcome": set(metrics.SWAP_OUTCOMES)
         | set(getattr(metrics, "REFINE_OUTCOMES", ()))
-        | set(getattr(metrics, "TRAFFIC_OUTCOMES", ())),
+        | set(getattr(metrics, "TRAFFIC_OUTCOMES", ()))
+        | set(getattr(metrics, "JOB_OUTCOMES", ())),
+        "state": set(getattr(metrics, "JOB_STATES", ())),
         "rating": set(getattr(metrics, "FEEDBACK_RATINGS", ())),
         "result": set(metrics.STORE_RESULTS),
         "by": set(getattr(metrics, "STORE_LOOKUPS_BY", ())),
         "which": {"before", "after"},
-        "stage": set(getattr(metrics, "REFINE_STAGES", ())),
+        "stage": set(getattr(metrics, "JOB_STAGES", ())),
     }
 
 
@@ -184,7 +192,8 @@ def test_rules_yaml_structure() -> None:
                 assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
             assert rule["expr"].count("(") == rule["expr"].count(")"), rule["expr"]
     alerts = {r["alert"] for r in all_rules() if "alert" in r}
-    assert {"VllmSurgeryHotSwapFailed", "VllmSurgeryWorseRefinedVersionServed", "VllmSurgeryTrafficRecordsLost"} <= alerts
+    assert {"VllmSurgeryHotSwapFailed", "VllmSurgeryWorseRefinedVersionServed", "VllmSurgeryTrafficRecordsLost",
+            "VllmSurgeryJobFailingRepeatedly", "VllmSurgeryJobQueueNotDraining"} <= alerts  # fmt: skip
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=f"promtool not on PATH ({INSTALL_HINT})")
@@ -259,7 +268,10 @@ def test_dashboard_has_the_planned_panels() -> None:
         "vllm_surgery_hotswaps_total",
         "vllm_surgery_swap_latency_seconds_bucket",
         "vllm_surgery_refinements_total",
-        "vllm_surgery_refinement_duration_seconds_bucket",
+        "vllm_surgery_job_stage_seconds_bucket",
+        "vllm_surgery_jobs",
+        "vllm_surgery_jobs_finished_total",
+        "vllm_surgery_job_queue_oldest_age_seconds",
         "vllm_surgery_heldout_loss",
         "vllm_surgery_store_lookups_total",
         "vllm_surgery_traffic_records_total",

@@ -108,7 +108,7 @@ def test_records_map_choices_to_their_prompts() -> None:
         ("completions", {"prompt": "q"}, "a", True),
         ("completions", {"prompt": [1, 2, 3]}, "a", False),  # token ids
         ("completions", {"prompt": "q", "echo": True}, "q a", False),  # the text holds the prompt
-        ("completions", {"prompt": "q"}, "  ", False),  # no answer
+        ("completions", {"prompt": "q"}, "  ", True),  # no answer: a correction of it is still usable
         ("chat", {"messages": [{"role": "user", "content": "q"}]}, "a", True),
         ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}, "a", False),
     ],

@@ -54,6 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "VLLM_SURGERY_STORE": str(root / "store"),
         "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
         "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "VLLM_SURGERY_CALIBRATION_DIR": str(root),  # calib.jsonl, written by the versions fixture
     }
     srv = start_server(
         root,
@@ -345,7 +346,8 @@ def test_metrics_are_valid_prometheus_text(server, versions) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# POST /v1/surgery/adapters/{name}/refine (after the swap tests: "x" serves versions["refined"] here)
+# POST /v1/surgery/adapters/{name}/refine (after the swap tests: "x" serves versions["refined"] here).
+# No worker runs here: requests are queued (test_worker.py runs them with real worker processes).
 
 
 def refine_body(server: Server, **extra) -> dict:
@@ -357,74 +359,58 @@ def store_version_dirs(server: Server) -> set[str]:
     return {p.name for p in (server.root / "store" / "x").iterdir() if p.is_dir() and p.name[0] != "."}
 
 
-@pytest.fixture(scope="module")
-def refined_in_server(server: Server, versions) -> dict:
-    """One refinement computed by the server (force=True, so a version is written and swapped in)."""
-    before = store_version_dirs(server)
-    start = time.monotonic()
-    status, body = server.post(
-        "/v1/surgery/adapters/x/refine", refine_body(server, force=True, seed=3), ADMIN
-    )
-    assert status == 200, (body, server.log_tail())
-    body["seconds"] = time.monotonic() - start
-    assert store_version_dirs(server) == before | {body["version"]}
-    return body
-
-
 def test_refine_needs_the_admin_token(server: Server) -> None:
     assert server.post("/v1/surgery/adapters/x/refine", refine_body(server))[0] == 403
 
 
-def test_refine_writes_and_serves_a_new_version(
-    server, prompt_ids, peft_model, versions, refined_in_server
-) -> None:
-    body = refined_in_server
-    assert body["decision"] in ("accept", "forced") and body["cached"] is False
-    assert body["version"] and body["version"] != versions["refined"].name
-    assert body["swapped"] is True and body["served_version"] == body["version"]
-    assert body["quality_before"]["loss"] > 0 and body["quality_after"]["loss"] > 0
-    assert set(body["timings"]) >= {"load", "prepare", "sensitivity", "evaluation", "write", "total"}
-    peft_model.load_adapter(server.root / "store" / "x" / body["version"], adapter_name="new")
-    assert_served_by(server, "x", prompt_ids, peft_model, expected="new", other="original")
-    assert served_json(server)["version"] == body["version"]
-    status, x = server.get("/v1/surgery/adapters/x")
-    assert status == 200 and x["served_version"] == body["version"], x
-    assert x["served_quality"]["quality_after"]["loss"] == pytest.approx(body["quality_after"]["loss"])
-
-
-def test_same_refine_request_is_a_store_hit(server, refined_in_server) -> None:
-    start = time.monotonic()
-    status, body = server.post(
-        "/v1/surgery/adapters/x/refine", refine_body(server, force=True, seed=3), ADMIN
-    )
-    seconds = time.monotonic() - start
-    assert status == 200, body
-    assert body["cached"] is True and body["version"] == refined_in_server["version"]
-    assert body["key"] == refined_in_server["key"] and body["swapped"] is True
-    assert seconds < 5.0, seconds
-    # Without force, a forced version answers as keep_original (what the request would compute).
-    if refined_in_server["decision"] == "forced":
-        status, body = server.post("/v1/surgery/adapters/x/refine", refine_body(server, seed=3), ADMIN)
-        assert status == 200 and body["cached"] and body["decision"] == "keep_original", body
-
-
-def test_bad_calibration_is_refused_and_nothing_changes(server, refined_in_server) -> None:
+def test_refine_is_queued_once_and_shown_on_the_job_routes(server, versions) -> None:
     before = store_version_dirs(server)
-    good = refine_body(server, force=True, seed=4)
-    good["records"][1] = {"prompt": "no answer here"}
-    status, body = server.post("/v1/surgery/adapters/x/refine", good, ADMIN)
-    assert status == 400, body
-    assert "record 1" in body["error"]["message"] and "completion" in body["error"]["message"]
+    status, body = server.post("/v1/surgery/adapters/x/refine", refine_body(server, seed=3), ADMIN)
+    assert status == 202, (body, server.log_tail())
+    assert body["state"] == "queued" and body["queued"] and body["examples"] == 16
+    status, again = server.post("/v1/surgery/adapters/x/refine", refine_body(server, seed=3), ADMIN)
+    assert status == 202 and again["job_id"] == body["job_id"] and not again["queued"]  # no 409: one job
+    status, job = server.get(body["location"])
+    assert status == 200 and (job["adapter"], job["trigger"], job["state"]) == ("x", "manual", "queued")
+    assert job["spec"]["config"] == {"policy": "auto", "modules": "all", "seed": 3}
+    assert job["spec"]["calibration"]["examples"] == 16 and "records" not in job["spec"]["calibration"]
+    status, listed = server.get("/v1/surgery/jobs?adapter=x&state=queued")
+    assert status == 200 and [j["id"] for j in listed["jobs"]] == [body["job_id"]]
+    assert server.get("/v1/surgery/jobs/999999")[0] == 404
+    assert server.get("/v1/surgery/jobs/abc")[0] == 400
+    assert server.get("/v1/surgery/jobs?state=done")[0] == 400
+    assert server.get("/v1/surgery/jobs?adapter=../x")[0] == 400
+    assert store_version_dirs(server) == before  # the server computes nothing itself
+    status, x = server.get("/v1/surgery/adapters/x")
+    assert x["served_version"] == versions["refined"].name
+
+
+def test_a_forced_version_in_the_store_answers_as_keep_original(server, versions) -> None:
+    """The request that wrote versions["refined"] (forced: the gate did not accept it) is answered
+    from the store at once: a job would have kept the original, so nothing is queued or swapped."""
+    body = {"calibration": "calib.jsonl", "policy": "grad_direction", "modules": "all"}  # what wrote it
+    status, got = server.post("/v1/surgery/adapters/x/refine", body, ADMIN)
+    assert status == 200 and got["cached"] and got["decision"] == "keep_original", got
+    assert got["version"] is None and got["swapped"] is False
+    assert got["served_version"] == versions["refined"].name
+
+
+def test_bad_refine_requests_are_refused_and_nothing_is_queued(server) -> None:
+    status, listed = server.get("/v1/surgery/jobs")
+    jobs_before = len(listed["jobs"])
+    bad = refine_body(server, seed=4)
+    bad["records"][1] = {"prompt": "no answer here"}
+    status, body = server.post("/v1/surgery/adapters/x/refine", bad, ADMIN)
+    assert status == 400 and body["error"]["message"] == "record 1: missing 'completion'", body
     status, body = server.post("/v1/surgery/adapters/x/refine", refine_body(server, policy="nope"), ADMIN)
     assert status == 400 and "unknown policy" in body["error"]["message"], body
+    status, body = server.post("/v1/surgery/adapters/x/refine", refine_body(server, force=True), ADMIN)
+    assert status == 400 and "'force' is not available" in body["error"]["message"], body
     assert server.post("/v1/surgery/adapters/nope/refine", refine_body(server), ADMIN)[0] == 404
-    assert store_version_dirs(server) == before
-    status, x = server.get("/v1/surgery/adapters/x")
-    assert x["served_version"] == refined_in_server["version"]
-    assert served_json(server)["version"] == refined_in_server["version"]
+    assert len(server.get("/v1/surgery/jobs")[1]["jobs"]) == jobs_before
 
 
-def test_refine_metrics(server, refined_in_server) -> None:
+def test_refine_and_job_metrics(server, versions) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     families = {f.name: f for f in text_string_to_metric_families(server.get_text("/metrics"))}
@@ -433,17 +419,11 @@ def test_refine_metrics(server, refined_in_server) -> None:
         for s in families["vllm_surgery_refinements"].samples
         if s.name.endswith("_total") and s.labels["adapter"] == "x"
     }
-    assert outcomes[refined_in_server["decision"]] >= 1
-    assert outcomes["cached"] >= 1 and outcomes["error"] >= 2
-    stages = {
-        s.labels["stage"]: s.value
-        for s in families["vllm_surgery_refinement_duration_seconds"].samples
-        if s.name.endswith("_count")
-    }
-    assert {"load", "prepare", "sensitivity", "evaluation", "write", "total"} <= set(stages)
-    losses = {s.labels["which"]: s.value for s in families["vllm_surgery_heldout_loss"].samples}
-    assert losses["before"] == pytest.approx(refined_in_server["quality_before"]["loss"])
-    assert losses["after"] == pytest.approx(refined_in_server["quality_after"]["loss"])
+    assert outcomes["queued"] == 2 and outcomes["cached"] >= 1 and outcomes["error"] >= 3
+    states = {s.labels["state"]: s.value for s in families["vllm_surgery_jobs"].samples}
+    assert states["queued"] >= 1 and states["running"] == 0
+    (age,) = families["vllm_surgery_job_queue_oldest_age_seconds"].samples
+    assert age.value > 0
     lookups = {
         s.labels["result"]: s.value
         for s in families["vllm_surgery_store_lookups"].samples
@@ -451,20 +431,23 @@ def test_refine_metrics(server, refined_in_server) -> None:
     }
     assert lookups["hit"] >= 1 and lookups["miss"] >= 1
     # The loss series describe the served version: none while the original is served.
+    losses = {s.labels["which"]: s.value for s in families["vllm_surgery_heldout_loss"].samples
+              if s.labels["adapter"] == "x"}  # fmt: skip
+    record = json.loads((versions["refined"] / "surgery.json").read_text())
+    assert losses == {"before": pytest.approx(record["quality_before"]["loss"]),
+                      "after": pytest.approx(record["quality_after"]["loss"])}  # fmt: skip
     assert swap(server, "original")[0] == 200
     families = {f.name: f for f in text_string_to_metric_families(server.get_text("/metrics"))}
     family = families.get("vllm_surgery_heldout_loss")
     assert family is None or not [s for s in family.samples if s.labels.get("adapter") == "x"]
-    assert swap(server, refined_in_server["version"])[0] == 200
+    assert swap(server, versions["refined"].name)[0] == 200
 
 
 def test_lora_modules_adapter_can_be_refined_and_swapped(server, versions, prompt_ids) -> None:
     status, info = server.get("/v1/surgery/adapters/static")
     assert status == 200 and info["source"] == "lora-modules", info
     assert info["served_version"] == "original"
-    status, body = server.post("/v1/surgery/adapters/static/refine", refine_body(server, force=True), ADMIN)
-    assert status == 200 and body["swapped"] and body["version"], body
-    status, info = server.get("/v1/surgery/adapters/static")
-    assert info["served_version"] == body["version"] and info["served_path"].endswith(body["version"])
+    status, body = server.post("/v1/surgery/adapters/static/refine", refine_body(server), ADMIN)
+    assert status == 202 and body["job"]["spec"]["adapter_path"] == info["original_path"], body
     assert complete(server, "static", prompt_ids[0])[0] == 200
     assert swap(server, "original", name="static")[0] == 200

@@ -1,4 +1,5 @@
-"""Store keys, find/remember/recall, and refine-request parsing, without a server."""
+"""Store keys, find/remember/recall, refine-request parsing, and the refine route's answer (a store
+hit at once, else a queued job in a real SQLite file), without a server."""
 
 from __future__ import annotations
 
@@ -104,17 +105,22 @@ RECORDS = [{"prompt": "1 + 1", "completion": " 2"}, {"prompt": "2 + 2", "complet
 
 
 def test_parse_request_inline_records() -> None:
-    req = parse_request({"records": RECORDS, "policy": "abs_select", "layers": [0, 1], "force": True}, None)
-    assert req.swap is True and req.calibration == RECORDS
-    assert req.config.policy == "abs_select" and req.config.layers == (0, 1) and req.config.force
+    req = parse_request({"records": RECORDS, "policy": "abs_select", "layers": [0, 1]}, None)
+    assert req.swap is True and req.examples == 2
+    assert req.calibration == {"source": "records", "records": RECORDS, "sha256": records_sha256(RECORDS)}
+    assert req.config.policy == "abs_select" and req.config.layers == (0, 1) and not req.config.force
+    assert req.fields == {"policy": "abs_select", "layers": [0, 1]}  # JSON values, as the job spec keeps them
     assert req.config.progress is False
     assert req.calibration_sha256 == records_sha256(RECORDS)
+    assert parse_request({"records": RECORDS}, None).config.policy == "auto"  # a job's default
 
 
 def test_parse_request_calibration_file(tmp_path: Path) -> None:
     (tmp_path / "math.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
     req = parse_request({"calibration": "math.jsonl", "swap": False}, tmp_path)
-    assert req.calibration == (tmp_path / "math.jsonl").resolve() and req.swap is False
+    path = (tmp_path / "math.jsonl").resolve()
+    assert req.calibration == {"source": "file", "path": str(path), "sha256": req.calibration_sha256}
+    assert req.swap is False and req.examples is None
     with pytest.raises(RefineError) as e:
         parse_request({"calibration": "nope.jsonl"}, tmp_path)
     assert e.value.status == 404
@@ -128,6 +134,7 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
         ({}, "exactly one of"),
         ({"records": RECORDS, "calibration": "a.jsonl"}, "exactly one of"),
         ({"records": []}, "non-empty list"),
+        ({"records": [*RECORDS, {"prompt": "3 +"}]}, "record 2: missing 'completion'"),
         ({"records": RECORDS, "policy": "nope"}, "unknown policy"),
         ({"records": RECORDS, "heldout_fraction": 1.5}, "heldout_fraction"),
         ({"records": RECORDS, "heldout_fraction": "x"}, "invalid settings: heldout_fraction must be"),
@@ -139,7 +146,9 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
         ({"records": RECORDS, "samples": 2.5}, "invalid settings: samples must be"),
         ({"records": RECORDS, "seed": "x"}, "invalid settings: seed must be"),
         ({"records": RECORDS, "seed": 2**70}, "invalid settings: seed must be"),
-        ({"records": RECORDS, "force": 1}, "invalid settings: force must be"),
+        ({"records": RECORDS, "force": True}, "'force' is not available here"),
+        ({"records": RECORDS, "device": "cpu"}, "unknown field"),
+        ({"records": RECORDS, "heldout_fraction": 0.0, "policy": "grad_direction"}, "heldout_fraction must be > 0"),
         ({"records": RECORDS, "swap": "yes"}, "'swap'"),
         ({"calibration": "../etc/passwd"}, "calibration file name"),
         ({"calibration": "/etc/passwd"}, "calibration file name"),
@@ -160,7 +169,7 @@ def test_named_calibration_needs_a_directory() -> None:
 
 
 class FakeSwapper:
-    """What Refiner uses of a HotSwapper, with no engine: an original, a store, settings."""
+    """What RefineQueue uses of a HotSwapper, with no engine: an original, a store, settings."""
 
     def __init__(self, root: Path, original: Path) -> None:
         from vllm_surgery.serving.settings import ServingSettings
@@ -168,6 +177,7 @@ class FakeSwapper:
         self.original = original
         self.store = VersionStore(root / "store")
         self.settings = ServingSettings(adapter_dirs=(), store=root / "store")
+        self.swaps: list[tuple[str, str]] = []
 
     def _original(self, name: str) -> Path:
         return self.original
@@ -178,29 +188,39 @@ class FakeSwapper:
     def version_of(self, name: str, path: str | None) -> str:
         return "original"
 
+    async def swap(self, name: str, version: str) -> None:
+        self.swaps.append((name, version))
 
-def test_busy_server_answers_409_but_store_hits_answer_at_once(tmp_path: Path, tiny_adapter: Path) -> None:
+
+def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(tmp_path: Path, tiny_adapter: Path) -> None:
     import asyncio
 
-    from vllm_surgery.serving.refining import Refiner
+    from vllm_surgery.serving.database import SQLiteDatabase
+    from vllm_surgery.serving.refining import RefineQueue
 
     swapper = FakeSwapper(tmp_path, tiny_adapter)
-    refiner = Refiner(swapper, "/models/base")  # type: ignore[arg-type]
+    queue = RefineQueue(swapper, "/models/base")  # type: ignore[arg-type]
+    queue.db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
     body = {"records": RECORDS, "seed": 1}
-    k = refiner._key(tiny_adapter, parse_request(body, None))
+    k = queue._key(tiny_adapter, parse_request(body, None))
 
     async def scenario() -> None:
-        async with refiner.lock:  # another refinement is running
-            with pytest.raises(RefineError) as e:
-                await refiner.refine("math", body)
-            assert e.value.status == 409
-            swapper.store.remember("math", k, {"decision": "keep_original", "reason": "no win"})
-            answer = await refiner.refine("math", body)
-            assert answer["cached"] and answer["decision"] == "keep_original" and answer["key"] == k
-            assert answer["version"] is None and answer["swapped"] is False
-            with pytest.raises(RefineError) as e:  # a forced request is not answered by keep_original
-                await refiner.refine("math", {**body, "force": True})
-            assert e.value.status == 409
+        status, answer = await queue.refine("math", body)
+        assert status == 202 and answer["queued"] and answer["state"] == "queued" and answer["key"] == k
+        assert answer["location"] == f"/v1/surgery/jobs/{answer['job_id']}"
+        job = queue.db.job(answer["job_id"])
+        assert (job.adapter, job.trigger, job.spec["base_model"], job.spec["config"]) == (
+            "math", "manual", "/models/base", {"policy": "auto", "seed": 1})
+        assert job.spec["calibration"]["records"] == RECORDS and job.spec["adapter_path"] == str(tiny_adapter)
+        assert "records" not in answer["job"]["spec"]["calibration"]  # never shown back
+        status, again = await queue.refine("math", body)  # the same request while queued: the same job
+        assert status == 202 and again["job_id"] == answer["job_id"] and not again["queued"]
+        # Once the store holds the outcome (a remembered keep_original here), it answers at once.
+        swapper.store.remember("math", k, {"decision": "keep_original", "reason": "no win"})
+        status, cached = await queue.refine("math", body)
+        assert status == 200 and cached["cached"] and cached["decision"] == "keep_original"
+        assert cached["version"] is None and cached["swapped"] is False and swapper.swaps == []
 
     asyncio.run(scenario())
-    assert swapper.store.versions("math") == []
+    assert len(queue.db.jobs()) == 1
+    queue.db.close()

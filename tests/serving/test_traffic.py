@@ -9,8 +9,8 @@ Slow (two engine starts, 25-80 s each on 2 cores): `pytest -m slow tests/serving
 
 from __future__ import annotations
 
-import http.client
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server import REQUEST_TIMEOUT_S, Server, start_server, stop
 
 from vllm_surgery.cli import main as cli
+from vllm_surgery.serving.database import SCHEMA_VERSION
 from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
 pytestmark = pytest.mark.slow
@@ -246,23 +247,49 @@ def test_retention_while_serving(server: Server, setup: dict) -> None:
         time.sleep(0.1)
 
 
-def test_client_disconnect_is_not_recorded(server: Server, setup: dict) -> None:
-    before = metric(server, "vllm_surgery_traffic_records_total", adapter="x", outcome="incomplete")
+def _cut_stream(server: Server, request_id: str) -> None:
+    """Start a long streamed answer, read its first event, then go away. The socket's receive window
+    is kept small and the events are large (logprobs), so the server stalls on a full buffer long
+    before the answer ends: the disconnect reaches it mid-stream even on a fast machine."""
     url = urlparse(server.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=REQUEST_TIMEOUT_S)
-    body = {"model": "x", "prompt": "a long answer", "max_tokens": 200, "ignore_eos": True, "stream": True}
-    conn.request("POST", "/v1/completions", json.dumps(body), {**server.headers, "Content-Type": "application/json",
-                 "X-Request-Id": "gone-1"})  # fmt: skip
-    response = conn.getresponse()
-    assert response.status == 200
-    response.fp.readline()  # the first event arrived; then the client goes away
-    conn.sock.shutdown(2)
-    conn.close()
-    deadline = time.monotonic() + 30
-    while metric(server, "vllm_surgery_traffic_records_total", adapter="x", outcome="incomplete") == before:
-        assert time.monotonic() < deadline, "the cut stream was not counted as incomplete"
-        time.sleep(0.2)
-    assert db_rows(setup, "request_id = 'gone-1'") == []
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    sock.settimeout(REQUEST_TIMEOUT_S)
+    sock.connect((url.hostname, url.port))
+    body = json.dumps({"model": "x", "prompt": "a long answer", "max_tokens": 240, "ignore_eos": True,
+                       "stream": True, "logprobs": 20}).encode()  # fmt: skip
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**server.headers, "Content-Type": "application/json",
+                   "Content-Length": str(len(body)), "X-Request-Id": request_id}.items())  # fmt: skip
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\n{head}\r\n".encode() + body)
+    received = b""
+    while b"data: " not in received:  # the status line, the headers and the first event
+        chunk = sock.recv(1024)
+        assert chunk, received
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def test_client_disconnect_is_not_recorded(server: Server, setup: dict) -> None:
+    # A server that had already sent the whole answer before the disconnect reached it rightly records
+    # it (all 240 tokens): then the cut is tried again; a real cut must be counted and never stored.
+    for attempt in range(3):
+        request_id = f"gone-{attempt}"
+        before = metric(server, "vllm_surgery_traffic_records_total", adapter="x", outcome="incomplete")
+        _cut_stream(server, request_id)
+        deadline = time.monotonic() + 30
+        while True:
+            if metric(server, "vllm_surgery_traffic_records_total", adapter="x", outcome="incomplete") > before:
+                time.sleep(0.5)  # a record written despite the cut would show up by now
+                assert db_rows(setup, "request_id = ?", (request_id,)) == []
+                return
+            if rows := db_rows(setup, "request_id = ?", (request_id,)):
+                assert rows[0]["finish_reason"] == "length", rows[0]  # the whole answer had gone out
+                break
+            assert time.monotonic() < deadline, "the cut stream was neither counted as incomplete nor recorded"
+            time.sleep(0.2)
+    pytest.fail("every stream ended before the server saw the client go away: no cut could be tried")
 
 
 def test_feedback(server: Server, setup: dict) -> None:
@@ -401,10 +428,12 @@ def test_export_then_refine_from_the_exported_file(server: Server, setup: dict, 
 
 
 def test_refine_route_from_traffic(server: Server) -> None:
-    body = {"from_traffic": True, "include_unrated": True, "force": True, "modules": "all", "swap": False}
+    body = {"from_traffic": True, "include_unrated": True, "modules": "all", "swap": False}
     status, got = server.post("/v1/surgery/adapters/x/refine", body, ADMIN)
-    assert status == 200, got
-    assert got["decision"] == "forced" and got["version"] and got["swapped"] is False
+    assert status == 202, got  # queued for a worker, with the adapter's set built when it runs
+    assert got["state"] == "queued" and got["examples"] > 30, got
+    source = got["job"]["spec"]["calibration"]
+    assert source["source"] == "adapter" and source["include_unrated"] is True and got["job"]["spec"]["swap"] is False
     status, got = server.post("/v1/surgery/adapters/r/refine", {"from_traffic": True}, ADMIN)
     assert status == 409 and "no usable calibration examples" in got["error"]["message"], got
     status, got = server.post("/v1/surgery/adapters/x/refine", {"from_traffic": True, "records": []}, ADMIN)
@@ -422,7 +451,7 @@ def test_sigkill_keeps_every_committed_record_and_the_schema(server: Server, set
     try:
         conn = sqlite3.connect(setup["db"])
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()
         assert db_rows(setup) == committed

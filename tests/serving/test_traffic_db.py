@@ -51,12 +51,12 @@ def db(tmp_path: Path):
 
 def test_new_database_has_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
     db = SQLiteDatabase(tmp_path / "sub" / "t.sqlite3")  # the directory is created
-    assert db.schema_version() == SCHEMA_VERSION == 1
+    assert db.schema_version() == SCHEMA_VERSION == 2
     db.close()
     raw = sqlite3.connect(tmp_path / "sub" / "t.sqlite3")
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"traffic", "feedback"} <= tables
+    assert {"traffic", "feedback", "jobs"} <= tables
     raw.close()
 
 
@@ -85,23 +85,31 @@ def test_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_next_migration_applies_on_open_and_keeps_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """How the job queue (or any later table) is added: append a Migration."""
+    """How a later table is added: append a Migration. Also: a version-1 file (traffic only, as issue 7
+    wrote it) gains the job queue when opened, and keeps its records."""
     path = tmp_path / "t.sqlite3"
+    monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:1])
+    monkeypatch.setattr(database, "SCHEMA_VERSION", 1)
     db = SQLiteDatabase(path)
     db.insert([record("kept")])
     db.close()
-    jobs = Migration(2, "jobs", ("CREATE TABLE jobs (id INTEGER PRIMARY KEY, adapter TEXT NOT NULL, leased_until REAL)",))
-    monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, jobs))
-    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
+    monkeypatch.undo()
     db = SQLiteDatabase(path)
-    assert db.schema_version() == 2
-    assert db.find("kept") is not None
+    assert db.schema_version() == 2 and db.find("kept") is not None
+    assert db.enqueue_job("x", "manual", {})[1]
+    db.close()
+    notes = Migration(3, "notes", ("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)",))
+    monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, notes))
+    monkeypatch.setattr(database, "SCHEMA_VERSION", 3)
+    db = SQLiteDatabase(path)
+    assert db.schema_version() == 3
+    assert db.find("kept") is not None and len(db.jobs()) == 1
     with db.transaction() as c:
-        c.execute("INSERT INTO jobs (adapter) VALUES ('x')")
-    assert db.connection().execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+        c.execute("INSERT INTO notes (text) VALUES ('x')")
+    assert db.connection().execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 1
     db.close()
     db = SQLiteDatabase(path)  # opening again applies nothing twice
-    assert db.schema_version() == 2
+    assert db.schema_version() == 3
     db.close()
 
 
@@ -194,6 +202,9 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
         ]
     )
     db.insert([record("f")])  # unrated
+    empty = db.insert([record("g", completion=" "), record("h", completion="\n"), record("i", completion="")])
+    db.add_feedback(empty[0], "good", None)  # good, but nothing was answered: not usable
+    db.add_feedback(empty[1], None, "the answer")  # a corrected empty answer: usable
     db.add_feedback(a, "good", None)
     db.add_feedback(b, "bad", None)
     db.add_feedback(c, "bad", "fixed")
@@ -201,9 +212,10 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
     db.add_feedback(e, None, "fixed too")
     rows = {(s.adapter, s.version): s for s in db.stats()}
     orig = rows[("x", "original")]
-    # records a b c d f; rated a b c d; good a d; bad b c; corrected c; usable a c; unrated usable f
+    # records a b c d f g h i; rated a b c d g; good a d g; bad b c; corrected c h; usable a c h;
+    # unrated usable f (i is unrated but empty)
     assert (orig.records, orig.rated, orig.good, orig.bad, orig.corrected, orig.usable, orig.unrated_usable) == (
-        5, 4, 2, 2, 1, 2, 1,
+        8, 5, 3, 2, 2, 3, 1,
     )  # fmt: skip
     v2 = rows[("x", "v2")]
     assert (v2.records, v2.rated, v2.corrected, v2.usable) == (1, 0, 1, 1)

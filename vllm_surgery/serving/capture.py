@@ -209,9 +209,11 @@ class Capture:
 
 
 def _calibratable(endpoint: str, prompt: Any, completion: str, sampling: dict[str, Any]) -> bool:
-    """Whether prompt and completion can be written as a calibration line: text prompts (not token
-    ids), string message contents, a non-empty completion that is only the answer (no echo)."""
-    if not completion.strip() or sampling.get("echo"):
+    """Whether the request can be written as a calibration line: text prompts (not token ids), string
+    message contents, a completion that is only the answer (no echo). An empty completion qualifies:
+    a user's correction of it is the most useful example there is; an empty answer itself is never
+    used (traffic_calibration checks the answer it picks)."""
+    if sampling.get("echo"):
         return False
     if endpoint == "completions":
         return isinstance(prompt, str) and not sampling.get("suffix")

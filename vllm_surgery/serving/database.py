@@ -1,8 +1,8 @@
-"""The plugin's database: recorded traffic and feedback (and, in later migrations, other tables such as
-a job queue), behind one small interface.
+"""The plugin's database: recorded traffic and feedback, and the refinement job queue (`job_queue`),
+behind one small interface.
 
 `Database` is the interface every caller uses (the traffic writer, the feedback route, the CLI, the
-calibration export); `SQLiteDatabase` is the embedded implementation. A server database for many
+calibration export, the job routes, the worker); `SQLiteDatabase` is the embedded implementation. A server database for many
 replicas can implement the same methods later without touching the callers.
 
 SQLite choices, and why:
@@ -19,7 +19,7 @@ SQLite choices, and why:
   of this package (user_version above the last migration here) is refused rather than misread.
 - One connection per thread (`connection()`), and one transaction helper (`transaction()`, which takes
   the write lock at BEGIN so that a transaction never fails half-way on a lock upgrade). New tables
-  (e.g. a job queue with leases and heartbeats) add a `Migration` and use the same helper.
+  add a `Migration` and use the same helper, as the job queue (migration 2) does.
 
 Times are Unix seconds (float). Prompts and sampling settings are stored as JSON text.
 """
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeryError
+from .job_queue import ANSWERED, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
 
 BUSY_TIMEOUT_S = 30.0
 RATINGS = ("good", "bad")
@@ -97,6 +98,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
             "CREATE INDEX feedback_traffic ON feedback (traffic_id, id)",
         ),
+    ),
+    Migration(
+        2,
+        "refinement jobs (queue with leases, heartbeats, bounded attempts, one running job per adapter)",
+        JOBS_SCHEMA,
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -189,9 +195,10 @@ class Retention:
     max_age_s: float | None = None
 
 
-class Database(ABC):
-    """What the plugin, the CLI and the calibration export need from storage. Methods raise
-    DatabaseError when the storage cannot be used."""
+class Database(JobQueue, ABC):
+    """What the plugin, the CLI, the calibration export and the worker need from storage (the job
+    queue's methods are declared by `JobQueue`). Methods raise DatabaseError when the storage cannot be
+    used."""
 
     @abstractmethod
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
@@ -273,7 +280,7 @@ def _row_to_record(row: Sequence[Any]) -> StoredRecord:
     return StoredRecord(id_, record, rating, correction, count)
 
 
-class SQLiteDatabase(Database):
+class SQLiteDatabase(SQLiteJobQueue, Database):
     """The embedded database: one SQLite file in WAL mode (see the module docstring).
 
     Safe for several threads (each gets its own connection) and several processes (WAL, busy timeout,
@@ -459,8 +466,8 @@ class SQLiteDatabase(Database):
             "SELECT t.adapter, t.version, COUNT(*), "
             "COALESCE(SUM(f.rating IS NOT NULL), 0), COALESCE(SUM(f.rating = 'good'), 0), "
             "COALESCE(SUM(f.rating = 'bad'), 0), COALESCE(SUM(f.correction IS NOT NULL), 0), "
-            "COALESCE(SUM(t.calibratable AND (f.correction IS NOT NULL OR f.rating = 'good')), 0), "
-            "COALESCE(SUM(t.calibratable AND f.id IS NULL), 0), MIN(t.created), MAX(t.created) "
+            f"COALESCE(SUM(t.calibratable AND (f.correction IS NOT NULL OR (f.rating = 'good' AND {ANSWERED}))), 0), "
+            f"COALESCE(SUM(t.calibratable AND f.id IS NULL AND {ANSWERED}), 0), MIN(t.created), MAX(t.created) "
             f"FROM traffic t {_LATEST} {where} GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
             params,
         )

@@ -8,8 +8,11 @@ Routes (JSON):
 - ``POST /v1/surgery/adapters/{name}/swap``     body ``{"version": ID}``; ID is a store version id or
   ``"original"``; hot-swaps without a restart (see `hotswap`)
 - ``POST /v1/surgery/adapters/{name}/rollback`` back to the version served before the last swap
-- ``POST /v1/surgery/adapters/{name}/refine``   refine the adapter in the server (synchronous; store
-  hits answer at once; see `refining` for the body, 409-when-busy and the error statuses)
+- ``POST /v1/surgery/adapters/{name}/refine``   a store hit answers 200 at once; otherwise the request
+  is queued as a job (202 with its id) that a `vllm-surgery worker` runs (see `refining` for the body
+  and the statuses, `worker` for the worker)
+- ``GET  /v1/surgery/jobs``                     jobs, newest first (query: adapter, state, limit,
+  before_id); ``GET /v1/surgery/jobs/{id}``: one job (state, attempts, timings, decision and figures)
 - vLLM's ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` are replaced by guarded
   versions, and the SageMaker ``/adapters`` routes switched off (see `runtime_lora`).
 - ``POST /v1/surgery/feedback``, ``GET /v1/surgery/traffic[/{name}]``: recorded traffic and its
@@ -18,10 +21,11 @@ Routes (JSON):
 Every bad request answers 4xx with ``{"error": {"message", "type", "code"}}``, never a 500 or a
 traceback: 400 (bad name, or a body that is not JSON, nested too deeply, of the wrong types or with
 unknown fields), 403 (no admin token), 404 (unknown adapter or version), 409 (stale, unservable by
-decision, nothing to roll back to, busy), 413 (body too large: refused before it is read whole), 422
+decision, nothing to roll back to, no usable traffic to refine from), 413 (body too large: refused before it is read whole), 422
 (the version cannot be served here: corrupt, NaN, rank above --max-lora-rank, shapes that do not fit
 the base model, weights that overflow the serving dtype; the old version keeps serving). 500 only when
-the engine itself refuses a load that passed every check (the old version keeps serving).
+the engine itself refuses a load that passed every check (the old version keeps serving); 503 when the
+job database cannot be used (refine and the job routes only).
 
 Enabling: vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (`vllm-surgery-serve` adds
 this one when VLLM_PLUGINS is unset, see `launcher`).
@@ -39,7 +43,10 @@ Authentication:
 
 Start-up (init_state) checks the vLLM internals the plugin uses (`vllm_compat.self_check`), refuses
 more than one API-server process, reads the engine's limits (max rank, dtype, base-model shapes),
-removes what interrupted refinements left in the store, and restores served versions.
+removes what interrupted refinements left in the store, restores served versions, opens the job
+database (migrations; the jobs' figures go to /metrics from there) and starts the automatic jobs and
+the pending swaps (`autorefine`). A job database that cannot be opened leaves serving alone: the job
+routes answer 503 and the server log says why.
 """
 
 from __future__ import annotations
@@ -58,11 +65,17 @@ from ..base_model import base_layer_shapes
 from ..errors import AdapterError
 from . import vllm_compat
 from .auth import ADMIN_HEADER, AdminGuard
+from .autorefine import AutoRefiner
+from .database import DatabaseError, SQLiteDatabase
 from .hotswap import HotSwapError, HotSwapper
 from .http import LARGE_BODY_BYTES, BodyError, error_response, json_object_body
+from .job_queue import JOB_STATES
+from .jobs import describe_job
 from .launcher import ONE_API_SERVER
+from .metrics import register_jobs_collector
+from .names import validate_adapter_name
 from .plugin import RESOLVER_NAME
-from .refining import BODY_FIELDS, RefineError, Refiner
+from .refining import BODY_FIELDS, RefineError, RefineQueue
 from .resolver import SurgeryResolver
 from .settings import ServingSettings, SettingsError
 from .traffic_api import attach_capture, attach_traffic_routes, calibration_source, start_capture
@@ -73,8 +86,10 @@ log = logging.getLogger(f"vllm.{__name__}")
 PLUGIN_NAME = "vllm_surgery_api"
 STATE_KEY = "vllm_surgery_hotswapper"
 REFINER_KEY = "vllm_surgery_refiner"
+JOBS_KEY = "vllm_surgery_jobs"
+MAX_JOBS_PER_PAGE = 500
 SWAP_FIELDS = ("version",)
-__all__ = ["ADMIN_HEADER", "PLUGIN_NAME", "REFINER_KEY", "STATE_KEY", "SurgeryEndpointPlugin"]
+__all__ = ["ADMIN_HEADER", "JOBS_KEY", "PLUGIN_NAME", "REFINER_KEY", "STATE_KEY", "SurgeryEndpointPlugin"]
 
 
 def server_limits(args: Namespace, engine_client: Any) -> ServingLimits:
@@ -204,7 +219,40 @@ class SurgeryEndpointPlugin:
             body = await json_object_body(
                 request, LARGE_BODY_BYTES, allowed=BODY_FIELDS, example='{"records": [...]}'
             )
-            return await refiner.refine(name, body)
+            status, answer = await refiner.refine(name, body)
+            headers = {"Location": answer["location"]} if "location" in answer else None
+            return JSONResponse(answer, status_code=int(status), headers=headers)
+
+        @router.get("/jobs")
+        @_answer_4xx
+        async def list_jobs(request: Request) -> Any:
+            db = _job_database(request)
+            q = request.query_params
+            adapter, state = q.get("adapter"), q.get("state")
+            if adapter is not None:
+                validate_adapter_name(adapter)
+            if state is not None and state not in JOB_STATES:
+                raise BodyError(f"'state' must be one of {list(JOB_STATES)}, got {state!r}")
+            limit = int(q.get("limit", "100"))
+            before = int(q["before_id"]) if "before_id" in q else None
+            if not 1 <= limit <= MAX_JOBS_PER_PAGE:
+                raise BodyError(f"'limit' must be in [1, {MAX_JOBS_PER_PAGE}]")
+            jobs = await asyncio.to_thread(db.jobs, adapter, state, limit, before)
+            return {
+                "jobs": [describe_job(j) for j in jobs],
+                "next_before_id": jobs[-1].id if len(jobs) == limit else None,
+            }
+
+        @router.get("/jobs/{job_id}")
+        @_answer_4xx
+        async def get_job(job_id: str, request: Request) -> Any:
+            db = _job_database(request)
+            if not job_id.isdigit() or len(job_id) > 18:
+                raise BodyError(f"job id must be a positive integer, got {job_id!r}")
+            job = await asyncio.to_thread(db.job, int(job_id))
+            if job is None:
+                raise BodyError(f"no job {job_id}", 404)
+            return describe_job(job)
 
         attach_traffic_routes(router, self._guard_answer)
         app.include_router(router)
@@ -261,12 +309,62 @@ class SurgeryEndpointPlugin:
             )
         setattr(state, STATE_KEY, swapper)
         await swapper.restore_served_versions()
-        refiner = Refiner(swapper, str(args.model))
+        refiner = RefineQueue(swapper, str(args.model))
         setattr(state, REFINER_KEY, refiner)
         recorder = await asyncio.to_thread(
             start_capture, self._capture, engine_client, state, args, self.settings, swapper
         )
-        refiner.traffic = calibration_source(self.settings, recorder)
+        db = await asyncio.to_thread(self._open_job_database)
+        refiner.db = db
+        refiner.traffic = calibration_source(self.settings, recorder, db)
+        if db is None:
+            return
+        setattr(state, JOBS_KEY, db)
+        register_jobs_collector(db)
+        auto = AutoRefiner(swapper, db, str(args.model), refiner.traffic, recorder.policy if recorder else None)
+        swapper.resolver.on_original_served = auto.first_load_soon
+        await asyncio.to_thread(_first_load_of_startup_adapters, swapper, auto)
+        self._auto_refiner = auto
+        auto.start()
+        log.info(
+            "vllm-surgery: job queue in %s (automatic refinement %s; checks every %g s)",
+            db.path, "on" if self.settings.auto_refine else "off", self.settings.refine_check_interval_s,
+        )  # fmt: skip
+
+    def _open_job_database(self) -> SQLiteDatabase | None:
+        """The job database (blocking: migrations), or None, logged, when it cannot be used: serving
+        does not depend on it, only the job routes, automatic jobs and pending swaps do."""
+        try:
+            db = SQLiteDatabase(self.settings.database_path)
+        except DatabaseError as e:
+            log.error("vllm-surgery: refinement jobs are unavailable (the job routes answer 503): %s", e)
+            return None
+        if self._app is not None:
+            vllm_compat.on_shutdown(self._app, db.close)
+        return db
+
+
+def _job_database(request: Request) -> Any:
+    """The server's job database; raises HotSwapError (503) when it is not available."""
+    db = getattr(request.app.state, JOBS_KEY, None)
+    if db is None:
+        raise HotSwapError(
+            "refinement jobs are not available on this server (no job database; see the server log)",
+            503,
+            "ServiceUnavailable",
+        )
+    return db
+
+
+def _first_load_of_startup_adapters(swapper: HotSwapper, auto: AutoRefiner) -> None:
+    """--lora-modules adapters are never resolved: they get their first-load check at start."""
+    for name, original in swapper.startup.items():
+        try:
+            adapter_hash = swapper.validator.validate(original)
+            if swapper.store.served(name, adapter_hash) is None:
+                auto.first_load_soon(name, original, adapter_hash)
+        except (AdapterError, OSError, ValueError) as e:
+            log.warning("adapter %r: no first-load check: %s", name, e)
 
 
 def _describe_all(swapper: HotSwapper) -> list[dict[str, Any]]:

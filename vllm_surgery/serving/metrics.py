@@ -4,23 +4,43 @@ vLLM's /metrics serves that registry from the API-server process, which is where
 hot-swap routes run, so these series appear there without multiprocess mode. Label values are bounded:
 `adapter` is only ever a validated name of an adapter that exists under an operator root, and
 `outcome` / `result` come from the fixed sets below.
+
+The job figures are different: workers are other processes (another machine, even), so their
+progress cannot be counted in this process's memory. `JobsCollector` reads them from the job database
+at scrape time, so they are right whichever process changed them, and survive restarts of either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(f"vllm.{__name__}")
 
 SWAP_OUTCOMES = ("swapped", "noop", "invalid", "not_found", "conflict", "corrupt", "failed")
 STORE_RESULTS = ("hit", "miss")
 # Who looked the store up: the resolver (is a refined version served for this name?) or a refine
 # request (was this exact refinement done before?).
 STORE_LOOKUPS_BY = ("resolver", "refine")
-REFINE_OUTCOMES = ("accept", "keep_original", "forced", "error", "cached")
-REFINE_STAGES = ("load", "prepare", "sensitivity", "evaluation", "write", "total")
+# What a refine request got: queued (a job), cached (answered from the store), error (refused).
+REFINE_OUTCOMES = ("queued", "cached", "error")
+JOB_STATES = ("queued", "running", "accepted", "kept_original", "failed")
+JOB_OUTCOMES = ("accepted", "kept_original", "failed")
+# Stages of a job, as the worker records them (seconds): waiting in the queue, loading the base model
+# (near 0 when it is cached), building the calibration set, then refine()'s own stages (load_adapter:
+# reading and checking the adapter), the swap into the server, and the whole job from claim to swap.
+JOB_STAGES = (
+    "queued", "load_model", "calibration", "load_adapter", "prepare", "sensitivity", "evaluation", "write",
+    "swap", "total",
+)  # fmt: skip
+JOB_STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 # What became of a captured request's records: logged (stored), dropped (the queue was full or closed),
 # failed (the database or the redaction hook failed), redacted_out (the redaction hook dropped it),
 # incomplete (no complete answer reached the client: error status, disconnect, cut stream).
@@ -50,14 +70,9 @@ STORE_LOOKUPS = Counter(
 )
 REFINEMENTS = Counter(
     "vllm_surgery_refinements",
-    "Refinement requests, by adapter and outcome (cached = answered from the store).",
+    "Refine requests, by adapter and outcome (queued = a job, cached = answered from the store, error = "
+    "refused).",
     ["adapter", "outcome"],
-)
-REFINE_DURATION = Histogram(
-    "vllm_surgery_refinement_duration_seconds",
-    "Duration of computed refinements, by stage (refine() timings).",
-    ["stage"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
 )
 HELDOUT_LOSS = Gauge(
     "vllm_surgery_heldout_loss",
@@ -135,9 +150,93 @@ def record_store_lookup(hit: bool, by: str = "resolver") -> None:
     STORE_LOOKUPS.labels(by=by, result="hit" if hit else "miss").inc()
 
 
-def record_refinement(adapter: str, outcome: str, timings: Mapping[str, float] | None = None) -> None:
+def record_refinement(adapter: str, outcome: str) -> None:
     assert outcome in REFINE_OUTCOMES, outcome
     REFINEMENTS.labels(adapter=adapter, outcome=outcome).inc()
-    for stage, seconds in (timings or {}).items():
-        if stage in REFINE_STAGES:
-            REFINE_DURATION.labels(stage=stage).observe(seconds)
+
+
+# ----------------------------------------------------------------------------- jobs (from the database)
+class JobsCollector(Collector):
+    """Job figures read from the job database at scrape time (see the module docstring).
+
+    `queue` is a job_queue.JobQueue (the server's Database); None only to describe the families. A
+    database that cannot be read gives no job samples for that scrape (logged), never a failed scrape.
+    """
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    @staticmethod
+    def _families() -> dict[str, Any]:
+        return {
+            "jobs": GaugeMetricFamily(
+                "vllm_surgery_jobs", "Refinement jobs in the job database, by state.", labels=["state"]
+            ),
+            "finished": CounterMetricFamily(
+                "vllm_surgery_jobs_finished",
+                "Finished refinement jobs, by adapter and outcome (accepted: a refined version was "
+                "written; kept_original: the gate kept the original; failed: the error says why).",
+                labels=["adapter", "outcome"],
+            ),
+            "oldest": GaugeMetricFamily(
+                "vllm_surgery_job_queue_oldest_age_seconds",
+                "Age of the oldest queued job (0 when none is queued): a queue that does not drain grows it.",
+            ),
+            "pending": GaugeMetricFamily(
+                "vllm_surgery_job_swaps_pending",
+                "Accepted versions not swapped in yet (the server swaps them every refine_check_interval_s).",
+            ),
+            "stages": HistogramMetricFamily(
+                "vllm_surgery_job_stage_seconds",
+                "Duration of finished jobs by stage (queued, load_model, calibration, load_adapter, "
+                "prepare, sensitivity, evaluation, write, swap, total).",
+                labels=["stage"],
+            ),
+            "quality": GaugeMetricFamily(
+                "vllm_surgery_job_heldout_loss",
+                "Held-out mean answer loss measured by an adapter's latest finished refinement: which=before "
+                "is the original adapter, which=after the best candidate (the served version when accepted).",
+                labels=["adapter", "which"],
+            ),
+        }
+
+    def describe(self) -> list[Any]:
+        return list(self._families().values())
+
+    def collect(self) -> list[Any]:
+        families = self._families()
+        try:
+            figures = self.queue.job_figures()
+        except Exception as e:  # DatabaseError, or a broken file: the scrape itself must not fail
+            log.error("metrics: job figures cannot be read from the job database: %s", e)
+            return []
+        for state in JOB_STATES:
+            families["jobs"].add_metric([state], figures.by_state.get(state, 0))
+        for (adapter, outcome), n in sorted(figures.finished.items()):
+            families["finished"].add_metric([adapter, outcome], n)
+        families["oldest"].add_metric([], figures.oldest_queued_age_s)
+        families["pending"].add_metric([], figures.swaps_pending)
+        for stage in JOB_STAGES:
+            values = [t[stage] for t in figures.timings if stage in t]
+            buckets = [(str(b), sum(v <= b for v in values)) for b in JOB_STAGE_BUCKETS]
+            families["stages"].add_metric([stage], [*buckets, ("+Inf", len(values))], sum(values))
+        for adapter, (before, after) in sorted(figures.latest_quality.items()):
+            families["quality"].add_metric([adapter, "before"], before)
+            families["quality"].add_metric([adapter, "after"], after)
+        return list(families.values())
+
+
+_collector_lock = threading.Lock()
+_collector: JobsCollector | None = None
+
+
+def register_jobs_collector(queue: Any) -> JobsCollector:
+    """Register (or re-point) the jobs collector in the global registry that vLLM's /metrics serves."""
+    global _collector
+    with _collector_lock:
+        if _collector is None:
+            _collector = JobsCollector(queue)
+            REGISTRY.register(_collector)
+        else:
+            _collector.queue = queue
+        return _collector

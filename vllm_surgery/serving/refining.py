@@ -1,64 +1,68 @@
-"""Refinement inside the API server: `POST /v1/surgery/adapters/{name}/refine`.
+"""`POST /v1/surgery/adapters/{name}/refine`: answered from the store, or queued as a job.
 
 Body (JSON object)::
 
     {"records": [{"prompt": ..., "completion": ...}, ...]}   inline calibration (JSONL line objects)
     {"calibration": "math.jsonl"}                             a file in VLLM_SURGERY_CALIBRATION_DIR
-    {"from_traffic": true}                                    the adapter's recorded traffic and feedback
-      (+ optional "include_unrated": bool, "since": "7d" or an ISO time; see traffic_calibration)
-    + optional SurgeryConfig fields: policy, policy_params, constraint, modules, layers,
-      heldout_fraction, min_improvement, max_false_accept, samples, max_length, max_batch_tokens, seed, force
-    + "swap": true (default): hot-swap a written version (accept, or forced) in at once
+    {"from_traffic": true}                                    the adapter's calibration set: its recorded
+      traffic and feedback, its registered files and its own surgery_calibration.jsonl, as they are
+      when the job runs (+ optional "include_unrated": bool, "since": "7d" or an ISO time)
+    + optional SurgeryConfig fields: policy (default auto), policy_params, constraint, modules, layers,
+      heldout_fraction, min_improvement, max_false_accept, samples, max_length, max_batch_tokens, seed
+    + "swap": true (default): swap the version in when the gate accepts it
 
-Design:
+Answers:
 
-- Store first. The request's key (`store.version_key`) is computed from the original adapter's
-  content hash, the server's --model string, the result-affecting config fields and the calibration
-  SHA-256; a version (or a remembered keep_original) with that key answers at once ("cached"),
-  without the refinement lock, even while another refinement runs. A remembered keep_original does
-  not answer a forced request; a forced version answers a non-forced request as keep_original.
-- One refinement at a time per server: a request that needs computing while another one runs gets
-  409 at once (no queueing: a synchronous request may take minutes, and a queue would hold HTTP
-  connections and hide the load; clients retry). It runs in a worker thread, so the event loop keeps
-  serving completions meanwhile.
-- The base model is the server's --model directory, loaded once (lazily, on the first refinement)
-  with transformers on the refinement device ("auto": CUDA if present) and reused; refine() leaves it
-  unmodified. That copy stays in the API-server process's memory for the life of the server.
-- Output goes to `store.new_version_dir(name)`; when nothing is written (keep_original) or anything
-  fails, that directory is removed, so only complete versions remain. A failure never touches the
-  served version: 400 (bad body, config or calibration; the message names the record or line),
-  404 (unknown adapter or calibration file), 409 (busy), 422 (broken original), 500 (anything else).
-- Adapters given with --lora-modules are originals too (refinable and swappable); adapters loaded at
-  run time through vLLM's /v1/load_lora_adapter are not: 404.
+- 200: the store already holds this exact refinement (same key: original adapter content, base model,
+  result-affecting settings, calibration data): an accepted version (swapped in at once if asked) or a
+  remembered keep_original. Nothing is computed.
+- 202: queued (or already queued: the same request while its job is queued or running returns that
+  job). ``{"job_id", "state", "queued": bool, "location": "/v1/surgery/jobs/ID", "job": {...}}``. A
+  `vllm-surgery worker` computes it (see `worker`); the job routes show its progress and figures.
+- 400 bad body, config or calibration source (the message names the field); 404 unknown adapter or
+  calibration file; 409 no usable calibration example in the traffic; 422 broken original; 503 the
+  job database cannot be used.
+
+The server never computes a refinement itself: a second copy of the base model and a gradient pass
+inside the API-server process would compete with vLLM for its memory and its event loop. There is no
+409-when-busy either: requests queue, and one worker (or several) takes them in order, one job per
+adapter at a time. ``force`` is refused: a job's version is swapped in only when the gate accepts it
+(write a forced version with `vllm-surgery refine --force` and swap it by hand).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import shutil
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from ..adapter import load_adapter
+from ..calibration import check_record
 from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
 from . import metrics
+from .database import DatabaseError
 from .hotswap import HotSwapError, HotSwapper
+from .jobs import DEFAULT_JOB_POLICY, describe_job, job_spec, lookup, records_sha256
 from .names import InvalidAdapterName, path_under
-from .store import KEY_CONFIG_FIELDS, VersionInfo, version_key
+from .settings import REFINE_SETTING_FIELDS
+from .store import version_key
 
 log = logging.getLogger(f"vllm.{__name__}")
 
-CONFIG_FIELDS = frozenset({*KEY_CONFIG_FIELDS, "max_batch_tokens", "force"})
+CONFIG_FIELDS = frozenset(REFINE_SETTING_FIELDS)
 TRAFFIC_FIELDS = frozenset({"include_unrated", "since"})
-BODY_FIELDS = frozenset({"records", "calibration", "from_traffic", "swap"}) | TRAFFIC_FIELDS | CONFIG_FIELDS
+BODY_FIELDS = (
+    frozenset({"records", "calibration", "from_traffic", "swap", "force"}) | TRAFFIC_FIELDS | CONFIG_FIELDS
+)
+JOBS_PATH = "/v1/surgery/jobs"
+
+# (adapter, adapter_dir, include_unrated or None, since or None) -> (CalibrationFromTraffic, source spec)
+AdapterCalibration = Callable[[str, "Path | None", "bool | None", "float | None"], "tuple[Any, dict[str, Any]]"]
 
 
 class RefineError(SurgeryError):
@@ -72,21 +76,20 @@ class RefineError(SurgeryError):
 @dataclass(frozen=True)
 class RefineRequest:
     config: Any  # SurgeryConfig
-    calibration: list[dict[str, Any]] | Path
+    fields: dict[str, Any]  # the request's config fields, as the job spec stores them
+    calibration: dict[str, Any]  # the job spec's calibration source
     calibration_sha256: str
+    examples: int | None  # known at request time (records, traffic), or None (a file)
     swap: bool
 
 
-def records_sha256(records: list[Any]) -> str:
-    """The SHA-256 that load_calibration() records for inline records (kept equal by a unit test)."""
-    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
-
-
 def parse_request(
-    body: Any, calibration_dir: Path | None, from_traffic: Callable[[bool | None, float | None], Any] | None = None
+    body: Any,
+    calibration_dir: Path | None,
+    from_traffic: Callable[[bool | None, float | None], tuple[Any, dict[str, Any]]] | None = None,
 ) -> RefineRequest:
     """Validate a refine body (blocking: may hash a calibration file or read the traffic database).
-    `from_traffic(include_unrated, since)` builds the adapter's calibration set from its traffic.
+    `from_traffic(include_unrated, since)` gives the adapter's calibration set and its source spec.
     Raises RefineError (400/404; 409 when the traffic holds no usable example)."""
     from ..config import SurgeryConfig
 
@@ -95,18 +98,31 @@ def parse_request(
     unknown = sorted(set(body) - BODY_FIELDS)
     if unknown:
         raise RefineError(
-            f"unknown field(s) {unknown}; allowed: {sorted(BODY_FIELDS)}", HTTPStatus.BAD_REQUEST
+            f"unknown field(s) {unknown}; allowed: {sorted(BODY_FIELDS - {'force'})}", HTTPStatus.BAD_REQUEST
+        )
+    if "force" in body:
+        raise RefineError(
+            "'force' is not available here: a queued refinement is swapped in only when the gate accepts "
+            "it; write a forced version with `vllm-surgery refine --force` and swap it in by hand",
+            HTTPStatus.BAD_REQUEST,
         )
     swap = body.get("swap", True)
     if not isinstance(swap, bool):
         raise RefineError("'swap' must be true or false", HTTPStatus.BAD_REQUEST)
-    fields = {k: v for k, v in body.items() if k in CONFIG_FIELDS}
+    fields = {"policy": DEFAULT_JOB_POLICY, **{k: v for k, v in body.items() if k in CONFIG_FIELDS}}
     if isinstance(fields.get("layers"), list):
         fields["layers"] = tuple(fields["layers"])
     try:
         config = SurgeryConfig(**fields, progress=False)
     except (ConfigError, TypeError, ValueError, OverflowError) as e:
         raise RefineError(f"invalid settings: {e}", HTTPStatus.BAD_REQUEST) from e
+    if config.heldout_fraction == 0:
+        raise RefineError(
+            "heldout_fraction must be > 0: a queued refinement is measured on held-out data by the gate",
+            HTTPStatus.BAD_REQUEST,
+        )
+    if isinstance(fields.get("layers"), tuple):
+        fields["layers"] = list(fields["layers"])
 
     if sum(k in body for k in ("records", "calibration", "from_traffic")) != 1:
         raise RefineError(
@@ -115,14 +131,21 @@ def parse_request(
             HTTPStatus.BAD_REQUEST,
         )
     if "from_traffic" in body:
-        return _traffic_request(body, config, swap, from_traffic)
+        return _traffic_request(body, config, fields, swap, from_traffic)
     if TRAFFIC_FIELDS & set(body):
         raise RefineError(f"{sorted(TRAFFIC_FIELDS & set(body))} only go with 'from_traffic'", 400)
     if "records" in body:
         records = body["records"]
         if not isinstance(records, list) or not records:
             raise RefineError("'records' must be a non-empty list of objects", HTTPStatus.BAD_REQUEST)
-        return RefineRequest(config, records, records_sha256(records), swap)
+        try:  # shapes now, naming the record; tokens when the job runs
+            for i, record in enumerate(records):
+                check_record(record, f"record {i}")
+        except CalibrationError as e:
+            raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
+        digest = records_sha256(records)
+        source = {"source": "records", "records": records, "sha256": digest}
+        return RefineRequest(config, fields, source, digest, len(records), swap)
 
     file_name = body["calibration"]
     if calibration_dir is None:
@@ -140,11 +163,16 @@ def parse_request(
         raise RefineError(f"calibration file {file_name!r} not found", HTTPStatus.NOT_FOUND) from e
     except OSError as e:
         raise RefineError(f"calibration file {file_name!r} cannot be read ({e.strerror})", 400) from e
-    return RefineRequest(config, path, digest, swap)
+    source = {"source": "file", "path": str(path), "sha256": digest}
+    return RefineRequest(config, fields, source, digest, None, swap)
 
 
 def _traffic_request(
-    body: dict[str, Any], config: Any, swap: bool, from_traffic: Callable[[bool | None, float | None], Any] | None
+    body: dict[str, Any],
+    config: Any,
+    fields: dict[str, Any],
+    swap: bool,
+    from_traffic: Callable[[bool | None, float | None], tuple[Any, dict[str, Any]]] | None,
 ) -> RefineRequest:
     from ..traffic_calibration import parse_since
 
@@ -159,7 +187,7 @@ def _traffic_request(
     if from_traffic is None:
         raise RefineError("this server cannot read recorded traffic", HTTPStatus.BAD_REQUEST)
     try:
-        data = from_traffic(include_unrated, None if since is None else parse_since(since))
+        data, source = from_traffic(include_unrated, None if since is None else parse_since(since))
     except CalibrationError as e:
         raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
     except SurgeryError as e:
@@ -167,141 +195,93 @@ def _traffic_request(
     if not data.records:
         raise RefineError(f"no usable calibration examples in the traffic: {data.summary()}", HTTPStatus.CONFLICT)
     log.info("refine from traffic: %s", data.summary())
-    return RefineRequest(config, data.records, records_sha256(data.records), swap)
+    return RefineRequest(config, fields, source, records_sha256(data.records), len(data.records), swap)
 
 
-def _quality(q: Any) -> dict[str, Any] | None:
-    if q is None:
-        return None
-    return q if isinstance(q, dict) else q.to_dict()
-
-
-class Refiner:
-    """Runs refinements for one API server; see the module docstring."""
+class RefineQueue:
+    """Answers refine requests for one API server from the store, or queues them (module docstring)."""
 
     def __init__(self, swapper: HotSwapper, base_model: str) -> None:
         self.swapper = swapper
         self.store = swapper.store
         self.base_model = str(base_model)
-        self.lock = asyncio.Lock()
-        self._model: tuple[Any, Any] | None = None
-        # (adapter, include_unrated, since) -> CalibrationFromTraffic; set by the plugin (traffic_api)
-        self.traffic: Callable[..., Any] | None = None
-
-    # ------------------------------------------------------------------ blocking helpers (threads)
-    def _model_and_tokenizer(self) -> tuple[Any, Any]:
-        if self._model is None:
-            from ..refine import load_base_model, resolve_device
-
-            t = time.perf_counter()
-            self._model = load_base_model(self.base_model, resolve_device("auto"), progress=False)
-            log.info("refine: loaded base model %s in %.1f s", self.base_model, time.perf_counter() - t)
-        return self._model
+        self.db: Any = None  # the job database (Database), set by the plugin; None: jobs unavailable
+        self.max_attempts = swapper.settings.job_max_attempts
+        # (adapter, adapter_dir, include_unrated, since) -> (data, source); set by the plugin (traffic_api)
+        self.traffic: AdapterCalibration | None = None
 
     def _key(self, original: Path, request: RefineRequest) -> str:
         try:
             adapter_hash = load_adapter(original).content_hash()
         except AdapterError as e:
             raise RefineError(f"original adapter is broken: {e}", HTTPStatus.UNPROCESSABLE_ENTITY) from e
-        return version_key(
-            adapter_hash, self.base_model, request.config.to_dict(), request.calibration_sha256
+        return version_key(adapter_hash, self.base_model, request.config.to_dict(), request.calibration_sha256)
+
+    def _enqueue(self, name: str, original: Path, request: RefineRequest, key: str) -> tuple[Any, bool]:
+        spec = job_spec(
+            base_model=self.base_model,
+            adapter_path=original,
+            config=request.fields,
+            calibration=request.calibration,
+            swap=request.swap,
         )
-
-    def _lookup(self, name: str, key: str, force: bool) -> dict[str, Any] | None:
-        """A stored answer for `key`, shaped like a computed one, or None (a miss)."""
-        matches = [v for v in self.store.versions(name) if v.key == key and v.servable]
-        accepted = [v for v in matches if v.decision == "accept"]
-        info: VersionInfo | None = (accepted or matches or [None])[-1]
-        if info is not None:
-            record = dict(info.record or {})
-            if info.decision == "forced" and not force:
-                # The same non-forced request would have written nothing: answer keep_original.
-                return self._answer(record, "keep_original", None)
-            return self._answer(record, info.decision, info.version_id)
-        remembered = self.store.recall(name, key)
-        if remembered is not None and not force:
-            return self._answer(remembered, "keep_original", None)
-        return None
-
-    @staticmethod
-    def _answer(record: Mapping[str, Any], decision: str | None, version: str | None) -> dict[str, Any]:
-        return {
-            "decision": decision,
-            "reason": record.get("reason"),
-            "policy": record.get("policy"),
-            "quality_before": _quality(record.get("quality_before")),
-            "quality_after": _quality(record.get("quality_after")),
-            "version": version,
-            "timings": record.get("timings") or {},
-        }
-
-    def _compute(self, name: str, original: Path, request: RefineRequest, key: str) -> dict[str, Any]:
-        from ..refine import refine
-
-        # The writer lock tells start-up cleaning of a server sharing this store that the reserved
-        # directory below is being filled, not left behind by a killed process.
-        with self.store.writer_lock(name):
-            out_dir = self.store.new_version_dir(name)
-            try:
-                model, tokenizer = self._model_and_tokenizer()
-                result = refine(
-                    self.base_model, original, request.calibration, out_dir, request.config,
-                    model=model, tokenizer=tokenizer,
-                )  # fmt: skip
-            except BaseException:
-                shutil.rmtree(out_dir, ignore_errors=True)
-                raise
-        record = result.to_dict()
-        if not result.written:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            if result.decision == "keep_original":
-                try:
-                    self.store.remember(name, key, record)
-                except (OSError, ValueError) as e:
-                    log.error("refine %r: could not remember the keep_original outcome: %s", name, e)
-            return self._answer(record, result.decision, None)
-        return self._answer(record, result.decision, out_dir.name)
-
-    # ------------------------------------------------------------------ the request
-    async def refine(self, name: str, body: Any) -> dict[str, Any]:
-        """Answer one refine request; raises RefineError (or HotSwapError for bad/unknown names)."""
-        original = await asyncio.to_thread(self.swapper._original, name)  # 400 / 404 before anything else
-        known = name
         try:
-            traffic = partial(self.traffic, name) if self.traffic is not None else None
-            request = await asyncio.to_thread(parse_request, body, self.swapper.settings.calibration_dir, traffic)
+            return self.db.enqueue_job(
+                name, "manual", spec, f"manual:{name}:{key}", max_attempts=self.max_attempts
+            )
+        except DatabaseError as e:
+            raise RefineError(f"the job database is not available: {e}", HTTPStatus.SERVICE_UNAVAILABLE) from e
+
+    async def refine(self, name: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """(status, answer) for one refine request; raises RefineError (or HotSwapError for bad or
+        unknown names)."""
+        original = await asyncio.to_thread(self.swapper._original, name)  # 400 / 404 before anything else
+        try:
+            traffic = None
+            if self.traffic is not None:
+                source = self.traffic
+
+                def traffic(include_unrated: bool | None, since: float | None) -> tuple[Any, dict[str, Any]]:
+                    return source(name, original, include_unrated, since)
+
+            settings = self.swapper.settings
+            request = await asyncio.to_thread(parse_request, body, settings.calibration_dir, traffic)
             key = await asyncio.to_thread(self._key, original, request)
-            answer = await asyncio.to_thread(self._lookup, name, key, request.config.force)
+            answer = await asyncio.to_thread(lookup, self.store, name, key)
             metrics.record_store_lookup(answer is not None, by="refine")
-            cached = answer is not None
             if answer is None:
-                if self.lock.locked():
+                if self.db is None:
                     raise RefineError(
-                        "another refinement is running on this server; retry when it is done",
-                        HTTPStatus.CONFLICT,
+                        "refinement jobs are not available on this server: its job database could not "
+                        "be opened (see the server log)",
+                        HTTPStatus.SERVICE_UNAVAILABLE,
                     )
-                async with self.lock:
-                    answer = await asyncio.to_thread(self._compute, name, original, request, key)
+                job, queued = await asyncio.to_thread(self._enqueue, name, original, request, key)
         except RefineError as e:
-            metrics.record_refinement(known, "error")
+            metrics.record_refinement(name, "error")
             log.warning("refine %r refused: %s", name, e)
             raise
         except (CalibrationError, ConfigError, OverflowError, RecursionError) as e:
-            metrics.record_refinement(known, "error")
-            log.warning("refine %r failed: %s", name, e)
+            metrics.record_refinement(name, "error")
             raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
-        except AdapterError as e:
-            metrics.record_refinement(known, "error")
-            raise RefineError(str(e), HTTPStatus.UNPROCESSABLE_ENTITY) from e
-        except Exception as e:
-            metrics.record_refinement(known, "error")
-            log.exception("refine %r failed", name)
-            raise RefineError(f"refinement failed: {type(e).__name__}: {e}", 500) from e
 
-        if cached:
-            metrics.record_refinement(name, "cached")
-        else:
-            metrics.record_refinement(name, answer["decision"], answer["timings"])
+        if answer is None:
+            metrics.record_refinement(name, "queued")
+            log.info(
+                "refine %r: job %d %s (%s examples)", name, job.id, "queued" if queued else "already queued",
+                request.examples if request.examples is not None else "a file of",
+            )  # fmt: skip
+            return HTTPStatus.ACCEPTED, {
+                "adapter": name,
+                "job_id": job.id,
+                "state": job.state,
+                "queued": queued,
+                "key": key,
+                "examples": request.examples,
+                "location": f"{JOBS_PATH}/{job.id}",
+                "job": describe_job(job),
+            }
+        metrics.record_refinement(name, "cached")
         swapped, swap_error = False, None
         if answer["version"] is not None and request.swap:
             try:
@@ -310,10 +290,10 @@ class Refiner:
             except HotSwapError as e:
                 swap_error = str(e)
         served_version = await asyncio.to_thread(self.swapper.version_of, name, self.swapper.served_path(name))
-        return {
+        return HTTPStatus.OK, {
             "adapter": name,
             **answer,
-            "cached": cached,
+            "cached": True,
             "key": key,
             "swapped": swapped,
             "swap_error": swap_error,

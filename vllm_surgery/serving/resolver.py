@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,9 @@ class SurgeryResolver(LoRAResolver):
         # then, or under plain `vllm serve` without the endpoint plugin, see _default_limits.
         self.validator = AdapterValidator()
         self.configured = False
+        # (name, original path, content hash), called when a name resolves to its original: the
+        # endpoint plugin sets it to queue a first refinement (autorefine.AutoRefiner.first_load_soon).
+        self.on_original_served: Callable[[str, Path, str], None] | None = None
 
     def configure(self, limits: ServingLimits) -> None:
         """The running engine's limits (max rank, dtype, base-model shapes), from the endpoint plugin."""
@@ -128,4 +132,9 @@ class SurgeryResolver(LoRAResolver):
         log.info("adapter %r: serving the original %s", name, original)
         metrics.record_store_lookup(hit=False)
         metrics.record_served(name, "original")
+        if self.on_original_served is not None:
+            try:
+                self.on_original_served(name, original, adapter_hash)
+            except Exception:  # a hook must never stop an adapter from being served
+                log.exception("adapter %r: the first-load hook failed", name)
         return original

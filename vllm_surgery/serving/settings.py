@@ -187,6 +187,44 @@ ADAPTER_TRAFFIC = Kind(
 )
 
 
+# SurgeryConfig fields an operator may set for automatic refinements (force is never allowed: a job's
+# result is swapped in only when the gate accepts it; device and progress belong to the worker).
+REFINE_SETTING_FIELDS = (
+    "policy", "policy_params", "constraint", "modules", "layers", "heldout_fraction", "min_improvement",
+    "max_false_accept", "samples", "max_length", "max_batch_tokens", "seed",
+)  # fmt: skip
+
+
+def _json_refine_settings(value: Any, source: str, base: Path) -> dict[str, Any]:
+    """SurgeryConfig fields for automatic jobs, validated by SurgeryConfig itself (errors name the field)."""
+    from ..config import SurgeryConfig
+
+    if not isinstance(value, dict):
+        raise SettingsError(f"{source} must be a JSON object of refine settings, got {value!r}")
+    unknown = sorted(set(value) - set(REFINE_SETTING_FIELDS))
+    if unknown:
+        raise SettingsError(f"{source}: unknown or not allowed key(s) {unknown}; allowed: {list(REFINE_SETTING_FIELDS)}")
+    fields_ = dict(value)
+    if isinstance(fields_.get("layers"), list):
+        fields_["layers"] = tuple(fields_["layers"])
+    try:
+        SurgeryConfig(**fields_)
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:
+        raise SettingsError(f"{source}: {e}") from None
+    return dict(value)
+
+
+def _text_refine_settings(text: str, source: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise SettingsError(f"{source} must be a JSON object ({e}), got {text!r}") from None
+    return _json_refine_settings(value, source, Path("."))
+
+
+REFINE_SETTINGS = Kind("JSON object of refine settings (SurgeryConfig fields)", _text_refine_settings, _json_refine_settings)
+
+
 def setting(env: str, kind: Kind, help: str, **kwargs: Any) -> Any:
     """A ServingSettings field read from variable `env` (or the file key of the field's name)."""
     return field(metadata={"env": env, "kind": kind, "help": help}, **kwargs)
@@ -280,6 +318,55 @@ class ServingSettings:
         number(1, 10_000_000, integer=True),
         "Records waiting to be written; beyond it records are dropped and counted (metric and log).",
         default=10_000,
+    )
+
+    auto_refine: bool = setting(
+        "VLLM_SURGERY_AUTO_REFINE",
+        BOOL,
+        "Queue refinement jobs without a person: when an adapter is first resolved and has enough "
+        "calibration data but no refined version, and when it gains refine_new_examples new usable "
+        "examples. A `vllm-surgery worker` runs them; accepted versions are swapped in (off by default).",
+        default=False,
+    )
+    refine_min_examples: int = setting(
+        "VLLM_SURGERY_REFINE_MIN_EXAMPLES",
+        number(2, integer=True),
+        "Usable calibration examples (traffic, registered files and the adapter's own "
+        "surgery_calibration.jsonl) an adapter needs before an automatic job is queued and run.",
+        default=32,
+    )
+    refine_new_examples: int = setting(
+        "VLLM_SURGERY_REFINE_NEW_EXAMPLES",
+        number(1, integer=True),
+        "New usable examples since an adapter's last job (rated good, corrected, or unrated where "
+        "included) that queue a new automatic job.",
+        default=64,
+    )
+    refine_min_interval_s: float = setting(
+        "VLLM_SURGERY_REFINE_MIN_INTERVAL_S",
+        number(0),
+        "Seconds that must pass after an adapter's last job before new data queues another one.",
+        default=3600.0,
+    )
+    refine_check_interval_s: float = setting(
+        "VLLM_SURGERY_REFINE_CHECK_INTERVAL_S",
+        number(0.1, 86400),
+        "How often the server looks for new calibration data and for accepted versions whose swap is "
+        "pending (e.g. accepted while the server was down).",
+        default=30.0,
+    )
+    refine_settings: dict = setting(
+        "VLLM_SURGERY_REFINE_SETTINGS",
+        REFINE_SETTINGS,
+        'Refine settings of automatic jobs (e.g. {"samples": 128, "max_batch_tokens": 4096}); policy '
+        "defaults to auto. force is not allowed: only versions the gate accepts are swapped in.",
+        default_factory=dict,
+    )
+    job_max_attempts: int = setting(
+        "VLLM_SURGERY_JOB_MAX_ATTEMPTS",
+        number(1, 100, integer=True),
+        "Workers a job may outlive (killed or crashed while running it) before it is failed with that reason.",
+        default=3,
     )
 
     @property

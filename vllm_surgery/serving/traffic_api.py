@@ -24,15 +24,16 @@ import logging
 from argparse import Namespace
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..errors import CalibrationError, SurgeryError
+from ..errors import CalibrationError
 from . import metrics, vllm_compat
 from .capture import CaptureSwitch, TrafficCaptureMiddleware, observe_generate
-from .database import RATINGS, DatabaseError, SQLiteDatabase, UnknownRequest
+from .database import RATINGS, Database, DatabaseError, SQLiteDatabase, UnknownRequest
 from .http import SMALL_BODY_BYTES, BodyError, error_response, json_object_body
 from .names import InvalidAdapterName, validate_adapter_name
 from .settings import ServingSettings
@@ -239,36 +240,33 @@ def start_capture(
     return recorder
 
 
-def calibration_source(settings: ServingSettings, recorder: TrafficRecorder | None) -> Callable[..., Any]:
-    """What the refine route calls for ``{"from_traffic": true}``: (adapter, include_unrated, since) ->
-    CalibrationFromTraffic. Without capture on this server, the database is opened if it exists."""
-    return partial(_calibration_from_traffic, settings, recorder)
+def calibration_source(
+    settings: ServingSettings, recorder: TrafficRecorder | None, db: Database | None
+) -> Callable[..., Any]:
+    """What the refine route and the automatic jobs call to learn an adapter's calibration set:
+    (adapter, adapter_dir, include_unrated or None, since or None) -> (CalibrationFromTraffic, the job
+    spec's "adapter" source). `db`: the server's database (traffic and jobs), or None (no traffic)."""
+    return partial(_adapter_calibration, settings, recorder, db)
 
 
-def _calibration_from_traffic(
+def _adapter_calibration(
     settings: ServingSettings,
     recorder: TrafficRecorder | None,
+    db: Database | None,
     adapter: str,
+    adapter_dir: Path | None,
     include_unrated: bool | None,
     since: float | None,
-) -> Any:
-    from ..traffic_calibration import calibration_set, registered_files
+) -> tuple[Any, dict[str, Any]]:
+    from ..traffic_calibration import registered_files
+    from .jobs import adapter_source, build_adapter_calibration
 
     policy = recorder.policy if recorder is not None else TrafficPolicy(settings)
     adapter_policy = policy.for_adapter(adapter)
     if include_unrated is None:
         include_unrated = adapter_policy.include_unrated
     files = registered_files(settings.calibration_dir, adapter_policy.calibration_files, adapter)
+    source = adapter_source(include_unrated=include_unrated, since=since, files=files, adapter_dir=adapter_dir)
     if recorder is not None:
-        recorder.writer.flush(FLUSH_WAIT_S)
-        return calibration_set(
-            recorder.db, adapter, since=since, include_unrated=include_unrated, static_files=files
-        )
-    try:
-        db = SQLiteDatabase(settings.database_path, create=False)
-    except DatabaseError as e:
-        raise SurgeryError(f"no traffic to calibrate from: {e}") from e
-    try:
-        return calibration_set(db, adapter, since=since, include_unrated=include_unrated, static_files=files)
-    finally:
-        db.close()
+        recorder.writer.flush(FLUSH_WAIT_S)  # what was answered before this call counts
+    return build_adapter_calibration(db, adapter, source), source

@@ -1,0 +1,197 @@
+"""The job queue on a real SQLite file: enqueue and dedupe, claim, leases and heartbeats, expiry and
+take-over, one running job per adapter (enforced by SQLite itself), bounded attempts, owner-only
+updates, pending swaps, and two processes claiming from one file at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vllm_surgery.serving.database import DatabaseError, SQLiteDatabase, TrafficRecord
+
+SPEC = {"calibration": {"source": "records", "records": [{"prompt": "1 +", "completion": " 1"}]}}
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    d = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    yield d
+    d.close()
+
+
+def test_enqueue_is_idempotent_by_key_among_active_jobs(db: SQLiteDatabase) -> None:
+    first, created = db.enqueue_job("x", "manual", SPEC, "k", now=1.0)
+    assert created and (first.state, first.attempts, first.trigger) == ("queued", 0, "manual")
+    again, created = db.enqueue_job("x", "manual", {"other": 1}, "k", now=2.0)
+    assert not created and again.id == first.id and again.spec == SPEC
+    job = db.claim_job("w", 60, now=3.0)
+    assert db.enqueue_job("x", "manual", SPEC, "k")[0].id == job.id  # running still holds the key
+    assert db.fail_job(job.id, "w", "broken")
+    retry, created = db.enqueue_job("x", "manual", SPEC, "k")  # a finished job frees the key...
+    assert created and retry.id != first.id
+    once, created = db.enqueue_job("x", "first_load", SPEC, "first:x", once=True)
+    assert created
+    db.claim_job("w", 60)  # takes retry (older), not once
+    assert db.enqueue_job("x", "first_load", SPEC, "first:x", once=True) == (db.job(once.id), False)
+    with pytest.raises(ValueError, match="trigger must be one of"):
+        db.enqueue_job("x", "cron", SPEC)
+
+
+def test_claim_takes_the_oldest_queued_job_and_sets_the_lease(db: SQLiteDatabase) -> None:
+    ids = [db.enqueue_job(a, "manual", SPEC, now=float(i))[0].id for i, a in enumerate("abc")]
+    job = db.claim_job("w1", 30, now=100.0)
+    assert job.id == ids[0] and job.state == "running" and job.lease_owner == "w1"
+    assert (job.lease_expires, job.heartbeat, job.started, job.attempts) == (130.0, 100.0, 100.0, 1)
+    assert [db.claim_job("w2", 30, now=100.0).id, db.claim_job("w3", 30, now=100.0).id] == ids[1:]
+    assert db.claim_job("w4", 30, now=100.0) is None
+
+
+def test_one_running_job_per_adapter(db: SQLiteDatabase) -> None:
+    a1 = db.enqueue_job("a", "manual", SPEC, now=1.0)[0]
+    a2 = db.enqueue_job("a", "manual", SPEC, now=2.0)[0]
+    b1 = db.enqueue_job("b", "manual", SPEC, now=3.0)[0]
+    assert db.claim_job("w1", 30, now=10.0).id == a1.id
+    assert db.claim_job("w2", 30, now=10.0).id == b1.id  # a2 waits: "a" has a running job
+    assert db.claim_job("w3", 30, now=10.0) is None
+    assert db.finish_job(a1.id, "w1", "kept_original", {"decision": "keep_original"}, now=11.0)
+    assert db.claim_job("w3", 30, now=12.0).id == a2.id
+    # SQLite itself refuses a second running job of one adapter, whatever the code above does
+    a3 = db.enqueue_job("a", "manual", SPEC)[0]
+    with pytest.raises(DatabaseError, match="UNIQUE constraint failed"), db.transaction() as c:
+        c.execute("UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires = 1 WHERE id = ?", (a3.id,))
+
+
+def test_heartbeat_renews_only_for_the_owner_and_expiry_hands_the_job_over(db: SQLiteDatabase) -> None:
+    job = db.enqueue_job("a", "manual", SPEC, now=0.0)[0]
+    db.enqueue_job("a", "manual", SPEC, now=1.0)  # queued behind it: never claimed while it runs
+    assert db.claim_job("w1", 10, now=100.0).id == job.id
+    assert db.heartbeat_job(job.id, "w1", 10, now=108.0)
+    assert not db.heartbeat_job(job.id, "w2", 10, now=108.0)
+    assert db.job(job.id).lease_expires == 118.0
+    assert db.claim_job("w2", 10, now=117.0) is None  # renewed: still w1's
+    taken = db.claim_job("w2", 10, now=118.5)  # w1 stopped beating: expired
+    assert taken.id == job.id and taken.lease_owner == "w2" and taken.attempts == 2
+    # the old owner learns it lost the job; nothing it says is recorded
+    assert not db.heartbeat_job(job.id, "w1", 10, now=119.0)
+    assert not db.finish_job(job.id, "w1", "accepted", {"version": "v-old"}, "pending")
+    assert not db.fail_job(job.id, "w1", "late")
+    assert db.finish_job(job.id, "w2", "accepted", {"version": "v"}, "pending", now=120.0)
+    done = db.job(job.id)
+    assert (done.state, done.version, done.swap, done.lease_owner, done.finished) == ("accepted", "v", "pending", None, 120.0)
+
+
+def test_attempts_are_bounded(db: SQLiteDatabase) -> None:
+    job = db.enqueue_job("a", "manual", SPEC, max_attempts=2, now=0.0)[0]
+    assert db.claim_job("w1", 10, now=100.0).attempts == 1
+    assert db.claim_job("w2", 10, now=111.0).attempts == 2  # w1 died
+    assert db.claim_job("w3", 10, now=122.0) is None  # w2 died too: given up
+    failed = db.job(job.id)
+    assert failed.state == "failed" and failed.lease_owner is None
+    assert "stopped 2 time(s) without finishing" in failed.error and "last worker w2" in failed.error
+    assert "given up after 2 attempt(s)" in failed.error
+
+
+def test_release_gives_the_job_back_without_counting_the_attempt(db: SQLiteDatabase) -> None:
+    job = db.enqueue_job("a", "manual", SPEC)[0]
+    db.claim_job("w1", 10)
+    assert not db.release_job(job.id, "w2")
+    assert db.release_job(job.id, "w1")
+    back = db.job(job.id)
+    assert (back.state, back.attempts, back.lease_owner) == ("queued", 0, None)
+    assert db.claim_job("w2", 10).id == job.id
+
+
+def test_swaps_pending_are_superseded_by_a_later_accepted_version(db: SQLiteDatabase) -> None:
+    jobs = [db.enqueue_job("a", "manual", SPEC, now=float(i))[0] for i in range(3)]
+    other = db.enqueue_job("b", "manual", SPEC, now=4.0)[0]
+    for i, job in enumerate(jobs):
+        assert db.claim_job("w", 10, now=10.0 + i).id == job.id
+        assert db.finish_job(job.id, "w", "accepted", {"version": f"v{i}"}, "pending", now=20.0 + i)
+    db.claim_job("w", 10, now=30.0)
+    assert db.finish_job(other.id, "w", "accepted", {"version": "b0"}, "pending", now=31.0)
+    assert db.set_job_swap(jobs[2].id, "done", seconds=0.25)
+    assert db.pending_swaps() == [db.job(other.id)]  # a's older versions are outdated by v2
+    assert [db.job(j.id).swap for j in jobs] == ["superseded", "superseded", "done"]
+    assert db.job(jobs[2].id).result["timings"]["swap"] == 0.25
+    assert not db.set_job_swap(db.enqueue_job("c", "manual", SPEC)[0].id, "done")  # not accepted
+
+
+def test_usable_since_counts_examples_that_became_usable_after_a_time(db: SQLiteDatabase) -> None:
+    def rec(i: int, created: float) -> TrafficRecord:
+        return TrafficRecord(request_id=f"r{i}", choice=0, adapter="a", version="original", endpoint="completions",
+                             prompt="p", completion="c", sampling={}, created=created, calibratable=True)  # fmt: skip
+
+    ids = db.insert([rec(i, 10.0 + i) for i in range(6)])
+    empty = db.insert([replace(rec(6, 16.0), completion=" "), replace(rec(7, 17.0), completion="")])
+    db.add_feedback(empty[0], "good", None, created=90.0)  # good, but nothing was answered: not usable
+    db.add_feedback(empty[1], None, "the answer", created=90.0)  # a corrected empty answer: usable
+    db.add_feedback(ids[0], "good", None, created=20.0)  # before
+    db.add_feedback(ids[1], "good", None, created=50.0)  # after
+    db.add_feedback(ids[2], None, "fixed", created=60.0)  # a correction, after
+    db.add_feedback(ids[3], "bad", None, created=70.0)  # bad: never usable
+    db.add_feedback(ids[0], "bad", "better", created=80.0)  # corrected later: newly usable
+    assert db.usable_since("a", 40.0, include_unrated=False) == 4
+    assert db.usable_since("a", 85.0, include_unrated=False) == 1
+    assert db.usable_since("a", 0.0, include_unrated=True) == 6  # + r4, r5 (never rated)
+    assert db.usable_since("a", 14.5, include_unrated=True) == 5  # r5 recorded at 15
+    assert db.usable_since("b", 0.0, include_unrated=True) == 0
+
+
+def test_figures_for_the_metrics(db: SQLiteDatabase) -> None:
+    a = db.enqueue_job("a", "manual", SPEC, now=0.0)[0]
+    db.enqueue_job("b", "manual", SPEC, now=5.0)
+    db.enqueue_job("c", "manual", SPEC, now=7.0)
+    db.claim_job("w", 10, now=8.0)
+    result = {"version": "v", "quality_before": {"loss": 2.0}, "quality_after": {"loss": 1.5},
+              "timings": {"sensitivity": 3.0, "total": 4.0}}  # fmt: skip
+    db.finish_job(a.id, "w", "accepted", result, "pending", now=9.0)
+    db.claim_job("w", 10, now=9.0)
+    figures = db.job_figures(now=10.0)
+    assert figures.by_state == {"queued": 1, "running": 1, "accepted": 1, "kept_original": 0, "failed": 0}
+    assert figures.finished == {("a", "accepted"): 1}
+    assert figures.oldest_queued_age_s == 3.0 and figures.swaps_pending == 1
+    assert figures.latest_quality == {"a": (2.0, 1.5)}
+    assert figures.timings == [{"sensitivity": 3.0, "total": 4.0}]
+
+
+def _claim_all(path: str, owner: str, out: multiprocessing.Queue, ready, go) -> None:
+    import time
+
+    db = SQLiteDatabase(path)
+    ready.release()
+    go.wait(60)
+    claimed = []
+    while (job := db.claim_job(owner, 60)) is not None:
+        claimed.append(job.id)
+        time.sleep(0.005)  # some work while holding the job: the other process claims meanwhile
+        assert db.finish_job(job.id, owner, "kept_original", {"by": owner})
+    out.put(claimed)
+    db.close()
+
+
+def test_two_processes_never_take_the_same_job(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    db = SQLiteDatabase(path)
+    ids = {db.enqueue_job(f"adapter-{i % 7}", "manual", SPEC)[0].id for i in range(60)}
+    ctx = multiprocessing.get_context("spawn")
+    out, ready, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
+    procs = [ctx.Process(target=_claim_all, args=(str(path), f"p{i}", out, ready, go)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        assert ready.acquire(timeout=120)
+    go.set()  # both start claiming at once
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    claimed = [i for r in results for i in r]
+    assert sorted(claimed) == sorted(ids)  # every job exactly once
+    assert all(results), results  # both took part
+    rows = sqlite3.connect(path).execute("SELECT state, attempts, json_extract(result, '$.by') FROM jobs").fetchall()
+    assert {(s, a) for s, a, _ in rows} == {("kept_original", 1)}
+    db.close()

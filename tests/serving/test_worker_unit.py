@@ -1,0 +1,238 @@
+"""The worker, the automatic jobs and the job metrics in one process, on a real SQLite file and a real
+store: a job that runs out of memory (the error injected into refine, as a GPU would raise it) fails
+with what to change and leaves nothing; a stopped worker gives its job back; the collector shows the
+database's figures; first-load and new-data jobs are queued exactly when the rules say, and pending
+swaps are applied by the server's own HotSwapper (vLLM's serving models faked as in
+test_hotswap_unit.py). The real processes are tested by the slow test_worker.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+import vllm_surgery
+from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
+from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
+from vllm_surgery.serving.jobs import job_spec, records_sha256
+from vllm_surgery.serving.metrics import JobsCollector
+from vllm_surgery.serving.store import VersionStore
+from vllm_surgery.serving.worker import RefinementWorker, WorkerOptions, WorkerStopped
+from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
+
+# The package exports the function `refine` lazily: resolve that export before touching the submodule,
+# or importing the submodule first would leave the package attribute `refine` pointing at the module.
+assert callable(vllm_surgery.refine)
+refine_module = sys.modules["vllm_surgery.refine"]
+UNREACHABLE = "http://127.0.0.1:9"  # nothing listens on the discard port
+
+
+@pytest.fixture(scope="module")
+def gain(tmp_path_factory):
+    return build_gain_case(tmp_path_factory.mktemp("gain"))
+
+
+@pytest.fixture
+def parts(tmp_path: Path, gain):
+    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    store = VersionStore(tmp_path / "store")
+    worker = RefinementWorker(db, store, WorkerOptions(server=UNREACHABLE, device="cpu", lease_s=30, owner="w"))
+    yield db, store, worker
+    db.close()
+
+
+def records_job(db: SQLiteDatabase, gain, records: list, name: str = "x") -> int:
+    source = {"source": "records", "records": records, "sha256": records_sha256(records)}
+    spec = job_spec(base_model=str(gain.base), adapter_path=gain.adapter, config=GAIN_SETTINGS, calibration=source)
+    return db.enqueue_job(name, "manual", spec)[0].id
+
+
+def store_entries(store: VersionStore, name: str) -> list[str]:
+    base = store.root / name
+    return sorted(p.name for p in base.iterdir() if p.name != ".writer.lock") if base.is_dir() else []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        MemoryError("not even one calibration example fits in the device's memory"),  # refine's own
+    ],
+    ids=["cuda", "planner"],
+)
+def test_a_job_that_does_not_fit_fails_with_what_to_change(parts, gain, monkeypatch, error) -> None:
+    db, store, worker = parts
+    job_id = records_job(db, gain, gain.records())
+
+    def out_of_memory(*args, **kwargs):
+        Path(args[3]).joinpath("partial").write_text("half")  # something was being written
+        raise error
+
+    monkeypatch.setattr(refine_module, "refine", out_of_memory)
+    assert worker.run(once=True) == 1
+    job = db.job(job_id)
+    assert job.state == "failed" and job.attempts == 1
+    assert job.error.startswith(f"out of memory on cpu ({type(error).__name__}: {error}")
+    for remedy in ('{"max_batch_tokens": 2048}', "--gpu-memory-utilization", "--device cuda:1", "--device cpu",
+                   "The adapter keeps serving its current version"):  # fmt: skip
+        assert remedy in job.error, remedy
+    assert store_entries(store, "x") == []  # the reserved version directory is gone, nothing served
+    assert job.result["timings"]["calibration"] >= 0  # how far it got
+
+
+def test_a_stopped_worker_gives_its_job_back(parts, gain, monkeypatch) -> None:
+    db, store, worker = parts
+    job_id = records_job(db, gain, gain.records())
+
+    def stopped(*args, **kwargs):
+        raise WorkerStopped("SIGTERM")  # what the signal handler raises in the main thread
+
+    monkeypatch.setattr(refine_module, "refine", stopped)
+    with pytest.raises(WorkerStopped):
+        worker.run()
+    job = db.job(job_id)
+    assert (job.state, job.attempts, job.lease_owner) == ("queued", 0, None)
+    assert store_entries(store, "x") == []
+
+
+def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_version(parts, gain) -> None:
+    """The server is unreachable: accepted, swap pending. The same job queued again (a worker killed
+    after writing, say) finds the version in the store and computes nothing."""
+    db, store, worker = parts
+    first = records_job(db, gain, gain.records())
+    assert worker.run(once=True) == 1
+    job = db.job(first)
+    assert (job.state, job.swap, job.result["decision"], job.result["reused"]) == ("accepted", "pending", "accept", False)
+    assert "is unreachable" in job.swap_error
+    assert [v.version_id for v in store.versions("x")] == [job.version]
+    second = records_job(db, gain, gain.records())
+    assert worker.run(once=True) == 1
+    again = db.job(second)
+    assert (again.state, again.version, again.result["reused"]) == ("accepted", job.version, True)
+    assert "load_model" not in again.result["timings"]  # nothing was loaded or computed
+    assert len(store.versions("x")) == 1
+
+
+def test_the_collector_shows_the_database_figures(tmp_path: Path) -> None:
+    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    a = db.enqueue_job("a", "manual", {}, now=time.time() - 30)[0]
+    db.enqueue_job("b", "new_data", {}, now=time.time() - 20)
+    db.claim_job("w", 60)
+    result = {"version": "v1", "quality_before": {"loss": 2.5}, "quality_after": {"loss": 2.0},
+              "timings": {"sensitivity": 3.0, "evaluation": 0.2, "total": 4.0}}  # fmt: skip
+    assert db.finish_job(a.id, "w", "accepted", result, "pending")
+    registry = CollectorRegistry()
+    registry.register(JobsCollector(db))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert value[("vllm_surgery_jobs", (("state", "accepted"),))] == 1
+    assert value[("vllm_surgery_jobs", (("state", "queued"),))] == 1
+    assert value[("vllm_surgery_jobs_finished_total", (("adapter", "a"), ("outcome", "accepted")))] == 1
+    assert 19 < value[("vllm_surgery_job_queue_oldest_age_seconds", ())] < 120
+    assert value[("vllm_surgery_job_swaps_pending", ())] == 1
+    assert value[("vllm_surgery_job_heldout_loss", (("adapter", "a"), ("which", "before")))] == 2.5
+    assert value[("vllm_surgery_job_heldout_loss", (("adapter", "a"), ("which", "after")))] == 2.0
+    assert value[("vllm_surgery_job_stage_seconds_bucket", (("le", "2.5"), ("stage", "sensitivity")))] == 0
+    assert value[("vllm_surgery_job_stage_seconds_bucket", (("le", "5.0"), ("stage", "sensitivity")))] == 1
+    assert value[("vllm_surgery_job_stage_seconds_sum", (("stage", "total"),))] == 4.0
+    assert value[("vllm_surgery_job_stage_seconds_count", (("stage", "write"),))] == 0
+    db.close()  # a database that cannot be read: no job samples, but the scrape itself still works
+    assert "vllm_surgery_jobs " not in generate_latest(registry).decode()
+
+
+# ----------------------------------------------------------------------------- automatic jobs
+@pytest.fixture
+def auto(tmp_path: Path, gain):
+    """An AutoRefiner over a real HotSwapper (vLLM's serving models faked), with "x" (traffic only)
+    and "own" (carrying its calibration file) under the adapter root."""
+    import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
+    from test_hotswap_unit import FakeModels
+
+    from vllm_surgery.serving.autorefine import AutoRefiner
+    from vllm_surgery.serving.hotswap import HotSwapper
+    from vllm_surgery.serving.settings import ServingSettings
+    from vllm_surgery.serving.traffic_api import calibration_source
+
+    root = tmp_path / "adapters"
+    for name in ("x", "own"):
+        shutil.copytree(gain.adapter, root / name)
+    shutil.copy(gain.calibration, root / "own" / ADAPTER_CALIBRATION_NAME)
+    settings = ServingSettings(
+        adapter_dirs=(root,), store=tmp_path / "store", auto_refine=True, refine_min_examples=24,
+        refine_new_examples=10, refine_min_interval_s=100.0, refine_settings={"heldout_fraction": 0.5},
+    )  # fmt: skip
+    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    swapper = HotSwapper(FakeModels(), settings)
+    refiner = AutoRefiner(swapper, db, str(gain.base), calibration_source(settings, None, db))
+    yield refiner
+    db.close()
+
+
+def record(i: int, created: float) -> TrafficRecord:
+    return TrafficRecord(request_id=f"r{i}", choice=0, adapter="x", version="original", endpoint="completions",
+                         prompt=f"what is {i} + 1 ?", completion=f" {i + 1}", sampling={}, created=created,
+                         calibratable=True)  # fmt: skip
+
+
+def test_first_load_needs_enough_data_and_is_asked_once(auto, gain) -> None:
+    db, root = auto.db, auto.settings.adapter_dirs[0]
+    digest = auto.swapper.validator.validate(root / "own")
+    job = auto.first_load("own", root / "own", digest)
+    assert job is not None and (job.trigger, job.adapter, job.state) == ("first_load", "own", "queued")
+    assert job.spec["calibration"] == {"source": "adapter", "include_unrated": False, "since": None, "files": [],
+                                       "adapter_dir": str(root / "own")}  # fmt: skip
+    assert job.spec["config"] == {"policy": "auto", "heldout_fraction": 0.5}
+    assert job.spec["min_examples"] == 24 and job.spec["adapter_path"] == str(root / "own")
+    assert auto.first_load("own", root / "own", digest).id == job.id  # once per content
+    assert auto.first_load("x", root / "x", digest) is None  # no data at all
+    assert len(db.jobs()) == 1
+
+
+def test_new_data_queues_a_job_after_n_new_usable_examples_and_the_interval(auto) -> None:
+    db = auto.db
+    now = time.time()
+    ids = db.insert([record(i, now - 1000 + i) for i in range(40)])
+    for i in ids[:20]:
+        db.add_feedback(i, "good", None, created=now - 900)
+    assert auto.check_new_data(now) == []  # 20 usable: below refine_min_examples (24)
+    for i in ids[20:30]:
+        db.add_feedback(i, None, "fixed", created=now - 800)
+    (job,) = auto.check_new_data(now)
+    assert (job.adapter, job.trigger) == ("x", "new_data")
+    assert auto.check_new_data(now) == []  # its job is queued
+    db.claim_job("w", 60)
+    db.finish_job(job.id, "w", "kept_original", {"decision": "keep_original"})
+    for i in ids[30:40]:
+        db.add_feedback(i, "good", None, created=time.time() + 1)
+    later = time.time() + 2
+    assert auto.check_new_data(later) == []  # 10 new, but the last job is younger than the interval
+    (again,) = auto.check_new_data(job.created + 101)
+    assert again.id != job.id and again.dedupe_key == f"new_data:x:after:{job.id}"
+
+
+def test_pending_swaps_are_applied_or_recorded_as_refused(auto, gain) -> None:
+    db, store, root = auto.db, auto.swapper.store, auto.settings.adapter_dirs[0]
+    out = store.new_version_dir("x")
+    result = refine_module.refine(gain.base, root / "x", gain.calibration, out, **GAIN_SETTINGS, progress=False)
+    assert result.decision == "accept"
+    good = db.enqueue_job("x", "manual", {})[0]
+    db.claim_job("w", 60)
+    db.finish_job(good.id, "w", "accepted", {"version": out.name}, "pending")
+    stale = db.enqueue_job("own", "manual", {})[0]  # its version is not in the store: refused
+    db.claim_job("w", 60)
+    db.finish_job(stale.id, "w", "accepted", {"version": "20990101T000000000000Z-00000000"}, "pending")
+    done = asyncio.run(auto.swap_pending())
+    assert sorted(done) == sorted([(good.id, "done"), (stale.id, "failed")])
+    assert db.job(good.id).swap == "done" and db.job(good.id).result["timings"]["swap"] >= 0
+    assert auto.swapper.served_path("x").endswith(out.name)
+    assert json.loads((store.root / "x" / "served.json").read_text())["version"] == out.name
+    assert db.job(stale.id).swap == "failed" and "has no complete version" in db.job(stale.id).swap_error
+    assert asyncio.run(auto.swap_pending()) == []  # nothing pending any more

@@ -1,0 +1,183 @@
+"""Refinement without a person, inside the API server: automatic jobs, and the swaps of accepted
+versions that are pending.
+
+Automatic jobs (only with ``auto_refine`` on; a `vllm-surgery worker` runs them):
+
+- **first_load**: when an adapter is first resolved (the plugin's resolver serves its original: it has
+  no refined version for its current content), or when the server starts with it as a --lora-modules
+  adapter, and its calibration set (traffic, registered files, its own surgery_calibration.jsonl)
+  holds at least ``refine_min_examples`` examples. On-the-fly surgery: the original serves meanwhile;
+  the refined version is swapped in when the gate accepts it. Asked once per adapter content (dedupe
+  key with the content hash), whatever came of it. Checked in a background thread, so the first
+  request is not delayed.
+- **new_data**: every ``refine_check_interval_s``, an adapter whose recorded traffic gained at least
+  ``refine_new_examples`` usable examples since its last job (rated good or corrected since then, or
+  recorded since then where unrated completions count), whose last job is not queued or running and
+  was created at least ``refine_min_interval_s`` ago, and whose calibration set holds at least
+  ``refine_min_examples`` examples. One per "last job" (dedupe key), so servers sharing a database
+  queue it once.
+
+Pending swaps. A worker finishes an accepted job as "swap pending" in the same transaction that
+records the result, then asks the server to swap it in (POST .../swap). Why the server also swaps
+pending versions itself, at start and every ``refine_check_interval_s``: the worker's request can
+fail to arrive (the server is restarting, or the worker's admin token is wrong) and the worker may be
+killed right after finishing; the database row is the durable record of the decision, so whichever
+server owns the adapter completes the swap from it. The worker's request is the fast path, this
+sweep the guarantee. A pending swap outdated by a later accepted job is superseded, never applied; a
+version the server refuses (stale or corrupt) is marked failed with the reason. The swap itself is the
+hot-swap (`hotswap`), which validates the version and never points served.json at a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .database import Database, DatabaseError
+from .hotswap import HotSwapError, HotSwapper
+from .job_queue import ACTIVE_STATES, Job
+from .jobs import job_spec
+from .refining import AdapterCalibration
+from .traffic import TrafficPolicy
+
+log = logging.getLogger(f"vllm.{__name__}")
+
+
+class AutoRefiner:
+    """Automatic jobs and pending swaps of one API server (module docstring)."""
+
+    def __init__(
+        self,
+        swapper: HotSwapper,
+        db: Database,
+        base_model: str,
+        calibration: AdapterCalibration,
+        policy: TrafficPolicy | None = None,
+    ) -> None:
+        self.swapper = swapper
+        self.settings = swapper.settings
+        self.db = db
+        self.base_model = str(base_model)
+        self.calibration = calibration
+        self.policy = policy or TrafficPolicy(self.settings)
+        self._checks = ThreadPoolExecutor(1, thread_name_prefix="vllm-surgery-first-load")
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ automatic jobs (blocking)
+    def _enqueue(self, name: str, original: Path, trigger: str, key: str, source: dict[str, Any]) -> tuple[Job, bool]:
+        s = self.settings
+        spec = job_spec(
+            base_model=self.base_model,
+            adapter_path=original,
+            config=s.refine_settings,
+            calibration=source,
+            min_examples=s.refine_min_examples,
+        )
+        return self.db.enqueue_job(name, trigger, spec, key, once=True, max_attempts=s.job_max_attempts)
+
+    def first_load(self, name: str, original: Path, adapter_hash: str) -> Job | None:
+        """Queue a first_load job for `name` if it qualifies (module docstring); the job, or None."""
+        if not self.settings.auto_refine:
+            return None
+        if any(v.adapter_hash == adapter_hash and v.decision == "accept" for v in self.swapper.store.versions(name)):
+            return None  # refined before (served, or rolled back by a person): not a first load
+        data, source = self.calibration(name, original, None, None)
+        n, needed = len(data.records), self.settings.refine_min_examples
+        if n < needed:
+            log.info("auto-refine: %r has %d of the %d calibration examples a first refinement needs", name, n, needed)
+            return None
+        job, created = self._enqueue(name, original, "first_load", f"first_load:{name}:{adapter_hash}", source)
+        if created:
+            log.info("auto-refine: queued job %d for %r (first load: %s)", job.id, name, data.summary())
+        return job
+
+    def first_load_soon(self, name: str, original: Path, adapter_hash: str) -> None:
+        """first_load in the background (the resolver calls this: resolution must not wait)."""
+        if self.settings.auto_refine:
+            self._checks.submit(self._safely, self.first_load, name, original, adapter_hash)
+
+    @staticmethod
+    def _safely(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:
+            log.exception("auto-refine: %s%r failed", getattr(fn, "__name__", fn), args[:1])
+            return None
+
+    def check_new_data(self, now: float | None = None) -> list[Job]:
+        """Queue a new_data job for every adapter that qualifies (module docstring); the jobs queued."""
+        s = self.settings
+        if not s.auto_refine:
+            return []
+        now = time.time() if now is None else now
+        queued = []
+        for name in self.db.adapters():
+            original = self.swapper.find_original(name)
+            if original is None:
+                continue  # recorded by another server sharing the database, or removed since
+            last = self.db.last_job(name)
+            if last is not None and (last.state in ACTIVE_STATES or now - last.created < s.refine_min_interval_s):
+                continue
+            include_unrated = self.policy.for_adapter(name).include_unrated
+            new = self.db.usable_since(name, last.created if last else 0.0, include_unrated)
+            if new < s.refine_new_examples:
+                continue
+            data, source = self.calibration(name, original, None, None)
+            if len(data.records) < s.refine_min_examples:
+                continue
+            key = f"new_data:{name}:after:{last.id if last else 0}"
+            job, created = self._enqueue(name, original, "new_data", key, source)
+            if created:
+                log.info(
+                    "auto-refine: queued job %d for %r (%d new usable examples since %s; %s)", job.id, name,
+                    new, f"job {last.id}" if last else "the start", data.summary(),
+                )  # fmt: skip
+                queued.append(job)
+        return queued
+
+    # ------------------------------------------------------------------ pending swaps (event loop)
+    async def swap_pending(self) -> list[tuple[int, str]]:
+        """Swap in every accepted version whose swap is pending; returns (job id, outcome) pairs."""
+        done = []
+        for job in await asyncio.to_thread(self.db.pending_swaps):
+            if await asyncio.to_thread(self.swapper.find_original, job.adapter) is None:
+                continue  # not an adapter of this server
+            start = time.perf_counter()
+            try:
+                await self.swapper.swap(job.adapter, job.version)
+            except HotSwapError as e:
+                if e.status >= 500:
+                    log.error("auto-refine: job %d: swapping in %s failed (%s); retried later", job.id, job.version, e)
+                    done.append((job.id, "retry"))
+                    continue
+                await asyncio.to_thread(self.db.set_job_swap, job.id, "failed", str(e))
+                log.error("auto-refine: job %d: version %s of %r was refused: %s", job.id, job.version, job.adapter, e)
+                done.append((job.id, "failed"))
+                continue
+            seconds = time.perf_counter() - start
+            await asyncio.to_thread(self.db.set_job_swap, job.id, "done", None, seconds)
+            log.info("auto-refine: job %d: swapped in %s for %r (pending swap)", job.id, job.version, job.adapter)
+            done.append((job.id, "done"))
+        return done
+
+    async def run(self) -> None:
+        """Forever: new-data checks and pending swaps, every refine_check_interval_s (first at once)."""
+        while True:
+            try:
+                await asyncio.to_thread(self.check_new_data)
+                await self.swap_pending()
+            except DatabaseError as e:
+                log.error("auto-refine: the job database is not available: %s", e)
+            except Exception:
+                log.exception("auto-refine: periodic check failed")
+            await asyncio.sleep(self.settings.refine_check_interval_s)
+
+    def start(self) -> asyncio.Task:
+        """Start `run` on the running event loop (the server's); the task ends with the loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="vllm-surgery-auto-refine")
+        return self._task

@@ -1,0 +1,472 @@
+"""The refinement job queue: jobs that survive the death of the process running them.
+
+A job asks for one refinement of one adapter (who asked: `trigger`; what to compute: `spec`, see
+`jobs`). Its life: ``queued`` -> ``running`` (a worker holds its lease) -> ``accepted`` (a refined
+version was written; its swap into the server may still be pending), ``kept_original`` (the gate kept
+the original: nothing written) or ``failed`` (the error says why and what to change).
+
+The rules, and where they are enforced:
+
+- **Leases.** A worker that claims a job owns it until ``lease_expires``; it renews the lease with
+  heartbeats from a thread while it computes. A job whose lease expired (its worker was killed,
+  crashed, or lost its machine) is claimed again by the next worker, before any queued job. Only the
+  owner can heartbeat, finish or fail a job: a worker that lost its lease learns it from the False
+  answer and its result is not recorded. Times are wall-clock Unix seconds of the writing process, so
+  workers on several machines need synchronised clocks (NTP); the lease (default 120 s) is the bound.
+- **Bounded attempts.** Every claim counts an attempt. A running job whose lease expired after
+  `max_attempts` attempts (one that kills every worker that takes it: out of host memory, a segfault)
+  is failed with that reason at the next claim, instead of killing workers forever. A job that fails
+  by an error the worker catches (bad data, a broken adapter, out of device memory) is failed at once:
+  such errors repeat, retrying would only hide them. A worker stopped on purpose (SIGTERM) releases
+  its job without counting the attempt.
+- **One running job per adapter**, enforced by SQLite itself: a partial unique index over
+  ``adapter`` WHERE ``state = 'running'``. A claim skips queued jobs of an adapter that has a running
+  job (an expired one included: it is taken up again first), so two workers never refine one adapter
+  at once, and jobs of one adapter run in the order they were queued.
+- **Idempotent enqueue.** A job may carry a dedupe key. Enqueuing a key that a queued or running job
+  holds returns that job (a partial unique index over active jobs' keys backs it); with ``once``, a
+  key that any job ever held returns that job (e.g. "refine this adapter content on first load" is
+  asked once, whatever came of it).
+
+Every state change is one ``BEGIN IMMEDIATE`` transaction (see `database`), so two processes claiming
+at once serialise on SQLite's write lock, and ``UPDATE ... RETURNING`` makes check-and-take one
+statement. The same semantics map onto a server database (Postgres: ``SELECT ... FOR UPDATE SKIP
+LOCKED``) behind the same methods.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+JOB_TRIGGERS = ("manual", "first_load", "new_data")
+JOB_STATES = ("queued", "running", "accepted", "kept_original", "failed")
+ACTIVE_STATES = ("queued", "running")
+FINISHED_STATES = ("accepted", "kept_original", "failed")
+# What became of an accepted version's swap into the server: pending (not swapped yet: the server was
+# unreachable, or the worker could not authenticate; the server swaps pending versions itself), done,
+# failed (the server refused the version: the error says why), superseded (a later accepted version of
+# the adapter came first), not_requested (the request said "swap": false).
+SWAP_STATES = ("pending", "done", "failed", "superseded", "not_requested")
+DEFAULT_MAX_ATTEMPTS = 3
+
+JOBS_SCHEMA = (
+    f"""CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        adapter TEXT NOT NULL,
+        trigger TEXT NOT NULL CHECK (trigger IN {JOB_TRIGGERS}),
+        state TEXT NOT NULL CHECK (state IN {JOB_STATES}),
+        spec TEXT NOT NULL,
+        dedupe_key TEXT,
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,
+        lease_owner TEXT,
+        lease_expires REAL,
+        heartbeat REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+        error TEXT,
+        result TEXT,
+        swap TEXT CHECK (swap IS NULL OR swap IN {SWAP_STATES}),
+        swap_error TEXT,
+        CHECK ((state = 'running') = (lease_owner IS NOT NULL AND lease_expires IS NOT NULL))
+    )""",
+    "CREATE UNIQUE INDEX jobs_one_running_per_adapter ON jobs (adapter) WHERE state = 'running'",
+    "CREATE UNIQUE INDEX jobs_active_dedupe_key ON jobs (dedupe_key) "
+    "WHERE dedupe_key IS NOT NULL AND state IN ('queued', 'running')",
+    "CREATE INDEX jobs_dedupe_key ON jobs (dedupe_key)",
+    "CREATE INDEX jobs_state ON jobs (state, id)",
+    "CREATE INDEX jobs_adapter ON jobs (adapter, id)",
+    # the new-data trigger counts feedback given since an adapter's last job
+    "CREATE INDEX feedback_created ON feedback (created)",
+)
+
+# A completion that is an answer (not only whitespace): what rated-good and unrated records need to be
+# usable (a correction is the answer itself). Used by database.stats too.
+ANSWERED = "TRIM(t.completion, ' ' || char(9, 10, 13)) != ''"
+_COLUMNS = (
+    "id, adapter, trigger, state, spec, dedupe_key, created, started, finished, lease_owner, "
+    "lease_expires, heartbeat, attempts, max_attempts, error, result, swap, swap_error"
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the queue. `spec` and `result` are the decoded JSON objects (see `jobs`)."""
+
+    id: int
+    adapter: str
+    trigger: str
+    state: str
+    spec: dict[str, Any]
+    dedupe_key: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    lease_owner: str | None
+    lease_expires: float | None
+    heartbeat: float | None
+    attempts: int
+    max_attempts: int
+    error: str | None
+    result: dict[str, Any] | None
+    swap: str | None
+    swap_error: str | None
+
+    @property
+    def version(self) -> str | None:
+        """The store version the job wrote (or reused), if any."""
+        return (self.result or {}).get("version")
+
+
+def _job(row: tuple) -> Job:
+    values = list(row)
+    values[4] = json.loads(values[4])
+    values[15] = json.loads(values[15]) if values[15] is not None else None
+    return Job(*values)
+
+
+@dataclass(frozen=True)
+class JobFigures:
+    """What the metrics show, read in one go at scrape time (see metrics.JobsCollector)."""
+
+    by_state: dict[str, int]
+    finished: dict[tuple[str, str], int]  # (adapter, state) -> finished jobs
+    oldest_queued_age_s: float
+    swaps_pending: int
+    latest_quality: dict[str, tuple[float, float]]  # adapter -> (before, after) held-out loss
+    timings: list[dict[str, float]]  # stage seconds of every finished job
+
+
+class JobQueue(ABC):
+    """The queue's operations (implemented for SQLite by `SQLiteJobQueue`). Methods raise
+    DatabaseError when the storage cannot be used; `now` parameters exist for tests."""
+
+    @abstractmethod
+    def enqueue_job(
+        self,
+        adapter: str,
+        trigger: str,
+        spec: Mapping[str, Any],
+        dedupe_key: str | None = None,
+        *,
+        once: bool = False,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        now: float | None = None,
+    ) -> tuple[Job, bool]:
+        """Queue a job; (the job, True), or (the job that holds `dedupe_key`, False): an active one,
+        or with `once` any job that ever held it. Raises ValueError for an unknown trigger."""
+
+    @abstractmethod
+    def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
+        """Take the next job for `owner` with a lease of `lease_s` seconds: a running job whose lease
+        expired first, else the oldest queued job of an adapter with no running job. Jobs whose lease
+        expired after their last allowed attempt are failed first. None when there is nothing to do."""
+
+    @abstractmethod
+    def heartbeat_job(self, job_id: int, owner: str, lease_s: float, now: float | None = None) -> bool:
+        """Renew the lease; False if `owner` no longer holds the job (expired and taken, or finished)."""
+
+    @abstractmethod
+    def finish_job(
+        self,
+        job_id: int,
+        owner: str,
+        state: str,
+        result: Mapping[str, Any],
+        swap: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Record the outcome (accepted / kept_original) by the owner; False if it lost the job."""
+
+    @abstractmethod
+    def fail_job(
+        self,
+        job_id: int,
+        owner: str,
+        error: str,
+        result: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Record a failure with its message by the owner; False if it lost the job."""
+
+    @abstractmethod
+    def release_job(self, job_id: int, owner: str) -> bool:
+        """Give a running job back to the queue (the worker stops on purpose); the attempt is not
+        counted. False if `owner` did not hold it."""
+
+    @abstractmethod
+    def set_job_swap(
+        self, job_id: int, swap: str, error: str | None = None, seconds: float | None = None
+    ) -> bool:
+        """Record what became of an accepted job's swap (`seconds`: the swap's duration, added to the
+        result's timings). False if the job is not accepted."""
+
+    @abstractmethod
+    def job(self, job_id: int) -> Job | None:
+        """One job, or None."""
+
+    @abstractmethod
+    def jobs(
+        self,
+        adapter: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[Job]:
+        """Jobs, newest first, optionally of one adapter and/or in one state."""
+
+    @abstractmethod
+    def last_job(self, adapter: str) -> Job | None:
+        """An adapter's newest job."""
+
+    @abstractmethod
+    def pending_swaps(self) -> list[Job]:
+        """Accepted jobs whose swap is pending, oldest first. A pending swap that a later accepted job
+        of the same adapter outdates (its swap pending or done) is marked superseded first: swapping
+        it now would replace a newer version by an older one."""
+
+    @abstractmethod
+    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
+        """Recorded examples of `adapter` that became usable calibration data after `since`: rated
+        good or corrected then, or (with `include_unrated`) recorded then without feedback."""
+
+    @abstractmethod
+    def job_figures(self, now: float | None = None) -> JobFigures:
+        """The figures the metrics show."""
+
+
+class SQLiteJobQueue(JobQueue):
+    """JobQueue for SQLiteDatabase (mixed in there: it uses its `transaction()` and `_query()`)."""
+
+    def enqueue_job(
+        self,
+        adapter: str,
+        trigger: str,
+        spec: Mapping[str, Any],
+        dedupe_key: str | None = None,
+        *,
+        once: bool = False,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        now: float | None = None,
+    ) -> tuple[Job, bool]:
+        if trigger not in JOB_TRIGGERS:
+            raise ValueError(f"trigger must be one of {JOB_TRIGGERS}, got {trigger!r}")
+        text = json.dumps(dict(spec), ensure_ascii=False, default=str)
+        with self.transaction() as c:
+            if dedupe_key is not None:
+                active = "" if once else f"AND state IN {ACTIVE_STATES}"
+                row = c.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE dedupe_key = ? {active} ORDER BY id DESC LIMIT 1",
+                    (dedupe_key,),
+                ).fetchone()
+                if row is not None:
+                    return _job(row), False
+            row = c.execute(
+                "INSERT INTO jobs (adapter, trigger, state, spec, dedupe_key, created, max_attempts) "
+                f"VALUES (?, ?, 'queued', ?, ?, ?, ?) RETURNING {_COLUMNS}",
+                (adapter, trigger, text, dedupe_key, time.time() if now is None else now, int(max_attempts)),
+            ).fetchone()
+        return _job(row), True
+
+    def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE jobs SET state = 'failed', finished = :now, lease_owner = NULL, lease_expires = NULL, "
+                "error = 'its worker stopped ' || attempts || ' time(s) without finishing (killed, crashed or "
+                "out of host memory; last worker ' || lease_owner || '): given up after ' || max_attempts || "
+                "' attempt(s); see the worker logs, and queue it again once the cause is fixed' "
+                "WHERE state = 'running' AND lease_expires < :now AND attempts >= max_attempts",
+                {"now": now},
+            )
+            row = c.execute(
+                "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires = :now + :lease, "
+                "heartbeat = :now, started = :now, attempts = attempts + 1 "
+                "WHERE id = (SELECT j.id FROM jobs j WHERE (j.state = 'running' AND j.lease_expires < :now) "
+                "OR (j.state = 'queued' AND NOT EXISTS "
+                "(SELECT 1 FROM jobs r WHERE r.adapter = j.adapter AND r.state = 'running')) "
+                f"ORDER BY j.state = 'running' DESC, j.id LIMIT 1) RETURNING {_COLUMNS}",
+                {"owner": owner, "now": now, "lease": float(lease_s)},
+            ).fetchone()
+        return _job(row) if row is not None else None
+
+    def heartbeat_job(self, job_id: int, owner: str, lease_s: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE jobs SET heartbeat = ?, lease_expires = ? "
+                    "WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                    (now, now + float(lease_s), job_id, owner),
+                ).rowcount
+                == 1
+            )
+
+    def _end(self, job_id: int, owner: str, state: str, fields: Mapping[str, Any], now: float | None) -> bool:
+        values = {"finished": time.time() if now is None else now, **fields}
+        sets = ", ".join(f"{k} = :{k}" for k in values)
+        with self.transaction() as c:
+            return (
+                c.execute(
+                    f"UPDATE jobs SET state = :state, lease_owner = NULL, lease_expires = NULL, {sets} "
+                    "WHERE id = :id AND lease_owner = :owner AND state = 'running'",
+                    {**values, "state": state, "id": job_id, "owner": owner},
+                ).rowcount
+                == 1
+            )
+
+    def finish_job(
+        self,
+        job_id: int,
+        owner: str,
+        state: str,
+        result: Mapping[str, Any],
+        swap: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        if state not in ("accepted", "kept_original"):
+            raise ValueError(f"a job finishes as accepted or kept_original, not {state!r} (use fail_job)")
+        if swap is not None and swap not in SWAP_STATES:
+            raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+        text = json.dumps(dict(result), ensure_ascii=False, default=str)
+        return self._end(job_id, owner, state, {"result": text, "swap": swap, "error": None}, now)
+
+    def fail_job(
+        self,
+        job_id: int,
+        owner: str,
+        error: str,
+        result: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        text = json.dumps(dict(result), ensure_ascii=False, default=str) if result is not None else None
+        return self._end(job_id, owner, "failed", {"error": str(error), "result": text}, now)
+
+    def release_job(self, job_id: int, owner: str) -> bool:
+        with self.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                    "attempts = MAX(attempts - 1, 0) WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                    (job_id, owner),
+                ).rowcount
+                == 1
+            )
+
+    def set_job_swap(
+        self, job_id: int, swap: str, error: str | None = None, seconds: float | None = None
+    ) -> bool:
+        if swap not in SWAP_STATES:
+            raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+        timing = "result" if seconds is None else "json_set(COALESCE(result, '{}'), '$.timings.swap', :seconds)"
+        with self.transaction() as c:
+            return (
+                c.execute(
+                    f"UPDATE jobs SET swap = :swap, swap_error = :error, result = {timing} "
+                    "WHERE id = :id AND state = 'accepted'",
+                    {"swap": swap, "error": error, "seconds": seconds, "id": job_id},
+                ).rowcount
+                == 1
+            )
+
+    def job(self, job_id: int) -> Job | None:
+        rows = self._query(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(
+        self,
+        adapter: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[Job]:
+        where, params = [], []
+        for column, value in (("adapter", adapter), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if before_id is not None:
+            where.append("id < ?")
+            params.append(before_id)
+        sql = f"SELECT {_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, int(limit)))
+        return [_job(r) for r in rows]
+
+    def last_job(self, adapter: str) -> Job | None:
+        found = self.jobs(adapter=adapter, limit=1)
+        return found[0] if found else None
+
+    def pending_swaps(self) -> list[Job]:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE jobs SET swap = 'superseded' WHERE state = 'accepted' AND swap = 'pending' AND EXISTS "
+                "(SELECT 1 FROM jobs k WHERE k.adapter = jobs.adapter AND k.state = 'accepted' "
+                "AND k.swap IN ('pending', 'done') AND (k.finished > jobs.finished "
+                "OR (k.finished = jobs.finished AND k.id > jobs.id)))"
+            )
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'accepted' AND swap = 'pending' ORDER BY finished, id"
+        )
+        return [_job(r) for r in rows]
+
+    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
+        latest = "f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id)"
+        rated = self._query(
+            "SELECT COUNT(*) FROM feedback f JOIN traffic t ON t.id = f.traffic_id "
+            f"WHERE t.adapter = ? AND t.calibratable AND f.created > ? AND {latest} "
+            f"AND (f.correction IS NOT NULL OR (f.rating = 'good' AND {ANSWERED}))",
+            (adapter, since),
+        )[0][0]
+        unrated = 0
+        if include_unrated:
+            unrated = self._query(
+                "SELECT COUNT(*) FROM traffic t WHERE t.adapter = ? AND t.created > ? AND t.calibratable "
+                f"AND {ANSWERED} AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.traffic_id = t.id)",
+                (adapter, since),
+            )[0][0]
+        return int(rated) + int(unrated)
+
+    def job_figures(self, now: float | None = None) -> JobFigures:
+        now = time.time() if now is None else now
+        by_state = dict.fromkeys(JOB_STATES, 0)
+        by_state.update(dict(self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
+        finished = {
+            (adapter, state): n
+            for adapter, state, n in self._query(
+                f"SELECT adapter, state, COUNT(*) FROM jobs WHERE state IN {FINISHED_STATES} GROUP BY adapter, state"
+            )
+        }
+        oldest = self._query("SELECT MIN(created) FROM jobs WHERE state = 'queued'")[0][0]
+        pending = self._query("SELECT COUNT(*) FROM jobs WHERE state = 'accepted' AND swap = 'pending'")[0][0]
+        quality = {}
+        for adapter, before, after in self._query(
+            "SELECT adapter, json_extract(result, '$.quality_before.loss'), "
+            "json_extract(result, '$.quality_after.loss') FROM jobs j WHERE id = (SELECT MAX(id) FROM jobs k "
+            "WHERE k.adapter = j.adapter AND k.state IN ('accepted', 'kept_original'))"
+        ):
+            if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+                quality[adapter] = (float(before), float(after))
+        timings = []
+        for (text,) in self._query(
+            f"SELECT json_extract(result, '$.timings') FROM jobs WHERE state IN {FINISHED_STATES} "
+            "AND result IS NOT NULL"
+        ):
+            values = json.loads(text) if text else {}
+            if isinstance(values, dict):
+                timings.append({k: float(v) for k, v in values.items() if isinstance(v, (int, float))})
+        return JobFigures(
+            by_state=by_state,
+            finished=finished,
+            oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else 0.0,
+            swaps_pending=int(pending),
+            latest_quality=quality,
+            timings=timings,
+        )

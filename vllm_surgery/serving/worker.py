@@ -1,0 +1,546 @@
+"""`vllm-surgery worker`: the companion process that refines deployed adapters beside vLLM.
+
+It takes jobs from the queue in the job database (`job_queue`; queued by the server's refine route and
+its automatic triggers, `autorefine`), and for each one: builds the calibration set, loads the base
+model (once: kept across jobs, least recently used dropped beyond ``--max-models``), runs
+``refine(policy="auto")`` with the quality gate (never forced), writes the version into the store,
+records the decision with its figures in the job row, and, when the gate accepted it, asks the server
+to swap it in. Progress (stages and seconds) goes to its log. It never imports vLLM.
+
+Why a separate process: the gradient pass needs the base model's weights a second time plus
+activations for its token budget. Inside vLLM's API-server process that memory competes with the
+engine, and a pass of minutes would share its event loop; a crash would take serving down with it.
+
+Crash and restart safety:
+
+- Leases: a heartbeat thread renews the job's lease every third of ``--lease-seconds``. A worker that
+  is killed stops renewing; after the lease expires the next worker takes the job again (bounded by
+  the server's ``job_max_attempts``). SIGTERM or Ctrl-C gives the running job back to the queue at
+  once (not counted as an attempt) and exits.
+- Nothing half-written is ever visible: the version directory is reserved and filled under the store's
+  writer lock, refine() writes into a hidden sibling and renames it into place, and any failure or
+  stop removes the reservation. A SIGKILL can leave an empty reservation and a hidden temporary
+  directory: neither is listed nor served, and the next start of a worker or server removes them.
+  served.json is only ever written by the server's swap, which checks the version first.
+- A job finished but not swapped: the decision is recorded as "accepted, swap pending" in the same
+  transaction as the figures, before the worker asks the server to swap. If that request fails (server
+  down, unreachable, or it refuses the worker's token), the job stays pending and the server swaps it
+  itself at its next start or check (see `autorefine`). A version the server refuses (stale: the
+  original changed meanwhile; corrupt) is recorded as a failed swap with the reason.
+- Idempotent: before computing, the worker looks the job's store key up (adapter content, base model,
+  settings, calibration data). A version already written for it (by a worker killed before it could
+  record the result) is reused, not computed again.
+
+Sizing (one GPU shared with vLLM, another GPU, or the CPU):
+
+- vLLM takes ``--gpu-memory-utilization`` (default 0.9) of the card for weights and KV cache. To run
+  the worker on the same GPU, lower it so the worker fits in what is left: its own copy of the base
+  model (bf16: 2 bytes per parameter, e.g. 16 GB for an 8B model) plus the sensitivity pass's
+  activations, which grow with the token budget. For an 8B model on an 80 GB card, vLLM at 0.6 leaves
+  about 30 GB: 16 GB of weights and 14 GB for the pass. refine() plans the token budget
+  (``max_batch_tokens``) from the memory it finds free on the card when the job runs, and halves it on
+  an out-of-memory error; set it by hand in the refine body or in ``refine_settings`` (e.g.
+  {"max_batch_tokens": 2048}) to use less than what is free.
+- Another GPU: ``--device cuda:1``; vLLM keeps its default utilisation on its own card.
+- The CPU: ``--device cpu`` (float32; slow for large models, fine for small ones and for tests).
+- A job that does not fit (CUDA out of memory that refine's budget back-off could not absorb, or its
+  DeviceMemoryError: not even one example fits) fails with a message that says what to change; the
+  adapter keeps serving its current version.
+
+Usage::
+
+    VLLM_SURGERY_STORE=... VLLM_SURGERY_ADMIN_TOKEN=... vllm-surgery worker --server http://127.0.0.1:8000
+
+The worker reads the serving settings of the environment (store, database, admin token; the same
+variables as the server, so give it the same values) and its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
+from .database import Database, DatabaseError, SQLiteDatabase
+from .job_queue import Job
+from .jobs import build_adapter_calibration, lookup, records_sha256, spec_config
+from .settings import ServingSettings, SettingsError
+from .store import VersionStore, version_key
+
+log = logging.getLogger("vllm_surgery.worker")
+
+DEFAULT_LEASE_S = 120.0
+DEFAULT_POLL_S = 5.0
+HTTP_TIMEOUT_S = 120.0
+SIZING_HELP = """\
+sizing: on one GPU with vLLM, lower vLLM's --gpu-memory-utilization so that the worker's copy of the
+base model (2 bytes per parameter in bf16) and its sensitivity pass fit in what is left (8B model on
+80 GB: 0.6 leaves ~30 GB, 16 of them weights); or give the worker another GPU (--device cuda:1), or the
+CPU (--device cpu). Less memory per job: the refine setting max_batch_tokens (refine body, or
+VLLM_SURGERY_REFINE_SETTINGS='{"max_batch_tokens": 2048}'). A job that does not fit fails with a
+message saying what to change; the adapter keeps serving.
+
+settings: the serving variables (VLLM_SURGERY_STORE, VLLM_SURGERY_DATABASE, VLLM_SURGERY_ADMIN_TOKEN,
+or VLLM_SURGERY_CONFIG) with the same values as the server's; --store and --db override them."""
+
+
+class JobFailure(SurgeryError):
+    """A job that cannot be done as asked; the message says why and what to change."""
+
+
+class WorkerStopped(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT while a job runs: the job is given back."""
+
+
+def out_of_memory_message(device: Any, error: BaseException) -> str:
+    """What a job that did not fit in memory records: the error, and what to change."""
+    where = f"on {device}"
+    return (
+        f"out of memory {where} ({type(error).__name__}: {str(error).strip()[:500]}). What to change: "
+        "lower the token budget (the refine setting max_batch_tokens, e.g. {\"max_batch_tokens\": 2048} in "
+        "the refine body or in VLLM_SURGERY_REFINE_SETTINGS); on a GPU shared with vLLM, lower vLLM's "
+        "--gpu-memory-utilization (e.g. 0.6 for an 8B model on 80 GB) to leave the worker room for its "
+        "copy of the base model and the pass; or run the worker on another GPU (--device cuda:1) or on "
+        "the CPU (--device cpu). The adapter keeps serving its current version."
+    )
+
+
+def _out_of_memory_types() -> tuple[type[BaseException], ...]:
+    import torch
+
+    return (torch.OutOfMemoryError, MemoryError)  # errors.DeviceMemoryError (the planner: nothing fits) is one
+
+
+# ----------------------------------------------------------------------------- base models
+class ModelCache:
+    """Base models loaded on one device, kept across jobs; the least recently used is dropped when
+    more than `max_models` would be held."""
+
+    def __init__(self, device: Any, max_models: int = 1) -> None:
+        self.device = device
+        self.max_models = max(1, int(max_models))
+        self._models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+
+    def get(self, base_model: str) -> tuple[Any, Any, bool]:
+        """(model, tokenizer, whether it was cached). Raises what loading raises."""
+        if base_model in self._models:
+            self._models.move_to_end(base_model)
+            model, tokenizer = self._models[base_model]
+            return model, tokenizer, True
+        while len(self._models) >= self.max_models:
+            dropped, _ = self._models.popitem(last=False)
+            log.info("model cache: dropped %s (least recently used; --max-models %d)", dropped, self.max_models)
+            self._release()
+        from ..refine import load_base_model
+
+        model, tokenizer = load_base_model(base_model, self.device, progress=False)
+        self._models[base_model] = (model, tokenizer)
+        return model, tokenizer, False
+
+    def _release(self) -> None:
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+
+# ----------------------------------------------------------------------------- leases
+class Heartbeat:
+    """Renews a job's lease from a thread every `lease_s / 3` seconds while the job runs. `lost` is
+    set when the queue says the lease is no longer this worker's."""
+
+    def __init__(self, db: Database, job: Job, owner: str, lease_s: float) -> None:
+        self.db, self.job, self.owner, self.lease_s = db, job, owner, lease_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-job-{job.id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not self.db.heartbeat_job(self.job.id, self.owner, self.lease_s):
+                    log.error("job %d: lease lost (taken over after expiry?); its result will not count", self.job.id)
+                    self.lost.set()
+                    return
+            except DatabaseError as e:  # transient (locked, disk): the next beat may succeed
+                log.warning("job %d: heartbeat failed: %s", self.job.id, e)
+
+
+# ----------------------------------------------------------------------------- the worker
+@dataclass(frozen=True)
+class WorkerOptions:
+    server: str
+    device: str = "auto"
+    lease_s: float = DEFAULT_LEASE_S
+    poll_s: float = DEFAULT_POLL_S
+    max_models: int = 1
+    owner: str = ""
+    admin_token: str = ""
+    http_timeout_s: float = HTTP_TIMEOUT_S
+
+
+@dataclass
+class Calibration:
+    """A job's calibration data as refine() takes it, with what the result records about it."""
+
+    data: Any  # a list of records or a file path
+    sha256: str
+    examples: int
+    summary: str
+
+
+class RefinementWorker:
+    """Claims and runs jobs (module docstring). `db` and `store` are the server's."""
+
+    def __init__(self, db: Database, store: VersionStore, options: WorkerOptions) -> None:
+        from ..refine import resolve_device
+
+        self.db = db
+        self.store = store
+        self.options = options
+        self.owner = options.owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.device = resolve_device(options.device)  # ConfigError for cuda without CUDA
+        self.models = ModelCache(self.device, options.max_models)
+        self._stopping = threading.Event()
+        self._job: Job | None = None
+
+    # ------------------------------------------------------------------ loop
+    def stop(self) -> None:
+        """Ask the loop to end: at once when idle; a running job is given back (see handle_signal)."""
+        self._stopping.set()
+
+    def handle_signal(self, signum: int, frame: Any) -> None:
+        log.info("worker: %s received; stopping", signal.Signals(signum).name)
+        self.stop()
+        if self._job is not None:
+            raise WorkerStopped(signal.Signals(signum).name)
+
+    def run(self, once: bool = False, drain: bool = False) -> int:
+        """Take jobs until stopped (or: one job with `once`; until none is left with `drain`). Returns
+        the number of jobs run."""
+        removed = self.store.remove_leftovers()
+        if removed:
+            log.info("worker: removed %d leftover(s) of interrupted writes from the store", len(removed))
+        log.info(
+            "worker %s: device %s, server %s, lease %g s, poll %g s, up to %d cached model(s)",
+            self.owner, self.device, self.options.server, self.options.lease_s, self.options.poll_s,
+            self.models.max_models,
+        )  # fmt: skip
+        done = 0
+        while not self._stopping.is_set():
+            try:
+                job = self.db.claim_job(self.owner, self.options.lease_s)
+            except DatabaseError as e:
+                log.error("worker: cannot claim a job: %s; retrying in %g s", e, self.options.poll_s)
+                self._stopping.wait(self.options.poll_s)
+                continue
+            if job is None:
+                if once or drain:
+                    break
+                self._stopping.wait(self.options.poll_s)
+                continue
+            self.run_job(job)
+            done += 1
+            if once:
+                break
+        log.info("worker %s: stopped after %d job(s)", self.owner, done)
+        return done
+
+    def run_job(self, job: Job) -> None:
+        """Run one claimed job and record its outcome (never raises, except WorkerStopped)."""
+        self._job = job
+        label = f"job {job.id} [{job.adapter}, {job.trigger}, attempt {job.attempts}/{job.max_attempts}]"
+        log.info("%s: claimed", label)
+        try:
+            with Heartbeat(self.db, job, self.owner, self.options.lease_s) as beat:
+                outcome = self._outcome(job, label)
+            if beat.lost.is_set():
+                log.error("%s: lost its lease while running; its result is not recorded", label)
+                return
+        except WorkerStopped:
+            released = self.db.release_job(job.id, self.owner)
+            log.info("%s: stopped; %s", label, "given back to the queue" if released else "already taken over")
+            raise
+        finally:
+            self._job = None
+        state, result, error = outcome
+        swap = None
+        if error is not None:
+            recorded = self.db.fail_job(job.id, self.owner, error, result)
+            log.error("%s: failed: %s", label, error)
+        else:
+            accepted = state == "accepted"
+            swap = ("pending" if job.spec.get("swap", True) else "not_requested") if accepted else None
+            recorded = self.db.finish_job(job.id, self.owner, state, result, swap)
+            log.info("%s: %s: %s", label, state, result.get("reason"))
+        if not recorded:
+            log.error("%s: the job was taken over meanwhile; this result is not recorded", label)
+            return
+        if error is None and swap == "pending":
+            self._swap(job, result["version"], label)
+
+    # ------------------------------------------------------------------ one job
+    def _outcome(self, job: Job, label: str) -> tuple[str | None, dict[str, Any], str | None]:
+        """(state, result, error): error is None on success. WorkerStopped propagates."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {"queued": max(0.0, (job.started or job.created) - job.created)}
+        result: dict[str, Any] = {"worker": self.owner, "device": str(self.device), "timings": timings}
+        try:
+            state = self._compute(job, label, result, timings)
+            timings["total"] = time.perf_counter() - start
+            return state, result, None
+        except WorkerStopped:
+            raise
+        except _out_of_memory_types() as e:
+            self.models._release()
+            error = out_of_memory_message(self.device, e)
+        except (JobFailure, AdapterError, CalibrationError, ConfigError, DatabaseError, OSError) as e:
+            error = str(e)
+        except Exception as e:
+            log.exception("%s: unexpected error", label)
+            error = f"unexpected error: {type(e).__name__}: {e}"
+        timings["total"] = time.perf_counter() - start
+        return None, result, error
+
+    def _compute(self, job: Job, label: str, result: dict[str, Any], timings: dict[str, float]) -> str:
+        from ..adapter import load_adapter
+        from ..refine import refine
+
+        spec = job.spec
+        config = spec_config(spec, device=str(self.device), progress=False)
+        base_model = str(spec["base_model"])
+        t = time.perf_counter()
+        calibration = self._calibration(job)
+        timings["calibration"] = time.perf_counter() - t
+        result["calibration"] = {"examples": calibration.examples, "sha256": calibration.sha256,
+                                 "summary": calibration.summary}  # fmt: skip
+        log.info("%s: calibration: %s (%.1f s)", label, calibration.summary, timings["calibration"])
+        self._check_enough(job, config, calibration.examples)
+
+        original = Path(spec["adapter_path"])
+        lora = load_adapter(original)
+        key = version_key(lora.content_hash(), base_model, config.to_dict(), calibration.sha256)
+        result["key"] = key
+        known = lookup(self.store, job.adapter, key)
+        if known is not None:  # written (or kept) before: a worker died before recording it, or a twin job
+            log.info("%s: the store already holds this refinement (%s); reused", label, known["decision"])
+            result.update({k: known[k] for k in ("reason", "policy", "quality_before", "quality_after", "version")})
+            result.update(decision=known["decision"], reused=True)
+            return "accepted" if known["decision"] == "accept" else "kept_original"
+
+        t = time.perf_counter()
+        model, tokenizer, cached = self.models.get(base_model)
+        timings["load_model"] = time.perf_counter() - t
+        log.info("%s: base model %s on %s %s (%.1f s)", label, base_model, self.device,
+                 "from the cache" if cached else "loaded", timings["load_model"])  # fmt: skip
+
+        # The writer lock tells store cleaning (a starting server or worker) that the reserved
+        # directory is being filled, not left behind by a killed process.
+        with self.store.writer_lock(job.adapter):
+            out = self.store.new_version_dir(job.adapter)
+            try:
+                log.info("%s: refine (%s policy, %d examples) into %s", label, config.policy,
+                         calibration.examples, out.name)  # fmt: skip
+                refined = refine(base_model, lora, calibration.data, out, config, model=model, tokenizer=tokenizer)
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)
+                raise
+            if not refined.written:
+                shutil.rmtree(out, ignore_errors=True)
+        record = refined.to_dict()
+        for stage, seconds in refined.timings.items():
+            if stage != "total":
+                timings["load_adapter" if stage == "load" else stage] = seconds
+        result.update(
+            decision=refined.decision,
+            reason=refined.reason,
+            policy=refined.policy,
+            quality_before=record["quality_before"],
+            quality_after=record["quality_after"],
+            gate=record["gate"],
+            candidates=record["candidates"],
+            version=out.name if refined.written else None,
+            reused=False,
+        )
+        result["calibration"].update(
+            heldout_examples=refined.calibration["heldout_examples"], truncated=refined.calibration["truncated"]
+        )
+        stages = ", ".join(f"{s} {timings[s]:.1f} s" for s in ("prepare", "sensitivity", "evaluation", "write") if s in timings)
+        log.info("%s: %s in %.1f s (%s)", label, refined.decision, refined.timings.get("total", 0.0), stages)
+        if refined.decision == "accept":
+            return "accepted"
+        try:  # the same request again is answered from the store
+            self.store.remember(job.adapter, key, record)
+        except (OSError, ValueError) as e:
+            log.warning("%s: could not remember the kept original: %s", label, e)
+        return "kept_original"
+
+    def _calibration(self, job: Job) -> Calibration:
+        from ..calibration import read_jsonl
+
+        source = job.spec["calibration"]
+        kind = source.get("source")
+        if kind == "records":
+            records = source["records"]
+            return Calibration(records, records_sha256(records), len(records), f"{len(records)} inline examples")
+        if kind == "file":
+            path = Path(source["path"])
+            records, digest = read_jsonl(path)
+            return Calibration(path, digest, len(records), f"{len(records)} examples from {path}")
+        if kind == "adapter":
+            data = build_adapter_calibration(self.db, job.adapter, source)
+            if not data.records:
+                raise JobFailure(f"too little calibration data: none usable ({data.summary()})")
+            return Calibration(data.records, records_sha256(data.records), len(data.records), data.summary())
+        raise JobFailure(f"unknown calibration source {kind!r} (a job queued by a newer vllm-surgery?)")
+
+    def _check_enough(self, job: Job, config: Any, examples: int) -> None:
+        """Refuse, before any model work, data that cannot produce an accepted version."""
+        from ..calibration import heldout_count
+        from ..gate import min_heldout_examples
+
+        needed_auto = job.spec.get("min_examples")
+        if needed_auto is not None and examples < needed_auto:
+            raise JobFailure(
+                f"too little calibration data: {examples} usable examples, automatic jobs need "
+                f"{needed_auto} (refine_min_examples): wait for more feedback or add a surgery_calibration.jsonl"
+            )
+        used = min(examples, config.samples or examples)
+        held = heldout_count(used, config.heldout_fraction)
+        needed = min_heldout_examples(config.max_false_accept)
+        if held < needed:
+            raise JobFailure(
+                f"too little calibration data: {used} examples give {held} held-out example(s) "
+                f"(heldout_fraction {config.heldout_fraction:g}); the gate at max_false_accept "
+                f"{config.max_false_accept:g} needs at least {needed} held out, so nothing could be accepted: "
+                "send more examples (or feedback), or raise heldout_fraction"
+            )
+
+    # ------------------------------------------------------------------ the swap
+    def _swap(self, job: Job, version: str, label: str) -> None:
+        """Ask the server to serve `version`; record what happened (pending when it cannot be asked)."""
+        name = urllib.parse.quote(job.adapter, safe="")
+        url = f"{self.options.server.rstrip('/')}/v1/surgery/adapters/{name}/swap"
+        headers = {"Content-Type": "application/json"}
+        if self.options.admin_token:
+            headers["Authorization"] = f"Bearer {self.options.admin_token}"
+        request = urllib.request.Request(url, json.dumps({"version": version}).encode(), headers, method="POST")
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=self.options.http_timeout_s) as response:
+                response.read()
+            state, error = "done", None
+        except urllib.error.HTTPError as e:
+            error = f"the server answered {e.code}: {_error_message(e)}"
+            if e.code in (401, 403):
+                error += " (set VLLM_SURGERY_ADMIN_TOKEN to the server's admin token)"
+            # Refused on the merits (stale, corrupt, invalid): final. Not authorised, not this server's
+            # adapter, or a server error: pending, for the server's own sweep.
+            state = "failed" if e.code in (400, 409, 422) else "pending"
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            state, error = "pending", f"the server at {self.options.server} is unreachable ({e})"
+        seconds = time.perf_counter() - start
+        self.db.set_job_swap(job.id, state, error, seconds if state == "done" else None)
+        if state == "done":
+            log.info("%s: swapped in %s (%.2f s)", label, version, seconds)
+        elif state == "pending":
+            log.warning("%s: swap pending: %s; the server swaps it at its next check or start", label, error)
+        else:
+            log.error("%s: swap refused: %s", label, error)
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(e.read() or b"{}")
+        return str(body["error"]["message"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return e.reason if isinstance(e.reason, str) else str(e)
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `vllm-surgery worker` options."""
+    parser.add_argument("--server", required=True, help="the vLLM server's URL (swaps go there), e.g. http://127.0.0.1:8000")
+    parser.add_argument("--device", default="auto", help="where refinements run: auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--store", default=None, help="refined-version store (default: the serving settings' VLLM_SURGERY_STORE)")
+    parser.add_argument("--db", default=None, help="job database (default: the serving settings' database)")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S, help="seconds between looks at an empty queue")
+    parser.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_S,
+                        help="a job's lease; renewed every third of it while the job runs, taken over when it expires")  # fmt: skip
+    parser.add_argument("--max-models", type=int, default=1, help="base models kept loaded (least recently used dropped)")
+    parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    parser.add_argument("--drain", action="store_true", help="run jobs until the queue has none to give, then exit")
+    parser.add_argument("--owner", default=None, help="this worker's name in the job rows (default host:pid:random)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """`vllm-surgery worker`; exit codes: 0 stopped (signal, --once, --drain), 2 bad settings."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    try:
+        settings = ServingSettings.from_env()
+        if args.lease_seconds < 3 or args.poll_interval <= 0 or args.max_models < 1:
+            raise SettingsError("--lease-seconds must be >= 3, --poll-interval > 0 and --max-models >= 1")
+        db = SQLiteDatabase(Path(args.db) if args.db else settings.database_path)
+        store = VersionStore(Path(args.store) if args.store else settings.store)
+        options = WorkerOptions(
+            server=args.server, device=args.device, lease_s=args.lease_seconds, poll_s=args.poll_interval,
+            max_models=args.max_models, owner=args.owner or "", admin_token=settings.admin_token,
+        )  # fmt: skip
+        worker = RefinementWorker(db, store, options)
+    except (SurgeryError, ValueError) as e:
+        print(f"vllm-surgery worker: error: {e}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, worker.handle_signal)
+    try:
+        worker.run(once=args.once, drain=args.drain)
+    except WorkerStopped:
+        pass
+    finally:
+        db.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vllm-surgery worker", description=__doc__.split("\n\n")[0], epilog=SIZING_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
