@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -41,15 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from vllm_surgery import refine
-from vllm_surgery.calibration import tokenize_records
 from vllm_surgery.default_model import default_model_path
+from vllm_surgery.exact_match import score_adapters, sign_test
+from vllm_surgery.lora_training import LoraRecipe, cached_lora_adapter
 from vllm_surgery.plotting import plot_report
 from vllm_surgery.policies import POLICIES
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 #: Part of the cache key of the trained adapter: bump it when the task or the training recipe changes.
 RECIPE = "addition-v1"
@@ -108,174 +106,37 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Training the adapter (cached)
+# Training the adapter (cached) and scoring it: the library's shared loop and scorer
 # --------------------------------------------------------------------------------------------------
 
 
-def train_adapter(
-    model_dir: Path, target: Path, *, steps: int, lr: float, batch_size: int, seed: int
-) -> dict:
-    """Train the addition LoRA with a plain torch loop and save it atomically to `target`."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGET_MODULES, task_type="CAUSAL_LM"
-    )
-    model = get_peft_model(model, config)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10 %
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    rng = random.Random(seed)
-    pad_id = tokenizer.pad_token_id
-    started = time.perf_counter()
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="training LoRA", unit="step")
-    for _ in bar:
-        problems = draw_problems(rng, batch_size, eval_slice=False, exclude=set())
-        records = [(f"train {i}", {"messages": p.messages()}) for i, p in enumerate(problems)]
-        # The same tokenisation as the calibration loader: loss on the answer tokens (+ EOS) only.
-        examples, _ = tokenize_records(records, tokenizer, max_length=256)
-        longest = max(e.length for e in examples)
-        ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(examples):
-            seq = e.prompt_ids + e.answer_ids
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            labels[row, len(e.prompt_ids) : len(seq)] = torch.tensor(e.answer_ids)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    bar.close()
-    seconds = time.perf_counter() - started
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        cfg_path = tmp / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = str(model_dir)
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-        info = {
-            "recipe": RECIPE,
-            "task": "3-digit addition, chat format",
-            "steps": steps,
-            "lr": lr,
-            "batch_size": batch_size,
-            "seed": seed,
-            "seconds": round(seconds, 1),
-            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-        }
-        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-        # mkdtemp makes a 0700 folder and safetensors writes 0600 files: make the adapter readable like
-        # any model folder (e.g. by a vLLM server running as another user).
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another demo finished the same adapter meanwhile: use that one
-            if not (target / "adapter_model.safetensors").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
+def training_batch(rng: random.Random, batch_size: int) -> list[dict[str, Any]]:
+    """One training step's problems, from the training slice only, as chat records."""
+    return [{"messages": p.messages()} for p in draw_problems(rng, batch_size, eval_slice=False, exclude=set())]
 
 
 def cached_adapter(model_dir: Path, cache: Path, args: argparse.Namespace) -> tuple[Path, dict, bool]:
     name = f"{RECIPE}-lora-r{RANK}-{args.steps}steps-lr{args.lr:g}-bs{args.batch_size}-seed{args.seed}"
     target = cache / "demo" / name
-    if (target / "adapter_model.safetensors").is_file() and (target / "training.json").is_file():
-        return target, json.loads((target / "training.json").read_text()), True
-    info = train_adapter(
-        model_dir, target, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed
+    recipe = LoraRecipe(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, rank=RANK, alpha=ALPHA
     )
-    return target, info, False
-
-
-# --------------------------------------------------------------------------------------------------
-# Exact-match evaluation with transformers + PEFT
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def exact_match(
-    model: Any, tokenizer: Any, problems: Sequence[Problem], desc: str, batch_size: int = 50
-) -> list[bool]:
-    """Greedy answers (float32, left padding) compared exactly with the true sum, per problem."""
-    tokenizer.padding_side = "left"
-    correct: list[bool] = []
-    for start in tqdm(range(0, len(problems), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = problems[start : start + batch_size]
-        prompts = [
-            tokenizer.apply_chat_template(
-                p.messages(with_answer=False), tokenize=False, add_generation_prompt=True
-            )
-            for p in chunk
-        ]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(
-            **enc,
-            max_new_tokens=8,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct.extend(t.strip() == p.answer for t, p in zip(texts, chunk, strict=True))
-    return correct
+    description = {"recipe": RECIPE, "task": "3-digit addition, chat format"}
+    info, cached = cached_lora_adapter(model_dir, target, recipe, training_batch, description=description)
+    return target, info, cached
 
 
 def evaluate(
     model_dir: Path, adapters: dict[str, Path], problems: Sequence[Problem], with_base: bool
 ) -> dict[str, list[bool]]:
-    """Per-problem correctness for the base model (optional) and every adapter, on one loaded model.
-
-    `adapters` maps a PEFT adapter name (an identifier: no dots) to its folder; the result is keyed by
-    those names, plus "base" for the model without any adapter.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
-    model.eval()
-    results: dict[str, list[bool]] = {}
-    if with_base:
-        with model.disable_adapter():
-            results["base"] = exact_match(model, tokenizer, problems, "exact match: base")
-    for name in names:
-        model.set_adapter(name)
-        results[name] = exact_match(model, tokenizer, problems, f"exact match: {name}")
-    return results
+    """Per-problem correctness for the base model (optional) and every adapter (PEFT, greedy, float32)."""
+    return score_adapters(
+        model_dir,
+        adapters,
+        [p.messages(with_answer=False) for p in problems],
+        [p.answer for p in problems],
+        with_base=with_base,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,15 +268,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, result, scores, timings, train_info, report_path, plot_path, calib_path, model_dir, adapter_dir
     )
     return 0
-
-
-def sign_test(fixed: int, broken: int) -> float:
-    """Two-sided exact sign test (McNemar) on the problems whose correctness changed."""
-    n = fixed + broken
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def print_summary(

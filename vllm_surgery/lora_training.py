@@ -1,0 +1,227 @@
+"""Train a PEFT LoRA adapter on prompt/completion records, with answer-only loss, on the CPU or a GPU.
+
+Why this exists: the demo and the quality benchmark need *real* trained adapters (not random ones) to
+show what Spectral Surgery does to them, and nothing can be downloaded here. One small, plain torch
+loop serves both, so that their adapters come from the same recipe. Examples are tokenised exactly as
+calibration data is (:func:`vllm_surgery.calibration.tokenize_records`): the loss counts the answer
+tokens (+ EOS) only, which is also the quantity refine() measures.
+
+The adapter is written atomically (a complete sibling folder renamed into place) with a
+``training.json`` describing how it was made; :func:`cached_lora_adapter` reuses such a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibration import tokenize_records
+from .errors import ConfigError
+
+#: All seven projections of a Llama-style block: the paper's adapters adapt every one of them.
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAINING_INFO = "training.json"
+
+#: Draws the records of one training step: (rng, batch_size) -> records in the calibration format,
+#: {"prompt", "completion"} or {"messages"}. The rng is seeded from the recipe, so a run is reproducible.
+BatchSource = Callable[[random.Random, int], Sequence[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """How an adapter is trained: AdamW, linear warm-up over 5 % of the steps, cosine decay to 10 %.
+
+    steps: optimizer steps (one batch each). lr: peak learning rate. max_length: tokens per example
+    (longer prompts lose tokens on the left, answers are never cut).
+    """
+
+    steps: int
+    lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0
+    rank: int = 16
+    alpha: int = 32
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.rank < 1:
+            raise ConfigError(
+                f"LoRA training needs steps, batch_size and rank >= 1, got {self.steps}, "
+                f"{self.batch_size}, {self.rank}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"LoRA training needs a positive learning rate, got {self.lr}")
+        if not self.target_modules:
+            raise ConfigError("LoRA training needs at least one target module")
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """Learning-rate multiplier at `step`: linear warm-up, then cosine decay to 10 % of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _batch_tensors(examples: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels that are -100 everywhere but the answer."""
+    longest = max(e.length for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        seq = e.prompt_ids + e.answer_ids
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, len(e.prompt_ids) : len(seq)] = torch.tensor(e.answer_ids)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_lora_adapter(
+    model_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    recipe: LoraRecipe,
+    batches: BatchSource,
+    *,
+    description: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a LoRA adapter on `model_dir` and save it atomically to the new folder `output`.
+
+    description: what the caller wants on record (task, recipe version...), written first into
+        training.json, followed by the recipe, the training time and the final loss.
+    Returns what was written to training.json. Raises ConfigError when `output` already holds files
+    (use cached_lora_adapter to reuse an adapter) and CalibrationError for records it cannot tokenise.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(output)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"{target}: already exists; LoRA training writes a new folder")
+    torch.manual_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=recipe.rank,
+        lora_alpha=recipe.alpha,
+        lora_dropout=0.0,
+        target_modules=list(recipe.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe.steps))
+    rng = random.Random(recipe.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    started = time.perf_counter()
+    losses: list[float] = []
+    bar = tqdm(range(recipe.steps), desc="training LoRA", unit="step", disable=not progress)
+    for step in bar:
+        records = batches(rng, recipe.batch_size)
+        if not records:
+            raise ConfigError(f"the batch source returned no records at step {step}")
+        examples, _ = tokenize_records(
+            [(f"training step {step} record {i}", r) for i, r in enumerate(records)],
+            tokenizer,
+            max_length=recipe.max_length,
+        )
+        loss = model(**_batch_tensors(examples, pad_id)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    bar.close()
+    seconds = time.perf_counter() - started
+    stride = max(1, recipe.steps // 20)
+    info = {
+        **(description or {}),
+        "steps": recipe.steps,
+        "lr": recipe.lr,
+        "batch_size": recipe.batch_size,
+        "seed": recipe.seed,
+        "rank": recipe.rank,
+        "alpha": recipe.alpha,
+        "target_modules": list(recipe.target_modules),
+        "seconds": round(seconds, 1),
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        # mean training loss over consecutive windows of `stride` steps: shows under-training or a plateau
+        "loss_curve": {
+            "stride": stride,
+            "mean_loss": [
+                round(sum(losses[i : i + stride]) / len(losses[i : i + stride]), 5)
+                for i in range(0, len(losses), stride)
+            ],
+        },
+    }
+    _save_atomically(model, target, Path(model_dir), info)
+    return info
+
+
+def _save_atomically(model: Any, target: Path, model_dir: Path, info: Mapping[str, Any]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = str(model_dir)
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        # mkdtemp makes a 0700 folder and safetensors writes 0600 files: make the adapter readable like
+        # any model folder (e.g. by a vLLM server running as another user).
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty folder left for us: os.replace cannot put a folder over it
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same adapter meanwhile: use that one
+            if not (target / "adapter_model.safetensors").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cached_lora_adapter(
+    model_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    recipe: LoraRecipe,
+    batches: BatchSource,
+    *,
+    description: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], bool]:
+    """The adapter in `output` if a complete one is there, else a freshly trained one: (info, cached).
+
+    The caller owns the cache key: `output` must name everything that changes the result (task, recipe
+    version, steps, seed...), because a complete folder is reused without looking inside.
+    """
+    target = Path(output)
+    info_path = target / TRAINING_INFO
+    if (target / "adapter_model.safetensors").is_file() and info_path.is_file():
+        return json.loads(info_path.read_text()), True
+    info = train_lora_adapter(model_dir, target, recipe, batches, description=description, progress=progress)
+    return info, False
