@@ -47,9 +47,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import demo  # the task (3-digit addition in chat format), the cached adapter and the scorer
 import torch
 
-import demo  # the task (3-digit addition in chat format), the cached adapter and the scorer
 from vllm_surgery.default_model import default_model_path
 from vllm_surgery.exact_match import sign_test
 from vllm_surgery.serving.server_process import ServerProcess, start_server, stop_process
