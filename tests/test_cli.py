@@ -60,7 +60,7 @@ def test_refine_force_writes_adapter_report_and_prints_decision(
     assert "decision: forced" in p.stdout and "held-out answer loss" in p.stdout
     assert "gate: one-sided paired sign-flip test" in p.stdout
     assert (
-        "3 candidate(s), 3 held-out examples, 8 all sign flips; accept if gain >= 0.50% and p <= 0.025"
+        "3 candidate(s), 3 held-out examples, 8 all sign flips; accept if gain >= 0.50%, loss reduction >= 0.001 nats/token and p <= 0.025"
         in p.stdout
     )
     data = json.loads(report.read_text())

@@ -206,6 +206,7 @@ def test_every_field_has_help_and_says_whether_it_changes_the_result():
         "layers",
         "heldout_fraction",
         "min_improvement",
+        "min_loss_reduction",
         "max_false_accept",
         "samples",
         "max_length",

@@ -111,6 +111,30 @@ def test_never_accepts_a_candidate_that_is_not_better():
     assert gate.candidates["worse"].relative_improvement == pytest.approx(-0.1)
 
 
+def test_a_relative_gain_on_a_loss_near_zero_is_not_enough():
+    # The quality benchmark's case (classify/plateau, n=32, seed 0): 8 held-out answers of 2 tokens that
+    # the adapter already gets right with near certainty (loss 7.5e-05 nats/token), every one a bit
+    # surer after surgery: +32% relative, p = 2^-8, but 2.4e-05 nats/token changes no answer.
+    tokens = [2] * 8
+    before = quality([1.5e-4] * 8, tokens)
+    sharper = quality([1.0e-4] * 8, tokens)
+    loose = decide(before, {"grad_direction": sharper}, min_improvement=0.005, max_false_accept=0.025)
+    assert loose.accepted  # without the absolute floor: what the benchmark saw
+    gate = decide(
+        before, {"grad_direction": sharper}, min_improvement=0.005, max_false_accept=0.025, min_loss_reduction=1e-3
+    )
+    row = gate.candidates["grad_direction"]
+    assert row.relative_improvement == pytest.approx(1 / 3) and row.p_value == 1 / 256
+    assert not gate.accepted
+    assert "a loss reduction >= 0.001 nats/token" in gate.reason
+    # the same relative gain on a loss that matters passes the floor (0.25 nats/token reduction)
+    big = decide(
+        quality([1.5] * 8, tokens), {"grad_direction": quality([1.0] * 8, tokens)},
+        min_improvement=0.005, max_false_accept=0.025, min_loss_reduction=1e-3,
+    )  # fmt: skip
+    assert big.accepted and big.to_dict()["min_loss_reduction"] == 1e-3
+
+
 def test_small_heldout_sets_say_why_nothing_can_pass():
     before = quality([4.0, 4.0, 4.0, 4.0], [2, 2, 2, 2])
     better = quality([2.0, 2.0, 2.0, 2.0], [2, 2, 2, 2])  # 50% better everywhere, but only 4 examples

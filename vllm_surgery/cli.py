@@ -158,7 +158,8 @@ def _refine(args: argparse.Namespace) -> int:
         print(
             f"gate: {gate['test']}; {gate['candidates']} candidate(s), {gate['heldout_examples']} held-out "
             f"examples, {gate['sign_flips']} {flips} sign flips; accept if gain >= "
-            f"{100 * gate['min_improvement']:.2f}% and p <= {gate['max_false_accept']:g}"
+            f"{100 * gate['min_improvement']:.2f}%, loss reduction >= {gate['min_loss_reduction']:g} "
+            f"nats/token and p <= {gate['max_false_accept']:g}"
         )
     print(
         f"modules edited: {len(result.modules)}; calibration: {result.calibration['examples']} examples, "

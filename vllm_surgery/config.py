@@ -89,6 +89,13 @@ class SurgeryConfig:
         affects_result=True,
         cli={"type": float},
     )
+    min_loss_reduction: float = _setting(
+        0.001,
+        help="held-out loss reduction (nats per answer token) required as well: a large relative gain on a "
+        "loss that is already near zero changes no answer (0 switches this floor off)",
+        affects_result=True,
+        cli={"type": float},
+    )
     max_false_accept: float = _setting(
         0.025,
         help="largest acceptable probability that a candidate no better than the original replaces it "
@@ -137,6 +144,9 @@ class SurgeryConfig:
         self.layers = _layers(self.layers)
         self.heldout_fraction = _number("heldout_fraction", self.heldout_fraction, "a number in [0, 1)", 0, 1)
         self.min_improvement = _number("min_improvement", self.min_improvement, "a number in [0, 1)", 0, 1)
+        self.min_loss_reduction = _number(
+            "min_loss_reduction", self.min_loss_reduction, "a finite number >= 0", 0, math.inf
+        )
         self.max_false_accept = _number(
             "max_false_accept",
             self.max_false_accept,

@@ -26,7 +26,10 @@ are enumerated when n <= EXACT_MAX_EXAMPLES (an exact test); otherwise RANDOM_FL
 are drawn and p = (1 + hits) / (1 + draws), which is a valid p-value for any number of draws.
 
 Decision. A candidate is accepted when its gain is positive, at least `min_improvement` (the practical
-floor) and its corrected p-value is at most `max_false_accept`; among accepted candidates the lowest
+floor, relative), its loss reduction at least `min_loss_reduction` nats per answer token (the absolute
+floor: a +30% gain on a loss of 1e-4 changes no answer, and the quality benchmark saw such a candidate
+accepted on 8 held-out examples and break more test problems than it fixed) and its corrected p-value
+is at most `max_false_accept`; among accepted candidates the lowest
 held-out loss wins. Because max-T controls the family-wise error rate, the probability that the
 original is replaced by a candidate that is no better is at most `max_false_accept`, however many
 candidates were tried. tests/test_gate.py measures that rate by simulation.
@@ -92,6 +95,7 @@ class GateResult:
     exact: bool
     min_improvement: float
     max_false_accept: float
+    min_loss_reduction: float = 0.0
 
     @property
     def reason(self) -> str:
@@ -103,7 +107,9 @@ class GateResult:
             f"{self.chosen} {verb} held-out answer loss: {self.original_loss:.4f} -> {row.loss:.4f} "
             f"({100 * row.relative_improvement:+.2f}% ± {100 * row.relative_improvement_se:.2f}% SE, "
             f"p = {row.p_value:.4g} corrected for {k} candidate{'s' if k > 1 else ''}; "
-            f"needed >= {100 * self.min_improvement:.2f}% and p <= {self.max_false_accept:g})"
+            f"needed >= {100 * self.min_improvement:.2f}%"
+            + (f", a loss reduction >= {self.min_loss_reduction:g} nats/token" if self.min_loss_reduction > 0 else "")
+            + f" and p <= {self.max_false_accept:g})"
         )
         if self.accepted:
             return text
@@ -135,6 +141,7 @@ class GateResult:
             "p_value": chosen.p_value,
             "smallest_p_value": self.smallest_p_value,
             "min_improvement": self.min_improvement,
+            "min_loss_reduction": self.min_loss_reduction,
             "max_false_accept": self.max_false_accept,
         }
 
@@ -219,6 +226,7 @@ def decide(
     *,
     min_improvement: float,
     max_false_accept: float,
+    min_loss_reduction: float = 0.0,
     seed: int = 0,
 ) -> GateResult:
     """Run the gate on the original's and every candidate's held-out quality.
@@ -245,6 +253,7 @@ def decide(
         for c in names
         if rows[c].relative_improvement > 0
         and rows[c].relative_improvement >= min_improvement
+        and before.loss - rows[c].loss >= min_loss_reduction
         and rows[c].p_value <= max_false_accept
     ]
     accepted = bool(passing)
@@ -259,4 +268,5 @@ def decide(
         exact=exact,
         min_improvement=min_improvement,
         max_false_accept=max_false_accept,
+        min_loss_reduction=min_loss_reduction,
     )

@@ -273,6 +273,7 @@ def refine(
             before,
             scores,
             min_improvement=config.min_improvement,
+            min_loss_reduction=config.min_loss_reduction,
             max_false_accept=config.max_false_accept,
             seed=config.seed,
         )

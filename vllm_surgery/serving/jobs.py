@@ -6,7 +6,7 @@ A spec is JSON (stored in the job row)::
     {"spec_version": 1,
      "base_model": "/models/base",          the server's --model: the worker loads it, the store key uses it
      "adapter_path": "/srv/adapters/x",     the original as the server found it (root or --lora-modules)
-     "config": {"policy": "auto", ...},     SurgeryConfig fields (settings.REFINE_SETTING_FIELDS); never force
+     "config": {"policy": "auto", ...},     SurgeryConfig fields (settings.refine_setting_fields()); never force
      "calibration": one of
         {"source": "records", "records": [...], "sha256": ...}     inline lines of a refine request
         {"source": "file", "path": "/srv/calibration/x.jsonl", "sha256": ...}

@@ -7,8 +7,8 @@ Body (JSON object)::
     {"from_traffic": true}                                    the adapter's calibration set: its recorded
       traffic and feedback, its registered files and its own surgery_calibration.jsonl, as they are
       when the job runs (+ optional "include_unrated": bool, "since": "7d" or an ISO time)
-    + optional SurgeryConfig fields: policy (default auto), policy_params, constraint, modules, layers,
-      heldout_fraction, min_improvement, max_false_accept, samples, max_length, max_batch_tokens, seed
+    + optional SurgeryConfig fields (settings.refine_setting_fields(): all but force, device and
+      progress), policy defaulting to auto
     + "swap": true (default): swap the version in when the gate accepts it
 
 Answers:
@@ -49,12 +49,12 @@ from .database import DatabaseError
 from .hotswap import HotSwapError, HotSwapper
 from .jobs import DEFAULT_JOB_POLICY, describe_job, job_spec, lookup, records_sha256
 from .names import InvalidAdapterName, path_under
-from .settings import REFINE_SETTING_FIELDS
+from .settings import refine_setting_fields
 from .store import version_key
 
 log = logging.getLogger(f"vllm.{__name__}")
 
-CONFIG_FIELDS = frozenset(REFINE_SETTING_FIELDS)
+CONFIG_FIELDS = frozenset(refine_setting_fields())
 TRAFFIC_FIELDS = frozenset({"include_unrated", "since"})
 BODY_FIELDS = (
     frozenset({"records", "calibration", "from_traffic", "swap", "force"}) | TRAFFIC_FIELDS | CONFIG_FIELDS

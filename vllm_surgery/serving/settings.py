@@ -187,12 +187,17 @@ ADAPTER_TRAFFIC = Kind(
 )
 
 
-# SurgeryConfig fields an operator may set for automatic refinements (force is never allowed: a job's
-# result is swapped in only when the gate accepts it; device and progress belong to the worker).
-REFINE_SETTING_FIELDS = (
-    "policy", "policy_params", "constraint", "modules", "layers", "heldout_fraction", "min_improvement",
-    "max_false_accept", "samples", "max_length", "max_batch_tokens", "seed",
-)  # fmt: skip
+# SurgeryConfig fields an operator may not set for automatic refinements (force: a job's result is
+# swapped in only when the gate accepts it; device and progress belong to the worker).
+NOT_REFINE_SETTINGS = frozenset({"force", "device", "progress"})
+
+
+def refine_setting_fields() -> tuple[str, ...]:
+    """The SurgeryConfig fields an operator may set for a refinement: every field but NOT_REFINE_SETTINGS,
+    derived from SurgeryConfig itself (imported here, not at module import: it pulls in torch)."""
+    from ..config import SurgeryConfig
+
+    return tuple(f.name for f in fields(SurgeryConfig) if f.name not in NOT_REFINE_SETTINGS)
 
 
 def _json_refine_settings(value: Any, source: str, base: Path) -> dict[str, Any]:
@@ -201,9 +206,10 @@ def _json_refine_settings(value: Any, source: str, base: Path) -> dict[str, Any]
 
     if not isinstance(value, dict):
         raise SettingsError(f"{source} must be a JSON object of refine settings, got {value!r}")
-    unknown = sorted(set(value) - set(REFINE_SETTING_FIELDS))
+    allowed = refine_setting_fields()
+    unknown = sorted(set(value) - set(allowed))
     if unknown:
-        raise SettingsError(f"{source}: unknown or not allowed key(s) {unknown}; allowed: {list(REFINE_SETTING_FIELDS)}")
+        raise SettingsError(f"{source}: unknown or not allowed key(s) {unknown}; allowed: {list(allowed)}")
     fields_ = dict(value)
     if isinstance(fields_.get("layers"), list):
         fields_["layers"] = tuple(fields_["layers"])
