@@ -337,8 +337,6 @@ class RunCache:
     with unchanged code only redoes what is missing. Written atomically (a reader never sees half)."""
 
     root: Path | None  # None: no caching (--no-run-cache)
-    hits: int = 0
-    misses: int = 0
 
     def _path(self, key: str) -> Path | None:
         return None if self.root is None else self.root / f"{key}.json"
@@ -346,9 +344,7 @@ class RunCache:
     def get(self, key: str) -> Any:
         path = self._path(key)
         if path is None or not path.is_file():
-            self.misses += 1
             return None
-        self.hits += 1
         return json.loads(path.read_text(encoding="utf-8"))
 
     def put(self, key: str, value: Any) -> None:
