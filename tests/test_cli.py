@@ -43,7 +43,7 @@ def test_refine_force_writes_adapter_report_and_prints_decision(
         "--policy",
         "auto",
         "--policy-param",
-        "grad_search.eta_s=1.5",
+        "sigma_descent.eta_s=1.5",
         "--modules",
         "all",
         "--layers",
@@ -60,16 +60,19 @@ def test_refine_force_writes_adapter_report_and_prints_decision(
     assert "decision: forced" in p.stdout and "held-out answer loss" in p.stdout
     assert "gate: one-sided paired sign-flip test" in p.stdout
     assert (
-        "3 candidate(s), 3 held-out examples, 8 all sign flips; accept if gain >= 0.50%, loss reduction >= 0.001 nats/token and p <= 0.025"
+        "1 candidate(s), 3 held-out examples, 8 all sign flips; accept if gain >= 0.50%, loss reduction >= 0.001 nats/token and p <= 0.025"
         in p.stdout
     )
     data = json.loads(report.read_text())
     assert data["decision"] == "forced" and data["output_path"] == str(out)
-    assert data["gate"]["smallest_p_value"] == 1 / 8 and data["gate"]["candidates"] == 3
-    for policy in ("grad_direction", "abs_select", "smooth_abs"):
-        assert f"{policy:<15} {data['candidates'][policy]['loss']:.4f}" in p.stdout
+    assert data["gate"]["smallest_p_value"] == 1 / 8 and data["gate"]["candidates"] == 1
+    row = data["candidates"]["sigma_descent"]
+    assert f"sigma_descent   {row['loss']:.4f}" in p.stdout and "p = " in p.stdout
+    assert f"selection loss {row['selection_loss']:.4f}" in p.stdout
+    assert data["selection"]["examples"] == 2 and data["selection"]["chosen"] == "sigma_descent"
     assert len(data["modules"]) == 7 and all(".layers.0." in m for m in data["modules"])
-    assert data["config"]["policy_params"] == {"grad_direction": {"eta_s": 1.5}}
+    assert data["config"]["policy_params"] == {"sigma_descent": {"eta_s": 1.5}}
+    assert data["selection"]["candidates"]["sigma_descent"]["trace"][0]["eta_s"] <= 1.5
     for mod in data["modules"].values():
         assert {"sigma", "sigma_new", "sensitivity"} <= set(mod)
     assert (out / "adapter_model.safetensors").is_file() and (out / "surgery.json").is_file()

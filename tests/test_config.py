@@ -144,13 +144,13 @@ BAD = [
         "smooth_abs needs tau_scale > 0; got tau_scale=0.0",
     ),
     (
-        {"policy": "auto", "policy_params": {"grad_search": 1}},
-        "policy_params['grad_search'] must be a mapping of grad_search's parameter names to numbers; got 1",
+        {"policy": "auto", "policy_params": {"sigma_descent": 1}},
+        "policy_params['sigma_descent'] must be a mapping of sigma_descent's parameter names to numbers; "
+        "got 1",
     ),
     (
         {"policy": "auto", "policy_params": {"random_index": {}}},
-        "with policy auto, policy_params maps policy names (grad_search, sigma_descent) to "
-        "overrides; unknown: random_index",
+        "with policy auto, policy_params maps policy names (sigma_descent) to overrides; unknown: random_index",
     ),
     (
         {"policy": "auto", "policy_params": {"sigma_descent": {"eta_s": float("nan")}}},

@@ -127,7 +127,11 @@ def test_provenance_and_report(forced, tiny_adapter, tiny_calibration):
     assert prov["quality_before"]["loss"] > 0 and prov["quality_after"]["loss"] > 0
     assert prov["quality_before"]["answer_tokens"] == prov["quality_after"]["answer_tokens"] > 0
     row = prov["candidates"]["grad_direction"]
-    assert set(row) == {"loss", "relative_improvement", "relative_improvement_se", "z", "p_value"}
+    assert set(row) == {
+        *("loss", "relative_improvement", "relative_improvement_se", "z", "p_value"),
+        *("selection_loss", "chosen", "tested"),
+    }
+    assert row["tested"] is True and row["selection_loss"] is None and row["chosen"] == {}
     assert row["loss"] == prov["quality_after"]["loss"]
     gain = (prov["quality_before"]["loss"] - row["loss"]) / prov["quality_before"]["loss"]
     assert row["relative_improvement"] == pytest.approx(gain, rel=1e-9)
@@ -164,12 +168,8 @@ def test_keep_original_writes_nothing(tiny_base, tiny_adapter, tiny_calibration,
     )
     assert result.decision == "keep_original" and result.output_path is None
     assert "no candidate measurably beats the original" in result.reason
-    assert set(result.candidates) == {"grad_search", "sigma_descent"}
-    # the gate tested the candidate with the lowest selection loss, and only that one
-    rows = result.candidates
-    assert result.policy == min(rows, key=lambda p: rows[p]["selection_loss"])
-    assert [p for p in rows if rows[p]["tested"]] == [result.policy]
-    assert all(rows[p]["p_value"] is None for p in rows if p != result.policy)
+    assert set(result.candidates) == {"sigma_descent"} and result.policy == "sigma_descent"
+    assert result.candidates["sigma_descent"]["tested"] is True
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -290,8 +290,8 @@ def test_a_measured_gain_is_accepted_and_a_stricter_rate_keeps_the_original(gain
     accepted = refine(gain_case.base, gain_case.adapter, gain_case.calibration, tmp_path / "a", **kw)
     assert accepted.decision == "accept" and accepted.written
     gate = accepted.gate
-    # 48 examples: 24 held out for the gate, 10 to choose on; one candidate chosen of two, tested alone
-    assert (gate["candidates"], gate["selected_from"], gate["heldout_examples"], gate["exact"]) == (1, 2, 24, False)
+    # 48 examples: 24 held out for the gate, 10 to choose steps on, 14 for the sensitivity passes
+    assert (gate["candidates"], gate["selected_from"], gate["heldout_examples"], gate["exact"]) == (1, 1, 24, False)
     assert (gate["selection_examples"], accepted.calibration["examples"]) == (10, 14)
     assert gate["p_value"] <= 0.025 and gate["relative_improvement"] >= 0.001
     assert accepted.quality_after.loss < accepted.quality_before.loss  # accept means better on held-out data
@@ -299,13 +299,14 @@ def test_a_measured_gain_is_accepted_and_a_stricter_rate_keeps_the_original(gain
         accepted.policy == gate["chosen"]
         and accepted.candidates[accepted.policy]["p_value"] == gate["p_value"]
     )
-    # The same run with a false-acceptance rate below the measured p-value keeps the original.
+    # The same run with a false-acceptance rate well below the measured p-value keeps the original (far
+    # enough below that the p-value is not borderline: a borderline one would draw more sign flips).
     strict = refine(
         gain_case.base,
         gain_case.adapter,
         gain_case.calibration,
         tmp_path / "s",
-        max_false_accept=gate["p_value"] / 2,
+        max_false_accept=gate["p_value"] / 20,
         **kw,
     )
     assert strict.decision == "keep_original" and not (tmp_path / "s").exists()
@@ -325,6 +326,7 @@ def test_auto_never_accepts_a_candidate_that_does_not_lower_the_loss(
             None,
             policy="auto",
             min_improvement=0.0,
+            min_loss_reduction=0.0,
             max_false_accept=1.0,
             seed=seed,
             progress=False,

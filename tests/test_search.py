@@ -161,12 +161,26 @@ def test_sigma_descent_keeps_directions_and_magnitude_and_takes_fresh_passes(sea
         assert torch.allclose(sigma_new, torch.tensor(result.modules[name].sigma_new).double(), atol=1e-5)
 
 
-def test_auto_chooses_on_the_selection_split_and_tests_only_its_choice(
-    tiny_base, tiny_adapter, calibration40
+def test_auto_is_sigma_descent_with_its_gate(searched, tiny_base, tiny_adapter, calibration40):
+    result = refine(tiny_base, tiny_adapter, calibration40, None, policy="auto", progress=False)
+    forced, _ = searched["sigma_descent"]
+    assert list(result.candidates) == ["sigma_descent"] and result.gate["candidates"] == 1
+    assert result.candidates["sigma_descent"]["selection_loss"] == forced.candidates["sigma_descent"]["selection_loss"]
+    for name, module in result.modules.items():
+        assert module.sigma_new == forced.modules[name].sigma_new, name
+
+
+def test_several_candidates_are_chosen_on_the_selection_split_and_only_the_choice_is_tested(
+    monkeypatch, tiny_base, tiny_adapter, calibration40
 ):
+    import vllm_surgery.config as config_module
+
+    monkeypatch.setattr(config_module, "AUTO_POLICIES", ("grad_search", "abs_select"))
     result = refine(tiny_base, tiny_adapter, calibration40, None, policy="auto", progress=False)
     rows = result.candidates
-    assert set(rows) == {"grad_search", "sigma_descent"}
+    assert set(rows) == {"grad_search", "abs_select"}
     assert result.policy == result.selection["chosen"] == min(rows, key=lambda p: rows[p]["selection_loss"])
+    assert [p for p in rows if rows[p]["tested"]] == [result.policy]
+    assert all(rows[p]["p_value"] is None for p in rows if p != result.policy)
     assert result.gate["candidates"] == 1 and result.gate["selected_from"] == 2
     assert "chosen among 2 on 8 other examples" in result.reason

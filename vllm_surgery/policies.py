@@ -41,10 +41,12 @@ POLICIES = tuple(POLICY_DEFAULTS)
 SEARCHED_POLICIES = ("grad_search", "sigma_descent")
 #: One step from the sensitivities, no data needed beyond the sensitivity pass.
 ONE_STEP_POLICIES = tuple(p for p in POLICIES if p not in SEARCHED_POLICIES)
-# What `auto` tries (chosen on the quality benchmark, benchmarks/quality_results.md): the searched
-# policies. random_index is the paper's control; grad_direction's fixed step overshot on most adapters,
-# and abs_select / smooth_abs never won a run: a candidate that never wins only costs selection data.
-AUTO_POLICIES = ("grad_search", "sigma_descent")
+# What `auto` tries. sigma_descent alone: its first step is grad_search's (the same ladder on the same
+# pass), and it keeps a later step only where the selection split says it is better, so grad_search
+# would add nothing but a second held-out evaluation. On the quality benchmark
+# (benchmarks/quality_results.md) grad_direction's fixed step overshot on most adapters and
+# abs_select / smooth_abs never won a run; random_index is the paper's control.
+AUTO_POLICIES = ("sigma_descent",)
 CONSTRAINTS = ("l1", "l2", "none")
 #: Integer parameters and their largest allowed value (each step or rung costs a pass or an evaluation).
 INTEGER_PARAMS = {"rungs": 20, "steps": 100, "patience": 100}
