@@ -34,7 +34,7 @@ POLICY_DEFAULTS: dict[str, dict[str, float]] = {
     # iterated grad_direction: a fresh sensitivity pass per step, each step's size searched on the
     # selection split (grad_search's ladder first), best step kept, stopped after `patience` steps
     # without a new best
-    "sigma_descent": {"eta_s": 2.0, "eta_e": 0.2, "rungs": 7, "steps": 6, "patience": 1},
+    "sigma_descent": {"eta_s": 2.0, "eta_e": 0.2, "rungs": 7, "steps": 4, "patience": 1},
 }
 POLICIES = tuple(POLICY_DEFAULTS)
 #: Policies that choose among variants of themselves on the selection split (see search.py).
