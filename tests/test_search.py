@@ -111,8 +111,8 @@ def searched(tiny_base, tiny_adapter, calibration40, tmp_path_factory):
 
 
 def selection_split(tiny_base, calibration40):
-    # refine's defaults: heldout_fraction 0.25, selection_fraction 0.2, seed 0
-    return split_examples(examples_of(tiny_base, calibration40), 0.25, 0.2, seed=0)
+    # refine's defaults: heldout_fraction 0.25, selection_fraction 0.15, seed 0
+    return split_examples(examples_of(tiny_base, calibration40), 0.25, 0.15, seed=0)
 
 
 @pytest.mark.parametrize("policy", ["grad_search", "sigma_descent"])
@@ -121,7 +121,7 @@ def test_the_reported_selection_loss_is_the_written_adapters_loss_under_peft(
 ):
     result, out = searched[policy]
     fit, selection, _ = selection_split(tiny_base, calibration40)
-    assert result.calibration["examples"] == len(fit) and result.selection["examples"] == len(selection) == 8
+    assert result.calibration["examples"] == len(fit) and result.selection["examples"] == len(selection) == 6
     peft_loss, _ = heldout_loss_by_peft(tiny_base, out, selection)
     row = result.candidates[policy]
     assert row["selection_loss"] == pytest.approx(peft_loss, rel=1e-6)
@@ -183,4 +183,4 @@ def test_several_candidates_are_chosen_on_the_selection_split_and_only_the_choic
     assert [p for p in rows if rows[p]["tested"]] == [result.policy]
     assert all(rows[p]["p_value"] is None for p in rows if p != result.policy)
     assert result.gate["candidates"] == 1 and result.gate["selected_from"] == 2
-    assert "chosen among 2 on 8 other examples" in result.reason
+    assert "chosen among 2 on 6 other examples" in result.reason

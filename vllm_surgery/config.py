@@ -87,7 +87,7 @@ class SurgeryConfig:
         cli={"type": float},
     )
     selection_fraction: float = _setting(
-        0.2,
+        0.15,
         help="share of the calibration examples set aside to choose step sizes, stop iterations and pick "
         "among auto's candidates, in [0, 1); neither the sensitivity pass nor the gate sees them (used only "
         "by grad_search, sigma_descent and auto)",
