@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_surgery.serving.server_process import REQUEST_TIMEOUT_S, STARTUP_TIMEOUT_S, start_server
-from vllm_surgery.serving.server_process import ServerProcess as Server
+from vllm_surgery.server_process import REQUEST_TIMEOUT_S, STARTUP_TIMEOUT_S, start_server
+from vllm_surgery.server_process import ServerProcess as Server
 from vllm_surgery.testing import build_lora_adapter, build_tiny_llama
 
 PROBE_TOKENS = 4
@@ -62,7 +62,7 @@ def write_store_version(original: Path, store: Path, name: str, seed: int = 7) -
     from safetensors.torch import load_file, save_file
 
     from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
-    from vllm_surgery.serving.store import VersionStore
+    from vllm_surgery.storage.store import VersionStore
 
     version_dir = VersionStore(store).new_version_dir(name)
     shutil.copytree(original, version_dir, dirs_exist_ok=True)

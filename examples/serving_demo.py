@@ -52,7 +52,7 @@ import torch
 
 from vllm_surgery.default_model import default_model_path
 from vllm_surgery.exact_match import sign_test
-from vllm_surgery.serving.server_process import ServerProcess, start_server, stop_process
+from vllm_surgery.server_process import ServerProcess, start_server, stop_process
 
 ADAPTER = "addition"
 MARKER = ".serving-demo"  # the loop folder is the demo's own: recreated on every run

@@ -11,8 +11,8 @@ import pytest
 from vllm_surgery.calibration import read_jsonl
 from vllm_surgery.cli import main
 from vllm_surgery.errors import CalibrationError
-from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
-from vllm_surgery.traffic_calibration import calibration_set, parse_since, traffic_examples, write_jsonl
+from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
+from vllm_surgery.traffic.calibration_set import calibration_set, parse_since, traffic_examples, write_jsonl
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2 ?"}]
 

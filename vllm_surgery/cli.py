@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import SurgeryConfig
 from .errors import SurgeryError
-from .serving.names import InvalidAdapterName
+from .names import InvalidAdapterName
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,12 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ce.add_argument("--db", default=None, help=db_help)
 
-    from .serving import worker
+    from . import worker
 
     w = sub.add_parser(
         "worker",
         help="run refinement jobs beside a vLLM server (long-lived; see its --help for sizing)",
-        description=worker.__doc__.split("\n\n")[0],
+        description=worker.DESCRIPTION,
         epilog=worker.SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -189,8 +189,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _open_traffic(db: str | None) -> tuple[object, object]:
     """(database, serving settings): --db, else the database the serving settings name."""
-    from .serving.database import SQLiteDatabase
-    from .serving.settings import ServingSettings
+    from .settings import ServingSettings
+    from .storage import SQLiteDatabase
 
     settings = ServingSettings.from_env()
     return SQLiteDatabase(Path(db) if db else settings.database_path, create=False), settings
@@ -217,9 +217,8 @@ def _traffic_stats(args: argparse.Namespace) -> int:
 
 
 def _calibration_export(args: argparse.Namespace) -> int:
-    from .serving.names import validate_adapter_name
-    from .serving.traffic import TrafficPolicy
-    from .traffic_calibration import calibration_set, parse_since, registered_files, write_jsonl
+    from .names import validate_adapter_name
+    from .traffic import TrafficPolicy, calibration_set, parse_since, registered_files, write_jsonl
 
     validate_adapter_name(args.adapter)
     since = parse_since(args.since) if args.since else None
@@ -242,7 +241,7 @@ def _calibration_export(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .serving.worker import run_from_args
+    from .worker import run_from_args
 
     return run_from_args(args)
 

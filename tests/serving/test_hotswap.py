@@ -74,7 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def versions(server: Server) -> dict[str, Path]:
     """The refined version of "x" and a corrupt copy of it, both complete store versions."""
     from vllm_surgery.refine import refine
-    from vllm_surgery.serving.store import VersionStore
+    from vllm_surgery.storage.store import VersionStore
 
     store = VersionStore(server.root / "store")
     refined = store.new_version_dir("x")

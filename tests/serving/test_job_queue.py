@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_surgery.serving.database import DatabaseError, SQLiteDatabase, TrafficRecord
+from vllm_surgery.storage.database import DatabaseError, SQLiteDatabase, TrafficRecord
 
 SPEC = {"calibration": {"source": "records", "records": [{"prompt": "1 +", "completion": " 1"}]}}
 

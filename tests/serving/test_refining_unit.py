@@ -10,8 +10,9 @@ import pytest
 
 from vllm_surgery.adapter import load_adapter
 from vllm_surgery.config import SurgeryConfig
-from vllm_surgery.serving.refining import RefineError, parse_request, records_sha256
-from vllm_surgery.serving.store import KEY_CONFIG_FIELDS, StoreError, VersionStore, key_of_record, version_key
+from vllm_surgery.serving.api.refinements import RefineError, parse_request
+from vllm_surgery.storage.store import KEY_CONFIG_FIELDS, StoreError, VersionStore, key_of_record, version_key
+from vllm_surgery.worker.job_spec import records_sha256
 
 CALIB_SHA = "c" * 64
 
@@ -170,17 +171,17 @@ def test_named_calibration_needs_a_directory() -> None:
 
 
 class FakeSwapper:
-    """What RefineQueue uses of a HotSwapper, with no engine: an original, a store, settings."""
+    """What RefineRoute uses of a HotSwapper, with no engine: an original, a store, settings."""
 
     def __init__(self, root: Path, original: Path) -> None:
-        from vllm_surgery.serving.settings import ServingSettings
+        from vllm_surgery.settings import ServingSettings
 
         self.original = original
         self.store = VersionStore(root / "store")
         self.settings = ServingSettings(adapter_dirs=(), store=root / "store")
         self.swaps: list[tuple[str, str]] = []
 
-    def _original(self, name: str) -> Path:
+    def original_of(self, name: str) -> Path:
         return self.original
 
     def served_path(self, name: str) -> str:
@@ -196,14 +197,13 @@ class FakeSwapper:
 def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(tmp_path: Path, tiny_adapter: Path) -> None:
     import asyncio
 
-    from vllm_surgery.serving.database import SQLiteDatabase
-    from vllm_surgery.serving.refining import RefineQueue
+    from vllm_surgery.serving.api.refinements import RefineRoute
+    from vllm_surgery.storage.database import SQLiteDatabase
 
     swapper = FakeSwapper(tmp_path, tiny_adapter)
-    queue = RefineQueue(swapper, "/models/base")  # type: ignore[arg-type]
-    queue.db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    queue = RefineRoute(swapper, "/models/base", SQLiteDatabase(tmp_path / "jobs.sqlite3"))  # type: ignore[arg-type]
     body = {"records": RECORDS, "seed": 1}
-    k = queue._key(tiny_adapter, parse_request(body, None))
+    k = queue.key(tiny_adapter, parse_request(body, None))
 
     async def scenario() -> None:
         status, answer = await queue.refine("math", body)

@@ -79,7 +79,7 @@ def prompt_ids(server: Server) -> list[list[int]]:
 def refined_code(server: Server) -> Path:
     """A refined version of "code" written into the store and marked served while the server runs."""
     from vllm_surgery.refine import refine
-    from vllm_surgery.serving.store import VersionStore
+    from vllm_surgery.storage.store import VersionStore
 
     store = VersionStore(server.root / "store")
     out = store.new_version_dir("code")

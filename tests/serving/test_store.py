@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from vllm_surgery.adapter import load_adapter
-from vllm_surgery.serving.names import InvalidAdapterName
-from vllm_surgery.serving.store import SERVED_NAME, StoreError, VersionStore
+from vllm_surgery.names import InvalidAdapterName
+from vllm_surgery.storage.store import SERVED_NAME, StoreError, VersionStore
 
 
 def fake_version(store: VersionStore, name: str, adapter: Path, decision: str, adapter_hash: str) -> Path:

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server import REQUEST_TIMEOUT_S, Server, start_server, stop
 
 from vllm_surgery.cli import main as cli
-from vllm_surgery.serving.database import SCHEMA_VERSION
+from vllm_surgery.storage.database import SCHEMA_VERSION
 from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
 pytestmark = pytest.mark.slow
@@ -354,7 +354,7 @@ def test_reading_traffic_needs_the_admin_token(server: Server) -> None:
 def refined(server: Server, setup: dict) -> str:
     """A servable refined version of "x" in the store (refine(force=True), as in test_hotswap)."""
     from vllm_surgery.refine import refine
-    from vllm_surgery.serving.store import VersionStore
+    from vllm_surgery.storage.store import VersionStore
 
     out = VersionStore(setup["root"] / "store").new_version_dir("x")
     calib = write_calibration(setup["root"] / "calib.jsonl", n=16)

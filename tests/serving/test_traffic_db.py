@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_surgery.serving import database
-from vllm_surgery.serving.database import (
+from vllm_surgery.storage import database
+from vllm_surgery.storage.database import (
     SCHEMA_VERSION,
     DatabaseError,
     Migration,
@@ -226,7 +226,7 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
+    from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
     db = SQLiteDatabase(sys.argv[1], busy_timeout_s=60)
     tag = sys.argv[2]
     for batch in range(40):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from vllm_surgery.serving.database import Retention, SQLiteDatabase, TrafficRecord
-from vllm_surgery.serving.settings import AdapterTraffic, ServingSettings, SettingsError
-from vllm_surgery.serving.traffic import (
+from vllm_surgery.settings import AdapterTraffic, ServingSettings, SettingsError
+from vllm_surgery.storage.database import Retention, SQLiteDatabase, TrafficRecord
+from vllm_surgery.traffic import (
     TrafficPolicy,
     TrafficWriter,
     apply_redaction,

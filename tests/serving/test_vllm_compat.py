@@ -69,7 +69,7 @@ def test_refining_fake_matches_hotswapper(tmp_path, real_models) -> None:
     from test_refining_unit import FakeSwapper
 
     from vllm_surgery.serving.hotswap import HotSwapper
-    from vllm_surgery.serving.settings import ServingSettings
+    from vllm_surgery.settings import ServingSettings
 
     real = HotSwapper(real_models, ServingSettings(store=tmp_path / "store"))
     fake = FakeSwapper(tmp_path, tmp_path)
@@ -112,7 +112,7 @@ def vllm_app(tmp_path_factory) -> Iterator[TestClient]:
 def test_every_adapter_loading_route_is_ours(vllm_app) -> None:
     from fastapi.routing import APIRoute
 
-    from vllm_surgery.serving.runtime_lora import RuntimeLoraRoutes
+    from vllm_surgery.serving.api.runtime_lora import RuntimeLoraRoutes
 
     loading = {(vllm_compat.RUNTIME_LOAD_PATH, "POST"), (vllm_compat.RUNTIME_UNLOAD_PATH, "POST")}
     loading |= set(vllm_compat.sagemaker_adapter_routes())

@@ -21,12 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import vllm_surgery
 from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
-from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
-from vllm_surgery.serving.jobs import job_spec, records_sha256
 from vllm_surgery.serving.metrics import JobsCollector
-from vllm_surgery.serving.store import VersionStore
-from vllm_surgery.serving.worker import RefinementWorker, WorkerOptions, WorkerStopped
+from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
+from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
+from vllm_surgery.worker.job_spec import job_spec, records_sha256
+from vllm_surgery.worker.process import RefinementWorker, WorkerOptions, WorkerStopped
 
 # The package exports the function `refine` lazily: resolve that export before touching the submodule,
 # or importing the submodule first would leave the package attribute `refine` pointing at the module.
@@ -151,15 +151,15 @@ def test_the_collector_shows_the_database_figures(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- automatic jobs
 @pytest.fixture
 def auto(tmp_path: Path, gain):
-    """An AutoRefiner over a real HotSwapper (vLLM's serving models faked), with "x" (traffic only)
+    """AutomaticJobs over a real HotSwapper (vLLM's serving models faked), with "x" (traffic only)
     and "own" (carrying its calibration file) under the adapter root."""
     import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
     from test_hotswap_unit import FakeModels
 
-    from vllm_surgery.serving.autorefine import AutoRefiner
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
     from vllm_surgery.serving.hotswap import HotSwapper
-    from vllm_surgery.serving.settings import ServingSettings
-    from vllm_surgery.serving.traffic_api import calibration_source
+    from vllm_surgery.settings import ServingSettings
+    from vllm_surgery.traffic import AdapterCalibration
 
     root = tmp_path / "adapters"
     for name in ("x", "own"):
@@ -171,7 +171,7 @@ def auto(tmp_path: Path, gain):
     )  # fmt: skip
     db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
     swapper = HotSwapper(FakeModels(), settings)
-    refiner = AutoRefiner(swapper, db, str(gain.base), calibration_source(settings, None, db))
+    refiner = AutomaticJobs(swapper, db, str(gain.base), AdapterCalibration(settings, db))
     yield refiner
     db.close()
 

@@ -37,33 +37,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .database import Database, DatabaseError
+from ..errors import AdapterError
+from ..storage import ACTIVE_STATES, Database, DatabaseError, Job
+from ..traffic import AdapterCalibration
+from ..worker import job_spec
 from .hotswap import HotSwapError, HotSwapper
-from .job_queue import ACTIVE_STATES, Job
-from .jobs import job_spec
-from .refining import AdapterCalibration
-from .traffic import TrafficPolicy
 
 log = logging.getLogger(f"vllm.{__name__}")
 
 
-class AutoRefiner:
-    """Automatic jobs and pending swaps of one API server (module docstring)."""
+class AutomaticJobs:
+    """Automatic jobs and pending swaps of one API server (module docstring). `calibration` gives an
+    adapter's calibration set now (and its traffic policy: whether unrated completions count)."""
 
-    def __init__(
-        self,
-        swapper: HotSwapper,
-        db: Database,
-        base_model: str,
-        calibration: AdapterCalibration,
-        policy: TrafficPolicy | None = None,
-    ) -> None:
+    def __init__(self, swapper: HotSwapper, db: Database, base_model: str, calibration: AdapterCalibration) -> None:
         self.swapper = swapper
         self.settings = swapper.settings
         self.db = db
         self.base_model = str(base_model)
         self.calibration = calibration
-        self.policy = policy or TrafficPolicy(self.settings)
+        self.policy = calibration.policy
         self._checks = ThreadPoolExecutor(1, thread_name_prefix="vllm-surgery-first-load")
         self._task: asyncio.Task | None = None
 
@@ -100,6 +93,17 @@ class AutoRefiner:
         if self.settings.auto_refine:
             self._checks.submit(self._safely, self.first_load, name, original, adapter_hash)
 
+    def first_load_of_startup_adapters(self) -> None:
+        """--lora-modules adapters are never resolved: they get their first-load check at start
+        (blocking: validates the originals)."""
+        for name, original in self.swapper.startup.items():
+            try:
+                adapter_hash = self.swapper.validator.validate(original)
+                if self.swapper.store.served(name, adapter_hash) is None:
+                    self.first_load_soon(name, original, adapter_hash)
+            except (AdapterError, OSError, ValueError) as e:
+                log.warning("adapter %r: no first-load check: %s", name, e)
+
     @staticmethod
     def _safely(fn: Any, *args: Any) -> Any:
         try:
@@ -133,9 +137,13 @@ class AutoRefiner:
             job, created = self._enqueue(name, original, "new_data", key, source)
             if created:
                 log.info(
-                    "auto-refine: queued job %d for %r (%d new usable examples since %s; %s)", job.id, name,
-                    new, f"job {last.id}" if last else "the start", data.summary(),
-                )  # fmt: skip
+                    "auto-refine: queued job %d for %r (%d new usable examples since %s; %s)",
+                    job.id,
+                    name,
+                    new,
+                    f"job {last.id}" if last else "the start",
+                    data.summary(),
+                )
                 queued.append(job)
         return queued
 

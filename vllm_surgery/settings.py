@@ -1,6 +1,7 @@
-"""Operator settings for the serving plugin, declared once: each field of `ServingSettings` names its
-environment variable, its kind and its help text, and the parsing of variables and of the JSON file,
-the file's allowed keys and the settings table in the docs (`settings_table`) are all derived from it.
+"""Deployment settings, shared by the server plugin, the worker and the command line, declared once:
+each field of `ServingSettings` names its environment variable, its kind and its help text, and the
+parsing of variables and of the JSON file, the file's allowed keys and the settings table in the docs
+(`settings_table`, in docs/settings.md) are all derived from it.
 
 Read from the environment of the `vllm serve` process (every vLLM process inherits it), optionally
 completed by a JSON file named by ``VLLM_SURGERY_CONFIG`` whose keys are the field names. A variable
@@ -19,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 ENV_CONFIG = "VLLM_SURGERY_CONFIG"
 DEFAULT_STORE = Path("~/.cache/vllm-surgery/store")
@@ -195,14 +196,14 @@ NOT_REFINE_SETTINGS = frozenset({"force", "device", "progress"})
 def refine_setting_fields() -> tuple[str, ...]:
     """The SurgeryConfig fields an operator may set for a refinement: every field but NOT_REFINE_SETTINGS,
     derived from SurgeryConfig itself (imported here, not at module import: it pulls in torch)."""
-    from ..config import SurgeryConfig
+    from .config import SurgeryConfig
 
     return tuple(f.name for f in fields(SurgeryConfig) if f.name not in NOT_REFINE_SETTINGS)
 
 
 def _json_refine_settings(value: Any, source: str, base: Path) -> dict[str, Any]:
     """SurgeryConfig fields for automatic jobs, validated by SurgeryConfig itself (errors name the field)."""
-    from ..config import SurgeryConfig
+    from .config import SurgeryConfig
 
     if not isinstance(value, dict):
         raise SettingsError(f"{source} must be a JSON object of refine settings, got {value!r}")
@@ -415,6 +416,14 @@ class ServingSettings:
         return cls(**values)
 
 
+def env_of(name: str) -> str:
+    """The environment variable of the setting (field) `name`."""
+    for f in fields(ServingSettings):
+        if f.name == name:
+            return f.metadata["env"]
+    raise KeyError(name)
+
+
 def file_keys() -> frozenset[str]:
     return frozenset(f.name for f in fields(ServingSettings))
 
@@ -450,5 +459,5 @@ def _read_file(path: Path) -> dict[str, Any]:
     return values
 
 
-if __name__ == "__main__":  # `python -m vllm_surgery.serving.settings` prints the table for the README
+if __name__ == "__main__":  # `python -m vllm_surgery.settings` prints the table for docs/settings.md
     print(settings_table())

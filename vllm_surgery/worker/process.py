@@ -1,7 +1,7 @@
 """`vllm-surgery worker`: the companion process that refines deployed adapters beside vLLM.
 
-It takes jobs from the queue in the job database (`job_queue`; queued by the server's refine route and
-its automatic triggers, `autorefine`), and for each one: builds the calibration set, loads the base
+It takes jobs from the queue in the job database (`vllm_surgery.storage`; queued by the server's refine
+route and its automatic triggers, `vllm_surgery.serving.automatic_jobs`), and for each one: builds the calibration set, loads the base
 model (once: kept across jobs, least recently used dropped beyond ``--max-models``), runs
 ``refine(policy="auto")`` with the quality gate (never forced), writes the version into the store,
 records the decision with its figures in the job row, and, when the gate accepted it, asks the server
@@ -25,27 +25,15 @@ Crash and restart safety:
 - A job finished but not swapped: the decision is recorded as "accepted, swap pending" in the same
   transaction as the figures, before the worker asks the server to swap. If that request fails (server
   down, unreachable, or it refuses the worker's token), the job stays pending and the server swaps it
-  itself at its next start or check (see `autorefine`). A version the server refuses (stale: the
+  itself at its next start or check (see `vllm_surgery.serving.automatic_jobs`). A version the server refuses (stale: the
   original changed meanwhile; corrupt) is recorded as a failed swap with the reason.
 - Idempotent: before computing, the worker looks the job's store key up (adapter content, base model,
   settings, calibration data). A version already written for it (by a worker killed before it could
   record the result) is reused, not computed again.
 
-Sizing (one GPU shared with vLLM, another GPU, or the CPU):
-
-- vLLM takes ``--gpu-memory-utilization`` (default 0.9) of the card for weights and KV cache. To run
-  the worker on the same GPU, lower it so the worker fits in what is left: its own copy of the base
-  model (bf16: 2 bytes per parameter, e.g. 16 GB for an 8B model) plus the sensitivity pass's
-  activations, which grow with the token budget. For an 8B model on an 80 GB card, vLLM at 0.6 leaves
-  about 30 GB: 16 GB of weights and 14 GB for the pass. refine() plans the token budget
-  (``max_batch_tokens``) from the memory it finds free on the card when the job runs, and halves it on
-  an out-of-memory error; set it by hand in the refine body or in ``refine_settings`` (e.g.
-  {"max_batch_tokens": 2048}) to use less than what is free.
-- Another GPU: ``--device cuda:1``; vLLM keeps its default utilisation on its own card.
-- The CPU: ``--device cpu`` (float32; slow for large models, fine for small ones and for tests).
-- A job that does not fit (CUDA out of memory that refine's budget back-off could not absorb, or its
-  DeviceMemoryError: not even one example fits) fails with a message that says what to change; the
-  adapter keeps serving its current version.
+Sizing (vLLM and the worker on one GPU, another GPU, or the CPU): `SIZING_HELP` below, which is also
+the epilog of `vllm-surgery worker --help` and what a job that ran out of memory records (see
+docs/sizing.md for the reasoning behind the figures).
 
 Usage::
 
@@ -79,23 +67,31 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
-from .database import Database, DatabaseError, SQLiteDatabase
-from .job_queue import Job
-from .jobs import build_adapter_calibration, lookup, records_sha256, spec_config
-from .settings import ServingSettings, SettingsError
-from .store import VersionStore, version_key
+from ..settings import ServingSettings, SettingsError
+from ..storage import Database, DatabaseError, Job, SQLiteDatabase, VersionStore, version_key
+from ..traffic import build_adapter_calibration
+from .job_spec import records_sha256, spec_config
 
 log = logging.getLogger("vllm_surgery.worker")
+
+DESCRIPTION = __doc__.split("\n\n")[0]
 
 DEFAULT_LEASE_S = 120.0
 DEFAULT_POLL_S = 5.0
 HTTP_TIMEOUT_S = 120.0
-SIZING_HELP = """\
-sizing: on one GPU with vLLM, lower vLLM's --gpu-memory-utilization so that the worker's copy of the
-base model (2 bytes per parameter in bf16) and its sensitivity pass fit in what is left (8B model on
-80 GB: 0.6 leaves ~30 GB, 16 of them weights); or give the worker another GPU (--device cuda:1), or the
-CPU (--device cpu). Less memory per job: the refine setting max_batch_tokens (refine body, or
-VLLM_SURGERY_REFINE_SETTINGS='{"max_batch_tokens": 2048}'). A job that does not fit fails with a
+# The memory-sizing advice, written once: the --help epilog and the error of a job that did not fit
+# both say it.
+SIZING_REMEDIES = (
+    "lower the token budget (the refine setting max_batch_tokens, e.g. {\"max_batch_tokens\": 2048} in the "
+    "refine body or in VLLM_SURGERY_REFINE_SETTINGS); on a GPU shared with vLLM, lower vLLM's "
+    "--gpu-memory-utilization so that the worker's copy of the base model (2 bytes per parameter in bf16) "
+    "and its sensitivity pass fit in the rest (e.g. 0.6 for an 8B model on 80 GB leaves about 30 GB: 16 GB "
+    "of weights and 14 GB for the pass); or run the worker on another GPU (--device cuda:1) or on the CPU "
+    "(--device cpu)"
+)
+SIZING_HELP = f"""\
+sizing: refine plans its token budget from the memory it finds free when a job runs and halves it on an
+out-of-memory error. If a job does not fit: {SIZING_REMEDIES}. A job that does not fit fails with a
 message saying what to change; the adapter keeps serving.
 
 settings: the serving variables (VLLM_SURGERY_STORE, VLLM_SURGERY_DATABASE, VLLM_SURGERY_ADMIN_TOKEN,
@@ -112,14 +108,9 @@ class WorkerStopped(BaseException):
 
 def out_of_memory_message(device: Any, error: BaseException) -> str:
     """What a job that did not fit in memory records: the error, and what to change."""
-    where = f"on {device}"
     return (
-        f"out of memory {where} ({type(error).__name__}: {str(error).strip()[:500]}). What to change: "
-        "lower the token budget (the refine setting max_batch_tokens, e.g. {\"max_batch_tokens\": 2048} in "
-        "the refine body or in VLLM_SURGERY_REFINE_SETTINGS); on a GPU shared with vLLM, lower vLLM's "
-        "--gpu-memory-utilization (e.g. 0.6 for an 8B model on 80 GB) to leave the worker room for its "
-        "copy of the base model and the pass; or run the worker on another GPU (--device cuda:1) or on "
-        "the CPU (--device cpu). The adapter keeps serving its current version."
+        f"out of memory on {device} ({type(error).__name__}: {str(error).strip()[:500]}). What to change: "
+        f"{SIZING_REMEDIES}. The adapter keeps serving its current version."
     )
 
 
@@ -148,14 +139,15 @@ class ModelCache:
         while len(self._models) >= self.max_models:
             dropped, _ = self._models.popitem(last=False)
             log.info("model cache: dropped %s (least recently used; --max-models %d)", dropped, self.max_models)
-            self._release()
+            self.release()
         from ..refine import load_base_model
 
         model, tokenizer = load_base_model(base_model, self.device, progress=False)
         self._models[base_model] = (model, tokenizer)
         return model, tokenizer, False
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give memory back after dropping a model (or after running out of memory)."""
         gc.collect()
         import torch
 
@@ -322,7 +314,7 @@ class RefinementWorker:
         except WorkerStopped:
             raise
         except _out_of_memory_types() as e:
-            self.models._release()
+            self.models.release()
             error = out_of_memory_message(self.device, e)
         except (JobFailure, AdapterError, CalibrationError, ConfigError, DatabaseError, OSError) as e:
             error = str(e)
@@ -351,7 +343,7 @@ class RefinementWorker:
         lora = load_adapter(original)
         key = version_key(lora.content_hash(), base_model, config.to_dict(), calibration.sha256)
         result["key"] = key
-        known = lookup(self.store, job.adapter, key)
+        known = self.store.lookup(job.adapter, key)
         if known is not None:  # written (or kept) before: a worker died before recording it, or a twin job
             log.info("%s: the store already holds this refinement (%s); reused", label, known["decision"])
             result.update({k: known[k] for k in ("reason", "policy", "quality_before", "quality_after", "version")})
@@ -535,7 +527,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="vllm-surgery worker", description=__doc__.split("\n\n")[0], epilog=SIZING_HELP,
+        prog="vllm-surgery worker", description=DESCRIPTION, epilog=SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add_arguments(parser)

@@ -114,7 +114,7 @@ class TrafficRecord:
 
     `prompt` is the completions prompt of this choice (a string, or a list of token ids as the client
     sent it) or, for chat, the list of messages. `calibratable` says whether prompt and completion are
-    text that a calibration file can hold (see vllm_surgery.traffic_calibration)."""
+    text that a calibration file can hold (see vllm_surgery.traffic.calibration_set)."""
 
     request_id: str
     choice: int

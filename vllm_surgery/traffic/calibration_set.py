@@ -1,6 +1,6 @@
-"""From recorded traffic to calibration data: the rules, and the JSONL export that `vllm-surgery refine`
-reads. Used by the CLI (`vllm-surgery calibration export`), the refine route (``{"from_traffic": true}``)
-and the background worker.
+"""From recorded traffic to calibration data: the rules, the "adapter" calibration source of a job, and
+the JSONL export that `vllm-surgery refine` reads. Used by the CLI (`vllm-surgery calibration export`),
+the refine route (``{"from_traffic": true}``), the automatic jobs and the worker.
 
 An adapter's calibration set is, per recorded choice and its LATEST feedback (the history is kept,
 the latest wins):
@@ -31,14 +31,18 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .calibration import ADAPTER_CALIBRATION_NAME, check_record, read_jsonl
-from .errors import CalibrationError, SurgeryError
+from ..calibration import ADAPTER_CALIBRATION_NAME, check_record, read_jsonl
+from ..errors import CalibrationError, SurgeryError
+from ..names import InvalidAdapterName, path_under
+from ..settings import ServingSettings
+from ..storage import Database
+from .policy import TrafficPolicy
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -109,7 +113,7 @@ def traffic_examples(
     include_unrated: bool = False,
     out: CalibrationFromTraffic | None = None,
 ) -> CalibrationFromTraffic:
-    """Apply the rules (module docstring) to an adapter's records in `db` (a serving.database.Database)."""
+    """Apply the rules (module docstring) to an adapter's records in `db` (a storage.Database)."""
     out = out or CalibrationFromTraffic(adapter)
     c = out.counts
     after = 0
@@ -186,8 +190,6 @@ def calibration_set(
 def registered_files(calibration_dir: Path | None, names: Sequence[str], adapter: str) -> list[Path]:
     """The static files registered for an adapter, as paths under the calibration directory. Raises
     CalibrationError for a name that is not a plain file name there."""
-    from .serving.names import InvalidAdapterName, path_under
-
     if names and calibration_dir is None:
         raise CalibrationError(
             f"adapter {adapter!r} registers calibration files but calibration_dir is not set"
@@ -199,6 +201,66 @@ def registered_files(calibration_dir: Path | None, names: Sequence[str], adapter
         except InvalidAdapterName as e:
             raise CalibrationError(f"adapter {adapter!r}: calibration file {name!r}: {e}") from None
     return out
+
+
+def adapter_source(
+    *,
+    include_unrated: bool,
+    since: float | None,
+    files: Sequence[str | os.PathLike],
+    adapter_dir: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """A job's "adapter" calibration source: the adapter's calibration set, built when the job runs."""
+    return {
+        "source": "adapter",
+        "include_unrated": bool(include_unrated),
+        "since": since,
+        "files": [str(f) for f in files],
+        "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
+    }
+
+
+def build_adapter_calibration(db: Database | None, adapter: str, source: Mapping[str, Any]) -> CalibrationFromTraffic:
+    """The calibration set an "adapter" source names. `db`: the database with the adapter's traffic, or
+    None. Raises CalibrationError (file, line) or DatabaseError."""
+    return calibration_set(
+        db,
+        adapter,
+        since=source.get("since"),
+        include_unrated=bool(source.get("include_unrated")),
+        static_files=[Path(f) for f in source.get("files") or ()],
+        adapter_dir=source.get("adapter_dir"),
+    )
+
+
+class AdapterCalibration:
+    """What the refine route and the automatic jobs call to learn an adapter's calibration set now:
+    ``calibration(adapter, adapter_dir, include_unrated or None, since or None)`` gives the set and
+    the job spec's "adapter" source that rebuilds it when the job runs.
+
+    `db`: the server's database (traffic and jobs), or None (no traffic). `recorder`: the traffic
+    recorder when this server records traffic; what it has queued is written first, so that what was
+    answered before the call counts. Blocking (reads the database and the files)."""
+
+    FLUSH_WAIT_S = 5.0
+
+    def __init__(self, settings: ServingSettings, db: Database | None, recorder: Any = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.recorder = recorder
+        self.policy: TrafficPolicy = recorder.policy if recorder is not None else TrafficPolicy(settings)
+
+    def __call__(
+        self, adapter: str, adapter_dir: Path | None, include_unrated: bool | None, since: float | None
+    ) -> tuple[CalibrationFromTraffic, dict[str, Any]]:
+        adapter_policy = self.policy.for_adapter(adapter)
+        if include_unrated is None:
+            include_unrated = adapter_policy.include_unrated
+        files = registered_files(self.settings.calibration_dir, adapter_policy.calibration_files, adapter)
+        source = adapter_source(include_unrated=include_unrated, since=since, files=files, adapter_dir=adapter_dir)
+        if self.recorder is not None:
+            self.recorder.flush(self.FLUSH_WAIT_S)
+        return build_adapter_calibration(self.db, adapter, source), source
 
 
 def write_jsonl(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
