@@ -54,8 +54,8 @@ from .api import (
     RuntimeLoraRoutes,
     UnloadAdapterRequest,
     attach_routes,
+    openapi_body,
 )
-from .api.http import openapi_body
 from .auth import AdminGuard
 from .automatic_jobs import AutomaticJobs
 from .capture import CaptureSwitch, attach_capture, start_capture

@@ -29,6 +29,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from . import adapters, feedback, jobs, refinements, traffic
+from .http import openapi_body
 from .refinements import RefineRoute
 from .runtime_lora import LoadAdapterRequest, RuntimeLoraRoutes, UnloadAdapterRequest
 from .state import ACCESS_KEY, JOBS_KEY, REFINER_KEY, STATE_KEY, TRAFFIC_KEY, AdminAccess
@@ -48,6 +49,7 @@ __all__ = [
     "RuntimeLoraRoutes",
     "UnloadAdapterRequest",
     "attach_routes",
+    "openapi_body",
 ]
 
 
