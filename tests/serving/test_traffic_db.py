@@ -261,3 +261,52 @@ def test_two_processes_write_one_database_at_once(tmp_path: Path) -> None:
     assert all(n % 10 == 0 for n in seen)
     assert reader.integrity_check() == "ok"
     reader.close()
+
+
+def test_the_tables_columns_are_the_dataclasses_fields(db: SQLiteDatabase) -> None:
+    """Rows are read and written by the dataclasses' field names: the tables must have exactly those."""
+    from dataclasses import fields
+
+    from vllm_surgery.storage import Job
+
+    def columns(table: str) -> set[str]:
+        return {row["name"] for row in db.connection().execute(f"PRAGMA table_info({table})")}
+
+    assert columns("traffic") == {"id", *(f.name for f in fields(TrafficRecord))}
+    assert columns("jobs") == {f.name for f in fields(Job)}
+
+
+def test_the_usable_counts_equal_the_export(db: SQLiteDatabase) -> None:
+    """The usable-example rule is written once for the records (the export) and once in SQL (the
+    counts): on every kind of record and feedback, both give the same examples."""
+    from vllm_surgery.traffic import calibration_set
+
+    chat = [{"role": "user", "content": "hi"}]
+    cases = [  # (record fields, feedback given in order: (rating, correction))
+        ({}, []),  # unrated
+        ({"completion": " \t\n"}, []),  # unrated, blank
+        ({"completion": "\u00a0"}, []),  # unrated, a non-breaking space is text
+        ({}, [("good", None)]),
+        ({"completion": "  "}, [("good", None)]),  # good but blank: nothing to learn
+        ({}, [("bad", None)]),
+        ({}, [("bad", "4")]),  # a correction wins over the rating
+        ({"completion": ""}, [(None, "the answer")]),  # a correction of an empty answer
+        ({}, [(None, " \r\n")]),  # a blank correction
+        ({}, [("good", None), ("bad", None)]),  # the latest wins
+        ({}, [("bad", None), ("good", None)]),
+        ({"calibratable": False}, [("good", None)]),
+        ({"calibratable": False}, []),
+        ({"calibratable": False, "prompt": [1, 2, 3]}, [(None, "fixed")]),
+        ({"endpoint": "chat", "prompt": chat}, [("good", None)]),
+        ({"endpoint": "chat", "prompt": chat}, []),
+    ]
+    for i, (fields_, feedback) in enumerate(cases):
+        (row_id,) = db.insert([record(f"u{i}", adapter="u", created=1000.0 + i, **fields_)])
+        for j, (rating, correction) in enumerate(feedback):
+            db.add_feedback(row_id, rating, correction, created=2000.0 + 10 * i + j)
+    (stats,) = db.stats("u")
+    for include_unrated in (False, True):
+        exported = calibration_set(db, "u", include_unrated=include_unrated)
+        counted = stats.usable + (stats.unrated_usable if include_unrated else 0)
+        assert counted == len(exported.records) == db.usable_since("u", 0.0, include_unrated), exported.summary()
+    assert (stats.usable, stats.unrated_usable) == (5, 3)  # the cases above, counted by hand

@@ -3,6 +3,7 @@
 - `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`).
 - `database`: recorded traffic and feedback (`Database`, `SQLiteDatabase`, `TrafficRecord`).
 - `job_queue`: the refinement job queue in the same database (`Job`, `JobQueue`, job states).
+- `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
 
 The server (inside vLLM), the worker and the command line all use these; backends for several
 replicas (a server database, object storage) implement the same classes' methods. This module is
@@ -42,6 +43,7 @@ from .store import (
     stored_answer,
     version_key,
 )
+from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
 
 __all__ = [
     "ACTIVE_STATES",
@@ -49,9 +51,11 @@ __all__ = [
     "JOB_STATES",
     "JOB_TRIGGERS",
     "KEY_CONFIG_FIELDS",
+    "LEFT_OUT_KINDS",
     "RATINGS",
     "SCHEMA_VERSION",
     "SWAP_STATES",
+    "USABLE_KINDS",
     "Database",
     "DatabaseError",
     "Job",
@@ -68,5 +72,6 @@ __all__ = [
     "VersionStore",
     "key_of_record",
     "stored_answer",
+    "usable_answer",
     "version_key",
 ]

@@ -2,21 +2,18 @@
 the JSONL export that `vllm-surgery refine` reads. Used by the CLI (`vllm-surgery calibration export`),
 the refine route (``{"from_traffic": true}``), the automatic jobs and the worker.
 
-An adapter's calibration set is, per recorded choice and its LATEST feedback (the history is kept,
-the latest wins):
+An adapter's calibration set is its recorded choices that are usable under their latest feedback
+(the rule is `vllm_surgery.storage.usable`, written once for these records and for the database's
+counts: corrections, completions rated ``good``, and unrated completions only where the operator opts
+in: ``--include-unrated``, the refine body's ``include_unrated``, or the adapter's ``include_unrated``
+setting; ``bad`` without a correction is never used). Why not unrated by default: an adapter's own
+unreviewed output is a weak target; refining towards it mostly reinforces what the adapter already
+does, including its mistakes. It can still help when most answers are right and the held-out check
+guards the result. Then:
 
-- a correction: the correction is the answer (whatever the rating says: the user wrote what they
-  wanted);
-- rated ``good`` without a correction: the completion is the answer;
-- rated ``bad`` without a correction: never used (we know the answer is wrong, not what is right);
-- no feedback ("unrated"): used only when the operator opts in (``--include-unrated``, the refine body's
-  ``include_unrated``, or the adapter's ``include_unrated`` setting). Why not by default: an adapter's
-  own unreviewed output is a weak target; refining towards it mostly reinforces what the adapter
-  already does, including its mistakes. It can still help when most answers are right and the
-  held-out check guards the result;
-- plus the lines of the static calibration files the operator registered for the adapter
+- the lines of the static calibration files the operator registered for the adapter
   (``traffic_adapters: {"X": {"calibration_files": [...]}}``, names in ``calibration_dir``);
-- plus the adapter's own calibration sample, ``surgery_calibration.jsonl`` next to its
+- the adapter's own calibration sample, ``surgery_calibration.jsonl`` next to its
   adapter_config.json (`calibration.ADAPTER_CALIBRATION_NAME`), when it has one: what a first
   refinement can use before any traffic exists.
 
@@ -41,7 +38,7 @@ from ..calibration import ADAPTER_CALIBRATION_NAME, check_record, read_jsonl
 from ..errors import CalibrationError, SurgeryError
 from ..names import InvalidAdapterName, path_under
 from ..settings import ServingSettings
-from ..storage import Database
+from ..storage import LEFT_OUT_KINDS, USABLE_KINDS, Database, usable_answer
 from .policy import TrafficPolicy
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -55,19 +52,7 @@ class CalibrationFromTraffic:
     adapter: str
     records: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            (
-                "corrected",
-                "good",
-                "unrated",
-                "static",
-                "adapter_file",
-                "bad_without_correction",
-                "unrated_left_out",
-                "not_text",
-            ),
-            0,
-        )
+        default_factory=lambda: dict.fromkeys((*USABLE_KINDS, "static", "adapter_file", *LEFT_OUT_KINDS), 0)
     )
 
     def summary(self) -> str:
@@ -121,26 +106,12 @@ def traffic_examples(
         after = batch[-1].id
         for stored in batch:
             r = stored.record
-            if stored.correction is not None:
-                kind, answer = "corrected", stored.correction
-            elif stored.rating == "good":
-                kind, answer = "good", r.completion
-            elif stored.rating == "bad":
-                c["bad_without_correction"] += 1
-                continue
-            elif include_unrated:
-                kind, answer = "unrated", r.completion
-            else:
-                if r.calibratable:
-                    c["unrated_left_out"] += 1
-                else:
-                    c["not_text"] += 1
-                continue
-            if not r.calibratable or not answer.strip():
-                c["not_text"] += 1
-                continue
+            kind, answer = usable_answer(
+                r.calibratable, r.completion, stored.rating, stored.correction, include_unrated
+            )
             c[kind] += 1
-            out.records.append(example_of(r.endpoint, r.prompt, answer))
+            if answer is not None:
+                out.records.append(example_of(r.endpoint, r.prompt, answer))
     return out
 
 
