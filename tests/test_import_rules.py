@@ -83,7 +83,8 @@ def imports_in(source: str, name: str, package_init: bool = False) -> Iterator[t
 
 def internal_edges() -> dict[str, set[str]]:
     return {
-        name: {target for target, _ in imports(name) if target in MODULES and target != name} for name in MODULES
+        name: {target for target, _ in imports(name) if target in MODULES and target != name}
+        for name in MODULES
     }
 
 

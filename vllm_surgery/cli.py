@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     db_help = "traffic database (default: the serving settings' database, VLLM_SURGERY_DATABASE or beside the store)"
     t = sub.add_parser("traffic", help="recorded traffic of the vLLM plugin")
     tsub = t.add_subparsers(dest="traffic_command", required=True)
-    ts = tsub.add_parser("stats", help="records, rated, corrected and usable examples per adapter and version")
+    ts = tsub.add_parser(
+        "stats", help="records, rated, corrected and usable examples per adapter and version"
+    )
     ts.add_argument("adapter", nargs="?", default=None)
     ts.add_argument("--db", default=None, help=db_help)
     ts.add_argument("--json", action="store_true", help="machine-readable output")
@@ -55,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("export", help="write an adapter's calibration set as the JSONL `refine` reads")
     ce.add_argument("adapter")
     ce.add_argument("--output", required=True, help="JSONL file to write (atomically)")
-    ce.add_argument("--since", default=None, help="only traffic since: 7d, 12h, 30m, or an ISO 8601 date/time")
+    ce.add_argument(
+        "--since", default=None, help="only traffic since: 7d, 12h, 30m, or an ISO 8601 date/time"
+    )
     ce.add_argument(
         "--include-unrated",
         action="store_true",
@@ -133,9 +137,13 @@ def _refine(args: argparse.Namespace) -> int:
     from .refine import refine
 
     result = refine(
-        args.base_model, args.adapter, args.calibration, args.output, _config(args),
+        args.base_model,
+        args.adapter,
+        args.calibration,
+        args.output,
+        _config(args),
         allow_base_mismatch=args.allow_base_mismatch,
-    )  # fmt: skip
+    )
     report = result.to_dict()
     if args.report:
         _write_json_atomic(args.report, report)
@@ -227,9 +235,12 @@ def _calibration_export(args: argparse.Namespace) -> int:
     files = registered_files(settings.calibration_dir, policy.calibration_files, args.adapter)
     try:
         data = calibration_set(
-            db, args.adapter, since=since, include_unrated=args.include_unrated or policy.include_unrated,
+            db,
+            args.adapter,
+            since=since,
+            include_unrated=args.include_unrated or policy.include_unrated,
             static_files=files,
-        )  # fmt: skip
+        )
     finally:
         db.close()
     if not data.records:

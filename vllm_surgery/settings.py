@@ -89,7 +89,9 @@ def _json_str(value: Any, source: str, base: Path) -> str:
 
 
 PATH = Kind("path", lambda text, source: Path(text.strip()).expanduser(), _json_path)
-DIRS = Kind(f"paths separated by '{os.pathsep}' (file: a list)", lambda t, s: tuple(_split_dirs(t)), _json_dirs)
+DIRS = Kind(
+    f"paths separated by '{os.pathsep}' (file: a list)", lambda t, s: tuple(_split_dirs(t)), _json_dirs
+)
 BOOL = Kind("boolean", _text_bool, _json_bool)
 STRING = Kind("string", _text_str, _json_str)
 
@@ -159,13 +161,19 @@ def _json_adapter_traffic(value: Any, source: str, base: Path) -> tuple[AdapterT
         except InvalidAdapterName as e:
             raise SettingsError(f"{source}: {e}") from None
         if not isinstance(entry, dict):
-            raise SettingsError(f"{source}: {name!r} must be an object with keys {sorted(_ADAPTER_TRAFFIC_CHECKS)}")
+            raise SettingsError(
+                f"{source}: {name!r} must be an object with keys {sorted(_ADAPTER_TRAFFIC_CHECKS)}"
+            )
         unknown = sorted(set(entry) - set(_ADAPTER_TRAFFIC_CHECKS))
         if unknown:
-            raise SettingsError(f"{source}: {name!r}: unknown key(s) {unknown}; allowed: {sorted(_ADAPTER_TRAFFIC_CHECKS)}")
+            raise SettingsError(
+                f"{source}: {name!r}: unknown key(s) {unknown}; allowed: {sorted(_ADAPTER_TRAFFIC_CHECKS)}"
+            )
         for key, v in entry.items():
             if not _ADAPTER_TRAFFIC_CHECKS[key](v):
-                raise SettingsError(f"{source}: {name!r}: {key!r} must be {_ADAPTER_TRAFFIC_HELP[key]}, got {v!r}")
+                raise SettingsError(
+                    f"{source}: {name!r}: {key!r} must be {_ADAPTER_TRAFFIC_HELP[key]}, got {v!r}"
+                )
         values = dict(entry)
         if "calibration_files" in values:
             values["calibration_files"] = tuple(f.strip() for f in values["calibration_files"])
@@ -229,7 +237,9 @@ def _text_refine_settings(text: str, source: str) -> dict[str, Any]:
     return _json_refine_settings(value, source, Path("."))
 
 
-REFINE_SETTINGS = Kind("JSON object of refine settings (SurgeryConfig fields)", _text_refine_settings, _json_refine_settings)
+REFINE_SETTINGS = Kind(
+    "JSON object of refine settings (SurgeryConfig fields)", _text_refine_settings, _json_refine_settings
+)
 
 
 def setting(env: str, kind: Kind, help: str, **kwargs: Any) -> Any:
@@ -257,7 +267,7 @@ class ServingSettings:
     calibration_dir: Path | None = setting(
         "VLLM_SURGERY_CALIBRATION_DIR",
         PATH,
-        "Directory of named calibration files that POST .../refine may name ({\"calibration\": FILE}).",
+        'Directory of named calibration files that POST .../refine may name ({"calibration": FILE}).',
         default=None,
     )
     admin_token: str = setting(
@@ -379,14 +389,17 @@ class ServingSettings:
     @property
     def database_path(self) -> Path:
         """The traffic database: `database`, or <store>.sqlite3 beside the store directory."""
-        return self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
+        return (
+            self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
+        )
 
     @property
     def records_traffic(self) -> bool:
         """Whether any traffic can be recorded: on globally with a rate above 0, or for some adapter."""
         rate = self.traffic_sample_rate
         return (self.traffic and rate > 0) or any(
-            a.capture and (a.sample_rate if a.sample_rate is not None else rate) > 0 for a in self.traffic_adapters
+            a.capture and (a.sample_rate if a.sample_rate is not None else rate) > 0
+            for a in self.traffic_adapters
         )
 
     def adapter_traffic(self, name: str) -> AdapterTraffic | None:

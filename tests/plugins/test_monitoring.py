@@ -66,7 +66,9 @@ def plugin_families() -> dict[str, str]:
         for value in vars(metrics).values():
             if isinstance(value, MetricWrapperBase):
                 families = value.describe()
-            elif isinstance(value, type) and value.__module__ == metrics.__name__ and hasattr(value, "collect"):
+            elif (
+                isinstance(value, type) and value.__module__ == metrics.__name__ and hasattr(value, "collect")
+            ):
                 families = value(None).describe()
             else:
                 continue
@@ -201,8 +203,13 @@ def test_rules_yaml_structure() -> None:
                 assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
             assert rule["expr"].count("(") == rule["expr"].count(")"), rule["expr"]
     alerts = {r["alert"] for r in all_rules() if "alert" in r}
-    assert {"VllmSurgeryHotSwapFailed", "VllmSurgeryWorseRefinedVersionServed", "VllmSurgeryTrafficRecordsLost",
-            "VllmSurgeryJobFailingRepeatedly", "VllmSurgeryJobQueueNotDraining"} <= alerts  # fmt: skip
+    assert {
+        "VllmSurgeryHotSwapFailed",
+        "VllmSurgeryWorseRefinedVersionServed",
+        "VllmSurgeryTrafficRecordsLost",
+        "VllmSurgeryJobFailingRepeatedly",
+        "VllmSurgeryJobQueueNotDraining",
+    } <= alerts
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=f"promtool not on PATH ({INSTALL_HINT})")

@@ -245,7 +245,9 @@ def test_endpoint_plugin_is_registered() -> None:
     assert isinstance(ep.load()(), EndpointPlugin)
 
 
-def test_lora_modules_adapter_is_an_original_and_its_served_version_is_restored(tmp_path, tiny_adapter) -> None:
+def test_lora_modules_adapter_is_an_original_and_its_served_version_is_restored(
+    tmp_path, tiny_adapter
+) -> None:
     from vllm.lora.request import LoRARequest
 
     from vllm_surgery.serving.hotswap import HotSwapper

@@ -25,7 +25,11 @@ def test_every_route_is_in_the_schema_with_its_body(app: FastAPI) -> None:
     from vllm_surgery.serving.api.refinements import RefineBody
 
     paths = TestClient(app).get("/openapi.json").json()["paths"]
-    ours = [r for r in app.routes if isinstance(r, APIRoute) and r.path.startswith(("/v1/surgery", "/v1/load_", "/v1/unload_"))]
+    ours = [
+        r
+        for r in app.routes
+        if isinstance(r, APIRoute) and r.path.startswith(("/v1/surgery", "/v1/load_", "/v1/unload_"))
+    ]
     assert len(ours) == 12
     bodies = {
         ("/v1/surgery/adapters/{name}/swap", "post"): SwapRequest,

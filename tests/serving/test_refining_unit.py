@@ -150,7 +150,10 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
         ({"records": RECORDS, "seed": 2**70}, "invalid settings: seed must be"),
         ({"records": RECORDS, "force": True}, "'force' is not available here"),
         ({"records": RECORDS, "device": "cpu"}, "unknown field"),
-        ({"records": RECORDS, "heldout_fraction": 0.0, "policy": "grad_direction"}, "heldout_fraction must be > 0"),
+        (
+            {"records": RECORDS, "heldout_fraction": 0.0, "policy": "grad_direction"},
+            "heldout_fraction must be > 0",
+        ),
         ({"records": RECORDS, "swap": "yes"}, "'swap'"),
         ({"calibration": "../etc/passwd"}, "calibration file name"),
         ({"calibration": "/etc/passwd"}, "calibration file name"),
@@ -194,7 +197,9 @@ class FakeSwapper:
         self.swaps.append((name, version))
 
 
-def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(tmp_path: Path, tiny_adapter: Path) -> None:
+def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(
+    tmp_path: Path, tiny_adapter: Path
+) -> None:
     import asyncio
 
     from vllm_surgery.serving.api.refinements import RefineRoute
@@ -211,7 +216,11 @@ def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(tmp_path:
         assert answer["location"] == f"/v1/surgery/jobs/{answer['job_id']}"
         job = queue.db.job(answer["job_id"])
         assert (job.adapter, job.trigger, job.spec["base_model"], job.spec["config"]) == (
-            "math", "manual", "/models/base", {"policy": "auto", "seed": 1})
+            "math",
+            "manual",
+            "/models/base",
+            {"policy": "auto", "seed": 1},
+        )
         assert job.spec["calibration"]["records"] == RECORDS and job.spec["adapter_path"] == str(tiny_adapter)
         assert "records" not in answer["job"]["spec"]["calibration"]  # never shown back
         status, again = await queue.refine("math", body)  # the same request while queued: the same job

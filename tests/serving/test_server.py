@@ -85,9 +85,16 @@ def refined_code(server: Server) -> Path:
     out = store.new_version_dir("code")
     calib = write_calibration(server.root / "calib.jsonl", n=16)
     result = refine(
-        server.base, server.root / "adapters" / "code", calib, out,
-        policy="grad_direction", modules="all", device="cpu", force=True, progress=False,
-    )  # fmt: skip
+        server.base,
+        server.root / "adapters" / "code",
+        calib,
+        out,
+        policy="grad_direction",
+        modules="all",
+        device="cpu",
+        force=True,
+        progress=False,
+    )
     assert result.written
     store.set_served("code", out.name)
     return out

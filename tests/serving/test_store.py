@@ -154,7 +154,9 @@ def leave_leftovers(store: VersionStore, name: str) -> list[Path]:
     return [reserved, temp_dir, temp_file]
 
 
-def test_leftovers_of_interrupted_writes_are_removed(tmp_path: Path, tiny_adapter: Path, original_hash) -> None:
+def test_leftovers_of_interrupted_writes_are_removed(
+    tmp_path: Path, tiny_adapter: Path, original_hash
+) -> None:
     store = VersionStore(tmp_path / "store")
     complete = fake_version(store, "math", tiny_adapter, "accept", original_hash)
     leftovers = leave_leftovers(store, "math")

@@ -24,7 +24,9 @@ from vllm_surgery.storage.database import (
 )
 
 
-def record(request_id: str = "r1", adapter: str = "x", choice: int = 0, created: float = 1000.0, **kw) -> TrafficRecord:
+def record(
+    request_id: str = "r1", adapter: str = "x", choice: int = 0, created: float = 1000.0, **kw
+) -> TrafficRecord:
     values = {
         "request_id": request_id,
         "response_id": f"cmpl-{request_id}",
@@ -84,7 +86,9 @@ def test_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         SQLiteDatabase(path)
 
 
-def test_a_next_migration_applies_on_open_and_keeps_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_next_migration_applies_on_open_and_keeps_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """How a later table is added: append a Migration. Also: a version-1 file (traffic only, as issue 7
     wrote it) gains the job queue when opened, and keeps its records."""
     path = tmp_path / "t.sqlite3"
@@ -214,9 +218,23 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
     orig = rows[("x", "original")]
     # records a b c d f g h i; rated a b c d g; good a d g; bad b c; corrected c h; usable a c h;
     # unrated usable f (i is unrated but empty)
-    assert (orig.records, orig.rated, orig.good, orig.bad, orig.corrected, orig.usable, orig.unrated_usable) == (
-        8, 5, 3, 2, 2, 3, 1,
-    )  # fmt: skip
+    assert (
+        orig.records,
+        orig.rated,
+        orig.good,
+        orig.bad,
+        orig.corrected,
+        orig.usable,
+        orig.unrated_usable,
+    ) == (
+        8,
+        5,
+        3,
+        2,
+        2,
+        3,
+        1,
+    )
     v2 = rows[("x", "v2")]
     assert (v2.records, v2.rated, v2.corrected, v2.usable) == (1, 0, 1, 1)
     assert db.stats("y") == []
@@ -308,5 +326,7 @@ def test_the_usable_counts_equal_the_export(db: SQLiteDatabase) -> None:
     for include_unrated in (False, True):
         exported = calibration_set(db, "u", include_unrated=include_unrated)
         counted = stats.usable + (stats.unrated_usable if include_unrated else 0)
-        assert counted == len(exported.records) == db.usable_since("u", 0.0, include_unrated), exported.summary()
+        assert counted == len(exported.records) == db.usable_since("u", 0.0, include_unrated), (
+            exported.summary()
+        )
     assert (stats.usable, stats.unrated_usable) == (5, 3)  # the cases above, counted by hand

@@ -139,12 +139,16 @@ def test_sagemaker_adapter_routes_are_switched_off(vllm_app) -> None:
 def test_runtime_routes_need_the_admin_token_which_vllms_guard_accepts(vllm_app) -> None:
     body = {"lora_name": "a", "lora_path": "/tmp"}
     assert vllm_app.post("/v1/load_lora_adapter", json=body).status_code == 401  # vLLM's API-key guard
-    key_only = vllm_app.post("/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    key_only = vllm_app.post(
+        "/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
     assert key_only.status_code == 403 and "admin token" in key_only.json()["error"]["message"]
     unload = vllm_app.post(
         "/v1/unload_lora_adapter", json={"lora_name": "a"}, headers={"Authorization": f"Bearer {API_KEY}"}
     )
     assert unload.status_code == 403
     # The admin token alone passes vLLM's guard (accept_bearer_token) and ours; no engine here: 503.
-    admin = vllm_app.post("/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    admin = vllm_app.post(
+        "/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     assert admin.status_code == 503, admin.text

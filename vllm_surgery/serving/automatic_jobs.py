@@ -50,7 +50,9 @@ class AutomaticJobs:
     """Automatic jobs and pending swaps of one API server (module docstring). `calibration` gives an
     adapter's calibration set now (and its traffic policy: whether unrated completions count)."""
 
-    def __init__(self, swapper: HotSwapper, db: Database, base_model: str, calibration: AdapterCalibration) -> None:
+    def __init__(
+        self, swapper: HotSwapper, db: Database, base_model: str, calibration: AdapterCalibration
+    ) -> None:
         self.swapper = swapper
         self.settings = swapper.settings
         self.db = db
@@ -61,7 +63,9 @@ class AutomaticJobs:
         self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ automatic jobs (blocking)
-    def _enqueue(self, name: str, original: Path, trigger: str, key: str, source: dict[str, Any]) -> tuple[Job, bool]:
+    def _enqueue(
+        self, name: str, original: Path, trigger: str, key: str, source: dict[str, Any]
+    ) -> tuple[Job, bool]:
         s = self.settings
         spec = job_spec(
             base_model=self.base_model,
@@ -76,14 +80,24 @@ class AutomaticJobs:
         """Queue a first_load job for `name` if it qualifies (module docstring); the job, or None."""
         if not self.settings.auto_refine:
             return None
-        if any(v.adapter_hash == adapter_hash and v.decision == "accept" for v in self.swapper.store.versions(name)):
+        if any(
+            v.adapter_hash == adapter_hash and v.decision == "accept"
+            for v in self.swapper.store.versions(name)
+        ):
             return None  # refined before (served, or rolled back by a person): not a first load
         data, source = self.calibration(name, original, None, None)
         n, needed = len(data.records), self.settings.refine_min_examples
         if n < needed:
-            log.info("auto-refine: %r has %d of the %d calibration examples a first refinement needs", name, n, needed)
+            log.info(
+                "auto-refine: %r has %d of the %d calibration examples a first refinement needs",
+                name,
+                n,
+                needed,
+            )
             return None
-        job, created = self._enqueue(name, original, "first_load", f"first_load:{name}:{adapter_hash}", source)
+        job, created = self._enqueue(
+            name, original, "first_load", f"first_load:{name}:{adapter_hash}", source
+        )
         if created:
             log.info("auto-refine: queued job %d for %r (first load: %s)", job.id, name, data.summary())
         return job
@@ -124,7 +138,9 @@ class AutomaticJobs:
             if original is None:
                 continue  # recorded by another server sharing the database, or removed since
             last = self.db.last_job(name)
-            if last is not None and (last.state in ACTIVE_STATES or now - last.created < s.refine_min_interval_s):
+            if last is not None and (
+                last.state in ACTIVE_STATES or now - last.created < s.refine_min_interval_s
+            ):
                 continue
             include_unrated = self.policy.for_adapter(name).include_unrated
             new = self.db.usable_since(name, last.created if last else 0.0, include_unrated)
@@ -159,16 +175,29 @@ class AutomaticJobs:
                 await self.swapper.swap(job.adapter, job.version)
             except HotSwapError as e:
                 if e.status >= 500:
-                    log.error("auto-refine: job %d: swapping in %s failed (%s); retried later", job.id, job.version, e)
+                    log.error(
+                        "auto-refine: job %d: swapping in %s failed (%s); retried later",
+                        job.id,
+                        job.version,
+                        e,
+                    )
                     done.append((job.id, "retry"))
                     continue
                 await asyncio.to_thread(self.db.set_job_swap, job.id, "failed", str(e))
-                log.error("auto-refine: job %d: version %s of %r was refused: %s", job.id, job.version, job.adapter, e)
+                log.error(
+                    "auto-refine: job %d: version %s of %r was refused: %s",
+                    job.id,
+                    job.version,
+                    job.adapter,
+                    e,
+                )
                 done.append((job.id, "failed"))
                 continue
             seconds = time.perf_counter() - start
             await asyncio.to_thread(self.db.set_job_swap, job.id, "done", None, seconds)
-            log.info("auto-refine: job %d: swapped in %s for %r (pending swap)", job.id, job.version, job.adapter)
+            log.info(
+                "auto-refine: job %d: swapped in %s for %r (pending swap)", job.id, job.version, job.adapter
+            )
             done.append((job.id, "done"))
         return done
 

@@ -114,7 +114,9 @@ class SurgeryEndpointPlugin:
         attach_routes(app, AdminAccess(self.guard, self.settings_error))
         if vllm_compat.runtime_lora_updating():
             # Same path and method as vLLM's: these replace its unguarded runtime LoRA routes.
-            routes = RuntimeLoraRoutes(self.guard, lambda request: getattr(request.app.state, STATE_KEY, None))
+            routes = RuntimeLoraRoutes(
+                self.guard, lambda request: getattr(request.app.state, STATE_KEY, None)
+            )
             self.runtime_routes = routes
             app.add_api_route(
                 vllm_compat.RUNTIME_LOAD_PATH,
@@ -161,12 +163,17 @@ class SurgeryEndpointPlugin:
         resolver = registered if isinstance(registered, SurgeryResolver) else SurgeryResolver(self.settings)
         resolver.configure(limits)
         log.info(
-            "vllm-surgery: adapters must fit %s (max rank %s, dtype %s)", base_model, limits.max_rank, limits.dtype
+            "vllm-surgery: adapters must fit %s (max rank %s, dtype %s)",
+            base_model,
+            limits.max_rank,
+            limits.dtype,
         )
         swapper = await asyncio.to_thread(HotSwapper, models, self.settings, resolver)  # stats paths
         removed = await asyncio.to_thread(swapper.store.remove_leftovers)
         if removed:
-            log.warning("vllm-surgery: removed %d leftover(s) of interrupted writes from the store", len(removed))
+            log.warning(
+                "vllm-surgery: removed %d leftover(s) of interrupted writes from the store", len(removed)
+            )
         setattr(state, STATE_KEY, swapper)
         await swapper.restore_served_versions()
 

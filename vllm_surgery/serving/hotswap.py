@@ -286,7 +286,9 @@ class HotSwapper:
         try:
             self.validator.validate(info.path, inside=self.store.adapter_dir(name))
         except AdapterError as e:
-            raise HotSwapError(f"version {version!r} of {name!r} is not servable (corrupt): {e}", 422, "corrupt") from e
+            raise HotSwapError(
+                f"version {version!r} of {name!r} is not servable (corrupt): {e}", 422, "corrupt"
+            ) from e
         return info.path, version
 
     def locate(self, path: Path) -> tuple[str, str] | None:

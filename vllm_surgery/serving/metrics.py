@@ -39,10 +39,34 @@ JOB_OUTCOMES = FINISHED_STATES
 # (near 0 when it is cached), building the calibration set, then refine()'s own stages (load_adapter:
 # reading and checking the adapter), the swap into the server, and the whole job from claim to swap.
 JOB_STAGES = (
-    "queued", "load_model", "calibration", "load_adapter", "prepare", "sensitivity", "evaluation", "write",
-    "swap", "total",
-)  # fmt: skip
-JOB_STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+    "queued",
+    "load_model",
+    "calibration",
+    "load_adapter",
+    "prepare",
+    "sensitivity",
+    "evaluation",
+    "write",
+    "swap",
+    "total",
+)
+JOB_STAGE_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
 
 HOTSWAPS = Counter(
     "vllm_surgery_hotswaps",
@@ -77,6 +101,7 @@ HELDOUT_LOSS = Gauge(
     "original adapter, which=after the served version. No series while the original is served.",
     ["adapter", "which"],
 )
+
 
 def record_swap(adapter: str | None, outcome: str) -> None:
     """Count one swap attempt; an adapter that is not known to exist is counted under adapter=""."""

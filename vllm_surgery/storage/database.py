@@ -281,7 +281,9 @@ def _row_to_record(row: sqlite3.Row) -> StoredRecord:
     for name in _JSON_COLUMNS:
         values[name] = None if values[name] is None else json.loads(values[name])
     values["calibratable"] = bool(values["calibratable"])
-    return StoredRecord(row["id"], TrafficRecord(**values), row["rating"], row["correction"], row["feedback_count"])
+    return StoredRecord(
+        row["id"], TrafficRecord(**values), row["rating"], row["correction"], row["feedback_count"]
+    )
 
 
 class SQLiteDatabase(SQLiteJobQueue, Database):

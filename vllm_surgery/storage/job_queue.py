@@ -89,7 +89,6 @@ JOBS_SCHEMA = (
 )
 
 
-
 @dataclass(frozen=True)
 class Job:
     """One row of the queue. `spec` and `result` are the decoded JSON objects (see
@@ -366,7 +365,9 @@ class SQLiteJobQueue(JobQueue):
     ) -> bool:
         if swap not in SWAP_STATES:
             raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
-        timing = "result" if seconds is None else "json_set(COALESCE(result, '{}'), '$.timings.swap', :seconds)"
+        timing = (
+            "result" if seconds is None else "json_set(COALESCE(result, '{}'), '$.timings.swap', :seconds)"
+        )
         with self.transaction() as c:
             return (
                 c.execute(

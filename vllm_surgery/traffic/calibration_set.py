@@ -191,7 +191,9 @@ def adapter_source(
     }
 
 
-def build_adapter_calibration(db: Database | None, adapter: str, source: Mapping[str, Any]) -> CalibrationFromTraffic:
+def build_adapter_calibration(
+    db: Database | None, adapter: str, source: Mapping[str, Any]
+) -> CalibrationFromTraffic:
     """The calibration set an "adapter" source names. `db`: the database with the adapter's traffic, or
     None. Raises CalibrationError (file, line) or DatabaseError."""
     return calibration_set(
@@ -228,7 +230,9 @@ class AdapterCalibration:
         if include_unrated is None:
             include_unrated = adapter_policy.include_unrated
         files = registered_files(self.settings.calibration_dir, adapter_policy.calibration_files, adapter)
-        source = adapter_source(include_unrated=include_unrated, since=since, files=files, adapter_dir=adapter_dir)
+        source = adapter_source(
+            include_unrated=include_unrated, since=since, files=files, adapter_dir=adapter_dir
+        )
         if self.recorder is not None:
             self.recorder.flush(self.FLUSH_WAIT_S)
         return build_adapter_calibration(self.db, adapter, source), source

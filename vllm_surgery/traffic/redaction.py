@@ -90,7 +90,9 @@ def apply_redaction(hook: Redaction | None, record: TrafficRecord) -> TrafficRec
     if hook is None:
         return record
     if hook is builtin_redaction:  # the same result without copying the record into a dict and back
-        return replace(record, prompt=_redact_prompt(record.prompt), completion=redact_text(record.completion))
+        return replace(
+            record, prompt=_redact_prompt(record.prompt), completion=redact_text(record.completion)
+        )
     out = hook(asdict(record))
     if out is None:
         return None

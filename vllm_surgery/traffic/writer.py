@@ -124,8 +124,11 @@ class TrafficWriter:
             log.warning(
                 "traffic: %d record(s) dropped since the last report (latest: adapter %r; queue %s, "
                 "size %d); raise traffic_queue_size or lower the sample rate",
-                self._dropped_since_log, adapter, why, self.queue.maxsize,
-            )  # fmt: skip
+                self._dropped_since_log,
+                adapter,
+                why,
+                self.queue.maxsize,
+            )
             self._dropped_since_log = 0
             self._last_drop_log = now
 
@@ -180,8 +183,10 @@ class TrafficWriter:
         deadline = time.monotonic() + self.linger_s
         while len(items) < self.batch_size:
             try:
-                item = self.queue.get_nowait() if self._stop.is_set() else self.queue.get(
-                    timeout=max(0.0, deadline - time.monotonic())
+                item = (
+                    self.queue.get_nowait()
+                    if self._stop.is_set()
+                    else self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 )
             except queue.Empty:
                 break

@@ -82,7 +82,7 @@ HTTP_TIMEOUT_S = 120.0
 # The memory-sizing advice, written once: the --help epilog and the error of a job that did not fit
 # both say it.
 SIZING_REMEDIES = (
-    "lower the token budget (the refine setting max_batch_tokens, e.g. {\"max_batch_tokens\": 2048} in the "
+    'lower the token budget (the refine setting max_batch_tokens, e.g. {"max_batch_tokens": 2048} in the '
     "refine body or in VLLM_SURGERY_REFINE_SETTINGS); on a GPU shared with vLLM, lower vLLM's "
     "--gpu-memory-utilization so that the worker's copy of the base model (2 bytes per parameter in bf16) "
     "and its sensitivity pass fit in the rest (e.g. 0.6 for an 8B model on 80 GB leaves about 30 GB: 16 GB "
@@ -117,7 +117,10 @@ def out_of_memory_message(device: Any, error: BaseException) -> str:
 def _out_of_memory_types() -> tuple[type[BaseException], ...]:
     import torch
 
-    return (torch.OutOfMemoryError, MemoryError)  # errors.DeviceMemoryError (the planner: nothing fits) is one
+    return (
+        torch.OutOfMemoryError,
+        MemoryError,
+    )  # errors.DeviceMemoryError (the planner: nothing fits) is one
 
 
 # ----------------------------------------------------------------------------- base models
@@ -138,7 +141,9 @@ class ModelCache:
             return model, tokenizer, True
         while len(self._models) >= self.max_models:
             dropped, _ = self._models.popitem(last=False)
-            log.info("model cache: dropped %s (least recently used; --max-models %d)", dropped, self.max_models)
+            log.info(
+                "model cache: dropped %s (least recently used; --max-models %d)", dropped, self.max_models
+            )
             self.release()
         from ..refine import load_base_model
 
@@ -181,7 +186,10 @@ class Heartbeat:
         while not self._stop.wait(self.lease_s / 3):
             try:
                 if not self.db.heartbeat_job(self.job.id, self.owner, self.lease_s):
-                    log.error("job %d: lease lost (taken over after expiry?); its result will not count", self.job.id)
+                    log.error(
+                        "job %d: lease lost (taken over after expiry?); its result will not count",
+                        self.job.id,
+                    )
                     self.lost.set()
                     return
             except DatabaseError as e:  # transient (locked, disk): the next beat may succeed
@@ -245,9 +253,13 @@ class RefinementWorker:
             log.info("worker: removed %d leftover(s) of interrupted writes from the store", len(removed))
         log.info(
             "worker %s: device %s, server %s, lease %g s, poll %g s, up to %d cached model(s)",
-            self.owner, self.device, self.options.server, self.options.lease_s, self.options.poll_s,
+            self.owner,
+            self.device,
+            self.options.server,
+            self.options.lease_s,
+            self.options.poll_s,
             self.models.max_models,
-        )  # fmt: skip
+        )
         done = 0
         while not self._stopping.is_set():
             try:
@@ -281,7 +293,9 @@ class RefinementWorker:
                 return
         except WorkerStopped:
             released = self.db.release_job(job.id, self.owner)
-            log.info("%s: stopped; %s", label, "given back to the queue" if released else "already taken over")
+            log.info(
+                "%s: stopped; %s", label, "given back to the queue" if released else "already taken over"
+            )
             raise
         finally:
             self._job = None
@@ -334,8 +348,11 @@ class RefinementWorker:
         t = time.perf_counter()
         calibration = self._calibration(job)
         timings["calibration"] = time.perf_counter() - t
-        result["calibration"] = {"examples": calibration.examples, "sha256": calibration.sha256,
-                                 "summary": calibration.summary}  # fmt: skip
+        result["calibration"] = {
+            "examples": calibration.examples,
+            "sha256": calibration.sha256,
+            "summary": calibration.summary,
+        }
         log.info("%s: calibration: %s (%.1f s)", label, calibration.summary, timings["calibration"])
         self._check_enough(job, config, calibration.examples)
 
@@ -346,24 +363,39 @@ class RefinementWorker:
         known = self.store.lookup(job.adapter, key)
         if known is not None:  # written (or kept) before: a worker died before recording it, or a twin job
             log.info("%s: the store already holds this refinement (%s); reused", label, known["decision"])
-            result.update({k: known[k] for k in ("reason", "policy", "quality_before", "quality_after", "version")})
+            result.update(
+                {k: known[k] for k in ("reason", "policy", "quality_before", "quality_after", "version")}
+            )
             result.update(decision=known["decision"], reused=True)
             return "accepted" if known["decision"] == "accept" else "kept_original"
 
         t = time.perf_counter()
         model, tokenizer, cached = self.models.get(base_model)
         timings["load_model"] = time.perf_counter() - t
-        log.info("%s: base model %s on %s %s (%.1f s)", label, base_model, self.device,
-                 "from the cache" if cached else "loaded", timings["load_model"])  # fmt: skip
+        log.info(
+            "%s: base model %s on %s %s (%.1f s)",
+            label,
+            base_model,
+            self.device,
+            "from the cache" if cached else "loaded",
+            timings["load_model"],
+        )
 
         # The writer lock tells store cleaning (a starting server or worker) that the reserved
         # directory is being filled, not left behind by a killed process.
         with self.store.writer_lock(job.adapter):
             out = self.store.new_version_dir(job.adapter)
             try:
-                log.info("%s: refine (%s policy, %d examples) into %s", label, config.policy,
-                         calibration.examples, out.name)  # fmt: skip
-                refined = refine(base_model, lora, calibration.data, out, config, model=model, tokenizer=tokenizer)
+                log.info(
+                    "%s: refine (%s policy, %d examples) into %s",
+                    label,
+                    config.policy,
+                    calibration.examples,
+                    out.name,
+                )
+                refined = refine(
+                    base_model, lora, calibration.data, out, config, model=model, tokenizer=tokenizer
+                )
             except BaseException:
                 shutil.rmtree(out, ignore_errors=True)
                 raise
@@ -385,9 +417,14 @@ class RefinementWorker:
             reused=False,
         )
         result["calibration"].update(
-            heldout_examples=refined.calibration["heldout_examples"], truncated=refined.calibration["truncated"]
+            heldout_examples=refined.calibration["heldout_examples"],
+            truncated=refined.calibration["truncated"],
         )
-        stages = ", ".join(f"{s} {timings[s]:.1f} s" for s in ("prepare", "sensitivity", "evaluation", "write") if s in timings)
+        stages = ", ".join(
+            f"{s} {timings[s]:.1f} s"
+            for s in ("prepare", "sensitivity", "evaluation", "write")
+            if s in timings
+        )
         log.info("%s: %s in %.1f s (%s)", label, refined.decision, refined.timings.get("total", 0.0), stages)
         if refined.decision == "accept":
             return "accepted"
@@ -404,7 +441,9 @@ class RefinementWorker:
         kind = source.get("source")
         if kind == "records":
             records = source["records"]
-            return Calibration(records, records_sha256(records), len(records), f"{len(records)} inline examples")
+            return Calibration(
+                records, records_sha256(records), len(records), f"{len(records)} inline examples"
+            )
         if kind == "file":
             path = Path(source["path"])
             records, digest = read_jsonl(path)
@@ -446,7 +485,9 @@ class RefinementWorker:
         headers = {"Content-Type": "application/json"}
         if self.options.admin_token:
             headers["Authorization"] = f"Bearer {self.options.admin_token}"
-        request = urllib.request.Request(url, json.dumps({"version": version}).encode(), headers, method="POST")
+        request = urllib.request.Request(
+            url, json.dumps({"version": version}).encode(), headers, method="POST"
+        )
         start = time.perf_counter()
         try:
             with urllib.request.urlopen(request, timeout=self.options.http_timeout_s) as response:
@@ -482,23 +523,46 @@ def _error_message(e: urllib.error.HTTPError) -> str:
 # ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `vllm-surgery worker` options."""
-    parser.add_argument("--server", required=True, help="the vLLM server's URL (swaps go there), e.g. http://127.0.0.1:8000")
-    parser.add_argument("--device", default="auto", help="where refinements run: auto (CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--store", default=None, help="refined-version store (default: the serving settings' VLLM_SURGERY_STORE)")
+    parser.add_argument(
+        "--server", required=True, help="the vLLM server's URL (swaps go there), e.g. http://127.0.0.1:8000"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="where refinements run: auto (CUDA if present), cpu, cuda, cuda:N"
+    )
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="refined-version store (default: the serving settings' VLLM_SURGERY_STORE)",
+    )
     parser.add_argument("--db", default=None, help="job database (default: the serving settings' database)")
-    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S, help="seconds between looks at an empty queue")
-    parser.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_S,
-                        help="a job's lease; renewed every third of it while the job runs, taken over when it expires")  # fmt: skip
-    parser.add_argument("--max-models", type=int, default=1, help="base models kept loaded (least recently used dropped)")
+    parser.add_argument(
+        "--poll-interval", type=float, default=DEFAULT_POLL_S, help="seconds between looks at an empty queue"
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        help="a job's lease; renewed every third of it while the job runs, taken over when it expires",
+    )
+    parser.add_argument(
+        "--max-models", type=int, default=1, help="base models kept loaded (least recently used dropped)"
+    )
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
-    parser.add_argument("--drain", action="store_true", help="run jobs until the queue has none to give, then exit")
-    parser.add_argument("--owner", default=None, help="this worker's name in the job rows (default host:pid:random)")
+    parser.add_argument(
+        "--drain", action="store_true", help="run jobs until the queue has none to give, then exit"
+    )
+    parser.add_argument(
+        "--owner", default=None, help="this worker's name in the job rows (default host:pid:random)"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """`vllm-surgery worker`; exit codes: 0 stopped (signal, --once, --drain), 2 bad settings."""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
     )
     try:
         settings = ServingSettings.from_env()
@@ -507,9 +571,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         db = SQLiteDatabase(Path(args.db) if args.db else settings.database_path)
         store = VersionStore(Path(args.store) if args.store else settings.store)
         options = WorkerOptions(
-            server=args.server, device=args.device, lease_s=args.lease_seconds, poll_s=args.poll_interval,
-            max_models=args.max_models, owner=args.owner or "", admin_token=settings.admin_token,
-        )  # fmt: skip
+            server=args.server,
+            device=args.device,
+            lease_s=args.lease_seconds,
+            poll_s=args.poll_interval,
+            max_models=args.max_models,
+            owner=args.owner or "",
+            admin_token=settings.admin_token,
+        )
         worker = RefinementWorker(db, store, options)
     except (SurgeryError, ValueError) as e:
         print(f"vllm-surgery worker: error: {e}", file=sys.stderr)
@@ -527,9 +596,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="vllm-surgery worker", description=DESCRIPTION, epilog=SIZING_HELP,
+        prog="vllm-surgery worker",
+        description=DESCRIPTION,
+        epilog=SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

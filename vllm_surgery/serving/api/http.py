@@ -86,7 +86,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_object(raw: bytes, allowed: Collection[str] | None = None, example: str = "") -> dict[str, Any]:
+def parse_json_object(
+    raw: bytes, allowed: Collection[str] | None = None, example: str = ""
+) -> dict[str, Any]:
     """`raw` parsed as a JSON object; with `allowed`, unknown fields are refused by name (400)."""
     hint = f" (e.g. {example})" if example else ""
     if not raw.strip():

@@ -91,7 +91,10 @@ def _config_fields() -> dict[str, Any]:
     for f in fields(SurgeryConfig):
         if f.name in CONFIG_FIELDS:
             help_text = f.metadata.get("help", "")
-            out[f.name] = (Annotated[hints[f.name] | None, SkipValidation], Field(None, description=help_text))
+            out[f.name] = (
+                Annotated[hints[f.name] | None, SkipValidation],
+                Field(None, description=help_text),
+            )
     return out
 
 
@@ -185,7 +188,9 @@ class RefineRequest:
 FromTraffic = typing.Callable[[bool | None, float | None], tuple[CalibrationFromTraffic, dict[str, Any]]]
 
 
-def parse_request(body: Any, calibration_dir: Path | None, from_traffic: FromTraffic | None = None) -> RefineRequest:
+def parse_request(
+    body: Any, calibration_dir: Path | None, from_traffic: FromTraffic | None = None
+) -> RefineRequest:
     """Validate a refine body (a `RefineBody` or its JSON; blocking: may hash a calibration file or read
     the traffic database). `from_traffic(include_unrated, since)` gives the adapter's calibration set
     and its source spec. Raises RefineError (400/404; 409 when the traffic holds no usable example)."""
@@ -259,7 +264,9 @@ def _traffic_request(
     except SurgeryError as e:
         raise RefineError(str(e), HTTPStatus.CONFLICT) from e
     if not data.records:
-        raise RefineError(f"no usable calibration examples in the traffic: {data.summary()}", HTTPStatus.CONFLICT)
+        raise RefineError(
+            f"no usable calibration examples in the traffic: {data.summary()}", HTTPStatus.CONFLICT
+        )
     log.info("refine from traffic: %s", data.summary())
     return RefineRequest(config, fields, source, records_sha256(data.records), len(data.records), body.swap)
 
@@ -292,7 +299,9 @@ class RefineRoute:
             adapter_hash = load_adapter(original).content_hash()
         except AdapterError as e:
             raise RefineError(f"original adapter is broken: {e}", HTTPStatus.UNPROCESSABLE_ENTITY) from e
-        return version_key(adapter_hash, self.base_model, request.config.to_dict(), request.calibration_sha256)
+        return version_key(
+            adapter_hash, self.base_model, request.config.to_dict(), request.calibration_sha256
+        )
 
     def _enqueue(self, name: str, original: Path, request: RefineRequest, key: str) -> tuple[Any, bool]:
         spec = job_spec(
@@ -307,7 +316,9 @@ class RefineRoute:
                 name, "manual", spec, f"manual:{name}:{key}", max_attempts=self.max_attempts
             )
         except DatabaseError as e:
-            raise RefineError(f"the job database is not available: {e}", HTTPStatus.SERVICE_UNAVAILABLE) from e
+            raise RefineError(
+                f"the job database is not available: {e}", HTTPStatus.SERVICE_UNAVAILABLE
+            ) from e
 
     async def refine(self, name: str, body: Any) -> tuple[int, dict[str, Any]]:
         """(status, answer) for one refine request; raises RefineError (or HotSwapError for bad or
@@ -368,7 +379,9 @@ class RefineRoute:
                 swapped = True
             except HotSwapError as e:
                 swap_error = str(e)
-        served_version = await asyncio.to_thread(self.swapper.version_of, name, self.swapper.served_path(name))
+        served_version = await asyncio.to_thread(
+            self.swapper.version_of, name, self.swapper.served_path(name)
+        )
         return HTTPStatus.OK, {
             "adapter": name,
             **answer,
@@ -384,7 +397,9 @@ class RefineRoute:
 @answer_4xx
 async def refine(name: str, raw_request: Request) -> Any:
     route: RefineRoute = state_object(raw_request, REFINER_KEY, "refine")
-    body = await json_object_body(raw_request, LARGE_BODY_BYTES, allowed=BODY_FIELDS, example='{"records": [...]}')
+    body = await json_object_body(
+        raw_request, LARGE_BODY_BYTES, allowed=BODY_FIELDS, example='{"records": [...]}'
+    )
     status, answer = await route.refine(name, body)
     headers = {"Location": answer["location"]} if "location" in answer else None
     return JSONResponse(answer, status_code=int(status), headers=headers)

@@ -72,7 +72,9 @@ async def traffic_records(
     name: str,
     raw_request: Request,
     since: str | None = Query(None, description="only records since: 7d, 12h, 30m, or an ISO 8601 time"),
-    limit: str | None = Query(None, description=f"records per page, 1 to {MAX_RECORDS_PER_PAGE} (default 100)"),
+    limit: str | None = Query(
+        None, description=f"records per page, 1 to {MAX_RECORDS_PER_PAGE} (default 100)"
+    ),
     after_id: str | None = Query(None, description="only records with a larger id (the next page)"),
 ) -> Any:
     recorder, denied = recorder_or_answer(raw_request, "reading traffic")
