@@ -6,7 +6,7 @@ Both compute dL/dsigma on the same model, adapter and calibration examples, in o
          free sigma leaf, no weight gradient anywhere, token-budget batches sorted by length (the
          budget planned from free memory on CUDA, or --batch-tokens), answer logits in chunks,
          decoder layers recomputed where memory is short (--recompute), gradients read once.
-  naive  the paper's code path, as facts (GPU issue 9): the base model in fp16 (float32 on the CPU),
+  naive  the paper's code path: the base model in fp16 (float32 on the CPU),
          PeftModel.from_pretrained(..., is_trainable=True) with every LoRA A/B requiring grad; on each
          edited LoRA-wrapped module a forward hook keeping input * attention mask and a full backward
          hook computing ((dL/dy) @ U * (x @ V)).sum(0) * scaling in float32, reading
@@ -773,7 +773,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--samples",
         type=int,
         default=None,
-        help="calibration examples (default: 128 with --llama8b-shape, the issue's workload; 64 on "
+        help="calibration examples (default: 128 with --llama8b-shape, the 8B workload; 64 on "
         "CUDA; 16 on the CPU, where 64 take about half an hour)",
     )
     p.add_argument("--max-length", type=int, default=1024)

@@ -17,7 +17,8 @@ from .errors import SurgeryError
 from .names import InvalidAdapterName
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The `vllm-surgery` command line (docs/cli.md shows its synopsis; a test keeps them equal)."""
     p = argparse.ArgumentParser(prog="vllm-surgery", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -260,7 +261,7 @@ def _worker(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done (refined adapter written, inspect, traffic, export, worker stopped), 3 original
     kept, 2 bad input."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "refine": _refine,

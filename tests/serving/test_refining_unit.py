@@ -140,7 +140,7 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
         ({"records": RECORDS, "policy": "nope"}, "unknown policy"),
         ({"records": RECORDS, "heldout_fraction": 1.5}, "heldout_fraction"),
         ({"records": RECORDS, "heldout_fraction": "x"}, "invalid settings: heldout_fraction must be"),
-        # wrong JSON types (issue 6): each a 400 naming the field, never a crash later
+        # wrong JSON types: each a 400 naming the field, never a crash later
         ({"records": RECORDS, "modules": 5}, "invalid settings: modules must be"),
         ({"records": RECORDS, "layers": [0]}, "invalid settings: layers must be"),
         ({"records": RECORDS, "layers": [0, 1, 2]}, "invalid settings: layers must be"),

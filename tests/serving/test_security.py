@@ -1,4 +1,4 @@
-"""Issue 6 against a real server: only the admin token changes what is served, every bad request is a
+"""Against a real server: only the admin token changes what is served, every bad request is a
 4xx with a message, and what the listing calls servable is what a swap accepts.
 
 One `vllm serve` (via `vllm-surgery-serve`, --api-key, an admin token, --max-lora-rank 8, float32)

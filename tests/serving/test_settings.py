@@ -133,11 +133,11 @@ def test_number_and_bool_kinds_refuse_bad_text_by_variable_name() -> None:
         BOOL.from_text("maybe", "FLAG")
 
 
-def test_the_readme_shows_the_settings_table_of_the_code() -> None:
+def test_the_docs_show_the_settings_table_of_the_code() -> None:
     from vllm_surgery.settings import settings_table
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert settings_table() in readme, "regenerate it: python -m vllm_surgery.serving.settings"
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
+    assert settings_table() in docs, "regenerate it: python -m vllm_surgery.settings"
 
 
 def test_settings_table_lists_every_variable_once() -> None:

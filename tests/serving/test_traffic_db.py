@@ -89,8 +89,8 @@ def test_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
 def test_a_next_migration_applies_on_open_and_keeps_the_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """How a later table is added: append a Migration. Also: a version-1 file (traffic only, as issue 7
-    wrote it) gains the job queue when opened, and keeps its records."""
+    """How a later table is added: append a Migration. Also: a version-1 file (traffic only, as the first
+    release with traffic wrote it) gains the job queue when opened, and keeps its records."""
     path = tmp_path / "t.sqlite3"
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:1])
     monkeypatch.setattr(database, "SCHEMA_VERSION", 1)
