@@ -66,7 +66,9 @@ def options(parser: argparse.ArgumentParser) -> set[str]:
 def cli_commands() -> dict[str, set[str]]:
     from vllm_surgery.cli import build_parser
 
-    return {command: options(parser) for command, parser in subcommands(build_parser(), "vllm-surgery").items()}
+    return {
+        command: options(parser) for command, parser in subcommands(build_parser(), "vllm-surgery").items()
+    }
 
 
 def synopsis() -> dict[str, set[str]]:
@@ -96,7 +98,9 @@ def test_every_documented_option_exists() -> None:
     known = set().union(*cli_commands().values()) | options(vllm_compat.serve_arg_parser()) | OTHER_OPTIONS
     for path in DOCS:
         for flag in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9.-]*[a-z0-9]", text(path))):
-            assert flag in known or flag == "--help", f"{path.relative_to(ROOT)}: {flag} is no option of ours or of vllm serve"
+            assert flag in known or flag == "--help", (
+                f"{path.relative_to(ROOT)}: {flag} is no option of ours or of vllm serve"
+            )
 
 
 # ----------------------------------------------------------------------------- settings
@@ -182,11 +186,15 @@ def test_every_named_metric_exists() -> None:
     series = set(code_series())
     exposed = series | {s[: -len("_total")] for s in series if s.endswith("_total")}
     exposed |= {s + suffix for s in series for suffix in ("_bucket", "_sum", "_count")}
-    recorded = {r["record"] for g in yaml.safe_load(text(RULES))["groups"] for r in g["rules"] if "record" in r}
+    recorded = {
+        r["record"] for g in yaml.safe_load(text(RULES))["groups"] for r in g["rules"] if "record" in r
+    }
     for path in DOCS:
         for name in set(re.findall(r"vllm_surgery[:_][a-z0-9_:]*[a-z0-9]", text(path))):
             if name.startswith("vllm_surgery:"):
-                assert name in recorded or name.endswith(":") or any(r.startswith(name) for r in recorded), name
+                assert name in recorded or name.endswith(":") or any(r.startswith(name) for r in recorded), (
+                    name
+                )
             elif name.startswith(("vllm_surgery_api", "vllm_surgery_rules", "vllm_surgery_dashboard")):
                 continue  # the endpoint plugin's name, the rules and dashboard files
             else:
@@ -225,7 +233,9 @@ def test_links_resolve(path: Path) -> None:
         assert linked.exists(), f"{path.relative_to(ROOT)}: link to missing {target}"
         if anchor and linked.suffix == ".md":
             anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", text(linked), re.M)}
-            assert anchor in anchors, f"{path.relative_to(ROOT)}: no heading #{anchor} in {file_part or path.name}"
+            assert anchor in anchors, (
+                f"{path.relative_to(ROOT)}: no heading #{anchor} in {file_part or path.name}"
+            )
 
 
 def test_the_readme_is_a_front_page() -> None:
