@@ -10,40 +10,9 @@
 - `vllm_compat`: every access to vLLM, the only module of the project that imports it.
 
 Storage, traffic and the worker live in `vllm_surgery.storage`, `vllm_surgery.traffic` and
-`vllm_surgery.worker` and never import vLLM. Names below are imported lazily: vLLM calls the general
-plugin in every process it starts, and importing this package must not pull in the routes.
+`vllm_surgery.worker` and never import vLLM. Nothing outside this package imports it (vLLM loads the
+two entry points by their module paths), so this front door exports nothing; importing the package
+stays free, as it must: vLLM calls the general plugin in every process it starts.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
-_EXPORTS = {
-    "HotSwapError": "hotswap",
-    "HotSwapper": "hotswap",
-    "SurgeryEndpointPlugin": "endpoint_plugin",
-    "SurgeryResolver": "resolver",
-    "register": "general_plugin",
-}
-__all__ = ["HotSwapError", "HotSwapper", "SurgeryEndpointPlugin", "SurgeryResolver", "register"]
-assert sorted(__all__) == sorted(_EXPORTS)
-
-if TYPE_CHECKING:
-    from .endpoint_plugin import SurgeryEndpointPlugin
-    from .general_plugin import register
-    from .hotswap import HotSwapError, HotSwapper
-    from .resolver import SurgeryResolver
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__all__: list[str] = []
