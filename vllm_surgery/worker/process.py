@@ -54,6 +54,7 @@ import shutil
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -89,13 +90,22 @@ SIZING_REMEDIES = (
     "of weights and 14 GB for the pass); or run the worker on another GPU (--device cuda:1) or on the CPU "
     "(--device cpu)"
 )
-SIZING_HELP = f"""\
-sizing: refine plans its token budget from the memory it finds free when a job runs and halves it on an
-out-of-memory error. If a job does not fit: {SIZING_REMEDIES}. A job that does not fit fails with a
-message saying what to change; the adapter keeps serving.
-
-settings: the serving variables (VLLM_SURGERY_STORE, VLLM_SURGERY_DATABASE, VLLM_SURGERY_ADMIN_TOKEN,
-or VLLM_SURGERY_CONFIG) with the same values as the server's; --store and --db override them."""
+SIZING_HELP = "\n\n".join(
+    [
+        textwrap.fill(
+            "sizing: refine plans its token budget from the memory it finds free when a job runs and halves "
+            f"it on an out-of-memory error. If a job does not fit: {SIZING_REMEDIES}. A job that does not fit "
+            "fails with a message saying what to change; the adapter keeps serving.",
+            width=100,
+        ),
+        textwrap.fill(
+            "settings: the serving variables (VLLM_SURGERY_STORE, VLLM_SURGERY_DATABASE, "
+            "VLLM_SURGERY_ADMIN_TOKEN, or VLLM_SURGERY_CONFIG) with the same values as the server's; --store "
+            "and --db override them.",
+            width=100,
+        ),
+    ]
+)
 
 
 class JobFailure(SurgeryError):
