@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the sensitivity pass (issue 9) in ONE device call: about 6 minutes expected,
+# Every GPU figure of the sensitivity pass in ONE device call: about 6 minutes expected,
 # at most 530 s of steps (each has its own time limit):
 #   1. the Llama-3.1-8B-shaped workload (random bf16, LoRA r16 on 7 projections, residual scope,
 #      128 synthetic examples), variants BUDGET/RECOMPUTE/LEAN of our pass: the defaults (planned budget,

@@ -6,7 +6,7 @@ Both compute dL/dsigma on the same model, adapter and calibration examples, in o
          free sigma leaf, no weight gradient anywhere, token-budget batches sorted by length (the
          budget planned from free memory on CUDA, or --batch-tokens), answer logits in chunks,
          decoder layers recomputed where memory is short (--recompute), gradients read once.
-  naive  the paper's code path, as facts (GPU issue 9): the base model in fp16 (float32 on the CPU),
+  naive  the paper's code path: the base model in fp16 (float32 on the CPU),
          PeftModel.from_pretrained(..., is_trainable=True) with every LoRA A/B requiring grad; on each
          edited LoRA-wrapped module a forward hook keeping input * attention mask and a full backward
          hook computing ((dL/dy) @ U * (x @ V)).sum(0) * scaling in float32, reading
@@ -71,18 +71,33 @@ NAIVE_BATCH = 2
 # both in --dry-run, which checks on a CPU that every step of the GPU session runs.
 SHAPES = {
     "8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
     ),
     "1b": dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
     ),
     "tiny": dict(
-        vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
     ),
-}  # fmt: skip
+}
 
 # --------------------------------------------------------------------------------------------------
 # glibc malloc, for the CPU's peak-RSS measurement (never touched on CUDA)
@@ -758,7 +773,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--samples",
         type=int,
         default=None,
-        help="calibration examples (default: 128 with --llama8b-shape, the issue's workload; 64 on "
+        help="calibration examples (default: 128 with --llama8b-shape, the 8B workload; 64 on "
         "CUDA; 16 on the CPU, where 64 take about half an hour)",
     )
     p.add_argument("--max-length", type=int, default=1024)
@@ -978,11 +993,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 heavy_calls[v.label][0]()  # warm-up: kernels initialised, heap at working size
             (grads, stats), seconds, cpu, peak, first = run_pass(v.label, ours(examples), device, cold=cold)
             results[v.label] = Measurement(
-                v.label, seconds, cpu, answer_tokens, peak, stats.batches, stats.padded_tokens, first,
+                v.label,
+                seconds,
+                cpu,
+                answer_tokens,
+                peak,
+                stats.batches,
+                stats.padded_tokens,
+                first,
                 budget=f"{stats.batch_tokens} ({stats.budget_source})",
-                recomputed_layers=stats.recomputed_layers, lean_modules=stats.lean_modules,
+                recomputed_layers=stats.recomputed_layers,
+                lean_modules=stats.lean_modules,
                 backoffs=list(stats.backoffs),
-            )  # fmt: skip
+            )
             grads_subset[v.label] = grads if whole_is_subset else ours(subset)()[0]
             if args.profile and i == 0:
                 profile_ours(adapted, examples[:8], stats.batch_tokens, pad_id)
@@ -1010,9 +1033,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             grads, seconds, cpu, peak, first = run_pass(naive_label, naive_fn(examples), device, cold=cold)
             padded = sum(len(b) * max(examples[i].length for i in b) for b in naive_batches)
             results[naive_label] = Measurement(
-                naive_label, seconds, cpu, answer_tokens, peak, len(naive_batches), padded, first,
+                naive_label,
+                seconds,
+                cpu,
+                answer_tokens,
+                peak,
+                len(naive_batches),
+                padded,
+                first,
                 budget=f"{NAIVE_BATCH} examples",
-            )  # fmt: skip
+            )
             grads_subset[naive_label] = grads if whole_is_subset else naive_fn(subset)()
         # ---- CPU: interleaved timing and peak memory ----
         if rounds > 0:

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_surgery.serving.server_process import REQUEST_TIMEOUT_S, STARTUP_TIMEOUT_S, start_server
-from vllm_surgery.serving.server_process import ServerProcess as Server
+from vllm_surgery.server_process import REQUEST_TIMEOUT_S, STARTUP_TIMEOUT_S, start_server
+from vllm_surgery.server_process import ServerProcess as Server
 from vllm_surgery.testing import build_lora_adapter, build_tiny_llama
 
 PROBE_TOKENS = 4
@@ -62,7 +62,7 @@ def write_store_version(original: Path, store: Path, name: str, seed: int = 7) -
     from safetensors.torch import load_file, save_file
 
     from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
-    from vllm_surgery.serving.store import VersionStore
+    from vllm_surgery.storage.store import VersionStore
 
     version_dir = VersionStore(store).new_version_dir(name)
     shutil.copytree(original, version_dir, dirs_exist_ok=True)
@@ -93,9 +93,15 @@ def probe(server: Server, ids: list[int]) -> list[float]:
     """Greedy continuation log-probs of a fixed prompt: a fingerprint of the weights serving "x"."""
     status, body = server.post(
         "/v1/completions",
-        {"model": "x", "prompt": ids, "max_tokens": PROBE_TOKENS, "temperature": 0.0, "logprobs": 0,
-         "ignore_eos": True},
-    )  # fmt: skip
+        {
+            "model": "x",
+            "prompt": ids,
+            "max_tokens": PROBE_TOKENS,
+            "temperature": 0.0,
+            "logprobs": 0,
+            "ignore_eos": True,
+        },
+    )
     if status != 200:
         raise RuntimeError(f"probe failed: {status} {body}")
     return [float(v) for v in body["choices"][0]["logprobs"]["token_logprobs"]]
@@ -181,20 +187,22 @@ def measure_swap_latency(
         returned = result["returned"]
         before = [c for s_, _, c in probes if s_ <= returned]
         after = [c for s_, _, c in probes if s_ > returned]
-        rows.append({
-            "target": target,
-            "first_new_s": first_new - t0,
-            "call_s": returned - t0,
-            "server_s": float(result["body"]["seconds"]),
-            "inflight_mixed": sum(c == "mixed" for c in before),
-            "inflight_other": sum(c == "other" for c in before),
-            "probe_s": [r_ - s_ for s_, r_, _ in probes],
-            "stale_after_return": sum(c != "new" for c in after),
-            "after_classes": after,
-            "last_not_new_after_return_s": max(
-                (r - returned for s_, r, c in probes if s_ > returned and c != "new"), default=0.0
-            ),
-        })  # fmt: skip
+        rows.append(
+            {
+                "target": target,
+                "first_new_s": first_new - t0,
+                "call_s": returned - t0,
+                "server_s": float(result["body"]["seconds"]),
+                "inflight_mixed": sum(c == "mixed" for c in before),
+                "inflight_other": sum(c == "other" for c in before),
+                "probe_s": [r_ - s_ for s_, r_, _ in probes],
+                "stale_after_return": sum(c != "new" for c in after),
+                "after_classes": after,
+                "last_not_new_after_return_s": max(
+                    (r - returned for s_, r, c in probes if s_ > returned and c != "new"), default=0.0
+                ),
+            }
+        )
         time.sleep(0.2)
     return rows
 
@@ -247,7 +255,9 @@ def throughput(
     with ThreadPoolExecutor(c) as pool:
         tokens = list(
             pool.map(
-                lambda i: completion_once(server, prompts[i % len(prompts)], max_tokens, mixed and i % 2 == 1),
+                lambda i: completion_once(
+                    server, prompts[i % len(prompts)], max_tokens, mixed and i % 2 == 1
+                ),
                 range(r),
             )
         )
@@ -270,7 +280,10 @@ def logged_records(server: Server, outcome: str) -> float:
 
     for family in text_string_to_metric_families(server.text("/metrics")):
         for sample in family.samples:
-            if sample.name == "vllm_surgery_traffic_records_total" and sample.labels.get("outcome") == outcome:
+            if (
+                sample.name == "vllm_surgery_traffic_records_total"
+                and sample.labels.get("outcome") == outcome
+            ):
                 return sample.value
     return 0.0
 
@@ -285,7 +298,9 @@ def queue_peak(server: Server) -> float:
     raise RuntimeError("vllm_surgery_traffic_queue_peak_depth missing: is recording on?")
 
 
-def measure_recording(plugin: Server, traffic: Server, prompts: list[list[int]], probe_ids: list[int], args) -> int:
+def measure_recording(
+    plugin: Server, traffic: Server, prompts: list[list[int]], probe_ids: list[int], args
+) -> int:
     """(d): throughput with recording on / off. Returns the number of records lost (0 expected)."""
     status, body = swap(plugin, "original")  # same weights on both (a no-op unless a-c swapped)
     assert status == 200, body
@@ -300,7 +315,9 @@ def measure_recording(plugin: Server, traffic: Server, prompts: list[list[int]],
     for i in range(args.rounds):
         for s in (traffic, plugin) if i % 2 == 0 else (plugin, traffic):
             api0 = s.cpu_seconds(api_server_only=True)
-            tps, cpu_per_1k = throughput(s, prompts, args.concurrency, args.requests, args.max_tokens, mixed=True)
+            tps, cpu_per_1k = throughput(
+                s, prompts, args.concurrency, args.requests, args.max_tokens, mixed=True
+            )
             api_cpu[s.label].append(1000 * (s.cpu_seconds(api_server_only=True) - api0) / args.requests)
             results[s.label].append(tps)
             cpu[s.label].append(cpu_per_1k)
@@ -393,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(baseline)
         if run_d:
             # Its own store (so the plugin server's swaps never change what it serves) and database.
-            traffic_env = {**plugin_env, "VLLM_SURGERY_STORE": str(work / "store-traffic"), "VLLM_SURGERY_TRAFFIC": "1"}
+            traffic_env = {
+                **plugin_env,
+                "VLLM_SURGERY_STORE": str(work / "store-traffic"),
+                "VLLM_SURGERY_TRAFFIC": "1",
+            }
             traffic = launch("traffic", base, work, traffic_env, [])
             servers.append(traffic)
         for s in servers:
@@ -409,11 +430,15 @@ def main(argv: list[str] | None = None) -> int:
             assert status == 404, f"baseline server answers /v1/surgery routes ({status})"
 
             fingerprints = {"original": probe(plugin, probe_ids)}
-            assert same(probe(baseline, probe_ids), fingerprints["original"]), "servers disagree on the original"
+            assert same(probe(baseline, probe_ids), fingerprints["original"]), (
+                "servers disagree on the original"
+            )
             status, body = swap(plugin, refined)
             assert status == 200 and body["changed"], body
             fingerprints[refined] = probe(plugin, probe_ids)
-            gap = max(abs(a - b) for a, b in zip(fingerprints["original"], fingerprints[refined], strict=True))
+            gap = max(
+                abs(a - b) for a, b in zip(fingerprints["original"], fingerprints[refined], strict=True)
+            )
             assert gap > 100 * LOGPROB_TOL, f"the two versions are indistinguishable by the probe ({gap})"
 
             # (a) swap latency
@@ -434,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("swap call -> swap HTTP response", calls),
                 ("server-side swap (body.seconds)", srv),
             ):
-                print(f"    {label:34s} {statistics.median(vals):8.3f} {pct(vals, 0.95):8.3f} {max(vals):8.3f}")
+                print(
+                    f"    {label:34s} {statistics.median(vals):8.3f} {pct(vals, 0.95):8.3f} {max(vals):8.3f}"
+                )
             print(
                 f"    one probe request ({PROBE_TOKENS} tokens) takes median {statistics.median(probe_s):.3f} s; "
                 f"probes are sequential, so 'first new response' includes up to ~2 probe durations"
@@ -508,13 +535,15 @@ def main(argv: list[str] | None = None) -> int:
 
             fams = {f.name: f for f in text_string_to_metric_families(plugin.text("/metrics"))}
             swapped = sum(
-                s.value for s in fams["vllm_surgery_hotswaps"].samples
+                s.value
+                for s in fams["vllm_surgery_hotswaps"].samples
                 if s.name.endswith("_total") and s.labels.get("outcome") == "swapped"
-            )  # fmt: skip
+            )
             bad = sum(
-                s.value for s in fams["vllm_surgery_hotswaps"].samples
+                s.value
+                for s in fams["vllm_surgery_hotswaps"].samples
                 if s.name.endswith("_total") and s.labels.get("outcome") not in ("swapped", "noop")
-            )  # fmt: skip
+            )
             print(f"\nplugin /metrics: hotswaps swapped={swapped:.0f} other-than-swapped/noop={bad:.0f}")
         if run_d:
             lost = measure_recording(plugin, traffic, prompts, probe_ids, args)

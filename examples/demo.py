@@ -112,7 +112,9 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def training_batch(rng: random.Random, batch_size: int) -> list[dict[str, Any]]:
     """One training step's problems, from the training slice only, as chat records."""
-    return [{"messages": p.messages()} for p in draw_problems(rng, batch_size, eval_slice=False, exclude=set())]
+    return [
+        {"messages": p.messages()} for p in draw_problems(rng, batch_size, eval_slice=False, exclude=set())
+    ]
 
 
 def cached_adapter(model_dir: Path, cache: Path, args: argparse.Namespace) -> tuple[Path, dict, bool]:
@@ -343,7 +345,9 @@ def print_summary(
         f"        --report {args.out}/report-gd.json --plot {args.out}/surgery-gd.png"
     )
     served = result.output_path or adapter_dir
-    print(f"    vllm-surgery-serve {model_dir} --enable-lora --max-lora-rank {RANK} --lora-modules addition={served}")
+    print(
+        f"    vllm-surgery-serve {model_dir} --enable-lora --max-lora-rank {RANK} --lora-modules addition={served}"
+    )
 
 
 if __name__ == "__main__":

@@ -52,23 +52,42 @@ import torch
 
 from vllm_surgery.default_model import default_model_path
 from vllm_surgery.exact_match import sign_test
-from vllm_surgery.serving.server_process import ServerProcess, start_server, stop_process
+from vllm_surgery.server_process import ServerProcess, start_server, stop_process
 
 ADAPTER = "addition"
 MARKER = ".serving-demo"  # the loop folder is the demo's own: recreated on every run
 STEPS = 6
 # The server for the demo: float32 (comparable with the transformers scorer), short context, rank 16.
 ENGINE_ARGS = (
-    "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--seed", "0", "--enable-lora",
-    "--max-lora-rank", "16", "--max-loras", "1", "--max-num-seqs", "8",
-)  # fmt: skip
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "512",
+    "--enforce-eager",
+    "--seed",
+    "0",
+    "--enable-lora",
+    "--max-lora-rank",
+    "16",
+    "--max-loras",
+    "1",
+    "--max-num-seqs",
+    "8",
+)
 # What the summary shows of /metrics: the job, quality, swap and feedback series.
 METRIC_PREFIXES = (
-    "vllm_surgery_jobs{", "vllm_surgery_jobs_finished_total", "vllm_surgery_job_queue_oldest_age_seconds",
-    "vllm_surgery_job_swaps_pending", "vllm_surgery_job_heldout_loss", "vllm_surgery_heldout_loss",
-    "vllm_surgery_served_version_info", "vllm_surgery_job_stage_seconds_sum", "vllm_surgery_hotswaps_total",
-    "vllm_surgery_traffic_feedback_total", "vllm_surgery_calibration_examples",
-)  # fmt: skip
+    "vllm_surgery_jobs{",
+    "vllm_surgery_jobs_finished_total",
+    "vllm_surgery_job_queue_oldest_age_seconds",
+    "vllm_surgery_job_swaps_pending",
+    "vllm_surgery_job_heldout_loss",
+    "vllm_surgery_heldout_loss",
+    "vllm_surgery_served_version_info",
+    "vllm_surgery_job_stage_seconds_sum",
+    "vllm_surgery_hotswaps_total",
+    "vllm_surgery_traffic_feedback_total",
+    "vllm_surgery_calibration_examples",
+)
 
 
 def step(i: int, text: str) -> None:
@@ -76,17 +95,33 @@ def step(i: int, text: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
-    p.add_argument("--traffic", type=int, default=256,
-                   help="requests sent with feedback; they become the calibration set, half held out (default 256)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)"
+    )
+    p.add_argument(
+        "--traffic",
+        type=int,
+        default=256,
+        help="requests sent with feedback; they become the calibration set, half held out (default 256)",
+    )
     p.add_argument("--test", type=int, default=300, help="unseen test problems for exact match (default 300)")
     p.add_argument("--concurrency", type=int, default=4, help="clients sending traffic at once (default 4)")
-    p.add_argument("--steps", type=int, default=100, help="LoRA training steps (default 100, as examples/demo.py)")
-    p.add_argument("--job-timeout", type=float, default=1200.0, help="seconds to wait for the refinement (default 1200)")
+    p.add_argument(
+        "--steps", type=int, default=100, help="LoRA training steps (default 100, as examples/demo.py)"
+    )
+    p.add_argument(
+        "--job-timeout", type=float, default=1200.0, help="seconds to wait for the refinement (default 1200)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads of the scorer (default: torch's choice; 1 helps on a busy machine)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads of the scorer (default: torch's choice; 1 helps on a busy machine)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $VLLM_SURGERY_CACHE)")
     args = p.parse_args(argv)
     if args.traffic < 16 or args.test < 1 or args.concurrency < 1:
@@ -118,10 +153,24 @@ class Worker:
 
     def __init__(self, server_url: str, env: dict[str, str], log: Path) -> None:
         self.log = log
-        cmd = [sys.executable, "-m", "vllm_surgery.cli", "worker", "--server", server_url, "--poll-interval", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm_surgery.cli",
+            "worker",
+            "--server",
+            server_url,
+            "--poll-interval",
+            "1",
+        ]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self._seen = 0
 
@@ -171,12 +220,19 @@ def ask_and_rate(server: ServerProcess, i: int, problem: Any) -> bool:
     """One user: a chat request to the adapter, then feedback (good, or the right answer as a
     correction). Returns whether the served answer was right. Raises RuntimeError on a failed request."""
     rid = f"demo-{i}"
-    body = {"model": ADAPTER, "messages": problem.messages(with_answer=False), "max_tokens": 8, "temperature": 0.0}
+    body = {
+        "model": ADAPTER,
+        "messages": problem.messages(with_answer=False),
+        "max_tokens": 8,
+        "temperature": 0.0,
+    }
     status, answer = server.post("/v1/chat/completions", body, {"X-Request-Id": rid})
     if status != 200:
         raise RuntimeError(f"request {rid} answered {status}: {answer}")
     right = (answer["choices"][0]["message"]["content"] or "").strip() == problem.answer
-    feedback = {"request_id": rid, "rating": "good"} if right else {"request_id": rid, "correction": problem.answer}
+    feedback = (
+        {"request_id": rid, "rating": "good"} if right else {"request_id": rid, "correction": problem.answer}
+    )
     status, got = server.post("/v1/surgery/feedback", feedback)
     if status != 200:
         raise RuntimeError(f"feedback for {rid} answered {status}: {got}")
@@ -189,7 +245,10 @@ def send_traffic(server: ServerProcess, problems: Sequence[Any], concurrency: in
         for right in pool.map(lambda ip: ask_and_rate(server, *ip), enumerate(problems)):
             rights.append(right)
             if len(rights) % 32 == 0 or len(rights) == len(problems):
-                print(f"      {len(rights):4d}/{len(problems)} answered and rated ({sum(rights)} right)", flush=True)
+                print(
+                    f"      {len(rights):4d}/{len(problems)} answered and rated ({sum(rights)} right)",
+                    flush=True,
+                )
     return rights
 
 
@@ -224,7 +283,11 @@ def metric_lines(server: ServerProcess) -> list[str]:
     out = []
     for line in server.text("/metrics").splitlines():
         if line.startswith(METRIC_PREFIXES) and ("adapter=" not in line or f'adapter="{ADAPTER}"' in line):
-            if "_stage_seconds_sum" in line and 'stage="total"' not in line and 'stage="sensitivity"' not in line:
+            if (
+                "_stage_seconds_sum" in line
+                and 'stage="total"' not in line
+                and 'stage="sensitivity"' not in line
+            ):
                 continue
             out.append(line)
     return out
@@ -267,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         server = start_server(model_dir, loop, env, engine_args=engine, label="vllm")
         worker_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
-        worker_env.update({k: env[k] for k in ("VLLM_SURGERY_STORE", "VLLM_SURGERY_DATABASE", "VLLM_SURGERY_ADMIN_TOKEN")})
+        worker_env.update(
+            {k: env[k] for k in ("VLLM_SURGERY_STORE", "VLLM_SURGERY_DATABASE", "VLLM_SURGERY_ADMIN_TOKEN")}
+        )
         worker = Worker(server.url, worker_env, loop / "worker.log")
         timings["server start"] = time.perf_counter() - t
         print(f"      {server.url} (log {server.log_path}); worker log {worker.log}")
@@ -319,10 +384,14 @@ def print_summary(
 ) -> None:
     rule = "=" * 100
     print(f"\n{rule}\nSummary\n{rule}")
-    print(f"traffic: {len(rights)} requests, {sum(rights)} answered right (rated good), "
-          f"{len(rights) - sum(rights)} corrected by their users")  # fmt: skip
-    print(f"job {job['id']} ({job['trigger']}, attempt {job['attempts']}): {job['state']}"
-          + (f", swap {job['swap']}" if job["swap"] else ""))  # fmt: skip
+    print(
+        f"traffic: {len(rights)} requests, {sum(rights)} answered right (rated good), "
+        f"{len(rights) - sum(rights)} corrected by their users"
+    )
+    print(
+        f"job {job['id']} ({job['trigger']}, attempt {job['attempts']}): {job['state']}"
+        + (f", swap {job['swap']}" if job["swap"] else "")
+    )
     if job["state"] == "failed":
         print(f"error:    {job['error']}")
     else:
@@ -332,7 +401,9 @@ def print_summary(
     if before and after:
         change = (after["loss"] - before["loss"]) / before["loss"]
         label = "refined (served)" if job["state"] == "accepted" else "best candidate (not written)"
-        print(f"held-out answer loss (nats/token) on {job['calibration']['heldout_examples']} held-out examples:")
+        print(
+            f"held-out answer loss (nats/token) on {job['calibration']['heldout_examples']} held-out examples:"
+        )
         print(f"    original {before['loss']:.4f} -> {label} {after['loss']:.4f} ({100 * change:+.2f}%)")
     print(f"exact match on {args.test} unseen test problems:")
     for name, correct in scores.items():
@@ -342,11 +413,16 @@ def print_summary(
     if "refined" in scores:
         fixed = sum(1 for o, r in zip(scores["original"], scores["refined"], strict=True) if r and not o)
         broken = sum(1 for o, r in zip(scores["original"], scores["refined"], strict=True) if o and not r)
-        print(f"    refined vs original: {fixed} fixed, {broken} broken (sign test p = {sign_test(fixed, broken):.2f})")
+        print(
+            f"    refined vs original: {fixed} fixed, {broken} broken (sign test p = {sign_test(fixed, broken):.2f})"
+        )
     print(f"served version of {ADAPTER!r} at the end: {served}")
     stages = job.get("timings") or {}
-    shown = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items() if k in ("queued", "load_model", "calibration",
-                      "sensitivity", "evaluation", "write", "swap", "total"))  # fmt: skip
+    shown = ", ".join(
+        f"{k} {v:.1f} s"
+        for k, v in stages.items()
+        if k in ("queued", "load_model", "calibration", "sensitivity", "evaluation", "write", "swap", "total")
+    )
     print(f"job stages: {shown}")
     print("/metrics (the loop's series):")
     for line in metrics:

@@ -112,9 +112,11 @@ def test_parts_are_recognised_as_what_they_are(tiny_base, tmp_path):
 def test_refine_keeps_fixed_parts_and_peft_measures_what_was_reported(tied_base, tiny_calibration, tmp_path):
     """A tied model, an embedding LoRA and a saved lm_head: refined, written, and re-measured by PEFT."""
     adapter_dir = build_lora_adapter(
-        tied_base, tmp_path / "adapter", target_modules=["o_proj", "down_proj", "embed_tokens"],
+        tied_base,
+        tmp_path / "adapter",
+        target_modules=["o_proj", "down_proj", "embed_tokens"],
         modules_to_save=["lm_head"],
-    )  # fmt: skip
+    )
     out = tmp_path / "refined"
     result = refine(
         tied_base, adapter_dir, tiny_calibration, out, force=True, min_improvement=0.9, progress=False

@@ -161,6 +161,7 @@ def test_recomputed_layers_give_the_same_gradients_and_run_the_hooks_again(setup
     model = setup[-1]
     want, _ = sensitivities(setup, max_batch_tokens=ONE_BATCH, recompute="off")
     calls = []
+
     def count(*args):
         if torch.is_grad_enabled():  # not the logits check's forwards (no graph)
             calls.append(1)

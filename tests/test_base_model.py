@@ -108,8 +108,17 @@ def test_refine_refuses_an_adapter_recorded_for_another_base(
 
 
 def test_the_cli_flag_allows_a_base_mismatch(renamed_base, tiny_adapter, tiny_calibration, tmp_path, capsys):
-    args = ["refine", "--base-model", str(renamed_base), "--adapter", str(tiny_adapter),
-            "--calibration", str(tiny_calibration), "--quiet", "--force"]  # fmt: skip
+    args = [
+        "refine",
+        "--base-model",
+        str(renamed_base),
+        "--adapter",
+        str(tiny_adapter),
+        "--calibration",
+        str(tiny_calibration),
+        "--quiet",
+        "--force",
+    ]
     assert main([*args, "--output", str(tmp_path / "a")]) == 2
     assert "--allow-base-mismatch" in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "b"), "--allow-base-mismatch"]) == 0

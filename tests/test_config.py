@@ -208,7 +208,10 @@ def test_good_settings_are_normalised():
     assert c.policy_params == {"sigma_descent": {"steps": 3.0}}
     assert c.to_dict()["policy_params"] == {"sigma_descent": {"steps": 3.0}}
     # A one-step policy uses no selection split, so its fractions are not checked against each other.
-    assert SurgeryConfig(policy="grad_direction", heldout_fraction=0.5, selection_fraction=0.6).policy == "grad_direction"
+    assert (
+        SurgeryConfig(policy="grad_direction", heldout_fraction=0.5, selection_fraction=0.6).policy
+        == "grad_direction"
+    )
 
 
 def test_from_mapping_refuses_unknown_names_and_points_from_min_z_to_its_replacement():

@@ -121,7 +121,11 @@ def test_a_relative_gain_on_a_loss_near_zero_is_not_enough():
     loose = decide(before, {"grad_direction": sharper}, min_improvement=0.005, max_false_accept=0.025)
     assert loose.accepted  # without the absolute floor: what the benchmark saw
     gate = decide(
-        before, {"grad_direction": sharper}, min_improvement=0.005, max_false_accept=0.025, min_loss_reduction=1e-3
+        before,
+        {"grad_direction": sharper},
+        min_improvement=0.005,
+        max_false_accept=0.025,
+        min_loss_reduction=1e-3,
     )
     row = gate.candidates["grad_direction"]
     assert row.relative_improvement == pytest.approx(1 / 3) and row.p_value == 1 / 256
@@ -129,9 +133,12 @@ def test_a_relative_gain_on_a_loss_near_zero_is_not_enough():
     assert "a loss reduction >= 0.001 nats/token" in gate.reason
     # the same relative gain on a loss that matters passes the floor (0.25 nats/token reduction)
     big = decide(
-        quality([1.5] * 8, tokens), {"grad_direction": quality([1.0] * 8, tokens)},
-        min_improvement=0.005, max_false_accept=0.025, min_loss_reduction=1e-3,
-    )  # fmt: skip
+        quality([1.5] * 8, tokens),
+        {"grad_direction": quality([1.0] * 8, tokens)},
+        min_improvement=0.005,
+        max_false_accept=0.025,
+        min_loss_reduction=1e-3,
+    )
     assert big.accepted and big.to_dict()["min_loss_reduction"] == 1e-3
 
 
@@ -287,7 +294,9 @@ def test_a_choice_made_on_other_examples_keeps_the_false_acceptance_rate(one_thr
     limit = binomial_upper_limit(runs, alpha)
     print(f"n={n} k={k}: chosen on other examples {ours}/{runs}, chosen on the held-out set {naive}/{runs}")
     assert ours < limit, f"false acceptances {ours}/{runs} exceed {alpha} (limit {limit})"
-    assert naive >= limit, f"choosing on the held-out set accepted only {naive}/{runs}: the simulation has no teeth"
+    assert naive >= limit, (
+        f"choosing on the held-out set accepted only {naive}/{runs}: the simulation has no teeth"
+    )
 
 
 def test_borderline_p_values_draw_more_sign_flips(one_thread):

@@ -291,7 +291,12 @@ def test_a_measured_gain_is_accepted_and_a_stricter_rate_keeps_the_original(gain
     assert accepted.decision == "accept" and accepted.written
     gate = accepted.gate
     # 48 examples: 24 held out for the gate, 7 to choose steps on, 17 for the sensitivity passes
-    assert (gate["candidates"], gate["selected_from"], gate["heldout_examples"], gate["exact"]) == (1, 1, 24, False)
+    assert (gate["candidates"], gate["selected_from"], gate["heldout_examples"], gate["exact"]) == (
+        1,
+        1,
+        24,
+        False,
+    )
     assert (gate["selection_examples"], accepted.calibration["examples"]) == (7, 17)
     assert gate["p_value"] <= 0.025 and gate["relative_improvement"] >= 0.001
     assert accepted.quality_after.loss < accepted.quality_before.loss  # accept means better on held-out data

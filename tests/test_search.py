@@ -165,7 +165,10 @@ def test_auto_is_sigma_descent_with_its_gate(searched, tiny_base, tiny_adapter, 
     result = refine(tiny_base, tiny_adapter, calibration40, None, policy="auto", progress=False)
     forced, _ = searched["sigma_descent"]
     assert list(result.candidates) == ["sigma_descent"] and result.gate["candidates"] == 1
-    assert result.candidates["sigma_descent"]["selection_loss"] == forced.candidates["sigma_descent"]["selection_loss"]
+    assert (
+        result.candidates["sigma_descent"]["selection_loss"]
+        == forced.candidates["sigma_descent"]["selection_loss"]
+    )
     for name, module in result.modules.items():
         assert module.sigma_new == forced.modules[name].sigma_new, name
 

@@ -73,8 +73,15 @@ def test_prompt_and_completion_are_tokenised_as_one_text(tokenizers, style):
     ex = _one(tok, {"prompt": "what is 1 + 2 ?", "completion": " 3"})
     assert list(ex.prompt_ids + ex.answer_ids) == tok("what is 1 + 2 ? 3")["input_ids"] + [tok.eos_token_id]
     pieces = tok.convert_ids_to_tokens(list(ex.answer_ids))
-    assert pieces == {"llama3": ["Ġ3", "<|eot_id|>"], "qwen3": ["Ġ3", "<|im_end|>"],
-                      "mistral": ["▁3", "</s>"], "gemma2": ["▁3", "<eos>"]}[style]  # fmt: skip
+    assert (
+        pieces
+        == {
+            "llama3": ["Ġ3", "<|eot_id|>"],
+            "qwen3": ["Ġ3", "<|im_end|>"],
+            "mistral": ["▁3", "</s>"],
+            "gemma2": ["▁3", "<eos>"],
+        }[style]
+    )
     first = tok.convert_ids_to_tokens(ex.prompt_ids[0])
     assert first == {"llama3": "<|begin_of_text|>", "qwen3": "w", "mistral": "<s>", "gemma2": "<bos>"}[style]
 

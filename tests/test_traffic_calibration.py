@@ -11,8 +11,8 @@ import pytest
 from vllm_surgery.calibration import read_jsonl
 from vllm_surgery.cli import main
 from vllm_surgery.errors import CalibrationError
-from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
-from vllm_surgery.traffic_calibration import calibration_set, parse_since, traffic_examples, write_jsonl
+from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
+from vllm_surgery.traffic.calibration_set import calibration_set, parse_since, traffic_examples, write_jsonl
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2 ?"}]
 
@@ -48,11 +48,15 @@ def db_path(tmp_path: Path) -> Path:
             rec("unrated", "answer u", created=1004.0),  # nothing -> only with include_unrated
             rec("flip", "answer f", created=1005.0),  # good then bad -> latest (bad) wins: never
             rec("chat", "4", endpoint="chat", prompt=CHAT, created=1006.0),  # good chat -> messages
-            rec("ids", "x", prompt=[5, 6, 7], calibratable=False, created=1007.0),  # good, token ids: not text
+            rec(
+                "ids", "x", prompt=[5, 6, 7], calibratable=False, created=1007.0
+            ),  # good, token ids: not text
             rec("other", "o", adapter="other", created=1008.0),  # another adapter
         ]
     )
-    by = dict(zip(["good", "bad", "fixed", "fixonly", "unrated", "flip", "chat", "ids", "other"], ids, strict=True))
+    by = dict(
+        zip(["good", "bad", "fixed", "fixonly", "unrated", "flip", "chat", "ids", "other"], ids, strict=True)
+    )
     db.add_feedback(by["good"], "good", None)
     db.add_feedback(by["bad"], "bad", None)
     db.add_feedback(by["fixed"], "bad", "right")
@@ -79,11 +83,21 @@ def test_the_rules(db_path: Path) -> None:
     data = traffic_examples(db, "math")
     assert data.records == EXPECTED
     assert data.counts == {
-        "corrected": 2, "good": 2, "unrated": 0, "static": 0, "adapter_file": 0, "bad_without_correction": 2,
-        "unrated_left_out": 1, "not_text": 1,
-    }  # fmt: skip
+        "corrected": 2,
+        "good": 2,
+        "unrated": 0,
+        "static": 0,
+        "adapter_file": 0,
+        "bad_without_correction": 2,
+        "unrated_left_out": 1,
+        "not_text": 1,
+    }
     with_unrated = traffic_examples(db, "math", include_unrated=True)
-    assert with_unrated.records == [*EXPECTED[:3], {"prompt": "question unrated", "completion": "answer u", "feedback": "unrated"}, EXPECTED[3]]
+    assert with_unrated.records == [
+        *EXPECTED[:3],
+        {"prompt": "question unrated", "completion": "answer u", "feedback": "unrated"},
+        EXPECTED[3],
+    ]
     # The SQL statistics agree with the rules.
     (row,) = db.stats("math")
     assert (row.usable, row.unrated_usable) == (4, 1)
@@ -97,7 +111,11 @@ def test_static_files_are_appended(db_path: Path, tmp_path: Path) -> None:
     db = SQLiteDatabase(db_path, create=False)
     data = calibration_set(db, "math", static_files=[static])
     db.close()
-    assert data.records == [*EXPECTED, {"prompt": "s1", "completion": "a1"}, {"prompt": "s2", "completion": "a2"}]
+    assert data.records == [
+        *EXPECTED,
+        {"prompt": "s1", "completion": "a1"},
+        {"prompt": "s2", "completion": "a2"},
+    ]
     assert data.counts["static"] == 2
     assert "6 examples for 'math'" in data.summary()
 
@@ -127,7 +145,9 @@ def test_parse_since() -> None:
     assert parse_since("7d", now=1_000_000.0) == 1_000_000.0 - 7 * 86400
     assert parse_since("90s", now=100.0) == 10.0
     assert parse_since("1.5h", now=10_000.0) == 10_000.0 - 5400
-    assert parse_since("2026-11-20T08:00:00+00:00") == datetime(2026, 11, 20, 8, tzinfo=timezone.utc).timestamp()
+    assert (
+        parse_since("2026-11-20T08:00:00+00:00") == datetime(2026, 11, 20, 8, tzinfo=timezone.utc).timestamp()
+    )
     assert parse_since("2026-11-20") == datetime(2026, 11, 20).timestamp()  # local time
     with pytest.raises(CalibrationError, match="expected a duration like 7d"):
         parse_since("last week")
@@ -142,14 +162,21 @@ def test_write_jsonl_is_atomic_and_readable(tmp_path: Path) -> None:
         write_jsonl(EXPECTED, tmp_path / "missing-dir" / "x.jsonl")
 
 
-def test_cli_export_and_stats(db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+def test_cli_export_and_stats(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
     for key in ("VLLM_SURGERY_CONFIG", "VLLM_SURGERY_TRAFFIC_ADAPTERS", "VLLM_SURGERY_CALIBRATION_DIR"):
         monkeypatch.delenv(key, raising=False)
     out = tmp_path / "export.jsonl"
     assert main(["calibration", "export", "math", "--output", str(out), "--db", str(db_path)]) == 0
     assert [json.loads(line) for line in out.read_text().splitlines()] == EXPECTED
     assert "4 examples for 'math'" in capsys.readouterr().out
-    assert main(["calibration", "export", "math", "--output", str(out), "--db", str(db_path), "--include-unrated"]) == 0
+    assert (
+        main(
+            ["calibration", "export", "math", "--output", str(out), "--db", str(db_path), "--include-unrated"]
+        )
+        == 0
+    )
     assert len(out.read_text().splitlines()) == 5
 
     # Static files registered in the settings are part of the export.
@@ -178,5 +205,8 @@ def test_cli_errors_are_clear(db_path: Path, tmp_path: Path, capsys: pytest.Capt
     assert "adapter name" in capsys.readouterr().err
     assert main(["traffic", "stats", "--db", str(tmp_path / "none.sqlite3")]) == 2
     assert "no database here" in capsys.readouterr().err
-    assert main(["calibration", "export", "math", "--output", str(out), "--db", str(db_path), "--since", "soon"]) == 2
+    assert (
+        main(["calibration", "export", "math", "--output", str(out), "--db", str(db_path), "--since", "soon"])
+        == 2
+    )
     assert "--since 'soon'" in capsys.readouterr().err

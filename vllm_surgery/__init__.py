@@ -1,8 +1,12 @@
 """vllm-surgery: training-free Spectral Surgery for LoRA adapters, where they are served.
 
-The core (this package without `vllm_surgery.serving`) needs only torch, transformers, peft and
-safetensors; vLLM is imported only by the serving integration. Names below are imported lazily: vLLM
-imports `vllm_surgery.serving.plugin` in every process it starts, and that must not pay for peft and
+The engine (the modules directly in this package) needs only torch, transformers, peft and
+safetensors. Around it, by who runs them: `storage` (version store, database, job queue), `traffic`
+(recording and calibration data from traffic), `worker` (the process that runs refinement jobs) and
+`serving` (the vLLM plugin, the only part that imports vLLM); `settings` are the deployment's
+settings, `cli` the `vllm-surgery` command. docs/architecture.md draws the layers and the import rules
+that tests/test_import_rules.py enforces. Names below are imported lazily: vLLM imports
+`vllm_surgery.serving.general_plugin` in every process it starts, and that must not pay for peft and
 the whole engine.
 """
 

@@ -27,7 +27,7 @@ Both leave the result unchanged (the tests check it against an uninterrupted, un
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,17 @@ from torch.utils.checkpoint import checkpoint
 from .calibration import Batch
 from .memory import logits_chunk_tokens
 
-if TYPE_CHECKING:  # adapted_model imports this module
-    from .adapted_model import AdaptedModel
+
+class Adapted(Protocol):
+    """What these functions use of an adapted_model.AdaptedModel (which imports this module, so it is
+    described here rather than imported)."""
+
+    model: torch.nn.Module
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
-def answer_hidden(adapted: AdaptedModel, batch: Batch) -> torch.Tensor:
+def answer_hidden(adapted: Adapted, batch: Batch) -> torch.Tensor:
     """Final hidden states at the positions whose next-token logits predict answer tokens."""
     decoder = adapted.model.get_decoder()
     # Right padding + causal attention: real positions never see padding, so no mask is needed.
@@ -48,19 +54,19 @@ def answer_hidden(adapted: AdaptedModel, batch: Batch) -> torch.Tensor:
     return hidden[batch.rows, batch.cols]
 
 
-def token_losses(adapted: AdaptedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_losses(adapted: Adapted, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each target given the final hidden state that predicts it: the adapted model's
     float32 logits (its output embedding with any adapter part on it, and the model's own logit
     transforms: AdaptedModel.output_logits)."""
     return F.cross_entropy(adapted.output_logits(hidden), targets, reduction="none")
 
 
-def _chunks(adapted: AdaptedModel, n: int) -> list[slice]:
+def _chunks(adapted: Adapted, n: int) -> list[slice]:
     size = logits_chunk_tokens(adapted.model.get_output_embeddings().weight.shape[0])
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def answer_losses(adapted: AdaptedModel, batch: Batch) -> torch.Tensor:
+def answer_losses(adapted: Adapted, batch: Batch) -> torch.Tensor:
     """Loss of every answer token of `batch` (evaluation), logits formed in chunks."""
     hidden = answer_hidden(adapted, batch)
     chunks = _chunks(adapted, len(hidden))
@@ -71,7 +77,7 @@ def _weighted_sum(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     return losses.sum() if weights is None else (losses * weights.to(losses.dtype)).sum()
 
 
-def backward_answer_loss(adapted: AdaptedModel, batch: Batch, total: float) -> torch.Tensor:
+def backward_answer_loss(adapted: Adapted, batch: Batch, total: float) -> torch.Tensor:
     """Backpropagate sum(answer-token losses of `batch`, times the batch's token weights if any) / total;
     returns the (unweighted) losses, detached.
 

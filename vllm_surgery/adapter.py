@@ -81,13 +81,36 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 # refused by name: a field added by a newer PEFT may change what the adapter computes.
 _KNOWN_FIELDS = frozenset(
     {
-        "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-        "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "bias",
-        "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
-        "rank_pattern", "alpha_pattern", "megatron_core", "loftq_config", "eva_config", "corda_config",
-        "lora_ga_config", "runtime_config", "qalora_group_size", "ensure_weight_tying",
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "r",
+        "target_modules",
+        "exclude_modules",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "use_rslora",
+        "modules_to_save",
+        "init_lora_weights",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "megatron_core",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "runtime_config",
+        "qalora_group_size",
+        "ensure_weight_tying",
     }
-)  # fmt: skip
+)
 # Fields that change the function in a way we do not reproduce: (what it is, the remedy).
 _REFUSED_FIELDS = {
     "use_dora": ("DoRA", "convert to a plain LoRA or merge it into the base model"),

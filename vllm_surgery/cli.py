@@ -14,10 +14,11 @@ from pathlib import Path
 
 from .config import SurgeryConfig
 from .errors import SurgeryError
-from .serving.names import InvalidAdapterName
+from .names import InvalidAdapterName
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The `vllm-surgery` command line (docs/cli.md shows its synopsis; a test keeps them equal)."""
     p = argparse.ArgumentParser(prog="vllm-surgery", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -45,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     db_help = "traffic database (default: the serving settings' database, VLLM_SURGERY_DATABASE or beside the store)"
     t = sub.add_parser("traffic", help="recorded traffic of the vLLM plugin")
     tsub = t.add_subparsers(dest="traffic_command", required=True)
-    ts = tsub.add_parser("stats", help="records, rated, corrected and usable examples per adapter and version")
+    ts = tsub.add_parser(
+        "stats", help="records, rated, corrected and usable examples per adapter and version"
+    )
     ts.add_argument("adapter", nargs="?", default=None)
     ts.add_argument("--db", default=None, help=db_help)
     ts.add_argument("--json", action="store_true", help="machine-readable output")
@@ -55,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("export", help="write an adapter's calibration set as the JSONL `refine` reads")
     ce.add_argument("adapter")
     ce.add_argument("--output", required=True, help="JSONL file to write (atomically)")
-    ce.add_argument("--since", default=None, help="only traffic since: 7d, 12h, 30m, or an ISO 8601 date/time")
+    ce.add_argument(
+        "--since", default=None, help="only traffic since: 7d, 12h, 30m, or an ISO 8601 date/time"
+    )
     ce.add_argument(
         "--include-unrated",
         action="store_true",
@@ -63,12 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ce.add_argument("--db", default=None, help=db_help)
 
-    from .serving import worker
+    from . import worker
 
     w = sub.add_parser(
         "worker",
         help="run refinement jobs beside a vLLM server (long-lived; see its --help for sizing)",
-        description=worker.__doc__.split("\n\n")[0],
+        description=worker.DESCRIPTION,
         epilog=worker.SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -133,9 +138,13 @@ def _refine(args: argparse.Namespace) -> int:
     from .refine import refine
 
     result = refine(
-        args.base_model, args.adapter, args.calibration, args.output, _config(args),
+        args.base_model,
+        args.adapter,
+        args.calibration,
+        args.output,
+        _config(args),
         allow_base_mismatch=args.allow_base_mismatch,
-    )  # fmt: skip
+    )
     report = result.to_dict()
     if args.report:
         _write_json_atomic(args.report, report)
@@ -151,7 +160,9 @@ def _refine(args: argparse.Namespace) -> int:
             mark = "*" if policy == result.policy else " "
             tested = f"p = {row['p_value']:.4g}" if row.get("tested") else "not tested"
             chosen = ", ".join(f"{k} {v:g}" for k, v in (row.get("chosen") or {}).items())
-            selection = "" if row.get("selection_loss") is None else f"; selection loss {row['selection_loss']:.4f}"
+            selection = (
+                "" if row.get("selection_loss") is None else f"; selection loss {row['selection_loss']:.4f}"
+            )
             print(
                 f"  {mark} {policy:<15} {row['loss']:.4f}  ({100 * row['relative_improvement']:+.2f}% "
                 f"± {100 * row['relative_improvement_se']:.2f}% SE, {tested}{selection}"
@@ -193,8 +204,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _open_traffic(db: str | None) -> tuple[object, object]:
     """(database, serving settings): --db, else the database the serving settings name."""
-    from .serving.database import SQLiteDatabase
-    from .serving.settings import ServingSettings
+    from .settings import ServingSettings
+    from .storage import SQLiteDatabase
 
     settings = ServingSettings.from_env()
     return SQLiteDatabase(Path(db) if db else settings.database_path, create=False), settings
@@ -221,9 +232,8 @@ def _traffic_stats(args: argparse.Namespace) -> int:
 
 
 def _calibration_export(args: argparse.Namespace) -> int:
-    from .serving.names import validate_adapter_name
-    from .serving.traffic import TrafficPolicy
-    from .traffic_calibration import calibration_set, parse_since, registered_files, write_jsonl
+    from .names import validate_adapter_name
+    from .traffic import TrafficPolicy, calibration_set, parse_since, registered_files, write_jsonl
 
     validate_adapter_name(args.adapter)
     since = parse_since(args.since) if args.since else None
@@ -232,9 +242,12 @@ def _calibration_export(args: argparse.Namespace) -> int:
     files = registered_files(settings.calibration_dir, policy.calibration_files, args.adapter)
     try:
         data = calibration_set(
-            db, args.adapter, since=since, include_unrated=args.include_unrated or policy.include_unrated,
+            db,
+            args.adapter,
+            since=since,
+            include_unrated=args.include_unrated or policy.include_unrated,
             static_files=files,
-        )  # fmt: skip
+        )
     finally:
         db.close()
     if not data.records:
@@ -246,7 +259,7 @@ def _calibration_export(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .serving.worker import run_from_args
+    from .worker import run_from_args
 
     return run_from_args(args)
 
@@ -254,7 +267,7 @@ def _worker(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done (refined adapter written, inspect, traffic, export, worker stopped), 3 original
     kept, 2 bad input."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "refine": _refine,

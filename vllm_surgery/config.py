@@ -96,7 +96,7 @@ class SurgeryConfig:
     )
     correction_weight: float = _setting(
         1.0,
-        help="weight of calibration lines labelled \"feedback\": \"correction\" in the loss the sensitivity "
+        help='weight of calibration lines labelled "feedback": "correction" in the loss the sensitivity '
         "passes differentiate (a correction marks where the adapter is wrong); selection and gate losses "
         "stay unweighted",
         affects_result=True,
@@ -166,7 +166,13 @@ class SurgeryConfig:
             "selection_fraction", self.selection_fraction, "a number in [0, 1)", 0, 1
         )
         self.correction_weight = _number(
-            "correction_weight", self.correction_weight, "a number in (0, 100]", 0, 100, low_open=True, high_open=False
+            "correction_weight",
+            self.correction_weight,
+            "a number in (0, 100]",
+            0,
+            100,
+            low_open=True,
+            high_open=False,
         )
         self.min_improvement = _number("min_improvement", self.min_improvement, "a number in [0, 1)", 0, 1)
         self.min_loss_reduction = _number(
@@ -193,7 +199,9 @@ class SurgeryConfig:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.policy == "auto" and self.heldout_fraction == 0:
-            raise ConfigError("policy auto tests its candidate on held-out data; heldout_fraction must be > 0")
+            raise ConfigError(
+                "policy auto tests its candidate on held-out data; heldout_fraction must be > 0"
+            )
         searched = [p for p in self.candidate_params() if p in SEARCHED_POLICIES]
         if (self.policy == "auto" or searched) and self.selection_fraction == 0:
             raise ConfigError(

@@ -182,7 +182,9 @@ def merged_lora(
         raise AdapterError(f"{adapter.path}: fan_in_fan_out adapters (Conv1D layers) are not supported")
     unknown = set(factors or {}) - set(adapter.modules)
     if unknown:
-        raise AdapterError(f"factors given for modules the adapter does not have: {', '.join(sorted(unknown))}")
+        raise AdapterError(
+            f"factors given for modules the adapter does not have: {', '.join(sorted(unknown))}"
+        )
     saved: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
     try:

@@ -120,7 +120,11 @@ class GateResult:
             f"({100 * row.relative_improvement:+.2f}% ± {100 * row.relative_improvement_se:.2f}% SE, "
             f"p = {row.p_value:.4g}{self._tested()}; "
             f"needed >= {100 * self.min_improvement:.2f}%"
-            + (f", a loss reduction >= {self.min_loss_reduction:g} nats/token" if self.min_loss_reduction > 0 else "")
+            + (
+                f", a loss reduction >= {self.min_loss_reduction:g} nats/token"
+                if self.min_loss_reduction > 0
+                else ""
+            )
             + f" and p <= {self.max_false_accept:g})"
         )
         if self.accepted:
@@ -137,9 +141,7 @@ class GateResult:
         k = len(self.candidates)
         text = f" corrected for {k} candidates" if k > 1 else ""
         if self.selected_from > 1:
-            text += (
-                f", chosen among {self.selected_from} on {self.selection_examples} other examples"
-            )
+            text += f", chosen among {self.selected_from} on {self.selection_examples} other examples"
         return text
 
     @property

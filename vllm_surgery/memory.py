@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 # straightforward pass; larger batches only add padding and activation memory on 2-16 cores.
 CPU_BATCH_TOKENS = 512
 # H100, Llama-3.1-8B shape: 8192 tokens 4.88 s, 4096 4.99 s, 2048 6.31 s for the same pass
-# (/work/shared/notes/gpu-measurements.md): more than 8192 buys nothing, below 2048 overhead dominates.
+# (benchmarks/RESULTS.md, the anchor): more than 8192 buys nothing, below 2048 overhead dominates.
 MAX_CUDA_PASS_TOKENS = 8192
 EFFICIENT_CUDA_PASS_TOKENS = 2048
 # An evaluation keeps no activations; past this, batches only add padding.

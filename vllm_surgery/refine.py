@@ -231,7 +231,9 @@ def refine(
 
         t = time.perf_counter()
         if heldout or selection:
-            eval_kwargs["budget"] = evaluation_budget(adapted, config.max_batch_tokens)  # one for all versions
+            eval_kwargs["budget"] = evaluation_budget(
+                adapted, config.max_batch_tokens
+            )  # one for all versions
         search = Search(
             adapted,
             spectra,

@@ -189,8 +189,15 @@ class Search:
         eta = first.chosen["eta_s"]
         current, loss = first.sigmas, first.selection_loss
         assert loss is not None
-        trace = [{"step": 1, "fit_loss": fit_loss, "eta_s": eta, "selection_loss": loss,
-                  "seconds": time.perf_counter() - started}]  # fmt: skip
+        trace = [
+            {
+                "step": 1,
+                "fit_loss": fit_loss,
+                "eta_s": eta,
+                "selection_loss": loss,
+                "seconds": time.perf_counter() - started,
+            }
+        ]
         best = Candidate("sigma_descent", dict(current), loss, {"steps": 1, "eta_s": eta})
         best_loss = min(loss, original_selection_loss)
         since_best = 0 if loss < original_selection_loss else 1
@@ -212,8 +219,15 @@ class Search:
                 tried.append((self.selection_loss(sigmas, f"selection sigma_descent step {t}"), step, sigmas))
             loss, step, current = min(tried, key=lambda x: x[0])
             eta = step["eta_s"]
-            trace.append({"step": t, "fit_loss": stats.loss, "eta_s": eta, "selection_loss": loss,
-                          "seconds": time.perf_counter() - started})  # fmt: skip
+            trace.append(
+                {
+                    "step": t,
+                    "fit_loss": stats.loss,
+                    "eta_s": eta,
+                    "selection_loss": loss,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
             log.info(
                 "sigma_descent step %d: fit loss %.5f, eta_s %g, selection loss %.5f",
                 t,

@@ -144,7 +144,9 @@ def compute_sensitivities(
         with autocast_for(device):
             losses = adapted.backward_answer_loss(batch, weighted_total)
         weights = batch.weights
-        loss_sum[0] += float(losses.double().sum() if weights is None else (losses.double() * weights.double()).sum())
+        loss_sum[0] += float(
+            losses.double().sum() if weights is None else (losses.double() * weights.double()).sum()
+        )
         for name, s in sigmas.items():  # the batch finished: its gradients count
             if s.grad is not None:
                 if name in acc:

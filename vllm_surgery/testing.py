@@ -139,25 +139,56 @@ GEMMA2_TEMPLATE = (
 # adds BOS, extra non-special tokens, and the chat template.
 CHAT_STYLES: dict[str, dict] = {
     "llama3": {
-        "pre": "bytelevel", "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-        "<|end_header_id|>", "<|eot_id|>"], "bos": "<|begin_of_text|>", "eos": "<|eot_id|>",
-        "pad": "<|end_of_text|>", "unk": None, "add_bos": True, "added": [], "template": LLAMA3_TEMPLATE,
+        "pre": "bytelevel",
+        "specials": [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": "<|end_of_text|>",
+        "unk": None,
+        "add_bos": True,
+        "added": [],
+        "template": LLAMA3_TEMPLATE,
     },
     "qwen3": {
-        "pre": "bytelevel", "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "bos": None,
-        "eos": "<|im_end|>", "pad": "<|endoftext|>", "unk": None, "add_bos": False,
-        "added": ["<think>", "</think>"], "template": QWEN3_TEMPLATE,
+        "pre": "bytelevel",
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "unk": None,
+        "add_bos": False,
+        "added": ["<think>", "</think>"],
+        "template": QWEN3_TEMPLATE,
     },
     "mistral": {
-        "pre": "metaspace:first", "specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "bos": "<s>",
-        "eos": "</s>", "pad": "</s>", "unk": "<unk>", "add_bos": True, "added": [], "template": MISTRAL_TEMPLATE,
+        "pre": "metaspace:first",
+        "specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        "bos": "<s>",
+        "eos": "</s>",
+        "pad": "</s>",
+        "unk": "<unk>",
+        "add_bos": True,
+        "added": [],
+        "template": MISTRAL_TEMPLATE,
     },
     "gemma2": {
-        "pre": "metaspace:never", "specials": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>",
-        "<end_of_turn>"], "bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>", "add_bos": True,
-        "added": [], "template": GEMMA2_TEMPLATE,
+        "pre": "metaspace:never",
+        "specials": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        "bos": "<bos>",
+        "eos": "<eos>",
+        "pad": "<pad>",
+        "unk": "<unk>",
+        "add_bos": True,
+        "added": [],
+        "template": GEMMA2_TEMPLATE,
     },
-}  # fmt: skip
+}
 
 
 def build_chat_tokenizer(style: str, out_dir: Path):
@@ -186,9 +217,12 @@ def build_chat_tokenizer(style: str, out_dir: Path):
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], pad_token=spec["pad"],
+        tokenizer_object=tok,
+        bos_token=spec["bos"],
+        eos_token=spec["eos"],
+        pad_token=spec["pad"],
         unk_token=spec["unk"],
-    )  # fmt: skip
+    )
     fast.add_tokens(spec["added"])
     fast.chat_template = spec["template"]
     fast.save_pretrained(out_dir)
@@ -207,17 +241,26 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", {"tie_word_embeddings": False}),
     "gemma2": (
         "Gemma2Config",
-        {"tie_word_embeddings": True, "final_logit_softcapping": 0.5, "attn_logit_softcapping": 50.0,
-         "sliding_window": 8},
+        {
+            "tie_word_embeddings": True,
+            "final_logit_softcapping": 0.5,
+            "attn_logit_softcapping": 50.0,
+            "sliding_window": 8,
+        },
     ),
     "phi3": ("Phi3Config", {"tie_word_embeddings": False}),
     "cohere": ("CohereConfig", {"tie_word_embeddings": True, "logit_scale": 0.25}),
     "granite": (
         "GraniteConfig",
-        {"tie_word_embeddings": False, "logits_scaling": 4.0, "embedding_multiplier": 2.0,
-         "residual_multiplier": 0.5, "attention_multiplier": 0.25},
+        {
+            "tie_word_embeddings": False,
+            "logits_scaling": 4.0,
+            "embedding_multiplier": 2.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.25,
+        },
     ),
-}  # fmt: skip
+}
 
 
 def build_tiny_model(
@@ -358,7 +401,8 @@ def build_gain_case(root: Path, *, base: Path | None = None, adapter_seed: int =
     gate accepts grad_direction under auto at p <= 0.001 for adapter seeds 1-3 (see tests/test_refine.py)."""
     root = Path(root)
     base = base or build_tiny_llama(root / "base", **SERVABLE_TINY_LLAMA)
-    adapter = build_lora_adapter(base, root / f"adapter-{adapter_seed}", r=8, alpha=16, target_modules=ALL_PROJ,
-                                 seed=adapter_seed)  # fmt: skip
+    adapter = build_lora_adapter(
+        base, root / f"adapter-{adapter_seed}", r=8, alpha=16, target_modules=ALL_PROJ, seed=adapter_seed
+    )
     calibration = write_calibration(root / "gain-calibration.jsonl", n=GAIN_EXAMPLES)
     return GainCase(base, adapter, calibration, dict(GAIN_SETTINGS))

@@ -5,7 +5,8 @@
   YAML structure only and say so with a warning; set VLLM_SURGERY_REQUIRE_PROMTOOL=1 (CI) to make a
   missing promtool a failure instead.
 - Every metric name used by the rules and by the dashboard's PromQL is a series that
-  `vllm_surgery.serving.metrics` defines (read from the prometheus_client objects themselves), a
+  `vllm_surgery.serving.metrics` or `vllm_surgery.traffic.metrics` defines (read from the
+  prometheus_client objects themselves), a
   recording rule of the rules file, or a `vllm:` metric defined in the installed vLLM's source; label
   values used in matchers (outcome, result, by, which) are ones the code can emit.
 """
@@ -47,24 +48,33 @@ SUFFIXES = {
 
 
 # ----------------------------------------------------------------------------- helpers
+def metrics_modules() -> list:
+    """The modules that define the project's metrics."""
+    from vllm_surgery.serving import metrics as serving_metrics
+    from vllm_surgery.traffic import metrics as traffic_metrics
+
+    return [serving_metrics, traffic_metrics]
+
+
 def plugin_families() -> dict[str, str]:
-    """name -> type of every metric object defined in vllm_surgery.serving.metrics, and of every family
-    its custom collectors describe (the job figures read from the database at scrape time)."""
+    """name -> type of every metric object defined in the metrics modules, and of every family their
+    custom collectors describe (the job figures read from the database at scrape time)."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from vllm_surgery.serving import metrics
-
     out = {}
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            families = value.describe()
-        elif isinstance(value, type) and value.__module__ == metrics.__name__ and hasattr(value, "collect"):
-            families = value(None).describe()
-        else:
-            continue
-        for family in families:
-            out[family.name] = family.type
-    assert out, "vllm_surgery.serving.metrics defines no metrics"
+    for metrics in metrics_modules():
+        for value in vars(metrics).values():
+            if isinstance(value, MetricWrapperBase):
+                families = value.describe()
+            elif (
+                isinstance(value, type) and value.__module__ == metrics.__name__ and hasattr(value, "collect")
+            ):
+                families = value(None).describe()
+            else:
+                continue
+            for family in families:
+                out[family.name] = family.type
+    assert out, "the metrics modules define no metrics"
     return out
 
 
@@ -139,18 +149,19 @@ def label_matchers(expr: str) -> list[tuple[str, str, str]]:
 
 def allowed_label_values() -> dict[str, set[str]]:
     from vllm_surgery.serving import metrics
+    from vllm_surgery.traffic import metrics as traffic_metrics
 
     return {
         "outcome": set(metrics.SWAP_OUTCOMES)
-        | set(getattr(metrics, "REFINE_OUTCOMES", ()))
-        | set(getattr(metrics, "TRAFFIC_OUTCOMES", ()))
-        | set(getattr(metrics, "JOB_OUTCOMES", ())),
-        "state": set(getattr(metrics, "JOB_STATES", ())),
-        "rating": set(getattr(metrics, "FEEDBACK_RATINGS", ())),
+        | set(metrics.REFINE_OUTCOMES)
+        | set(traffic_metrics.TRAFFIC_OUTCOMES)
+        | set(metrics.JOB_OUTCOMES),
+        "state": set(metrics.JOB_STATES),
+        "rating": set(traffic_metrics.FEEDBACK_RATINGS),
         "result": set(metrics.STORE_RESULTS),
-        "by": set(getattr(metrics, "STORE_LOOKUPS_BY", ())),
+        "by": set(metrics.STORE_LOOKUPS_BY),
         "which": {"before", "after"},
-        "stage": set(getattr(metrics, "JOB_STAGES", ())),
+        "stage": set(metrics.JOB_STAGES),
     }
 
 
@@ -192,8 +203,13 @@ def test_rules_yaml_structure() -> None:
                 assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
             assert rule["expr"].count("(") == rule["expr"].count(")"), rule["expr"]
     alerts = {r["alert"] for r in all_rules() if "alert" in r}
-    assert {"VllmSurgeryHotSwapFailed", "VllmSurgeryWorseRefinedVersionServed", "VllmSurgeryTrafficRecordsLost",
-            "VllmSurgeryJobFailingRepeatedly", "VllmSurgeryJobQueueNotDraining"} <= alerts  # fmt: skip
+    assert {
+        "VllmSurgeryHotSwapFailed",
+        "VllmSurgeryWorseRefinedVersionServed",
+        "VllmSurgeryTrafficRecordsLost",
+        "VllmSurgeryJobFailingRepeatedly",
+        "VllmSurgeryJobQueueNotDraining",
+    } <= alerts
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=f"promtool not on PATH ({INSTALL_HINT})")
@@ -234,7 +250,7 @@ def test_rules_reference_only_defined_metrics() -> None:
             if name.startswith("vllm:") and vllm is not None:
                 assert name in vllm, f"{where}: {name} is not a metric of the installed vLLM"
             elif not name.startswith("vllm:"):
-                assert name in known, f"{where}: {name} is not defined in vllm_surgery/serving/metrics.py"
+                assert name in known, f"{where}: {name} is not defined in the metrics modules"
 
 
 # ----------------------------------------------------------------------------- dashboard
@@ -296,11 +312,11 @@ def test_dashboard_references_only_defined_metrics() -> None:
             if name.startswith("vllm:"):
                 assert vllm is None or name in vllm, f"{where}: {name} is not a metric of the installed vLLM"
             else:
-                assert name in known, f"{where}: {name} is not defined in vllm_surgery/serving/metrics.py"
+                assert name in known, f"{where}: {name} is not defined in the metrics modules"
 
 
 def test_every_plugin_metric_is_on_the_dashboard() -> None:
-    """The other direction of drift: a metric added to metrics.py gets a panel."""
+    """The other direction of drift: a metric added to a metrics module gets a panel."""
     exprs = " ".join(e for _, e in dashboard_exprs())
     missing = [name for name in plugin_families() if name not in exprs]
     assert not missing, f"metrics without a dashboard panel: {missing}"

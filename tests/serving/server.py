@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_surgery.serving.server_process import (
+from vllm_surgery.server_process import (
     REQUEST_TIMEOUT_S,
     ServerProcess,
     ServerStartError,
     stop_process,
 )
-from vllm_surgery.serving.server_process import start_server as _start
+from vllm_surgery.server_process import start_server as _start
 
 NEW_TOKENS = 6
 LOGPROB_TOL = 1e-3  # float32 on both sides; observed differences are ~1e-6

@@ -8,7 +8,7 @@ import pytest
 from starlette.requests import Request
 
 from vllm_surgery.serving.auth import ADMIN_HEADER, AdminGuard
-from vllm_surgery.serving.settings import ServingSettings
+from vllm_surgery.settings import ServingSettings
 
 
 def request(headers: dict[str, str]) -> Request:

@@ -53,7 +53,10 @@ def test_chat_stream_and_error_event() -> None:
             [
                 {"id": "chatcmpl-rid", "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
                 {"id": "chatcmpl-rid", "choices": [{"index": 0, "delta": {"content": "A"}}]},
-                {"id": "chatcmpl-rid", "choices": [{"index": 0, "delta": {"content": "B"}, "finish_reason": "stop"}]},
+                {
+                    "id": "chatcmpl-rid",
+                    "choices": [{"index": 0, "delta": {"content": "B"}, "finish_reason": "stop"}],
+                },
             ]
         ),
         more=False,
@@ -69,7 +72,10 @@ def test_chat_stream_and_error_event() -> None:
 
 def test_json_answers_and_bad_json() -> None:
     c = capture("chat", {"model": "x", "messages": []})
-    body = {"id": "chatcmpl-rid", "choices": [{"index": 0, "message": {"content": "fine"}, "finish_reason": "stop"}]}
+    body = {
+        "id": "chatcmpl-rid",
+        "choices": [{"index": 0, "message": {"content": "fine"}, "finish_reason": "stop"}],
+    }
     raw = json.dumps(body).encode()
     c.feed(raw[:10], more=True)
     c.feed(raw[10:], more=False)
@@ -96,8 +102,11 @@ def test_records_map_choices_to_their_prompts() -> None:
     c.completion_tokens = {0: 3, 1: 3, 2: 3, 3: 1}
     records = c.to_records("v1", "/store/x/v1")
     assert [(r.choice, r.prompt, r.completion, r.prompt_tokens, r.completion_tokens) for r in records] == [
-        (0, "p0", "t0", 2, 3), (1, "p0", "t1", 2, 3), (2, "p1", "t2", 3, 3), (3, "p1", "t3", 3, 1),
-    ]  # fmt: skip
+        (0, "p0", "t0", 2, 3),
+        (1, "p0", "t1", 2, 3),
+        (2, "p1", "t2", 3, 3),
+        (3, "p1", "t3", 3, 1),
+    ]
     assert all(r.version == "v1" and r.response_id == "cmpl-rid" and r.calibratable for r in records)
     assert records[0].sampling == {"n": 2, "max_tokens": 3, "echo": False}
 
@@ -113,7 +122,9 @@ def test_records_map_choices_to_their_prompts() -> None:
         ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}, "a", False),
     ],
 )
-def test_which_records_can_become_calibration(endpoint: str, body: dict, text: str, calibratable: bool) -> None:
+def test_which_records_can_become_calibration(
+    endpoint: str, body: dict, text: str, calibratable: bool
+) -> None:
     c = capture(endpoint, {"model": "x", **body})
     c.texts = {0: [text]}
     (r,) = c.to_records("original", None)
@@ -126,7 +137,9 @@ def test_observer_counts_tokens_and_records_the_lora_request() -> None:
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     def out(index: int, tokens: list[int], prompt: list[int] | None) -> RequestOutput:
-        return RequestOutput("cmpl-rid-0", None, prompt, None, [CompletionOutput(index, "t", tokens, None, None)], False)
+        return RequestOutput(
+            "cmpl-rid-0", None, prompt, None, [CompletionOutput(index, "t", tokens, None, None)], False
+        )
 
     async def engine(*args, **kwargs):
         yield out(0, [1, 2], [9, 9, 9])

@@ -74,15 +74,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def versions(server: Server) -> dict[str, Path]:
     """The refined version of "x" and a corrupt copy of it, both complete store versions."""
     from vllm_surgery.refine import refine
-    from vllm_surgery.serving.store import VersionStore
+    from vllm_surgery.storage.store import VersionStore
 
     store = VersionStore(server.root / "store")
     refined = store.new_version_dir("x")
     calib = write_calibration(server.root / "calib.jsonl", n=16)
     result = refine(
-        server.base, server.root / "adapters" / "x", calib, refined,
-        policy="grad_direction", modules="all", device="cpu", force=True, progress=False,
-    )  # fmt: skip
+        server.base,
+        server.root / "adapters" / "x",
+        calib,
+        refined,
+        policy="grad_direction",
+        modules="all",
+        device="cpu",
+        force=True,
+        progress=False,
+    )
     assert result.written
     corrupt = store.new_version_dir("x")
     shutil.copytree(refined, corrupt, dirs_exist_ok=True)
@@ -167,14 +174,22 @@ def test_swap_to_refined_version(server, prompt_ids, peft_model, versions) -> No
     assert_served_by(server, "x", prompt_ids, peft_model, expected="refined", other="original")
 
 
-def test_response_in_flight_during_a_swap_stays_on_its_version(server, prompt_ids, peft_model, versions) -> None:
+def test_response_in_flight_during_a_swap_stays_on_its_version(
+    server, prompt_ids, peft_model, versions
+) -> None:
     """A long streamed completion that spans a swap is generated entirely by the version it started on."""
     assert swap(server, versions["refined"].name)[0] == 200  # idempotent if already served
     ids = prompt_ids[0]
     body = {
-        "model": "x", "prompt": ids, "max_tokens": 160, "temperature": 0.0, "ignore_eos": True,
-        "stream": True, "logprobs": 1, "return_tokens_as_token_ids": True,
-    }  # fmt: skip
+        "model": "x",
+        "prompt": ids,
+        "max_tokens": 160,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "logprobs": 1,
+        "return_tokens_as_token_ids": True,
+    }
     req = urllib.request.Request(
         server.url + "/v1/completions",
         data=json.dumps(body).encode(),
@@ -431,11 +446,16 @@ def test_refine_and_job_metrics(server, versions) -> None:
     }
     assert lookups["hit"] >= 1 and lookups["miss"] >= 1
     # The loss series describe the served version: none while the original is served.
-    losses = {s.labels["which"]: s.value for s in families["vllm_surgery_heldout_loss"].samples
-              if s.labels["adapter"] == "x"}  # fmt: skip
+    losses = {
+        s.labels["which"]: s.value
+        for s in families["vllm_surgery_heldout_loss"].samples
+        if s.labels["adapter"] == "x"
+    }
     record = json.loads((versions["refined"] / "surgery.json").read_text())
-    assert losses == {"before": pytest.approx(record["quality_before"]["loss"]),
-                      "after": pytest.approx(record["quality_after"]["loss"])}  # fmt: skip
+    assert losses == {
+        "before": pytest.approx(record["quality_before"]["loss"]),
+        "after": pytest.approx(record["quality_after"]["loss"]),
+    }
     assert swap(server, "original")[0] == 200
     families = {f.name: f for f in text_string_to_metric_families(server.get_text("/metrics"))}
     family = families.get("vllm_surgery_heldout_loss")

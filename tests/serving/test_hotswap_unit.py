@@ -15,8 +15,8 @@ import pytest
 import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
 
 from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
-from vllm_surgery.serving.settings import ServingSettings
-from vllm_surgery.serving.store import VersionStore
+from vllm_surgery.settings import ServingSettings
+from vllm_surgery.storage.store import VersionStore
 
 
 class FakeEngine:
@@ -205,7 +205,9 @@ def test_endpoint_routes_and_admin_token(env, monkeypatch) -> None:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from vllm_surgery.serving.endpoints import ADMIN_HEADER, STATE_KEY, SurgeryEndpointPlugin
+    from vllm_surgery.serving.api import STATE_KEY
+    from vllm_surgery.serving.auth import ADMIN_HEADER
+    from vllm_surgery.serving.endpoint_plugin import SurgeryEndpointPlugin
 
     monkeypatch.setenv("VLLM_SURGERY_ADMIN_TOKEN", "sesame")
     plugin = SurgeryEndpointPlugin()
@@ -243,7 +245,9 @@ def test_endpoint_plugin_is_registered() -> None:
     assert isinstance(ep.load()(), EndpointPlugin)
 
 
-def test_lora_modules_adapter_is_an_original_and_its_served_version_is_restored(tmp_path, tiny_adapter) -> None:
+def test_lora_modules_adapter_is_an_original_and_its_served_version_is_restored(
+    tmp_path, tiny_adapter
+) -> None:
     from vllm.lora.request import LoRARequest
 
     from vllm_surgery.serving.hotswap import HotSwapper

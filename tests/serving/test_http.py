@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from vllm_surgery.serving.http import BodyError, error_response, json_object_body, parse_json_object
+from vllm_surgery.serving.api.http import BodyError, error_response, json_object_body, parse_json_object
 
 app = FastAPI()
 

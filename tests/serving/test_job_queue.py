@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_surgery.serving.database import DatabaseError, SQLiteDatabase, TrafficRecord
+from vllm_surgery.storage.database import DatabaseError, SQLiteDatabase, TrafficRecord
 
 SPEC = {"calibration": {"source": "records", "records": [{"prompt": "1 +", "completion": " 1"}]}}
 
@@ -62,7 +62,9 @@ def test_one_running_job_per_adapter(db: SQLiteDatabase) -> None:
     # SQLite itself refuses a second running job of one adapter, whatever the code above does
     a3 = db.enqueue_job("a", "manual", SPEC)[0]
     with pytest.raises(DatabaseError, match="UNIQUE constraint failed"), db.transaction() as c:
-        c.execute("UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires = 1 WHERE id = ?", (a3.id,))
+        c.execute(
+            "UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires = 1 WHERE id = ?", (a3.id,)
+        )
 
 
 def test_heartbeat_renews_only_for_the_owner_and_expiry_hands_the_job_over(db: SQLiteDatabase) -> None:
@@ -81,7 +83,13 @@ def test_heartbeat_renews_only_for_the_owner_and_expiry_hands_the_job_over(db: S
     assert not db.fail_job(job.id, "w1", "late")
     assert db.finish_job(job.id, "w2", "accepted", {"version": "v"}, "pending", now=120.0)
     done = db.job(job.id)
-    assert (done.state, done.version, done.swap, done.lease_owner, done.finished) == ("accepted", "v", "pending", None, 120.0)
+    assert (done.state, done.version, done.swap, done.lease_owner, done.finished) == (
+        "accepted",
+        "v",
+        "pending",
+        None,
+        120.0,
+    )
 
 
 def test_attempts_are_bounded(db: SQLiteDatabase) -> None:
@@ -122,8 +130,18 @@ def test_swaps_pending_are_superseded_by_a_later_accepted_version(db: SQLiteData
 
 def test_usable_since_counts_examples_that_became_usable_after_a_time(db: SQLiteDatabase) -> None:
     def rec(i: int, created: float) -> TrafficRecord:
-        return TrafficRecord(request_id=f"r{i}", choice=0, adapter="a", version="original", endpoint="completions",
-                             prompt="p", completion="c", sampling={}, created=created, calibratable=True)  # fmt: skip
+        return TrafficRecord(
+            request_id=f"r{i}",
+            choice=0,
+            adapter="a",
+            version="original",
+            endpoint="completions",
+            prompt="p",
+            completion="c",
+            sampling={},
+            created=created,
+            calibratable=True,
+        )
 
     ids = db.insert([rec(i, 10.0 + i) for i in range(6)])
     empty = db.insert([replace(rec(6, 16.0), completion=" "), replace(rec(7, 17.0), completion="")])
@@ -146,8 +164,12 @@ def test_figures_for_the_metrics(db: SQLiteDatabase) -> None:
     db.enqueue_job("b", "manual", SPEC, now=5.0)
     db.enqueue_job("c", "manual", SPEC, now=7.0)
     db.claim_job("w", 10, now=8.0)
-    result = {"version": "v", "quality_before": {"loss": 2.0}, "quality_after": {"loss": 1.5},
-              "timings": {"sensitivity": 3.0, "total": 4.0}}  # fmt: skip
+    result = {
+        "version": "v",
+        "quality_before": {"loss": 2.0},
+        "quality_after": {"loss": 1.5},
+        "timings": {"sensitivity": 3.0, "total": 4.0},
+    }
     db.finish_job(a.id, "w", "accepted", result, "pending", now=9.0)
     db.claim_job("w", 10, now=9.0)
     figures = db.job_figures(now=10.0)
@@ -192,6 +214,10 @@ def test_two_processes_never_take_the_same_job(tmp_path: Path) -> None:
     claimed = [i for r in results for i in r]
     assert sorted(claimed) == sorted(ids)  # every job exactly once
     assert all(results), results  # both took part
-    rows = sqlite3.connect(path).execute("SELECT state, attempts, json_extract(result, '$.by') FROM jobs").fetchall()
+    rows = (
+        sqlite3.connect(path)
+        .execute("SELECT state, attempts, json_extract(result, '$.by') FROM jobs")
+        .fetchall()
+    )
     assert {(s, a) for s, a, _ in rows} == {("kept_original", 1)}
     db.close()

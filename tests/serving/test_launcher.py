@@ -69,7 +69,9 @@ def test_more_than_one_api_server_is_refused(args: list[str], count: int) -> Non
 
 def test_one_api_server_and_unparsable_arguments_pass_to_vllm() -> None:
     check_arguments(["m", "--api-server-count", "1"])
-    check_arguments(["m", "--data-parallel-size", "2", "--data-parallel-external-lb", "--data-parallel-rank", "0"])
+    check_arguments(
+        ["m", "--data-parallel-size", "2", "--data-parallel-external-lb", "--data-parallel-rank", "0"]
+    )
     check_arguments(["m", "--no-such-option"])  # vLLM reports it itself
 
 
@@ -106,4 +108,7 @@ def test_vllm_itself_refuses_runtime_lora_updating_with_two_api_servers(tiny_bas
         {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert done.returncode != 0
-    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING cannot be used with api_server_count > 1" in done.stderr + done.stdout
+    assert (
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING cannot be used with api_server_count > 1"
+        in done.stderr + done.stdout
+    )

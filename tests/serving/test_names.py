@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_surgery.serving.names import MAX_NAME_LENGTH, InvalidAdapterName, path_under, validate_adapter_name
+from vllm_surgery.names import MAX_NAME_LENGTH, InvalidAdapterName, path_under, validate_adapter_name
 
 
 @pytest.mark.parametrize("name", ["math", "math-v2", "llama_3.1-lora", "A", "x" * MAX_NAME_LENGTH, "a.b"])

@@ -10,8 +10,9 @@ import pytest
 
 from vllm_surgery.adapter import load_adapter
 from vllm_surgery.config import SurgeryConfig
-from vllm_surgery.serving.refining import RefineError, parse_request, records_sha256
-from vllm_surgery.serving.store import KEY_CONFIG_FIELDS, StoreError, VersionStore, key_of_record, version_key
+from vllm_surgery.serving.api.refinements import RefineError, parse_request
+from vllm_surgery.storage.store import KEY_CONFIG_FIELDS, StoreError, VersionStore, key_of_record, version_key
+from vllm_surgery.worker.job_spec import records_sha256
 
 CALIB_SHA = "c" * 64
 
@@ -139,7 +140,7 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
         ({"records": RECORDS, "policy": "nope"}, "unknown policy"),
         ({"records": RECORDS, "heldout_fraction": 1.5}, "heldout_fraction"),
         ({"records": RECORDS, "heldout_fraction": "x"}, "invalid settings: heldout_fraction must be"),
-        # wrong JSON types (issue 6): each a 400 naming the field, never a crash later
+        # wrong JSON types: each a 400 naming the field, never a crash later
         ({"records": RECORDS, "modules": 5}, "invalid settings: modules must be"),
         ({"records": RECORDS, "layers": [0]}, "invalid settings: layers must be"),
         ({"records": RECORDS, "layers": [0, 1, 2]}, "invalid settings: layers must be"),
@@ -149,7 +150,10 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
         ({"records": RECORDS, "seed": 2**70}, "invalid settings: seed must be"),
         ({"records": RECORDS, "force": True}, "'force' is not available here"),
         ({"records": RECORDS, "device": "cpu"}, "unknown field"),
-        ({"records": RECORDS, "heldout_fraction": 0.0, "policy": "grad_direction"}, "heldout_fraction must be > 0"),
+        (
+            {"records": RECORDS, "heldout_fraction": 0.0, "policy": "grad_direction"},
+            "heldout_fraction must be > 0",
+        ),
         ({"records": RECORDS, "swap": "yes"}, "'swap'"),
         ({"calibration": "../etc/passwd"}, "calibration file name"),
         ({"calibration": "/etc/passwd"}, "calibration file name"),
@@ -170,17 +174,17 @@ def test_named_calibration_needs_a_directory() -> None:
 
 
 class FakeSwapper:
-    """What RefineQueue uses of a HotSwapper, with no engine: an original, a store, settings."""
+    """What RefineRoute uses of a HotSwapper, with no engine: an original, a store, settings."""
 
     def __init__(self, root: Path, original: Path) -> None:
-        from vllm_surgery.serving.settings import ServingSettings
+        from vllm_surgery.settings import ServingSettings
 
         self.original = original
         self.store = VersionStore(root / "store")
         self.settings = ServingSettings(adapter_dirs=(), store=root / "store")
         self.swaps: list[tuple[str, str]] = []
 
-    def _original(self, name: str) -> Path:
+    def original_of(self, name: str) -> Path:
         return self.original
 
     def served_path(self, name: str) -> str:
@@ -193,17 +197,18 @@ class FakeSwapper:
         self.swaps.append((name, version))
 
 
-def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(tmp_path: Path, tiny_adapter: Path) -> None:
+def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(
+    tmp_path: Path, tiny_adapter: Path
+) -> None:
     import asyncio
 
-    from vllm_surgery.serving.database import SQLiteDatabase
-    from vllm_surgery.serving.refining import RefineQueue
+    from vllm_surgery.serving.api.refinements import RefineRoute
+    from vllm_surgery.storage.database import SQLiteDatabase
 
     swapper = FakeSwapper(tmp_path, tiny_adapter)
-    queue = RefineQueue(swapper, "/models/base")  # type: ignore[arg-type]
-    queue.db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    queue = RefineRoute(swapper, "/models/base", SQLiteDatabase(tmp_path / "jobs.sqlite3"))  # type: ignore[arg-type]
     body = {"records": RECORDS, "seed": 1}
-    k = queue._key(tiny_adapter, parse_request(body, None))
+    k = queue.key(tiny_adapter, parse_request(body, None))
 
     async def scenario() -> None:
         status, answer = await queue.refine("math", body)
@@ -211,7 +216,11 @@ def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(tmp_path:
         assert answer["location"] == f"/v1/surgery/jobs/{answer['job_id']}"
         job = queue.db.job(answer["job_id"])
         assert (job.adapter, job.trigger, job.spec["base_model"], job.spec["config"]) == (
-            "math", "manual", "/models/base", {"policy": "auto", "seed": 1})
+            "math",
+            "manual",
+            "/models/base",
+            {"policy": "auto", "seed": 1},
+        )
         assert job.spec["calibration"]["records"] == RECORDS and job.spec["adapter_path"] == str(tiny_adapter)
         assert "records" not in answer["job"]["spec"]["calibration"]  # never shown back
         status, again = await queue.refine("math", body)  # the same request while queued: the same job

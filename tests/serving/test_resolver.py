@@ -12,8 +12,8 @@ import pytest
 import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
 
 from vllm_surgery.adapter import load_adapter
-from vllm_surgery.serving.settings import ServingSettings
-from vllm_surgery.serving.store import VersionStore
+from vllm_surgery.settings import ServingSettings
+from vllm_surgery.storage.store import VersionStore
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_served_refined_version_wins_and_stale_or_broken_ones_fall_back(layout) 
 def test_register_is_idempotent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from vllm_surgery.serving.plugin import RESOLVER_NAME, register
+    from vllm_surgery.serving.general_plugin import RESOLVER_NAME, register
     from vllm_surgery.serving.resolver import SurgeryResolver
 
     monkeypatch.setattr(LoRAResolverRegistry, "resolvers", {})
@@ -94,8 +94,11 @@ def test_register_is_idempotent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 def test_entry_points_are_installed() -> None:
     from importlib.metadata import entry_points
 
+    from vllm_surgery.serving.general_plugin import register
+
     (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "vllm_surgery"]
-    assert plugin.value == "vllm_surgery.serving.plugin:register"
+    assert plugin.value == "vllm_surgery.serving.general_plugin:register"
+    assert plugin.load() is register
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "vllm-surgery-serve"]
     assert script.value == "vllm_surgery.serving.launcher:main"
 

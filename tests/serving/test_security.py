@@ -1,4 +1,4 @@
-"""Issue 6 against a real server: only the admin token changes what is served, every bad request is a
+"""Against a real server: only the admin token changes what is served, every bad request is a
 4xx with a message, and what the listing calls servable is what a swap accepts.
 
 One `vllm serve` (via `vllm-surgery-serve`, --api-key, an admin token, --max-lora-rank 8, float32)
@@ -70,7 +70,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
         "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
     }
-    srv = start_server(root, base, env, ["--api-key", API_KEY], headers={"Authorization": f"Bearer {API_KEY}"})
+    srv = start_server(
+        root, base, env, ["--api-key", API_KEY], headers={"Authorization": f"Bearer {API_KEY}"}
+    )
     try:
         yield srv
     finally:
@@ -122,8 +124,12 @@ def test_swap_refuses_exactly_what_the_listing_calls_unservable(server: Server) 
     assert swap(server, "original")[0] == 200
 
 
-@pytest.mark.parametrize(("name", "phrase"), [("wide", "trained for another base model"), ("huge", "overflows")])
-def test_originals_that_cannot_be_served_here_are_not_resolved(server: Server, name: str, phrase: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "phrase"), [("wide", "trained for another base model"), ("huge", "overflows")]
+)
+def test_originals_that_cannot_be_served_here_are_not_resolved(
+    server: Server, name: str, phrase: str
+) -> None:
     status, body = complete(server, name, IDS)
     assert status == 404, body
     lines = [line for line in server.log_path.read_text().splitlines() if f"adapter {name!r} at" in line]
@@ -208,7 +214,9 @@ def test_refine_body_of_the_wrong_type_is_a_400_naming_the_field(server: Server,
     assert field in message(body)
 
 
-def post_raw(server: Server, path: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+def post_raw(
+    server: Server, path: str, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
 

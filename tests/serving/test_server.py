@@ -79,15 +79,22 @@ def prompt_ids(server: Server) -> list[list[int]]:
 def refined_code(server: Server) -> Path:
     """A refined version of "code" written into the store and marked served while the server runs."""
     from vllm_surgery.refine import refine
-    from vllm_surgery.serving.store import VersionStore
+    from vllm_surgery.storage.store import VersionStore
 
     store = VersionStore(server.root / "store")
     out = store.new_version_dir("code")
     calib = write_calibration(server.root / "calib.jsonl", n=16)
     result = refine(
-        server.base, server.root / "adapters" / "code", calib, out,
-        policy="grad_direction", modules="all", device="cpu", force=True, progress=False,
-    )  # fmt: skip
+        server.base,
+        server.root / "adapters" / "code",
+        calib,
+        out,
+        policy="grad_direction",
+        modules="all",
+        device="cpu",
+        force=True,
+        progress=False,
+    )
     assert result.written
     store.set_served("code", out.name)
     return out

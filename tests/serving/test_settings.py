@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vllm_surgery.errors import ConfigError
-from vllm_surgery.serving.settings import DEFAULT_STORE, ServingSettings, SettingsError
+from vllm_surgery.settings import DEFAULT_STORE, ServingSettings, SettingsError
 
 
 def test_defaults_without_any_setting() -> None:
@@ -102,7 +102,7 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_calibration_dir_from_env_and_file(tmp_path: Path) -> None:
-    from vllm_surgery.serving.settings import ServingSettings as S
+    from vllm_surgery.settings import ServingSettings as S
 
     assert S.from_env({}).calibration_dir is None
     assert S.from_env({"VLLM_SURGERY_CALIBRATION_DIR": str(tmp_path / "c")}).calibration_dir == tmp_path / "c"
@@ -115,7 +115,7 @@ def test_calibration_dir_from_env_and_file(tmp_path: Path) -> None:
 
 
 def test_number_and_bool_kinds_refuse_bad_text_by_variable_name() -> None:
-    from vllm_surgery.serving.settings import BOOL, number
+    from vllm_surgery.settings import BOOL, number
 
     rate = number(0, 1)
     assert rate.from_text("0.25", "RATE") == 0.25
@@ -133,15 +133,15 @@ def test_number_and_bool_kinds_refuse_bad_text_by_variable_name() -> None:
         BOOL.from_text("maybe", "FLAG")
 
 
-def test_the_readme_shows_the_settings_table_of_the_code() -> None:
-    from vllm_surgery.serving.settings import settings_table
+def test_the_docs_show_the_settings_table_of_the_code() -> None:
+    from vllm_surgery.settings import settings_table
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert settings_table() in readme, "regenerate it: python -m vllm_surgery.serving.settings"
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
+    assert settings_table() in docs, "regenerate it: python -m vllm_surgery.settings"
 
 
 def test_settings_table_lists_every_variable_once() -> None:
-    from vllm_surgery.serving.settings import settings_table
+    from vllm_surgery.settings import settings_table
 
     table = settings_table()
     for env in ("VLLM_SURGERY_ADAPTER_DIRS", "VLLM_SURGERY_STORE", "VLLM_SURGERY_CALIBRATION_DIR"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from vllm_surgery.adapter import load_adapter
-from vllm_surgery.serving.names import InvalidAdapterName
-from vllm_surgery.serving.store import SERVED_NAME, StoreError, VersionStore
+from vllm_surgery.names import InvalidAdapterName
+from vllm_surgery.storage.store import SERVED_NAME, StoreError, VersionStore
 
 
 def fake_version(store: VersionStore, name: str, adapter: Path, decision: str, adapter_hash: str) -> Path:
@@ -154,7 +154,9 @@ def leave_leftovers(store: VersionStore, name: str) -> list[Path]:
     return [reserved, temp_dir, temp_file]
 
 
-def test_leftovers_of_interrupted_writes_are_removed(tmp_path: Path, tiny_adapter: Path, original_hash) -> None:
+def test_leftovers_of_interrupted_writes_are_removed(
+    tmp_path: Path, tiny_adapter: Path, original_hash
+) -> None:
     store = VersionStore(tmp_path / "store")
     complete = fake_version(store, "math", tiny_adapter, "accept", original_hash)
     leftovers = leave_leftovers(store, "math")

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server import REQUEST_TIMEOUT_S, Server, start_server, stop
 
 from vllm_surgery.cli import main as cli
-from vllm_surgery.serving.database import SCHEMA_VERSION
+from vllm_surgery.storage.database import SCHEMA_VERSION
 from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
         "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
         "VLLM_SURGERY_TRAFFIC": "1",
-        "VLLM_SURGERY_TRAFFIC_ADAPTERS": json.dumps({"r": {"max_records": RETAINED}, "off": {"capture": False}}),
+        "VLLM_SURGERY_TRAFFIC_ADAPTERS": json.dumps(
+            {"r": {"max_records": RETAINED}, "off": {"capture": False}}
+        ),
     }
     args = ["--api-key", API_KEY, "--lora-modules", f"static={static}", "--max-cpu-loras", "6"]
     # Answers are drawn from letter tokens only: a random model's digit runs would otherwise be
@@ -60,9 +62,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from transformers import AutoTokenizer
 
     vocab = AutoTokenizer.from_pretrained(base).get_vocab()
-    letters = sorted(i for t, i in vocab.items() if t.replace("Ġ", "").isalpha() and t.replace("Ġ", "").isascii())
-    return {"root": root, "base": base, "env": env, "args": args, "db": root / "traffic.sqlite3",
-            "letters": letters}  # fmt: skip
+    letters = sorted(
+        i for t, i in vocab.items() if t.replace("Ġ", "").isalpha() and t.replace("Ġ", "").isascii()
+    )
+    return {
+        "root": root,
+        "base": base,
+        "env": env,
+        "args": args,
+        "db": root / "traffic.sqlite3",
+        "letters": letters,
+    }
 
 
 LETTERS: list[int] = []  # set by the server fixture
@@ -70,7 +80,11 @@ LETTERS: list[int] = []  # set by the server fixture
 
 def launch(setup: dict) -> Server:
     return start_server(
-        setup["root"], setup["base"], setup["env"], setup["args"], headers={"Authorization": f"Bearer {API_KEY}"}
+        setup["root"],
+        setup["base"],
+        setup["env"],
+        setup["args"],
+        headers={"Authorization": f"Bearer {API_KEY}"},
     )
 
 
@@ -86,13 +100,28 @@ def server(setup: dict) -> Iterator[Server]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def ask(server: Server, model: str, prompt: str | list[str], *, chat: bool = False, stream: bool = False, rid: str | None = None,
-        max_tokens: int = 8, **extra) -> dict:  # fmt: skip
+def ask(
+    server: Server,
+    model: str,
+    prompt: str | list[str],
+    *,
+    chat: bool = False,
+    stream: bool = False,
+    rid: str | None = None,
+    max_tokens: int = 8,
+    **extra,
+) -> dict:
     """One request; returns what the client received: id (X-Request-Id), texts per choice, finish
     reasons, usage, status."""
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream,
-            "allowed_token_ids": LETTERS, **extra}  # fmt: skip
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": stream,
+        "allowed_token_ids": LETTERS,
+        **extra,
+    }
     body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     status, headers, raw = server.raw_request("POST", path, body, {"X-Request-Id": rid} if rid else None)
     headers = {k.lower(): v for k, v in headers.items()}
@@ -136,7 +165,9 @@ def db_rows(setup: dict, where: str = "1", params: tuple = ()) -> list[dict]:
         conn.close()
 
 
-def wait_for_rows(setup: dict, n: int, where: str = "1", params: tuple = (), timeout: float = 30.0) -> list[dict]:
+def wait_for_rows(
+    setup: dict, n: int, where: str = "1", params: tuple = (), timeout: float = 30.0
+) -> list[dict]:
     deadline = time.monotonic() + timeout
     while len(rows := db_rows(setup, where, params)) < n:
         assert time.monotonic() < deadline, f"only {len(rows)} of {n} records written after {timeout} s"
@@ -216,7 +247,9 @@ def test_what_is_not_recorded(server: Server, setup: dict) -> None:
     assert off["status"] == 200 and off["id"] is None
     # vLLM's load route (guarded: admin token, and only originals or store versions) under a new name
     loaded_path = str(setup["root"] / "adapters" / "x")
-    status, body = server.post("/v1/load_lora_adapter", {"lora_name": "loaded", "lora_path": loaded_path}, ADMIN)
+    status, body = server.post(
+        "/v1/load_lora_adapter", {"lora_name": "loaded", "lora_path": loaded_path}, ADMIN
+    )
     assert status == 200, body
     loaded = ask(server, "loaded", "loaded by hand", rid="loaded-1")
     assert loaded["status"] == 200
@@ -233,7 +266,9 @@ def test_what_is_not_recorded(server: Server, setup: dict) -> None:
 def test_redaction_before_storing(server: Server, setup: dict) -> None:
     got = ask(server, "x", "mail jane@example.com or call 555-123-4567 about 12 + 30", chat=True)
     row = wait_for_rows(setup, 1, "request_id = ?", (got["id"],))[0]
-    assert json.loads(row["prompt"]) == [{"role": "user", "content": "mail [EMAIL] or call [NUMBER] about 12 + 30"}]
+    assert json.loads(row["prompt"]) == [
+        {"role": "user", "content": "mail [EMAIL] or call [NUMBER] about 12 + 30"}
+    ]
     files = [setup["db"], setup["db"].with_name(setup["db"].name + "-wal")]
     stored = b"".join(f.read_bytes() for f in files if f.exists())
     assert b"jane@example.com" not in stored and b"[EMAIL]" in stored
@@ -256,10 +291,25 @@ def _cut_stream(server: Server, request_id: str) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
     sock.settimeout(REQUEST_TIMEOUT_S)
     sock.connect((url.hostname, url.port))
-    body = json.dumps({"model": "x", "prompt": "a long answer", "max_tokens": 240, "ignore_eos": True,
-                       "stream": True, "logprobs": 20}).encode()  # fmt: skip
-    head = "".join(f"{k}: {v}\r\n" for k, v in {**server.headers, "Content-Type": "application/json",
-                   "Content-Length": str(len(body)), "X-Request-Id": request_id}.items())  # fmt: skip
+    body = json.dumps(
+        {
+            "model": "x",
+            "prompt": "a long answer",
+            "max_tokens": 240,
+            "ignore_eos": True,
+            "stream": True,
+            "logprobs": 20,
+        }
+    ).encode()
+    head = "".join(
+        f"{k}: {v}\r\n"
+        for k, v in {
+            **server.headers,
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+            "X-Request-Id": request_id,
+        }.items()
+    )
     sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\n{head}\r\n".encode() + body)
     received = b""
     while b"data: " not in received:  # the status line, the headers and the first event
@@ -280,14 +330,19 @@ def test_client_disconnect_is_not_recorded(server: Server, setup: dict) -> None:
         _cut_stream(server, request_id)
         deadline = time.monotonic() + 30
         while True:
-            if metric(server, "vllm_surgery_traffic_records_total", adapter="x", outcome="incomplete") > before:
+            if (
+                metric(server, "vllm_surgery_traffic_records_total", adapter="x", outcome="incomplete")
+                > before
+            ):
                 time.sleep(0.5)  # a record written despite the cut would show up by now
                 assert db_rows(setup, "request_id = ?", (request_id,)) == []
                 return
             if rows := db_rows(setup, "request_id = ?", (request_id,)):
                 assert rows[0]["finish_reason"] == "length", rows[0]  # the whole answer had gone out
                 break
-            assert time.monotonic() < deadline, "the cut stream was neither counted as incomplete nor recorded"
+            assert time.monotonic() < deadline, (
+                "the cut stream was neither counted as incomplete nor recorded"
+            )
             time.sleep(0.2)
     pytest.fail("every stream ended before the server saw the client go away: no cut could be tried")
 
@@ -296,9 +351,17 @@ def test_feedback(server: Server, setup: dict) -> None:
     got = ask(server, "x", "rate me", rid="fb-1")
     assert server.post("/v1/surgery/feedback", {"request_id": "fb-1", "rating": "bad"}) == (
         200,
-        {"request_id": "fb-1", "response_id": "cmpl-fb-1", "choice": 0, "adapter": "x", "version": "original",
-         "rating": "bad", "corrected": False, "feedback_count": 1},
-    )  # fmt: skip
+        {
+            "request_id": "fb-1",
+            "response_id": "cmpl-fb-1",
+            "choice": 0,
+            "adapter": "x",
+            "version": "original",
+            "rating": "bad",
+            "corrected": False,
+            "feedback_count": 1,
+        },
+    )
     # by the response id, with a correction: the latest wins, the history is kept
     status, body = server.post("/v1/surgery/feedback", {"request_id": got["response_id"], "correction": "42"})
     assert status == 200 and body["feedback_count"] == 2, body
@@ -310,11 +373,20 @@ def test_feedback(server: Server, setup: dict) -> None:
         status, body = server.post("/v1/surgery/feedback", {"request_id": fresh["id"], "rating": "good"})
         assert status == 200, body
     # clients need only the API key, not the admin token; without the API key: 401
-    assert server.post("/v1/surgery/feedback", {"request_id": "fb-1", "rating": "good"}, {"Authorization": ""})[0] == 401
+    assert (
+        server.post("/v1/surgery/feedback", {"request_id": "fb-1", "rating": "good"}, {"Authorization": ""})[
+            0
+        ]
+        == 401
+    )
     assert metric(server, "vllm_surgery_traffic_feedback_total", adapter="x", rating="good") == 5
     assert metric(server, "vllm_surgery_traffic_feedback_total", adapter="x", rating="none") == 1
     stats = {(s["adapter"], s["version"]): s for s in server.get("/v1/surgery/traffic")[1]["stats"]}
-    assert metric(server, "vllm_surgery_calibration_examples", adapter="x") == stats[("x", "original")]["usable"] == 6
+    assert (
+        metric(server, "vllm_surgery_calibration_examples", adapter="x")
+        == stats[("x", "original")]["usable"]
+        == 6
+    )
 
 
 @pytest.mark.parametrize(
@@ -354,12 +426,21 @@ def test_reading_traffic_needs_the_admin_token(server: Server) -> None:
 def refined(server: Server, setup: dict) -> str:
     """A servable refined version of "x" in the store (refine(force=True), as in test_hotswap)."""
     from vllm_surgery.refine import refine
-    from vllm_surgery.serving.store import VersionStore
+    from vllm_surgery.storage.store import VersionStore
 
     out = VersionStore(setup["root"] / "store").new_version_dir("x")
     calib = write_calibration(setup["root"] / "calib.jsonl", n=16)
-    result = refine(setup["base"], setup["root"] / "adapters" / "x", calib, out, policy="grad_direction",
-                    modules="all", device="cpu", force=True, progress=False)  # fmt: skip
+    result = refine(
+        setup["base"],
+        setup["root"] / "adapters" / "x",
+        calib,
+        out,
+        policy="grad_direction",
+        modules="all",
+        device="cpu",
+        force=True,
+        progress=False,
+    )
     assert result.written
     return out.name
 
@@ -369,12 +450,21 @@ def swap(server: Server, version: str) -> None:
     assert status == 200, body
 
 
-def test_the_version_that_served_is_recorded_across_a_hot_swap(server: Server, setup: dict, refined: str) -> None:
+def test_the_version_that_served_is_recorded_across_a_hot_swap(
+    server: Server, setup: dict, refined: str
+) -> None:
     swap(server, refined)
     after = [ask(server, "x", f"after swap {i}", stream=bool(i % 2)) for i in range(3)]
     # A long stream starts on the refined version; the swap back to the original happens mid-stream.
-    body = {"model": "x", "prompt": "long stream", "max_tokens": 120, "ignore_eos": True, "stream": True,
-            "temperature": 0.0, "allowed_token_ids": LETTERS}  # fmt: skip
+    body = {
+        "model": "x",
+        "prompt": "long stream",
+        "max_tokens": 120,
+        "ignore_eos": True,
+        "stream": True,
+        "temperature": 0.0,
+        "allowed_token_ids": LETTERS,
+    }
     req = urllib.request.Request(
         server.url + "/v1/completions",
         data=json.dumps(body).encode(),
@@ -400,8 +490,12 @@ def test_the_version_that_served_is_recorded_across_a_hot_swap(server: Server, s
     reader.join(REQUEST_TIMEOUT_S)
     assert chunks_after[0] > 0, "the stream ended before the swap: nothing was in flight"
     back = ask(server, "x", "after swapping back")
-    rows = {r["request_id"]: r for r in wait_for_rows(setup, 5, "request_id IN (?,?,?,?,?)",
-                                                      (*[a["id"] for a in after], "spans-swap", back["id"]))}  # fmt: skip
+    rows = {
+        r["request_id"]: r
+        for r in wait_for_rows(
+            setup, 5, "request_id IN (?,?,?,?,?)", (*[a["id"] for a in after], "spans-swap", back["id"])
+        )
+    }
     for i, a in enumerate(after):
         check_matches(rows[a["id"]], a, 0, f"after swap {i}", version=refined)
     assert rows["spans-swap"]["version"] == refined  # the version that served it, not the one now
@@ -418,12 +512,42 @@ def test_export_then_refine_from_the_exported_file(server: Server, setup: dict, 
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     # the rated-good records of test_feedback, and the corrected one (its correction is the answer)
     assert len(lines) == 6 and {"prompt": "rate me", "completion": "42"} in lines
-    assert cli(["calibration", "export", "x", "--output", str(out), "--db", str(setup["db"]), "--include-unrated"]) == 0
+    assert (
+        cli(
+            [
+                "calibration",
+                "export",
+                "x",
+                "--output",
+                str(out),
+                "--db",
+                str(setup["db"]),
+                "--include-unrated",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) > 30
-    code = cli(["refine", "--base-model", str(setup["base"]), "--adapter", str(setup["root"] / "adapters" / "x"),
-                "--calibration", str(out), "--output", str(tmp_path / "refined"), "--modules", "all", "--force",
-                "--quiet", "--device", "cpu"])  # fmt: skip
+    code = cli(
+        [
+            "refine",
+            "--base-model",
+            str(setup["base"]),
+            "--adapter",
+            str(setup["root"] / "adapters" / "x"),
+            "--calibration",
+            str(out),
+            "--output",
+            str(tmp_path / "refined"),
+            "--modules",
+            "all",
+            "--force",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0 and (tmp_path / "refined" / "adapter_model.safetensors").is_file()
 
 
@@ -433,7 +557,11 @@ def test_refine_route_from_traffic(server: Server) -> None:
     assert status == 202, got  # queued for a worker, with the adapter's set built when it runs
     assert got["state"] == "queued" and got["examples"] > 30, got
     source = got["job"]["spec"]["calibration"]
-    assert source["source"] == "adapter" and source["include_unrated"] is True and got["job"]["spec"]["swap"] is False
+    assert (
+        source["source"] == "adapter"
+        and source["include_unrated"] is True
+        and got["job"]["spec"]["swap"] is False
+    )
     status, got = server.post("/v1/surgery/adapters/r/refine", {"from_traffic": True}, ADMIN)
     assert status == 409 and "no usable calibration examples" in got["error"]["message"], got
     status, got = server.post("/v1/surgery/adapters/x/refine", {"from_traffic": True, "records": []}, ADMIN)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_surgery.serving import database
-from vllm_surgery.serving.database import (
+from vllm_surgery.storage import database
+from vllm_surgery.storage.database import (
     SCHEMA_VERSION,
     DatabaseError,
     Migration,
@@ -24,7 +24,9 @@ from vllm_surgery.serving.database import (
 )
 
 
-def record(request_id: str = "r1", adapter: str = "x", choice: int = 0, created: float = 1000.0, **kw) -> TrafficRecord:
+def record(
+    request_id: str = "r1", adapter: str = "x", choice: int = 0, created: float = 1000.0, **kw
+) -> TrafficRecord:
     values = {
         "request_id": request_id,
         "response_id": f"cmpl-{request_id}",
@@ -84,9 +86,11 @@ def test_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         SQLiteDatabase(path)
 
 
-def test_a_next_migration_applies_on_open_and_keeps_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """How a later table is added: append a Migration. Also: a version-1 file (traffic only, as issue 7
-    wrote it) gains the job queue when opened, and keeps its records."""
+def test_a_next_migration_applies_on_open_and_keeps_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How a later table is added: append a Migration. Also: a version-1 file (traffic only, as the first
+    release with traffic wrote it) gains the job queue when opened, and keeps its records."""
     path = tmp_path / "t.sqlite3"
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:1])
     monkeypatch.setattr(database, "SCHEMA_VERSION", 1)
@@ -214,9 +218,23 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
     orig = rows[("x", "original")]
     # records a b c d f g h i; rated a b c d g; good a d g; bad b c; corrected c h; usable a c h;
     # unrated usable f (i is unrated but empty)
-    assert (orig.records, orig.rated, orig.good, orig.bad, orig.corrected, orig.usable, orig.unrated_usable) == (
-        8, 5, 3, 2, 2, 3, 1,
-    )  # fmt: skip
+    assert (
+        orig.records,
+        orig.rated,
+        orig.good,
+        orig.bad,
+        orig.corrected,
+        orig.usable,
+        orig.unrated_usable,
+    ) == (
+        8,
+        5,
+        3,
+        2,
+        2,
+        3,
+        1,
+    )
     v2 = rows[("x", "v2")]
     assert (v2.records, v2.rated, v2.corrected, v2.usable) == (1, 0, 1, 1)
     assert db.stats("y") == []
@@ -226,7 +244,7 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
+    from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
     db = SQLiteDatabase(sys.argv[1], busy_timeout_s=60)
     tag = sys.argv[2]
     for batch in range(40):
@@ -261,3 +279,54 @@ def test_two_processes_write_one_database_at_once(tmp_path: Path) -> None:
     assert all(n % 10 == 0 for n in seen)
     assert reader.integrity_check() == "ok"
     reader.close()
+
+
+def test_the_tables_columns_are_the_dataclasses_fields(db: SQLiteDatabase) -> None:
+    """Rows are read and written by the dataclasses' field names: the tables must have exactly those."""
+    from dataclasses import fields
+
+    from vllm_surgery.storage import Job
+
+    def columns(table: str) -> set[str]:
+        return {row["name"] for row in db.connection().execute(f"PRAGMA table_info({table})")}
+
+    assert columns("traffic") == {"id", *(f.name for f in fields(TrafficRecord))}
+    assert columns("jobs") == {f.name for f in fields(Job)}
+
+
+def test_the_usable_counts_equal_the_export(db: SQLiteDatabase) -> None:
+    """The usable-example rule is written once for the records (the export) and once in SQL (the
+    counts): on every kind of record and feedback, both give the same examples."""
+    from vllm_surgery.traffic import calibration_set
+
+    chat = [{"role": "user", "content": "hi"}]
+    cases = [  # (record fields, feedback given in order: (rating, correction))
+        ({}, []),  # unrated
+        ({"completion": " \t\n"}, []),  # unrated, blank
+        ({"completion": "\u00a0"}, []),  # unrated, a non-breaking space is text
+        ({}, [("good", None)]),
+        ({"completion": "  "}, [("good", None)]),  # good but blank: nothing to learn
+        ({}, [("bad", None)]),
+        ({}, [("bad", "4")]),  # a correction wins over the rating
+        ({"completion": ""}, [(None, "the answer")]),  # a correction of an empty answer
+        ({}, [(None, " \r\n")]),  # a blank correction
+        ({}, [("good", None), ("bad", None)]),  # the latest wins
+        ({}, [("bad", None), ("good", None)]),
+        ({"calibratable": False}, [("good", None)]),
+        ({"calibratable": False}, []),
+        ({"calibratable": False, "prompt": [1, 2, 3]}, [(None, "fixed")]),
+        ({"endpoint": "chat", "prompt": chat}, [("good", None)]),
+        ({"endpoint": "chat", "prompt": chat}, []),
+    ]
+    for i, (fields_, feedback) in enumerate(cases):
+        (row_id,) = db.insert([record(f"u{i}", adapter="u", created=1000.0 + i, **fields_)])
+        for j, (rating, correction) in enumerate(feedback):
+            db.add_feedback(row_id, rating, correction, created=2000.0 + 10 * i + j)
+    (stats,) = db.stats("u")
+    for include_unrated in (False, True):
+        exported = calibration_set(db, "u", include_unrated=include_unrated)
+        counted = stats.usable + (stats.unrated_usable if include_unrated else 0)
+        assert counted == len(exported.records) == db.usable_since("u", 0.0, include_unrated), (
+            exported.summary()
+        )
+    assert (stats.usable, stats.unrated_usable) == (5, 3)  # the cases above, counted by hand

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from vllm_surgery.serving.database import Retention, SQLiteDatabase, TrafficRecord
-from vllm_surgery.serving.settings import AdapterTraffic, ServingSettings, SettingsError
-from vllm_surgery.serving.traffic import (
+from vllm_surgery.settings import AdapterTraffic, ServingSettings, SettingsError
+from vllm_surgery.storage.database import Retention, SQLiteDatabase, TrafficRecord
+from vllm_surgery.traffic import (
     TrafficPolicy,
     TrafficWriter,
     apply_redaction,
@@ -41,7 +41,9 @@ def record(i: int, adapter: str = "w", **kw) -> TrafficRecord:
 
 
 def counted(adapter: str, outcome: str) -> float:
-    value = REGISTRY.get_sample_value("vllm_surgery_traffic_records_total", {"adapter": adapter, "outcome": outcome})
+    value = REGISTRY.get_sample_value(
+        "vllm_surgery_traffic_records_total", {"adapter": adapter, "outcome": outcome}
+    )
     return value or 0.0
 
 
@@ -83,7 +85,9 @@ def test_close_flushes_everything_queued(db) -> None:
         release.wait(10)  # the writer is busy while the producer fills the queue
         return [item]
 
-    w = TrafficWriter(db, slow_prepare, queue_size=1000, retention=lambda a: Retention(), batch_size=7).start()
+    w = TrafficWriter(
+        db, slow_prepare, queue_size=1000, retention=lambda a: Retention(), batch_size=7
+    ).start()
     before = counted("flush", "logged")
     for i in range(100):
         assert w.submit(record(i, "flush"), "flush")
@@ -226,9 +230,9 @@ def test_traffic_settings_from_env_and_file(tmp_path: Path) -> None:
     assert s.traffic and s.traffic_sample_rate == 0.5
     assert s.adapter_traffic("x") == AdapterTraffic("x", max_records=10, calibration_files=("x.jsonl",))
     assert s.database_path == tmp_path / "store.sqlite3"
-    assert ServingSettings.from_env({**env, "VLLM_SURGERY_DATABASE": str(tmp_path / "d.db")}).database_path == (
-        tmp_path / "d.db"
-    )
+    assert ServingSettings.from_env(
+        {**env, "VLLM_SURGERY_DATABASE": str(tmp_path / "d.db")}
+    ).database_path == (tmp_path / "d.db")
     cfg = tmp_path / "s.json"
     cfg.write_text('{"traffic_adapters": {"y": {"sample_rate": 0.1}}, "database": "traffic.db"}')
     s = ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(cfg)})

@@ -69,7 +69,7 @@ def test_refining_fake_matches_hotswapper(tmp_path, real_models) -> None:
     from test_refining_unit import FakeSwapper
 
     from vllm_surgery.serving.hotswap import HotSwapper
-    from vllm_surgery.serving.settings import ServingSettings
+    from vllm_surgery.settings import ServingSettings
 
     real = HotSwapper(real_models, ServingSettings(store=tmp_path / "store"))
     fake = FakeSwapper(tmp_path, tmp_path)
@@ -112,7 +112,7 @@ def vllm_app(tmp_path_factory) -> Iterator[TestClient]:
 def test_every_adapter_loading_route_is_ours(vllm_app) -> None:
     from fastapi.routing import APIRoute
 
-    from vllm_surgery.serving.runtime_lora import RuntimeLoraRoutes
+    from vllm_surgery.serving.api.runtime_lora import RuntimeLoraRoutes
 
     loading = {(vllm_compat.RUNTIME_LOAD_PATH, "POST"), (vllm_compat.RUNTIME_UNLOAD_PATH, "POST")}
     loading |= set(vllm_compat.sagemaker_adapter_routes())
@@ -139,12 +139,16 @@ def test_sagemaker_adapter_routes_are_switched_off(vllm_app) -> None:
 def test_runtime_routes_need_the_admin_token_which_vllms_guard_accepts(vllm_app) -> None:
     body = {"lora_name": "a", "lora_path": "/tmp"}
     assert vllm_app.post("/v1/load_lora_adapter", json=body).status_code == 401  # vLLM's API-key guard
-    key_only = vllm_app.post("/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    key_only = vllm_app.post(
+        "/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
     assert key_only.status_code == 403 and "admin token" in key_only.json()["error"]["message"]
     unload = vllm_app.post(
         "/v1/unload_lora_adapter", json={"lora_name": "a"}, headers={"Authorization": f"Bearer {API_KEY}"}
     )
     assert unload.status_code == 403
     # The admin token alone passes vLLM's guard (accept_bearer_token) and ours; no engine here: 503.
-    admin = vllm_app.post("/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    admin = vllm_app.post(
+        "/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     assert admin.status_code == 503, admin.text

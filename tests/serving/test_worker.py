@@ -64,13 +64,25 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "VLLM_SURGERY_REFINE_CHECK_INTERVAL_S": "1",
         "VLLM_SURGERY_REFINE_SETTINGS": json.dumps(JOB_SETTINGS),
     }
-    return {"root": root, "base": case.base, "env": env, "records": records, "db": root / "surgery.sqlite3",
-            "store": root / "store", "adapters": adapters, "workers": 0}  # fmt: skip
+    return {
+        "root": root,
+        "base": case.base,
+        "env": env,
+        "records": records,
+        "db": root / "surgery.sqlite3",
+        "store": root / "store",
+        "adapters": adapters,
+        "workers": 0,
+    }
 
 
 def launch(setup: dict) -> Server:
     return start_server(
-        setup["root"], setup["base"], setup["env"], ["--api-key", API_KEY], headers={"Authorization": f"Bearer {API_KEY}"}
+        setup["root"],
+        setup["base"],
+        setup["env"],
+        ["--api-key", API_KEY],
+        headers={"Authorization": f"Bearer {API_KEY}"},
     )
 
 
@@ -97,11 +109,31 @@ class Worker:
         setup["workers"] += 1
         self.log = setup["root"] / f"worker-{setup['workers']}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
-        env.update({k: setup["env"][k] for k in ("VLLM_SURGERY_STORE", "VLLM_SURGERY_DATABASE", "VLLM_SURGERY_ADMIN_TOKEN")})
-        cmd = [sys.executable, "-m", "vllm_surgery.cli", "worker", "--server", url, "--device", "cpu",
-               "--poll-interval", "0.5", "--owner", f"w{setup['workers']}", *args]  # fmt: skip
+        env.update(
+            {
+                k: setup["env"][k]
+                for k in ("VLLM_SURGERY_STORE", "VLLM_SURGERY_DATABASE", "VLLM_SURGERY_ADMIN_TOKEN")
+            }
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm_surgery.cli",
+            "worker",
+            "--server",
+            url,
+            "--device",
+            "cpu",
+            "--poll-interval",
+            "0.5",
+            "--owner",
+            f"w{setup['workers']}",
+            *args,
+        ]
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         self.owner = f"w{setup['workers']}"
 
     def text(self) -> str:
@@ -177,7 +209,9 @@ def versions_on_disk(setup: dict, adapter: str) -> list[str]:
     base = setup["store"] / adapter
     if not base.is_dir():
         return []
-    return sorted(p.name for p in base.iterdir() if not p.name.startswith(".") and (p / "surgery.json").is_file())
+    return sorted(
+        p.name for p in base.iterdir() if not p.name.startswith(".") and (p / "surgery.json").is_file()
+    )
 
 
 def served(server: Server, adapter: str) -> str | None:
@@ -202,9 +236,17 @@ def sample(values: dict, name: str, **labels: str) -> float | None:
 def check_accepted(setup: dict, server: Server, job: dict, examples: int) -> str:
     """An accepted, swapped-in job: figures, a complete version on disk, served by the server."""
     result = job["result"]
-    assert (job["state"], result["decision"], job["swap"], job["error"]) == ("accepted", "accept", "done", None), job
+    assert (job["state"], result["decision"], job["swap"], job["error"]) == (
+        "accepted",
+        "accept",
+        "done",
+        None,
+    ), job
     assert result["quality_after"]["loss"] < result["quality_before"]["loss"]
-    assert result["calibration"]["examples"] == examples and result["calibration"]["heldout_examples"] == examples // 2
+    assert (
+        result["calibration"]["examples"] == examples
+        and result["calibration"]["heldout_examples"] == examples // 2
+    )
     assert result["gate"]["accepted"] and result["gate"]["p_value"] <= 0.025
     for stage in ("queued", "calibration", "sensitivity", "evaluation", "write", "swap", "total"):
         assert result["timings"][stage] >= 0, stage
@@ -226,13 +268,17 @@ def first_worker(servers: dict, setup: dict) -> Iterator[Worker]:
         assert worker.stop() == 0, worker.text()[-3000:]
 
 
-def test_traffic_with_feedback_is_refined_and_swapped_in_without_a_person(server, setup, first_worker) -> None:
+def test_traffic_with_feedback_is_refined_and_swapped_in_without_a_person(
+    server, setup, first_worker
+) -> None:
     """48 answered requests corrected by their users -> a new_data job -> the worker -> accepted ->
     swapped in -> the figures on /metrics."""
     records = setup["records"]
     for i, record in enumerate(records):
         assert complete(server, "gain", record["prompt"], rid=f"gain-{i}") == 200
-        status, body = server.post("/v1/surgery/feedback", {"request_id": f"gain-{i}", "correction": record["completion"]})
+        status, body = server.post(
+            "/v1/surgery/feedback", {"request_id": f"gain-{i}", "correction": record["completion"]}
+        )
         assert status == 200, body
     job = finished_job(setup, "gain", logs=(first_worker.log, server.log_path))
     assert job["trigger"] == "new_data" and job["attempts"] == 1
@@ -253,9 +299,15 @@ def test_traffic_with_feedback_is_refined_and_swapped_in_without_a_person(server
     values = metrics(server)
     before, after = job["result"]["quality_before"]["loss"], job["result"]["quality_after"]["loss"]
     assert sample(values, "vllm_surgery_jobs_finished_total", adapter="gain", outcome="accepted") == 1
-    assert sample(values, "vllm_surgery_job_heldout_loss", adapter="gain", which="before") == pytest.approx(before)
-    assert sample(values, "vllm_surgery_job_heldout_loss", adapter="gain", which="after") == pytest.approx(after)
-    assert sample(values, "vllm_surgery_heldout_loss", adapter="gain", which="before") == pytest.approx(before)
+    assert sample(values, "vllm_surgery_job_heldout_loss", adapter="gain", which="before") == pytest.approx(
+        before
+    )
+    assert sample(values, "vllm_surgery_job_heldout_loss", adapter="gain", which="after") == pytest.approx(
+        after
+    )
+    assert sample(values, "vllm_surgery_heldout_loss", adapter="gain", which="before") == pytest.approx(
+        before
+    )
     assert sample(values, "vllm_surgery_heldout_loss", adapter="gain", which="after") == pytest.approx(after)
     assert sample(values, "vllm_surgery_served_version_info", adapter="gain", version=version) == 1
     assert sample(values, "vllm_surgery_jobs", state="queued") == 0
@@ -265,10 +317,18 @@ def test_traffic_with_feedback_is_refined_and_swapped_in_without_a_person(server
     status, listed = server.get("/v1/surgery/jobs?adapter=gain")
     assert status == 200 and [j["id"] for j in listed["jobs"]] == [job["id"]]
     status, shown = server.get(f"/v1/surgery/jobs/{job['id']}")
-    assert status == 200 and (shown["state"], shown["version"], shown["swap"]) == ("accepted", version, "done")
-    assert shown["quality_after"]["loss"] == pytest.approx(after) and "records" not in json.dumps(shown["spec"])
+    assert status == 200 and (shown["state"], shown["version"], shown["swap"]) == (
+        "accepted",
+        version,
+        "done",
+    )
+    assert shown["quality_after"]["loss"] == pytest.approx(after) and "records" not in json.dumps(
+        shown["spec"]
+    )
     # the same refinement asked by a person: answered from the store at once, nothing queued
-    status, hit = server.post("/v1/surgery/adapters/gain/refine", {"from_traffic": True, **JOB_SETTINGS}, ADMIN)
+    status, hit = server.post(
+        "/v1/surgery/adapters/gain/refine", {"from_traffic": True, **JOB_SETTINGS}, ADMIN
+    )
     assert status == 200 and hit["cached"] and (hit["decision"], hit["version"]) == ("accept", version), hit
     assert hit["served_version"] == version and len(jobs(setup, "adapter = 'gain'")) == 1
 
@@ -279,9 +339,14 @@ def test_an_adapters_own_calibration_file_refines_it_on_first_load(server, setup
     assert complete(server, "own", "what is 1 + 2 ?") == 200  # vLLM ignores the extra file
     job = finished_job(setup, "own", logs=(first_worker.log, server.log_path))
     assert job["trigger"] == "first_load" and job["spec"]["calibration"]["adapter_dir"].endswith("own")
-    assert f"{len(setup['records'])} from the adapter's own {ADAPTER_CALIBRATION_NAME}" in job["result"]["calibration"]["summary"]
+    assert (
+        f"{len(setup['records'])} from the adapter's own {ADAPTER_CALIBRATION_NAME}"
+        in job["result"]["calibration"]["summary"]
+    )
     version = check_accepted(setup, server, job, len(setup["records"]))
-    assert not (setup["store"] / "own" / version / ADAPTER_CALIBRATION_NAME).exists()  # not copied into versions
+    assert not (
+        setup["store"] / "own" / version / ADAPTER_CALIBRATION_NAME
+    ).exists()  # not copied into versions
     assert complete(server, "own", "what is 1 + 2 ?") == 200
 
 
@@ -306,7 +371,9 @@ def test_failed_jobs_are_recorded_and_the_adapters_keep_serving(server, setup) -
     assert thin_job["error"].startswith("too little calibration data: 4 examples give 2 held-out example(s)")
     assert "needs at least 6 held out" in thin_job["error"]
     (fragile_job,) = jobs(setup, "id = ?", (fragile,))
-    assert fragile_job["state"] == "failed" and "adapter_model.safetensors" in fragile_job["error"], fragile_job
+    assert fragile_job["state"] == "failed" and "adapter_model.safetensors" in fragile_job["error"], (
+        fragile_job
+    )
     assert versions_on_disk(setup, "thin") == versions_on_disk(setup, "fragile") == []
     assert complete(server, "thin", "what is 1 + 2 ?") == 200
     assert complete(server, "fragile", "what is 1 + 2 ?") == 200
@@ -358,8 +425,10 @@ def test_two_workers_never_run_a_job_twice(server, setup) -> None:
         assert w.wait() == 0, w.text()[-3000:]
     rows = jobs(setup, f"id IN ({','.join('?' * len(ids))})", tuple(ids))
     assert [(r["state"], r["attempts"], r["swap"]) for r in rows] == [("accepted", 1, "done")] * 4, rows
-    claimed = [[int(line.split("job ")[1].split()[0]) for line in w.text().splitlines() if "]: claimed" in line]
-               for w in workers]  # fmt: skip
+    claimed = [
+        [int(line.split("job ")[1].split()[0]) for line in w.text().splitlines() if "]: claimed" in line]
+        for w in workers
+    ]
     assert sorted(claimed[0] + claimed[1]) == sorted(ids), claimed  # each job claimed once, by one worker
     owners = {w.owner: set(c) for w, c in zip(workers, claimed, strict=True)}
     for r in rows:

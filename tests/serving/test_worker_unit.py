@@ -21,12 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import vllm_surgery
 from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
-from vllm_surgery.serving.database import SQLiteDatabase, TrafficRecord
-from vllm_surgery.serving.jobs import job_spec, records_sha256
 from vllm_surgery.serving.metrics import JobsCollector
-from vllm_surgery.serving.store import VersionStore
-from vllm_surgery.serving.worker import RefinementWorker, WorkerOptions, WorkerStopped
+from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
+from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
+from vllm_surgery.worker.job_spec import job_spec, records_sha256
+from vllm_surgery.worker.process import RefinementWorker, WorkerOptions, WorkerStopped
 
 # The package exports the function `refine` lazily: resolve that export before touching the submodule,
 # or importing the submodule first would leave the package attribute `refine` pointing at the module.
@@ -44,14 +44,18 @@ def gain(tmp_path_factory):
 def parts(tmp_path: Path, gain):
     db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
     store = VersionStore(tmp_path / "store")
-    worker = RefinementWorker(db, store, WorkerOptions(server=UNREACHABLE, device="cpu", lease_s=30, owner="w"))
+    worker = RefinementWorker(
+        db, store, WorkerOptions(server=UNREACHABLE, device="cpu", lease_s=30, owner="w")
+    )
     yield db, store, worker
     db.close()
 
 
 def records_job(db: SQLiteDatabase, gain, records: list, name: str = "x") -> int:
     source = {"source": "records", "records": records, "sha256": records_sha256(records)}
-    spec = job_spec(base_model=str(gain.base), adapter_path=gain.adapter, config=GAIN_SETTINGS, calibration=source)
+    spec = job_spec(
+        base_model=str(gain.base), adapter_path=gain.adapter, config=GAIN_SETTINGS, calibration=source
+    )
     return db.enqueue_job(name, "manual", spec)[0].id
 
 
@@ -81,8 +85,13 @@ def test_a_job_that_does_not_fit_fails_with_what_to_change(parts, gain, monkeypa
     job = db.job(job_id)
     assert job.state == "failed" and job.attempts == 1
     assert job.error.startswith(f"out of memory on cpu ({type(error).__name__}: {error}")
-    for remedy in ('{"max_batch_tokens": 2048}', "--gpu-memory-utilization", "--device cuda:1", "--device cpu",
-                   "The adapter keeps serving its current version"):  # fmt: skip
+    for remedy in (
+        '{"max_batch_tokens": 2048}',
+        "--gpu-memory-utilization",
+        "--device cuda:1",
+        "--device cpu",
+        "The adapter keeps serving its current version",
+    ):
         assert remedy in job.error, remedy
     assert store_entries(store, "x") == []  # the reserved version directory is gone, nothing served
     assert job.result["timings"]["calibration"] >= 0  # how far it got
@@ -110,7 +119,12 @@ def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_versi
     first = records_job(db, gain, gain.records())
     assert worker.run(once=True) == 1
     job = db.job(first)
-    assert (job.state, job.swap, job.result["decision"], job.result["reused"]) == ("accepted", "pending", "accept", False)
+    assert (job.state, job.swap, job.result["decision"], job.result["reused"]) == (
+        "accepted",
+        "pending",
+        "accept",
+        False,
+    )
     assert "is unreachable" in job.swap_error
     assert [v.version_id for v in store.versions("x")] == [job.version]
     second = records_job(db, gain, gain.records())
@@ -126,8 +140,12 @@ def test_the_collector_shows_the_database_figures(tmp_path: Path) -> None:
     a = db.enqueue_job("a", "manual", {}, now=time.time() - 30)[0]
     db.enqueue_job("b", "new_data", {}, now=time.time() - 20)
     db.claim_job("w", 60)
-    result = {"version": "v1", "quality_before": {"loss": 2.5}, "quality_after": {"loss": 2.0},
-              "timings": {"sensitivity": 3.0, "evaluation": 0.2, "total": 4.0}}  # fmt: skip
+    result = {
+        "version": "v1",
+        "quality_before": {"loss": 2.5},
+        "quality_after": {"loss": 2.0},
+        "timings": {"sensitivity": 3.0, "evaluation": 0.2, "total": 4.0},
+    }
     assert db.finish_job(a.id, "w", "accepted", result, "pending")
     registry = CollectorRegistry()
     registry.register(JobsCollector(db))
@@ -151,35 +169,49 @@ def test_the_collector_shows_the_database_figures(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- automatic jobs
 @pytest.fixture
 def auto(tmp_path: Path, gain):
-    """An AutoRefiner over a real HotSwapper (vLLM's serving models faked), with "x" (traffic only)
+    """AutomaticJobs over a real HotSwapper (vLLM's serving models faked), with "x" (traffic only)
     and "own" (carrying its calibration file) under the adapter root."""
     import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
     from test_hotswap_unit import FakeModels
 
-    from vllm_surgery.serving.autorefine import AutoRefiner
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
     from vllm_surgery.serving.hotswap import HotSwapper
-    from vllm_surgery.serving.settings import ServingSettings
-    from vllm_surgery.serving.traffic_api import calibration_source
+    from vllm_surgery.settings import ServingSettings
+    from vllm_surgery.traffic import AdapterCalibration
 
     root = tmp_path / "adapters"
     for name in ("x", "own"):
         shutil.copytree(gain.adapter, root / name)
     shutil.copy(gain.calibration, root / "own" / ADAPTER_CALIBRATION_NAME)
     settings = ServingSettings(
-        adapter_dirs=(root,), store=tmp_path / "store", auto_refine=True, refine_min_examples=24,
-        refine_new_examples=10, refine_min_interval_s=100.0, refine_settings={"heldout_fraction": 0.5},
-    )  # fmt: skip
+        adapter_dirs=(root,),
+        store=tmp_path / "store",
+        auto_refine=True,
+        refine_min_examples=24,
+        refine_new_examples=10,
+        refine_min_interval_s=100.0,
+        refine_settings={"heldout_fraction": 0.5},
+    )
     db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
     swapper = HotSwapper(FakeModels(), settings)
-    refiner = AutoRefiner(swapper, db, str(gain.base), calibration_source(settings, None, db))
+    refiner = AutomaticJobs(swapper, db, str(gain.base), AdapterCalibration(settings, db))
     yield refiner
     db.close()
 
 
 def record(i: int, created: float) -> TrafficRecord:
-    return TrafficRecord(request_id=f"r{i}", choice=0, adapter="x", version="original", endpoint="completions",
-                         prompt=f"what is {i} + 1 ?", completion=f" {i + 1}", sampling={}, created=created,
-                         calibratable=True)  # fmt: skip
+    return TrafficRecord(
+        request_id=f"r{i}",
+        choice=0,
+        adapter="x",
+        version="original",
+        endpoint="completions",
+        prompt=f"what is {i} + 1 ?",
+        completion=f" {i + 1}",
+        sampling={},
+        created=created,
+        calibratable=True,
+    )
 
 
 def test_first_load_needs_enough_data_and_is_asked_once(auto, gain) -> None:
@@ -187,8 +219,13 @@ def test_first_load_needs_enough_data_and_is_asked_once(auto, gain) -> None:
     digest = auto.swapper.validator.validate(root / "own")
     job = auto.first_load("own", root / "own", digest)
     assert job is not None and (job.trigger, job.adapter, job.state) == ("first_load", "own", "queued")
-    assert job.spec["calibration"] == {"source": "adapter", "include_unrated": False, "since": None, "files": [],
-                                       "adapter_dir": str(root / "own")}  # fmt: skip
+    assert job.spec["calibration"] == {
+        "source": "adapter",
+        "include_unrated": False,
+        "since": None,
+        "files": [],
+        "adapter_dir": str(root / "own"),
+    }
     assert job.spec["config"] == {"policy": "auto", "heldout_fraction": 0.5}
     assert job.spec["min_examples"] == 24 and job.spec["adapter_path"] == str(root / "own")
     assert auto.first_load("own", root / "own", digest).id == job.id  # once per content
@@ -221,7 +258,9 @@ def test_new_data_queues_a_job_after_n_new_usable_examples_and_the_interval(auto
 def test_pending_swaps_are_applied_or_recorded_as_refused(auto, gain) -> None:
     db, store, root = auto.db, auto.swapper.store, auto.settings.adapter_dirs[0]
     out = store.new_version_dir("x")
-    result = refine_module.refine(gain.base, root / "x", gain.calibration, out, **GAIN_SETTINGS, progress=False)
+    result = refine_module.refine(
+        gain.base, root / "x", gain.calibration, out, **GAIN_SETTINGS, progress=False
+    )
     assert result.decision == "accept"
     good = db.enqueue_job("x", "manual", {})[0]
     db.claim_job("w", 60)

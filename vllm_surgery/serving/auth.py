@@ -18,13 +18,13 @@ import secrets
 
 from fastapi import Request
 
-from .settings import ServingSettings
+from ..settings import ServingSettings, env_of
 
 log = logging.getLogger(f"vllm.{__name__}")
 
 ADMIN_HEADER = "X-Surgery-Admin-Token"
-TOKEN_ENV = "VLLM_SURGERY_ADMIN_TOKEN"
-ALLOW_ENV = "VLLM_SURGERY_ALLOW_UNAUTHENTICATED_ADMIN"
+TOKEN_ENV = env_of("admin_token")
+ALLOW_ENV = env_of("allow_unauthenticated_admin")
 
 
 def _digest(token: str) -> bytes:

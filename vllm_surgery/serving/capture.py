@@ -1,8 +1,7 @@
 """Capturing each completion and chat request of an adapter: what was asked, which adapter version
 answered, and exactly what the client received.
 
-Where, and why there. Read from vLLM 0.32's source; the comparison of the candidates is in the
-project notes (traffic-and-scale.md):
+Where, and why there (read from vLLM 0.32's source):
 
 - The text "as the client received it" only exists in the HTTP response: stop strings, echo,
   chat templates, reasoning and tool parsers all act between the engine and the wire. So a pure-ASGI
@@ -34,25 +33,30 @@ checked in the writer). Only complete answers are recorded: an error status, a c
 a cut stream counts as ``incomplete`` in the metrics. Beam search (several internal generate calls
 per choice) and request bodies above `MAX_REQUEST_BYTES` are not recorded; both are logged once.
 VLLM_USE_RUST_FRONTEND bypasses every Python hook: the launcher refuses it while capture is on.
+
+Wiring (`attach_capture` at the endpoint plugin's attach_router, `start_capture` at its init_state):
+the middleware must be added before the app is built, the recorder needs the engine, so the
+middleware holds a `CaptureSwitch` that passes everything through until init_state starts it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import json
 import logging
 import time
 import uuid
+from argparse import Namespace
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import metrics, vllm_compat
-from .database import TrafficRecord
-from .names import InvalidAdapterName, validate_adapter_name
-
-if TYPE_CHECKING:
-    from .traffic import TrafficRecorder
+from ..names import InvalidAdapterName, validate_adapter_name
+from ..settings import ServingSettings
+from ..storage import SQLiteDatabase, TrafficRecord
+from ..traffic import TrafficPolicy, TrafficRecorder, record_traffic
+from . import vllm_compat
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -212,7 +216,7 @@ def _calibratable(endpoint: str, prompt: Any, completion: str, sampling: dict[st
     """Whether the request can be written as a calibration line: text prompts (not token ids), string
     message contents, a completion that is only the answer (no echo). An empty completion qualifies:
     a user's correction of it is the most useful example there is; an empty answer itself is never
-    used (traffic_calibration checks the answer it picks)."""
+    used (traffic.calibration_set checks the answer it picks)."""
     if sampling.get("echo"):
         return False
     if endpoint == "completions":
@@ -265,6 +269,16 @@ class CaptureSwitch:
     def __init__(self) -> None:
         self.recorder: TrafficRecorder | None = None
         self.add_response_header = True
+
+    def start(self, recorder: TrafficRecorder, add_response_header: bool) -> None:
+        """Record from now on; `add_response_header`: return X-Request-Id where vLLM does not."""
+        self.add_response_header = add_response_header
+        self.recorder = recorder
+
+    def stop(self) -> TrafficRecorder | None:
+        """Stop recording; returns the recorder that was running (None if none was)."""
+        recorder, self.recorder = self.recorder, None
+        return recorder
 
 
 def _endpoint(scope: dict[str, Any]) -> str | None:
@@ -395,7 +409,7 @@ class TrafficCaptureMiddleware:
         finally:
             CURRENT.reset(token)
             if not capture.finished and not capture.base_model and capture.lora_path is not None:
-                metrics.record_traffic(capture.adapter, "incomplete")  # error status, disconnect, cut stream
+                record_traffic(capture.adapter, "incomplete")  # error status, disconnect, cut stream
 
 
 def finish(recorder: TrafficRecorder, capture: Capture) -> None:
@@ -404,9 +418,66 @@ def finish(recorder: TrafficRecorder, capture: Capture) -> None:
     if capture.base_model or capture.lora_path is None:
         return  # the base model answered, or the engine never ran: nothing to record
     if not capture.done or capture.error is not None:
-        metrics.record_traffic(capture.adapter, "incomplete")
+        record_traffic(capture.adapter, "incomplete")
         if capture.error:
             log.debug("traffic: request %s not recorded: %s", capture.request_id, capture.error)
         return
     recorder.submit(capture)
 
+
+# ----------------------------------------------------------------------------- wiring
+def attach_capture(app: Any, settings: ServingSettings) -> CaptureSwitch | None:
+    """At attach_router: add the capture middleware when the settings record anything (else nothing
+    is added, so serving pays nothing) and make the server's shutdown write what is queued."""
+    if not TrafficPolicy(settings).enabled:
+        return None
+    if vllm_compat.rust_frontend_requested():
+        log.warning(
+            "traffic: VLLM_USE_RUST_FRONTEND is set: no Python hook sees requests; nothing is recorded"
+        )
+        return None
+    switch = CaptureSwitch()
+    vllm_compat.add_asgi_middleware(app, TrafficCaptureMiddleware, switch=switch)
+
+    def close() -> None:
+        recorder = switch.stop()
+        if recorder is not None:
+            recorder.close()
+            log.info(
+                "traffic: writer closed; queued records written (peak queue depth %d)",
+                recorder.writer.peak_depth,
+            )
+
+    vllm_compat.on_shutdown(app, close)
+    atexit.register(close)  # vLLM may cancel the HTTP server without running the lifespan's end
+    return switch
+
+
+def start_capture(
+    switch: CaptureSwitch | None,
+    engine_client: Any,
+    state: Any,
+    args: Namespace,
+    settings: ServingSettings,
+    version_of: Callable[[str, str], str | None],
+) -> TrafficRecorder | None:
+    """At init_state: open the database (migrations), start the writer, observe the engine's generate.
+    `version_of(adapter, path)` names the version a served path is ('original', a store version id, or
+    None: not an adapter of the plugin). Raises DatabaseError or SettingsError (the server must not
+    start half-configured)."""
+    if switch is None:
+        return None
+    db = SQLiteDatabase(settings.database_path)
+    recorder = TrafficRecorder(settings, db, version_of).start()
+    clients = vllm_compat.serving_engine_clients(state) or [engine_client]
+    for client in clients:
+        vllm_compat.observe_generate(client, observe_generate)
+    switch.start(recorder, add_response_header=not vllm_compat.request_id_headers_enabled(args))
+    log.info(
+        "traffic: recording to %s (schema %d; queue %d; redaction %s)",
+        db.path,
+        db.schema_version(),
+        settings.traffic_queue_size,
+        settings.traffic_redact,
+    )
+    return recorder

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, SurgeryError
+from ..names import InvalidAdapterName, validate_adapter_name
+from ..settings import ServingSettings
 from . import metrics, vllm_compat
-from .names import InvalidAdapterName, validate_adapter_name
 from .resolver import SurgeryResolver
-from .settings import ServingSettings
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -182,7 +182,7 @@ class HotSwapper:
         """
         stored = vllm_compat.served_requests(self.models).get(name)
         try:
-            original = self._original(name)
+            original = self.original_of(name)
         except HotSwapError:
             if stored is None:
                 raise
@@ -234,7 +234,9 @@ class HotSwapper:
         }
 
     # ----------------------------------------------------------------- swapping
-    def _original(self, name: str) -> Path:
+    def original_of(self, name: str) -> Path:
+        """The original of `name` (see find_original); raises HotSwapError: 400 for a bad name, 404 for
+        an unknown adapter."""
         try:
             validate_adapter_name(name)
         except InvalidAdapterName as e:
@@ -250,7 +252,7 @@ class HotSwapper:
         listing's `servable` and the guarded runtime-load route. Raises HotSwapError: 400 (bad name or
         id), 404 (unknown), 409 (not servable by decision, or refined from other content), 422 (the
         files cannot be served here: corrupt, NaN, rank, shapes, dtype overflow, outside the store)."""
-        original = self._original(name)
+        original = self.original_of(name)
         try:
             original_hash = self.validator.validate(original)
         except AdapterError as e:
@@ -284,7 +286,9 @@ class HotSwapper:
         try:
             self.validator.validate(info.path, inside=self.store.adapter_dir(name))
         except AdapterError as e:
-            raise HotSwapError(f"version {version!r} of {name!r} is not servable (corrupt): {e}", 422, "corrupt") from e
+            raise HotSwapError(
+                f"version {version!r} of {name!r} is not servable (corrupt): {e}", 422, "corrupt"
+            ) from e
         return info.path, version
 
     def locate(self, path: Path) -> tuple[str, str] | None:
@@ -310,7 +314,7 @@ class HotSwapper:
         try:
             if not isinstance(version, str) or not version:
                 raise HotSwapError("'version' must be a non-empty string", HTTPStatus.BAD_REQUEST, "invalid")
-            await asyncio.to_thread(self._original, name)
+            await asyncio.to_thread(self.original_of, name)
             known = name
             path, version = await asyncio.to_thread(self.validated_target, name, version)
             async with self._locks[name]:
@@ -325,7 +329,7 @@ class HotSwapper:
         return result
 
     async def rollback(self, name: str) -> SwapResult:
-        await asyncio.to_thread(self._original, name)
+        await asyncio.to_thread(self.original_of, name)
         previous = self._previous.get(name)
         if previous is None:
             metrics.record_swap(name, "conflict")

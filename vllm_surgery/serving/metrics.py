@@ -1,4 +1,5 @@
-"""Prometheus metrics of the serving plugin, in prometheus_client's global registry.
+"""Prometheus metrics of the serving plugin (swaps, store lookups, refine requests, jobs), in
+prometheus_client's global registry; the traffic series are `vllm_surgery.traffic.metrics`.
 
 vLLM's /metrics serves that registry from the API-server process, which is where the resolver and the
 hot-swap routes run, so these series appear there without multiprocess mode. Label values are bounded:
@@ -22,6 +23,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from ..storage import FINISHED_STATES, JOB_STATES
+
 log = logging.getLogger(f"vllm.{__name__}")
 
 SWAP_OUTCOMES = ("swapped", "noop", "invalid", "not_found", "conflict", "corrupt", "failed")
@@ -31,21 +34,40 @@ STORE_RESULTS = ("hit", "miss")
 STORE_LOOKUPS_BY = ("resolver", "refine")
 # What a refine request got: queued (a job), cached (answered from the store), error (refused).
 REFINE_OUTCOMES = ("queued", "cached", "error")
-JOB_STATES = ("queued", "running", "accepted", "kept_original", "failed")
-JOB_OUTCOMES = ("accepted", "kept_original", "failed")
+JOB_OUTCOMES = FINISHED_STATES
 # Stages of a job, as the worker records them (seconds): waiting in the queue, loading the base model
 # (near 0 when it is cached), building the calibration set, then refine()'s own stages (load_adapter:
 # reading and checking the adapter; search: choosing steps and candidates on the selection split), the swap into the server, and the whole job from claim to swap.
 JOB_STAGES = (
-    "queued", "load_model", "calibration", "load_adapter", "prepare", "sensitivity", "search", "evaluation", "write",
-    "swap", "total",
-)  # fmt: skip
-JOB_STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-# What became of a captured request's records: logged (stored), dropped (the queue was full or closed),
-# failed (the database or the redaction hook failed), redacted_out (the redaction hook dropped it),
-# incomplete (no complete answer reached the client: error status, disconnect, cut stream).
-TRAFFIC_OUTCOMES = ("logged", "dropped", "failed", "redacted_out", "incomplete")
-FEEDBACK_RATINGS = ("good", "bad", "none")  # none: a correction without a rating
+    "queued",
+    "load_model",
+    "calibration",
+    "load_adapter",
+    "prepare",
+    "sensitivity",
+    "search",
+    "evaluation",
+    "write",
+    "swap",
+    "total",
+)
+JOB_STAGE_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
 
 HOTSWAPS = Counter(
     "vllm_surgery_hotswaps",
@@ -80,40 +102,6 @@ HELDOUT_LOSS = Gauge(
     "original adapter, which=after the served version. No series while the original is served.",
     ["adapter", "which"],
 )
-
-TRAFFIC_RECORDS = Counter(
-    "vllm_surgery_traffic_records",
-    "Recorded traffic (one record per returned choice), by adapter and outcome.",
-    ["adapter", "outcome"],
-)
-TRAFFIC_FEEDBACK = Counter(
-    "vllm_surgery_traffic_feedback",
-    "Feedback received on recorded requests, by adapter and rating (none = a correction alone).",
-    ["adapter", "rating"],
-)
-CALIBRATION_EXAMPLES = Gauge(
-    "vllm_surgery_calibration_examples",
-    "Usable calibration examples from recorded traffic per adapter (corrected + rated good, + unrated "
-    "where the adapter's settings include them); refreshed by the traffic writer every minute.",
-    ["adapter"],
-)
-TRAFFIC_QUEUE_DEPTH = Gauge(
-    "vllm_surgery_traffic_queue_depth", "Captured requests waiting for the traffic writer thread."
-)
-TRAFFIC_QUEUE_PEAK = Gauge(
-    "vllm_surgery_traffic_queue_peak_depth", "Highest traffic queue depth since the server started."
-)
-
-
-def record_traffic(adapter: str, outcome: str, n: int = 1) -> None:
-    assert outcome in TRAFFIC_OUTCOMES, outcome
-    TRAFFIC_RECORDS.labels(adapter=adapter, outcome=outcome).inc(n)
-
-
-def record_feedback(adapter: str, rating: str | None) -> None:
-    rating = rating or "none"
-    assert rating in FEEDBACK_RATINGS, rating
-    TRAFFIC_FEEDBACK.labels(adapter=adapter, rating=rating).inc()
 
 
 def record_swap(adapter: str | None, outcome: str) -> None:
@@ -159,7 +147,7 @@ def record_refinement(adapter: str, outcome: str) -> None:
 class JobsCollector(Collector):
     """Job figures read from the job database at scrape time (see the module docstring).
 
-    `queue` is a job_queue.JobQueue (the server's Database); None only to describe the families. A
+    `queue` is a storage.JobQueue (the server's Database); None only to describe the families. A
     database that cannot be read gives no job samples for that scrape (logged), never a failed scrape.
     """
 

@@ -16,10 +16,10 @@ import torch
 
 from ..base_model import base_layer_shapes
 from ..errors import AdapterError
+from ..names import InvalidAdapterName, path_under, validate_adapter_name
+from ..settings import ServingSettings
+from ..storage import VersionStore
 from . import metrics
-from .names import InvalidAdapterName, path_under, validate_adapter_name
-from .settings import ServingSettings
-from .store import VersionStore
 from .validation import AdapterValidator, ServingLimits
 from .vllm_compat import LoRARequest, LoRAResolver, lora_request
 
@@ -39,8 +39,13 @@ class SurgeryResolver(LoRAResolver):
         self.validator = AdapterValidator()
         self.configured = False
         # (name, original path, content hash), called when a name resolves to its original: the
-        # endpoint plugin sets it to queue a first refinement (autorefine.AutoRefiner.first_load_soon).
-        self.on_original_served: Callable[[str, Path, str], None] | None = None
+        # endpoint plugin's start-up hands it the automatic jobs' first-load check.
+        self._on_original_served: Callable[[str, Path, str], None] | None = None
+
+    def call_when_original_served(self, hook: Callable[[str, Path, str], None]) -> None:
+        """Call `hook(name, original path, content hash)` whenever a name resolves to its original (it has
+        no refined version for its current content). A hook that raises is logged; serving goes on."""
+        self._on_original_served = hook
 
     def configure(self, limits: ServingLimits) -> None:
         """The running engine's limits (max rank, dtype, base-model shapes), from the endpoint plugin."""
@@ -132,9 +137,9 @@ class SurgeryResolver(LoRAResolver):
         log.info("adapter %r: serving the original %s", name, original)
         metrics.record_store_lookup(hit=False)
         metrics.record_served(name, "original")
-        if self.on_original_served is not None:
+        if self._on_original_served is not None:
             try:
-                self.on_original_served(name, original, adapter_hash)
+                self._on_original_served(name, original, adapter_hash)
             except Exception:  # a hook must never stop an adapter from being served
                 log.exception("adapter %r: the first-load hook failed", name)
         return original

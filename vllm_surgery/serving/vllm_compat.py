@@ -488,8 +488,16 @@ def self_check(models: Any | None = None) -> None:
     _require(callable(getattr(cli_main, "main", None)), "vllm.entrypoints.cli.main", "has no main()")
     args = serve_arg_parser().parse_args(["m"])
     for attr in (
-        "api_server_count", "data_parallel_size", "data_parallel_size_local", "data_parallel_rank",
-        "data_parallel_start_rank", "data_parallel_external_lb", "data_parallel_hybrid_lb",
-        "data_parallel_multi_port_external_lb", "headless", "max_lora_rank", "model_tag",
-    ):  # fmt: skip
+        "api_server_count",
+        "data_parallel_size",
+        "data_parallel_size_local",
+        "data_parallel_rank",
+        "data_parallel_start_rank",
+        "data_parallel_external_lb",
+        "data_parallel_hybrid_lb",
+        "data_parallel_multi_port_external_lb",
+        "headless",
+        "max_lora_rank",
+        "model_tag",
+    ):
         _require(hasattr(args, attr), "`vllm serve` arguments", f"have no {attr!r}")

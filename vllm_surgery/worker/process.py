@@ -1,7 +1,7 @@
 """`vllm-surgery worker`: the companion process that refines deployed adapters beside vLLM.
 
-It takes jobs from the queue in the job database (`job_queue`; queued by the server's refine route and
-its automatic triggers, `autorefine`), and for each one: builds the calibration set, loads the base
+It takes jobs from the queue in the job database (`vllm_surgery.storage`; queued by the server's refine
+route and its automatic triggers, `vllm_surgery.serving.automatic_jobs`), and for each one: builds the calibration set, loads the base
 model (once: kept across jobs, least recently used dropped beyond ``--max-models``), runs
 ``refine(policy="auto")`` with the quality gate (never forced), writes the version into the store,
 records the decision with its figures in the job row, and, when the gate accepted it, asks the server
@@ -25,27 +25,15 @@ Crash and restart safety:
 - A job finished but not swapped: the decision is recorded as "accepted, swap pending" in the same
   transaction as the figures, before the worker asks the server to swap. If that request fails (server
   down, unreachable, or it refuses the worker's token), the job stays pending and the server swaps it
-  itself at its next start or check (see `autorefine`). A version the server refuses (stale: the
+  itself at its next start or check (see `vllm_surgery.serving.automatic_jobs`). A version the server refuses (stale: the
   original changed meanwhile; corrupt) is recorded as a failed swap with the reason.
 - Idempotent: before computing, the worker looks the job's store key up (adapter content, base model,
   settings, calibration data). A version already written for it (by a worker killed before it could
   record the result) is reused, not computed again.
 
-Sizing (one GPU shared with vLLM, another GPU, or the CPU):
-
-- vLLM takes ``--gpu-memory-utilization`` (default 0.9) of the card for weights and KV cache. To run
-  the worker on the same GPU, lower it so the worker fits in what is left: its own copy of the base
-  model (bf16: 2 bytes per parameter, e.g. 16 GB for an 8B model) plus the sensitivity pass's
-  activations, which grow with the token budget. For an 8B model on an 80 GB card, vLLM at 0.6 leaves
-  about 30 GB: 16 GB of weights and 14 GB for the pass. refine() plans the token budget
-  (``max_batch_tokens``) from the memory it finds free on the card when the job runs, and halves it on
-  an out-of-memory error; set it by hand in the refine body or in ``refine_settings`` (e.g.
-  {"max_batch_tokens": 2048}) to use less than what is free.
-- Another GPU: ``--device cuda:1``; vLLM keeps its default utilisation on its own card.
-- The CPU: ``--device cpu`` (float32; slow for large models, fine for small ones and for tests).
-- A job that does not fit (CUDA out of memory that refine's budget back-off could not absorb, or its
-  DeviceMemoryError: not even one example fits) fails with a message that says what to change; the
-  adapter keeps serving its current version.
+Sizing (vLLM and the worker on one GPU, another GPU, or the CPU): `SIZING_HELP` below, which is also
+the epilog of `vllm-surgery worker --help` and what a job that ran out of memory records (see
+docs/sizing.md for the reasoning behind the figures).
 
 Usage::
 
@@ -66,6 +54,7 @@ import shutil
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -79,27 +68,44 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
-from .database import Database, DatabaseError, SQLiteDatabase
-from .job_queue import Job
-from .jobs import build_adapter_calibration, lookup, records_sha256, spec_config
-from .settings import ServingSettings, SettingsError
-from .store import VersionStore, version_key
+from ..settings import ServingSettings, SettingsError
+from ..storage import Database, DatabaseError, Job, SQLiteDatabase, VersionStore, version_key
+from ..traffic import build_adapter_calibration
+from .job_spec import records_sha256, spec_config
 
 log = logging.getLogger("vllm_surgery.worker")
+
+DESCRIPTION = __doc__.split("\n\n")[0]
 
 DEFAULT_LEASE_S = 120.0
 DEFAULT_POLL_S = 5.0
 HTTP_TIMEOUT_S = 120.0
-SIZING_HELP = """\
-sizing: on one GPU with vLLM, lower vLLM's --gpu-memory-utilization so that the worker's copy of the
-base model (2 bytes per parameter in bf16) and its sensitivity pass fit in what is left (8B model on
-80 GB: 0.6 leaves ~30 GB, 16 of them weights); or give the worker another GPU (--device cuda:1), or the
-CPU (--device cpu). Less memory per job: the refine setting max_batch_tokens (refine body, or
-VLLM_SURGERY_REFINE_SETTINGS='{"max_batch_tokens": 2048}'). A job that does not fit fails with a
-message saying what to change; the adapter keeps serving.
-
-settings: the serving variables (VLLM_SURGERY_STORE, VLLM_SURGERY_DATABASE, VLLM_SURGERY_ADMIN_TOKEN,
-or VLLM_SURGERY_CONFIG) with the same values as the server's; --store and --db override them."""
+# The memory-sizing advice, written once: the --help epilog and the error of a job that did not fit
+# both say it.
+SIZING_REMEDIES = (
+    'lower the token budget (the refine setting max_batch_tokens, e.g. {"max_batch_tokens": 2048} in the '
+    "refine body or in VLLM_SURGERY_REFINE_SETTINGS); on a GPU shared with vLLM, lower vLLM's "
+    "--gpu-memory-utilization so that the worker's copy of the base model (2 bytes per parameter in bf16) "
+    "and its sensitivity pass fit in the rest (e.g. 0.6 for an 8B model on 80 GB leaves about 30 GB: 16 GB "
+    "of weights and 14 GB for the pass); or run the worker on another GPU (--device cuda:1) or on the CPU "
+    "(--device cpu)"
+)
+SIZING_HELP = "\n\n".join(
+    [
+        textwrap.fill(
+            "sizing: refine plans its token budget from the memory it finds free when a job runs and halves "
+            f"it on an out-of-memory error. If a job does not fit: {SIZING_REMEDIES}. A job that does not fit "
+            "fails with a message saying what to change; the adapter keeps serving.",
+            width=100,
+        ),
+        textwrap.fill(
+            "settings: the serving variables (VLLM_SURGERY_STORE, VLLM_SURGERY_DATABASE, "
+            "VLLM_SURGERY_ADMIN_TOKEN, or VLLM_SURGERY_CONFIG) with the same values as the server's; --store "
+            "and --db override them.",
+            width=100,
+        ),
+    ]
+)
 
 
 class JobFailure(SurgeryError):
@@ -112,21 +118,19 @@ class WorkerStopped(BaseException):
 
 def out_of_memory_message(device: Any, error: BaseException) -> str:
     """What a job that did not fit in memory records: the error, and what to change."""
-    where = f"on {device}"
     return (
-        f"out of memory {where} ({type(error).__name__}: {str(error).strip()[:500]}). What to change: "
-        "lower the token budget (the refine setting max_batch_tokens, e.g. {\"max_batch_tokens\": 2048} in "
-        "the refine body or in VLLM_SURGERY_REFINE_SETTINGS); on a GPU shared with vLLM, lower vLLM's "
-        "--gpu-memory-utilization (e.g. 0.6 for an 8B model on 80 GB) to leave the worker room for its "
-        "copy of the base model and the pass; or run the worker on another GPU (--device cuda:1) or on "
-        "the CPU (--device cpu). The adapter keeps serving its current version."
+        f"out of memory on {device} ({type(error).__name__}: {str(error).strip()[:500]}). What to change: "
+        f"{SIZING_REMEDIES}. The adapter keeps serving its current version."
     )
 
 
 def _out_of_memory_types() -> tuple[type[BaseException], ...]:
     import torch
 
-    return (torch.OutOfMemoryError, MemoryError)  # errors.DeviceMemoryError (the planner: nothing fits) is one
+    return (
+        torch.OutOfMemoryError,
+        MemoryError,
+    )  # errors.DeviceMemoryError (the planner: nothing fits) is one
 
 
 # ----------------------------------------------------------------------------- base models
@@ -147,15 +151,18 @@ class ModelCache:
             return model, tokenizer, True
         while len(self._models) >= self.max_models:
             dropped, _ = self._models.popitem(last=False)
-            log.info("model cache: dropped %s (least recently used; --max-models %d)", dropped, self.max_models)
-            self._release()
+            log.info(
+                "model cache: dropped %s (least recently used; --max-models %d)", dropped, self.max_models
+            )
+            self.release()
         from ..refine import load_base_model
 
         model, tokenizer = load_base_model(base_model, self.device, progress=False)
         self._models[base_model] = (model, tokenizer)
         return model, tokenizer, False
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give memory back after dropping a model (or after running out of memory)."""
         gc.collect()
         import torch
 
@@ -189,7 +196,10 @@ class Heartbeat:
         while not self._stop.wait(self.lease_s / 3):
             try:
                 if not self.db.heartbeat_job(self.job.id, self.owner, self.lease_s):
-                    log.error("job %d: lease lost (taken over after expiry?); its result will not count", self.job.id)
+                    log.error(
+                        "job %d: lease lost (taken over after expiry?); its result will not count",
+                        self.job.id,
+                    )
                     self.lost.set()
                     return
             except DatabaseError as e:  # transient (locked, disk): the next beat may succeed
@@ -253,9 +263,13 @@ class RefinementWorker:
             log.info("worker: removed %d leftover(s) of interrupted writes from the store", len(removed))
         log.info(
             "worker %s: device %s, server %s, lease %g s, poll %g s, up to %d cached model(s)",
-            self.owner, self.device, self.options.server, self.options.lease_s, self.options.poll_s,
+            self.owner,
+            self.device,
+            self.options.server,
+            self.options.lease_s,
+            self.options.poll_s,
             self.models.max_models,
-        )  # fmt: skip
+        )
         done = 0
         while not self._stopping.is_set():
             try:
@@ -289,7 +303,9 @@ class RefinementWorker:
                 return
         except WorkerStopped:
             released = self.db.release_job(job.id, self.owner)
-            log.info("%s: stopped; %s", label, "given back to the queue" if released else "already taken over")
+            log.info(
+                "%s: stopped; %s", label, "given back to the queue" if released else "already taken over"
+            )
             raise
         finally:
             self._job = None
@@ -322,7 +338,7 @@ class RefinementWorker:
         except WorkerStopped:
             raise
         except _out_of_memory_types() as e:
-            self.models._release()
+            self.models.release()
             error = out_of_memory_message(self.device, e)
         except (JobFailure, AdapterError, CalibrationError, ConfigError, DatabaseError, OSError) as e:
             error = str(e)
@@ -342,8 +358,11 @@ class RefinementWorker:
         t = time.perf_counter()
         calibration = self._calibration(job)
         timings["calibration"] = time.perf_counter() - t
-        result["calibration"] = {"examples": calibration.examples, "sha256": calibration.sha256,
-                                 "summary": calibration.summary}  # fmt: skip
+        result["calibration"] = {
+            "examples": calibration.examples,
+            "sha256": calibration.sha256,
+            "summary": calibration.summary,
+        }
         log.info("%s: calibration: %s (%.1f s)", label, calibration.summary, timings["calibration"])
         self._check_enough(job, config, calibration.examples)
 
@@ -351,27 +370,42 @@ class RefinementWorker:
         lora = load_adapter(original)
         key = version_key(lora.content_hash(), base_model, config.to_dict(), calibration.sha256)
         result["key"] = key
-        known = lookup(self.store, job.adapter, key)
+        known = self.store.lookup(job.adapter, key)
         if known is not None:  # written (or kept) before: a worker died before recording it, or a twin job
             log.info("%s: the store already holds this refinement (%s); reused", label, known["decision"])
-            result.update({k: known[k] for k in ("reason", "policy", "quality_before", "quality_after", "version")})
+            result.update(
+                {k: known[k] for k in ("reason", "policy", "quality_before", "quality_after", "version")}
+            )
             result.update(decision=known["decision"], reused=True)
             return "accepted" if known["decision"] == "accept" else "kept_original"
 
         t = time.perf_counter()
         model, tokenizer, cached = self.models.get(base_model)
         timings["load_model"] = time.perf_counter() - t
-        log.info("%s: base model %s on %s %s (%.1f s)", label, base_model, self.device,
-                 "from the cache" if cached else "loaded", timings["load_model"])  # fmt: skip
+        log.info(
+            "%s: base model %s on %s %s (%.1f s)",
+            label,
+            base_model,
+            self.device,
+            "from the cache" if cached else "loaded",
+            timings["load_model"],
+        )
 
         # The writer lock tells store cleaning (a starting server or worker) that the reserved
         # directory is being filled, not left behind by a killed process.
         with self.store.writer_lock(job.adapter):
             out = self.store.new_version_dir(job.adapter)
             try:
-                log.info("%s: refine (%s policy, %d examples) into %s", label, config.policy,
-                         calibration.examples, out.name)  # fmt: skip
-                refined = refine(base_model, lora, calibration.data, out, config, model=model, tokenizer=tokenizer)
+                log.info(
+                    "%s: refine (%s policy, %d examples) into %s",
+                    label,
+                    config.policy,
+                    calibration.examples,
+                    out.name,
+                )
+                refined = refine(
+                    base_model, lora, calibration.data, out, config, model=model, tokenizer=tokenizer
+                )
             except BaseException:
                 shutil.rmtree(out, ignore_errors=True)
                 raise
@@ -393,9 +427,14 @@ class RefinementWorker:
             reused=False,
         )
         result["calibration"].update(
-            heldout_examples=refined.calibration["heldout_examples"], truncated=refined.calibration["truncated"]
+            heldout_examples=refined.calibration["heldout_examples"],
+            truncated=refined.calibration["truncated"],
         )
-        stages = ", ".join(f"{s} {timings[s]:.1f} s" for s in ("prepare", "sensitivity", "search", "evaluation", "write") if s in timings)
+        stages = ", ".join(
+            f"{s} {timings[s]:.1f} s"
+            for s in ("prepare", "sensitivity", "search", "evaluation", "write")
+            if s in timings
+        )
         log.info("%s: %s in %.1f s (%s)", label, refined.decision, refined.timings.get("total", 0.0), stages)
         if refined.decision == "accept":
             return "accepted"
@@ -412,7 +451,9 @@ class RefinementWorker:
         kind = source.get("source")
         if kind == "records":
             records = source["records"]
-            return Calibration(records, records_sha256(records), len(records), f"{len(records)} inline examples")
+            return Calibration(
+                records, records_sha256(records), len(records), f"{len(records)} inline examples"
+            )
         if kind == "file":
             path = Path(source["path"])
             records, digest = read_jsonl(path)
@@ -454,7 +495,9 @@ class RefinementWorker:
         headers = {"Content-Type": "application/json"}
         if self.options.admin_token:
             headers["Authorization"] = f"Bearer {self.options.admin_token}"
-        request = urllib.request.Request(url, json.dumps({"version": version}).encode(), headers, method="POST")
+        request = urllib.request.Request(
+            url, json.dumps({"version": version}).encode(), headers, method="POST"
+        )
         start = time.perf_counter()
         try:
             with urllib.request.urlopen(request, timeout=self.options.http_timeout_s) as response:
@@ -490,23 +533,46 @@ def _error_message(e: urllib.error.HTTPError) -> str:
 # ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `vllm-surgery worker` options."""
-    parser.add_argument("--server", required=True, help="the vLLM server's URL (swaps go there), e.g. http://127.0.0.1:8000")
-    parser.add_argument("--device", default="auto", help="where refinements run: auto (CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--store", default=None, help="refined-version store (default: the serving settings' VLLM_SURGERY_STORE)")
+    parser.add_argument(
+        "--server", required=True, help="the vLLM server's URL (swaps go there), e.g. http://127.0.0.1:8000"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="where refinements run: auto (CUDA if present), cpu, cuda, cuda:N"
+    )
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="refined-version store (default: the serving settings' VLLM_SURGERY_STORE)",
+    )
     parser.add_argument("--db", default=None, help="job database (default: the serving settings' database)")
-    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S, help="seconds between looks at an empty queue")
-    parser.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_S,
-                        help="a job's lease; renewed every third of it while the job runs, taken over when it expires")  # fmt: skip
-    parser.add_argument("--max-models", type=int, default=1, help="base models kept loaded (least recently used dropped)")
+    parser.add_argument(
+        "--poll-interval", type=float, default=DEFAULT_POLL_S, help="seconds between looks at an empty queue"
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        help="a job's lease; renewed every third of it while the job runs, taken over when it expires",
+    )
+    parser.add_argument(
+        "--max-models", type=int, default=1, help="base models kept loaded (least recently used dropped)"
+    )
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
-    parser.add_argument("--drain", action="store_true", help="run jobs until the queue has none to give, then exit")
-    parser.add_argument("--owner", default=None, help="this worker's name in the job rows (default host:pid:random)")
+    parser.add_argument(
+        "--drain", action="store_true", help="run jobs until the queue has none to give, then exit"
+    )
+    parser.add_argument(
+        "--owner", default=None, help="this worker's name in the job rows (default host:pid:random)"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """`vllm-surgery worker`; exit codes: 0 stopped (signal, --once, --drain), 2 bad settings."""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
     )
     try:
         settings = ServingSettings.from_env()
@@ -515,9 +581,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         db = SQLiteDatabase(Path(args.db) if args.db else settings.database_path)
         store = VersionStore(Path(args.store) if args.store else settings.store)
         options = WorkerOptions(
-            server=args.server, device=args.device, lease_s=args.lease_seconds, poll_s=args.poll_interval,
-            max_models=args.max_models, owner=args.owner or "", admin_token=settings.admin_token,
-        )  # fmt: skip
+            server=args.server,
+            device=args.device,
+            lease_s=args.lease_seconds,
+            poll_s=args.poll_interval,
+            max_models=args.max_models,
+            owner=args.owner or "",
+            admin_token=settings.admin_token,
+        )
         worker = RefinementWorker(db, store, options)
     except (SurgeryError, ValueError) as e:
         print(f"vllm-surgery worker: error: {e}", file=sys.stderr)
@@ -535,9 +606,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="vllm-surgery worker", description=__doc__.split("\n\n")[0], epilog=SIZING_HELP,
+        prog="vllm-surgery worker",
+        description=DESCRIPTION,
+        epilog=SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

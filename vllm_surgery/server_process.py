@@ -29,9 +29,21 @@ REQUEST_TIMEOUT_S = 120.0
 # Small, deterministic engine settings for tests and benchmarks on a CPU: float32 (outputs comparable
 # with transformers), short context, no CUDA graphs, rank-8 LoRA, 2 adapters on the device at once.
 SMALL_ENGINE_ARGS = (
-    "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0",
-    "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-num-seqs", "4",
-)  # fmt: skip
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "256",
+    "--enforce-eager",
+    "--seed",
+    "0",
+    "--enable-lora",
+    "--max-lora-rank",
+    "8",
+    "--max-loras",
+    "2",
+    "--max-num-seqs",
+    "4",
+)
 
 
 class ServerStartError(RuntimeError):

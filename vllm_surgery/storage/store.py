@@ -39,7 +39,7 @@ from typing import Any
 from ..adapter import PROVENANCE_NAME
 from ..config import SurgeryConfig
 from ..errors import SurgeryError
-from .names import path_under
+from ..names import path_under
 
 # Under vLLM's logger tree, like every module of the plugin: a plain package logger has no handler in
 # the server process, and its warnings (a corrupt served.json, say) would never reach the server log.
@@ -269,6 +269,21 @@ class VersionStore:
                 return info.path
         return None
 
+    def lookup(self, name: str, key: str) -> dict[str, Any] | None:
+        """The answer the store holds for refinement `key` of `name` (`stored_answer`): an accepted
+        version, or a remembered or forced outcome (which a job would have kept as the original);
+        None when it was not computed yet."""
+        matches = [v for v in self.versions(name) if v.key == key and v.servable]
+        accepted = [v for v in matches if v.decision == "accept"]
+        info: VersionInfo | None = (accepted or matches or [None])[-1]
+        if info is not None:
+            record = dict(info.record or {})
+            if info.decision != "accept":  # forced: the gate did not accept it, so a job keeps the original
+                return stored_answer(record, "keep_original", None)
+            return stored_answer(record, "accept", info.version_id)
+        remembered = self.recall(name, key)
+        return stored_answer(remembered, "keep_original", None) if remembered is not None else None
+
     def _outcome_path(self, name: str, key: str) -> Path:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise StoreError(f"invalid store key {key!r}")
@@ -354,6 +369,25 @@ class VersionStore:
             except FileExistsError:
                 continue
             return path
+
+
+def _quality(q: Any) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    return q if isinstance(q, dict) else q.to_dict()
+
+
+def stored_answer(record: Mapping[str, Any], decision: str | None, version: str | None) -> dict[str, Any]:
+    """A refinement's figures from its surgery.json (or a remembered outcome), shaped for answers."""
+    return {
+        "decision": decision,
+        "reason": record.get("reason"),
+        "policy": record.get("policy"),
+        "quality_before": _quality(record.get("quality_before")),
+        "quality_after": _quality(record.get("quality_after")),
+        "version": version,
+        "timings": record.get("timings") or {},
+    }
 
 
 def _remove_leftovers_in(base: Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """The refinement job queue: jobs that survive the death of the process running them.
 
 A job asks for one refinement of one adapter (who asked: `trigger`; what to compute: `spec`, see
-`jobs`). Its life: ``queued`` -> ``running`` (a worker holds its lease) -> ``accepted`` (a refined
+`vllm_surgery.worker.job_spec`). Its life: ``queued`` -> ``running`` (a worker holds its lease) -> ``accepted`` (a refined
 version was written; its swap into the server may still be pending), ``kept_original`` (the gate kept
 the original: nothing written) or ``failed`` (the error says why and what to change).
 
@@ -40,8 +40,10 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
+
+from .usable import LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
 JOB_TRIGGERS = ("manual", "first_load", "new_data")
 JOB_STATES = ("queued", "running", "accepted", "kept_original", "failed")
@@ -86,18 +88,11 @@ JOBS_SCHEMA = (
     "CREATE INDEX feedback_created ON feedback (created)",
 )
 
-# A completion that is an answer (not only whitespace): what rated-good and unrated records need to be
-# usable (a correction is the answer itself). Used by database.stats too.
-ANSWERED = "TRIM(t.completion, ' ' || char(9, 10, 13)) != ''"
-_COLUMNS = (
-    "id, adapter, trigger, state, spec, dedupe_key, created, started, finished, lease_owner, "
-    "lease_expires, heartbeat, attempts, max_attempts, error, result, swap, swap_error"
-)
-
 
 @dataclass(frozen=True)
 class Job:
-    """One row of the queue. `spec` and `result` are the decoded JSON objects (see `jobs`)."""
+    """One row of the queue. `spec` and `result` are the decoded JSON objects (see
+    `vllm_surgery.worker.job_spec`); the table's columns are these fields."""
 
     id: int
     adapter: str
@@ -124,11 +119,17 @@ class Job:
         return (self.result or {}).get("version")
 
 
-def _job(row: tuple) -> Job:
-    values = list(row)
-    values[4] = json.loads(values[4])
-    values[15] = json.loads(values[15]) if values[15] is not None else None
-    return Job(*values)
+# The jobs table's columns are Job's fields; these hold JSON text.
+JOB_COLUMNS = tuple(f.name for f in fields(Job))
+_JSON_COLUMNS = ("spec", "result")
+_COLUMNS = ", ".join(JOB_COLUMNS)
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    values = {name: row[name] for name in JOB_COLUMNS}
+    for name in _JSON_COLUMNS:
+        values[name] = None if values[name] is None else json.loads(values[name])
+    return Job(**values)
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,9 @@ class SQLiteJobQueue(JobQueue):
     ) -> bool:
         if swap not in SWAP_STATES:
             raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
-        timing = "result" if seconds is None else "json_set(COALESCE(result, '{}'), '$.timings.swap', :seconds)"
+        timing = (
+            "result" if seconds is None else "json_set(COALESCE(result, '{}'), '$.timings.swap', :seconds)"
+        )
         with self.transaction() as c:
             return (
                 c.execute(
@@ -418,18 +421,15 @@ class SQLiteJobQueue(JobQueue):
         return [_job(r) for r in rows]
 
     def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
-        latest = "f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id)"
         rated = self._query(
             "SELECT COUNT(*) FROM feedback f JOIN traffic t ON t.id = f.traffic_id "
-            f"WHERE t.adapter = ? AND t.calibratable AND f.created > ? AND {latest} "
-            f"AND (f.correction IS NOT NULL OR (f.rating = 'good' AND {ANSWERED}))",
+            f"WHERE t.adapter = ? AND f.created > ? AND {LATEST_FEEDBACK} AND {USABLE_BY_FEEDBACK}",
             (adapter, since),
         )[0][0]
         unrated = 0
         if include_unrated:
             unrated = self._query(
-                "SELECT COUNT(*) FROM traffic t WHERE t.adapter = ? AND t.created > ? AND t.calibratable "
-                f"AND {ANSWERED} AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.traffic_id = t.id)",
+                f"SELECT COUNT(*) FROM traffic t WHERE t.adapter = ? AND t.created > ? AND {USABLE_UNRATED}",
                 (adapter, since),
             )[0][0]
         return int(rated) + int(unrated)

@@ -33,12 +33,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeryError
-from .job_queue import ANSWERED, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
+from .job_queue import JOBS_SCHEMA, JobQueue, SQLiteJobQueue
+from .usable import LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
 BUSY_TIMEOUT_S = 30.0
 RATINGS = ("good", "bad")
@@ -114,7 +115,7 @@ class TrafficRecord:
 
     `prompt` is the completions prompt of this choice (a string, or a list of token ids as the client
     sent it) or, for chat, the list of messages. `calibratable` says whether prompt and completion are
-    text that a calibration file can hold (see vllm_surgery.traffic_calibration)."""
+    text that a calibration file can hold (see vllm_surgery.traffic.calibration_set)."""
 
     request_id: str
     choice: int
@@ -147,29 +148,21 @@ class StoredRecord:
         r = self.record
         return {
             "id": self.id,
-            "request_id": r.request_id,
-            "response_id": r.response_id,
-            "choice": r.choice,
-            "adapter": r.adapter,
-            "version": r.version,
-            "served_path": r.served_path,
-            "endpoint": r.endpoint,
-            "prompt": r.prompt,
-            "completion": r.completion,
-            "finish_reason": r.finish_reason,
+            **{name: getattr(r, name) for name in TRAFFIC_COLUMNS},
             "sampling": dict(r.sampling),
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-            "calibratable": r.calibratable,
-            "created": r.created,
             "feedback": {"rating": self.rating, "correction": self.correction, "count": self.feedback_count},
         }
 
 
+# The traffic table's columns are TrafficRecord's fields (plus its row id).
+TRAFFIC_COLUMNS = tuple(f.name for f in fields(TrafficRecord))
+_JSON_COLUMNS = ("prompt", "sampling")
+
+
 @dataclass(frozen=True)
 class TrafficStats:
-    """Counts for one (adapter, version). `usable` follows the calibration rules without unrated
-    records; `unrated_usable` is what --include-unrated would add."""
+    """Counts for one (adapter, version). `usable` follows the calibration rules (`usable`) without
+    unrated records; `unrated_usable` is what --include-unrated would add."""
 
     adapter: str
     version: str
@@ -247,37 +240,50 @@ class Database(JobQueue, ABC):
 
 
 # The latest feedback row of a traffic row (by id): "the latest wins".
-_LATEST = "LEFT JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id)"
-_COUNT = "(SELECT COUNT(*) FROM feedback WHERE traffic_id = t.id)"
-_COLUMNS = (
-    "t.id, t.request_id, t.response_id, t.choice, t.adapter, t.version, t.served_path, t.endpoint, "
-    "t.prompt, t.completion, t.finish_reason, t.sampling, t.prompt_tokens, t.completion_tokens, "
-    f"t.calibratable, t.created, f.rating, f.correction, {_COUNT}"
+_LATEST = f"LEFT JOIN feedback f ON {LATEST_FEEDBACK}"
+_COLUMNS = ", ".join(
+    [
+        "t.id",
+        *(f"t.{c}" for c in TRAFFIC_COLUMNS),
+        "f.rating",
+        "f.correction",
+        "(SELECT COUNT(*) FROM feedback WHERE traffic_id = t.id) AS feedback_count",
+    ]
 )
+# What stats() counts, in TrafficStats' field order (SQL over t and its latest feedback f).
+_STATS = {
+    "adapter": "t.adapter",
+    "version": "t.version",
+    "records": "COUNT(*)",
+    "rated": "COALESCE(SUM(f.rating IS NOT NULL), 0)",
+    "good": "COALESCE(SUM(f.rating = 'good'), 0)",
+    "bad": "COALESCE(SUM(f.rating = 'bad'), 0)",
+    "corrected": "COALESCE(SUM(f.correction IS NOT NULL), 0)",
+    "usable": f"COALESCE(SUM({USABLE_BY_FEEDBACK}), 0)",
+    "unrated_usable": f"COALESCE(SUM({USABLE_UNRATED}), 0)",
+    "first": "MIN(t.created)",
+    "last": "MAX(t.created)",
+}
+assert tuple(_STATS) == tuple(f.name for f in fields(TrafficStats))
 
 
-def _row_to_record(row: Sequence[Any]) -> StoredRecord:
-    (id_, request_id, response_id, choice, adapter, version, served_path, endpoint, prompt, completion,
-     finish_reason, sampling, prompt_tokens, completion_tokens, calibratable, created, rating, correction,
-     count) = row  # fmt: skip
-    record = TrafficRecord(
-        request_id=request_id,
-        response_id=response_id,
-        choice=choice,
-        adapter=adapter,
-        version=version,
-        served_path=served_path,
-        endpoint=endpoint,
-        prompt=None if prompt is None else json.loads(prompt),
-        completion=completion,
-        finish_reason=finish_reason,
-        sampling=json.loads(sampling),
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        calibratable=bool(calibratable),
-        created=created,
+def _to_row(record: TrafficRecord) -> tuple[Any, ...]:
+    """A record's column values, in TRAFFIC_COLUMNS order (JSON columns as text)."""
+    values = {name: getattr(record, name) for name in TRAFFIC_COLUMNS}
+    values["prompt"] = None if record.prompt is None else json.dumps(record.prompt, ensure_ascii=False)
+    values["sampling"] = json.dumps(dict(record.sampling), ensure_ascii=False, default=str)
+    values["calibratable"] = int(bool(record.calibratable))
+    return tuple(values[name] for name in TRAFFIC_COLUMNS)
+
+
+def _row_to_record(row: sqlite3.Row) -> StoredRecord:
+    values = {name: row[name] for name in TRAFFIC_COLUMNS}
+    for name in _JSON_COLUMNS:
+        values[name] = None if values[name] is None else json.loads(values[name])
+    values["calibratable"] = bool(values["calibratable"])
+    return StoredRecord(
+        row["id"], TrafficRecord(**values), row["rating"], row["correction"], row["feedback_count"]
     )
-    return StoredRecord(id_, record, rating, correction, count)
 
 
 class SQLiteDatabase(SQLiteJobQueue, Database):
@@ -320,6 +326,7 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                 conn = sqlite3.connect(
                     self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
                 )
+                conn.row_factory = sqlite3.Row  # rows by column name (and by index)
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
                 conn.execute("PRAGMA foreign_keys = ON")
                 conn.execute("PRAGMA synchronous = NORMAL")
@@ -357,7 +364,7 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                 conn.execute("ROLLBACK")
             raise DatabaseError(f"{self.path}: commit failed ({e})") from e
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
             return self.connection().execute(sql, params).fetchall()
         except sqlite3.Error as e:
@@ -395,25 +402,15 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
 
     # ------------------------------------------------------------------ traffic
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
-        rows = [
-            (
-                r.request_id, r.response_id, r.choice, r.adapter, r.version, r.served_path, r.endpoint,
-                None if r.prompt is None else json.dumps(r.prompt, ensure_ascii=False), r.completion,
-                r.finish_reason, json.dumps(dict(r.sampling), ensure_ascii=False, default=str),
-                r.prompt_tokens, r.completion_tokens, int(bool(r.calibratable)), r.created,
-            )
-            for r in records
-        ]  # fmt: skip
+        rows = [_to_row(r) for r in records]
+        sql = (
+            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(TRAFFIC_COLUMNS))})"
+        )
         ids = []
         with self.transaction() as c:
             for row in rows:
-                cur = c.execute(
-                    "INSERT INTO traffic (request_id, response_id, choice, adapter, version, served_path, "
-                    "endpoint, prompt, completion, finish_reason, sampling, prompt_tokens, "
-                    "completion_tokens, calibratable, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    row,
-                )
-                ids.append(int(cur.lastrowid))
+                ids.append(int(c.execute(sql, row).lastrowid))
         return ids
 
     def find(self, request_id: str, choice: int = 0) -> StoredRecord | None:
@@ -462,16 +459,13 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
 
     def stats(self, adapter: str | None = None) -> list[TrafficStats]:
         where, params = ("WHERE t.adapter = ?", (adapter,)) if adapter is not None else ("", ())
+        columns = ", ".join(f"{sql} AS {name}" for name, sql in _STATS.items())
         rows = self._query(
-            "SELECT t.adapter, t.version, COUNT(*), "
-            "COALESCE(SUM(f.rating IS NOT NULL), 0), COALESCE(SUM(f.rating = 'good'), 0), "
-            "COALESCE(SUM(f.rating = 'bad'), 0), COALESCE(SUM(f.correction IS NOT NULL), 0), "
-            f"COALESCE(SUM(t.calibratable AND (f.correction IS NOT NULL OR (f.rating = 'good' AND {ANSWERED}))), 0), "
-            f"COALESCE(SUM(t.calibratable AND f.id IS NULL AND {ANSWERED}), 0), MIN(t.created), MAX(t.created) "
-            f"FROM traffic t {_LATEST} {where} GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
+            f"SELECT {columns} FROM traffic t {_LATEST} {where} "
+            "GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
             params,
         )
-        return [TrafficStats(*row) for row in rows]
+        return [TrafficStats(**{name: row[name] for name in _STATS}) for row in rows]
 
     def adapters(self) -> list[str]:
         return [r[0] for r in self._query("SELECT DISTINCT adapter FROM traffic ORDER BY adapter")]

@@ -10,12 +10,12 @@ which call the same handlers outside the /v1 prefix that --api-key guards: no ke
 The endpoint plugin replaces the two /v1 routes (a plugin route with the same path and method
 replaces vLLM's) with these handlers and switches the SageMaker ones off (403 with the reason):
 
-- load needs the admin token (see `auth`); ``load_inplace: true`` is refused (400: use the swap
+- load (body `LoadAdapterRequest`, the fields of vLLM's own) needs the admin token (see `auth`); ``load_inplace: true`` is refused (400: use the swap
   route); ``lora_path`` must be an original (under an adapter root or given with --lora-modules) or a
   version in the store, and passes the same validation as a swap (`HotSwapper.validated_target`:
   corrupt files, rank, shapes, dtype overflow, staleness); a name the plugin manages (it has an
   original) is changed only through swap. Then vLLM's own load runs (never in place).
-- unload needs the admin token; a name the plugin manages is resolved again (to its served version)
+- unload (body `UnloadAdapterRequest`) needs the admin token; a name the plugin manages is resolved again (to its served version)
   on its next request.
 """
 
@@ -25,29 +25,47 @@ import asyncio
 import logging
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import Field, SkipValidation
 
-from . import vllm_compat
-from .auth import AdminGuard
-from .hotswap import HotSwapError, HotSwapper
-from .http import BodyError, error_response, json_object_body
-from .names import InvalidAdapterName, validate_adapter_name
+from ...names import InvalidAdapterName, validate_adapter_name
+from .. import vllm_compat
+from ..auth import AdminGuard
+from ..hotswap import HotSwapError, HotSwapper
+from .http import BodyError, RequestBody, RequestError, error_response, json_object_body
 
 log = logging.getLogger(f"vllm.{__name__}")
 
-LOAD_FIELDS = ("lora_name", "lora_path", "load_inplace", "is_3d_lora_weight")
-UNLOAD_FIELDS = ("lora_name", "lora_int_id")
+
+class LoadAdapterRequest(RequestBody):
+    """vLLM's load request (entrypoints/serve/lora/protocol.py), as this plugin accepts it. The values
+    are checked by the route, in order, so that each refusal names its reason."""
+
+    lora_name: Annotated[str, SkipValidation] = Field(description="a name the plugin does not manage")
+    lora_path: Annotated[str, SkipValidation] = Field(
+        description="an original adapter (under an adapter root or given with --lora-modules) or a version "
+        "in the store, as an absolute path"
+    )
+    load_inplace: Annotated[bool, SkipValidation] = Field(False, description="refused when true: use swap")
+    is_3d_lora_weight: Annotated[bool, SkipValidation] = Field(False, description="refused when true")
 
 
-class Refused(Exception):
+class UnloadAdapterRequest(RequestBody):
+    """vLLM's unload request."""
+
+    lora_name: Annotated[str, SkipValidation] = Field(description="the name to unload")
+    lora_int_id: Annotated[int | None, SkipValidation] = Field(None, description="ignored (vLLM's own field)")
+
+
+LOAD_FIELDS = tuple(LoadAdapterRequest.model_fields)
+UNLOAD_FIELDS = tuple(UnloadAdapterRequest.model_fields)
+
+
+class Refused(RequestError):
     """A request answered with `status` and the message."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:

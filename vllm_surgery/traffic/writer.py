@@ -1,21 +1,21 @@
-"""Recording traffic without slowing serving: which requests are recorded (policy and sampling), the
-redaction applied before anything is stored, and the writer thread that stores records in batches.
+"""Recording traffic without slowing serving: the writer thread that stores captured requests in
+batches, and the recorder that ties it to the policy (`policy`) and the redaction (`redaction`).
 
 Off the request path: the server's event loop only puts a captured request into a bounded queue
 (`TrafficWriter.submit`, a non-blocking put). One daemon thread takes what is queued (up to
-`BATCH_SIZE` at a time, waiting up to `LINGER_S` after the first for company), turns it into records (version lookup, JSON, redaction: the costly parts),
-writes the batch in one transaction and enforces the retention of the adapters in it; every
-`MAINTENANCE_INTERVAL_S` it also enforces the retention of every adapter and refreshes the
-usable-calibration-examples gauge.
+`BATCH_SIZE` at a time, waiting up to `LINGER_S` after the first for company), turns it into records
+(version lookup, JSON, redaction: the costly parts), writes the batch in one transaction and enforces
+the retention of the adapters in it; every `MAINTENANCE_INTERVAL_S` it also enforces the retention of
+every adapter and refreshes the usable-calibration-examples gauge.
 
 Never silently lost: when the queue is full the record is dropped, counted in
 ``vllm_surgery_traffic_records_total{outcome="dropped"}`` and logged (the first drop at once, then a
 summary at most every 10 s). A batch that the database refuses is retried once, then counted as
 ``failed`` and logged. `close()` (the server's shutdown) writes everything still queued.
 
-Crash bound: a committed batch survives a crash or SIGKILL (SQLite WAL, see `database`). What can be
-missing after a crash is at most what was queued (``traffic_queue_size`` records, observable as the
-queue-depth gauge) plus the batch being written (at most `BATCH_SIZE`, gathered for at most
+Crash bound: a committed batch survives a crash or SIGKILL (SQLite WAL, see `storage.database`). What
+can be missing after a crash is at most what was queued (``traffic_queue_size`` records, observable
+as the queue-depth gauge) plus the batch being written (at most `BATCH_SIZE`, gathered for at most
 `LINGER_S`), plus the requests whose responses were still being sent (they are queued just before
 their last byte is sent).
 """
@@ -23,20 +23,20 @@ their last byte is sent).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import queue
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from typing import Any
 
+from ..settings import ServingSettings
+from ..storage import Database, DatabaseError, Retention, TrafficRecord
 from . import metrics
-from .database import Database, DatabaseError, Retention, TrafficRecord
-from .settings import ServingSettings, SettingsError
+from .policy import TrafficPolicy
+from .redaction import apply_redaction, load_redaction
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -44,155 +44,6 @@ BATCH_SIZE = 256
 LINGER_S = 0.05  # after the first queued record, wait this long for more to share its transaction
 MAINTENANCE_INTERVAL_S = 60.0
 DROP_LOG_INTERVAL_S = 10.0
-DAY_S = 86400.0
-
-
-# ----------------------------------------------------------------------------- policy
-@dataclass(frozen=True)
-class AdapterPolicy:
-    """The effective traffic settings of one adapter (per-adapter entry over the global values)."""
-
-    sample_rate: float
-    retention: Retention
-    include_unrated: bool
-    calibration_files: tuple[str, ...]
-
-
-class TrafficPolicy:
-    """Which adapters are recorded, at what rate, and how long their records are kept."""
-
-    def __init__(self, settings: ServingSettings, rng: random.Random | None = None) -> None:
-        self.settings = settings
-        self._rng = rng or random.Random()
-        self._cache: dict[str, AdapterPolicy] = {}
-
-    @property
-    def enabled(self) -> bool:
-        """Whether anything at all can be recorded (the middleware is installed only then)."""
-        return self.settings.records_traffic
-
-    def for_adapter(self, name: str) -> AdapterPolicy:
-        policy = self._cache.get(name)
-        if policy is None:
-            s = self.settings
-            entry = s.adapter_traffic(name)
-            if entry is None:
-                rate = s.traffic_sample_rate if s.traffic else 0.0
-            elif not entry.capture:
-                rate = 0.0
-            else:
-                rate = entry.sample_rate if entry.sample_rate is not None else s.traffic_sample_rate
-            days = entry.max_age_days if entry and entry.max_age_days is not None else s.traffic_max_age_days
-            records = entry.max_records if entry and entry.max_records is not None else s.traffic_max_records
-            policy = AdapterPolicy(
-                sample_rate=rate,
-                retention=Retention(max_records=records, max_age_s=days * DAY_S if days > 0 else None),
-                include_unrated=bool(entry and entry.include_unrated),
-                calibration_files=entry.calibration_files if entry else (),
-            )
-            if len(self._cache) > 4096:  # names come from requests: keep the cache bounded
-                self._cache.clear()
-            self._cache[name] = policy
-        return policy
-
-    def sample(self, name: str) -> bool:
-        """Whether this request for adapter `name` is recorded (cheap: called on the event loop)."""
-        rate = self.for_adapter(name).sample_rate
-        return rate >= 1.0 or (rate > 0.0 and self._rng.random() < rate)
-
-
-# ----------------------------------------------------------------------------- redaction
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-# 7 or more digits, possibly grouped by single spaces, dashes or dots: phone, card, account and ID
-# numbers. Shorter numbers (amounts, years, arithmetic) are kept.
-DIGIT_RUN = re.compile(r"(?<!\d)\d(?:[ .-]?\d){6,}(?!\d)")
-EMAIL_MARK, NUMBER_MARK = "[EMAIL]", "[NUMBER]"
-
-Redaction = Callable[[dict[str, Any]], "dict[str, Any] | None"]
-
-
-def redact_text(text: str) -> str:
-    """E-mail addresses and long digit runs replaced by [EMAIL] and [NUMBER]."""
-    return DIGIT_RUN.sub(NUMBER_MARK, EMAIL.sub(EMAIL_MARK, text))
-
-
-def _redact_prompt(prompt: Any) -> Any:
-    if isinstance(prompt, str):
-        return redact_text(prompt)
-    if isinstance(prompt, list):  # chat messages (token id prompts hold no text)
-        out = []
-        for m in prompt:
-            if isinstance(m, dict) and isinstance(m.get("content"), str):
-                m = {**m, "content": redact_text(m["content"])}
-            elif isinstance(m, dict) and isinstance(m.get("content"), list):
-                parts = [
-                    {**p, "text": redact_text(p["text"])}
-                    if isinstance(p, dict) and isinstance(p.get("text"), str)
-                    else p
-                    for p in m["content"]
-                ]
-                m = {**m, "content": parts}
-            out.append(m)
-        return out
-    return prompt
-
-
-def builtin_redaction(record: dict[str, Any]) -> dict[str, Any]:
-    """The built-in redaction hook: e-mail addresses and runs of 7+ digits in the prompt (or the
-    messages) and the completion become [EMAIL] / [NUMBER]."""
-    return {
-        **record,
-        "prompt": _redact_prompt(record.get("prompt")),
-        "completion": redact_text(record["completion"]),
-    }
-
-
-def load_redaction(spec: str) -> Redaction | None:
-    """'builtin', 'none' (None: nothing is changed) or 'package.module:function' (or
-    'package.module.function'). Raises SettingsError naming VLLM_SURGERY_TRAFFIC_REDACT."""
-    spec = spec.strip()
-    if spec == "builtin":
-        return builtin_redaction
-    if spec == "none":
-        return None
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        module_name, _, attr = spec.rpartition(".")
-    where = f"VLLM_SURGERY_TRAFFIC_REDACT={spec!r}"
-    if not module_name or not attr:
-        raise SettingsError(f"{where}: expected 'builtin', 'none' or 'package.module:function'")
-    try:
-        hook = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise SettingsError(f"{where}: cannot be imported ({type(e).__name__}: {e})") from e
-    if not callable(hook):
-        raise SettingsError(f"{where}: {attr!r} is not callable")
-    return hook
-
-
-_RECORD_FIELDS = frozenset(f.name for f in fields(TrafficRecord))
-
-
-def apply_redaction(hook: Redaction | None, record: TrafficRecord) -> TrafficRecord | None:
-    """`record` as the hook rewrote it, or None if the hook dropped it. A hook that raises or returns
-    something other than a record dict raises ValueError (the caller drops the record: storing it
-    unredacted is never the fallback)."""
-    if hook is None:
-        return record
-    if hook is builtin_redaction:  # the same result without copying the record into a dict and back
-        return replace(record, prompt=_redact_prompt(record.prompt), completion=redact_text(record.completion))
-    out = hook(asdict(record))
-    if out is None:
-        return None
-    if (
-        not isinstance(out, Mapping)
-        or set(out) - _RECORD_FIELDS
-        or not isinstance(out.get("completion"), str)
-    ):
-        raise ValueError(
-            f"redaction hook returned {type(out).__name__}, not a record dict with a string completion"
-        )
-    return replace(record, **{k: v for k, v in out.items() if k in _RECORD_FIELDS})
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -273,8 +124,11 @@ class TrafficWriter:
             log.warning(
                 "traffic: %d record(s) dropped since the last report (latest: adapter %r; queue %s, "
                 "size %d); raise traffic_queue_size or lower the sample rate",
-                self._dropped_since_log, adapter, why, self.queue.maxsize,
-            )  # fmt: skip
+                self._dropped_since_log,
+                adapter,
+                why,
+                self.queue.maxsize,
+            )
             self._dropped_since_log = 0
             self._last_drop_log = now
 
@@ -329,8 +183,10 @@ class TrafficWriter:
         deadline = time.monotonic() + self.linger_s
         while len(items) < self.batch_size:
             try:
-                item = self.queue.get_nowait() if self._stop.is_set() else self.queue.get(
-                    timeout=max(0.0, deadline - time.monotonic())
+                item = (
+                    self.queue.get_nowait()
+                    if self._stop.is_set()
+                    else self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 )
             except queue.Empty:
                 break
@@ -452,6 +308,10 @@ class TrafficRecorder:
     def submit(self, capture: Any) -> bool:
         return self.writer.submit(capture, capture.adapter)
 
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until what was submitted before this call is written (see TrafficWriter.flush)."""
+        return self.writer.flush(timeout)
+
     def _version(self, adapter: str, path: str) -> str | None:
         key = (adapter, path)
         if key not in self._versions:
@@ -493,7 +353,7 @@ class TrafficRecorder:
         return None if redacted is None else redacted.completion
 
     def usable_examples(self, adapter: str | None = None) -> dict[str, int]:
-        """Usable calibration examples from traffic per adapter (the rules of traffic_calibration)."""
+        """Usable calibration examples from traffic per adapter (the rules of `calibration_set`)."""
         out: dict[str, int] = {}
         for row in self.db.stats(adapter):
             extra = row.unrated_usable if self.policy.for_adapter(row.adapter).include_unrated else 0

@@ -1,22 +1,19 @@
-"""From recorded traffic to calibration data: the rules, and the JSONL export that `vllm-surgery refine`
-reads. Used by the CLI (`vllm-surgery calibration export`), the refine route (``{"from_traffic": true}``)
-and the background worker.
+"""From recorded traffic to calibration data: the rules, the "adapter" calibration source of a job, and
+the JSONL export that `vllm-surgery refine` reads. Used by the CLI (`vllm-surgery calibration export`),
+the refine route (``{"from_traffic": true}``), the automatic jobs and the worker.
 
-An adapter's calibration set is, per recorded choice and its LATEST feedback (the history is kept,
-the latest wins):
+An adapter's calibration set is its recorded choices that are usable under their latest feedback
+(the rule is `vllm_surgery.storage.usable`, written once for these records and for the database's
+counts: corrections, completions rated ``good``, and unrated completions only where the operator opts
+in: ``--include-unrated``, the refine body's ``include_unrated``, or the adapter's ``include_unrated``
+setting; ``bad`` without a correction is never used). Why not unrated by default: an adapter's own
+unreviewed output is a weak target; refining towards it mostly reinforces what the adapter already
+does, including its mistakes. It can still help when most answers are right and the held-out check
+guards the result. Then:
 
-- a correction: the correction is the answer (whatever the rating says: the user wrote what they
-  wanted);
-- rated ``good`` without a correction: the completion is the answer;
-- rated ``bad`` without a correction: never used (we know the answer is wrong, not what is right);
-- no feedback ("unrated"): used only when the operator opts in (``--include-unrated``, the refine body's
-  ``include_unrated``, or the adapter's ``include_unrated`` setting). Why not by default: an adapter's
-  own unreviewed output is a weak target; refining towards it mostly reinforces what the adapter
-  already does, including its mistakes. It can still help when most answers are right and the
-  held-out check guards the result;
-- plus the lines of the static calibration files the operator registered for the adapter
+- the lines of the static calibration files the operator registered for the adapter
   (``traffic_adapters: {"X": {"calibration_files": [...]}}``, names in ``calibration_dir``);
-- plus the adapter's own calibration sample, ``surgery_calibration.jsonl`` next to its
+- the adapter's own calibration sample, ``surgery_calibration.jsonl`` next to its
   adapter_config.json (`calibration.ADAPTER_CALIBRATION_NAME`), when it has one: what a first
   refinement can use before any traffic exists.
 
@@ -34,14 +31,18 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .calibration import ADAPTER_CALIBRATION_NAME, check_record, read_jsonl
-from .errors import CalibrationError, SurgeryError
+from ..calibration import ADAPTER_CALIBRATION_NAME, check_record, read_jsonl
+from ..errors import CalibrationError, SurgeryError
+from ..names import InvalidAdapterName, path_under
+from ..settings import ServingSettings
+from ..storage import LEFT_OUT_KINDS, USABLE_KINDS, Database, usable_answer
+from .policy import TrafficPolicy
 
 # Each exported line says where it came from (calibration.FEEDBACK_LABELS): refine() weighs
 # corrections by its correction_weight setting.
@@ -57,19 +58,7 @@ class CalibrationFromTraffic:
     adapter: str
     records: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            (
-                "corrected",
-                "good",
-                "unrated",
-                "static",
-                "adapter_file",
-                "bad_without_correction",
-                "unrated_left_out",
-                "not_text",
-            ),
-            0,
-        )
+        default_factory=lambda: dict.fromkeys((*USABLE_KINDS, "static", "adapter_file", *LEFT_OUT_KINDS), 0)
     )
 
     def summary(self) -> str:
@@ -115,7 +104,7 @@ def traffic_examples(
     include_unrated: bool = False,
     out: CalibrationFromTraffic | None = None,
 ) -> CalibrationFromTraffic:
-    """Apply the rules (module docstring) to an adapter's records in `db` (a serving.database.Database)."""
+    """Apply the rules (module docstring) to an adapter's records in `db` (a storage.Database)."""
     out = out or CalibrationFromTraffic(adapter)
     c = out.counts
     after = 0
@@ -123,26 +112,14 @@ def traffic_examples(
         after = batch[-1].id
         for stored in batch:
             r = stored.record
-            if stored.correction is not None:
-                kind, answer = "corrected", stored.correction
-            elif stored.rating == "good":
-                kind, answer = "good", r.completion
-            elif stored.rating == "bad":
-                c["bad_without_correction"] += 1
-                continue
-            elif include_unrated:
-                kind, answer = "unrated", r.completion
-            else:
-                if r.calibratable:
-                    c["unrated_left_out"] += 1
-                else:
-                    c["not_text"] += 1
-                continue
-            if not r.calibratable or not answer.strip():
-                c["not_text"] += 1
-                continue
+            kind, answer = usable_answer(
+                r.calibratable, r.completion, stored.rating, stored.correction, include_unrated
+            )
             c[kind] += 1
-            out.records.append({**example_of(r.endpoint, r.prompt, answer), "feedback": _FEEDBACK_LABEL[kind]})
+            if answer is not None:
+                out.records.append(
+                    {**example_of(r.endpoint, r.prompt, answer), "feedback": _FEEDBACK_LABEL[kind]}
+                )
     return out
 
 
@@ -192,8 +169,6 @@ def calibration_set(
 def registered_files(calibration_dir: Path | None, names: Sequence[str], adapter: str) -> list[Path]:
     """The static files registered for an adapter, as paths under the calibration directory. Raises
     CalibrationError for a name that is not a plain file name there."""
-    from .serving.names import InvalidAdapterName, path_under
-
     if names and calibration_dir is None:
         raise CalibrationError(
             f"adapter {adapter!r} registers calibration files but calibration_dir is not set"
@@ -205,6 +180,70 @@ def registered_files(calibration_dir: Path | None, names: Sequence[str], adapter
         except InvalidAdapterName as e:
             raise CalibrationError(f"adapter {adapter!r}: calibration file {name!r}: {e}") from None
     return out
+
+
+def adapter_source(
+    *,
+    include_unrated: bool,
+    since: float | None,
+    files: Sequence[str | os.PathLike],
+    adapter_dir: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """A job's "adapter" calibration source: the adapter's calibration set, built when the job runs."""
+    return {
+        "source": "adapter",
+        "include_unrated": bool(include_unrated),
+        "since": since,
+        "files": [str(f) for f in files],
+        "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
+    }
+
+
+def build_adapter_calibration(
+    db: Database | None, adapter: str, source: Mapping[str, Any]
+) -> CalibrationFromTraffic:
+    """The calibration set an "adapter" source names. `db`: the database with the adapter's traffic, or
+    None. Raises CalibrationError (file, line) or DatabaseError."""
+    return calibration_set(
+        db,
+        adapter,
+        since=source.get("since"),
+        include_unrated=bool(source.get("include_unrated")),
+        static_files=[Path(f) for f in source.get("files") or ()],
+        adapter_dir=source.get("adapter_dir"),
+    )
+
+
+class AdapterCalibration:
+    """What the refine route and the automatic jobs call to learn an adapter's calibration set now:
+    ``calibration(adapter, adapter_dir, include_unrated or None, since or None)`` gives the set and
+    the job spec's "adapter" source that rebuilds it when the job runs.
+
+    `db`: the server's database (traffic and jobs), or None (no traffic). `recorder`: the traffic
+    recorder when this server records traffic; what it has queued is written first, so that what was
+    answered before the call counts. Blocking (reads the database and the files)."""
+
+    FLUSH_WAIT_S = 5.0
+
+    def __init__(self, settings: ServingSettings, db: Database | None, recorder: Any = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.recorder = recorder
+        self.policy: TrafficPolicy = recorder.policy if recorder is not None else TrafficPolicy(settings)
+
+    def __call__(
+        self, adapter: str, adapter_dir: Path | None, include_unrated: bool | None, since: float | None
+    ) -> tuple[CalibrationFromTraffic, dict[str, Any]]:
+        adapter_policy = self.policy.for_adapter(adapter)
+        if include_unrated is None:
+            include_unrated = adapter_policy.include_unrated
+        files = registered_files(self.settings.calibration_dir, adapter_policy.calibration_files, adapter)
+        source = adapter_source(
+            include_unrated=include_unrated, since=since, files=files, adapter_dir=adapter_dir
+        )
+        if self.recorder is not None:
+            self.recorder.flush(self.FLUSH_WAIT_S)
+        return build_adapter_calibration(self.db, adapter, source), source
 
 
 def write_jsonl(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:

@@ -1,19 +1,31 @@
-"""Request bodies and error answers shared by every /v1/surgery route.
+"""Request bodies and error answers shared by every route of the plugin.
 
 Bodies are read with a size bound before anything is parsed (a client cannot make the server buffer a
 200 MB body), and parsed strictly: bad JSON, JSON nested too deeply for the parser (which raises
 RecursionError, not ValueError) and a body that is not an object all answer 4xx with a message, never a
 500 with a traceback. Errors use the shape of vLLM's own: ``{"error": {"message", "type", "code"}}``.
+
+Each body is a pydantic model (`RequestBody`: unknown fields are refused), as vLLM's own routes
+declare theirs. The routes read the body themselves, so that the size bound and the messages above
+hold, and declare the model's schema in the OpenAPI document (`openapi_body`), so that /docs shows
+every route with its body.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Collection
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..hotswap import HotSwapError
+
+log = logging.getLogger(f"vllm.{__name__}")
 
 # Bounds per kind of body. A swap or a feedback body is a few hundred bytes; a refine body may carry
 # calibration records inline (the paper's range is 32-256 examples).
@@ -36,12 +48,16 @@ _TYPES = {
 }
 
 
-class BodyError(ValueError):
-    """A request body that cannot be used; `status` is the HTTP status to answer with (400 or 413)."""
+class RequestError(Exception):
+    """A request answered with `status` (4xx/5xx) and the message."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = int(status)
+
+
+class BodyError(RequestError, ValueError):
+    """A request body (or query) that cannot be used; `status` is the HTTP status to answer with."""
 
 
 def error_response(message: str, status: int, err_type: str | None = None) -> JSONResponse:
@@ -70,7 +86,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_object(raw: bytes, allowed: Collection[str] | None = None, example: str = "") -> dict[str, Any]:
+def parse_json_object(
+    raw: bytes, allowed: Collection[str] | None = None, example: str = ""
+) -> dict[str, Any]:
     """`raw` parsed as a JSON object; with `allowed`, unknown fields are refused by name (400)."""
     hint = f" (e.g. {example})" if example else ""
     if not raw.strip():
@@ -113,3 +131,70 @@ async def json_object_body(
 ) -> dict[str, Any]:
     """Read and parse a bounded JSON-object body. Raises BodyError (400 or 413) saying what is wrong."""
     return parse_json_object(await read_body(request, max_bytes), allowed, example)
+
+
+# ----------------------------------------------------------------------------- typed bodies
+class RequestBody(BaseModel):
+    """Base of the request models: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+Model = TypeVar("Model", bound=RequestBody)
+
+
+def openapi_body(model: type[RequestBody]) -> dict[str, Any]:
+    """The `openapi_extra` of a route that reads a `model` body itself (see the module docstring)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def validation_message(error: ValidationError) -> str:
+    """The first problem of a ValidationError as one line: a check's own message where it raised one,
+    else the field and pydantic's message."""
+    first = error.errors()[0]
+    raised = (first.get("ctx") or {}).get("error")
+    if raised is not None:
+        return str(raised)
+    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    return f"'{where}': {first.get('msg')}"
+
+
+def validated(model: type[Model], body: Any) -> Model:
+    """`body` (parsed JSON) as a `model`; raises BodyError (400) saying what is wrong."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise BodyError(validation_message(e)) from None
+
+
+async def read_model(
+    request: Request, model: type[Model], max_bytes: int = SMALL_BODY_BYTES, example: str = ""
+) -> Model:
+    """Read, parse and validate a bounded `model` body. Raises BodyError (400 or 413)."""
+    return validated(model, await json_object_body(request, max_bytes, model.model_fields, example))
+
+
+# ----------------------------------------------------------------------------- answers
+Handler = Callable[..., Awaitable[Any]]
+
+
+def answer_4xx(handler: Handler) -> Handler:
+    """Map the errors a route can meet to answers: RequestError (BodyError and the routes' own) with its
+    status, HotSwapError with its status and outcome; any other error of the request's content
+    (ValueError, TypeError, OverflowError, RecursionError) is a 400 with its message; nothing escapes
+    as a bare 500 with a traceback."""
+
+    @functools.wraps(handler)  # FastAPI reads the parameters from the wrapped signature
+    async def route(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except RequestError as e:
+            return error_response(str(e), e.status)
+        except HotSwapError as e:
+            return error_response(str(e), int(e.status), e.outcome)
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:
+            log.warning("request refused: %s: %s", type(e).__name__, e)
+            return error_response(f"bad request: {type(e).__name__}: {e}", 400)
+
+    return route

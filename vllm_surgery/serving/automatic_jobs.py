@@ -37,38 +37,35 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .database import Database, DatabaseError
+from ..errors import AdapterError
+from ..storage import ACTIVE_STATES, Database, DatabaseError, Job
+from ..traffic import AdapterCalibration
+from ..worker import job_spec
 from .hotswap import HotSwapError, HotSwapper
-from .job_queue import ACTIVE_STATES, Job
-from .jobs import job_spec
-from .refining import AdapterCalibration
-from .traffic import TrafficPolicy
 
 log = logging.getLogger(f"vllm.{__name__}")
 
 
-class AutoRefiner:
-    """Automatic jobs and pending swaps of one API server (module docstring)."""
+class AutomaticJobs:
+    """Automatic jobs and pending swaps of one API server (module docstring). `calibration` gives an
+    adapter's calibration set now (and its traffic policy: whether unrated completions count)."""
 
     def __init__(
-        self,
-        swapper: HotSwapper,
-        db: Database,
-        base_model: str,
-        calibration: AdapterCalibration,
-        policy: TrafficPolicy | None = None,
+        self, swapper: HotSwapper, db: Database, base_model: str, calibration: AdapterCalibration
     ) -> None:
         self.swapper = swapper
         self.settings = swapper.settings
         self.db = db
         self.base_model = str(base_model)
         self.calibration = calibration
-        self.policy = policy or TrafficPolicy(self.settings)
+        self.policy = calibration.policy
         self._checks = ThreadPoolExecutor(1, thread_name_prefix="vllm-surgery-first-load")
         self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ automatic jobs (blocking)
-    def _enqueue(self, name: str, original: Path, trigger: str, key: str, source: dict[str, Any]) -> tuple[Job, bool]:
+    def _enqueue(
+        self, name: str, original: Path, trigger: str, key: str, source: dict[str, Any]
+    ) -> tuple[Job, bool]:
         s = self.settings
         spec = job_spec(
             base_model=self.base_model,
@@ -83,14 +80,24 @@ class AutoRefiner:
         """Queue a first_load job for `name` if it qualifies (module docstring); the job, or None."""
         if not self.settings.auto_refine:
             return None
-        if any(v.adapter_hash == adapter_hash and v.decision == "accept" for v in self.swapper.store.versions(name)):
+        if any(
+            v.adapter_hash == adapter_hash and v.decision == "accept"
+            for v in self.swapper.store.versions(name)
+        ):
             return None  # refined before (served, or rolled back by a person): not a first load
         data, source = self.calibration(name, original, None, None)
         n, needed = len(data.records), self.settings.refine_min_examples
         if n < needed:
-            log.info("auto-refine: %r has %d of the %d calibration examples a first refinement needs", name, n, needed)
+            log.info(
+                "auto-refine: %r has %d of the %d calibration examples a first refinement needs",
+                name,
+                n,
+                needed,
+            )
             return None
-        job, created = self._enqueue(name, original, "first_load", f"first_load:{name}:{adapter_hash}", source)
+        job, created = self._enqueue(
+            name, original, "first_load", f"first_load:{name}:{adapter_hash}", source
+        )
         if created:
             log.info("auto-refine: queued job %d for %r (first load: %s)", job.id, name, data.summary())
         return job
@@ -99,6 +106,17 @@ class AutoRefiner:
         """first_load in the background (the resolver calls this: resolution must not wait)."""
         if self.settings.auto_refine:
             self._checks.submit(self._safely, self.first_load, name, original, adapter_hash)
+
+    def first_load_of_startup_adapters(self) -> None:
+        """--lora-modules adapters are never resolved: they get their first-load check at start
+        (blocking: validates the originals)."""
+        for name, original in self.swapper.startup.items():
+            try:
+                adapter_hash = self.swapper.validator.validate(original)
+                if self.swapper.store.served(name, adapter_hash) is None:
+                    self.first_load_soon(name, original, adapter_hash)
+            except (AdapterError, OSError, ValueError) as e:
+                log.warning("adapter %r: no first-load check: %s", name, e)
 
     @staticmethod
     def _safely(fn: Any, *args: Any) -> Any:
@@ -120,7 +138,9 @@ class AutoRefiner:
             if original is None:
                 continue  # recorded by another server sharing the database, or removed since
             last = self.db.last_job(name)
-            if last is not None and (last.state in ACTIVE_STATES or now - last.created < s.refine_min_interval_s):
+            if last is not None and (
+                last.state in ACTIVE_STATES or now - last.created < s.refine_min_interval_s
+            ):
                 continue
             include_unrated = self.policy.for_adapter(name).include_unrated
             new = self.db.usable_since(name, last.created if last else 0.0, include_unrated)
@@ -133,9 +153,13 @@ class AutoRefiner:
             job, created = self._enqueue(name, original, "new_data", key, source)
             if created:
                 log.info(
-                    "auto-refine: queued job %d for %r (%d new usable examples since %s; %s)", job.id, name,
-                    new, f"job {last.id}" if last else "the start", data.summary(),
-                )  # fmt: skip
+                    "auto-refine: queued job %d for %r (%d new usable examples since %s; %s)",
+                    job.id,
+                    name,
+                    new,
+                    f"job {last.id}" if last else "the start",
+                    data.summary(),
+                )
                 queued.append(job)
         return queued
 
@@ -151,16 +175,29 @@ class AutoRefiner:
                 await self.swapper.swap(job.adapter, job.version)
             except HotSwapError as e:
                 if e.status >= 500:
-                    log.error("auto-refine: job %d: swapping in %s failed (%s); retried later", job.id, job.version, e)
+                    log.error(
+                        "auto-refine: job %d: swapping in %s failed (%s); retried later",
+                        job.id,
+                        job.version,
+                        e,
+                    )
                     done.append((job.id, "retry"))
                     continue
                 await asyncio.to_thread(self.db.set_job_swap, job.id, "failed", str(e))
-                log.error("auto-refine: job %d: version %s of %r was refused: %s", job.id, job.version, job.adapter, e)
+                log.error(
+                    "auto-refine: job %d: version %s of %r was refused: %s",
+                    job.id,
+                    job.version,
+                    job.adapter,
+                    e,
+                )
                 done.append((job.id, "failed"))
                 continue
             seconds = time.perf_counter() - start
             await asyncio.to_thread(self.db.set_job_swap, job.id, "done", None, seconds)
-            log.info("auto-refine: job %d: swapped in %s for %r (pending swap)", job.id, job.version, job.adapter)
+            log.info(
+                "auto-refine: job %d: swapped in %s for %r (pending swap)", job.id, job.version, job.adapter
+            )
             done.append((job.id, "done"))
         return done
 

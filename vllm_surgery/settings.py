@@ -1,6 +1,7 @@
-"""Operator settings for the serving plugin, declared once: each field of `ServingSettings` names its
-environment variable, its kind and its help text, and the parsing of variables and of the JSON file,
-the file's allowed keys and the settings table in the docs (`settings_table`) are all derived from it.
+"""Deployment settings, shared by the server plugin, the worker and the command line, declared once:
+each field of `ServingSettings` names its environment variable, its kind and its help text, and the
+parsing of variables and of the JSON file, the file's allowed keys and the settings table in the docs
+(`settings_table`, in docs/settings.md) are all derived from it.
 
 Read from the environment of the `vllm serve` process (every vLLM process inherits it), optionally
 completed by a JSON file named by ``VLLM_SURGERY_CONFIG`` whose keys are the field names. A variable
@@ -19,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 ENV_CONFIG = "VLLM_SURGERY_CONFIG"
 DEFAULT_STORE = Path("~/.cache/vllm-surgery/store")
@@ -88,7 +89,9 @@ def _json_str(value: Any, source: str, base: Path) -> str:
 
 
 PATH = Kind("path", lambda text, source: Path(text.strip()).expanduser(), _json_path)
-DIRS = Kind(f"paths separated by '{os.pathsep}' (file: a list)", lambda t, s: tuple(_split_dirs(t)), _json_dirs)
+DIRS = Kind(
+    f"paths separated by '{os.pathsep}' (file: a list)", lambda t, s: tuple(_split_dirs(t)), _json_dirs
+)
 BOOL = Kind("boolean", _text_bool, _json_bool)
 STRING = Kind("string", _text_str, _json_str)
 
@@ -158,13 +161,19 @@ def _json_adapter_traffic(value: Any, source: str, base: Path) -> tuple[AdapterT
         except InvalidAdapterName as e:
             raise SettingsError(f"{source}: {e}") from None
         if not isinstance(entry, dict):
-            raise SettingsError(f"{source}: {name!r} must be an object with keys {sorted(_ADAPTER_TRAFFIC_CHECKS)}")
+            raise SettingsError(
+                f"{source}: {name!r} must be an object with keys {sorted(_ADAPTER_TRAFFIC_CHECKS)}"
+            )
         unknown = sorted(set(entry) - set(_ADAPTER_TRAFFIC_CHECKS))
         if unknown:
-            raise SettingsError(f"{source}: {name!r}: unknown key(s) {unknown}; allowed: {sorted(_ADAPTER_TRAFFIC_CHECKS)}")
+            raise SettingsError(
+                f"{source}: {name!r}: unknown key(s) {unknown}; allowed: {sorted(_ADAPTER_TRAFFIC_CHECKS)}"
+            )
         for key, v in entry.items():
             if not _ADAPTER_TRAFFIC_CHECKS[key](v):
-                raise SettingsError(f"{source}: {name!r}: {key!r} must be {_ADAPTER_TRAFFIC_HELP[key]}, got {v!r}")
+                raise SettingsError(
+                    f"{source}: {name!r}: {key!r} must be {_ADAPTER_TRAFFIC_HELP[key]}, got {v!r}"
+                )
         values = dict(entry)
         if "calibration_files" in values:
             values["calibration_files"] = tuple(f.strip() for f in values["calibration_files"])
@@ -195,14 +204,14 @@ NOT_REFINE_SETTINGS = frozenset({"force", "device", "progress"})
 def refine_setting_fields() -> tuple[str, ...]:
     """The SurgeryConfig fields an operator may set for a refinement: every field but NOT_REFINE_SETTINGS,
     derived from SurgeryConfig itself (imported here, not at module import: it pulls in torch)."""
-    from ..config import SurgeryConfig
+    from .config import SurgeryConfig
 
     return tuple(f.name for f in fields(SurgeryConfig) if f.name not in NOT_REFINE_SETTINGS)
 
 
 def _json_refine_settings(value: Any, source: str, base: Path) -> dict[str, Any]:
     """SurgeryConfig fields for automatic jobs, validated by SurgeryConfig itself (errors name the field)."""
-    from ..config import SurgeryConfig
+    from .config import SurgeryConfig
 
     if not isinstance(value, dict):
         raise SettingsError(f"{source} must be a JSON object of refine settings, got {value!r}")
@@ -228,7 +237,9 @@ def _text_refine_settings(text: str, source: str) -> dict[str, Any]:
     return _json_refine_settings(value, source, Path("."))
 
 
-REFINE_SETTINGS = Kind("JSON object of refine settings (SurgeryConfig fields)", _text_refine_settings, _json_refine_settings)
+REFINE_SETTINGS = Kind(
+    "JSON object of refine settings (SurgeryConfig fields)", _text_refine_settings, _json_refine_settings
+)
 
 
 def setting(env: str, kind: Kind, help: str, **kwargs: Any) -> Any:
@@ -256,7 +267,7 @@ class ServingSettings:
     calibration_dir: Path | None = setting(
         "VLLM_SURGERY_CALIBRATION_DIR",
         PATH,
-        "Directory of named calibration files that POST .../refine may name ({\"calibration\": FILE}).",
+        'Directory of named calibration files that POST .../refine may name ({"calibration": FILE}).',
         default=None,
     )
     admin_token: str = setting(
@@ -378,14 +389,17 @@ class ServingSettings:
     @property
     def database_path(self) -> Path:
         """The traffic database: `database`, or <store>.sqlite3 beside the store directory."""
-        return self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
+        return (
+            self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
+        )
 
     @property
     def records_traffic(self) -> bool:
         """Whether any traffic can be recorded: on globally with a rate above 0, or for some adapter."""
         rate = self.traffic_sample_rate
         return (self.traffic and rate > 0) or any(
-            a.capture and (a.sample_rate if a.sample_rate is not None else rate) > 0 for a in self.traffic_adapters
+            a.capture and (a.sample_rate if a.sample_rate is not None else rate) > 0
+            for a in self.traffic_adapters
         )
 
     def adapter_traffic(self, name: str) -> AdapterTraffic | None:
@@ -413,6 +427,14 @@ class ServingSettings:
                     file_values[f.name], f"{config_path}: {f.name!r}", base
                 )
         return cls(**values)
+
+
+def env_of(name: str) -> str:
+    """The environment variable of the setting (field) `name`."""
+    for f in fields(ServingSettings):
+        if f.name == name:
+            return f.metadata["env"]
+    raise KeyError(name)
 
 
 def file_keys() -> frozenset[str]:
@@ -450,5 +472,5 @@ def _read_file(path: Path) -> dict[str, Any]:
     return values
 
 
-if __name__ == "__main__":  # `python -m vllm_surgery.serving.settings` prints the table for the README
+if __name__ == "__main__":  # `python -m vllm_surgery.settings` prints the table for docs/settings.md
     print(settings_table())

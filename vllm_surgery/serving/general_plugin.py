@@ -39,7 +39,7 @@ def register() -> None:
             vllm_compat.RUNTIME_LORA_ENV,
             ENDPOINT_PLUGIN,
         )
+    from ..settings import ServingSettings
     from .resolver import SurgeryResolver
-    from .settings import ServingSettings
 
     vllm_compat.register_resolver(RESOLVER_NAME, SurgeryResolver(ServingSettings.from_env()))

@@ -1,0 +1,52 @@
+"""The demos and the benchmarks still run against the package as it is laid out: each script's
+`--help` works (it imports everything the script imports at the top), and every name it imports from
+vllm_surgery, also inside functions, exists. (Their real runs take minutes to hours; the sensitivity
+benchmark's `--dry-run` alone takes minutes on a CPU, so it is not run here.)"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*(ROOT / "examples").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+
+
+def package_imports(path: Path) -> list[tuple[str, str | None, int]]:
+    """(module, imported name or None, line) of every vllm_surgery import in the script."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vllm_surgery"):
+            out += [(node.module, alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, None, node.lineno) for a in node.names if a.name.startswith("vllm_surgery")]
+    return out
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_what_the_script_imports_exists(script: Path) -> None:
+    for module, name, line in package_imports(script):
+        imported = importlib.import_module(module)
+        if name is not None:
+            assert hasattr(imported, name) or importlib.util.find_spec(f"{module}.{name}"), (
+                f"{script.name}:{line}: {module} has no {name}"
+            )
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_script_starts(script: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0 and "usage" in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,77 @@
+"""Storage: what a deployment keeps between processes, with no vLLM in it.
+
+- `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`).
+- `database`: recorded traffic and feedback (`Database`, `SQLiteDatabase`, `TrafficRecord`).
+- `job_queue`: the refinement job queue in the same database (`Job`, `JobQueue`, job states).
+- `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
+
+The server (inside vLLM), the worker and the command line all use these; backends for several
+replicas (a server database, object storage) implement the same classes' methods. This module is
+the package's front door: other packages import from here, not from the modules.
+"""
+
+from __future__ import annotations
+
+from .database import (
+    RATINGS,
+    SCHEMA_VERSION,
+    Database,
+    DatabaseError,
+    Retention,
+    SQLiteDatabase,
+    StoredRecord,
+    TrafficRecord,
+    TrafficStats,
+    UnknownRequest,
+)
+from .job_queue import (
+    ACTIVE_STATES,
+    FINISHED_STATES,
+    JOB_STATES,
+    JOB_TRIGGERS,
+    SWAP_STATES,
+    Job,
+    JobFigures,
+    JobQueue,
+)
+from .store import (
+    KEY_CONFIG_FIELDS,
+    StoreError,
+    VersionInfo,
+    VersionStore,
+    key_of_record,
+    stored_answer,
+    version_key,
+)
+from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
+
+__all__ = [
+    "ACTIVE_STATES",
+    "FINISHED_STATES",
+    "JOB_STATES",
+    "JOB_TRIGGERS",
+    "KEY_CONFIG_FIELDS",
+    "LEFT_OUT_KINDS",
+    "RATINGS",
+    "SCHEMA_VERSION",
+    "SWAP_STATES",
+    "USABLE_KINDS",
+    "Database",
+    "DatabaseError",
+    "Job",
+    "JobFigures",
+    "JobQueue",
+    "Retention",
+    "SQLiteDatabase",
+    "StoreError",
+    "StoredRecord",
+    "TrafficRecord",
+    "TrafficStats",
+    "UnknownRequest",
+    "VersionInfo",
+    "VersionStore",
+    "key_of_record",
+    "stored_answer",
+    "usable_answer",
+    "version_key",
+]
