@@ -330,3 +330,26 @@ def test_the_usable_counts_equal_the_export(db: SQLiteDatabase) -> None:
             exported.summary()
         )
     assert (stats.usable, stats.unrated_usable) == (5, 3)  # the cases above, counted by hand
+
+
+def test_recorded_prompts_are_private_files(tmp_path: Path) -> None:
+    """The database, its -wal and -shm files and exported calibration JSONL are readable by their owner
+    only (they hold users' prompts); before, they were created 0644 under the usual umask."""
+    import os
+    import stat
+
+    from vllm_surgery.traffic.calibration_set import write_jsonl
+
+    old = os.umask(0o022)
+    try:
+        db = SQLiteDatabase(tmp_path / "private.sqlite3")
+        db.insert([TrafficRecord("r", 0, "a", "original", "completions", "p", "c", {}, 1.0, True)])
+        files = sorted(tmp_path.glob("private.sqlite3*"))
+        assert {f.name for f in files} >= {"private.sqlite3", "private.sqlite3-wal", "private.sqlite3-shm"}
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        db.close()
+        out = write_jsonl([{"prompt": "p", "completion": "c"}], tmp_path / "export.jsonl")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

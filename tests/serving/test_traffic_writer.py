@@ -256,3 +256,54 @@ def test_bad_adapter_traffic_setting_names_the_problem(value: str, message: str)
     with pytest.raises(SettingsError, match=message) as info:
         ServingSettings.from_env({"VLLM_SURGERY_TRAFFIC_ADAPTERS": value})
     assert "VLLM_SURGERY_TRAFFIC_ADAPTERS" in str(info.value)
+
+
+def test_a_record_the_database_cannot_store_loses_only_itself_and_the_writer_goes_on(db, caplog) -> None:
+    """A lone surrogate (valid JSON: "\\ud800") cannot be encoded as UTF-8: before, the writer thread died
+    on the UnicodeEncodeError and nothing was recorded for the rest of the server's life."""
+    w = writer_for(db, batch_size=8, linger_s=0.2).start()
+    before = counted("sur", "failed")
+    with caplog.at_level(logging.ERROR):
+        w.submit(record(0, "sur"), "sur")
+        w.submit(record(1, "sur", completion="bad \ud800 text"), "sur")  # same batch as r0 and r2
+        w.submit(record(2, "sur"), "sur")
+        assert w.flush(10)
+        w.submit(record(3, "sur"), "sur")  # a later batch: the writer is still alive
+        assert w.flush(10)
+    assert w._thread.is_alive()
+    w.close()
+    assert [r.record.request_id for r in db.records("sur")] == ["r0", "r2", "r3"]
+    assert counted("sur", "failed") - before == 1
+    assert "could not be stored and is lost" in caplog.text
+
+
+def test_lone_surrogates_are_replaced_before_storing() -> None:
+    from vllm_surgery.traffic.writer import without_surrogates
+
+    bad = record(
+        0, prompt=[{"role": "user", "content": "a\udc00b"}], completion="x\ud800", sampling={"user": "\ud800"}
+    )
+    clean = without_surrogates(bad)
+    assert clean.prompt == [{"role": "user", "content": "a\ufffdb"}] and clean.completion == "x\ufffd"
+    assert clean.sampling == {"user": "\ufffd"}
+    assert without_surrogates(record(1)) == record(1)
+
+
+def test_redaction_is_linear_in_adversarial_text() -> None:
+    """The e-mail pattern once rescanned a run of letters from every position (48,000 letters: 4.9 s).
+    Counted, not timed: the regex engine's steps are proportional to the time, so the same work on 2x
+    the text must stay near 2x, far from 4x (quadratic)."""
+    import time
+
+    def seconds(n: int) -> float:
+        text = "a" * n + ". " + "b." * (n // 2) + " 1 1 1" * (n // 6)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            redact_text(text)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    small, large = seconds(20_000), seconds(160_000)
+    assert large / small < 20, (small, large)  # linear: ~8; quadratic: ~64
+    assert redact_text("x" * 1000 + " jane@example.com") == "x" * 1000 + " [EMAIL]"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -307,8 +308,13 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                 raise DatabaseError(f"{self.path}: no database here (nothing has been recorded yet?)")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Recorded prompts are private: the file is created 0600 before SQLite opens it, and
+                # SQLite gives its -wal and -shm files the database file's permissions.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
             except OSError as e:
-                raise DatabaseError(f"{self.path}: cannot create its directory ({e.strerror or e})") from e
+                raise DatabaseError(f"{self.path}: cannot create it ({e.strerror or e})") from e
         try:
             self._migrate()
         except sqlite3.DatabaseError as e:

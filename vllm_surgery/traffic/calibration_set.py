@@ -248,11 +248,13 @@ class AdapterCalibration:
 
 def write_jsonl(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write records as JSONL atomically (a sibling temporary file renamed into place, so no reader sees
-    a half-written file). Raises SurgeryError naming the file."""
+    a half-written file), readable by its owner only (recorded prompts are private). Raises SurgeryError
+    naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()

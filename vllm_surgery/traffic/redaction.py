@@ -12,7 +12,10 @@ from typing import Any
 from ..settings import SettingsError
 from ..storage import TrafficRecord
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# The local part may only start where no local-part character precedes it (the lookbehind): without it,
+# a long run of letters with no "@" is scanned again from every one of its positions, quadratic time
+# (48,000 letters took 4.9 s, holding the GIL). With it, each run is scanned once: linear in the text.
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 # 7 or more digits, possibly grouped by single spaces, dashes or dots: phone, card, account and ID
 # numbers. Shorter numbers (amounts, years, arithmetic) are kept.
 DIGIT_RUN = re.compile(r"(?<!\d)\d(?:[ .-]?\d){6,}(?!\d)")

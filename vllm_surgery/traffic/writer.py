@@ -29,7 +29,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from ..settings import ServingSettings
@@ -160,7 +160,10 @@ class TrafficWriter:
         while True:
             items = self._next_batch(max(0.05, min(1.0, next_maintenance - time.monotonic())))
             if items:
-                self._write(items)
+                try:
+                    self._write(items)
+                except Exception:  # never let one batch end recording for the server's life
+                    log.exception("traffic: writing a batch of %d item(s) failed; they are lost", len(items))
             if time.monotonic() >= next_maintenance:
                 self._maintain()
                 next_maintenance = time.monotonic() + self.maintenance_interval_s
@@ -223,11 +226,17 @@ class TrafficWriter:
                 self._cond.notify_all()
 
     def _insert(self, records: list[TrafficRecord]) -> bool:
-        """Write one batch, retrying once; False (counted as failed, logged) if it could not be written."""
+        """Write one batch, retrying once; False (counted as failed, logged) if it could not be written.
+
+        A record the database cannot take for what it holds (not for the database's state) fails the
+        whole batch's transaction: the batch is then written record by record, so that only that record
+        is lost (counted as failed, logged), never the others or the writer."""
         for attempt in (1, 2):
             try:
                 self.db.insert(records)
                 return True
+            except (ValueError, TypeError) as e:  # UnicodeEncodeError, an unstorable value
+                return self._insert_one_by_one(records, e)
             except DatabaseError as e:
                 if attempt == 2:
                     log.error("traffic: %d record(s) could not be written and are lost: %s", len(records), e)
@@ -237,6 +246,23 @@ class TrafficWriter:
                 log.warning("traffic: writing %d record(s) failed (%s); retrying once", len(records), e)
                 time.sleep(1.0)
         return False
+
+    def _insert_one_by_one(self, records: list[TrafficRecord], error: Exception) -> bool:
+        log.warning(
+            "traffic: a batch of %d record(s) could not be written (%s); writing them one by one",
+            len(records),
+            error,
+        )
+        kept = []
+        for r in records:
+            try:
+                self.db.insert([r])
+                kept.append(r)
+            except Exception as e:
+                log.error("traffic: a record of adapter %r could not be stored and is lost: %r", r.adapter, e)
+                metrics.record_traffic(r.adapter, "failed")
+        records[:] = kept  # the caller counts these as logged
+        return bool(kept)
 
     def _retain(self, added: Mapping[str, int] | None = None) -> None:
         """Retention of the adapters just written (`added`: records per adapter, counted on top of the
@@ -265,6 +291,29 @@ class TrafficWriter:
 
 
 _WAKE = object()  # put into the queue to wake the writer (flush, close); never stored
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\\ud800" decodes to one): U+FFFD instead
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, Mapping):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clean(v) for v in value)
+    return value
+
+
+def without_surrogates(record: TrafficRecord) -> TrafficRecord:
+    """The record with every lone surrogate in its strings replaced by U+FFFD: such a string (valid JSON,
+    "\\ud800") cannot be encoded as UTF-8, so the database could not store it."""
+    changes = {f.name: _clean(getattr(record, f.name)) for f in fields(record)}
+    if all(changes[k] is getattr(record, k) for k in changes):
+        return record
+    return replace(record, **changes)
 
 
 # ----------------------------------------------------------------------------- the recorder
@@ -332,6 +381,7 @@ class TrafficRecorder:
             return []
         out = []
         for record in capture.to_records(version, capture.lora_path):
+            record = without_surrogates(record)
             try:
                 redacted = apply_redaction(self.redaction, record)
             except Exception:
@@ -349,7 +399,7 @@ class TrafficRecorder:
     def redact_correction(self, record: TrafficRecord, correction: str) -> str | None:
         """A user's correction is a completion for the recorded prompt: it goes through the same
         redaction as the record (None: the hook dropped it). Raises ValueError for a broken hook."""
-        redacted = apply_redaction(self.redaction, replace(record, completion=correction))
+        redacted = apply_redaction(self.redaction, replace(record, completion=_clean(correction)))
         return None if redacted is None else redacted.completion
 
     def usable_examples(self, adapter: str | None = None) -> dict[str, int]:
