@@ -274,6 +274,25 @@ def test_redaction_before_storing(server: Server, setup: dict) -> None:
     assert b"jane@example.com" not in stored and b"[EMAIL]" in stored
 
 
+def test_a_hostile_value_never_stops_recording(server: Server, setup: dict) -> None:
+    """A lone surrogate ("\\ud800", valid JSON) in a string field, with the API key alone, once killed the
+    writer thread: no later request was recorded. It is stored as U+FFFD, and recording goes on; a
+    correction of 60,000 letters without "@" (the e-mail pattern once took seconds on it, stalling the
+    server) is redacted and stored."""
+    got = ask(server, "x", "a hostile user field", user="\ud800", rid="hostile-1")
+    assert got["status"] == 200, got
+    later = ask(server, "x", "a request after it", rid="hostile-2")
+    (row,) = wait_for_rows(setup, 1, "request_id = ?", ("hostile-2",))
+    check_matches(row, later, 0, "a request after it")
+    (hostile,) = db_rows(setup, "request_id = 'hostile-1'")
+    assert json.loads(hostile["sampling"])["user"] == "\ufffd"
+    letters = "a" * 60_000
+    status, body = server.post("/v1/surgery/feedback", {"request_id": "hostile-2", "correction": letters})
+    assert status == 200 and body["corrected"] is True, body
+    (row,) = db_rows(setup, "request_id = 'hostile-2'")
+    assert row["correction"] == letters
+
+
 def test_retention_while_serving(server: Server, setup: dict) -> None:
     ids = [ask(server, "r", f"retained {i}")["id"] for i in range(RETAINED + 3)]
     deadline = time.monotonic() + 30
