@@ -34,6 +34,8 @@ def test_version_key_is_deterministic_and_covers_every_result_field() -> None:
         "modules": "all",
         "layers": (0, 1),
         "heldout_fraction": 0.5,
+        "selection_fraction": 0.3,
+        "correction_weight": 2.0,
         "min_improvement": 0.0,
         "min_loss_reduction": 0.0,
         "max_false_accept": 0.1,

@@ -530,7 +530,7 @@ def test_export_then_refine_from_the_exported_file(server: Server, setup: dict, 
     assert cli(["calibration", "export", "x", "--output", str(out), "--db", str(setup["db"])]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     # the rated-good records of test_feedback, and the corrected one (its correction is the answer)
-    assert len(lines) == 6 and {"prompt": "rate me", "completion": "42"} in lines
+    assert len(lines) == 6 and {"prompt": "rate me", "completion": "42", "feedback": "correction"} in lines
     assert (
         cli(
             [
