@@ -294,9 +294,10 @@ def print_summary(
         print(f"    {'original':<16} {before:.4f}")
         for policy, row in result.candidates.items():
             mark = "*" if policy == result.policy else " "
+            tested = f"p = {row['p_value']:.2g}, tested" if row.get("tested") else "not tested"
             print(
                 f"  {mark} {policy:<16} {row['loss']:.4f}  {100 * row['relative_improvement']:+6.2f}% "
-                f"(± {100 * row['relative_improvement_se']:.2f}% SE, p = {row['p_value']:.2g} corrected)"
+                f"(± {100 * row['relative_improvement_se']:.2f}% SE, {tested})"
             )
         print(
             f"    accepted only with a gain of at least {100 * result.config['min_improvement']:.2f}% and "

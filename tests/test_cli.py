@@ -43,7 +43,7 @@ def test_refine_force_writes_adapter_report_and_prints_decision(
         "--policy",
         "auto",
         "--policy-param",
-        "grad_direction.eta_s=1.5",
+        "grad_search.eta_s=1.5",
         "--modules",
         "all",
         "--layers",

@@ -22,7 +22,10 @@ LAYERS = (
     "layers must be 'START:END' or [START, END] (a half-open range of layer indices >= 0, either end may be "
     "None for open); got "
 )
-POLICY = "unknown policy {}: policy must be one of auto, grad_direction, abs_select, smooth_abs, random_index"
+POLICY = (
+    "unknown policy {}: policy must be one of auto, grad_direction, abs_select, smooth_abs, random_index, "
+    "grad_search, sigma_descent"
+)
 PARAMS = "policy_params must be a mapping of parameter names to numbers, e.g. {'eta_s': 1.0}; got "
 
 BAD = [
@@ -141,22 +144,45 @@ BAD = [
         "smooth_abs needs tau_scale > 0; got tau_scale=0.0",
     ),
     (
-        {"policy": "auto", "policy_params": {"grad_direction": 1}},
-        "policy_params['grad_direction'] must be a mapping of grad_direction's parameter names to numbers; "
-        "got 1",
+        {"policy": "auto", "policy_params": {"grad_search": 1}},
+        "policy_params['grad_search'] must be a mapping of grad_search's parameter names to numbers; got 1",
     ),
     (
         {"policy": "auto", "policy_params": {"random_index": {}}},
-        "with policy auto, policy_params maps policy names (grad_direction, abs_select, smooth_abs) to "
+        "with policy auto, policy_params maps policy names (grad_search, sigma_descent) to "
         "overrides; unknown: random_index",
     ),
     (
-        {"policy": "auto", "policy_params": {"smooth_abs": {"tau_scale": float("nan")}}},
-        "policy parameter smooth_abs.tau_scale must be a finite number; got nan (the default is 0.35)",
+        {"policy": "auto", "policy_params": {"sigma_descent": {"eta_s": float("nan")}}},
+        "policy parameter sigma_descent.eta_s must be a finite number; got nan (the default is 2.0)",
     ),
     (
         {"policy": "auto", "heldout_fraction": 0.0},
-        "policy auto picks a candidate on held-out data; heldout_fraction must be > 0",
+        "policy auto tests its candidate on held-out data; heldout_fraction must be > 0",
+    ),
+    (
+        {"policy": "auto", "selection_fraction": 0.0},
+        "policy auto chooses on the selection split; selection_fraction must be > 0",
+    ),
+    (
+        {"policy": "grad_search", "selection_fraction": 0.0},
+        "policy grad_search chooses on the selection split; selection_fraction must be > 0",
+    ),
+    (
+        {"policy": "sigma_descent", "heldout_fraction": 0.5, "selection_fraction": 0.5},
+        "heldout_fraction (0.5) + selection_fraction (0.5) must be below 1: the sensitivity pass needs "
+        "examples of its own",
+    ),
+    ({"selection_fraction": 1.0}, "selection_fraction must be a number in [0, 1); got 1.0"),
+    ({"correction_weight": 0}, "correction_weight must be a number in (0, 100]; got 0"),
+    ({"correction_weight": float("inf")}, "correction_weight must be a number in (0, 100]; got inf"),
+    (
+        {"policy": "sigma_descent", "policy_params": {"steps": 2.5}},
+        "sigma_descent needs steps to be a whole number from 1 to 100; got steps=2.5",
+    ),
+    (
+        {"policy": "grad_search", "policy_params": {"rungs": 0}},
+        "grad_search needs rungs to be a whole number from 1 to 20; got rungs=0.0",
     ),
 ]
 
@@ -178,9 +204,11 @@ def test_good_settings_are_normalised():
     assert SurgeryConfig(modules="mlp").modules == "mlp"
     assert SurgeryConfig(modules="model.layers.0.mlp.up_proj").modules == ["model.layers.0.mlp.up_proj"]
     assert SurgeryConfig(seed=2**63 - 1, device="cuda:1", max_false_accept=1).seed == 2**63 - 1
-    c = SurgeryConfig(policy="auto", policy_params={"smooth_abs": {"amp": 2}})
-    assert c.policy_params == {"smooth_abs": {"amp": 2.0}}
-    assert c.to_dict()["policy_params"] == {"smooth_abs": {"amp": 2.0}}
+    c = SurgeryConfig(policy="auto", policy_params={"sigma_descent": {"steps": 3}})
+    assert c.policy_params == {"sigma_descent": {"steps": 3.0}}
+    assert c.to_dict()["policy_params"] == {"sigma_descent": {"steps": 3.0}}
+    # A one-step policy uses no selection split, so its fractions are not checked against each other.
+    assert SurgeryConfig(policy="grad_direction", heldout_fraction=0.5, selection_fraction=0.6).policy == "grad_direction"
 
 
 def test_from_mapping_refuses_unknown_names_and_points_from_min_z_to_its_replacement():
@@ -205,6 +233,8 @@ def test_every_field_has_help_and_says_whether_it_changes_the_result():
         "modules",
         "layers",
         "heldout_fraction",
+        "selection_fraction",
+        "correction_weight",
         "min_improvement",
         "min_loss_reduction",
         "max_false_accept",

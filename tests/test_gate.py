@@ -260,3 +260,46 @@ def test_power_a_truly_better_candidate_is_accepted(one_thread):
         right += gate.accepted and gate.chosen == "c0"
     print(f"power: accepted {accepted}/{runs}, the better candidate {right}/{runs}")
     assert right / runs >= 0.8
+
+
+@pytest.mark.parametrize(
+    ("n_selection", "n", "k", "runs"),
+    [
+        (6, 8, 7, 4000),  # n = 32 at the default fractions: 6 to choose on, 8 held out; 7 grad_search rungs
+        (26, 32, 8, 1500),  # n = 128: 26 to choose on, 32 held out (random flips); 8 sigma_descent steps
+    ],
+)
+def test_a_choice_made_on_other_examples_keeps_the_false_acceptance_rate(one_thread, n_selection, n, k, runs):
+    """refine()'s shape: k variants no better than the original; the one with the lowest loss on the
+    selection examples is tested alone on the held-out examples (search.py). The rate stays <= alpha
+    without any correction; choosing on the held-out examples themselves would not (the teeth)."""
+    alpha = 0.025
+    gen = torch.Generator().manual_seed(99 + n + k)
+    ours = naive = 0
+    for run in range(runs):
+        _, on_selection = simulated_heldout(gen, n_selection, [0.0] * k)
+        chosen = min(on_selection, key=lambda c: on_selection[c].loss)
+        before, candidates = simulated_heldout(gen, n, [0.0] * k)
+        kw = {"min_improvement": 0.0, "max_false_accept": alpha, "seed": run}
+        ours += decide(before, {chosen: candidates[chosen]}, selected_from=k, **kw).accepted
+        peeked = min(candidates, key=lambda c: candidates[c].loss)
+        naive += decide(before, {peeked: candidates[peeked]}, **kw).accepted
+    limit = binomial_upper_limit(runs, alpha)
+    print(f"n={n} k={k}: chosen on other examples {ours}/{runs}, chosen on the held-out set {naive}/{runs}")
+    assert ours < limit, f"false acceptances {ours}/{runs} exceed {alpha} (limit {limit})"
+    assert naive >= limit, f"choosing on the held-out set accepted only {naive}/{runs}: the simulation has no teeth"
+
+
+def test_borderline_p_values_draw_more_sign_flips(one_thread):
+    from vllm_surgery.gate import MAX_RANDOM_FLIPS, RANDOM_FLIPS, max_t_p_values
+
+    gen = torch.Generator().manual_seed(5)
+    d = torch.randn(40, 1, generator=gen, dtype=torch.float64) + 0.35
+    p, flips, exact = max_t_p_values(d, seed=1)
+    assert not exact and flips == RANDOM_FLIPS
+    # compared with a level right at the p-value, the draw goes on; far from it, it does not
+    p_near, flips_near, _ = max_t_p_values(d, seed=1, threshold_p=float(p[0]))
+    assert RANDOM_FLIPS < flips_near <= MAX_RANDOM_FLIPS
+    assert abs(float(p_near[0]) - float(p[0])) < 4 * (float(p[0]) / RANDOM_FLIPS) ** 0.5
+    _, flips_far, _ = max_t_p_values(d, seed=1, threshold_p=min(0.5, 50 * float(p[0]) + 0.1))
+    assert flips_far == RANDOM_FLIPS

@@ -96,7 +96,8 @@ def test_constraints_invariants():
         (
             "nope",
             {},
-            "unknown policy 'nope'; choose one of grad_direction, abs_select, smooth_abs, random_index or auto",
+            "unknown policy 'nope'; choose one of grad_direction, abs_select, smooth_abs, random_index, "
+            "grad_search, sigma_descent or auto",
         ),
         (
             "grad_direction",

@@ -164,8 +164,12 @@ def test_keep_original_writes_nothing(tiny_base, tiny_adapter, tiny_calibration,
     )
     assert result.decision == "keep_original" and result.output_path is None
     assert "no candidate measurably beats the original" in result.reason
-    assert set(result.candidates) == {"grad_direction", "abs_select", "smooth_abs"}
-    assert result.policy == min(result.candidates, key=lambda p: result.candidates[p]["loss"])
+    assert set(result.candidates) == {"grad_search", "sigma_descent"}
+    # the gate tested the candidate with the lowest selection loss, and only that one
+    rows = result.candidates
+    assert result.policy == min(rows, key=lambda p: rows[p]["selection_loss"])
+    assert [p for p in rows if rows[p]["tested"]] == [result.policy]
+    assert all(rows[p]["p_value"] is None for p in rows if p != result.policy)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -286,7 +290,9 @@ def test_a_measured_gain_is_accepted_and_a_stricter_rate_keeps_the_original(gain
     accepted = refine(gain_case.base, gain_case.adapter, gain_case.calibration, tmp_path / "a", **kw)
     assert accepted.decision == "accept" and accepted.written
     gate = accepted.gate
-    assert (gate["candidates"], gate["heldout_examples"], gate["exact"]) == (3, 24, False)
+    # 48 examples: 24 held out for the gate, 10 to choose on; one candidate chosen of two, tested alone
+    assert (gate["candidates"], gate["selected_from"], gate["heldout_examples"], gate["exact"]) == (1, 2, 24, False)
+    assert (gate["selection_examples"], accepted.calibration["examples"]) == (10, 14)
     assert gate["p_value"] <= 0.025 and gate["relative_improvement"] >= 0.001
     assert accepted.quality_after.loss < accepted.quality_before.loss  # accept means better on held-out data
     assert (

@@ -67,10 +67,10 @@ def db_path(tmp_path: Path) -> Path:
 
 
 EXPECTED = [
-    {"prompt": "question good", "completion": "answer g"},
-    {"prompt": "question fixed", "completion": "right"},
-    {"prompt": "question fixonly", "completion": "right too"},
-    {"messages": [*CHAT, {"role": "assistant", "content": "4"}]},
+    {"prompt": "question good", "completion": "answer g", "feedback": "good"},
+    {"prompt": "question fixed", "completion": "right", "feedback": "correction"},
+    {"prompt": "question fixonly", "completion": "right too", "feedback": "correction"},
+    {"messages": [*CHAT, {"role": "assistant", "content": "4"}], "feedback": "good"},
 ]
 
 
@@ -83,7 +83,7 @@ def test_the_rules(db_path: Path) -> None:
         "unrated_left_out": 1, "not_text": 1,
     }  # fmt: skip
     with_unrated = traffic_examples(db, "math", include_unrated=True)
-    assert with_unrated.records == [*EXPECTED[:3], {"prompt": "question unrated", "completion": "answer u"}, EXPECTED[3]]
+    assert with_unrated.records == [*EXPECTED[:3], {"prompt": "question unrated", "completion": "answer u", "feedback": "unrated"}, EXPECTED[3]]
     # The SQL statistics agree with the rules.
     (row,) = db.stats("math")
     assert (row.usable, row.unrated_usable) == (4, 1)

@@ -67,23 +67,29 @@ def answer_losses(adapted: AdaptedModel, batch: Batch) -> torch.Tensor:
     return torch.cat([token_losses(adapted, hidden[c], batch.targets[c]) for c in chunks])
 
 
-def backward_answer_loss(adapted: AdaptedModel, batch: Batch, total: int) -> torch.Tensor:
-    """Backpropagate sum(answer-token losses of `batch`) / total; returns the losses (detached).
+def _weighted_sum(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return losses.sum() if weights is None else (losses * weights.to(losses.dtype)).sum()
+
+
+def backward_answer_loss(adapted: AdaptedModel, batch: Batch, total: float) -> torch.Tensor:
+    """Backpropagate sum(answer-token losses of `batch`, times the batch's token weights if any) / total;
+    returns the (unweighted) losses, detached.
 
     The logits are formed and differentiated chunk by chunk against a detached copy of the hidden
     states; the decoder's backward then runs once from their gradient.
     """
     hidden = answer_hidden(adapted, batch)
     chunks = _chunks(adapted, len(hidden))
+    weights = batch.weights
     if len(chunks) == 1:
         losses = token_losses(adapted, hidden, batch.targets)
-        (losses.sum() / total).backward()
+        (_weighted_sum(losses, weights) / total).backward()
         return losses.detach()
     free = hidden.detach().requires_grad_(True)
     parts = []
     for c in chunks:
         losses = token_losses(adapted, free[c], batch.targets[c])
-        (losses.sum() / total).backward()
+        (_weighted_sum(losses, None if weights is None else weights[c]) / total).backward()
         parts.append(losses.detach())
     hidden.backward(free.grad)
     return torch.cat(parts)

@@ -261,8 +261,8 @@ class AdaptedModel:
         self._check_logits_once(batch)
         return activations.answer_losses(self, batch)
 
-    def backward_answer_loss(self, batch: Batch, total: int) -> torch.Tensor:
-        """Backpropagate sum(answer-token losses of `batch`) / total into the sigma leaves; returns the
+    def backward_answer_loss(self, batch: Batch, total: float) -> torch.Tensor:
+        """Backpropagate sum(answer-token losses of `batch`, weighted) / total into the sigma leaves; returns the
         (detached) losses. The first call checks the logits against the model's own forward."""
         self._check_logits_once(batch)
         return activations.backward_answer_loss(self, batch, total)

@@ -10,6 +10,11 @@ Two line formats, as in the training data people already have:
 The whole text (prompt + completion, or the rendered conversation) is tokenised once and split at the
 answer's first character (see split_tokens), so the answer tokens are those the model sees.
 
+A line may also carry ``"feedback"``: where the example came from in the users' feedback
+(``FEEDBACK_LABELS``). refine() weighs ``"correction"`` lines by its ``correction_weight`` setting in the
+loss it differentiates (a correction marks exactly where the adapter was wrong); the selection and
+held-out losses stay unweighted, so the gate still measures plain answer loss.
+
 An adapter directory may carry its own calibration sample (e.g. a slice of its training set) as
 `ADAPTER_CALIBRATION_NAME` next to adapter_config.json, in this same JSONL format: the serving plugin
 uses it for an adapter's first refinement, before any traffic exists. Neither PEFT, vLLM nor
@@ -18,6 +23,7 @@ load_adapter read it; save_adapter does not copy it into refined versions.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,6 +38,9 @@ import torch
 from .errors import CalibrationError
 
 ADAPTER_CALIBRATION_NAME = "surgery_calibration.jsonl"
+#: Values of a record's optional "feedback" field: a user's correction, an answer rated good, an
+#: unrated answer, a line of a static calibration file, a line of the adapter's own calibration file.
+FEEDBACK_LABELS = ("correction", "good", "unrated", "static", "adapter_file")
 
 
 @dataclass(frozen=True)
@@ -42,10 +51,16 @@ class Example:
     answer_ids: tuple[int, ...]
     source: str
     truncated: bool = False
+    feedback: str | None = None  # the record's "feedback" label, if any (FEEDBACK_LABELS)
+    weight: float = 1.0  # weight of its answer tokens in the loss refine() differentiates
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.answer_ids)
+
+    @property
+    def weighted_tokens(self) -> float:
+        return self.weight * len(self.answer_ids)
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,10 @@ def check_record(record: Any, where: str) -> str:
     "completion"). Raises CalibrationError naming `where` (file:line or record N) and the field."""
     if not isinstance(record, dict):
         raise CalibrationError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+    if "feedback" in record and record["feedback"] not in FEEDBACK_LABELS:
+        raise CalibrationError(
+            f"{where}: 'feedback' must be one of {', '.join(FEEDBACK_LABELS)}; got {record['feedback']!r}"
+        )
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -178,7 +197,9 @@ def tokenize_records(
             prompt_ids = ([bos] if keep_bos else []) + list(prompt_ids[-room:])
             truncated = True
             n_truncated += 1
-        examples.append(Example(tuple(prompt_ids), tuple(answer_ids), where, truncated))
+        examples.append(
+            Example(tuple(prompt_ids), tuple(answer_ids), where, truncated, feedback=record.get("feedback"))
+        )
     return examples, n_truncated
 
 
@@ -257,6 +278,44 @@ def split_heldout(
     return [examples[i] for i in calib], [examples[i] for i in held]
 
 
+def split_examples(
+    examples: Sequence[Example], heldout_fraction: float, selection_fraction: float, seed: int
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """(fit, selection, held-out): refine()'s three disjoint, seeded splits.
+
+    held-out: the gate's confirmation data, exactly split_heldout's (so a seed holds out the same
+    examples whatever else changes). selection: `selection_fraction` of all examples (at least one when
+    the fraction is > 0), drawn from the rest with another seed, to choose step sizes and stop
+    iterations; fit: the rest, for the sensitivity passes. Nothing that chooses a candidate sees the
+    held-out examples, so the gate's test stays valid however many variants the selection tried.
+    Raises CalibrationError for fractions outside [0, 1) or too few examples to leave one to fit.
+    """
+    if not 0.0 <= selection_fraction < 1.0:
+        raise CalibrationError(f"selection fraction must lie in [0, 1), got {selection_fraction}")
+    rest, heldout = split_heldout(examples, heldout_fraction, seed)
+    if selection_fraction == 0:
+        return rest, [], heldout
+    n_sel = max(1, round(selection_fraction * len(examples)))
+    if n_sel >= len(rest):
+        raise CalibrationError(
+            f"{len(examples)} calibration examples are too few: {len(heldout)} held out and {n_sel} for "
+            "selection leave none for the sensitivity pass; add examples or lower the fractions"
+        )
+    order = list(range(len(rest)))
+    random.Random(f"selection-{seed}").shuffle(order)
+    chosen = set(order[:n_sel])
+    fit = [e for i, e in enumerate(rest) if i not in chosen]
+    return fit, [e for i, e in enumerate(rest) if i in chosen], heldout
+
+
+def weighted(examples: Sequence[Example], correction_weight: float) -> list[Example]:
+    """The examples with `correction_weight` on those labelled "correction" (the others weigh 1)."""
+    return [
+        dataclasses.replace(e, weight=correction_weight if e.feedback == "correction" else 1.0)
+        for e in examples
+    ]
+
+
 def token_budget_batches(examples: Sequence[Example], max_tokens: int) -> list[list[int]]:
     """Indices grouped longest-first so that batch size x longest length <= max_tokens (little padding)."""
     order = sorted(range(len(examples)), key=lambda i: (-examples[i].length, i))
@@ -283,6 +342,7 @@ class Batch:
     cols: torch.Tensor
     targets: torch.Tensor
     example_index: torch.Tensor  # for each target, which example of the batch it belongs to
+    weights: torch.Tensor | None = None  # per target, its example's weight; None when every weight is 1
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device | str = "cpu") -> Batch:
@@ -301,6 +361,10 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device | str
             targets.append(tok)
             owner.append(b)
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    weights = None
+    if any(e.weight != 1.0 for e in examples):
+        per_example = torch.tensor([e.weight for e in examples], dtype=torch.float32)
+        weights = per_example[torch.tensor(owner, dtype=torch.long)].to(device)
     return Batch(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
@@ -308,4 +372,5 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device | str
         cols=as_long(cols),
         targets=as_long(targets),
         example_index=as_long(owner),
+        weights=weights,
     )

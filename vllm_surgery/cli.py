@@ -149,9 +149,13 @@ def _refine(args: argparse.Namespace) -> int:
         print(f"held-out answer loss: original {result.quality_before.loss:.4f}")
         for policy, row in result.candidates.items():
             mark = "*" if policy == result.policy else " "
+            tested = f"p = {row['p_value']:.4g}" if row.get("tested") else "not tested"
+            chosen = ", ".join(f"{k} {v:g}" for k, v in (row.get("chosen") or {}).items())
+            selection = "" if row.get("selection_loss") is None else f"; selection loss {row['selection_loss']:.4f}"
             print(
                 f"  {mark} {policy:<15} {row['loss']:.4f}  ({100 * row['relative_improvement']:+.2f}% "
-                f"± {100 * row['relative_improvement_se']:.2f}% SE, p = {row['p_value']:.4g})"
+                f"± {100 * row['relative_improvement_se']:.2f}% SE, {tested}{selection}"
+                f"{'; ' + chosen if chosen else ''})"
             )
         gate = result.gate
         flips = "all" if gate["exact"] else "random"

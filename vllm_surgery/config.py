@@ -10,7 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
-from .policies import AUTO_POLICIES, CONSTRAINTS, POLICIES, policy_params
+from .policies import AUTO_POLICIES, CONSTRAINTS, POLICIES, SEARCHED_POLICIES, policy_params
 
 SCOPES: dict[str, tuple[str, ...]] = {
     # The residual-stream writers: the paper's default and its best-behaved scope.
@@ -49,7 +49,10 @@ class SurgeryConfig:
     policy: str = _setting(
         "grad_direction",
         help="how sensitivities become new singular values: "
-        f"{' | '.join(POLICIES)} | auto (tries {', '.join(AUTO_POLICIES)}, keeps the best)",
+        f"{' | '.join(POLICIES)} | auto (tries {', '.join(AUTO_POLICIES)}; the lowest loss on the selection "
+        "split is the one candidate the gate tests). grad_direction is the paper's fixed step; grad_search "
+        "chooses its step on the selection split; sigma_descent takes several small steps on the "
+        "singular values, each from a fresh sensitivity pass, stopped on the selection split",
         affects_result=True,
         cli={"choices": ["auto", *POLICIES]},
     )
@@ -80,6 +83,22 @@ class SurgeryConfig:
     heldout_fraction: float = _setting(
         0.25,
         help="share of the calibration examples held out to measure every candidate, in [0, 1)",
+        affects_result=True,
+        cli={"type": float},
+    )
+    selection_fraction: float = _setting(
+        0.2,
+        help="share of the calibration examples set aside to choose step sizes, stop iterations and pick "
+        "among auto's candidates, in [0, 1); neither the sensitivity pass nor the gate sees them (used only "
+        "by grad_search, sigma_descent and auto)",
+        affects_result=True,
+        cli={"type": float},
+    )
+    correction_weight: float = _setting(
+        1.0,
+        help="weight of calibration lines labelled \"feedback\": \"correction\" in the loss the sensitivity "
+        "passes differentiate (a correction marks where the adapter is wrong); selection and gate losses "
+        "stay unweighted",
         affects_result=True,
         cli={"type": float},
     )
@@ -143,6 +162,12 @@ class SurgeryConfig:
         self.modules = _modules(self.modules)
         self.layers = _layers(self.layers)
         self.heldout_fraction = _number("heldout_fraction", self.heldout_fraction, "a number in [0, 1)", 0, 1)
+        self.selection_fraction = _number(
+            "selection_fraction", self.selection_fraction, "a number in [0, 1)", 0, 1
+        )
+        self.correction_weight = _number(
+            "correction_weight", self.correction_weight, "a number in (0, 100]", 0, 100, low_open=True, high_open=False
+        )
         self.min_improvement = _number("min_improvement", self.min_improvement, "a number in [0, 1)", 0, 1)
         self.min_loss_reduction = _number(
             "min_loss_reduction", self.min_loss_reduction, "a finite number >= 0", 0, math.inf
@@ -168,7 +193,17 @@ class SurgeryConfig:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.policy == "auto" and self.heldout_fraction == 0:
-            raise ConfigError("policy auto picks a candidate on held-out data; heldout_fraction must be > 0")
+            raise ConfigError("policy auto tests its candidate on held-out data; heldout_fraction must be > 0")
+        searched = [p for p in self.candidate_params() if p in SEARCHED_POLICIES]
+        if (self.policy == "auto" or searched) and self.selection_fraction == 0:
+            raise ConfigError(
+                f"policy {self.policy} chooses on the selection split; selection_fraction must be > 0"
+            )
+        if (self.policy == "auto" or searched) and self.heldout_fraction + self.selection_fraction >= 1:
+            raise ConfigError(
+                f"heldout_fraction ({self.heldout_fraction:g}) + selection_fraction ({self.selection_fraction:g}) "
+                "must be below 1: the sensitivity pass needs examples of its own"
+            )
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> SurgeryConfig:

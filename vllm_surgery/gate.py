@@ -23,7 +23,14 @@ hypothesis that no candidate is better than the original, each example's vector 
 together, which keeps the candidates' dependence) gives the null distribution of max_c T_c, and the
 candidate's p-value is the fraction of sign vectors whose maximum reaches T_c. All 2^n sign vectors
 are enumerated when n <= EXACT_MAX_EXAMPLES (an exact test); otherwise RANDOM_FLIPS seeded random ones
-are drawn and p = (1 + hits) / (1 + draws), which is a valid p-value for any number of draws.
+are drawn and p = (1 + hits) / (1 + draws), which is a valid p-value for any number of draws; a p-value
+within BORDERLINE_SE Monte Carlo standard errors of the threshold draws more, up to MAX_RANDOM_FLIPS.
+
+Candidates chosen on other data. refine() chooses among its policies, step sizes and iterations on a
+selection split that the gate never sees (search.py), and sends only the winner here: a test of one
+candidate needs no correction, however many variants the selection tried, because under the null
+hypothesis the held-out differences of a candidate chosen without them are still symmetric.
+`selected_from` and `selection_examples` only say so in the reason.
 
 Decision. A candidate is accepted when its gain is positive, at least `min_improvement` (the practical
 floor, relative), its loss reduction at least `min_loss_reduction` nats per answer token (the absolute
@@ -47,6 +54,10 @@ from .evaluation import Quality
 
 EXACT_MAX_EXAMPLES = 16  # 2^16 = 65,536 sign vectors: enumerated in milliseconds
 RANDOM_FLIPS = 20_000  # p-value resolution 5e-5; Monte Carlo SE 0.0011 at p = 0.025
+# Near the threshold, more random flips (in rounds of RANDOM_FLIPS, up to this many) so that chance in
+# the Monte Carlo draw does not decide a borderline case: 200,000 flips give a SE of 0.00035 at 0.025.
+MAX_RANDOM_FLIPS = 200_000
+BORDERLINE_SE = 3.0  # "near": within this many Monte Carlo standard errors of max_false_accept
 _CHUNK_ELEMENTS = 1 << 22  # signs per matrix product (32 MiB of float64), at most 4,096 sign vectors
 _BITS = 62  # random sign bits taken from one int64 draw
 TEST_NAME = "one-sided paired sign-flip test, max statistic over candidates (Westfall-Young max-T)"
@@ -96,17 +107,18 @@ class GateResult:
     min_improvement: float
     max_false_accept: float
     min_loss_reduction: float = 0.0
+    selected_from: int = 1
+    selection_examples: int = 0
 
     @property
     def reason(self) -> str:
         """One sentence with the figures behind the decision."""
         row = self.candidates[self.chosen]
-        k = len(self.candidates)
         verb = "lowers" if row.loss < self.original_loss else "does not lower"
         text = (
             f"{self.chosen} {verb} held-out answer loss: {self.original_loss:.4f} -> {row.loss:.4f} "
             f"({100 * row.relative_improvement:+.2f}% ± {100 * row.relative_improvement_se:.2f}% SE, "
-            f"p = {row.p_value:.4g} corrected for {k} candidate{'s' if k > 1 else ''}; "
+            f"p = {row.p_value:.4g}{self._tested()}; "
             f"needed >= {100 * self.min_improvement:.2f}%"
             + (f", a loss reduction >= {self.min_loss_reduction:g} nats/token" if self.min_loss_reduction > 0 else "")
             + f" and p <= {self.max_false_accept:g})"
@@ -118,6 +130,15 @@ class GateResult:
             text += (
                 f"; with {self.heldout_examples} held-out examples no p-value can fall below "
                 f"{self.smallest_p_value:.4g}: hold out more examples or raise max_false_accept"
+            )
+        return text
+
+    def _tested(self) -> str:
+        k = len(self.candidates)
+        text = f" corrected for {k} candidates" if k > 1 else ""
+        if self.selected_from > 1:
+            text += (
+                f", chosen among {self.selected_from} on {self.selection_examples} other examples"
             )
         return text
 
@@ -133,6 +154,8 @@ class GateResult:
             "chosen": self.chosen,
             "accepted": self.accepted,
             "candidates": len(self.candidates),
+            "selected_from": self.selected_from,
+            "selection_examples": self.selection_examples,
             "heldout_examples": self.heldout_examples,
             "sign_flips": self.sign_flips,
             "exact": self.exact,
@@ -173,8 +196,8 @@ def relative_gain(before_sums: torch.Tensor, after_sums: torch.Tensor) -> tuple[
     return gain, math.sqrt(n / (n - 1) * float(residual.square().sum())) / total
 
 
-def _sign_vectors(n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Chunks of +-1 sign vectors (rows): all 2^n of them when n is small, else RANDOM_FLIPS random ones."""
+def _sign_vectors(n: int, generator: torch.Generator, count: int = RANDOM_FLIPS) -> Iterator[torch.Tensor]:
+    """Chunks of +-1 sign vectors (rows): all 2^n of them when n is small, else `count` random ones."""
     chunk = max(1, min(4096, _CHUNK_ELEMENTS // n))
     if n <= EXACT_MAX_EXAMPLES:
         bits = torch.arange(n)
@@ -186,17 +209,21 @@ def _sign_vectors(n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     # 62 independent fair bits per random integer: several times faster than one draw per sign.
     bits = torch.arange(_BITS)
     words = -(-n // _BITS)
-    for start in range(0, RANDOM_FLIPS, chunk):
-        rows = min(chunk, RANDOM_FLIPS - start)
+    for start in range(0, count, chunk):
+        rows = min(chunk, count - start)
         draws = torch.randint(0, 2**_BITS, (rows, words, 1), generator=generator)
         signs = ((draws >> bits) & 1).reshape(rows, words * _BITS)[:, :n]
         yield 1.0 - 2.0 * signs.to(torch.float64)
 
 
-def max_t_p_values(differences: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int, bool]:
+def max_t_p_values(
+    differences: torch.Tensor, seed: int = 0, threshold_p: float | None = None
+) -> tuple[torch.Tensor, int, bool]:
     """Selection-corrected one-sided p-values of k candidates from an (n examples x k) difference matrix.
 
     differences[i, c] = original's minus candidate c's loss sum on example i (positive: c is better).
+    threshold_p: the level the p-values will be compared with; with random flips, a p-value near it
+    draws more flips (up to MAX_RANDOM_FLIPS).
     Returns (p-values, number of sign vectors used, whether all 2^n were enumerated).
     """
     d = differences.to(torch.float64)
@@ -211,13 +238,25 @@ def max_t_p_values(differences: torch.Tensor, seed: int = 0) -> tuple[torch.Tens
     hits = torch.zeros_like(observed)
     flips = 0
     generator = torch.Generator().manual_seed(seed)
-    for signs in _sign_vectors(n, generator):
-        flipped_max = (signs @ scaled).max(dim=1).values
-        hits += (flipped_max[:, None] >= threshold[None, :]).sum(0)
-        flips += signs.shape[0]
     exact = n <= EXACT_MAX_EXAMPLES
-    p = hits / flips if exact else (hits + 1) / (flips + 1)
-    return p, flips, exact
+
+    def draw(count: int) -> None:
+        nonlocal hits, flips
+        for signs in _sign_vectors(n, generator, count):
+            flipped_max = (signs @ scaled).max(dim=1).values
+            hits += (flipped_max[:, None] >= threshold[None, :]).sum(0)
+            flips += signs.shape[0]
+
+    draw(RANDOM_FLIPS)
+    if exact:
+        return hits / flips, flips, True
+    while threshold_p is not None and flips < MAX_RANDOM_FLIPS:
+        p = (hits + 1) / (flips + 1)
+        se = math.sqrt(threshold_p * (1 - threshold_p) / flips)
+        if not bool(((p - threshold_p).abs() < BORDERLINE_SE * se).any()):
+            break
+        draw(min(RANDOM_FLIPS, MAX_RANDOM_FLIPS - flips))
+    return (hits + 1) / (flips + 1), flips, False
 
 
 def decide(
@@ -228,9 +267,13 @@ def decide(
     max_false_accept: float,
     min_loss_reduction: float = 0.0,
     seed: int = 0,
+    selected_from: int = 1,
+    selection_examples: int = 0,
 ) -> GateResult:
     """Run the gate on the original's and every candidate's held-out quality.
 
+    selected_from / selection_examples: how many candidates the one(s) given here were chosen from, and
+    on how many selection examples (for the reason; the choice did not see these held-out examples).
     Raises ValueError when there is no candidate or the qualities were not measured on the same examples.
     """
     if not candidates:
@@ -243,7 +286,7 @@ def decide(
     after = torch.stack(
         [torch.tensor(candidates[c].example_loss_sums, dtype=torch.float64) for c in names], 1
     )
-    p, flips, exact = max_t_p_values(b[:, None] - after, seed)
+    p, flips, exact = max_t_p_values(b[:, None] - after, seed, max_false_accept)
     rows = {}
     for j, c in enumerate(names):
         gain, se = relative_gain(b, after[:, j])
@@ -269,4 +312,6 @@ def decide(
         min_improvement=min_improvement,
         max_false_accept=max_false_accept,
         min_loss_reduction=min_loss_reduction,
+        selected_from=selected_from,
+        selection_examples=selection_examples,
     )

@@ -29,11 +29,25 @@ POLICY_DEFAULTS: dict[str, dict[str, float]] = {
         "tau_scale": 0.35,
     },
     "random_index": {"core_frac": 0.2, "noise_frac": 0.2, "amp": 1.25, "sup": 0.8, "mid": 1.0},
+    # grad_direction's direction, its step chosen on the selection split among eta * 2^-j, j < rungs
+    "grad_search": {"eta_s": 2.0, "eta_e": 0.2, "rungs": 7},
+    # iterated grad_direction: a fresh sensitivity pass per step, each step's size searched on the
+    # selection split (grad_search's ladder first), best step kept, stopped after `patience` steps
+    # without a new best
+    "sigma_descent": {"eta_s": 2.0, "eta_e": 0.2, "rungs": 7, "steps": 6, "patience": 1},
 }
 POLICIES = tuple(POLICY_DEFAULTS)
-# What `auto` tries: random_index is the paper's control, not a candidate anyone should ship.
-AUTO_POLICIES = ("grad_direction", "abs_select", "smooth_abs")
+#: Policies that choose among variants of themselves on the selection split (see search.py).
+SEARCHED_POLICIES = ("grad_search", "sigma_descent")
+#: One step from the sensitivities, no data needed beyond the sensitivity pass.
+ONE_STEP_POLICIES = tuple(p for p in POLICIES if p not in SEARCHED_POLICIES)
+# What `auto` tries (chosen on the quality benchmark, benchmarks/quality_results.md): the searched
+# policies. random_index is the paper's control; grad_direction's fixed step overshot on most adapters,
+# and abs_select / smooth_abs never won a run: a candidate that never wins only costs selection data.
+AUTO_POLICIES = ("grad_search", "sigma_descent")
 CONSTRAINTS = ("l1", "l2", "none")
+#: Integer parameters and their largest allowed value (each step or rung costs a pass or an evaluation).
+INTEGER_PARAMS = {"rungs": 20, "steps": 100, "patience": 100}
 
 
 def policy_params(policy: str, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -61,7 +75,10 @@ def policy_params(policy: str, overrides: Mapping[str, Any] | None = None) -> di
         given = ", ".join(f"{k}={params[k]}" for k in keys.split())
         raise ConfigError(f"{policy} needs {rule}; got {given}")
 
-    if policy == "grad_direction":
+    for key, most in INTEGER_PARAMS.items():
+        if key in params and (params[key] != int(params[key]) or not 1 <= params[key] <= most):
+            refuse(key, f"{key} to be a whole number from 1 to {most}")
+    if policy in ("grad_direction", "grad_search", "sigma_descent"):
         for key in ("eta_s", "eta_e"):
             if params[key] < 0:
                 refuse(key, f"{key} >= 0 (a step size; the default is {defaults[key]})")
@@ -109,8 +126,14 @@ def reweight(
     params: Mapping[str, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """New singular values (before the magnitude constraint), float64, for one module."""
+    """New singular values (before the magnitude constraint), float64, for one module.
+
+    Only the one-step policies (ONE_STEP_POLICIES); the searched ones are built by search.py from
+    these (grad_search: grad_direction at several step sizes). Raises ConfigError for another policy.
+    """
     params = policy_params(policy, params)
+    if policy not in ONE_STEP_POLICIES:
+        raise ConfigError(f"policy {policy} is searched on held-aside data (search.py), not one reweighting")
     sigma = sigma.detach().to(torch.float64).cpu()
     gh = normalized(g.detach().cpu())
     r = sigma.numel()

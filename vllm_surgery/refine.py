@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import os
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -22,15 +21,18 @@ import torch
 from .adapted_model import AdaptedModel
 from .adapter import LoraAdapter, load_adapter, save_adapter
 from .base_model import check_base_model
-from .calibration import load_calibration, split_heldout
+from .calibration import load_calibration, split_examples, weighted
 from .config import SurgeryConfig, select_modules
-from .errors import AdapterError, ConfigError, SurgeryError
+from .errors import AdapterError, ConfigError
 from .evaluation import Quality, evaluation_budget, heldout_quality
-from .gate import GateResult, decide
-from .policies import constrain, policy_params, reweight
+from .gate import GateResult, decide, relative_gain
+from .policies import SEARCHED_POLICIES, policy_params
 from .precision import compute_dtype
+from .search import Candidate, Search, candidate_sigmas, choose, selection_evaluator
 from .sensitivity import compute_sensitivities
-from .spectral import Spectrum, lora_factors, lora_svd
+from .spectral import lora_factors, lora_svd
+
+__all__ = ["METHOD", "ModuleResult", "SurgeryResult", "candidate_sigmas", "refine"]
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,14 @@ class SurgeryResult:
     decision: "accept" (a candidate passed the gate and was written), "keep_original" (nothing written),
     or "forced" (written on request although it did not pass).
     quality_*: held-out mean answer-token loss (lower is better); None without a held-out split.
-    candidates: per candidate policy, its held-out loss, relative improvement, the improvement's
-        standard error, z and the p-value corrected for the number of candidates (see gate.py).
+    candidates: per candidate policy, its selection loss and what its search chose, its held-out loss,
+        relative improvement and the improvement's standard error; `tested` marks the one candidate the
+        gate tested (the lowest selection loss), with its p-value (see gate.py); the others were measured
+        on the held-out split for the report only, so their p_value is None.
     gate: the test's figures for the chosen candidate (test, candidates, held-out examples, sign flips,
         gain, SE, p-value, thresholds); empty without a held-out split.
+    selection: the selection split's size, the original's loss on it, the chosen policy, and per
+        candidate its selection loss, what its search chose and every rung or step tried (`trace`).
     """
 
     decision: str
@@ -75,6 +81,7 @@ class SurgeryResult:
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def written(self) -> bool:
@@ -91,6 +98,7 @@ class SurgeryResult:
             "quality_after": self.quality_after.to_dict() if self.quality_after else None,
             "candidates": self.candidates,
             "gate": self.gate,
+            "selection": self.selection,
             "output_path": str(self.output_path) if self.output_path else None,
             "adapter_hash": self.adapter_hash,
             "base_model": self.base_model,
@@ -137,38 +145,6 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     return model.to(device).eval(), tokenizer
-
-
-def candidate_sigmas(
-    spectra: Mapping[str, Spectrum],
-    grads: Mapping[str, torch.Tensor],
-    policy: str,
-    params: Mapping[str, Any],
-    constraint: str,
-    seed: int,
-) -> dict[str, torch.Tensor]:
-    """New singular values for every edited module under one policy and constraint (float64, CPU).
-
-    Raises SurgeryError for a non-finite sensitivity and ConfigError when the policy's parameters
-    overflow (e.g. a huge eta_e), so that no NaN or Inf singular value can reach a written adapter.
-    """
-    out = {}
-    for name, spec in spectra.items():
-        if not bool(torch.isfinite(grads[name]).all()):
-            raise SurgeryError(
-                f"the sensitivity of {name} is not finite (the calibration loss overflowed): check the "
-                "base model and adapter, or run on another device"
-            )
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        raw = reweight(spec.sigma, grads[name], policy, params, generator=gen)
-        out[name] = constrain(spec.sigma, raw, constraint)
-        if not bool(torch.isfinite(out[name]).all()):
-            given = ", ".join(f"{k}={v:g}" for k, v in params.items())
-            raise ConfigError(
-                f"policy {policy} ({given}) gives non-finite singular values for {name}: "
-                "use smaller factors or step sizes"
-            )
-    return out
 
 
 def refine(
@@ -227,7 +203,16 @@ def refine(
     calib_set = load_calibration(
         calibration, tokenizer, max_length=config.max_length, samples=config.samples, seed=config.seed
     )
-    calib, heldout = split_heldout(calib_set.examples, config.heldout_fraction, config.seed)
+    candidate_params = config.candidate_params()
+    # A selection split only where something is chosen on it: a searched policy, or several candidates.
+    needs_selection = len(candidate_params) > 1 or any(p in SEARCHED_POLICIES for p in candidate_params)
+    fit, selection, heldout = split_examples(
+        calib_set.examples,
+        config.heldout_fraction,
+        config.selection_fraction if needs_selection else 0.0,
+        config.seed,
+    )
+    fit = weighted(fit, config.correction_weight)
     if calib_set.n_truncated:
         log.warning(
             "%d calibration examples were longer than max_length=%d; their prompts were cut on the left",
@@ -237,49 +222,99 @@ def refine(
     spectra = {name: lora_svd(lora.lora_a(name), lora.lora_b(name)) for name in edited}
     timings["prepare"] = time.perf_counter() - t
 
-    batch = {"max_batch_tokens": config.max_batch_tokens, "pad_id": pad_id}
+    pass_kwargs = {"max_batch_tokens": config.max_batch_tokens, "pad_id": pad_id}
+    eval_kwargs = dict(pass_kwargs)
     with AdaptedModel(model, lora, spectra) as adapted:
         t = time.perf_counter()
-        grads, stats = compute_sensitivities(adapted, calib, progress=config.progress, **batch)
+        grads, stats = compute_sensitivities(adapted, fit, progress=config.progress, **pass_kwargs)
         timings["sensitivity"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        candidates = {
-            policy: candidate_sigmas(
-                spectra, grads, policy, policy_params(policy, params), config.constraint, config.seed
-            )
-            for policy, params in config.candidate_params().items()
-        }
+        if heldout or selection:
+            eval_kwargs["budget"] = evaluation_budget(adapted, config.max_batch_tokens)  # one for all versions
+        search = Search(
+            adapted,
+            spectra,
+            fit,
+            selection,
+            constraint=config.constraint,
+            seed=config.seed,
+            pass_kwargs=pass_kwargs,
+            evaluate=selection_evaluator(adapted, eval_kwargs, config.progress),
+            progress=config.progress,
+        )
+        original_selection = search.selection_loss({}, "selection original")
+        proposals: dict[str, Candidate] = {}
+        for policy, params in candidate_params.items():
+            params = policy_params(policy, params)
+            if policy == "grad_search":
+                proposals[policy] = search.grad_search(params, grads)
+            elif policy == "sigma_descent":
+                # its first step is grad_search's ladder: reuse it when auto ran the same one
+                ladder = proposals.get("grad_search")
+                same = ladder is not None and all(
+                    params[k] == policy_params("grad_search", candidate_params["grad_search"])[k]
+                    for k in ("eta_s", "eta_e", "rungs")
+                )
+                proposals[policy] = search.sigma_descent(
+                    params, grads, stats.loss, original_selection, first=ladder if same else None
+                )
+            else:
+                proposals[policy] = search.one_step(policy, params, grads)
+        chosen = choose(proposals)
+        timings["search"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         before: Quality | None = None
         scores: dict[str, Quality] = {}
         if heldout:
-            batch["budget"] = evaluation_budget(adapted, config.max_batch_tokens)  # one for all versions
             before = heldout_quality(
-                adapted, heldout, progress=config.progress, desc="held-out original", **batch
+                adapted, heldout, progress=config.progress, desc="held-out original", **eval_kwargs
             )
-            for policy, sigmas in candidates.items():
-                with adapted.sigma_values(sigmas):
+            for policy, proposal in proposals.items():  # all measured, for the report; one is tested
+                with adapted.sigma_values(proposal.sigmas):
                     scores[policy] = heldout_quality(
-                        adapted, heldout, progress=config.progress, desc=f"held-out {policy}", **batch
+                        adapted, heldout, progress=config.progress, desc=f"held-out {policy}", **eval_kwargs
                     )
         timings["evaluation"] = time.perf_counter() - t
 
     gate: GateResult | None = None
     if before is None:
-        best = next(iter(candidates))
+        best = chosen
         wins, reason = False, "no held-out split (heldout_fraction=0): quality was not measured"
     else:
         gate = decide(
             before,
-            scores,
+            {chosen: scores[chosen]},
             min_improvement=config.min_improvement,
             min_loss_reduction=config.min_loss_reduction,
             max_false_accept=config.max_false_accept,
             seed=config.seed,
+            selected_from=len(proposals),
+            selection_examples=len(selection),
         )
         best, wins, reason = gate.chosen, gate.accepted, gate.reason
     after = scores.get(best)
     decision = "accept" if wins else ("forced" if config.force else "keep_original")
+    candidates = {policy: proposal.sigmas for policy, proposal in proposals.items()}
+    rows: dict[str, dict[str, Any]] = {}
+    for policy, proposal in proposals.items():
+        row: dict[str, Any] = {"selection_loss": proposal.selection_loss, "chosen": proposal.chosen}
+        if gate is not None and policy in gate.candidates:
+            row.update(gate.candidates[policy].to_dict(), tested=True)
+        elif before is not None:
+            gain, se = relative_gain(
+                torch.tensor(before.example_loss_sums), torch.tensor(scores[policy].example_loss_sums)
+            )
+            row.update(
+                loss=scores[policy].loss,
+                relative_improvement=gain,
+                relative_improvement_se=se,
+                p_value=None,
+                z=gain / se if se > 0 else None,
+                tested=False,
+            )
+        rows[policy] = row
 
     modules = {
         name: ModuleResult(
@@ -298,15 +333,18 @@ def refine(
         constraint=config.constraint,
         quality_before=before,
         quality_after=after,
-        candidates={p: row.to_dict() for p, row in gate.candidates.items()} if gate else {},
+        candidates=rows if before is not None else {},
         modules=modules,
         output_path=None,
         adapter_hash=lora.content_hash(),
         calibration={
             "source": calib_set.source,
             "sha256": calib_set.sha256,
-            "examples": len(calib),
+            "examples": len(fit),
+            "selection_examples": len(selection),
             "heldout_examples": len(heldout),
+            "corrections": sum(e.feedback == "correction" for e in fit),
+            "correction_weight": config.correction_weight,
             "truncated": calib_set.n_truncated,
             "answer_tokens": stats.answer_tokens,
         },
@@ -321,11 +359,18 @@ def refine(
             "batch_tokens": stats.batch_tokens,
             "budget_source": stats.budget_source,
             "recomputed_layers": stats.recomputed_layers,
-            "evaluation_batch_tokens": batch["budget"].plan.tokens if "budget" in batch else None,
+            "evaluation_batch_tokens": eval_kwargs["budget"].plan.tokens if "budget" in eval_kwargs else None,
             # out-of-memory back-offs of the pass and of the evaluations (the results do not change)
-            "backoffs": stats.backoffs + (batch["budget"].backoffs if "budget" in batch else []),
+            "backoffs": stats.backoffs + (eval_kwargs["budget"].backoffs if "budget" in eval_kwargs else []),
+            "sensitivity_passes": 1 + search.passes,
         },
         gate=gate.to_dict() if gate else {},
+        selection={
+            "examples": len(selection),
+            "original_loss": original_selection,
+            "chosen": chosen,
+            "candidates": {p: c.summary() for p, c in proposals.items()},
+        },
     )
     if output is not None and decision != "keep_original":
         t = time.perf_counter()

@@ -1,7 +1,8 @@
 """The sensitivity pass: dL/dsigma for every edited singular value over the whole calibration set.
 
 L is the mean cross-entropy over ALL answer tokens of the calibration set (not a sum of per-batch
-means), so the result does not depend on how examples are batched. Each batch contributes
+means), so the result does not depend on how examples are batched; where examples carry weights
+(calibration.weighted: corrections weigh more), L is the weighted mean. Each batch contributes
 sum(token losses) / total_answer_tokens; its sigma gradients are added to an accumulator on the device
 only once its backward has finished, so a batch that runs out of memory midway is simply run again in
 smaller batches (vllm_surgery.memory.run_in_batches) without counting twice. The accumulators are read
@@ -85,6 +86,7 @@ class PassStats:
     lean_modules: int = 0  # norms and MLPs run under LeanActivations
     backoffs: list[str] = field(default_factory=list)
     peak_bytes: int | None = None  # CUDA: max allocated above the level at the start
+    loss: float = float("nan")  # the (weighted) mean answer loss L that was differentiated
 
     @property
     def answer_tokens_per_s(self) -> float:
@@ -118,6 +120,9 @@ def compute_sensitivities(
     device = adapted.device
     model = adapted.model
     total = sum(len(e.answer_ids) for e in examples)
+    weighted_total = sum(e.weighted_tokens for e in examples)
+    if not weighted_total > 0:
+        raise ValueError("the calibration examples' weights must give a positive total")
     sigmas = adapted.sigma
     for sigma in sigmas.values():
         sigma.grad = None
@@ -132,11 +137,14 @@ def compute_sensitivities(
     acc: dict[str, torch.Tensor] = {}
     bar = tqdm(total=total, desc="sensitivity", unit="tok", disable=not progress, leave=False)
     probe: dict[str, int] = {}
+    loss_sum = [0.0]
 
     def step(idx: list[int]) -> None:
         batch = collate([examples[i] for i in idx], pad_id, device)
         with autocast_for(device):
-            adapted.backward_answer_loss(batch, total)
+            losses = adapted.backward_answer_loss(batch, weighted_total)
+        weights = batch.weights
+        loss_sum[0] += float(losses.double().sum() if weights is None else (losses.double() * weights.double()).sum())
         for name, s in sigmas.items():  # the batch finished: its gradients count
             if s.grad is not None:
                 if name in acc:
@@ -203,5 +211,6 @@ def compute_sensitivities(
         lean_modules=leaner.modules,
         backoffs=list(budget.backoffs),
         peak_bytes=peak,
+        loss=loss_sum[0] / weighted_total,
     )
     return grads, stats

@@ -20,6 +20,9 @@ the latest wins):
   adapter_config.json (`calibration.ADAPTER_CALIBRATION_NAME`), when it has one: what a first
   refinement can use before any traffic exists.
 
+Each line exported from traffic carries ``"feedback"``: ``"correction"``, ``"good"`` or ``"unrated"``, so
+that refine() can weigh corrections (its ``correction_weight`` setting); static lines keep their own.
+
 Only text can be written as calibration: completions requests with a string prompt and chat requests
 whose messages all have string contents, without echo or suffix (token-id prompts, multimodal
 messages and empty answers are counted as ``not_text`` and left out).
@@ -40,6 +43,9 @@ from typing import Any
 from .calibration import ADAPTER_CALIBRATION_NAME, check_record, read_jsonl
 from .errors import CalibrationError, SurgeryError
 
+# Each exported line says where it came from (calibration.FEEDBACK_LABELS): refine() weighs
+# corrections by its correction_weight setting.
+_FEEDBACK_LABEL = {"corrected": "correction", "good": "good", "unrated": "unrated"}
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -136,7 +142,7 @@ def traffic_examples(
                 c["not_text"] += 1
                 continue
             c[kind] += 1
-            out.records.append(example_of(r.endpoint, r.prompt, answer))
+            out.records.append({**example_of(r.endpoint, r.prompt, answer), "feedback": _FEEDBACK_LABEL[kind]})
     return out
 
 

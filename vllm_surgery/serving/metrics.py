@@ -35,9 +35,9 @@ JOB_STATES = ("queued", "running", "accepted", "kept_original", "failed")
 JOB_OUTCOMES = ("accepted", "kept_original", "failed")
 # Stages of a job, as the worker records them (seconds): waiting in the queue, loading the base model
 # (near 0 when it is cached), building the calibration set, then refine()'s own stages (load_adapter:
-# reading and checking the adapter), the swap into the server, and the whole job from claim to swap.
+# reading and checking the adapter; search: choosing steps and candidates on the selection split), the swap into the server, and the whole job from claim to swap.
 JOB_STAGES = (
-    "queued", "load_model", "calibration", "load_adapter", "prepare", "sensitivity", "evaluation", "write",
+    "queued", "load_model", "calibration", "load_adapter", "prepare", "sensitivity", "search", "evaluation", "write",
     "swap", "total",
 )  # fmt: skip
 JOB_STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)

@@ -395,7 +395,7 @@ class RefinementWorker:
         result["calibration"].update(
             heldout_examples=refined.calibration["heldout_examples"], truncated=refined.calibration["truncated"]
         )
-        stages = ", ".join(f"{s} {timings[s]:.1f} s" for s in ("prepare", "sensitivity", "evaluation", "write") if s in timings)
+        stages = ", ".join(f"{s} {timings[s]:.1f} s" for s in ("prepare", "sensitivity", "search", "evaluation", "write") if s in timings)
         log.info("%s: %s in %.1f s (%s)", label, refined.decision, refined.timings.get("total", 0.0), stages)
         if refined.decision == "accept":
             return "accepted"
