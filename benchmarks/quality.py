@@ -1037,6 +1037,33 @@ def results_table(rows: Sequence[Mapping[str, Any]], adapters: Mapping[tuple, Ma
     return "\n".join(lines)
 
 
+def runs_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Every row of every run: exact-match change in pp (fixed / broken); auto: the policy it wrote."""
+    names = row_names(runs)
+    lines = [
+        "| task | level | n | seed | " + " | ".join(SHORT.get(n, n) for n in names) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for r in runs:
+        cells = []
+        for name in names:
+            o = outcome(r, name)
+            cell = f"{pp(o['delta'])} ({o['fixed']}/{o['broken']})"
+            if name == "auto":
+                cell += (
+                    f" {SHORT.get(r['auto']['policy'], r['auto']['policy'])}"
+                    if r["auto"]["written"]
+                    else " kept"
+                )
+            elif name == BASELINE_GATED and not r["baseline"]["accepted"]:
+                cell += " kept"
+            cells.append(cell)
+        lines.append(
+            f"| {r['task']} | {r['level']} | {r['size']} | {r['seed']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
 def fmt_p(g: Mapping[str, Any]) -> str:
     return f"{g['p_value']:.2g}" if "p_value" in g else "n/a"
 
@@ -1488,6 +1515,13 @@ def report(
         "## What the table says",
         "",
         findings(runs, sizes),
+        "",
+        "## Every row, run by run",
+        "",
+        "Exact-match change in pp on the test set (problems fixed / broken against the original adapter); "
+        "auto: the policy it wrote, or kept; lora+gate: kept when the gate refused.",
+        "",
+        runs_table(runs),
         "",
         "## auto, run by run: what the gate saw",
         "",
