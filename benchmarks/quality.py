@@ -610,8 +610,10 @@ def policy_summary(result: Any, seconds: float) -> dict[str, Any]:
         "decision": result.decision,
         "heldout": {"before": before, "after": after, "relative_change": (before - after) / before},
         "gate": gate_row(result),
-        "selection": jsonable(getattr(result, "selection", None)),
-        "trace": jsonable(getattr(result, "trace", None)),
+        "selection": jsonable(result.selection),
+        "candidates": jsonable(result.candidates),
+        "timings": jsonable(result.timings),
+        "sensitivity_passes": result.stats.get("sensitivity_passes"),
         "seconds": seconds,
     }
 
