@@ -102,3 +102,74 @@ def test_bad_input_is_refused(tiny_base, trained):
     out, _, recipe = trained
     with pytest.raises(ConfigError, match="already exists"):
         train_lora_adapter(tiny_base, out, recipe, batches, progress=False)
+
+
+# ---- continued training (the quality benchmark's baseline) ----
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    return model, tok
+
+
+def toy_examples(tok, n, seed=0, answer=None):
+    import random
+
+    from vllm_surgery.calibration import tokenize_records
+
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        completion = answer or f" {a + b}"
+        records.append((f"toy {i}", {"prompt": f"what is {a} + {b} ?", "completion": completion}))
+    return tokenize_records(records, tok, max_length=64)[0]
+
+
+def test_continued_training_improves_the_selection_loss_and_returns_the_best_step(loaded, tiny_adapter):
+    from vllm_surgery.exact_match import merged_lora
+    from vllm_surgery.lora_training import ContinueRecipe, answer_loss, continue_lora_training
+
+    model, tok = loaded
+    adapter = load_adapter(tiny_adapter)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit, selection = toy_examples(tok, 24), toy_examples(tok, 8, seed=1)
+    recipe = ContinueRecipe(lr=1e-2, batch_size=4, epochs=3, patience=3, seed=0)
+    out = continue_lora_training(model, tok, adapter, fit, selection, recipe)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base left unmodified
+    assert out.steps_planned == 18 and out.curve[0][0] == 0 and 0 < out.steps_run <= 18
+    assert out.best_loss == min(loss for _, loss in out.curve) < out.curve[0][1]
+    assert out.best_step > 0 and set(out.factors) == set(adapter.modules)
+    # the returned factors are the weights that scored best_loss: merged into the base model, same loss
+    with merged_lora(model, adapter, out.factors):
+        assert answer_loss(model, selection, tok.pad_token_id) == pytest.approx(out.best_loss, rel=1e-4)
+    # same recipe, same result
+    again = continue_lora_training(model, tok, adapter, fit, selection, recipe)
+    assert again.curve == out.curve
+    assert all(torch.equal(again.factors[n][0], out.factors[n][0]) for n in out.factors)
+
+
+def test_continued_training_keeps_the_original_when_training_only_hurts(loaded, trained):
+    from vllm_surgery.calibration import tokenize_records
+    from vllm_surgery.lora_training import ContinueRecipe, continue_lora_training
+
+    model, tok = loaded
+    adapter = load_adapter(trained[0])  # trained on RECORDS: it already fits them
+    selection = tokenize_records([(f"r{i}", r) for i, r in enumerate(RECORDS[:2])], tok, max_length=64)[0]
+    # the same prompts with other answers: every step away from the adapter makes the selection loss worse
+    contradicting = [{"prompt": r["prompt"], "completion": " zzz zzz zzz"} for r in RECORDS[:2]] * 2
+    fit = tokenize_records([(f"c{i}", r) for i, r in enumerate(contradicting)], tok, max_length=64)[0]
+    out = continue_lora_training(model, tok, adapter, fit, selection, ContinueRecipe(lr=1e-2, batch_size=1))
+    assert out.best_step == 0 and out.steps_run < out.steps_planned, out.curve  # stopped early
+    assert all(
+        torch.equal(a, adapter.lora_a(n)) and torch.equal(b, adapter.lora_b(n))
+        for n, (a, b) in out.factors.items()
+    )
+    with pytest.raises(ConfigError, match="fit and selection"):
+        continue_lora_training(model, tok, adapter, fit, [], ContinueRecipe())
+    with pytest.raises(ConfigError, match="learning rate"):
+        ContinueRecipe(lr=0)

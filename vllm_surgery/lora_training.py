@@ -225,3 +225,189 @@ def cached_lora_adapter(
         return json.loads(info_path.read_text()), True
     info = train_lora_adapter(model_dir, target, recipe, batches, description=description, progress=progress)
     return info, False
+
+
+# --------------------------------------------------------------------------------------------------
+# Continued training: the baseline a user would pick instead of surgery (quality benchmark only)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContinueRecipe:
+    """How an existing adapter is trained further on calibration examples, with early stopping.
+
+    The optimiser and schedule are train_lora_adapter's (AdamW, no weight decay, gradient norm clipped
+    at 1, linear warm-up over 5 % of the steps then cosine decay to 10 %), planned over `epochs` passes
+    through the fit examples in batches of `batch_size` (reshuffled every epoch, seeded). The selection
+    loss is measured before the first step and every `eval_every` steps (default: twice an epoch) and
+    after the last; training stops after `patience` measurements without a new best, and the best
+    weights measured (possibly the original's, step 0) are returned.
+    """
+
+    lr: float = 1e-3
+    batch_size: int = 8
+    epochs: int = 3
+    eval_every: int | None = None
+    patience: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ConfigError(
+                f"continued training needs epochs, batch_size and patience >= 1, got {self.epochs}, "
+                f"{self.batch_size}, {self.patience}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"continued training needs a positive learning rate, got {self.lr}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+
+    def plan(self, n_fit: int) -> tuple[int, int]:
+        """(optimizer steps planned, steps between selection measurements) for `n_fit` fit examples."""
+        per_epoch = math.ceil(n_fit / self.batch_size)
+        return self.epochs * per_epoch, self.eval_every or max(1, per_epoch // 2)
+
+
+@dataclass
+class ContinuedLora:
+    """What continue_lora_training returns.
+
+    factors: per adapter module name, the (lora_A, lora_B) of the best step, in the adapter's dtype; at
+        step 0 they are the adapter's own tensors, unchanged.
+    curve: (step, selection loss) for every measurement, step 0 first.
+    """
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    best_step: int
+    best_loss: float
+    steps_run: int
+    steps_planned: int
+    curve: list[tuple[int, float]]
+    seconds: float
+
+
+def _answer_token_losses(
+    model: Any, examples: Sequence[Any], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per answer token: (cross-entropy, weight of its example), for one right-padded batch."""
+    batch = _batch_tensors(examples, pad_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    weights = torch.tensor([float(getattr(e, "weight", 1.0)) for e in examples], dtype=losses.dtype)[rows]
+    return losses, weights
+
+
+def answer_loss(model: Any, examples: Sequence[Any], pad_id: int, batch_size: int = 16) -> float:
+    """Unweighted mean answer-token loss over `examples` (the quantity refine()'s selection and held-out
+    losses measure), in batches, without gradients."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            losses, _ = _answer_token_losses(model, examples[start : start + batch_size], pad_id)
+            total += float(losses.double().sum())
+            count += losses.numel()
+    return total / max(count, 1)
+
+
+def continue_lora_training(
+    model: Any,
+    tokenizer: Any,
+    adapter: Any,
+    fit: Sequence[Any],
+    selection: Sequence[Any],
+    recipe: ContinueRecipe = ContinueRecipe(),
+    *,
+    progress: bool = False,
+) -> ContinuedLora:
+    """Train every LoRA weight of `adapter` further on `fit`, early-stopped on `selection`.
+
+    model: the loaded base model (transformers); it is copied, never modified. adapter: a LoraAdapter
+        loaded from a PEFT folder (PEFT loads it from adapter.path: same rank, alpha and target modules).
+    fit, selection: calibration Examples (vllm_surgery.calibration); a fit example's `weight` (1 unless
+        set, e.g. calibration.weighted for corrections) weighs its answer tokens in the training loss,
+        as in refine()'s fit loss; the selection loss is the unweighted mean answer-token loss.
+    Raises ConfigError without fit or selection examples.
+    """
+    import copy
+
+    from peft import PeftModel
+
+    if not fit or not selection:
+        raise ConfigError(
+            f"continued training needs fit and selection examples, got {len(fit)} and {len(selection)}"
+        )
+    started = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    work = copy.deepcopy(model)
+    peft_model = PeftModel.from_pretrained(work, str(adapter.path), is_trainable=True)
+    peft_model.eval()  # no dropout in our adapters; eval mode keeps any other layer deterministic too
+    layers = {name: peft_model.base_model.model.get_submodule(name) for name in adapter.modules}
+    for name, layer in layers.items():  # PEFT must hold exactly the adapter's tensors
+        if not (
+            torch.equal(layer.lora_A["default"].weight.detach(), adapter.lora_a(name).float())
+            and torch.equal(layer.lora_B["default"].weight.detach(), adapter.lora_b(name).float())
+        ):
+            raise ConfigError(f"PEFT loaded other weights for {name} than {adapter.path} holds")
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def snapshot() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {
+            name: (
+                layer.lora_A["default"].weight.detach().to(adapter.lora_a(name).dtype).clone(),
+                layer.lora_B["default"].weight.detach().to(adapter.lora_b(name).dtype).clone(),
+            )
+            for name, layer in layers.items()
+        }
+
+    total_steps, eval_every = recipe.plan(len(fit))
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps))
+    rng = random.Random(recipe.seed)
+    best_loss = answer_loss(peft_model, selection, pad_id)
+    curve = [(0, best_loss)]
+    best = {name: (adapter.lora_a(name), adapter.lora_b(name)) for name in adapter.modules}
+    best_step, since_best, step = 0, 0, 0
+    bar = tqdm(total=total_steps, desc="continued LoRA training", unit="step", disable=not progress)
+    stop = False
+    for _epoch in range(recipe.epochs):
+        order = list(range(len(fit)))
+        rng.shuffle(order)
+        for start in range(0, len(order), recipe.batch_size):
+            losses, weights = _answer_token_losses(
+                peft_model, [fit[i] for i in order[start : start + recipe.batch_size]], pad_id
+            )
+            loss = (losses * weights).sum() / weights.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                current = answer_loss(peft_model, selection, pad_id)
+                curve.append((step, current))
+                if current < best_loss:
+                    best_loss, best_step, best, since_best = current, step, snapshot(), 0
+                else:
+                    since_best += 1
+                    stop = since_best >= recipe.patience
+            if stop:
+                break
+        if stop:
+            break
+    bar.close()
+    del peft_model, work
+    return ContinuedLora(
+        factors=best,
+        best_step=best_step,
+        best_loss=best_loss,
+        steps_run=step,
+        steps_planned=total_steps,
+        curve=curve,
+        seconds=time.perf_counter() - started,
+    )

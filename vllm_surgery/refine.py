@@ -63,6 +63,9 @@ class SurgeryResult:
         gain, SE, p-value, thresholds); empty without a held-out split.
     selection: the selection split's size, the original's loss on it, the chosen policy, and per
         candidate its selection loss, what its search chose and every rung or step tried (`trace`).
+    candidate_sigmas: per candidate policy, its new singular values per edited module (float64, CPU),
+        the chosen one's and the others'; not in to_dict(). What refine(policy=P, force=True) with the
+        same settings would write for a P that auto tried (the quality benchmark scores them all).
     """
 
     decision: str
@@ -82,6 +85,7 @@ class SurgeryResult:
     stats: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
+    candidate_sigmas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def written(self) -> bool:
@@ -367,6 +371,7 @@ def refine(
             "sensitivity_passes": 1 + search.passes,
         },
         gate=gate.to_dict() if gate else {},
+        candidate_sigmas=candidates,
         selection={
             "examples": len(selection),
             "original_loss": original_selection,

@@ -1,0 +1,68 @@
+"""The quality benchmark (benchmarks/quality.py): its --dry-run exercises every code path on a tiny random
+model (adapter training, simulated feedback, forced refine() per policy, auto, the continued-training
+baseline and its gate, scoring, the report and the plot), and its exact-match shortcut changes no verdict."""
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cannot_match_is_sound(quality):
+    assert not quality.cannot_match("", "332")
+    assert not quality.cannot_match(" 33", "332")
+    assert not quality.cannot_match("332 ", " 332")
+    assert quality.cannot_match("34", "332")
+    assert quality.cannot_match("332 x", "332")
+    assert quality.cannot_match("3 3", "332")
+    assert not quality.cannot_match("\ufffd", "332")  # a partly decoded character decides nothing
+
+
+def test_fast_greedy_scoring_agrees_with_exact_match(quality, tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_surgery.exact_match import greedy_answers
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    rng = random.Random(0)
+    prompts = [
+        f"{rng.randint(100, 999)}+{rng.randint(100, 999)}=" + " x" * rng.randint(0, 3) for _ in range(30)
+    ]
+    reference = greedy_answers(model, tok, prompts, max_new_tokens=6, batch_size=7, progress=False)
+    full = quality.greedy_outputs(model, tok, prompts, None, max_new_tokens=6, batch_size=8)
+    assert [text for text, _ in full] == reference
+    # answers: the reference output for half of the prompts (right), something else for the others
+    answers = [r if i % 2 == 0 else r + "z" for i, r in enumerate(reference)]
+    fast = quality.greedy_outputs(model, tok, prompts, answers, max_new_tokens=6, batch_size=8)
+    assert [ok for _, ok in fast] == [r.strip() == a.strip() for r, a in zip(reference, answers, strict=True)]
+    assert [text for text, ok in fast if ok] == [r for r, a in zip(reference, answers, strict=True) if r == a]
+
+
+def test_dry_run_measures_every_row(quality, tmp_path):
+    assert quality.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "quality_results.json").read_text())
+    (run,) = raw["runs"]
+    assert set(run["policies"]) == set(quality.POLICIES)
+    assert run["auto"]["decision"] in ("accept", "keep_original")
+    assert run["baseline"]["steps_run"] >= 1 and run["baseline"]["curve"][0][0] == 0
+    assert sum(run["feedback"]["sample"].values()) == 16
+    md = (tmp_path / "quality_results.md").read_text()
+    for row in (*quality.POLICIES, "auto", quality.BASELINE, quality.BASELINE_GATED):
+        assert f"| {row}" in md or f"**{row}**" in md, row
+    assert (tmp_path / "quality_results.png").stat().st_size > 0
