@@ -278,10 +278,10 @@ def test_a_hostile_value_never_stops_recording(server: Server, setup: dict) -> N
     """A lone surrogate ("\\ud800", valid JSON) in a string field, with the API key alone, once killed the
     writer thread: no later request was recorded. It is stored as U+FFFD, and recording goes on; a
     correction of 60,000 letters without "@" (the e-mail pattern once took seconds on it, stalling the
-    server) is redacted and stored."""
-    got = ask(server, "x", "a hostile user field", user="\ud800", rid="hostile-1")
+    server) is redacted and stored. (On adapter r, whose records the other tests do not count.)"""
+    got = ask(server, "r", "a hostile user field", user="\ud800", rid="hostile-1")
     assert got["status"] == 200, got
-    later = ask(server, "x", "a request after it", rid="hostile-2")
+    later = ask(server, "r", "a request after it", rid="hostile-2")
     (row,) = wait_for_rows(setup, 1, "request_id = ?", ("hostile-2",))
     check_matches(row, later, 0, "a request after it")
     (hostile,) = db_rows(setup, "request_id = 'hostile-1'")
