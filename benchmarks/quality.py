@@ -732,6 +732,7 @@ class Run:
     memo: dict[str, list[bool]] = field(default_factory=dict)
     measured: list[str] = field(default_factory=list)
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heldout_before: Any = None  # the original's held-out Quality, shared by the derived rows
 
     @property
     def tag(self) -> str:
@@ -827,7 +828,9 @@ class Run:
         with AdaptedModel(self.ctx.model, lora, spectra) as adapted:
             kw = {"max_batch_tokens": config.max_batch_tokens, "pad_id": pad_id}
             kw["budget"] = evaluation_budget(adapted, config.max_batch_tokens)
-            before = heldout_quality(adapted, held, **kw)
+            if self.heldout_before is None:  # the held-out split is split_heldout's for every policy
+                self.heldout_before = heldout_quality(adapted, held, **kw)
+            before = self.heldout_before
             with adapted.sigma_values(sigmas):
                 after = heldout_quality(adapted, held, **kw)
         gate = decide(
