@@ -83,7 +83,12 @@ from vllm_surgery.default_model import default_model_path
 from vllm_surgery.evaluation import evaluation_budget, heldout_quality
 from vllm_surgery.exact_match import merged_lora, sign_test
 from vllm_surgery.gate import decide
-from vllm_surgery.lora_training import ContinueRecipe, LoraRecipe, cached_lora_adapter, continue_lora_training
+from vllm_surgery.lora_training import (
+    ContinueRecipe,
+    LoraRecipe,
+    cached_lora_adapter,
+    continue_lora_training_lr_search,
+)
 from vllm_surgery.policies import AUTO_POLICIES, POLICIES, SEARCHED_POLICIES, policy_params
 from vllm_surgery.search import candidate_sigmas
 
@@ -634,14 +639,28 @@ def baseline_run(ctx: RunContext, config: SurgeryConfig, name: str) -> tuple[dic
     )
     fit = weighted(fit, config.correction_weight)
     recipe = dataclasses.replace(ctx.continue_recipe, seed=config.seed)
-    trained = continue_lora_training(ctx.model, ctx.tokenizer, ctx.lora, fit, selection, recipe)
+    trained, tried = continue_lora_training_lr_search(
+        ctx.model, ctx.tokenizer, ctx.lora, fit, selection, recipe, CONTINUE_LRS
+    )
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
     summary: dict[str, Any] = {
         "best_step": trained.best_step,
         "steps_run": trained.steps_run,
         "steps_planned": trained.steps_planned,
         "curve": trained.curve,
-        "train_seconds": trained.seconds,
+        "lr": trained.lr,
+        "lr_search": [
+            {
+                "lr": r.lr,
+                "best_step": r.best_step,
+                "best_loss": r.best_loss,
+                "steps_run": r.steps_run,
+                "curve": r.curve,
+                "seconds": r.seconds,
+            }
+            for r in tried
+        ],
+        "train_seconds": sum(r.seconds for r in tried),
     }
     written = None
     if trained.best_step == 0:
@@ -751,7 +770,7 @@ class Run:
     def component(self, name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         key = f"{self.key}-{name}"
         if name == BASELINE:  # the recipe lives in this script, outside the engine's fingerprint
-            key += "-" + short_digest(dataclasses.asdict(self.ctx.continue_recipe))
+            key += "-" + short_digest([dataclasses.asdict(self.ctx.continue_recipe), CONTINUE_LRS])
         cached = self.cache.get(key)
         if cached is None:
             cached = measure()
@@ -1667,10 +1686,12 @@ def report(
         lines.append(
             f"- Baseline (`{BASELINE}`): what a user would do instead, continued LoRA training (PEFT: the adapter "
             "loaded with every LoRA weight trainable, same rank, alpha and target modules) on the same fit split "
-            f"(`split_examples`, corrections weighted by `correction_weight` as in refine()'s fit loss): AdamW lr "
-            f"{c.lr:g}, batch {c.batch_size}, warm-up then cosine decay over {c.epochs} epochs, the selection split's "
+            f"(`split_examples`, corrections weighted by `correction_weight` as in refine()'s fit loss): AdamW, "
+            f"batch {c.batch_size}, warm-up then cosine decay over {c.epochs} epochs, the selection split's "
             f"loss measured before the first step and twice an epoch, stopped after {c.patience} measurements "
-            f"without a new best, the best weights kept (the original's when no step beat it). "
+            f"without a new best, the best weights kept (the original's when no step beat it); run at peak "
+            f"learning rates {', '.join(f'{lr:g}' for lr in CONTINUE_LRS)} (the adapters' own: 1e-3), each from "
+            "the adapter's weights, the lowest selection loss wins (`continue_lora_training_lr_search`). "
             f"`{BASELINE}` serves them regardless; `{BASELINE_GATED}` only if `vllm_surgery.gate.decide` with the "
             "same thresholds accepts them on the same held-out split (1 candidate)."
         )
@@ -1763,8 +1784,11 @@ def report(
     return "\n".join(lines)
 
 
-#: Continued training of the baseline (see ContinueRecipe): the adapters' own optimiser and lr.
+#: Continued training of the baseline (see ContinueRecipe): the adapters' own optimiser and schedule.
 CONTINUE_RECIPE = ContinueRecipe(lr=1e-3, batch_size=8, epochs=3, patience=2)
+#: Peak learning rates tried (each from the adapter's weights; the lowest selection loss wins): restarted
+#: at the rate that trained it (1e-3), an adapter is first knocked off its optimum.
+CONTINUE_LRS = (1e-3, 3e-4, 1e-4)
 #: --quick: the headline rows (under-trained adapters, n = 128, 3 seeds, 300 test problems).
 QUICK = {"levels": "under", "sizes": "128", "seeds": 3, "test": 300, "policies": "grad_direction"}
 #: --dry-run: every code path on a tiny random Llama built on the spot (seconds; for the test suite).

@@ -173,3 +173,17 @@ def test_continued_training_keeps_the_original_when_training_only_hurts(loaded, 
         continue_lora_training(model, tok, adapter, fit, [], ContinueRecipe())
     with pytest.raises(ConfigError, match="learning rate"):
         ContinueRecipe(lr=0)
+
+
+def test_learning_rate_search_keeps_the_run_with_the_lowest_selection_loss(loaded, tiny_adapter):
+    from vllm_surgery.lora_training import ContinueRecipe, continue_lora_training_lr_search
+
+    model, tok = loaded
+    adapter = load_adapter(tiny_adapter)
+    fit, selection = toy_examples(tok, 12), toy_examples(tok, 4, seed=1)
+    recipe = ContinueRecipe(batch_size=4, epochs=2, patience=2)
+    best, runs = continue_lora_training_lr_search(model, tok, adapter, fit, selection, recipe, [1e-7, 1e-2])
+    assert [r.lr for r in runs] == [1e-7, 1e-2]
+    assert best is runs[1] and best.best_loss < runs[0].best_loss  # a rate too small to learn loses
+    with pytest.raises(ConfigError, match="at least one"):
+        continue_lora_training_lr_search(model, tok, adapter, fit, selection, recipe, [])

@@ -12,6 +12,7 @@ The adapter is written atomically (a complete sibling folder renamed into place)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -278,6 +279,7 @@ class ContinuedLora:
     """
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    lr: float
     best_step: int
     best_loss: float
     steps_run: int
@@ -404,6 +406,7 @@ def continue_lora_training(
     del peft_model, work
     return ContinuedLora(
         factors=best,
+        lr=recipe.lr,
         best_step=best_step,
         best_loss=best_loss,
         steps_run=step,
@@ -411,3 +414,33 @@ def continue_lora_training(
         curve=curve,
         seconds=time.perf_counter() - started,
     )
+
+
+def continue_lora_training_lr_search(
+    model: Any,
+    tokenizer: Any,
+    adapter: Any,
+    fit: Sequence[Any],
+    selection: Sequence[Any],
+    recipe: ContinueRecipe,
+    lrs: Sequence[float],
+    *,
+    progress: bool = False,
+) -> tuple[ContinuedLora, list[ContinuedLora]]:
+    """continue_lora_training at each peak learning rate of `lrs` (the rest of `recipe` unchanged), each
+    from the adapter's own weights; the run with the lowest selection loss wins (the first on a tie).
+
+    Why: restarted at the peak rate that trained it, an adapter is first knocked off its optimum
+    (AdamW's first steps move every weight by about lr), so the rate is chosen like the step count, on
+    the selection split. Returns (the winner, every run in the order of `lrs`).
+    """
+    if not lrs:
+        raise ConfigError("the learning-rate search needs at least one learning rate")
+    runs = [
+        continue_lora_training(
+            model, tokenizer, adapter, fit, selection, dataclasses.replace(recipe, lr=lr), progress=progress
+        )
+        for lr in lrs
+    ]
+    best = min(runs, key=lambda r: r.best_loss)
+    return best, runs
