@@ -633,29 +633,15 @@ def baseline_run(ctx: RunContext, config: SurgeryConfig, name: str) -> tuple[dic
         calib.examples, config.heldout_fraction, config.selection_fraction, config.seed
     )
     fit = weighted(fit, config.correction_weight)
-    # A learning rate chosen on the selection split too, as a user tuning it would: at the adapters' own
-    # peak rate alone (1e-3) the selection loss rose at the first measurements and training stopped early.
-    tried = [
-        continue_lora_training(
-            ctx.model,
-            ctx.tokenizer,
-            ctx.lora,
-            fit,
-            selection,
-            dataclasses.replace(ctx.continue_recipe, seed=config.seed, lr=lr),
-        )
-        for lr in CONTINUE_LRS
-    ]
-    best_index = min(range(len(tried)), key=lambda i: (tried[i].best_loss, i))
-    trained = tried[best_index]
+    recipe = dataclasses.replace(ctx.continue_recipe, seed=config.seed)
+    trained = continue_lora_training(ctx.model, ctx.tokenizer, ctx.lora, fit, selection, recipe)
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
     summary: dict[str, Any] = {
         "best_step": trained.best_step,
         "steps_run": trained.steps_run,
         "steps_planned": trained.steps_planned,
         "curve": trained.curve,
-        "lr": CONTINUE_LRS[best_index],
-        "train_seconds": sum(t.seconds for t in tried),
+        "train_seconds": trained.seconds,
     }
     written = None
     if trained.best_step == 0:
@@ -764,7 +750,7 @@ class Run:
     def component(self, name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         key = f"{self.key}-{name}"
         if name == BASELINE:  # the recipe lives in this script, outside the engine's fingerprint
-            key += "-" + short_digest({**dataclasses.asdict(self.ctx.continue_recipe), "lrs": CONTINUE_LRS})
+            key += "-" + short_digest(dataclasses.asdict(self.ctx.continue_recipe))
         cached = self.cache.get(key)
         if cached is None:
             cached = measure()
@@ -1678,8 +1664,8 @@ def report(
         lines.append(
             f"- Baseline (`{BASELINE}`): what a user would do instead, continued LoRA training (PEFT: the adapter "
             "loaded with every LoRA weight trainable, same rank, alpha and target modules) on the same fit split "
-            f"(`split_examples`, corrections weighted by `correction_weight` as in refine()'s fit loss): AdamW at each "
-            f"lr of {', '.join(f'{lr:g}' for lr in CONTINUE_LRS)} (the lowest selection loss wins), batch {c.batch_size}, warm-up then cosine decay over {c.epochs} epochs, the selection split's "
+            f"(`split_examples`, corrections weighted by `correction_weight` as in refine()'s fit loss): AdamW lr "
+            f"{c.lr:g}, batch {c.batch_size}, warm-up then cosine decay over {c.epochs} epochs, the selection split's "
             f"loss measured before the first step and twice an epoch, stopped after {c.patience} measurements "
             f"without a new best, the best weights kept (the original's when no step beat it). "
             f"`{BASELINE}` serves them regardless; `{BASELINE_GATED}` only if `vllm_surgery.gate.decide` with the "
@@ -1776,8 +1762,6 @@ def report(
 
 #: Continued training of the baseline (see ContinueRecipe): the adapters' own optimiser and lr.
 CONTINUE_RECIPE = ContinueRecipe(lr=1e-3, batch_size=8, epochs=3, patience=2)
-#: Learning rates tried (the one with the lowest selection loss is kept; the recipe's lr is replaced).
-CONTINUE_LRS = (1e-3, 3e-4, 1e-4)
 #: --quick: the headline rows (under-trained adapters, n = 128, 3 seeds, 300 test problems).
 QUICK = {"levels": "under", "sizes": "128", "seeds": 3, "test": 300, "policies": "grad_direction"}
 #: --dry-run: every code path on a tiny random Llama built on the spot (seconds; for the test suite).
