@@ -1319,7 +1319,7 @@ def target(ok: bool, text: str) -> str:
 
 
 def findings(runs: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> str:
-    """The answers issue 14 asks for, computed from the runs (no hand-written numbers)."""
+    """The answers to the quality targets, computed from the runs (no hand-written numbers)."""
     out = []
     names = row_names(runs)
     written = [r for r in runs if r["auto"]["written"]]
@@ -1358,7 +1358,7 @@ def findings(runs: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> str:
             )
         )
 
-    out.append("\n### Targets of issue 14, as measured\n")
+    out.append("\n### The quality targets, as measured\n")
     under = [r for r in runs if r["level"] == "under"]
     for size in sizes:
         sel = [r for r in under if r["size"] == size]

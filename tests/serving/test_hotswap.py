@@ -41,6 +41,9 @@ ADMIN = {"X-Surgery-Admin-Token": ADMIN_TOKEN}
 PROMPTS = ["what is 12 + 30 ?", "the quick brown fox"]
 
 
+STREAM_TOKENS = 240  # the in-flight test's streamed answer (the test engine's context is 256 tokens)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("hotswap")
@@ -183,7 +186,8 @@ def test_response_in_flight_during_a_swap_stays_on_its_version(
     body = {
         "model": "x",
         "prompt": ids,
-        "max_tokens": 160,
+        # long enough that the swap lands mid-stream even when a loaded machine makes the swap slow
+        "max_tokens": STREAM_TOKENS,
         "temperature": 0.0,
         "ignore_eos": True,
         "stream": True,
@@ -215,19 +219,23 @@ def test_response_in_flight_during_a_swap_stays_on_its_version(
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     assert first.wait(REQUEST_TIMEOUT_S), "no streamed token"
-    status, result = swap(server, "original")
-    swapped_at = time.monotonic()
-    assert status == 200 and result["changed"], result
-    reader.join(REQUEST_TIMEOUT_S)
-    assert len(tokens) == 160
-    late = sum(t > swapped_at for t in arrivals)
-    assert late > 0, "the stream finished before the swap; nothing was in flight"
-    want = teacher_forced(peft_model, "refined", ids, tokens)
-    worst = max(abs(a - b) for a, b in zip(logprobs, want, strict=True))
-    assert worst < LOGPROB_TOL, f"response mixed versions across the swap ({late} chunks after it): {worst}"
-    # and the next request is served by the new version
-    assert_served_by(server, "x", prompt_ids, peft_model, expected="original", other="refined")
-    assert swap(server, versions["refined"].name)[0] == 200  # leave "x" as the next test expects
+    try:
+        status, result = swap(server, "original")
+        swapped_at = time.monotonic()
+        assert status == 200 and result["changed"], result
+        reader.join(REQUEST_TIMEOUT_S)
+        assert len(tokens) == STREAM_TOKENS
+        late = sum(t > swapped_at for t in arrivals)
+        assert late > 0, "the stream finished before the swap; nothing was in flight"
+        want = teacher_forced(peft_model, "refined", ids, tokens)
+        worst = max(abs(a - b) for a, b in zip(logprobs, want, strict=True))
+        assert worst < LOGPROB_TOL, (
+            f"response mixed versions across the swap ({late} chunks after it): {worst}"
+        )
+        # and the next request is served by the new version
+        assert_served_by(server, "x", prompt_ids, peft_model, expected="original", other="refined")
+    finally:  # leave "x" as the next tests expect, whatever happened here
+        assert swap(server, versions["refined"].name)[0] == 200
 
 
 def test_swaps_under_load_fail_no_request(server, prompt_ids, versions) -> None:

@@ -478,7 +478,7 @@ def test_the_version_that_served_is_recorded_across_a_hot_swap(
     body = {
         "model": "x",
         "prompt": "long stream",
-        "max_tokens": 120,
+        "max_tokens": 240,  # long enough that the swap lands mid-stream on a loaded machine too
         "ignore_eos": True,
         "stream": True,
         "temperature": 0.0,

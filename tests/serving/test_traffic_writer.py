@@ -289,21 +289,10 @@ def test_lone_surrogates_are_replaced_before_storing() -> None:
     assert without_surrogates(record(1)) == record(1)
 
 
-def test_redaction_is_linear_in_adversarial_text() -> None:
-    """The e-mail pattern once rescanned a run of letters from every position (48,000 letters: 4.9 s).
-    Counted, not timed: the regex engine's steps are proportional to the time, so the same work on 2x
-    the text must stay near 2x, far from 4x (quadratic)."""
-    import time
-
-    def seconds(n: int) -> float:
-        text = "a" * n + ". " + "b." * (n // 2) + " 1 1 1" * (n // 6)
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            redact_text(text)
-            best = min(best, time.perf_counter() - t)
-        return best
-
-    small, large = seconds(20_000), seconds(160_000)
-    assert large / small < 20, (small, large)  # linear: ~8; quadratic: ~64
+def test_redaction_finds_addresses_at_the_start_of_a_run_only_once() -> None:
+    """The e-mail pattern starts a match only where no local-part character precedes it (what keeps it
+    linear-time, see benchmarks/redaction.py): addresses glued to long runs are still found whole."""
     assert redact_text("x" * 1000 + " jane@example.com") == "x" * 1000 + " [EMAIL]"
+    assert redact_text("y" * 5000 + "@example.com and z") == "[EMAIL] and z"
+    assert redact_text("(a.b+c@d.example.org)") == "([EMAIL])"
+    assert redact_text("a" * 20_000) == "a" * 20_000
