@@ -42,10 +42,13 @@ adapter's simulated feedback is cached by the engine's source fingerprint (RunCa
 run resumes where it stopped, a rerun with unchanged code only measures what is missing, and a --quick
 run's parts serve a later full run.
 
-Run:  python benchmarks/quality.py              (everything: 54 runs; see RESULTS.md for the time it took)
+Run:  python benchmarks/quality.py              (everything: 54 runs; several hours on this 2-core CPU,
+                                                 more than the 2-hour goal: see RESULTS.md)
       python benchmarks/quality.py --quick      (the headline rows: the 3 under-trained adapters, n=128,
                                                  3 seeds, 300 test problems; auto, grad_direction forced and
-                                                 the baseline; TIME_QUICK on this 2-core CPU)
+                                                 the baseline; 20 minutes on this 2-core CPU, 1195 s
+                                                 measured with the adapters trained and another job
+                                                 running part of the time)
       python benchmarks/quality.py --dry-run    (every code path on a tiny random model, seconds; the
                                                  test suite runs it)
       python benchmarks/quality.py --tasks addition --levels under --sizes 32 --seeds 1 --test 50
@@ -1243,6 +1246,8 @@ def runs_table(runs: Sequence[Mapping[str, Any]]) -> str:
                 )
             elif name == BASELINE_GATED and not r["baseline"]["accepted"]:
                 cell += " kept"
+            elif name == BASELINE and r["baseline"]["best_step"] == 0:
+                cell += " step 0"
             cells.append(cell)
         lines.append(
             f"| {r['task']} | {r['level']} | {r['size']} | {r['seed']} | " + " | ".join(cells) + " |"
@@ -1968,7 +1973,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool_scorer = Scorer(model, tokenizer, pool, args.batch_size)
             scorers.append(scorer)
             pool_scorers.append(pool_scorer)
-            base = scorer()
+            base_key = f"base-{task.name}-test{len(test)}"
+            base_bits = run_cache.get(base_key)
+            if base_bits is None:
+                base_bits = correct_bits(scorer())
+                run_cache.put(base_key, base_bits)
+            base = from_bits(base_bits)
             log(f"task {task.name}: base model without adapter {sum(base) / len(base):.1%} exact match")
             for adapter in (a for a in trained if a.task == task.name):
                 log(f"task {task.name}, {adapter.level} adapter ({adapter.steps} steps)")
