@@ -296,3 +296,11 @@ def test_redaction_finds_addresses_at_the_start_of_a_run_only_once() -> None:
     assert redact_text("y" * 5000 + "@example.com and z") == "[EMAIL] and z"
     assert redact_text("(a.b+c@d.example.org)") == "([EMAIL])"
     assert redact_text("a" * 20_000) == "a" * 20_000
+
+
+def test_a_record_without_surrogates_is_passed_on_as_it_is() -> None:
+    """The writer thread cleans every record: a clean one (nearly all) must not be copied or rebuilt."""
+    from vllm_surgery.traffic.writer import without_surrogates
+
+    clean = record(2, prompt=[{"role": "user", "content": "hi"}], sampling={"user": "u", "stop": ["x"]})
+    assert without_surrogates(clean) is clean

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -293,17 +294,24 @@ class TrafficWriter:
 _WAKE = object()  # put into the queue to wake the writer (flush, close); never stored
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _clean(value: Any) -> Any:
+    """`value` with lone surrogates replaced by U+FFFD; the very same object when it holds none, so that a
+    clean record (nearly every one) is neither copied nor rebuilt."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
+        if _SURROGATE.search(value) is None:
             return value
-        except UnicodeEncodeError:  # a lone surrogate (JSON "\\ud800" decodes to one): U+FFFD instead
-            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        # a lone surrogate (JSON "\\ud800" decodes to one): U+FFFD instead
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     if isinstance(value, Mapping):
-        return {_clean(k): _clean(v) for k, v in value.items()}
+        items = [(_clean(k), _clean(v)) for k, v in value.items()]
+        unchanged = all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True))
+        return value if unchanged else dict(items)
     if isinstance(value, (list, tuple)):
-        return type(value)(_clean(v) for v in value)
+        cleaned = [_clean(v) for v in value]
+        return value if all(c is v for c, v in zip(cleaned, value, strict=True)) else type(value)(cleaned)
     return value
 
 
