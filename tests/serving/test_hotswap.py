@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pacing
 import pytest
 import torch
 from server import (
@@ -42,6 +43,7 @@ PROMPTS = ["what is 12 + 30 ?", "the quick brown fox"]
 
 
 STREAM_TOKENS = 240  # the in-flight test's streamed answer (the test engine's context is 256 tokens)
+PACE_MS = 20  # per engine step while it runs: the stream lasts at least 4.8 s, longer than any swap
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +60,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
         "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
         "VLLM_SURGERY_CALIBRATION_DIR": str(root),  # calib.jsonl, written by the versions fixture
+        **pacing.server_env(),
     }
     srv = start_server(
         root,
         base,
         env,
-        ["--api-key", API_KEY, "--lora-modules", f"static={static}"],
+        ["--api-key", API_KEY, "--lora-modules", f"static={static}", *pacing.SERVER_ARGS],
         headers={"Authorization": f"Bearer {API_KEY}"},
     )
     try:
@@ -186,8 +189,9 @@ def test_response_in_flight_during_a_swap_stays_on_its_version(
     body = {
         "model": "x",
         "prompt": ids,
-        # long enough that the swap lands mid-stream even when a loaded machine makes the swap slow
+        # paced: at least STREAM_TOKENS x PACE_MS of generation, on a fast machine too
         "max_tokens": STREAM_TOKENS,
+        **pacing.paced(PACE_MS),
         "temperature": 0.0,
         "ignore_eos": True,
         "stream": True,
@@ -217,6 +221,7 @@ def test_response_in_flight_during_a_swap_stays_on_its_version(
                 first.set()
 
     reader = threading.Thread(target=read, daemon=True)
+    started = time.monotonic()
     reader.start()
     assert first.wait(REQUEST_TIMEOUT_S), "no streamed token"
     try:
@@ -225,6 +230,7 @@ def test_response_in_flight_during_a_swap_stays_on_its_version(
         assert status == 200 and result["changed"], result
         reader.join(REQUEST_TIMEOUT_S)
         assert len(tokens) == STREAM_TOKENS
+        assert arrivals[-1] - started >= STREAM_TOKENS * PACE_MS / 1000, "the pacing did not apply"
         late = sum(t > swapped_at for t in arrivals)
         assert late > 0, "the stream finished before the swap; nothing was in flight"
         want = teacher_forced(peft_model, "refined", ids, tokens)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pacing
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server import REQUEST_TIMEOUT_S, Server, start_server, stop
@@ -55,8 +56,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "VLLM_SURGERY_TRAFFIC_ADAPTERS": json.dumps(
             {"r": {"max_records": RETAINED}, "off": {"capture": False}}
         ),
+        **pacing.server_env(),
     }
-    args = ["--api-key", API_KEY, "--lora-modules", f"static={static}", "--max-cpu-loras", "6"]
+    args = [
+        "--api-key",
+        API_KEY,
+        "--lora-modules",
+        f"static={static}",
+        "--max-cpu-loras",
+        "6",
+        *pacing.SERVER_ARGS,
+    ]
     # Answers are drawn from letter tokens only: a random model's digit runs would otherwise be
     # redacted (correctly) and no longer equal what the client received.
     from transformers import AutoTokenizer
@@ -478,7 +488,8 @@ def test_the_version_that_served_is_recorded_across_a_hot_swap(
     body = {
         "model": "x",
         "prompt": "long stream",
-        "max_tokens": 240,  # long enough that the swap lands mid-stream on a loaded machine too
+        "max_tokens": 240,
+        **pacing.paced(20),  # at least 4.8 s of generation: the swap lands mid-stream on a fast machine too
         "ignore_eos": True,
         "stream": True,
         "temperature": 0.0,

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,6 +38,7 @@ ADMIN = {"X-Surgery-Admin-Token": ADMIN_TOKEN}
 NAMES = ("gain", "own", "thin", "fragile", "kill", "p1", "p2", "p3", "r1", "r2")
 JOB_SETTINGS = {k: v for k, v in GAIN_SETTINGS.items() if k != "policy"}  # policy: a job's default, auto
 WAIT_S = 600.0
+HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -105,7 +107,8 @@ def server(servers: dict) -> Server:
 class Worker:
     """One `vllm-surgery worker` process, its log in the test directory."""
 
-    def __init__(self, setup: dict, url: str, *args: str) -> None:
+    def __init__(self, setup: dict, url: str, *args: str, stop_in_refine: bool = False) -> None:
+        """`stop_in_refine`: the worker stops itself (SIGSTOP) as it enters refine() (paused_worker.py)."""
         setup["workers"] += 1
         self.log = setup["root"] / f"worker-{setup['workers']}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
@@ -115,10 +118,10 @@ class Worker:
                 for k in ("VLLM_SURGERY_STORE", "VLLM_SURGERY_DATABASE", "VLLM_SURGERY_ADMIN_TOKEN")
             }
         )
+        launcher = [str(HERE / "paused_worker.py")] if stop_in_refine else ["-m", "vllm_surgery.cli"]
         cmd = [
             sys.executable,
-            "-m",
-            "vllm_surgery.cli",
+            *launcher,
             "worker",
             "--server",
             url,
@@ -387,13 +390,16 @@ def test_failed_jobs_are_recorded_and_the_adapters_keep_serving(server, setup) -
 
 def test_a_killed_worker_leaves_nothing_visible_and_another_finishes_its_job(server, setup) -> None:
     job_id = queue(server, "kill", records=setup["records"])
-    first = Worker(setup, server.url, "--lease-seconds", "3", "--once")
+    first = Worker(setup, server.url, "--lease-seconds", "3", "--once", stop_in_refine=True)
     store = setup["store"] / "kill"
 
-    def reserved():  # the version directory being filled: the middle of the refinement
-        return store.is_dir() and [p for p in store.iterdir() if not p.name.startswith(".") and p.is_dir()]
+    def stopped_in_refine() -> bool:  # its version directory reserved, refine() entered
+        if first.proc.poll() is not None:
+            pytest.fail(f"the first worker exited ({first.proc.returncode}):\n{first.text()[-3000:]}")
+        return Path(f"/proc/{first.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
-    wait_for("the first worker to start writing", reserved, logs=(first.log,))
+    wait_for("the first worker to enter refine()", stopped_in_refine, logs=(first.log,))
+    assert [p for p in store.iterdir() if not p.name.startswith(".") and p.is_dir()]  # reserved
     first.proc.kill()  # SIGKILL: no cleanup of any kind
     first.proc.wait(30)
     (row,) = jobs(setup, "id = ?", (job_id,))
