@@ -518,9 +518,15 @@ BASELINE = "lora_continued"
 BASELINE_GATED = "lora_continued+gate"
 
 
+#: Core modules no run computes with (the vLLM process harness, the command line): left out of the
+#: fingerprint so that a change to them does not invalidate hours of cached runs.
+NOT_ENGINE = frozenset({"server_process.py", "cli.py"})
+
+
 def code_fingerprint() -> str:
-    """Digest of the engine's source (the core package, not serving/) and of MEASUREMENT: a cached run
-    is reused only when the code that would produce it again is byte for byte the same."""
+    """Digest of the engine's source (the core package, not its subpackages or NOT_ENGINE) and of
+    MEASUREMENT: a cached run is reused only when the code that would produce it again is byte for
+    byte the same."""
     import hashlib
 
     import vllm_surgery
@@ -528,7 +534,8 @@ def code_fingerprint() -> str:
     root = Path(vllm_surgery.__file__).resolve().parent
     digest = hashlib.sha256(MEASUREMENT.encode())
     for path in sorted(root.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        if path.name not in NOT_ENGINE:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
