@@ -175,10 +175,10 @@ def test_a_version_the_gate_did_not_accept_needs_force_and_a_stale_one_is_never_
     assert models.loads == [] and models.lora_requests["x"] is before
     assert store.served_version_id("x") is None
     with pytest.raises(HotSwapError) as e:
-        run(swapper.swap("x", env["stale"].name, force=True))
+        run(swapper.swap_forced("x", env["stale"].name))
     assert e.value.status == 409 and "stale" in str(e.value)
     assert models.lora_requests["x"] is before
-    result = run(swapper.swap("x", forced, force=True))  # an operator's explicit choice
+    result = run(swapper.swap_forced("x", forced))  # an operator's explicit choice
     assert result.changed and store.served_version_id("x") == forced
     assert is_snapshot_of(models.lora_requests["x"].lora_path, env["forced"], store.root, forced)
 
@@ -324,3 +324,39 @@ def test_lora_modules_adapter_is_an_original_and_its_served_version_is_restored(
     assert swapper.describe("z")["previous_version"] is None  # nothing to roll back to: not a swap
     assert run(swapper.swap("y", "original")).changed
     assert is_snapshot_of(models.lora_requests["y"].lora_path, outside, store.root, "original")
+
+
+def test_the_pending_swap_sweep_never_forces(env, tmp_path) -> None:
+    """A job row that says "accepted, swap pending" is not the gate's word: the version's own
+    surgery.json is. A forced or stale version is refused and the job says why; an accepted one is
+    swapped in."""
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
+    from vllm_surgery.storage import SQLiteDatabase
+    from vllm_surgery.traffic import AdapterCalibration
+
+    swapper, models, store = env["swapper"], env["models"], env["store"]
+    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    try:
+        sweep = AutomaticJobs(swapper, db, "base", AdapterCalibration(swapper.settings, db))
+        before = models.lora_requests["x"]
+
+        def forge(version: str) -> int:
+            job = db.enqueue_job("x", "manual", {})[0]
+            db.claim_job("w", 60)
+            db.finish_job(job.id, "w", "accepted", {"decision": "accept", "version": version}, "pending")
+            return job.id
+
+        forced = forge(env["forced"].name)
+        assert run(sweep.swap_pending()) == [(forced, "failed")]
+        error = db.job(forced).swap_error
+        assert db.job(forced).swap == "failed" and "decision 'forced'" in error and "not 'accept'" in error
+        stale = forge(env["stale"].name)
+        assert run(sweep.swap_pending()) == [(stale, "failed")]
+        assert "stale" in db.job(stale).swap_error
+        assert models.loads == [] and models.lora_requests["x"] is before  # the original still serves
+        assert store.served_version_id("x") is None
+        good = forge(env["good"].name)
+        assert run(sweep.swap_pending()) == [(good, "done")]
+        assert swapper.describe("x")["served_version"] == env["good"].name
+    finally:
+        db.close()

@@ -179,7 +179,7 @@ class AutomaticJobs:
             try:
                 # Never forced: the version's own surgery.json must say the gate accepted it (module
                 # docstring), whatever the row claims.
-                await self.swapper.swap(job.adapter, job.version, force=False)
+                await self.swapper.swap(job.adapter, job.version)
             except HotSwapError as e:
                 if e.status >= 500:
                     log.error(

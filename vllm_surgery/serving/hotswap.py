@@ -39,7 +39,7 @@ the operator's directory before the plugin started, are moved onto their snapsho
 The gate's promise holds at the swap: `swap` serves a refined version only when its own surgery.json
 says the gate accepted it (decision "accept") and it was refined from the original's current content.
 A version written with force (decision "forced") is swapped in only when the caller says so
-(`force=True`: the admin route's `"force": true`, logged); a stale one never. The automatic swaps of
+(`swap_forced`: the admin route's `"force": true`, logged); a stale one never. The automatic swaps of
 accepted jobs (`automatic_jobs`) never force, whatever the job row says.
 """
 
@@ -367,11 +367,19 @@ class HotSwapper:
             return resolved.parent.name, resolved.name
         return None
 
-    async def swap(self, name: str, version: str, *, force: bool = False) -> SwapResult:
-        """Serve `version` of `name` (module docstring). Only a version the gate accepted, refined from
-        the current original, unless `force` (an operator's explicit request; logged) lets a forced one
-        through. Raises HotSwapError (see `validated_target`; 500 when the engine refuses the load):
-        the version served before is still served then."""
+    async def swap(self, name: str, version: str) -> SwapResult:
+        """Serve `version` of `name` (module docstring): only a version the gate accepted, refined from
+        the current original (or "original"). Raises HotSwapError (see `validated_target`; 500 when
+        the engine refuses the load): the version served before is still served then."""
+        return await self._swap(name, version, force=False)
+
+    async def swap_forced(self, name: str, version: str) -> SwapResult:
+        """`swap`, but a version the gate did not accept (decision "forced") is served too: an
+        operator's explicit request (the admin route's ``"force": true``), logged. A stale version is
+        refused even so. Raises HotSwapError like `swap`."""
+        return await self._swap(name, version, force=True)
+
+    async def _swap(self, name: str, version: str, force: bool) -> SwapResult:
         start = time.perf_counter()
         known = None
         try:
@@ -409,7 +417,7 @@ class HotSwapper:
             raise HotSwapError(f"adapter {name!r}: no earlier version to roll back to", 409, "conflict")
         # The previous version was served (a forced one only on an operator's force): going back to it
         # is the operator's request again, never an automatic one.
-        return await self.swap(name, previous[0], force=True)
+        return await self.swap_forced(name, previous[0])
 
     def _same_as_served(self, name: str, old_path: str | None, path: str) -> tuple[str | None, bool]:
         """(version of `old_path`, whether it is `path`): blocking path resolution, run in a thread."""

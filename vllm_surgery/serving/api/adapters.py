@@ -63,7 +63,8 @@ async def get_adapter(name: str, raw_request: Request) -> Any:
 async def swap(name: str, raw_request: Request) -> Any:
     swapper = hotswapper(raw_request, "swap")
     request = await read_model(raw_request, SwapRequest, example='{"version": "original"}')
-    return (await swapper.swap(name, request.version, force=request.force)).to_dict()
+    do = swapper.swap_forced if request.force else swapper.swap
+    return (await do(name, request.version)).to_dict()
 
 
 @router.post("/adapters/{name}/rollback")
