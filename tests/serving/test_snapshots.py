@@ -208,3 +208,34 @@ def test_snapshot_digest_covers_file_names_and_bytes(tmp_path, tiny_adapter) -> 
     b = snapshot_adapter(changed, tmp_path / "a", "original", AdapterValidator())
     assert a.digest != b.digest and a.content_hash == b.content_hash
     assert a.digest != hashlib.sha256((tiny_adapter / FILES[1]).read_bytes()).hexdigest()
+
+
+def test_the_validator_never_reads_weights_in_place_outside_snapshots(
+    tmp_path, tiny_adapter, monkeypatch
+) -> None:
+    """safetensors memory-maps what it reads: the listing's and start-up's checks of an operator's
+    directory read a private temporary copy, and their errors still name the operator's file."""
+    read = []
+    real = validation.load_adapter
+    monkeypatch.setattr(validation, "load_adapter", lambda p: read.append(Path(p)) or real(p))
+    validator = AdapterValidator()
+    source = shutil.copytree(tiny_adapter, tmp_path / "x")
+    assert validator.validate(source) == load_adapter(tiny_adapter).content_hash()
+    assert read and source not in read and all(p.name == "adapter" for p in read), read
+    assert not any(p.exists() for p in read)  # the temporary copy is gone
+    overwrite = source / FILES[1]
+    overwrite.write_bytes(b"\x00" * 16)
+    with pytest.raises(AdapterError) as e:
+        validator.validate(source)
+    assert str(overwrite) in str(e.value) and "cannot be read as safetensors" in str(e.value)
+    (source / FILES[1]).unlink()
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: missing"):
+        validator.validate(source)  # said by load_adapter on the source: no weights to map
+    # a snapshot (a private copy nobody writes) is read in place
+    snaps = Snapshots(tmp_path / "snapshots", validator, grace_s=100)
+    read.clear()
+    snap = snaps.take("t", "original", tiny_adapter)
+    validator.configure(validation.ServingLimits())  # forget the cached verdicts
+    read.clear()
+    validator.validate(snap.path)
+    assert read == [snap.path]

@@ -34,6 +34,7 @@ import os
 import secrets
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -164,6 +165,8 @@ class AdapterValidator:
         self.limits = limits or ServingLimits()
         self._cache: OrderedDict[tuple, tuple[bool, str]] = OrderedDict()
         self._lock = threading.Lock()
+        # Directories of private copies (snapshots): read in place, nobody else writes them.
+        self.private: list[Path] = []
 
     def configure(self, limits: ServingLimits) -> None:
         """New limits (the engine's, known at init_state); forgets every cached verdict."""
@@ -192,6 +195,22 @@ class AdapterValidator:
         return text
 
     def _check(self, path: Path) -> tuple[bool, str]:
+        """(ok, content hash or error). A directory that is not one of our private copies (`private`)
+        is checked through a temporary private copy: safetensors memory-maps the file it reads, and
+        a file truncated in place while this process reads the mapping is SIGBUS for the server."""
+        if path.is_dir() and not any(path.resolve().is_relative_to(p) for p in self.private):
+            with tempfile.TemporaryDirectory(prefix="vllm-surgery-check-") as tmp:
+                copy = Path(tmp) / "adapter"
+                copy.mkdir(mode=0o700)
+                try:
+                    _copy_files(path, copy, hashlib.sha256())
+                except AdapterError as e:
+                    return False, str(e)
+                ok, text = self._check_here(copy)
+                return ok, text if ok else text.replace(str(copy), str(path))
+        return self._check_here(path)
+
+    def _check_here(self, path: Path) -> tuple[bool, str]:
         try:
             adapter = load_adapter(path)
             check_limits(adapter, self.limits)
@@ -208,7 +227,7 @@ class AdapterValidator:
     def validate_copy(self, copy: Path, source: Path) -> str:
         """Validate `copy`, a private copy of the adapter at `source`, uncached; errors name `source`'s
         files (the operator's), not the copy's. Returns the content hash; raises AdapterError."""
-        ok, text = self._check(copy)
+        ok, text = self._check_here(copy)
         if not ok:
             raise AdapterError(text.replace(str(copy), str(source)))
         return text
@@ -263,6 +282,15 @@ def _copy_file(source: Path, target: Path, digest: Any) -> None:
             digest.update(f"\0{size}\0".encode())
 
 
+def _copy_files(source: Path, target: Path, digest: Any) -> None:
+    """Copy the files vLLM reads from the adapter directory `source` into the directory `target`.
+    Raises AdapterError naming the source's file (missing, pickles only: as `load_adapter` says it)."""
+    if not (source / CONFIG_NAME).is_file() or not (source / WEIGHTS_NAME).is_file():
+        load_adapter(source)  # raises the precise error without reading any weights
+    for name in SNAPSHOT_FILES:
+        _copy_file(source / name, target / name, digest)
+
+
 def snapshot_adapter(source: Path, parent: Path, leaf: str, validator: AdapterValidator) -> Snapshot:
     """Copy the adapter at `source` into `parent/<sha256 of the files>/<leaf>` and validate the copy.
 
@@ -273,15 +301,12 @@ def snapshot_adapter(source: Path, parent: Path, leaf: str, validator: AdapterVa
     are 0700 and files 0600. Blocking. Raises AdapterError naming `source`'s file and the problem (the
     copy is removed then).
     """
-    if not (source / WEIGHTS_NAME).is_file():
-        load_adapter(source)  # raises the precise error (missing, pickles only) without copying
     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = parent / f".tmp-{secrets.token_hex(6)}"
     tmp.mkdir(mode=0o700)
     try:
         digest = hashlib.sha256()
-        for name in SNAPSHOT_FILES:
-            _copy_file(source / name, tmp / name, digest)
+        _copy_files(source, tmp, digest)
         address = digest.hexdigest()
         final = parent / address / leaf
         if final.is_dir():
@@ -358,6 +383,7 @@ class Snapshots:
         self._lock_fd = fd  # held until the process exits
         path = self.root / server_id
         path.mkdir(mode=0o700)
+        self.validator.private.append(path.resolve())
         self._remove_dead_servers(server_id)
         atexit.register(shutil.rmtree, path, True)
         return path
