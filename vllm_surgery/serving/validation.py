@@ -364,6 +364,9 @@ class Snapshots:
         self._dir: Path | None = None
         self._lock_fd: int | None = None
         self._mutex = threading.Lock()
+        # Taking and cleaning one at a time: a cleanup must not remove the address directory a
+        # snapshot is being renamed into, nor a snapshot that is being handed out again.
+        self._busy = threading.RLock()
         self._by_source: dict[tuple, Snapshot] = {}
         self._last_used: dict[Path, float] = {}
 
@@ -415,6 +418,10 @@ class Snapshots:
         (same files: device, inode, size, mtime and ctime) answers its last snapshot without copying.
         Raises AdapterError naming the source's file and the problem.
         """
+        with self._busy:
+            return self._take(name, version, source, inside)
+
+    def _take(self, name: str, version: str, source: Path, inside: Path | None) -> Snapshot:
         resolved = check_contained(source, inside) if inside is not None else source.resolve()
         key = (str(resolved), name, version, _identity(resolved))
         snap = self._by_source.get(key) if key[-1] else None
@@ -449,6 +456,10 @@ class Snapshots:
         """Delete this process's snapshots that no name serves and that were last taken or seen in
         use more than `grace_s` ago; returns them. Unlinking is safe for what vLLM has already
         mapped (a mapping outlives the name; only truncation breaks it)."""
+        with self._busy:
+            return self._cleanup(now)
+
+    def _cleanup(self, now: float | None) -> list[Path]:
         if self._dir is None or not self._dir.is_dir():
             return []
         now = time.time() if now is None else now
