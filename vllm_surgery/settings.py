@@ -379,6 +379,21 @@ class ServingSettings:
         "defaults to auto. force is not allowed: only versions the gate accepts are swapped in.",
         default_factory=dict,
     )
+    snapshot_dir: Path | None = setting(
+        "VLLM_SURGERY_SNAPSHOT_DIR",
+        PATH,
+        "Where the server keeps the private, validated copies of adapters that vLLM loads (one directory "
+        "per server process, 0700; default <store>/.snapshots). vLLM never reads an operator's or the "
+        "store's files directly: an adapter overwritten in place while served cannot reach the engine.",
+        default=None,
+    )
+    snapshot_grace_s: float = setting(
+        "VLLM_SURGERY_SNAPSHOT_GRACE_S",
+        number(0),
+        "Seconds a snapshot no adapter name serves any more is kept before it is deleted (requests "
+        "still running on it may need vLLM to read it again); one that a name serves is never deleted.",
+        default=900.0,
+    )
     job_max_attempts: int = setting(
         "VLLM_SURGERY_JOB_MAX_ATTEMPTS",
         number(1, 100, integer=True),
@@ -392,6 +407,11 @@ class ServingSettings:
         return (
             self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
         )
+
+    @property
+    def snapshot_root(self) -> Path:
+        """Where snapshots live: `snapshot_dir`, or <store>/.snapshots (hidden: never a store adapter)."""
+        return self.snapshot_dir if self.snapshot_dir is not None else self.store / ".snapshots"
 
     @property
     def records_traffic(self) -> bool:

@@ -1,7 +1,8 @@
 """Hot-swap over real HTTP: one `vllm serve` (via `vllm-surgery-serve`) with the endpoint plugin.
 
-Adapter "x" lives in an operator root; the store holds a refined version of it (refine(force=True))
-and a corrupt copy of that version (truncated weights, intact surgery.json). Which weights answered
+Adapter "x" lives in an operator root; the store holds a refined version of it (refine(force=True):
+decision "forced", so swaps to it say "force": true) and a corrupt copy of that version (truncated
+weights, intact surgery.json). Which weights answered
 is proven by log-probs against transformers+PEFT float32 teacher forcing, as in test_server.py.
 The server runs with --api-key and an admin token, so every route is exercised authenticated.
 
@@ -123,8 +124,11 @@ def peft_model(server: Server, versions: dict[str, Path]):
     return model.eval()
 
 
-def swap(server: Server, version: str, name: str = "x") -> tuple[int, dict]:
-    return server.post(f"/v1/surgery/adapters/{name}/swap", {"version": version}, headers=ADMIN)
+def swap(server: Server, version: str, name: str = "x", force: bool = True) -> tuple[int, dict]:
+    """The versions here were written with force (the gate did not accept them): an operator's swap."""
+    return server.post(
+        f"/v1/surgery/adapters/{name}/swap", {"version": version, "force": force}, headers=ADMIN
+    )
 
 
 def served_json(server: Server) -> dict | None:
@@ -166,6 +170,9 @@ def test_original_is_served_first(server, prompt_ids, peft_model, versions) -> N
 
 def test_swap_to_refined_version(server, prompt_ids, peft_model, versions) -> None:
     refined = versions["refined"].name
+    status, body = swap(server, refined, force=False)  # the gate did not accept it: only with force
+    assert status == 409 and "decision 'forced'" in body["error"]["message"], body
+    assert served_json(server) is None
     status, body = swap(server, refined)
     assert status == 200, (body, server.log_tail())
     assert body["changed"] and body["version"] == refined and body["previous_version"] == "original"

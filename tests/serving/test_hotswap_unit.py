@@ -70,6 +70,19 @@ def add_version(store: VersionStore, name: str, source: Path, adapter_hash: str,
     return out
 
 
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def is_snapshot_of(path: str, source: Path, store: Path, version: str) -> bool:
+    """`path` is a snapshot (under the store's .snapshots, leaf = version) with `source`'s bytes."""
+    p = Path(path)
+    return (
+        p.is_relative_to(store / ".snapshots")
+        and p.name == version
+        and all((p / f).read_bytes() == (source / f).read_bytes() for f in FILES)
+    )
+
+
 @pytest.fixture
 def env(tmp_path: Path, tiny_adapter: Path):
     from vllm.lora.request import LoRARequest
@@ -80,21 +93,23 @@ def env(tmp_path: Path, tiny_adapter: Path):
     shutil.copytree(tiny_adapter, roots / "x")
     store = VersionStore(tmp_path / "store")
     h = load_adapter(roots / "x").content_hash()
-    good = add_version(store, "x", tiny_adapter, h)
-    corrupt = add_version(store, "x", tiny_adapter, h)
+    good = add_version(store, "x", tiny_adapter, h, decision="accept")
+    forced = add_version(store, "x", tiny_adapter, h, decision="forced")
+    corrupt = add_version(store, "x", tiny_adapter, h, decision="accept")
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
-    stale = add_version(store, "x", tiny_adapter, "0" * 64)
+    stale = add_version(store, "x", tiny_adapter, "0" * 64, decision="accept")
     models = FakeModels()
-    # "x" already resolved to its original, as the resolver would leave it.
-    models.lora_requests["x"] = LoRARequest(
-        lora_name="x", lora_int_id=7, lora_path=str((roots / "x").resolve())
-    )
     swapper = HotSwapper(models, ServingSettings(adapter_dirs=(roots,), store=store.root))
+    # "x" already resolved to its original, as the resolver leaves it (a snapshot of it).
+    resolved = swapper.resolver.choose_path("x")
+    models.lora_requests["x"] = LoRARequest(lora_name="x", lora_int_id=7, lora_path=str(resolved))
     return {
         "swapper": swapper,
         "models": models,
         "store": store,
+        "original": roots / "x",
         "good": good,
+        "forced": forced,
         "corrupt": corrupt,
         "stale": stale,
     }
@@ -111,7 +126,8 @@ def test_swap_loads_the_version_under_a_new_id_then_switches_the_name(env) -> No
     assert result.changed and result.previous_version == "original"
     (load,) = models.loads
     stored = models.lora_requests["x"]
-    assert stored is load and load.lora_path == str(env["good"]) and load.lora_name == "x"
+    assert stored is load and load.lora_name == "x"
+    assert is_snapshot_of(load.lora_path, env["good"], store.root, env["good"].name), load.lora_path
     # a new id: requests already scheduled with the old one (7) finish on the old weights
     assert load.lora_int_id not in (7, before.lora_int_id)
     assert load.load_inplace is False  # never in place (upstream bug in 0.32)
@@ -127,7 +143,8 @@ def test_swap_of_a_name_not_loaded_yet_loads_it(env) -> None:
     assert result.changed and result.previous_version is None
     (load,) = models.loads
     assert load.load_inplace is False
-    assert models.lora_requests["x"] is load and load.lora_path == str(env["good"])
+    assert models.lora_requests["x"] is load
+    assert is_snapshot_of(load.lora_path, env["good"], env["store"].root, env["good"].name)
 
 
 def test_same_path_is_a_noop(env) -> None:
@@ -141,8 +158,29 @@ def test_rollback_returns_to_the_previous_version(env) -> None:
     run(swapper.swap("x", env["good"].name))
     result = run(swapper.rollback("x"))
     assert result.changed and result.version == "original"
-    assert models.lora_requests["x"].lora_path.endswith("/adapters/x")
+    assert is_snapshot_of(models.lora_requests["x"].lora_path, env["original"], store.root, "original")
     assert store.served_version_id("x") is None
+
+
+def test_a_version_the_gate_did_not_accept_needs_force_and_a_stale_one_is_never_served(env) -> None:
+    from vllm_surgery.serving.hotswap import HotSwapError
+
+    swapper, models, store = env["swapper"], env["models"], env["store"]
+    before = models.lora_requests["x"]
+    forced = env["forced"].name
+    with pytest.raises(HotSwapError) as e:
+        run(swapper.swap("x", forced))
+    assert e.value.status == 409
+    assert "decision 'forced'" in str(e.value) and '"force": true' in str(e.value), e.value
+    assert models.loads == [] and models.lora_requests["x"] is before
+    assert store.served_version_id("x") is None
+    with pytest.raises(HotSwapError) as e:
+        run(swapper.swap_forced("x", env["stale"].name))
+    assert e.value.status == 409 and "stale" in str(e.value)
+    assert models.lora_requests["x"] is before
+    result = run(swapper.swap_forced("x", forced))  # an operator's explicit choice
+    assert result.changed and store.served_version_id("x") == forced
+    assert is_snapshot_of(models.lora_requests["x"].lora_path, env["forced"], store.root, forced)
 
 
 def test_rollback_without_history_is_a_conflict(env) -> None:
@@ -234,6 +272,18 @@ def test_endpoint_routes_and_admin_token(env, monkeypatch) -> None:
         "/v1/surgery/adapters/x/swap", json={"version": env["corrupt"].name}, headers={ADMIN_HEADER: "sesame"}
     )
     assert corrupt.status_code == 422 and "corrupt" in corrupt.json()["error"]["message"]
+    admin = {ADMIN_HEADER: "sesame"}
+    forced = env["forced"].name
+    refused = client.post("/v1/surgery/adapters/x/swap", json={"version": forced}, headers=admin)
+    assert refused.status_code == 409 and "decision 'forced'" in refused.json()["error"]["message"]
+    not_bool = client.post(
+        "/v1/surgery/adapters/x/swap", json={"version": forced, "force": "yes"}, headers=admin
+    )
+    assert not_bool.status_code == 400, not_bool.text
+    forced_ok = client.post(
+        "/v1/surgery/adapters/x/swap", json={"version": forced, "force": True}, headers=admin
+    )
+    assert forced_ok.status_code == 200 and forced_ok.json()["version"] == forced, forced_ok.text
 
 
 def test_endpoint_plugin_is_registered() -> None:
@@ -255,15 +305,58 @@ def test_lora_modules_adapter_is_an_original_and_its_served_version_is_restored(
     outside = tmp_path / "elsewhere" / "y"
     shutil.copytree(tiny_adapter, outside)
     store = VersionStore(tmp_path / "store")
-    good = add_version(store, "y", tiny_adapter, load_adapter(outside).content_hash())
+    good = add_version(store, "y", tiny_adapter, load_adapter(outside).content_hash(), decision="accept")
+    plain = tmp_path / "elsewhere" / "z"
+    shutil.copytree(tiny_adapter, plain)
     store.set_served("y", good.name)
     models = FakeModels()
     # as vLLM leaves an adapter given with --lora-modules y=<path> before plugins start
     models.lora_requests["y"] = LoRARequest(lora_name="y", lora_int_id=3, lora_path=str(outside))
+    models.lora_requests["z"] = LoRARequest(lora_name="z", lora_int_id=4, lora_path=str(plain))
     swapper = HotSwapper(models, ServingSettings(adapter_dirs=(tmp_path / "roots",), store=store.root))
     assert swapper.describe("y")["source"] == "lora-modules"
     run(swapper.restore_served_versions())  # what a restarted server does at start
-    assert models.lora_requests["y"].lora_path == str(good)
+    assert is_snapshot_of(models.lora_requests["y"].lora_path, good, store.root, good.name)
     assert swapper.describe("y")["served_version"] == good.name
+    # without a refined version, the --lora-modules adapter is moved onto a snapshot of its original
+    assert is_snapshot_of(models.lora_requests["z"].lora_path, plain, store.root, "original")
+    assert swapper.describe("z")["served_version"] == "original"
+    assert swapper.describe("z")["previous_version"] is None  # nothing to roll back to: not a swap
     assert run(swapper.swap("y", "original")).changed
-    assert models.lora_requests["y"].lora_path == str(outside)
+    assert is_snapshot_of(models.lora_requests["y"].lora_path, outside, store.root, "original")
+
+
+def test_the_pending_swap_sweep_never_forces(env, tmp_path) -> None:
+    """A job row that says "accepted, swap pending" is not the gate's word: the version's own
+    surgery.json is. A forced or stale version is refused and the job says why; an accepted one is
+    swapped in."""
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
+    from vllm_surgery.storage import SQLiteDatabase
+    from vllm_surgery.traffic import AdapterCalibration
+
+    swapper, models, store = env["swapper"], env["models"], env["store"]
+    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    try:
+        sweep = AutomaticJobs(swapper, db, "base", AdapterCalibration(swapper.settings, db))
+        before = models.lora_requests["x"]
+
+        def forge(version: str) -> int:
+            job = db.enqueue_job("x", "manual", {})[0]
+            db.claim_job("w", 60)
+            db.finish_job(job.id, "w", "accepted", {"decision": "accept", "version": version}, "pending")
+            return job.id
+
+        forced = forge(env["forced"].name)
+        assert run(sweep.swap_pending()) == [(forced, "failed")]
+        error = db.job(forced).swap_error
+        assert db.job(forced).swap == "failed" and "decision 'forced'" in error and "not 'accept'" in error
+        stale = forge(env["stale"].name)
+        assert run(sweep.swap_pending()) == [(stale, "failed")]
+        assert "stale" in db.job(stale).swap_error
+        assert models.loads == [] and models.lora_requests["x"] is before  # the original still serves
+        assert store.served_version_id("x") is None
+        good = forge(env["good"].name)
+        assert run(sweep.swap_pending()) == [(good, "done")]
+        assert swapper.describe("x")["served_version"] == env["good"].name
+    finally:
+        db.close()

@@ -40,12 +40,25 @@ def resolve(resolver, name: str):
     return asyncio.run(resolver.resolve_lora("base", name))
 
 
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def snapshot_of(request, source: Path, store: Path, version: str) -> None:
+    """The request loads a snapshot of `source` (byte-equal files) under the store's .snapshots,
+    whose leaf names the version, never `source` itself."""
+    path = Path(request.lora_path)
+    assert path.is_relative_to(store / ".snapshots"), path
+    assert path.name == version, path
+    for name in FILES:
+        assert (path / name).read_bytes() == (source / name).read_bytes(), name
+
+
 def test_resolves_originals_in_root_order(layout) -> None:
     resolver = resolver_for(layout)
     math = resolve(resolver, "math")
     assert math.lora_name == "math" and math.lora_int_id > 0
-    assert Path(math.lora_path) == (layout["first"] / "math").resolve()
-    assert Path(resolve(resolver, "code").lora_path) == (layout["second"] / "code").resolve()
+    snapshot_of(math, layout["first"] / "math", layout["store"], "original")
+    snapshot_of(resolve(resolver, "code"), layout["second"] / "code", layout["store"], "original")
 
 
 @pytest.mark.parametrize("name", ["nope", "../outside", ".hidden", "/abs", "escape", "broken", ""])
@@ -68,12 +81,12 @@ def test_served_refined_version_wins_and_stale_or_broken_ones_fall_back(layout) 
         return path
 
     refined = add_version(current)
-    assert Path(resolve(resolver, "math").lora_path) == refined
+    snapshot_of(resolve(resolver, "math"), refined, layout["store"], refined.name)
     add_version("f" * 64)  # refined from older content of "math": stale
-    assert Path(resolve(resolver, "math").lora_path) == original.resolve()
+    snapshot_of(resolve(resolver, "math"), original, layout["store"], "original")
     broken = add_version(current)
     (broken / "adapter_model.safetensors").write_bytes(b"junk")
-    assert Path(resolve(resolver, "math").lora_path) == original.resolve()
+    snapshot_of(resolve(resolver, "math"), original, layout["store"], "original")
 
 
 def test_register_is_idempotent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -26,6 +26,11 @@ server owns the adapter completes the swap from it. The worker's request is the 
 sweep the guarantee. A pending swap outdated by a later accepted job is superseded, never applied; a
 version the server refuses (stale or corrupt) is marked failed with the reason. The swap itself is the
 hot-swap (`hotswap`), which validates the version and never points served.json at a missing one.
+
+A job row is not trusted to say what the gate decided: anyone who can write the database could mark
+any version "accepted, swap pending". The swap never forces, so it serves only a version whose own
+surgery.json says decision "accept" and records the current original's content hash; any other is
+refused (409), the job's swap is marked failed with the reason, and what was served stays served.
 """
 
 from __future__ import annotations
@@ -172,6 +177,8 @@ class AutomaticJobs:
                 continue  # not an adapter of this server
             start = time.perf_counter()
             try:
+                # Never forced: the version's own surgery.json must say the gate accepted it (module
+                # docstring), whatever the row claims.
                 await self.swapper.swap(job.adapter, job.version)
             except HotSwapError as e:
                 if e.status >= 500:

@@ -30,6 +30,17 @@ fsync, path resolution) runs in worker threads, never on the event loop.
 
 Every version lives in its own directory, so vLLM's prefix cache (keyed by name and path) never mixes
 blocks computed with different weights.
+
+What vLLM loads is a snapshot (`validation.Snapshots`): a private copy of the version's files, validated
+as copied, at `<snapshots>/<server>/<name>/<sha256 of the files>/<version>`; an adapter overwritten in
+place while served never reaches the engine. Adapters given with --lora-modules, which vLLM loaded from
+the operator's directory before the plugin started, are moved onto their snapshot at start.
+
+The gate's promise holds at the swap: `swap` serves a refined version only when its own surgery.json
+says the gate accepted it (decision "accept") and it was refined from the original's current content.
+A version written with force (decision "forced") is swapped in only when the caller says so
+(`swap_forced`: the admin route's `"force": true`, logged); a stale one never. The automatic swaps of
+accepted jobs (`automatic_jobs`) never force, whatever the job row says.
 """
 
 from __future__ import annotations
@@ -43,15 +54,16 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from ..adapter import PROVENANCE_NAME
 from ..errors import AdapterError, SurgeryError
 from ..names import InvalidAdapterName, validate_adapter_name
 from ..settings import ServingSettings
 from . import metrics, vllm_compat
-from .resolver import SurgeryResolver
+from .resolver import ORIGINAL, SurgeryResolver
 
 log = logging.getLogger(f"vllm.{__name__}")
 
-ORIGINAL = "original"
+__all__ = ["ORIGINAL", "HotSwapError", "HotSwapper", "SwapResult"]
 
 
 class HotSwapError(SurgeryError):
@@ -121,6 +133,12 @@ class HotSwapper:
                 continue
             if Path(request.lora_path).is_dir():
                 self.startup[name] = Path(request.lora_path)
+        # Snapshots that a name serves are never cleaned up.
+        self.resolver.snapshots.in_use = self._paths_in_use
+
+    def _paths_in_use(self) -> set[str]:
+        """The paths vLLM's name -> request mapping points at (may raise RuntimeError while it changes)."""
+        return {r.lora_path for r in tuple(vllm_compat.served_requests(self.models).values())}
 
     def find_original(self, name: str) -> Path | None:
         """The operator's original of `name`: under an adapter root, else as given with --lora-modules."""
@@ -128,16 +146,30 @@ class HotSwapper:
 
     async def restore_served_versions(self) -> None:
         """Serve the store's chosen version of each --lora-modules adapter, as the resolver does for the
-        others, so that a restart keeps serving what was swapped in before it."""
+        others, so that a restart keeps serving what was swapped in before it; and serve every
+        --lora-modules adapter from a snapshot (vLLM loaded it from the operator's directory).
+
+        served.json is written only by this server's swap, after its checks (forced versions only on
+        an operator's explicit force), so restoring it does not ask again."""
         for name, original in self.startup.items():
             try:
                 refined = await asyncio.to_thread(
-                    lambda o=original, n=name: self.store.served(n, self.validator.validate(o))
+                    lambda o=original, n=name: self.store.served(
+                        n, self.resolver.snapshot_original(n, o).content_hash
+                    )
                 )
-                if refined is not None:
-                    await self.swap(name, refined.name)
+                version = refined.name if refined is not None else ORIGINAL
+                path, version = await asyncio.to_thread(self.validated_target, name, version)
+                async with self._locks[name]:
+                    await self._swap_locked(name, version, str(path), time.perf_counter(), remember=False)
             except (AdapterError, HotSwapError, OSError, ValueError) as e:
-                log.error("adapter %r: could not restore its served refined version: %s", name, e)
+                log.error(
+                    "adapter %r: could not serve it from a snapshot (%s); vLLM serves %s as it loaded it at "
+                    "start: do not overwrite its files in place",
+                    name,
+                    e,
+                    original,
+                )
 
     # ----------------------------------------------------------------- inspection
     def served_path(self, name: str) -> str | None:
@@ -148,6 +180,9 @@ class HotSwapper:
         """'original', a store version id, or None (nothing loaded, or a path from elsewhere)."""
         if path is None:
             return None
+        snapshot = self.resolver.snapshots.locate(path)
+        if snapshot is not None:
+            return snapshot[1] if snapshot[0] == name else None
         p = Path(path).resolve()
         original = self.find_original(name)
         if original is not None and p == original.resolve():
@@ -221,7 +256,7 @@ class HotSwapper:
     def _describe_version(self, info: Any) -> dict[str, Any]:
         """One listed version; `servable` and `reason` come from the very check a swap makes."""
         try:
-            self.validated_target(info.name, info.version_id)
+            self.validated_target(info.name, info.version_id, snapshot=False)
             servable, reason = True, None
         except HotSwapError as e:
             servable, reason = False, str(e)
@@ -246,19 +281,31 @@ class HotSwapper:
             raise HotSwapError(f"adapter {name!r} not found", HTTPStatus.NOT_FOUND, "not_found")
         return original
 
-    def validated_target(self, name: str, version: str) -> tuple[Path, str]:
+    def validated_target(
+        self, name: str, version: str, *, snapshot: bool = True, force: bool = True
+    ) -> tuple[Path, str]:
         """The directory to serve for `version` of `name`, validated for this server (blocking: reads
         files, once per change thanks to the validator's cache). The one check behind swaps, the
-        listing's `servable` and the guarded runtime-load route. Raises HotSwapError: 400 (bad name or
-        id), 404 (unknown), 409 (not servable by decision, or refined from other content), 422 (the
-        files cannot be served here: corrupt, NaN, rank, shapes, dtype overflow, outside the store)."""
+        listing's `servable` and the guarded runtime-load route.
+
+        `snapshot`: return the snapshot vLLM is to load (copied, then the copy validated) rather than
+        validating the directory in place (the listing, which loads nothing). `force=False`: a version
+        the gate did not accept (its surgery.json's decision is not "accept") is refused too.
+
+        Raises HotSwapError: 400 (bad name or id), 404 (unknown), 409 (not servable by decision, not
+        accepted by the gate without force, or refined from other content), 422 (the files cannot be
+        served here: corrupt, NaN, rank, shapes, dtype overflow, outside the store)."""
         original = self.original_of(name)
         try:
-            original_hash = self.validator.validate(original)
-        except AdapterError as e:
+            if snapshot:
+                original_snapshot = self.resolver.snapshot_original(name, original)
+                original_hash = original_snapshot.content_hash
+            else:
+                original_hash = self.validator.validate(original)
+        except (AdapterError, OSError) as e:
             raise HotSwapError(f"adapter {name!r}: original is not servable: {e}", 422, "corrupt") from e
         if version == ORIGINAL:
-            return original, ORIGINAL
+            return (original_snapshot.path if snapshot else original), ORIGINAL
         try:
             validate_adapter_name(version)  # a version id is a path component too
         except InvalidAdapterName as e:
@@ -279,13 +326,25 @@ class HotSwapper:
             )
         if info.adapter_hash != original_hash:
             raise HotSwapError(
-                f"version {version!r} of {name!r} was refined from other adapter content (stale)",
+                f"version {version!r} of {name!r} was refined from other adapter content (stale): its "
+                f"{PROVENANCE_NAME} records adapter_hash {info.adapter_hash}, the original {original} now "
+                f"has {original_hash}; refine the current original instead",
+                HTTPStatus.CONFLICT,
+                "conflict",
+            )
+        if not force and info.decision != "accept":
+            raise HotSwapError(
+                f"version {version!r} of {name!r}: its {PROVENANCE_NAME} says decision {info.decision!r}, "
+                "not 'accept': the gate did not accept it, so it is not swapped in automatically; an "
+                f'operator may serve it anyway with {{"version": "{version}", "force": true}}',
                 HTTPStatus.CONFLICT,
                 "conflict",
             )
         try:
+            if snapshot:
+                return self.resolver.snapshot_version(name, info.path).path, version
             self.validator.validate(info.path, inside=self.store.adapter_dir(name))
-        except AdapterError as e:
+        except (AdapterError, OSError) as e:
             raise HotSwapError(
                 f"version {version!r} of {name!r} is not servable (corrupt): {e}", 422, "corrupt"
             ) from e
@@ -309,6 +368,18 @@ class HotSwapper:
         return None
 
     async def swap(self, name: str, version: str) -> SwapResult:
+        """Serve `version` of `name` (module docstring): only a version the gate accepted, refined from
+        the current original (or "original"). Raises HotSwapError (see `validated_target`; 500 when
+        the engine refuses the load): the version served before is still served then."""
+        return await self._swap(name, version, force=False)
+
+    async def swap_forced(self, name: str, version: str) -> SwapResult:
+        """`swap`, but a version the gate did not accept (decision "forced") is served too: an
+        operator's explicit request (the admin route's ``"force": true``), logged. A stale version is
+        refused even so. Raises HotSwapError like `swap`."""
+        return await self._swap(name, version, force=True)
+
+    async def _swap(self, name: str, version: str, force: bool) -> SwapResult:
         start = time.perf_counter()
         known = None
         try:
@@ -316,13 +387,23 @@ class HotSwapper:
                 raise HotSwapError("'version' must be a non-empty string", HTTPStatus.BAD_REQUEST, "invalid")
             await asyncio.to_thread(self.original_of, name)
             known = name
-            path, version = await asyncio.to_thread(self.validated_target, name, version)
+            path, version = await asyncio.to_thread(self.validated_target, name, version, force=force)
             async with self._locks[name]:
                 result = await self._swap_locked(name, version, str(path), start)
         except HotSwapError as e:
             metrics.record_swap(known, e.outcome)
             log.warning("hot-swap of %r to %r refused: %s", name, version, e)
             raise
+        if force and result.changed and version != ORIGINAL:
+            info = await asyncio.to_thread(self.store.version_info, name, version)
+            if info is not None and info.decision != "accept":
+                log.warning(
+                    "adapter %r: version %s (decision %r: not accepted by the gate) swapped in on an "
+                    "operator's explicit force",
+                    name,
+                    version,
+                    info.decision,
+                )
         metrics.record_swap(name, "swapped" if result.changed else "noop")
         if result.changed:
             metrics.SWAP_LATENCY.observe(result.seconds)
@@ -334,7 +415,9 @@ class HotSwapper:
         if previous is None:
             metrics.record_swap(name, "conflict")
             raise HotSwapError(f"adapter {name!r}: no earlier version to roll back to", 409, "conflict")
-        return await self.swap(name, previous[0])
+        # The previous version was served (a forced one only on an operator's force): going back to it
+        # is the operator's request again, never an automatic one.
+        return await self.swap_forced(name, previous[0])
 
     def _same_as_served(self, name: str, old_path: str | None, path: str) -> tuple[str | None, bool]:
         """(version of `old_path`, whether it is `path`): blocking path resolution, run in a thread."""
@@ -353,7 +436,9 @@ class HotSwapper:
         info = None if version == ORIGINAL else self.store.version_info(name, version)
         return info.record if info else None
 
-    async def _swap_locked(self, name: str, version: str, path: str, start: float) -> SwapResult:
+    async def _swap_locked(
+        self, name: str, version: str, path: str, start: float, remember: bool = True
+    ) -> SwapResult:
         old_path = self.served_path(name)
         old_version, same = await asyncio.to_thread(self._same_as_served, name, old_path, path)
         if same:
@@ -374,7 +459,7 @@ class HotSwapper:
                     "failed",
                 ) from e
             vllm_compat.served_requests(self.models)[name] = request
-        if old_path is not None and old_version is not None:
+        if remember and old_path is not None and old_version is not None:
             self._previous[name] = (old_version, old_path)
         record = await asyncio.to_thread(self._record_served, name, version)
         metrics.record_served(name, version, record)

@@ -3,6 +3,14 @@
 vLLM calls a resolver once per unknown model name (under a per-name lock), then loads the returned
 path and caches the name -> LoRARequest mapping for the life of the server. So this runs rarely, and a
 refined version marked served later reaches only names resolved after that (or after a restart).
+
+The path returned is never the operator's directory nor the store's, but a snapshot of it
+(`validation.Snapshots`): a private copy, validated as copied. vLLM memory-maps the weights it loads;
+an original overwritten in place (`cp new.safetensors x/adapter_model.safetensors`) while vLLM holds
+it would kill the engine. An original replaced with new weights is picked up by names resolved
+afterwards, by a swap to "original", or at a restart; a name already resolved keeps serving the
+snapshot it was resolved to (as before, when it kept its resolution until a restart), and refined
+versions of the old content go stale.
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ from ..names import InvalidAdapterName, path_under, validate_adapter_name
 from ..settings import ServingSettings
 from ..storage import VersionStore
 from . import metrics
-from .validation import AdapterValidator, ServingLimits
+from .validation import AdapterValidator, ServingLimits, Snapshot, Snapshots
 from .vllm_compat import LoRARequest, LoRAResolver, lora_request
 
 # Under vLLM's "vllm" logger tree so the messages appear in the server log with vLLM's format and
 # level (VLLM_LOGGING_LEVEL); a plain package logger would have no handler in the server process.
 log = logging.getLogger(f"vllm.{__name__}")
+
+ORIGINAL = "original"  # the version name of an operator's adapter (a store version has an id)
 
 
 class SurgeryResolver(LoRAResolver):
@@ -37,6 +47,8 @@ class SurgeryResolver(LoRAResolver):
         # Limits come from the engine (endpoint plugin's init_state calls validator.configure); until
         # then, or under plain `vllm serve` without the endpoint plugin, see _default_limits.
         self.validator = AdapterValidator()
+        # What vLLM is handed: validated private copies (created on first use, in this process only).
+        self.snapshots = Snapshots(settings.snapshot_root, self.validator, settings.snapshot_grace_s)
         self.configured = False
         # (name, original path, content hash), called when a name resolves to its original: the
         # endpoint plugin's start-up hands it the automatic jobs' first-load check.
@@ -95,22 +107,32 @@ class SurgeryResolver(LoRAResolver):
                 return candidate
         return None
 
-    def choose_path(self, name: str) -> Path | None:
-        """The directory to serve for a validated `name`, or None if there is nothing servable.
+    def snapshot_original(self, name: str, original: Path) -> Snapshot:
+        """The snapshot of `name`'s original at `original` (blocking); raises AdapterError."""
+        return self.snapshots.take(name, ORIGINAL, original)
 
-        The original is validated even when a refined version will be served: its content hash is
-        what ties a refined version to it, and a broken original means the operator's deployment is
-        broken, which should be visible rather than masked by an older refinement.
+    def snapshot_version(self, name: str, version_dir: Path) -> Snapshot:
+        """The snapshot of the store version at `version_dir` (blocking; its files may not leave the
+        store's directory of `name`); raises AdapterError."""
+        return self.snapshots.take(name, version_dir.name, version_dir, inside=self.store.adapter_dir(name))
+
+    def choose_path(self, name: str) -> Path | None:
+        """The snapshot directory to serve for a validated `name`, or None if there is nothing servable.
+
+        The original is snapshot and validated even when a refined version will be served: its content
+        hash is what ties a refined version to it, and a broken original means the operator's
+        deployment is broken, which should be visible rather than masked by an older refinement.
         """
         original = self.find_original(name)
         if original is None:
             log.debug("adapter %r not found under %s", name, [str(d) for d in self.settings.adapter_dirs])
             return None
         try:
-            adapter_hash = self.validator.validate(original)
-        except AdapterError as e:
+            original_snapshot = self.snapshot_original(name, original)
+        except (AdapterError, OSError) as e:
             log.error("adapter %r at %s is not servable: %s", name, original, e)
             return None
+        adapter_hash = original_snapshot.content_hash
         try:
             refined = self.store.served(name, adapter_hash)
         except (OSError, ValueError) as e:
@@ -123,18 +145,18 @@ class SurgeryResolver(LoRAResolver):
             refined = None
         if refined is not None:
             try:
-                self.validator.validate(refined, inside=self.store.adapter_dir(name))
-            except AdapterError as e:
+                snapshot = self.snapshot_version(name, refined)
+            except (AdapterError, OSError) as e:
                 log.error(
                     "adapter %r: refined version %s is broken (%s); serving the original", name, refined, e
                 )
             else:
-                log.info("adapter %r: serving refined version %s", name, refined)
+                log.info("adapter %r: serving refined version %s (snapshot %s)", name, refined, snapshot.path)
                 metrics.record_store_lookup(hit=True)
                 info = self.store.version_info(name, refined.name)
                 metrics.record_served(name, refined.name, info.record if info else None)
-                return refined
-        log.info("adapter %r: serving the original %s", name, original)
+                return snapshot.path
+        log.info("adapter %r: serving the original %s (snapshot %s)", name, original, original_snapshot.path)
         metrics.record_store_lookup(hit=False)
         metrics.record_served(name, "original")
         if self._on_original_served is not None:
@@ -142,4 +164,4 @@ class SurgeryResolver(LoRAResolver):
                 self._on_original_served(name, original, adapter_hash)
             except Exception:  # a hook must never stop an adapter from being served
                 log.exception("adapter %r: the first-load hook failed", name)
-        return original
+        return original_snapshot.path

@@ -3,7 +3,8 @@
 - ``GET  /v1/surgery/adapters``                 every known adapter (name, served path/version, versions
   with ``servable`` and, when false, the ``reason``: the same check a swap makes)
 - ``GET  /v1/surgery/adapters/{name}``          one adapter
-- ``POST /v1/surgery/adapters/{name}/swap``     body `SwapRequest`; hot-swaps without a restart
+- ``POST /v1/surgery/adapters/{name}/swap``     body `SwapRequest`; hot-swaps without a restart (a version
+  the gate did not accept, decision "forced", only with ``"force": true``)
 - ``POST /v1/surgery/adapters/{name}/rollback`` back to the version served before the last swap
 
 Swap and rollback change what is served: they need the admin token.
@@ -15,7 +16,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field, model_validator
+from pydantic import Field, StrictBool, model_validator
 
 from ..hotswap import HotSwapError, HotSwapper
 from .http import RequestBody, answer_4xx, openapi_body, read_model
@@ -28,6 +29,11 @@ class SwapRequest(RequestBody):
     """Serve another version under an adapter's name."""
 
     version: str = Field(min_length=1, description='a store version id, or "original"')
+    force: StrictBool = Field(
+        False,
+        description='serve a version the gate did not accept (decision "forced") anyway; logged. '
+        "A stale version (refined from other content of the original) is refused even so",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -57,7 +63,8 @@ async def get_adapter(name: str, raw_request: Request) -> Any:
 async def swap(name: str, raw_request: Request) -> Any:
     swapper = hotswapper(raw_request, "swap")
     request = await read_model(raw_request, SwapRequest, example='{"version": "original"}')
-    return (await swapper.swap(name, request.version)).to_dict()
+    do = swapper.swap_forced if request.force else swapper.swap
+    return (await do(name, request.version)).to_dict()
 
 
 @router.post("/adapters/{name}/rollback")
