@@ -13,6 +13,7 @@ test_traffic_db.py, test_job_queue.py and test_traffic_writer.py, which run on b
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -106,26 +107,83 @@ def test_a_next_migration_applies_on_open_and_keeps_the_data(
 OPENER = textwrap.dedent(
     """
     import sys, time
-    from vllm_surgery.storage import open_database
-    start = float(sys.argv[2])
-    time.sleep(max(0.0, start - time.time()))  # every process opens at the same instant
+    from vllm_surgery.storage import open_database, postgres
+    from vllm_surgery.storage.database import Migration
+    # every step takes half a second, so that the processes' migrations overlap
+    postgres.MIGRATIONS = tuple(
+        Migration(m.version, m.description, ("SELECT pg_sleep(0.5)", *m.statements)) for m in postgres.MIGRATIONS
+    )
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # every process opens at the same instant
     open_database(sys.argv[1]).close()
     """
 )
 
 
 def test_processes_opening_a_fresh_database_at_once_apply_each_migration_once(postgres_url: str) -> None:
-    """Without the advisory lock, the second process's CREATE TABLE fails ("already exists") or its
+    """Without the advisory lock, a second process's CREATE TABLE fails ("already exists") or its
     schema_version insert does (duplicate key): every process must succeed, and each step be recorded
     once."""
-    start = time.time() + 4.0  # after the interpreters have started and imported the package
+    start = time.time() + 6.0  # after the interpreters have started and imported the package
     procs = [
         subprocess.Popen([sys.executable, "-c", OPENER, postgres_url, str(start)], stderr=subprocess.PIPE)
         for _ in range(3)
     ]
     for p in procs:
         assert p.wait(120) == 0, p.stderr.read().decode()
+    assert time.time() > start + 1.0  # they did wait for the same instant, and migrated after it
     assert [v for v, _ in applied(postgres_url)] == [1, 2]
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    from vllm_surgery.storage import open_database
+    db = open_database(sys.argv[1])
+    owner = sys.argv[3]
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both workers start claiming at once
+    claimed = []
+    while (job := db.claim_job(owner, 60)) is not None:
+        claimed.append(job.id)
+        assert db.finish_job(job.id, owner, "kept_original", {"by": owner})
+    print(json.dumps(claimed))
+    """
+)
+
+
+def test_two_workers_claiming_jobs_of_the_same_adapters_never_share_one(postgres_url: str) -> None:
+    """2 workers x 20 jobs of 2 adapters, claimed with no pause: the workers keep picking queued jobs of
+    one adapter at the same instant (SKIP LOCKED passes over the row the other one locked, to the next
+    job of that adapter); the database refuses the second running job and the claim is retried. Every
+    job is claimed once, without an error, and each adapter's jobs run in the order they were queued."""
+    import json
+
+    db = open_database(postgres_url)
+    ids = [db.enqueue_job("ab"[i // 10], "manual", SPEC, now=float(i))[0].id for i in range(20)]
+    start = time.time() + 6.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, postgres_url, str(start), owner],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for owner in ("w1", "w2")
+    ]
+    claimed = {}
+    for owner, p in zip(("w1", "w2"), procs, strict=True):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        claimed[owner] = json.loads(out)
+    assert sorted(claimed["w1"] + claimed["w2"]) == ids  # every job exactly once
+    assert claimed["w1"] and claimed["w2"]  # both took part
+    jobs = db.jobs(limit=100)
+    assert {(j.state, j.attempts) for j in jobs} == {("kept_original", 1)}
+    assert {j.id: j.result["by"] for j in jobs} == {i: o for o, got in claimed.items() for i in got}
+    for adapter in "ab":  # one adapter's jobs started in queue order, each after the previous finished
+        mine = sorted((j for j in jobs if j.adapter == adapter), key=lambda j: j.started)
+        assert [j.id for j in mine] == sorted(j.id for j in mine)
+        assert all(b.started >= a.finished for a, b in itertools.pairwise(mine))
+    db.close()
 
 
 def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str) -> None:
