@@ -518,9 +518,9 @@ class PostgresDatabase(Database):
         return _job(row), True
 
     def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
-        now = time.time() if now is None else now
-        params = {"owner": owner, "now": now, "lease": float(lease_s)}
         for attempt in range(CLAIM_RETRIES):
+            # the time of this try (a retry follows a wait on the other worker's claim)
+            params = {"owner": owner, "now": time.time() if now is None else now, "lease": float(lease_s)}
             try:
                 with self.transaction() as conn:
                     conn.execute(
