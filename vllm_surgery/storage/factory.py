@@ -8,28 +8,12 @@ Postgres URL is opened, so SQLite users never need it.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from .database import Database, DatabaseError, SQLiteDatabase
+from .urls import is_postgres_url, redact_url
 
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 INSTALL_POSTGRES = "pip install 'vllm-surgery[postgres]'"
-
-
-def is_postgres_url(target: str | Path) -> bool:
-    """Whether `target` names a Postgres server (a URL), rather than a SQLite file."""
-    return isinstance(target, str) and target.strip().lower().startswith(POSTGRES_SCHEMES)
-
-
-_USERINFO_PASSWORD = re.compile(r"^([a-z]+://[^:@/?#]*):[^@/?#]*@", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password (``user:password@``, ``?password=``) replaced by ``***``: what logs and
-    error messages show."""
-    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1:***@", url.strip()))
 
 
 def open_database(target: str | Path, create: bool = True) -> Database:

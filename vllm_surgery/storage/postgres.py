@@ -67,7 +67,6 @@ from .database import (
     _row_to_record,
     _to_row,
 )
-from .factory import redact_url
 from .job_queue import (
     _COLUMNS as _JOB_COLUMNS,
 )
@@ -81,6 +80,7 @@ from .job_queue import (
     JobFigures,
     _job,
 )
+from .urls import redact_url
 from .usable import LATEST_FEEDBACK, usable_sql
 
 CONNECT_TIMEOUT_S = 10
