@@ -344,3 +344,14 @@ def test_a_closed_database_says_so(postgres_url: str) -> None:
     db.close()
     with pytest.raises(DatabaseError, match="database is closed"):
         db.stats()
+
+
+def test_a_value_postgres_cannot_hold_fails_the_batch_as_a_fault_of_the_record(postgres_url: str) -> None:
+    """The traffic writer writes a batch record by record after a ValueError (only the bad record is
+    lost); a DatabaseError would make it retry and then drop the whole batch."""
+    db = open_database(postgres_url)
+    with pytest.raises(ValueError, match="out of range"):
+        db.insert([record("fine"), record("huge", prompt_tokens=2**40)])
+    assert db.records("x") == []  # one transaction: nothing of the batch
+    assert len(db.insert([record("fine")])) == 1
+    db.close()

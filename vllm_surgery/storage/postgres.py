@@ -376,6 +376,8 @@ class PostgresDatabase(Database):
 
     # ------------------------------------------------------------------ traffic
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
+        """Store records in one transaction; returns their ids. Raises ValueError when a record holds a
+        value Postgres cannot store (nothing of the batch is stored), DatabaseError otherwise."""
         rows = [_pg_row(r) for r in records]
         if not rows:
             return []
@@ -384,13 +386,21 @@ class PostgresDatabase(Database):
             f"VALUES ({', '.join(['%s'] * len(TRAFFIC_COLUMNS))}) RETURNING id"
         )
         ids = []
-        with self.transaction() as conn:
-            cur = conn.cursor()
-            cur.executemany(sql, rows, returning=True)
-            while True:
-                ids.append(int(cur.fetchone()[0]))
-                if not cur.nextset():
-                    break
+        try:
+            with self.transaction() as conn:
+                cur = conn.cursor()
+                cur.executemany(sql, rows, returning=True)
+                while True:
+                    ids.append(int(cur.fetchone()[0]))
+                    if not cur.nextset():
+                        break
+        except DatabaseError as e:
+            if isinstance(e.__cause__, psycopg.DataError):
+                # a value this database cannot hold (a number out of range): a fault of the record, not
+                # of the database, as SQLite's ValueError/TypeError is (the traffic writer then writes
+                # the batch record by record, losing only that one)
+                raise ValueError(str(e)) from e
+            raise
         return ids
 
     def find(self, request_id: str, choice: int = 0) -> StoredRecord | None:
