@@ -355,3 +355,14 @@ def test_a_value_postgres_cannot_hold_fails_the_batch_as_a_fault_of_the_record(p
     assert db.records("x") == []  # one transaction: nothing of the batch
     assert len(db.insert([record("fine")])) == 1
     db.close()
+
+
+def test_the_usable_rule_is_derived_from_sqlites_spelling() -> None:
+    """The Postgres condition is SQLite's, translated (the rule stays written once, in usable.py); a
+    spelling the translation does not know is refused rather than silently miscounted."""
+    assert postgres.postgres_spelling("TRIM(t.completion, char(32, 9)) != ''") == (
+        "BTRIM(t.completion, chr(32) || chr(9)) <> ''"
+    )
+    assert "char(" not in postgres.USABLE_BY_FEEDBACK and "ELSE false END" in postgres.USABLE_BY_FEEDBACK
+    with pytest.raises(ValueError, match="cannot spell"):
+        postgres.postgres_spelling("TRIM(t.completion, char(9) || char(10)) != ''")

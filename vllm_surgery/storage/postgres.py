@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
@@ -81,7 +82,9 @@ from .job_queue import (
     _job,
 )
 from .urls import redact_url
-from .usable import LATEST_FEEDBACK, usable_sql
+from .usable import LATEST_FEEDBACK
+from .usable import USABLE_BY_FEEDBACK as _SQLITE_USABLE_BY_FEEDBACK
+from .usable import USABLE_UNRATED as _SQLITE_USABLE_UNRATED
 
 CONNECT_TIMEOUT_S = 10
 MAX_CONNECTIONS = 10
@@ -90,7 +93,26 @@ CLAIM_RETRIES = 10
 MIGRATION_LOCK = int.from_bytes(b"vsurgmig", "big")
 DEDUPE_LOCK_SPACE = int.from_bytes(b"vsdk", "big")
 
-USABLE_BY_FEEDBACK, USABLE_UNRATED = usable_sql("postgres")
+_SQLITE_NOT_BLANK = re.compile(r"TRIM\(([\w.]+), char\(([\d, ]+)\)\) != ''")
+
+
+def postgres_spelling(condition: str) -> str:
+    """A usable-example condition of `usable` (SQLite's SQL) in Postgres's: ``TRIM(x, char(32, 9))``
+    becomes ``BTRIM(x, chr(32) || chr(9))`` (Postgres's chr() takes one code) and ``ELSE 0`` becomes
+    ``ELSE false`` (a boolean CASE). Derived, not rewritten, so that the rule stays written once; the
+    tests check the counts against the export on both backends. Raises ValueError if SQLite's
+    spelling changed in a way this does not know."""
+    translated = _SQLITE_NOT_BLANK.sub(
+        lambda m: f"BTRIM({m[1]}, {' || '.join(f'chr({c.strip()})' for c in m[2].split(','))}) <> ''",
+        condition,
+    ).replace(" ELSE 0 END", " ELSE false END")
+    if "char(" in translated or " ELSE 0" in translated:
+        raise ValueError(f"cannot spell this usable-example condition for Postgres: {condition}")
+    return translated
+
+
+USABLE_BY_FEEDBACK = postgres_spelling(_SQLITE_USABLE_BY_FEEDBACK)
+USABLE_UNRATED = postgres_spelling(_SQLITE_USABLE_UNRATED)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(

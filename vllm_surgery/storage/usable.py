@@ -44,35 +44,20 @@ def usable_answer(
     return kind, answer
 
 
-def _not_blank(column: str, dialect: str) -> str:
-    if dialect == "sqlite":
-        codes = ", ".join(str(ord(c)) for c in WHITESPACE)
-        return f"TRIM({column}, char({codes})) != ''"
-    characters = " || ".join(f"chr({ord(c)})" for c in WHITESPACE)  # Postgres: chr() takes one code
-    return f"BTRIM({column}, {characters}) <> ''"
+def _not_blank(column: str) -> str:
+    codes = ", ".join(str(ord(c)) for c in WHITESPACE)
+    return f"TRIM({column}, char({codes})) != ''"
 
 
 # SQL over `traffic t` and its latest feedback row `f` (LEFT JOIN: NULLs without feedback).
 LATEST_FEEDBACK = "f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id)"
-
-
-def usable_sql(dialect: str = "sqlite") -> tuple[str, str]:
-    """(usable by its feedback: corrected, or rated good; usable where unrated completions are included,
-    which needs no join) as SQL conditions over `t` and `f`, for "sqlite" (calibratable is 0/1) or
-    "postgres" (calibratable is a boolean). One rule, two spellings: the tests check both against
-    `usable_answer`. Raises ValueError for another dialect."""
-    if dialect not in ("sqlite", "postgres"):
-        raise ValueError(f"dialect must be 'sqlite' or 'postgres', got {dialect!r}")
-    false = "0" if dialect == "sqlite" else "false"
-    by_feedback = (
-        f"(t.calibratable AND CASE WHEN f.correction IS NOT NULL THEN {_not_blank('f.correction', dialect)} "
-        f"WHEN f.rating = 'good' THEN {_not_blank('t.completion', dialect)} ELSE {false} END)"
-    )
-    unrated = (
-        f"(t.calibratable AND {_not_blank('t.completion', dialect)} "
-        "AND NOT EXISTS (SELECT 1 FROM feedback WHERE traffic_id = t.id))"
-    )
-    return by_feedback, unrated
-
-
-USABLE_BY_FEEDBACK, USABLE_UNRATED = usable_sql("sqlite")
+# Usable by its feedback (corrected, or rated good).
+USABLE_BY_FEEDBACK = (
+    f"(t.calibratable AND CASE WHEN f.correction IS NOT NULL THEN {_not_blank('f.correction')} "
+    f"WHEN f.rating = 'good' THEN {_not_blank('t.completion')} ELSE 0 END)"
+)
+# Usable where unrated completions are included (needs no join).
+USABLE_UNRATED = (
+    f"(t.calibratable AND {_not_blank('t.completion')} "
+    "AND NOT EXISTS (SELECT 1 FROM feedback WHERE traffic_id = t.id))"
+)
