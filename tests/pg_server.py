@@ -70,20 +70,7 @@ class PostgresServer:
             self.root.chmod(0o755)
             shutil.chown(self.root, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-w",
-            "-t",
-            "60",
-            "-l",
-            str(self.root / "log"),
-            "-o",
-            options,
-            "start",
-        )
+        self._pg_ctl_start()
         self.start_seconds = time.monotonic() - t0
         return self
 
@@ -101,9 +88,8 @@ class PostgresServer:
             conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
         return self.url(name)
 
-    def restart(self) -> None:
-        """Stop the server at once (clients' connections break) and start it again on the same port."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+    def _pg_ctl_start(self) -> None:
+        # TCP on 127.0.0.1 only, the socket in our directory (not /var/run), no fsync: a test server
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
         self._run(
             "pg_ctl",
@@ -118,6 +104,11 @@ class PostgresServer:
             options,
             "start",
         )
+
+    def restart(self) -> None:
+        """Stop the server at once (clients' connections break) and start it again on the same port."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self._pg_ctl_start()
 
     def stop(self) -> None:
         try:
