@@ -27,3 +27,31 @@ def adapter_copy(tiny_adapter, tmp_path) -> Path:
     dst = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real Postgres server for the session (tests/pg_server.py), started on first use."""
+    from pg_server import PostgresServer
+
+    server = PostgresServer().start()
+    print(
+        f"\nPostgres {server.bin.parent.name} started in {server.start_seconds:.2f} s on port {server.port}"
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a fresh, empty database on the session's Postgres server."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_target(request, tmp_path):
+    """What `open_database` opens, once per backend: a SQLite file path, or a fresh Postgres database's
+    URL (the same contract is tested on both)."""
+    if request.param == "sqlite":
+        return tmp_path / "test.sqlite3"
+    return request.getfixturevalue("postgres_url")

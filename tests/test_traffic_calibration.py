@@ -11,7 +11,8 @@ import pytest
 from vllm_surgery.calibration import read_jsonl
 from vllm_surgery.cli import main
 from vllm_surgery.errors import CalibrationError
-from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
+from vllm_surgery.storage import open_database
+from vllm_surgery.storage.database import TrafficRecord
 from vllm_surgery.traffic.calibration_set import calibration_set, parse_since, traffic_examples, write_jsonl
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2 ?"}]
@@ -35,10 +36,11 @@ def rec(request_id: str, completion: str, **kw) -> TrafficRecord:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    """One record for every rule (comments: latest feedback, expected outcome)."""
-    path = tmp_path / "traffic.sqlite3"
-    db = SQLiteDatabase(path)
+def db_path(database_target) -> Path | str:
+    """One record for every rule (comments: latest feedback, expected outcome), on each backend (a
+    SQLite path, a Postgres URL: tests/conftest.py)."""
+    path = database_target
+    db = open_database(path)
     ids = db.insert(
         [
             rec("good", "answer g", created=1000.0),  # good -> completion
@@ -79,7 +81,7 @@ EXPECTED = [
 
 
 def test_the_rules(db_path: Path) -> None:
-    db = SQLiteDatabase(db_path, create=False)
+    db = open_database(db_path, create=False)
     data = traffic_examples(db, "math")
     assert data.records == EXPECTED
     assert data.counts == {
@@ -108,7 +110,7 @@ def test_the_rules(db_path: Path) -> None:
 def test_static_files_are_appended(db_path: Path, tmp_path: Path) -> None:
     static = tmp_path / "static.jsonl"
     static.write_text('{"prompt": "s1", "completion": "a1"}\n\n{"prompt": "s2", "completion": "a2"}\n')
-    db = SQLiteDatabase(db_path, create=False)
+    db = open_database(db_path, create=False)
     data = calibration_set(db, "math", static_files=[static])
     db.close()
     assert data.records == [
@@ -130,7 +132,7 @@ def test_the_adapters_own_calibration_file_comes_last(db_path: Path, tmp_path: P
     (adapter / ADAPTER_CALIBRATION_NAME).write_text('{"prompt": "own", "completion": "yes"}\n')
     alone = calibration_set(None, "math", adapter_dir=adapter)
     assert alone.records == [{"prompt": "own", "completion": "yes"}] and alone.counts["adapter_file"] == 1
-    db = SQLiteDatabase(db_path, create=False)
+    db = open_database(db_path, create=False)
     data = calibration_set(db, "math", adapter_dir=adapter)
     db.close()
     assert data.records == [*EXPECTED, {"prompt": "own", "completion": "yes"}]

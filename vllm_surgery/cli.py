@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
-    db_help = "traffic database (default: the serving settings' database, VLLM_SURGERY_DATABASE or beside the store)"
+    db_help = (
+        "traffic database, a SQLite path or a postgresql:// URL (default: the serving settings' database, "
+        "VLLM_SURGERY_DATABASE or beside the store)"
+    )
     t = sub.add_parser("traffic", help="recorded traffic of the vLLM plugin")
     tsub = t.add_subparsers(dest="traffic_command", required=True)
     ts = tsub.add_parser(
@@ -205,10 +208,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _open_traffic(db: str | None) -> tuple[object, object]:
     """(database, serving settings): --db, else the database the serving settings name."""
     from .settings import ServingSettings
-    from .storage import SQLiteDatabase
+    from .storage import open_database
 
     settings = ServingSettings.from_env()
-    return SQLiteDatabase(Path(db) if db else settings.database_path, create=False), settings
+    return open_database(db or settings.database_path, create=False), settings
 
 
 def _traffic_stats(args: argparse.Namespace) -> int:

@@ -92,6 +92,21 @@ PATH = Kind("path", lambda text, source: Path(text.strip()).expanduser(), _json_
 DIRS = Kind(
     f"paths separated by '{os.pathsep}' (file: a list)", lambda t, s: tuple(_split_dirs(t)), _json_dirs
 )
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # as storage.factory reads them
+
+
+def _text_database(text: str, source: str) -> Path | str:
+    text = text.strip()
+    return text if text.lower().startswith(_POSTGRES_SCHEMES) else Path(text).expanduser()
+
+
+def _json_database(value: Any, source: str, base: Path) -> Path | str:
+    if isinstance(value, str) and value.strip().lower().startswith(_POSTGRES_SCHEMES):
+        return value.strip()  # a URL, kept as text (a Path would fold its "//")
+    return _json_path(value, source, base)
+
+
+DATABASE = Kind("path, or postgresql:// URL", _text_database, _json_database)
 BOOL = Kind("boolean", _text_bool, _json_bool)
 STRING = Kind("string", _text_str, _json_str)
 
@@ -286,10 +301,13 @@ class ServingSettings:
         "change what is served. For a trusted local development server only.",
         default=False,
     )
-    database: Path | None = setting(
+    database: Path | str | None = setting(
         "VLLM_SURGERY_DATABASE",
-        PATH,
-        "SQLite database of recorded traffic and feedback (default: <store>.sqlite3 next to the store).",
+        DATABASE,
+        "Database of recorded traffic, feedback and refinement jobs: a SQLite file (default: <store>.sqlite3 "
+        "next to the store), or a Postgres database shared by several servers and workers, "
+        "`postgresql://user@host:5432/dbname` (needs `pip install 'vllm-surgery[postgres]'`; give the "
+        "password in PGPASSWORD or ~/.pgpass rather than in the URL).",
         default=None,
     )
     traffic: bool = setting(
@@ -402,8 +420,9 @@ class ServingSettings:
     )
 
     @property
-    def database_path(self) -> Path:
-        """The traffic database: `database`, or <store>.sqlite3 beside the store directory."""
+    def database_path(self) -> Path | str:
+        """The traffic database: `database` (a path, or a postgresql:// URL for `open_database`), or
+        <store>.sqlite3 beside the store directory."""
         return (
             self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
         )

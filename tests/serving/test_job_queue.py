@@ -1,24 +1,25 @@
-"""The job queue on a real SQLite file: enqueue and dedupe, claim, leases and heartbeats, expiry and
-take-over, one running job per adapter (enforced by SQLite itself), bounded attempts, owner-only
-updates, pending swaps, and two processes claiming from one file at once."""
+"""The job queue on a real database, each test on both backends (a SQLite file, a real Postgres server:
+tests/conftest.py): enqueue and dedupe, claim, leases and heartbeats, expiry and take-over, one running
+job per adapter (enforced by the database itself), bounded attempts, owner-only updates, pending swaps,
+and two processes claiming from one database at once."""
 
 from __future__ import annotations
 
 import multiprocessing
-import sqlite3
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from pg_server import run_sql
 
+from vllm_surgery.storage import open_database
 from vllm_surgery.storage.database import DatabaseError, SQLiteDatabase, TrafficRecord
 
 SPEC = {"calibration": {"source": "records", "records": [{"prompt": "1 +", "completion": " 1"}]}}
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    d = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+def db(database_target):
+    d = open_database(database_target)
     yield d
     d.close()
 
@@ -59,12 +60,16 @@ def test_one_running_job_per_adapter(db: SQLiteDatabase) -> None:
     assert db.claim_job("w3", 30, now=10.0) is None
     assert db.finish_job(a1.id, "w1", "kept_original", {"decision": "keep_original"}, now=11.0)
     assert db.claim_job("w3", 30, now=12.0).id == a2.id
-    # SQLite itself refuses a second running job of one adapter, whatever the code above does
+    # the database itself refuses a second running job of one adapter, whatever the code above does
+    # (SQLite: "UNIQUE constraint failed", Postgres: "violates unique constraint")
     a3 = db.enqueue_job("a", "manual", SPEC)[0]
-    with pytest.raises(DatabaseError, match="UNIQUE constraint failed"), db.transaction() as c:
-        c.execute(
-            "UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires = 1 WHERE id = ?", (a3.id,)
+    with pytest.raises(DatabaseError, match=r"(?i)unique constraint"):
+        run_sql(
+            db,
+            "UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires = 1 WHERE id = ?",
+            (a3.id,),
         )
+    assert db.job(a3.id).state == "queued"
 
 
 def test_heartbeat_renews_only_for_the_owner_and_expiry_hands_the_job_over(db: SQLiteDatabase) -> None:
@@ -180,10 +185,10 @@ def test_figures_for_the_metrics(db: SQLiteDatabase) -> None:
     assert figures.timings == [{"sensitivity": 3.0, "total": 4.0}]
 
 
-def _claim_all(path: str, owner: str, out: multiprocessing.Queue, ready, go) -> None:
+def _claim_all(target, owner: str, out: multiprocessing.Queue, ready, go) -> None:
     import time
 
-    db = SQLiteDatabase(path)
+    db = open_database(target)
     ready.release()
     go.wait(60)
     claimed = []
@@ -191,33 +196,33 @@ def _claim_all(path: str, owner: str, out: multiprocessing.Queue, ready, go) -> 
         claimed.append(job.id)
         time.sleep(0.005)  # some work while holding the job: the other process claims meanwhile
         assert db.finish_job(job.id, owner, "kept_original", {"by": owner})
-    out.put(claimed)
+    out.put((owner, claimed))
     db.close()
 
 
-def test_two_processes_never_take_the_same_job(tmp_path: Path) -> None:
-    path = tmp_path / "shared.sqlite3"
-    db = SQLiteDatabase(path)
+def test_two_processes_never_take_the_same_job(database_target) -> None:
+    db = open_database(database_target)
     ids = {db.enqueue_job(f"adapter-{i % 7}", "manual", SPEC)[0].id for i in range(60)}
     ctx = multiprocessing.get_context("spawn")
     out, ready, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
-    procs = [ctx.Process(target=_claim_all, args=(str(path), f"p{i}", out, ready, go)) for i in range(2)]
+    procs = [
+        ctx.Process(target=_claim_all, args=(database_target, f"p{i}", out, ready, go)) for i in range(2)
+    ]
     for p in procs:
         p.start()
     for _ in procs:
         assert ready.acquire(timeout=120)
     go.set()  # both start claiming at once
-    results = [out.get(timeout=120) for _ in procs]
+    owners = dict(out.get(timeout=120) for _ in procs)
+    results = list(owners.values())
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
     claimed = [i for r in results for i in r]
     assert sorted(claimed) == sorted(ids)  # every job exactly once
     assert all(results), results  # both took part
-    rows = (
-        sqlite3.connect(path)
-        .execute("SELECT state, attempts, json_extract(result, '$.by') FROM jobs")
-        .fetchall()
-    )
-    assert {(s, a) for s, a, _ in rows} == {("kept_original", 1)}
+    jobs = db.jobs(limit=1000)
+    assert {(j.state, j.attempts) for j in jobs} == {("kept_original", 1)}
+    by = {j.id: j.result["by"] for j in jobs}  # each job finished by the process that claimed it
+    assert by == {i: owner for owner, claimed in owners.items() for i in claimed}
     db.close()

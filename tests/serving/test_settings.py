@@ -40,6 +40,23 @@ def test_file_values_and_relative_paths(tmp_path: Path) -> None:
     assert s.store == cfg.parent / "store"
 
 
+def test_the_database_is_a_path_or_a_postgres_url(tmp_path: Path) -> None:
+    """A postgresql:// URL stays the text it was (a Path would fold its "//" into "/"); anything else
+    is a path, relative to the file in the file."""
+    url = "postgresql://surgery@db.internal:5432/traffic"
+    assert ServingSettings.from_env({"VLLM_SURGERY_DATABASE": f" {url} "}).database_path == url
+    legacy = "postgres://surgery@db.internal/traffic"
+    assert ServingSettings.from_env({"VLLM_SURGERY_DATABASE": legacy}).database_path == legacy
+    assert ServingSettings.from_env({"VLLM_SURGERY_DATABASE": str(tmp_path / "t.db")}).database_path == (
+        tmp_path / "t.db"
+    )
+    cfg = tmp_path / "serving.json"
+    cfg.write_text(json.dumps({"database": url}))
+    assert ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(cfg)}).database_path == url
+    cfg.write_text(json.dumps({"database": "t.sqlite3"}))
+    assert ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(cfg)}).database_path == tmp_path / "t.sqlite3"
+
+
 def test_file_adapter_dirs_as_one_string(tmp_path: Path) -> None:
     cfg = tmp_path / "serving.json"
     cfg.write_text(json.dumps({"adapter_dirs": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"}))

@@ -1,5 +1,7 @@
 """The traffic database: schema and migrations, WAL, feedback history, retention, statistics, and two
-processes writing one file at once."""
+processes writing one database at once. The tests that take `db` (or `database_target`) run on both
+backends, SQLite and a real Postgres server (tests/conftest.py); Postgres-only ones are in
+test_postgres.py."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from pg_server import run_sql, table_columns
 
-from vllm_surgery.storage import database
+from vllm_surgery.storage import database, open_database
 from vllm_surgery.storage.database import (
     SCHEMA_VERSION,
     DatabaseError,
@@ -45,8 +48,8 @@ def record(
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    d = SQLiteDatabase(tmp_path / "traffic.sqlite3")
+def db(database_target):
+    d = open_database(database_target)
     yield d
     d.close()
 
@@ -121,12 +124,15 @@ def test_a_failed_transaction_leaves_nothing(db: SQLiteDatabase) -> None:
     with pytest.raises(RuntimeError), db.transaction() as c:
         c.execute(
             "INSERT INTO traffic (request_id, choice, adapter, version, endpoint, completion, sampling, "
-            "calibratable, created) VALUES ('r', 0, 'x', 'original', 'completions', 'c', '{}', 1, 0)"
+            "calibratable, created) VALUES ('r', 0, 'x', 'original', 'completions', 'c', '{}', TRUE, 0)"
         )
         raise RuntimeError("abort")
     assert db.find("r") is None
-    with pytest.raises(DatabaseError, match="CHECK constraint"), db.transaction() as c:
-        c.execute("INSERT INTO feedback (traffic_id, rating, created) VALUES (1, 'meh', 0)")
+    (rid,) = db.insert([record("kept")])
+    # SQLite says "CHECK constraint failed", Postgres "violates check constraint"
+    with pytest.raises(DatabaseError, match=r"(?i)check constraint"), db.transaction() as c:
+        c.execute(f"INSERT INTO feedback (traffic_id, rating, created) VALUES ({rid}, 'meh', 0)")
+    assert db.feedback_history(rid) == []
 
 
 def test_find_by_request_id_or_response_id_and_choice(db: SQLiteDatabase) -> None:
@@ -177,7 +183,7 @@ def test_retention_by_count_and_age_per_adapter(db: SQLiteDatabase) -> None:
     assert db.enforce_retention("x", Retention(max_records=6)) == (4, 6)
     assert [r.record.request_id for r in db.records("x")] == [f"x{i}" for i in range(4, 10)]
     assert len(db.records("y")) == 4  # other adapters untouched
-    assert db.connection().execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0  # went with its record
+    assert run_sql(db, "SELECT COUNT(*) FROM feedback")[0][0] == 0  # went with its record
     # Age: records created before now - max_age go.
     assert db.enforce_retention("x", Retention(max_age_s=3.5), now=110.0) == (3, 3)  # 104, 105, 106
     assert [r.record.request_id for r in db.records("x")] == ["x7", "x8", "x9"]
@@ -244,8 +250,8 @@ def test_stats_per_adapter_and_version(db: SQLiteDatabase) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
-    db = SQLiteDatabase(sys.argv[1], busy_timeout_s=60)
+    from vllm_surgery.storage import open_database, TrafficRecord
+    db = open_database(sys.argv[1])
     tag = sys.argv[2]
     for batch in range(40):
         db.insert([
@@ -259,15 +265,15 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_two_processes_write_one_database_at_once(tmp_path: Path) -> None:
-    """Several API servers, the CLI and the worker share the file: WAL + busy timeout, no lost row."""
-    path = tmp_path / "shared.sqlite3"
-    SQLiteDatabase(path).close()
+def test_two_processes_write_one_database_at_once(database_target) -> None:
+    """Several API servers, the CLI and the worker share the database (SQLite: WAL + busy timeout;
+    Postgres: a server), no lost row."""
+    open_database(database_target).close()
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag], stderr=subprocess.PIPE)
+        subprocess.Popen([sys.executable, "-c", WRITER, str(database_target), tag], stderr=subprocess.PIPE)
         for tag in ("a", "b")
     ]
-    reader = SQLiteDatabase(path)
+    reader = open_database(database_target)
     seen = []
     while any(p.poll() is None for p in procs):
         seen.append(len(reader.records("x", limit=1000)))  # reads while both write
@@ -277,7 +283,8 @@ def test_two_processes_write_one_database_at_once(tmp_path: Path) -> None:
     assert len(reader.records("x", limit=1000)) == 800
     assert seen == sorted(seen)  # readers see whole batches, never a count that goes back
     assert all(n % 10 == 0 for n in seen)
-    assert reader.integrity_check() == "ok"
+    if isinstance(reader, SQLiteDatabase):
+        assert reader.integrity_check() == "ok"
     reader.close()
 
 
@@ -287,11 +294,8 @@ def test_the_tables_columns_are_the_dataclasses_fields(db: SQLiteDatabase) -> No
 
     from vllm_surgery.storage import Job
 
-    def columns(table: str) -> set[str]:
-        return {row["name"] for row in db.connection().execute(f"PRAGMA table_info({table})")}
-
-    assert columns("traffic") == {"id", *(f.name for f in fields(TrafficRecord))}
-    assert columns("jobs") == {f.name for f in fields(Job)}
+    assert table_columns(db, "traffic") == {"id", *(f.name for f in fields(TrafficRecord))}
+    assert table_columns(db, "jobs") == {f.name for f in fields(Job)}
 
 
 def test_the_usable_counts_equal_the_export(db: SQLiteDatabase) -> None:

@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from vllm_surgery.settings import AdapterTraffic, ServingSettings, SettingsError
-from vllm_surgery.storage.database import Retention, SQLiteDatabase, TrafficRecord
+from vllm_surgery.storage import open_database
+from vllm_surgery.storage.database import Retention, TrafficRecord
 from vllm_surgery.traffic import (
     TrafficPolicy,
     TrafficWriter,
@@ -48,8 +49,9 @@ def counted(adapter: str, outcome: str) -> float:
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    d = SQLiteDatabase(tmp_path / "t.sqlite3")
+def db(database_target):
+    """The database the writer writes to, on both backends (SQLite, a real Postgres: conftest.py)."""
+    d = open_database(database_target)
     yield d
     d.close()
 

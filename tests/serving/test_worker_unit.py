@@ -1,5 +1,5 @@
-"""The worker, the automatic jobs and the job metrics in one process, on a real SQLite file and a real
-store: a job that runs out of memory (the error injected into refine, as a GPU would raise it) fails
+"""The worker, the automatic jobs and the job metrics in one process, on a real database (each test on
+both backends: a SQLite file, a real Postgres server, tests/conftest.py) and a real store: a job that runs out of memory (the error injected into refine, as a GPU would raise it) fails
 with what to change and leaves nothing; a stopped worker gives its job back; the collector shows the
 database's figures; first-load and new-data jobs are queued exactly when the rules say, and pending
 swaps are applied by the server's own HotSwapper (vLLM's serving models faked as in
@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import vllm_surgery
 from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
 from vllm_surgery.serving.metrics import JobsCollector
-from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
+from vllm_surgery.storage import Database, open_database
+from vllm_surgery.storage.database import TrafficRecord
 from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
 from vllm_surgery.worker.job_spec import job_spec, records_sha256
@@ -41,8 +42,8 @@ def gain(tmp_path_factory):
 
 
 @pytest.fixture
-def parts(tmp_path: Path, gain):
-    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+def parts(tmp_path: Path, gain, database_target):
+    db = open_database(database_target)
     store = VersionStore(tmp_path / "store")
     worker = RefinementWorker(
         db, store, WorkerOptions(server=UNREACHABLE, device="cpu", lease_s=30, owner="w")
@@ -51,7 +52,7 @@ def parts(tmp_path: Path, gain):
     db.close()
 
 
-def records_job(db: SQLiteDatabase, gain, records: list, name: str = "x") -> int:
+def records_job(db: Database, gain, records: list, name: str = "x") -> int:
     source = {"source": "records", "records": records, "sha256": records_sha256(records)}
     spec = job_spec(
         base_model=str(gain.base), adapter_path=gain.adapter, config=GAIN_SETTINGS, calibration=source
@@ -135,8 +136,8 @@ def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_versi
     assert len(store.versions("x")) == 1
 
 
-def test_the_collector_shows_the_database_figures(tmp_path: Path) -> None:
-    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+def test_the_collector_shows_the_database_figures(database_target) -> None:
+    db = open_database(database_target)
     a = db.enqueue_job("a", "manual", {}, now=time.time() - 30)[0]
     db.enqueue_job("b", "new_data", {}, now=time.time() - 20)
     db.claim_job("w", 60)
@@ -168,7 +169,7 @@ def test_the_collector_shows_the_database_figures(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- automatic jobs
 @pytest.fixture
-def auto(tmp_path: Path, gain):
+def auto(tmp_path: Path, gain, database_target):
     """AutomaticJobs over a real HotSwapper (vLLM's serving models faked), with "x" (traffic only)
     and "own" (carrying its calibration file) under the adapter root."""
     import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
@@ -192,7 +193,7 @@ def auto(tmp_path: Path, gain):
         refine_min_interval_s=100.0,
         refine_settings={"heldout_fraction": 0.5},
     )
-    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    db = open_database(database_target)
     swapper = HotSwapper(FakeModels(), settings)
     refiner = AutomaticJobs(swapper, db, str(gain.base), AdapterCalibration(settings, db))
     yield refiner

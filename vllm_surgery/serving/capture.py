@@ -54,7 +54,7 @@ from typing import Any
 
 from ..names import InvalidAdapterName, validate_adapter_name
 from ..settings import ServingSettings
-from ..storage import SQLiteDatabase, TrafficRecord
+from ..storage import TrafficRecord, open_database
 from ..traffic import TrafficPolicy, TrafficRecorder, record_traffic
 from . import vllm_compat
 
@@ -467,7 +467,7 @@ def start_capture(
     start half-configured)."""
     if switch is None:
         return None
-    db = SQLiteDatabase(settings.database_path)
+    db = open_database(settings.database_path)
     recorder = TrafficRecorder(settings, db, version_of).start()
     clients = vllm_compat.serving_engine_clients(state) or [engine_client]
     for client in clients:

@@ -40,7 +40,7 @@ from fastapi import FastAPI
 from ..base_model import base_layer_shapes
 from ..errors import AdapterError
 from ..settings import ServingSettings, SettingsError
-from ..storage import DatabaseError, SQLiteDatabase
+from ..storage import Database, DatabaseError, open_database
 from ..traffic import AdapterCalibration
 from . import vllm_compat
 from .api import (
@@ -201,11 +201,11 @@ class SurgeryEndpointPlugin:
             self.settings.refine_check_interval_s,
         )
 
-    def _open_job_database(self) -> SQLiteDatabase | None:
+    def _open_job_database(self) -> Database | None:
         """The job database (blocking: migrations), or None, logged, when it cannot be used: serving
         does not depend on it, only the job routes, automatic jobs and pending swaps do."""
         try:
-            db = SQLiteDatabase(self.settings.database_path)
+            db = open_database(self.settings.database_path)
         except DatabaseError as e:
             log.error("vllm-surgery: refinement jobs are unavailable (the job routes answer 503): %s", e)
             return None

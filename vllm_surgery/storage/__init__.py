@@ -3,6 +3,9 @@
 - `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`).
 - `database`: recorded traffic and feedback (`Database`, `SQLiteDatabase`, `TrafficRecord`).
 - `job_queue`: the refinement job queue in the same database (`Job`, `JobQueue`, job states).
+- `factory`: `open_database`, which opens a SQLite file or, for a ``postgresql://`` URL, a Postgres
+  database (`vllm_surgery.storage.postgres`, imported only then: psycopg is an optional extra);
+  `urls`: which targets are Postgres URLs, and how they are shown without a password.
 - `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
 
 The server (inside vLLM), the worker and the command line all use these; backends for several
@@ -24,6 +27,7 @@ from .database import (
     TrafficStats,
     UnknownRequest,
 )
+from .factory import open_database
 from .job_queue import (
     ACTIVE_STATES,
     FINISHED_STATES,
@@ -43,6 +47,7 @@ from .store import (
     stored_answer,
     version_key,
 )
+from .urls import is_postgres_url, redact_url
 from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
 
 __all__ = [
@@ -70,7 +75,10 @@ __all__ = [
     "UnknownRequest",
     "VersionInfo",
     "VersionStore",
+    "is_postgres_url",
     "key_of_record",
+    "open_database",
+    "redact_url",
     "stored_answer",
     "usable_answer",
     "version_key",

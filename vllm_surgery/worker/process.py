@@ -69,7 +69,7 @@ from typing import Any
 
 from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
 from ..settings import ServingSettings, SettingsError
-from ..storage import Database, DatabaseError, Job, SQLiteDatabase, VersionStore, version_key
+from ..storage import Database, DatabaseError, Job, VersionStore, open_database, version_key
 from ..traffic import build_adapter_calibration
 from .job_spec import records_sha256, spec_config
 
@@ -578,7 +578,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings = ServingSettings.from_env()
         if args.lease_seconds < 3 or args.poll_interval <= 0 or args.max_models < 1:
             raise SettingsError("--lease-seconds must be >= 3, --poll-interval > 0 and --max-models >= 1")
-        db = SQLiteDatabase(Path(args.db) if args.db else settings.database_path)
+        db = open_database(args.db or settings.database_path)
         store = VersionStore(Path(args.store) if args.store else settings.store)
         options = WorkerOptions(
             server=args.server,

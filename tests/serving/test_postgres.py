@@ -1,0 +1,368 @@
+"""The Postgres backend on a real server (tests/conftest.py starts one per session): what only it has or
+what only several processes and a server can show. The contract both backends share is tested by
+test_traffic_db.py, test_job_queue.py and test_traffic_writer.py, which run on both.
+
+- the schema: a schema_version row per migration, the same versions as SQLite's, a next migration
+  applied on open with the data kept, two processes opening a fresh database at once applying each
+  step once, a newer schema refused by name;
+- errors: an unreachable server, a missing database, a bad URL and a missing psycopg give
+  DatabaseError naming the server and the problem, never the password;
+- leases across processes: a worker killed while it holds a job loses it when the lease expires;
+- threads sharing the pool, and a server restart survived.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psycopg
+import pytest
+from pg_server import free_port, run_sql
+
+from vllm_surgery.storage import DatabaseError, TrafficRecord, database, open_database, postgres
+from vllm_surgery.storage.database import Migration
+from vllm_surgery.storage.postgres import PostgresDatabase
+
+SPEC = {"calibration": {"source": "records", "records": [{"prompt": "1 +", "completion": " 1"}]}}
+
+
+def record(request_id: str, adapter: str = "x", **kw) -> TrafficRecord:
+    values = {
+        "request_id": request_id,
+        "choice": 0,
+        "adapter": adapter,
+        "version": "original",
+        "endpoint": "completions",
+        "prompt": "p",
+        "completion": "c",
+        "sampling": {},
+        "created": 1000.0,
+        "calibratable": True,
+    }
+    values.update(kw)
+    return TrafficRecord(**values)
+
+
+def applied(url: str) -> list[tuple[int, str]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT version, description FROM schema_version ORDER BY version").fetchall()
+
+
+def test_a_postgres_url_opens_postgres_and_a_path_sqlite(postgres_url: str, tmp_path) -> None:
+    db = open_database(postgres_url)
+    assert isinstance(db, PostgresDatabase)
+    assert db.path == postgres_url  # no password in it: the name logs show
+    db.close()
+    # postgres:// is the same scheme
+    db = open_database(postgres_url.replace("postgresql://", "postgres://"))
+    assert isinstance(db, PostgresDatabase)
+    db.close()
+    lite = open_database(tmp_path / "t.sqlite3")
+    assert type(lite).__name__ == "SQLiteDatabase" and (tmp_path / "t.sqlite3").exists()
+    lite.close()
+
+
+def test_migrations_are_recorded_and_match_sqlite(postgres_url: str) -> None:
+    """One schema_version row per step, with SQLite's version numbers and descriptions: a version
+    means the same tables in both (a step added to one backend only fails here)."""
+    db = open_database(postgres_url)
+    assert db.schema_version() == database.SCHEMA_VERSION == 2
+    db.close()
+    assert applied(postgres_url) == [(m.version, m.description) for m in database.MIGRATIONS]
+    assert [m.version for m in postgres.MIGRATIONS] == [m.version for m in database.MIGRATIONS]
+
+
+def test_a_next_migration_applies_on_open_and_keeps_the_data(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:1])
+    db = open_database(postgres_url)
+    assert db.schema_version() == 1
+    db.insert([record("kept")])
+    db.close()
+    monkeypatch.undo()
+    db = open_database(postgres_url)  # version 1 gains the job queue and keeps its records
+    assert db.schema_version() == 2 and db.find("kept") is not None
+    assert db.enqueue_job("x", "manual", {})[1]
+    db.close()
+    notes = Migration(3, "notes", ("CREATE TABLE notes (id BIGSERIAL PRIMARY KEY, text TEXT NOT NULL)",))
+    monkeypatch.setattr(postgres, "MIGRATIONS", (*postgres.MIGRATIONS, notes))
+    db = open_database(postgres_url)
+    assert db.schema_version() == 3 and db.find("kept") is not None and len(db.jobs()) == 1
+    run_sql(db, "INSERT INTO notes (text) VALUES ('x')")
+    assert run_sql(db, "SELECT COUNT(*) FROM notes") == [(1,)]
+    db.close()
+    db = open_database(postgres_url)  # opening again applies nothing twice
+    db.close()
+    assert [v for v, _ in applied(postgres_url)] == [1, 2, 3]
+
+
+OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from vllm_surgery.storage import open_database, postgres
+    from vllm_surgery.storage.database import Migration
+    # every step takes half a second, so that the processes' migrations overlap
+    postgres.MIGRATIONS = tuple(
+        Migration(m.version, m.description, ("SELECT pg_sleep(0.5)", *m.statements)) for m in postgres.MIGRATIONS
+    )
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # every process opens at the same instant
+    open_database(sys.argv[1]).close()
+    """
+)
+
+
+def test_processes_opening_a_fresh_database_at_once_apply_each_migration_once(postgres_url: str) -> None:
+    """Without the advisory lock, a second process's CREATE TABLE fails ("already exists") or its
+    schema_version insert does (duplicate key): every process must succeed, and each step be recorded
+    once."""
+    start = time.time() + 6.0  # after the interpreters have started and imported the package
+    procs = [
+        subprocess.Popen([sys.executable, "-c", OPENER, postgres_url, str(start)], stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    for p in procs:
+        assert p.wait(120) == 0, p.stderr.read().decode()
+    assert time.time() > start + 1.0  # they did wait for the same instant, and migrated after it
+    assert [v for v, _ in applied(postgres_url)] == [1, 2]
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    from vllm_surgery.storage import open_database
+    db = open_database(sys.argv[1])
+    owner = sys.argv[3]
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both workers start claiming at once
+    claimed = []
+    while (job := db.claim_job(owner, 60)) is not None:
+        claimed.append(job.id)
+        assert db.finish_job(job.id, owner, "kept_original", {"by": owner})
+    print(json.dumps(claimed))
+    """
+)
+
+
+def test_two_workers_claiming_jobs_of_the_same_adapters_never_share_one(postgres_url: str) -> None:
+    """2 workers x 20 jobs of 2 adapters, claimed with no pause: the workers keep picking queued jobs of
+    one adapter at the same instant (SKIP LOCKED passes over the row the other one locked, to the next
+    job of that adapter); the database refuses the second running job and the claim is retried. Every
+    job is claimed once, without an error, and each adapter's jobs run in the order they were queued."""
+    import json
+
+    db = open_database(postgres_url)
+    ids = [db.enqueue_job("ab"[i // 10], "manual", SPEC, now=float(i))[0].id for i in range(20)]
+    start = time.time() + 6.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, postgres_url, str(start), owner],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for owner in ("w1", "w2")
+    ]
+    claimed = {}
+    for owner, p in zip(("w1", "w2"), procs, strict=True):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        claimed[owner] = json.loads(out)
+    assert sorted(claimed["w1"] + claimed["w2"]) == ids  # every job exactly once
+    assert claimed["w1"] and claimed["w2"]  # both took part
+    jobs = db.jobs(limit=100)
+    assert {(j.state, j.attempts) for j in jobs} == {("kept_original", 1)}
+    assert {j.id: j.result["by"] for j in jobs} == {i: o for o, got in claimed.items() for i in got}
+    for (
+        adapter
+    ) in "ab":  # one adapter's jobs ran in the order they were queued (each finished before the next began)
+        mine = sorted((j for j in jobs if j.adapter == adapter), key=lambda j: j.finished)
+        assert [j.id for j in mine] == sorted(j.id for j in mine)
+    db.close()
+
+
+def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str) -> None:
+    open_database(postgres_url).close()
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (99, 'from the future', 0)")
+    with pytest.raises(DatabaseError) as caught:
+        open_database(postgres_url)
+    message = str(caught.value)
+    assert postgres_url in message
+    assert "schema version 99 was written by a newer vllm-surgery (this one knows up to 2)" in message
+
+
+def test_an_empty_database_is_not_created_when_only_reading(postgres_url: str) -> None:
+    with pytest.raises(DatabaseError, match="no database here"):
+        open_database(postgres_url, create=False)
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT to_regclass('traffic'), to_regclass('schema_version')").fetchone() == (
+            None,
+            None,
+        )
+
+
+def test_an_unreachable_server_is_named_without_the_password() -> None:
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(DatabaseError) as caught:
+        open_database(f"postgresql://surgery:s3cret-pw@127.0.0.1:{port}/traffic")
+    message = str(caught.value)
+    assert time.monotonic() - t0 < 30
+    assert f"postgresql://surgery@127.0.0.1:{port}/traffic" in message
+    assert "refused" in message.lower() and "is the server running" in message
+    assert "s3cret-pw" not in message
+
+
+def test_a_missing_database_and_a_bad_url_are_named_without_the_password(postgres_server) -> None:
+    url = postgres_server.url("no_such_db", password="s3cret-pw")
+    with pytest.raises(DatabaseError) as caught:
+        open_database(url)
+    message = str(caught.value)
+    assert f"127.0.0.1:{postgres_server.port}/no_such_db" in message
+    assert 'database "no_such_db" does not exist' in message and "create it first" in message
+    assert "s3cret-pw" not in message
+    with pytest.raises(DatabaseError) as caught:
+        open_database("postgresql://surgery:s3cret-pw@127.0.0.1:notaport/traffic")
+    message = str(caught.value)
+    assert "notaport" in message and "s3cret-pw" not in message
+
+
+def test_without_psycopg_a_postgres_url_names_the_extra_to_install(postgres_url: str, tmp_path) -> None:
+    """psycopg is optional: SQLite works without it, and a Postgres URL says what to install."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["psycopg"] = None  # as if it were not installed: importing it raises ImportError
+        from vllm_surgery.storage import DatabaseError, open_database
+        open_database(sys.argv[2]).close()
+        try:
+            open_database(sys.argv[1])
+        except DatabaseError as e:
+            print(e)
+        """
+    )
+    url = postgres_url.replace("postgres@", "postgres:s3cret-pw@")
+    done = subprocess.run(
+        [sys.executable, "-c", script, url, str(tmp_path / "t.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'vllm-surgery[postgres]'" in done.stdout and "psycopg" in done.stdout
+    assert "s3cret-pw" not in done.stdout
+
+
+CLAIMER = textwrap.dedent(
+    """
+    import sys, time
+    from vllm_surgery.storage import open_database
+    db = open_database(sys.argv[1])
+    job = db.claim_job("doomed", 1.0)
+    print(job.id, flush=True)
+    time.sleep(600)  # killed while it holds the job, its lease never renewed
+    """
+)
+
+
+def test_a_killed_workers_lease_expires_and_the_job_is_claimed_again(postgres_url: str) -> None:
+    db = open_database(postgres_url)
+    job = db.enqueue_job("a", "manual", SPEC)[0]
+    proc = subprocess.Popen([sys.executable, "-c", CLAIMER, postgres_url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert int(proc.stdout.readline()) == job.id
+        assert db.claim_job("w2", 60) is None  # leased to the other process
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    deadline = time.time() + 10
+    while (taken := db.claim_job("w2", 60)) is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert taken is not None and taken.id == job.id
+    assert (taken.lease_owner, taken.attempts) == ("w2", 2)
+    assert not db.heartbeat_job(job.id, "doomed", 60)  # the old owner learns it lost the job
+    assert db.finish_job(job.id, "w2", "kept_original", {})
+    db.close()
+
+
+def test_threads_share_a_small_pool(postgres_url: str) -> None:
+    """The writer thread, to_thread calls and heartbeat threads share the pool: with 2 connections for
+    8 threads, every insert and read still succeeds and every id is distinct."""
+    db = PostgresDatabase(postgres_url, max_connections=2)
+    ids: list[int] = []
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(25):
+                ids.extend(db.insert([record(f"t{n}-{i}", adapter=f"a{n}")]))
+                assert db.find(f"t{n}-{i}") is not None
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert len(ids) == len(set(ids)) == 200
+    assert sum(s.records for s in db.stats()) == 200
+    db.close()
+
+
+def test_a_server_restart_is_survived(postgres_server, postgres_url: str) -> None:
+    db = open_database(postgres_url)
+    db.insert([record("before")])
+    postgres_server.restart()  # every pooled connection is broken now
+    db.insert([record("after")])  # a broken connection is replaced before it is lent
+    assert [r.record.request_id for r in db.records("x")] == ["before", "after"]
+    db.close()
+
+
+def test_nul_characters_are_stored_as_replacement_characters(postgres_url: str) -> None:
+    """Postgres text cannot hold NUL: it becomes U+FFFD (SQLite keeps it), rather than losing the
+    record; JSON columns keep it escaped."""
+    db = open_database(postgres_url)
+    (rid,) = db.insert([record("n", completion="a\x00b", prompt="p\x00")])
+    got = db.find("n").record
+    assert got.completion == "a\ufffdb" and got.prompt == "p\x00"
+    assert db.add_feedback(rid, None, "fixed\x00") == 1
+    assert db.find("n").correction == "fixed\ufffd"
+    db.close()
+
+
+def test_a_closed_database_says_so(postgres_url: str) -> None:
+    db = open_database(postgres_url)
+    db.close()
+    with pytest.raises(DatabaseError, match="database is closed"):
+        db.stats()
+
+
+def test_a_value_postgres_cannot_hold_fails_the_batch_as_a_fault_of_the_record(postgres_url: str) -> None:
+    """The traffic writer writes a batch record by record after a ValueError (only the bad record is
+    lost); a DatabaseError would make it retry and then drop the whole batch."""
+    db = open_database(postgres_url)
+    with pytest.raises(ValueError, match="out of range"):
+        db.insert([record("fine"), record("huge", prompt_tokens=2**40)])
+    assert db.records("x") == []  # one transaction: nothing of the batch
+    assert len(db.insert([record("fine")])) == 1
+    db.close()
+
+
+def test_the_usable_rule_is_derived_from_sqlites_spelling() -> None:
+    """The Postgres condition is SQLite's, translated (the rule stays written once, in usable.py); a
+    spelling the translation does not know is refused rather than silently miscounted."""
+    assert postgres.postgres_spelling("TRIM(t.completion, char(32, 9)) != ''") == (
+        "BTRIM(t.completion, chr(32) || chr(9)) <> ''"
+    )
+    assert "char(" not in postgres.USABLE_BY_FEEDBACK and "ELSE false END" in postgres.USABLE_BY_FEEDBACK
+    with pytest.raises(ValueError, match="cannot spell"):
+        postgres.postgres_spelling("TRIM(t.completion, char(9) || char(10)) != ''")

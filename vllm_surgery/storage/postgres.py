@@ -1,0 +1,787 @@
+"""The Postgres backend: `PostgresDatabase` implements `Database` (traffic, feedback) and `JobQueue`
+(refinement jobs) with the SQLite backend's semantics, for many vLLM replicas and workers sharing one
+server. Opened by `open_database` for a ``postgresql://`` URL; needs psycopg 3 (the ``postgres`` extra).
+
+Choices, and why:
+
+- **A connection pool (psycopg_pool), not one connection per thread.** The callers are the traffic
+  writer thread, the event loop's ``asyncio.to_thread`` calls (up to 32 executor threads), the worker
+  and its heartbeat threads (a new one per job). One connection per thread would hold up to ~35
+  server connections per process, never give back those of threads that ended, and stay broken
+  after a server restart. The pool bounds a process to `max_connections` (default 10; callers wait
+  up to `busy_timeout_s` for one, as SQLite callers wait for its lock), checks a connection before
+  lending it (a restarted server costs no failed request), and closes idle extras. Every method
+  borrows a connection for one statement or one transaction, so no state lives between calls.
+- **Transactions are READ COMMITTED**, each write one short transaction (`transaction()`).
+- **Job claims** take the row with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside the claiming
+  ``UPDATE``: two workers never block on, nor take, the same job. The partial unique index "one
+  running job per adapter" still holds: when two workers pick queued jobs of one adapter at the same
+  instant, the second one's update fails on that index once the first commits, and its claim is
+  retried (it then sees the running job and takes another adapter's). Leases, heartbeats, bounded
+  attempts and owner-only updates are the SQLite statements' (`job_queue` docstring); times are the
+  writing process's wall clock, as there.
+- **Enqueue with a dedupe key** takes a transaction-scoped advisory lock on the key, so two replicas
+  enqueuing one key at once create one job (SQLite gets this from its single writer).
+- **Versioned schema**: the ``schema_version`` table holds a row per applied migration (`MIGRATIONS`,
+  the same version numbers as SQLite's: a version means the same tables in both). Each missing step is
+  applied in its own transaction under an advisory lock (`MIGRATION_LOCK`), so two processes opening
+  a fresh database at once apply each step once; a database whose schema is newer than this package
+  is refused by name, never misread.
+- **Types**: ids are identity BIGINTs, times DOUBLE PRECISION Unix seconds, `calibratable` a BOOLEAN,
+  prompts, sampling settings and job specs/results JSON text (as in SQLite: read back exactly as
+  written). Postgres text cannot hold NUL characters: in stored text they become U+FFFD, as the
+  traffic writer does with lone surrogates (SQLite keeps them).
+- **Errors** are DatabaseError naming the server as ``postgresql://user@host:port/dbname`` (never
+  the password) and the problem; a psycopg error's own message is kept, with any password removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from .database import (
+    _COLUMNS,
+    _LATEST,
+    BUSY_TIMEOUT_S,
+    RATINGS,
+    TRAFFIC_COLUMNS,
+    Database,
+    DatabaseError,
+    Migration,
+    Retention,
+    StoredRecord,
+    TrafficRecord,
+    TrafficStats,
+    UnknownRequest,
+    _row_to_record,
+    _to_row,
+)
+from .job_queue import (
+    _COLUMNS as _JOB_COLUMNS,
+)
+from .job_queue import (
+    DEFAULT_MAX_ATTEMPTS,
+    FINISHED_STATES,
+    JOB_STATES,
+    JOB_TRIGGERS,
+    SWAP_STATES,
+    Job,
+    JobFigures,
+    _job,
+)
+from .urls import redact_url
+from .usable import LATEST_FEEDBACK
+from .usable import USABLE_BY_FEEDBACK as _SQLITE_USABLE_BY_FEEDBACK
+from .usable import USABLE_UNRATED as _SQLITE_USABLE_UNRATED
+
+CONNECT_TIMEOUT_S = 10
+MAX_CONNECTIONS = 10
+CLAIM_RETRIES = 10
+# pg_advisory_xact_lock keys: the schema migration lock, and the namespace of dedupe-key locks.
+MIGRATION_LOCK = int.from_bytes(b"vsurgmig", "big")
+DEDUPE_LOCK_SPACE = int.from_bytes(b"vsdk", "big")
+
+_SQLITE_NOT_BLANK = re.compile(r"TRIM\(([\w.]+), char\(([\d, ]+)\)\) != ''")
+
+
+def postgres_spelling(condition: str) -> str:
+    """A usable-example condition of `usable` (SQLite's SQL) in Postgres's: ``TRIM(x, char(32, 9))``
+    becomes ``BTRIM(x, chr(32) || chr(9))`` (Postgres's chr() takes one code) and ``ELSE 0`` becomes
+    ``ELSE false`` (a boolean CASE). Derived, not rewritten, so that the rule stays written once; the
+    tests check the counts against the export on both backends. Raises ValueError if SQLite's
+    spelling changed in a way this does not know."""
+    translated = _SQLITE_NOT_BLANK.sub(
+        lambda m: f"BTRIM({m[1]}, {' || '.join(f'chr({c.strip()})' for c in m[2].split(','))}) <> ''",
+        condition,
+    ).replace(" ELSE 0 END", " ELSE false END")
+    if "char(" in translated or " ELSE 0" in translated:
+        raise ValueError(f"cannot spell this usable-example condition for Postgres: {condition}")
+    return translated
+
+
+USABLE_BY_FEEDBACK = postgres_spelling(_SQLITE_USABLE_BY_FEEDBACK)
+USABLE_UNRATED = postgres_spelling(_SQLITE_USABLE_UNRATED)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "recorded traffic (one row per returned choice) and feedback (history kept, latest wins)",
+        (
+            """CREATE TABLE traffic (
+                id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                request_id TEXT NOT NULL,
+                response_id TEXT,
+                choice INTEGER NOT NULL,
+                adapter TEXT NOT NULL,
+                version TEXT NOT NULL,
+                served_path TEXT,
+                endpoint TEXT NOT NULL CHECK (endpoint IN ('completions', 'chat')),
+                prompt TEXT,
+                completion TEXT NOT NULL,
+                finish_reason TEXT,
+                sampling TEXT NOT NULL,
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                calibratable BOOLEAN NOT NULL,
+                created DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX traffic_request_id ON traffic (request_id)",
+            "CREATE INDEX traffic_response_id ON traffic (response_id)",
+            "CREATE INDEX traffic_adapter ON traffic (adapter)",
+            "CREATE INDEX traffic_adapter_created ON traffic (adapter, created)",
+            """CREATE TABLE feedback (
+                id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                traffic_id BIGINT NOT NULL REFERENCES traffic (id) ON DELETE CASCADE,
+                rating TEXT CHECK (rating IN ('good', 'bad')),
+                correction TEXT,
+                created DOUBLE PRECISION NOT NULL,
+                CHECK (rating IS NOT NULL OR correction IS NOT NULL)
+            )""",
+            "CREATE INDEX feedback_traffic ON feedback (traffic_id, id)",
+        ),
+    ),
+    Migration(
+        2,
+        "refinement jobs (queue with leases, heartbeats, bounded attempts, one running job per adapter)",
+        (
+            # the states and triggers as version 2 knew them (a released migration never changes)
+            """CREATE TABLE jobs (
+                id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                adapter TEXT NOT NULL,
+                trigger TEXT NOT NULL CHECK (trigger IN ('manual', 'first_load', 'new_data')),
+                state TEXT NOT NULL
+                    CHECK (state IN ('queued', 'running', 'accepted', 'kept_original', 'failed')),
+                spec TEXT NOT NULL,
+                dedupe_key TEXT,
+                created DOUBLE PRECISION NOT NULL,
+                started DOUBLE PRECISION,
+                finished DOUBLE PRECISION,
+                lease_owner TEXT,
+                lease_expires DOUBLE PRECISION,
+                heartbeat DOUBLE PRECISION,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+                error TEXT,
+                result TEXT,
+                swap TEXT CHECK (swap IS NULL OR swap IN ('pending', 'done', 'failed', 'superseded',
+                                                          'not_requested')),
+                swap_error TEXT,
+                CHECK ((state = 'running') = (lease_owner IS NOT NULL AND lease_expires IS NOT NULL))
+            )""",
+            "CREATE UNIQUE INDEX jobs_one_running_per_adapter ON jobs (adapter) WHERE state = 'running'",
+            "CREATE UNIQUE INDEX jobs_active_dedupe_key ON jobs (dedupe_key) "
+            "WHERE dedupe_key IS NOT NULL AND state IN ('queued', 'running')",
+            "CREATE INDEX jobs_dedupe_key ON jobs (dedupe_key)",
+            "CREATE INDEX jobs_state ON jobs (state, id)",
+            "CREATE INDEX jobs_adapter ON jobs (adapter, id)",
+            "CREATE INDEX feedback_created ON feedback (created)",
+        ),
+    ),
+)
+
+_SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied DOUBLE PRECISION NOT NULL
+)"""
+
+# What stats() counts, in TrafficStats' field order (the SQLite backend's _STATS, in Postgres's SQL).
+_STATS = {
+    "adapter": "t.adapter",
+    "version": "t.version",
+    "records": "COUNT(*)",
+    "rated": "COUNT(*) FILTER (WHERE f.rating IS NOT NULL)",
+    "good": "COUNT(*) FILTER (WHERE f.rating = 'good')",
+    "bad": "COUNT(*) FILTER (WHERE f.rating = 'bad')",
+    "corrected": "COUNT(*) FILTER (WHERE f.correction IS NOT NULL)",
+    "usable": f"COUNT(*) FILTER (WHERE {USABLE_BY_FEEDBACK})",
+    "unrated_usable": f"COUNT(*) FILTER (WHERE {USABLE_UNRATED})",
+    "first": "MIN(t.created)",
+    "last": "MAX(t.created)",
+}
+
+assert tuple(_STATS) == tuple(f.name for f in fields(TrafficStats))
+
+_CALIBRATABLE = TRAFFIC_COLUMNS.index("calibratable")
+
+
+def _text(value: Any) -> Any:
+    """A string Postgres can store (NUL characters become U+FFFD); anything else as it is."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _pg_row(record: TrafficRecord) -> list[Any]:
+    row = [_text(v) for v in _to_row(record)]
+    row[_CALIBRATABLE] = bool(record.calibratable)
+    return row
+
+
+def _json(value: Mapping[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(dict(value), ensure_ascii=False, default=str)
+
+
+def describe(url: str) -> str:
+    """``postgresql://user@host:port/dbname`` for `url`, without its password (what messages show)."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return redact_url(url)
+    user = f"{info['user']}@" if info.get("user") else ""
+    host = info.get("host") or "localhost"
+    if "," in host or host.startswith("/"):
+        host = f"[{host}]"
+    return (
+        f"postgresql://{user}{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
+    )
+
+
+class PostgresDatabase(Database):
+    """Traffic, feedback and the job queue in a Postgres database (see the module docstring).
+
+    Safe for several threads (a bounded connection pool) and several processes and machines (row
+    locks, SKIP LOCKED claims, advisory locks around migrations and dedupe keys)."""
+
+    def __init__(
+        self,
+        url: str,
+        create: bool = True,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        """Connect to the database `url` names (``postgresql://user[:password]@host:port/dbname``; a
+        password is better given by PGPASSWORD or ~/.pgpass) and bring its schema up to date (with
+        `create` False, a database without this package's tables is refused instead).
+
+        Raises DatabaseError naming the server and the problem: unreachable or refusing the login,
+        no such database, no tables (create=False), or a schema written by a newer vllm-surgery."""
+        self.url = url.strip()
+        self.path = describe(self.url)  # the name logs and messages show, as SQLiteDatabase's path
+        try:
+            self._password = conninfo_to_dict(self.url).get("password") or ""
+        except psycopg.Error as e:
+            raise DatabaseError(
+                f"{redact_url(self.url)}: not a valid Postgres URL ({self._scrub(str(e))}); "
+                "expected postgresql://user@host:port/dbname"
+            ) from e
+        self.busy_timeout_s = busy_timeout_s
+        self._closed = False
+        self._pool: ConnectionPool | None = None
+        extra: dict[str, Any] = {"application_name": "vllm-surgery"}
+        if "connect_timeout" not in conninfo_to_dict(self.url):
+            extra["connect_timeout"] = CONNECT_TIMEOUT_S
+        try:
+            with psycopg.connect(self.url, autocommit=True, **extra) as conn:
+                self._migrate(conn, create)
+        except psycopg.Error as e:
+            raise self._error("cannot be used as the traffic database", e) from e
+        self._pool = ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=max_connections,
+            kwargs={"autocommit": True, **extra},
+            timeout=busy_timeout_s,
+            check=ConnectionPool.check_connection,
+            name="vllm-surgery",
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=float(extra.get("connect_timeout", CONNECT_TIMEOUT_S)) + 5)
+        except psycopg.Error as e:
+            self._pool.close()
+            raise self._error("cannot open a connection pool", e) from e
+
+    # ------------------------------------------------------------------ errors
+    def _scrub(self, text: str) -> str:
+        password = getattr(self, "_password", "")
+        return text.replace(password, "***") if password else text
+
+    def _error(self, problem: str, error: BaseException) -> DatabaseError:
+        detail = self._scrub(str(error).strip()) or type(error).__name__
+        hint = ""
+        if isinstance(error, psycopg.OperationalError) and "does not exist" in detail:
+            hint = " (create it first: createdb, or CREATE DATABASE)"
+        elif isinstance(error, psycopg.OperationalError):
+            hint = " (is the server running and reachable, and are the user and password right?)"
+        return DatabaseError(f"{self.path}: {problem}: {detail}{hint}")
+
+    # ------------------------------------------------------------------ connections and transactions
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        if self._closed or self._pool is None:
+            raise DatabaseError(f"{self.path}: database is closed")
+        with self._pool.connection() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A write transaction on a pooled connection (``%s`` placeholders); committed on success,
+        rolled back on any exception. Raises DatabaseError for psycopg errors (the server's message
+        kept: a constraint that failed is named)."""
+        try:
+            with self._connection() as conn, conn.transaction():
+                yield conn
+        except psycopg.Error as e:
+            raise self._error("transaction failed", e) from e
+
+    def _rows(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            with self._connection() as conn:
+                return conn.cursor(row_factory=dict_row).execute(sql, params).fetchall()
+        except psycopg.Error as e:
+            raise self._error("query failed", e) from e
+
+    def _tuples(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list[tuple]:
+        try:
+            with self._connection() as conn:
+                return conn.execute(sql, params).fetchall()
+        except psycopg.Error as e:
+            raise self._error("query failed", e) from e
+
+    @staticmethod
+    def _current(conn: psycopg.Connection) -> int | None:
+        """The schema version, or None when the database has no schema_version table."""
+        if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return None
+        return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+
+    def _migrate(self, conn: psycopg.Connection, create: bool) -> None:
+        migrations = MIGRATIONS  # read at call time: tests add a step
+        latest = migrations[-1].version
+        current = self._current(conn)
+        if current == latest:
+            return
+        if current is None and not create:
+            raise DatabaseError(
+                f"{self.path}: no database here: it has no vllm-surgery tables (nothing has been "
+                "recorded yet?)"
+            )
+        for migration in migrations:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                conn.execute(_SCHEMA_TABLE)
+                current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+                if current > latest:
+                    raise DatabaseError(
+                        f"{self.path}: schema version {current} was written by a newer vllm-surgery "
+                        f"(this one knows up to {latest}); upgrade vllm-surgery"
+                    )
+                if current >= migration.version:
+                    continue
+                if current != migration.version - 1:
+                    raise DatabaseError(f"{self.path}: schema version {current} has no migration path")
+                for statement in migration.statements:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_version (version, description, applied) VALUES (%s, %s, %s)",
+                    (migration.version, migration.description, time.time()),
+                )
+
+    def schema_version(self) -> int:
+        """The version of the newest applied migration."""
+        return self._tuples("SELECT COALESCE(MAX(version), 0) FROM schema_version")[0][0]
+
+    # ------------------------------------------------------------------ traffic
+    def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
+        """Store records in one transaction; returns their ids. Raises ValueError when a record holds a
+        value Postgres cannot store (nothing of the batch is stored), DatabaseError otherwise."""
+        rows = [_pg_row(r) for r in records]
+        if not rows:
+            return []
+        sql = (
+            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}) "
+            f"VALUES ({', '.join(['%s'] * len(TRAFFIC_COLUMNS))}) RETURNING id"
+        )
+        ids = []
+        try:
+            with self.transaction() as conn:
+                cur = conn.cursor()
+                cur.executemany(sql, rows, returning=True)
+                while True:
+                    ids.append(int(cur.fetchone()[0]))
+                    if not cur.nextset():
+                        break
+        except DatabaseError as e:
+            if isinstance(e.__cause__, psycopg.DataError):
+                # a value this database cannot hold (a number out of range): a fault of the record, not
+                # of the database, as SQLite's ValueError/TypeError is (the traffic writer then writes
+                # the batch record by record, losing only that one)
+                raise ValueError(str(e)) from e
+            raise
+        return ids
+
+    def find(self, request_id: str, choice: int = 0) -> StoredRecord | None:
+        rows = self._rows(
+            f"SELECT {_COLUMNS} FROM traffic t {_LATEST} "
+            "WHERE (t.request_id = %s OR t.response_id = %s) AND t.choice = %s ORDER BY t.id DESC LIMIT 1",
+            (_text(request_id), _text(request_id), choice),
+        )
+        return _row_to_record(rows[0]) if rows else None
+
+    def add_feedback(
+        self, record_id: int, rating: str | None, correction: str | None, created: float | None = None
+    ) -> int:
+        if rating is not None and rating not in RATINGS:
+            raise ValueError(f"rating must be one of {RATINGS}, got {rating!r}")
+        if rating is None and correction is None:
+            raise ValueError("feedback needs a rating or a correction")
+        with self.transaction() as conn:
+            # the row lock keeps retention from deleting the record between the check and the insert
+            if (
+                conn.execute("SELECT 1 FROM traffic WHERE id = %s FOR KEY SHARE", (record_id,)).fetchone()
+                is None
+            ):
+                raise UnknownRequest(f"record {record_id} no longer exists (removed by retention?)")
+            conn.execute(
+                "INSERT INTO feedback (traffic_id, rating, correction, created) VALUES (%s, %s, %s, %s)",
+                (record_id, rating, _text(correction), time.time() if created is None else created),
+            )
+            return conn.execute(
+                "SELECT COUNT(*) FROM feedback WHERE traffic_id = %s", (record_id,)
+            ).fetchone()[0]
+
+    def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
+        rows = self._tuples(
+            "SELECT rating, correction, created FROM feedback WHERE traffic_id = %s ORDER BY id", (record_id,)
+        )
+        return [{"rating": r, "correction": c, "created": t} for r, c, t in rows]
+
+    def records(
+        self, adapter: str, since: float | None = None, limit: int | None = None, after_id: int = 0
+    ) -> list[StoredRecord]:
+        sql = f"SELECT {_COLUMNS} FROM traffic t {_LATEST} WHERE t.adapter = %s AND t.id > %s"
+        params: list[Any] = [_text(adapter), after_id]
+        if since is not None:
+            sql += " AND t.created >= %s"
+            params.append(since)
+        sql += " ORDER BY t.id"
+        if limit is not None:
+            sql += " LIMIT %s"
+            params.append(int(limit))
+        return [_row_to_record(r) for r in self._rows(sql, params)]
+
+    def stats(self, adapter: str | None = None) -> list[TrafficStats]:
+        where, params = ("WHERE t.adapter = %s", (_text(adapter),)) if adapter is not None else ("", ())
+        columns = ", ".join(f'{sql} AS "{name}"' for name, sql in _STATS.items())
+        rows = self._rows(
+            f"SELECT {columns} FROM traffic t {_LATEST} {where} "
+            "GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
+            params,
+        )
+        return [TrafficStats(**{name: row[name] for name in _STATS}) for row in rows]
+
+    def adapters(self) -> list[str]:
+        return [r[0] for r in self._tuples("SELECT DISTINCT adapter FROM traffic ORDER BY adapter")]
+
+    def enforce_retention(
+        self, adapter: str, retention: Retention, now: float | None = None, count: int | None = None
+    ) -> tuple[int, int]:
+        deleted = 0
+        with self.transaction() as conn:
+            if retention.max_age_s is not None:
+                cutoff = (time.time() if now is None else now) - retention.max_age_s
+                deleted += conn.execute(
+                    "DELETE FROM traffic WHERE adapter = %s AND created < %s", (adapter, cutoff)
+                ).rowcount
+            if count is None:
+                count = conn.execute(
+                    "SELECT COUNT(*) FROM traffic WHERE adapter = %s", (adapter,)
+                ).fetchone()[0]
+            else:
+                count = max(0, count - deleted)
+            excess = count - retention.max_records if retention.max_records is not None else 0
+            if excess > 0:
+                removed = conn.execute(
+                    "DELETE FROM traffic WHERE id IN "
+                    "(SELECT id FROM traffic WHERE adapter = %s ORDER BY id LIMIT %s)",
+                    (adapter, excess),
+                ).rowcount
+                deleted += removed
+                count -= removed
+        return deleted, count
+
+    # ------------------------------------------------------------------ jobs
+    def enqueue_job(
+        self,
+        adapter: str,
+        trigger: str,
+        spec: Mapping[str, Any],
+        dedupe_key: str | None = None,
+        *,
+        once: bool = False,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        now: float | None = None,
+    ) -> tuple[Job, bool]:
+        if trigger not in JOB_TRIGGERS:
+            raise ValueError(f"trigger must be one of {JOB_TRIGGERS}, got {trigger!r}")
+        text = _json(spec)
+        with self.transaction() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            if dedupe_key is not None:
+                # one enqueuer of a key at a time, across processes: the check and the insert are one step
+                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (DEDUPE_LOCK_SPACE, dedupe_key))
+                active = "" if once else "AND state IN ('queued', 'running')"
+                row = cur.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE dedupe_key = %s {active} ORDER BY id DESC LIMIT 1",
+                    (dedupe_key,),
+                ).fetchone()
+                if row is not None:
+                    return _job(row), False
+            row = cur.execute(
+                "INSERT INTO jobs (adapter, trigger, state, spec, dedupe_key, created, max_attempts) "
+                f"VALUES (%s, %s, 'queued', %s, %s, %s, %s) RETURNING {_JOB_COLUMNS}",
+                (adapter, trigger, text, dedupe_key, time.time() if now is None else now, int(max_attempts)),
+            ).fetchone()
+        return _job(row), True
+
+    def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
+        for attempt in range(CLAIM_RETRIES):
+            # the time of this try (a retry follows a wait on the other worker's claim)
+            params = {"owner": owner, "now": time.time() if now is None else now, "lease": float(lease_s)}
+            try:
+                with self.transaction() as conn:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'failed', finished = %(now)s, lease_owner = NULL, "
+                        "lease_expires = NULL, error = 'its worker stopped ' || attempts || ' time(s) without "
+                        "finishing (killed, crashed or out of host memory; last worker ' || lease_owner || "
+                        "'): given up after ' || max_attempts || ' attempt(s); see the worker logs, and queue "
+                        "it again once the cause is fixed' "
+                        "WHERE state = 'running' AND lease_expires < %(now)s AND attempts >= max_attempts",
+                        params,
+                    )
+                    row = (
+                        conn.cursor(row_factory=dict_row)
+                        .execute(
+                            "UPDATE jobs SET state = 'running', lease_owner = %(owner)s, "
+                            "lease_expires = %(now)s + %(lease)s, heartbeat = %(now)s, started = %(now)s, "
+                            "attempts = attempts + 1 WHERE id = (SELECT j.id FROM jobs j "
+                            "WHERE (j.state = 'running' AND j.lease_expires < %(now)s) "
+                            "OR (j.state = 'queued' AND NOT EXISTS "
+                            "(SELECT 1 FROM jobs r WHERE r.adapter = j.adapter AND r.state = 'running')) "
+                            "ORDER BY j.state = 'running' DESC, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                            f"RETURNING {_JOB_COLUMNS}",
+                            params,
+                        )
+                        .fetchone()
+                    )
+                return _job(row) if row is not None else None
+            except DatabaseError as e:
+                # another worker took a queued job of the same adapter at the same instant (module
+                # docstring): its running job is committed now, and the next try skips that adapter
+                if not isinstance(e.__cause__, pg_errors.UniqueViolation) or attempt == CLAIM_RETRIES - 1:
+                    raise
+        return None
+
+    def heartbeat_job(self, job_id: int, owner: str, lease_s: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            return (
+                conn.execute(
+                    "UPDATE jobs SET heartbeat = %s, lease_expires = %s "
+                    "WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                    (now, now + float(lease_s), job_id, owner),
+                ).rowcount
+                == 1
+            )
+
+    def _end(self, job_id: int, owner: str, state: str, fields: Mapping[str, Any], now: float | None) -> bool:
+        values = {"finished": time.time() if now is None else now, **fields}
+        sets = ", ".join(f"{k} = %({k})s" for k in values)
+        with self.transaction() as conn:
+            return (
+                conn.execute(
+                    f"UPDATE jobs SET state = %(state)s, lease_owner = NULL, lease_expires = NULL, {sets} "
+                    "WHERE id = %(id)s AND lease_owner = %(owner)s AND state = 'running'",
+                    {**values, "state": state, "id": job_id, "owner": owner},
+                ).rowcount
+                == 1
+            )
+
+    def finish_job(
+        self,
+        job_id: int,
+        owner: str,
+        state: str,
+        result: Mapping[str, Any],
+        swap: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        if state not in ("accepted", "kept_original"):
+            raise ValueError(f"a job finishes as accepted or kept_original, not {state!r} (use fail_job)")
+        if swap is not None and swap not in SWAP_STATES:
+            raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+        return self._end(job_id, owner, state, {"result": _json(result), "swap": swap, "error": None}, now)
+
+    def fail_job(
+        self,
+        job_id: int,
+        owner: str,
+        error: str,
+        result: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        return self._end(job_id, owner, "failed", {"error": _text(str(error)), "result": _json(result)}, now)
+
+    def release_job(self, job_id: int, owner: str) -> bool:
+        with self.transaction() as conn:
+            return (
+                conn.execute(
+                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                    "attempts = GREATEST(attempts - 1, 0) WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                    (job_id, owner),
+                ).rowcount
+                == 1
+            )
+
+    def set_job_swap(
+        self, job_id: int, swap: str, error: str | None = None, seconds: float | None = None
+    ) -> bool:
+        if swap not in SWAP_STATES:
+            raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+        with self.transaction() as conn:
+            found = conn.execute(
+                "SELECT result FROM jobs WHERE id = %s AND state = 'accepted' FOR UPDATE", (job_id,)
+            ).fetchone()
+            if found is None:
+                return False
+            result = found[0]
+            if seconds is not None:  # SQLite's json_set(result, '$.timings.swap', seconds)
+                data = json.loads(result) if result else {}
+                if not isinstance(data.get("timings"), dict):
+                    data["timings"] = {}
+                data["timings"]["swap"] = seconds
+                result = json.dumps(data, ensure_ascii=False, default=str)
+            conn.execute(
+                "UPDATE jobs SET swap = %s, swap_error = %s, result = %s WHERE id = %s",
+                (swap, _text(error), result, job_id),
+            )
+        return True
+
+    def job(self, job_id: int) -> Job | None:
+        rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = %s", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(
+        self,
+        adapter: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[Job]:
+        where, params = [], []
+        for column, value in (("adapter", adapter), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = %s")
+                params.append(value)
+        if before_id is not None:
+            where.append("id < %s")
+            params.append(before_id)
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [_job(r) for r in self._rows(sql + " ORDER BY id DESC LIMIT %s", (*params, int(limit)))]
+
+    def last_job(self, adapter: str) -> Job | None:
+        found = self.jobs(adapter=adapter, limit=1)
+        return found[0] if found else None
+
+    def pending_swaps(self) -> list[Job]:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET swap = 'superseded' WHERE state = 'accepted' AND swap = 'pending' AND EXISTS "
+                "(SELECT 1 FROM jobs k WHERE k.adapter = jobs.adapter AND k.state = 'accepted' "
+                "AND k.swap IN ('pending', 'done') AND (k.finished > jobs.finished "
+                "OR (k.finished = jobs.finished AND k.id > jobs.id)))"
+            )
+        rows = self._rows(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'accepted' AND swap = 'pending' ORDER BY finished, id"
+        )
+        return [_job(r) for r in rows]
+
+    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
+        rated = self._tuples(
+            "SELECT COUNT(*) FROM feedback f JOIN traffic t ON t.id = f.traffic_id "
+            f"WHERE t.adapter = %s AND f.created > %s AND {LATEST_FEEDBACK} AND {USABLE_BY_FEEDBACK}",
+            (adapter, since),
+        )[0][0]
+        unrated = 0
+        if include_unrated:
+            unrated = self._tuples(
+                f"SELECT COUNT(*) FROM traffic t WHERE t.adapter = %s AND t.created > %s AND {USABLE_UNRATED}",
+                (adapter, since),
+            )[0][0]
+        return int(rated) + int(unrated)
+
+    def job_figures(self, now: float | None = None) -> JobFigures:
+        now = time.time() if now is None else now
+        by_state = dict.fromkeys(JOB_STATES, 0)
+        by_state.update(dict(self._tuples("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
+        finished_states = tuple(FINISHED_STATES)
+        finished = {
+            (adapter, state): n
+            for adapter, state, n in self._tuples(
+                "SELECT adapter, state, COUNT(*) FROM jobs WHERE state = ANY(%s) GROUP BY adapter, state",
+                (list(finished_states),),
+            )
+        }
+        oldest = self._tuples("SELECT MIN(created) FROM jobs WHERE state = 'queued'")[0][0]
+        pending = self._tuples("SELECT COUNT(*) FROM jobs WHERE state = 'accepted' AND swap = 'pending'")[0][
+            0
+        ]
+        # JSON fields are read here, not in SQL: the text is Python's json.dumps (NaN included),
+        # which Postgres's JSON types refuse.
+        quality = {}
+        for adapter, text in self._tuples(
+            "SELECT adapter, result FROM jobs j WHERE id = (SELECT MAX(id) FROM jobs k "
+            "WHERE k.adapter = j.adapter AND k.state IN ('accepted', 'kept_original'))"
+        ):
+            data = json.loads(text) if text else {}
+            before, after = (_number(data, part) for part in ("quality_before", "quality_after"))
+            if before is not None and after is not None:
+                quality[adapter] = (before, after)
+        timings = []
+        for (text,) in self._tuples(
+            "SELECT result FROM jobs WHERE state = ANY(%s) AND result IS NOT NULL ORDER BY id",
+            (list(finished_states),),
+        ):
+            data = json.loads(text)
+            values = data.get("timings") if isinstance(data, dict) else None
+            values = {} if values is None else values
+            if isinstance(values, dict):
+                timings.append({k: float(v) for k, v in values.items() if isinstance(v, (int, float))})
+        return JobFigures(
+            by_state=by_state,
+            finished=finished,
+            oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else 0.0,
+            swaps_pending=int(pending),
+            latest_quality=quality,
+            timings=timings,
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+
+def _number(data: Any, part: str) -> float | None:
+    """data[part]["loss"] when it is a number (SQLite's json_extract(result, '$.PART.loss'))."""
+    value = data.get(part) if isinstance(data, dict) else None
+    value = value.get("loss") if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
