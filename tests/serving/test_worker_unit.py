@@ -42,20 +42,27 @@ def gain(tmp_path_factory):
 
 @pytest.fixture
 def parts(tmp_path: Path, gain):
+    """The job database, the store and a worker whose adapter root holds adapter "x" (the gain case's
+    adapter), as the server's VLLM_SURGERY_ADAPTER_DIRS would."""
     db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
     store = VersionStore(tmp_path / "store")
-    worker = RefinementWorker(
-        db, store, WorkerOptions(server=UNREACHABLE, device="cpu", lease_s=30, owner="w")
+    shutil.copytree(gain.adapter, tmp_path / "adapters" / "x")
+    options = WorkerOptions(
+        server=UNREACHABLE, device="cpu", lease_s=30, owner="w", adapter_dirs=(tmp_path / "adapters",)
     )
+    worker = RefinementWorker(db, store, options)
     yield db, store, worker
     db.close()
 
 
-def records_job(db: SQLiteDatabase, gain, records: list, name: str = "x") -> int:
+def records_job(db: SQLiteDatabase, gain, records: list, name: str = "x", **spec_fields) -> int:
+    """A job for adapter `name` of the worker's adapter root (the `parts` fixture)."""
     source = {"source": "records", "records": records, "sha256": records_sha256(records)}
+    adapter_path = db.path.parent / "adapters" / name
     spec = job_spec(
-        base_model=str(gain.base), adapter_path=gain.adapter, config=GAIN_SETTINGS, calibration=source
+        base_model=str(gain.base), adapter_path=adapter_path, config=GAIN_SETTINGS, calibration=source
     )
+    spec.update(spec_fields)
     return db.enqueue_job(name, "manual", spec)[0].id
 
 

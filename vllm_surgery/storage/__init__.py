@@ -33,6 +33,7 @@ from .job_queue import (
     Job,
     JobFigures,
     JobQueue,
+    JobQueueFull,
 )
 from .store import (
     KEY_CONFIG_FIELDS,
@@ -61,6 +62,7 @@ __all__ = [
     "Job",
     "JobFigures",
     "JobQueue",
+    "JobQueueFull",
     "Retention",
     "SQLiteDatabase",
     "StoreError",
