@@ -87,7 +87,7 @@ def check_job_settings(fields: Mapping[str, Any]) -> None:
         value = fields.get(name)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if number and (not math.isfinite(value) or value > limit):
-            raise ConfigError(f"'{name}' is {value!r}; a refinement job allows at most {limit:,}: lower it")
+            raise ConfigError(f"'{name}' is {value:g}; a refinement job allows at most {limit:,}: lower it")
     modules = fields.get("modules")
     if modules is None:
         return
