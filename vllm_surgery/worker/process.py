@@ -123,8 +123,10 @@ SIZING_HELP = "\n\n".join(
         ),
         textwrap.fill(
             "settings: the serving variables (VLLM_SURGERY_STORE, VLLM_SURGERY_DATABASE, "
-            "VLLM_SURGERY_ADMIN_TOKEN, or VLLM_SURGERY_CONFIG) with the same values as the server's; --store "
-            "and --db override them.",
+            "VLLM_SURGERY_ADMIN_TOKEN, VLLM_SURGERY_ADAPTER_DIRS, VLLM_SURGERY_CALIBRATION_DIR, or "
+            "VLLM_SURGERY_CONFIG) with the same values as the server's; --store and --db override them. "
+            "A job's adapter and calibration files are found by name there, never at paths stored in the "
+            "job.",
             width=100,
         ),
     ]
@@ -325,6 +327,7 @@ class RefinementWorker:
     def handle_cancel_signal(self, signum: int, frame: Any) -> None:
         """The heartbeat thread's interrupt (CANCEL_SIGNAL): stop the running job where it is."""
         if self._job is not None and self._cancellable:
+            self._cancellable = False  # once: the cleanup that follows is not interrupted again
             raise JobCancelled(f"job {self._job.id}")
 
     def _interrupt_for_cancel(self) -> None:
@@ -336,6 +339,7 @@ class RefinementWorker:
     def _check_cancel(self, job: Job) -> None:
         """A stage boundary: raise JobCancelled if an admin cancelled the job."""
         if self.db.cancel_requested(job.id):
+            self._cancellable = False
             raise JobCancelled(f"job {job.id}")
 
     def run(self, once: bool = False, drain: bool = False) -> int:
