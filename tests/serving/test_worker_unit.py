@@ -414,3 +414,28 @@ def test_the_worker_command_fails_clearly_when_the_server_does_not_answer(tmp_pa
     assert f"the server at {UNREACHABLE} is unreachable" in done.stderr
     assert "Connection refused" in done.stderr and "start the server first, or fix --server" in done.stderr
     assert "stopped after" not in done.stderr
+
+
+def test_a_worker_given_the_servers_model_refuses_a_row_naming_another(parts, gain, tmp_path: Path) -> None:
+    db, store, _ = parts
+    records = gain.records()
+    elsewhere = records_job(db, gain, records, base_model=str(tmp_path / "attackers-model"))
+    served = records_job(db, gain, records)
+    options = WorkerOptions(
+        server=UNREACHABLE,
+        device="cpu",
+        lease_s=30,
+        owner="w",
+        adapter_dirs=(tmp_path / "adapters",),
+        base_models=(str(gain.base),),
+    )
+    worker = RefinementWorker(db, store, options)
+    assert worker.run(drain=True) == 2
+    refused = db.job(elsewhere)
+    assert refused.state == "failed" and refused.version is None
+    assert (
+        f"the row's base_model {str(tmp_path / 'attackers-model')!r} is not one of this worker's --model"
+        in (refused.error)
+    )
+    assert db.job(served).state == "accepted"  # the server's own base model runs
+    assert [v.version_id for v in store.versions("x")] == [db.job(served).version]

@@ -285,6 +285,7 @@ class WorkerOptions:
     adapter_dirs: tuple[Path, ...] = ()
     calibration_dir: Path | None = None
     lora_modules: tuple[tuple[str, Path], ...] = ()  # the server's --lora-modules adapters
+    base_models: tuple[str, ...] = ()  # --model: the only base models a job may name (empty: any)
 
 
 @dataclass
@@ -616,6 +617,13 @@ class RefinementWorker:
                 "queue the job again through the server (a row edited by hand, or a worker with other "
                 "settings than the server's?)"
             )
+        base = str(spec.get("base_model", ""))
+        allowed = self.options.base_models
+        if allowed and not any(base == m or _same_path(base, m) for m in allowed):
+            raise JobFailure(
+                f"job {job.id}: the row's base_model {base!r} is not one of this worker's --model "
+                f"({', '.join(allowed)}): refused, nothing read or written"
+            )
         source = spec.get("calibration")
         if not isinstance(source, dict):
             raise JobFailure(f"job {job.id}: the row's calibration source is not an object: refused")
@@ -717,6 +725,13 @@ class RefinementWorker:
             log.error("%s: swap refused: %s", label, error)
 
 
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def _error_message(e: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(e.read() or b"{}")
@@ -767,6 +782,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the server's --lora-modules adapters (jobs of other adapters are found under "
         "VLLM_SURGERY_ADAPTER_DIRS); a job naming an adapter found in neither fails",
     )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=[],
+        metavar="BASE",
+        help="the server's base model (its --model): a job naming another base model fails (default: "
+        "the base model a job names is loaded, safetensors only)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -801,6 +824,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             adapter_dirs=tuple(settings.adapter_dirs),
             calibration_dir=settings.calibration_dir,
             lora_modules=tuple(lora_modules),
+            base_models=tuple(args.model),
         )
         worker = RefinementWorker(db, store, options)
     except (SurgeryError, ValueError) as e:
