@@ -439,3 +439,27 @@ def test_a_worker_given_the_servers_model_refuses_a_row_naming_another(parts, ga
     )
     assert db.job(served).state == "accepted"  # the server's own base model runs
     assert [v.version_id for v in store.versions("x")] == [db.job(served).version]
+
+
+def test_automatic_jobs_are_not_queued_with_settings_a_job_cannot_run(auto, gain, caplog) -> None:
+    """VLLM_SURGERY_REFINE_SETTINGS meets the check the refine route and the worker apply: a job that
+    could only fail in the worker is not queued, and the log names the setting and the limit."""
+    from dataclasses import replace
+
+    from test_hotswap_unit import FakeModels
+
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
+    from vllm_surgery.serving.hotswap import HotSwapper
+    from vllm_surgery.traffic import AdapterCalibration
+
+    settings = replace(auto.settings, refine_settings={"heldout_fraction": 0.5, "samples": 10**15})
+    refiner = AutomaticJobs(
+        HotSwapper(FakeModels(), settings), auto.db, str(gain.base), AdapterCalibration(settings, auto.db)
+    )
+    root = settings.adapter_dirs[0]
+    digest = refiner.swapper.validator.validate(root / "own")
+    with caplog.at_level("ERROR"):
+        assert refiner.first_load("own", root / "own", digest) is None
+    assert auto.db.jobs() == []
+    assert "VLLM_SURGERY_REFINE_SETTINGS cannot be run by a job" in caplog.text
+    assert "'samples' is 1e+15; a refinement job allows at most 1,000,000" in caplog.text
