@@ -463,3 +463,32 @@ def test_automatic_jobs_are_not_queued_with_settings_a_job_cannot_run(auto, gain
     assert auto.db.jobs() == []
     assert "VLLM_SURGERY_REFINE_SETTINGS cannot be run by a job" in caplog.text
     assert "'samples' is 1e+15; a refinement job allows at most 1,000,000" in caplog.text
+
+
+def test_a_lora_modules_adapter_is_found_where_the_worker_was_told(parts, gain, tmp_path: Path) -> None:
+    """The server's --lora-modules adapters live in no root: the worker is given them the same way."""
+    db, store, _ = parts
+    shutil.copytree(gain.adapter, tmp_path / "static" / "lm")
+    records = gain.records()
+    source = {"source": "records", "records": records, "sha256": records_sha256(records)}
+
+    def queue(adapter_path: Path) -> int:
+        spec = job_spec(
+            base_model=str(gain.base), adapter_path=adapter_path, config=GAIN_SETTINGS, calibration=source
+        )
+        return db.enqueue_job("lm", "manual", spec)[0].id
+
+    moved = queue(tmp_path / "adapters" / "x")  # the row says another directory
+    served = queue(tmp_path / "static" / "lm")
+    options = WorkerOptions(
+        server=UNREACHABLE,
+        device="cpu",
+        lease_s=30,
+        owner="w",
+        adapter_dirs=(tmp_path / "adapters",),
+        lora_modules=(("lm", tmp_path / "static" / "lm"),),
+    )
+    assert RefinementWorker(db, store, options).run(drain=True) == 2
+    assert db.job(moved).state == "failed" and "the row's adapter_path" in db.job(moved).error
+    assert db.job(served).state == "accepted"
+    assert [v.version_id for v in store.versions("lm")] == [db.job(served).version]
