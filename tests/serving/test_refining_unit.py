@@ -291,3 +291,53 @@ def test_module_names_and_sizes_within_the_bounds_are_queued() -> None:
     )
     assert (req.config.samples, req.config.max_length) == (1_000_000, 4096)
     assert req.fields["modules"] == ["q_proj", "layers.0.mlp"]
+
+
+def test_a_job_shown_without_the_admin_token_has_no_paths_and_no_worker_identity() -> None:
+    from vllm_surgery.serving.api.jobs import describe_job
+    from vllm_surgery.storage import Job
+
+    job = Job(
+        id=7,
+        adapter="x",
+        trigger="manual",
+        state="failed",
+        spec={
+            "base_model": "/srv/models/base",
+            "adapter_path": "/srv/adapters/x",
+            "config": {"policy": "auto", "seed": 3},
+            "calibration": {"source": "file", "name": "c.jsonl", "path": "/srv/cal/c.jsonl", "sha256": "ab"},
+            "swap": True,
+            "min_examples": None,
+        },
+        dedupe_key=None,
+        created=1.0,
+        started=2.0,
+        finished=3.0,
+        lease_owner="host-a:4242:abcdef",
+        lease_expires=None,
+        heartbeat=2.5,
+        attempts=1,
+        max_attempts=3,
+        error="/srv/adapters/x/adapter_model.safetensors: bad header. The server at http://127.0.0.1:8000/v1 said so",
+        result={"calibration": {"summary": "12 examples from /srv/cal/c.jsonl"}, "timings": {}},
+        swap=None,
+        swap_error=None,
+    )
+    full = describe_job(job)
+    assert full["lease_owner"] == "host-a:4242:abcdef" and full["spec"]["adapter_path"] == "/srv/adapters/x"
+    public = describe_job(job, full=False)
+    assert "/srv" not in json.dumps(public) and "host-a" not in json.dumps(public)
+    assert public["lease_owner"] is None and public["spec"]["base_model"] is None
+    assert public["spec"]["adapter_path"] == "…/x"
+    assert public["spec"]["calibration"] == {
+        "source": "file",
+        "name": "c.jsonl",
+        "path": "…/c.jsonl",
+        "sha256": "ab",
+    }
+    assert public["error"] == (
+        "…/adapter_model.safetensors: bad header. The server at http://127.0.0.1:8000/v1 said so"
+    )
+    assert public["calibration"]["summary"] == "12 examples from …/c.jsonl"
+    assert public["spec"]["config"] == {"policy": "auto", "seed": 3} and public["state"] == "failed"

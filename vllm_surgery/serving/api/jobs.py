@@ -58,12 +58,18 @@ _PATH = re.compile(r"(?<![\w.:/~])/[^\s'\"(),;]+")
 def without_paths(value: Any) -> Any:
     """`value` (JSON) with every absolute path in its strings cut to ``…/`` and its last name."""
     if isinstance(value, str):
-        return _PATH.sub(lambda m: f"…/{PurePosixPath(m.group().rstrip('.:')).name}", value)
+        return _PATH.sub(_cut, value)
     if isinstance(value, list):
         return [without_paths(v) for v in value]
     if isinstance(value, dict):
         return {k: without_paths(v) for k, v in value.items()}
     return value
+
+
+def _cut(match: re.Match[str]) -> str:
+    path = match.group()
+    kept = path.rstrip(".:")  # the sentence's punctuation after a path stays
+    return f"…/{PurePosixPath(kept).name}{path[len(kept) :]}"
 
 
 def is_admin(request: Request) -> bool:
