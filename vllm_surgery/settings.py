@@ -418,6 +418,13 @@ class ServingSettings:
         "Workers a job may outlive (killed or crashed while running it) before it is failed with that reason.",
         default=3,
     )
+    job_max_queued: int = setting(
+        "VLLM_SURGERY_JOB_MAX_QUEUED",
+        number(1, 10000, integer=True),
+        "Refinement jobs one adapter may have queued or running at once; a refine request beyond it is "
+        "refused with 429 naming the limit (a bound on the queue: each job holds its calibration records).",
+        default=16,
+    )
 
     @property
     def database_path(self) -> Path | str:

@@ -6,7 +6,9 @@ and two processes claiming from one database at once."""
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from pg_server import run_sql
@@ -178,7 +180,14 @@ def test_figures_for_the_metrics(db: SQLiteDatabase) -> None:
     db.finish_job(a.id, "w", "accepted", result, "pending", now=9.0)
     db.claim_job("w", 10, now=9.0)
     figures = db.job_figures(now=10.0)
-    assert figures.by_state == {"queued": 1, "running": 1, "accepted": 1, "kept_original": 0, "failed": 0}
+    assert figures.by_state == {
+        "queued": 1,
+        "running": 1,
+        "accepted": 1,
+        "kept_original": 0,
+        "failed": 0,
+        "cancelled": 0,
+    }
     assert figures.finished == {("a", "accepted"): 1}
     assert figures.oldest_queued_age_s == 3.0 and figures.swaps_pending == 1
     assert figures.latest_quality == {"a": (2.0, 1.5)}
@@ -226,3 +235,94 @@ def test_two_processes_never_take_the_same_job(database_target) -> None:
     by = {j.id: j.result["by"] for j in jobs}  # each job finished by the process that claimed it
     assert by == {i: owner for owner, claimed in owners.items() for i in claimed}
     db.close()
+
+
+def test_a_cancelled_queued_job_is_never_claimed(db: SQLiteDatabase) -> None:
+    job = db.enqueue_job("a", "manual", SPEC, "k", now=1.0)[0]
+    cancelled, outcome = db.cancel_job(job.id, now=2.0)
+    assert outcome == "cancelled"
+    assert (cancelled.state, cancelled.finished, cancelled.lease_owner) == ("cancelled", 2.0, None)
+    assert cancelled.error == "cancelled by an admin before it ran"
+    assert db.claim_job("w", 30, now=3.0) is None
+    again, created = db.enqueue_job("a", "manual", SPEC, "k", now=4.0)  # the key is free again
+    assert created and again.id != job.id
+    assert db.cancel_job(again.id + 1000) == (None, "unknown")
+
+
+def test_a_running_job_is_marked_and_its_owner_ends_it_cancelled(db: SQLiteDatabase) -> None:
+    job = db.enqueue_job("a", "manual", SPEC, now=1.0)[0]
+    db.claim_job("w", 30, now=2.0)
+    assert not db.cancel_requested(job.id)
+    marked, outcome = db.cancel_job(job.id, now=3.0)
+    assert (outcome, marked.state, marked.cancel_requested) == ("cancelling", "running", 3.0)
+    assert db.cancel_requested(job.id)
+    assert db.cancel_job(job.id, now=4.0)[0].cancel_requested == 3.0  # the first request's time stays
+    assert not db.finish_cancelled(job.id, "someone-else")
+    assert db.finish_cancelled(job.id, "w", {"worker": "w"})
+    ended = db.job(job.id)
+    assert (ended.state, ended.lease_owner, ended.result) == ("cancelled", None, {"worker": "w"})
+    assert "wrote nothing" in ended.error
+    finished, outcome = db.cancel_job(job.id)
+    assert outcome == "finished" and finished.state == "cancelled"
+
+
+def test_a_cancelled_job_is_not_taken_up_again_after_its_worker_died_or_stopped(db: SQLiteDatabase) -> None:
+    died = db.enqueue_job("a", "manual", SPEC, now=1.0)[0]
+    stopped = db.enqueue_job("b", "manual", SPEC, now=1.0)[0]
+    db.claim_job("w1", 30, now=2.0)
+    db.claim_job("w2", 30, now=2.0)
+    db.cancel_job(died.id, now=3.0)
+    db.cancel_job(stopped.id, now=3.0)
+    assert db.release_job(stopped.id, "w2")  # SIGTERM: a cancelled job is not given back to the queue
+    assert db.job(stopped.id).state == "cancelled"
+    assert db.claim_job("w3", 30, now=100.0) is None  # w1's lease expired: cancelled, not claimed
+    assert db.job(died.id).state == "cancelled" and db.job(died.id).lease_owner is None
+
+
+def test_the_queue_is_bounded_per_adapter(db: SQLiteDatabase) -> None:
+    from vllm_surgery.storage import JobQueueFull
+
+    first = db.enqueue_job("a", "manual", SPEC, "k1", max_queued=2)[0]
+    db.enqueue_job("a", "manual", SPEC, "k2", max_queued=2)
+    db.claim_job("w", 30)  # running jobs count as well
+    with pytest.raises(JobQueueFull, match=r"'a' already has 2 queued or running .*= 2\)"):
+        db.enqueue_job("a", "manual", SPEC, "k3", max_queued=2)
+    assert db.enqueue_job("a", "manual", SPEC, "k1", max_queued=2) == (db.job(first.id), False)
+    assert db.enqueue_job("b", "manual", SPEC, "k3", max_queued=2)[1]  # another adapter's own bound
+    assert db.finish_job(first.id, "w", "kept_original", {})
+    assert db.enqueue_job("a", "manual", SPEC, "k4", max_queued=2)[1]  # a finished job frees a place
+    assert len(db.jobs(adapter="a")) == 3
+
+
+def test_a_version_2_database_keeps_its_jobs_and_gains_cancel(tmp_path: Path) -> None:
+    """A database written before jobs could be cancelled: the migration keeps every row."""
+    from vllm_surgery.storage.database import MIGRATIONS
+
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    for migration in MIGRATIONS[:2]:
+        for statement in migration.statements:
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO jobs (adapter, trigger, state, spec, created, max_attempts, lease_owner, lease_expires) "
+        "VALUES ('a', 'manual', 'running', '{}', 1.0, 3, 'w', 99.0), ('b', 'manual', 'queued', '{}', 2.0, 3, "
+        "NULL, NULL)"
+    )
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    db = SQLiteDatabase(path)
+    try:
+        assert db.schema_version() == 3
+        assert [(j.adapter, j.state, j.lease_owner) for j in db.jobs()] == [
+            ("b", "queued", None),
+            ("a", "running", "w"),
+        ]
+        assert db.cancel_job(db.jobs(adapter="b")[0].id)[1] == "cancelled"
+        with pytest.raises(DatabaseError, match="UNIQUE constraint failed"), db.transaction() as c:
+            c.execute(  # the one-running-job-per-adapter index is back after the rebuild
+                "INSERT INTO jobs (adapter, trigger, state, spec, created, max_attempts, lease_owner, "
+                "lease_expires) VALUES ('a', 'manual', 'running', '{}', 3.0, 3, 'w2', 99.0)"
+            )
+    finally:
+        db.close()

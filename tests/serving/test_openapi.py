@@ -22,6 +22,7 @@ def test_every_route_is_in_the_schema_with_its_body(app: FastAPI) -> None:
     from vllm_surgery.serving.api import LoadAdapterRequest, UnloadAdapterRequest
     from vllm_surgery.serving.api.adapters import SwapRequest
     from vllm_surgery.serving.api.feedback import FeedbackRequest
+    from vllm_surgery.serving.api.jobs import CancelBody
     from vllm_surgery.serving.api.refinements import RefineBody
 
     paths = TestClient(app).get("/openapi.json").json()["paths"]
@@ -30,11 +31,12 @@ def test_every_route_is_in_the_schema_with_its_body(app: FastAPI) -> None:
         for r in app.routes
         if isinstance(r, APIRoute) and r.path.startswith(("/v1/surgery", "/v1/load_", "/v1/unload_"))
     ]
-    assert len(ours) == 12
+    assert len(ours) == 13
     bodies = {
         ("/v1/surgery/adapters/{name}/swap", "post"): SwapRequest,
         ("/v1/surgery/adapters/{name}/refine", "post"): RefineBody,
         ("/v1/surgery/feedback", "post"): FeedbackRequest,
+        ("/v1/surgery/jobs/{job_id}/cancel", "post"): CancelBody,
         ("/v1/load_lora_adapter", "post"): LoadAdapterRequest,
         ("/v1/unload_lora_adapter", "post"): UnloadAdapterRequest,
     }
@@ -68,3 +70,11 @@ def test_query_parameters_are_listed(app: FastAPI) -> None:
     assert names == {"adapter", "state", "limit", "before_id"}
     names = {p["name"] for p in paths["/v1/surgery/traffic/{name}"]["get"]["parameters"]}
     assert names == {"name", "since", "limit", "after_id"}
+
+
+def test_the_job_cancel_route_is_listed_with_an_optional_empty_body(app: FastAPI) -> None:
+    paths = TestClient(app).get("/openapi.json").json()["paths"]
+    operation = paths["/v1/surgery/jobs/{job_id}/cancel"]["post"]
+    assert operation["requestBody"]["required"] is False
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["properties"] == {} and schema["additionalProperties"] is False

@@ -123,7 +123,12 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
     (tmp_path / "math.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
     req = parse_request({"calibration": "math.jsonl", "swap": False}, tmp_path)
     path = (tmp_path / "math.jsonl").resolve()
-    assert req.calibration == {"source": "file", "path": str(path), "sha256": req.calibration_sha256}
+    assert req.calibration == {
+        "source": "file",
+        "name": "math.jsonl",  # what the worker resolves under its own calibration directory
+        "path": str(path),
+        "sha256": req.calibration_sha256,
+    }
     assert req.swap is False and req.examples is None
     with pytest.raises(RefineError) as e:
         parse_request({"calibration": "nope.jsonl"}, tmp_path)
@@ -160,6 +165,23 @@ def test_parse_request_calibration_file(tmp_path: Path) -> None:
         ({"calibration": "../etc/passwd"}, "calibration file name"),
         ({"calibration": "/etc/passwd"}, "calibration file name"),
         ({"calibration": ".hidden"}, "calibration file name"),
+        # bounds a job has beyond SurgeryConfig's own: refused when queued, not in the worker later
+        (
+            {"records": RECORDS, "samples": 1e15},
+            "'samples' is 1e+15; a refinement job allows at most 1,000,000",
+        ),
+        ({"records": RECORDS, "samples": 10**15}, "a refinement job allows at most 1,000,000"),
+        (
+            {"records": RECORDS, "max_length": 1e12},
+            "'max_length' is 1e+12; a refinement job allows",
+        ),
+        (
+            {"records": RECORDS, "max_batch_tokens": 10**12},
+            "'max_batch_tokens' is 1e+12; a refinement job allows at most 16,777,216",
+        ),
+        ({"records": RECORDS, "modules": ["../../etc"]}, "'modules' entry '../../etc' is not a module name"),
+        ({"records": RECORDS, "modules": "q_proj,/etc/passwd"}, "'modules' entry '/etc/passwd'"),
+        ({"records": RECORDS, "modules": ["q_proj"] * 1025}, "'modules' names 1025 modules"),
     ],
 )
 def test_parse_request_refusals(tmp_path: Path, body, needle: str) -> None:
@@ -236,3 +258,86 @@ def test_refine_requests_are_queued_once_and_store_hits_answer_at_once(
     asyncio.run(scenario())
     assert len(queue.db.jobs()) == 1
     queue.db.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"samples": 1e15}, "'samples' is 1e+15; a refinement job allows at most 1,000,000: lower it"),
+        ({"max_length": 1e12}, "'max_length' is 1e+12; a refinement job allows at most 1,048,576"),
+        ({"modules": ["../../etc"]}, "'modules' entry '../../etc' is not a module name"),
+        ({"heldout_fraction": 0.0, "policy": "grad_direction"}, "heldout_fraction must be > 0"),
+        ({"force": True}, "'force' is not allowed"),
+    ],
+)
+def test_the_worker_refuses_a_rows_settings_as_the_route_does(settings, needle: str) -> None:
+    """A row written straight into the database meets the check the refine route applies."""
+    from vllm_surgery.errors import ConfigError
+    from vllm_surgery.worker.job_spec import spec_config
+
+    with pytest.raises(ConfigError) as e:
+        spec_config({"config": {"policy": "auto", **settings}}, progress=False)
+    assert needle in str(e.value)
+    if "force" not in settings:  # the route refuses force earlier, in the body's own check
+        with pytest.raises(RefineError) as route:
+            parse_request({"records": RECORDS, **settings}, None)
+        assert route.value.status == 400 and needle in str(route.value)
+
+
+def test_module_names_and_sizes_within_the_bounds_are_queued() -> None:
+    req = parse_request(
+        {"records": RECORDS, "samples": 1_000_000, "max_length": 4096, "modules": ["q_proj", "layers.0.mlp"]},
+        None,
+    )
+    assert (req.config.samples, req.config.max_length) == (1_000_000, 4096)
+    assert req.fields["modules"] == ["q_proj", "layers.0.mlp"]
+
+
+def test_a_job_shown_without_the_admin_token_has_no_paths_and_no_worker_identity() -> None:
+    from vllm_surgery.serving.api.jobs import describe_job
+    from vllm_surgery.storage import Job
+
+    job = Job(
+        id=7,
+        adapter="x",
+        trigger="manual",
+        state="failed",
+        spec={
+            "base_model": "/srv/models/base",
+            "adapter_path": "/srv/adapters/x",
+            "config": {"policy": "auto", "seed": 3},
+            "calibration": {"source": "file", "name": "c.jsonl", "path": "/srv/cal/c.jsonl", "sha256": "ab"},
+            "swap": True,
+            "min_examples": None,
+        },
+        dedupe_key=None,
+        created=1.0,
+        started=2.0,
+        finished=3.0,
+        lease_owner="host-a:4242:abcdef",
+        lease_expires=None,
+        heartbeat=2.5,
+        attempts=1,
+        max_attempts=3,
+        error="/srv/adapters/x/adapter_model.safetensors: bad header. The server at http://127.0.0.1:8000/v1 said so",
+        result={"calibration": {"summary": "12 examples from /srv/cal/c.jsonl"}, "timings": {}},
+        swap=None,
+        swap_error=None,
+    )
+    full = describe_job(job)
+    assert full["lease_owner"] == "host-a:4242:abcdef" and full["spec"]["adapter_path"] == "/srv/adapters/x"
+    public = describe_job(job, full=False)
+    assert "/srv" not in json.dumps(public) and "host-a" not in json.dumps(public)
+    assert public["lease_owner"] is None and public["spec"]["base_model"] is None
+    assert public["spec"]["adapter_path"] == "…/x"
+    assert public["spec"]["calibration"] == {
+        "source": "file",
+        "name": "c.jsonl",
+        "path": "…/c.jsonl",
+        "sha256": "ab",
+    }
+    assert public["error"] == (
+        "…/adapter_model.safetensors: bad header. The server at http://127.0.0.1:8000/v1 said so"
+    )
+    assert public["calibration"]["summary"] == "12 examples from …/c.jsonl"
+    assert public["spec"]["config"] == {"policy": "auto", "seed": 3} and public["state"] == "failed"

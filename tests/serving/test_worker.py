@@ -112,12 +112,14 @@ class Worker:
         setup["workers"] += 1
         self.log = setup["root"] / f"worker-{setup['workers']}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
-        env.update(
-            {
-                k: setup["env"][k]
-                for k in ("VLLM_SURGERY_STORE", "VLLM_SURGERY_DATABASE", "VLLM_SURGERY_ADMIN_TOKEN")
-            }
+        shared = (  # the server's: the worker finds what a job names where the server does
+            "VLLM_SURGERY_STORE",
+            "VLLM_SURGERY_DATABASE",
+            "VLLM_SURGERY_ADMIN_TOKEN",
+            "VLLM_SURGERY_ADAPTER_DIRS",
+            "VLLM_SURGERY_CALIBRATION_DIR",
         )
+        env.update({k: setup["env"][k] for k in shared if k in setup["env"]})
         launcher = [str(HERE / "paused_worker.py")] if stop_in_refine else ["-m", "vllm_surgery.cli"]
         cmd = [
             sys.executable,
@@ -388,17 +390,18 @@ def test_failed_jobs_are_recorded_and_the_adapters_keep_serving(server, setup) -
     assert status == 200 and {j["id"] for j in listed["jobs"]} == {thin, fragile}
 
 
+def stopped(worker: Worker) -> bool:
+    """Whether a `stop_in_refine` worker stopped itself in refine() (its version directory reserved)."""
+    if worker.proc.poll() is not None:
+        pytest.fail(f"the worker exited ({worker.proc.returncode}):\n{worker.text()[-3000:]}")
+    return Path(f"/proc/{worker.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def test_a_killed_worker_leaves_nothing_visible_and_another_finishes_its_job(server, setup) -> None:
     job_id = queue(server, "kill", records=setup["records"])
     first = Worker(setup, server.url, "--lease-seconds", "3", "--once", stop_in_refine=True)
     store = setup["store"] / "kill"
-
-    def stopped_in_refine() -> bool:  # its version directory reserved, refine() entered
-        if first.proc.poll() is not None:
-            pytest.fail(f"the first worker exited ({first.proc.returncode}):\n{first.text()[-3000:]}")
-        return Path(f"/proc/{first.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
-
-    wait_for("the first worker to enter refine()", stopped_in_refine, logs=(first.log,))
+    wait_for("the first worker to enter refine()", lambda: stopped(first), logs=(first.log,))
     assert [p for p in store.iterdir() if not p.name.startswith(".") and p.is_dir()]  # reserved
     first.proc.kill()  # SIGKILL: no cleanup of any kind
     first.proc.wait(30)
@@ -448,11 +451,15 @@ def test_two_workers_never_run_a_job_twice(server, setup) -> None:
 
 def test_jobs_queued_before_a_restart_run_after_it_and_pending_swaps_complete(servers, setup) -> None:
     """Last: restarts the module's server. r1 is refined while the server is down (its swap stays
-    pending, and the restarted server swaps it in); r2 stays queued and runs after the restart."""
+    pending, and the restarted server swaps it in); r2 stays queued and runs after the restart. The
+    worker starts while the server is up (it refuses to start without one) and is stopped in refine()
+    until the server is gone: a server that goes away later does not stop a worker."""
     server = servers["now"]
     r1, r2 = (queue(server, name, records=setup["records"]) for name in ("r1", "r2"))
+    worker = Worker(setup, server.url, "--once", stop_in_refine=True)
+    wait_for("the worker to enter refine()", lambda: stopped(worker), logs=(worker.log,))
     assert not stop(server.proc)
-    worker = Worker(setup, server.url, "--once")
+    worker.proc.send_signal(signal.SIGCONT)
     assert worker.wait() == 0, worker.text()[-3000:]
     rows = {r["id"]: r for r in jobs(setup, "id IN (?, ?)", (r1, r2))}
     assert (rows[r1]["state"], rows[r1]["swap"]) == ("accepted", "pending")

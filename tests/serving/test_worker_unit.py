@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ import vllm_surgery
 from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
 from vllm_surgery.serving.metrics import JobsCollector
 from vllm_surgery.storage import Database, open_database
-from vllm_surgery.storage.database import TrafficRecord
+from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
 from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
 from vllm_surgery.worker.job_spec import job_spec, records_sha256
@@ -43,20 +45,27 @@ def gain(tmp_path_factory):
 
 @pytest.fixture
 def parts(tmp_path: Path, gain, database_target):
+    """The job database, the store and a worker whose adapter root holds adapter "x" (the gain case's
+    adapter), as the server's VLLM_SURGERY_ADAPTER_DIRS would."""
     db = open_database(database_target)
     store = VersionStore(tmp_path / "store")
-    worker = RefinementWorker(
-        db, store, WorkerOptions(server=UNREACHABLE, device="cpu", lease_s=30, owner="w")
+    shutil.copytree(gain.adapter, tmp_path / "adapters" / "x")
+    options = WorkerOptions(
+        server=UNREACHABLE, device="cpu", lease_s=30, owner="w", adapter_dirs=(tmp_path / "adapters",)
     )
+    worker = RefinementWorker(db, store, options)
     yield db, store, worker
     db.close()
 
 
-def records_job(db: Database, gain, records: list, name: str = "x") -> int:
+def records_job(db: Database, gain, records: list, name: str = "x", **spec_fields) -> int:
+    """A job for adapter `name` of the worker's adapter root (the `parts` fixture)."""
     source = {"source": "records", "records": records, "sha256": records_sha256(records)}
+    adapter_path = db.path.parent / "adapters" / name
     spec = job_spec(
-        base_model=str(gain.base), adapter_path=gain.adapter, config=GAIN_SETTINGS, calibration=source
+        base_model=str(gain.base), adapter_path=adapter_path, config=GAIN_SETTINGS, calibration=source
     )
+    spec.update(spec_fields)
     return db.enqueue_job(name, "manual", spec)[0].id
 
 
@@ -276,3 +285,211 @@ def test_pending_swaps_are_applied_or_recorded_as_refused(auto, gain) -> None:
     assert json.loads((store.root / "x" / "served.json").read_text())["version"] == out.name
     assert db.job(stale.id).swap == "failed" and "has no complete version" in db.job(stale.id).swap_error
     assert asyncio.run(auto.swap_pending()) == []  # nothing pending any more
+
+
+# ----------------------------------------------------------------------------- rows are not trusted
+def _lying_rows(tmp_path: Path, gain) -> dict[str, tuple[str, dict]]:
+    """adapter -> (row's adapter name, spec fields) of rows an attacker with database access writes:
+    each names something outside the worker's roots, or paths that disagree with the names."""
+    outside = tmp_path / "outside"
+    shutil.copytree(gain.adapter, outside / "x")
+    shutil.copytree(gain.adapter, outside / "ghost")
+    (outside / "cal.jsonl").write_text(gain.calibration.read_text())
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "cal.jsonl").write_text(gain.calibration.read_text())
+    in_root = str(tmp_path / "adapters" / "x")
+    adapter_source = {"source": "adapter", "include_unrated": False, "since": None}
+    return {
+        "the row's adapter_path": ("x", {"adapter_path": str(outside / "x")}),
+        "is not in any adapter root": ("ghost", {"adapter_path": str(outside / "ghost")}),
+        "contains '..'": ("..x", {"adapter_path": str(outside / "x")}),
+        "the row's calibration path": (
+            "x",
+            {
+                "adapter_path": in_root,
+                "calibration": {"source": "file", "name": "cal.jsonl", "path": str(outside / "cal.jsonl")},
+            },
+        ),
+        "is not a file name in the calibration directory": (
+            "x",
+            {
+                "adapter_path": in_root,
+                "calibration": {"source": "file", "name": "../../etc/passwd", "path": "/etc/passwd"},
+            },
+        ),
+        "the row's adapter_dir": (
+            "x",
+            {
+                "adapter_path": in_root,
+                "calibration": {**adapter_source, "files": [], "adapter_dir": str(outside / "x")},
+            },
+        ),
+        "calibration path": (
+            "x",
+            {
+                "adapter_path": in_root,
+                "calibration": {**adapter_source, "files": [str(outside / "cal.jsonl")], "adapter_dir": None},
+            },
+        ),
+    }
+
+
+def test_a_row_naming_paths_outside_the_roots_fails_and_writes_nothing(tmp_path: Path, gain) -> None:
+    """Finding 7: rows written by SQL. Before, the worker refined whatever adapter_path named and wrote
+    the result into the store."""
+    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    store = VersionStore(tmp_path / "store")
+    shutil.copytree(gain.adapter, tmp_path / "adapters" / "x")
+    options = WorkerOptions(
+        server=UNREACHABLE,
+        device="cpu",
+        lease_s=30,
+        owner="w",
+        adapter_dirs=(tmp_path / "adapters",),
+        calibration_dir=tmp_path / "calibration",
+    )
+    worker = RefinementWorker(db, store, options)
+    rows = _lying_rows(tmp_path, gain)
+    records = gain.records()
+    ids = {}
+    for problem, (name, fields) in rows.items():
+        source = {"source": "records", "records": records, "sha256": records_sha256(records)}
+        spec = job_spec(base_model=str(gain.base), adapter_path="", config=GAIN_SETTINGS, calibration=source)
+        spec.update(fields)
+        with db.transaction() as c:  # as an attacker would: straight into the table
+            ids[problem] = c.execute(
+                "INSERT INTO jobs (adapter, trigger, state, spec, created, max_attempts) "
+                "VALUES (?, 'manual', 'queued', ?, ?, 3) RETURNING id",
+                (name, json.dumps(spec), time.time()),
+            ).fetchone()[0]
+    try:
+        assert worker.run(drain=True) == len(rows)
+        for problem, job_id in ids.items():
+            job = db.job(job_id)
+            assert (job.state, job.version) == ("failed", None), (problem, job)
+            assert problem in job.error and "refused" in job.error, (problem, job.error)
+        assert (
+            not (tmp_path / "store").exists()
+            or [p for p in (tmp_path / "store").rglob("*") if p.name != ".writer.lock"] == []
+        )
+    finally:
+        db.close()
+
+
+def test_a_cancelled_running_job_writes_nothing_and_the_worker_goes_on(parts, gain, monkeypatch) -> None:
+    """The cancel arrives while refine() runs; the last check (under the writer lock, before the
+    version is visible) stops it, and the next job runs."""
+    db, store, worker = parts
+    first = records_job(db, gain, gain.records())
+    second = records_job(db, gain, gain.records())
+    real_refine = refine_module.refine
+
+    def cancelled_meanwhile(*args, **kwargs):
+        if db.job(first).state == "running":
+            assert db.cancel_job(first)[1] == "cancelling"
+        return real_refine(*args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "refine", cancelled_meanwhile)
+    assert worker.run(once=True) == 1
+    job = db.job(first)
+    assert (job.state, job.version, job.lease_owner) == ("cancelled", None, None)
+    assert "wrote nothing" in job.error
+    assert store.versions("x") == [] and store_entries(store, "x") == []
+    assert worker.run(once=True) == 1  # the worker goes on: the next job runs and is accepted
+    assert db.job(second).state == "accepted" and [v.version_id for v in store.versions("x")] == [
+        db.job(second).version
+    ]
+
+
+def test_the_worker_command_fails_clearly_when_the_server_does_not_answer(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
+    env.update(VLLM_SURGERY_STORE=str(tmp_path / "store"), VLLM_SURGERY_DATABASE=str(tmp_path / "db.sqlite3"))
+    done = subprocess.run(
+        [sys.executable, "-m", "vllm_surgery.cli", "worker", "--server", UNREACHABLE, "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"the server at {UNREACHABLE} is unreachable" in done.stderr
+    assert "Connection refused" in done.stderr and "start the server first, or fix --server" in done.stderr
+    assert "stopped after" not in done.stderr
+
+
+def test_a_worker_given_the_servers_model_refuses_a_row_naming_another(parts, gain, tmp_path: Path) -> None:
+    db, store, _ = parts
+    records = gain.records()
+    elsewhere = records_job(db, gain, records, base_model=str(tmp_path / "attackers-model"))
+    served = records_job(db, gain, records)
+    options = WorkerOptions(
+        server=UNREACHABLE,
+        device="cpu",
+        lease_s=30,
+        owner="w",
+        adapter_dirs=(tmp_path / "adapters",),
+        base_models=(str(gain.base),),
+    )
+    worker = RefinementWorker(db, store, options)
+    assert worker.run(drain=True) == 2
+    refused = db.job(elsewhere)
+    assert refused.state == "failed" and refused.version is None
+    assert (
+        f"the row's base_model {str(tmp_path / 'attackers-model')!r} is not one of this worker's --model"
+        in (refused.error)
+    )
+    assert db.job(served).state == "accepted"  # the server's own base model runs
+    assert [v.version_id for v in store.versions("x")] == [db.job(served).version]
+
+
+def test_automatic_jobs_are_not_queued_with_settings_a_job_cannot_run(auto, gain, caplog) -> None:
+    """VLLM_SURGERY_REFINE_SETTINGS meets the check the refine route and the worker apply: a job that
+    could only fail in the worker is not queued, and the log names the setting and the limit."""
+    from dataclasses import replace
+
+    from test_hotswap_unit import FakeModels
+
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
+    from vllm_surgery.serving.hotswap import HotSwapper
+    from vllm_surgery.traffic import AdapterCalibration
+
+    settings = replace(auto.settings, refine_settings={"heldout_fraction": 0.5, "samples": 10**15})
+    refiner = AutomaticJobs(
+        HotSwapper(FakeModels(), settings), auto.db, str(gain.base), AdapterCalibration(settings, auto.db)
+    )
+    root = settings.adapter_dirs[0]
+    digest = refiner.swapper.validator.validate(root / "own")
+    with caplog.at_level("ERROR"):
+        assert refiner.first_load("own", root / "own", digest) is None
+    assert auto.db.jobs() == []
+    assert "VLLM_SURGERY_REFINE_SETTINGS cannot be run by a job" in caplog.text
+    assert "'samples' is 1e+15; a refinement job allows at most 1,000,000" in caplog.text
+
+
+def test_a_lora_modules_adapter_is_found_where_the_worker_was_told(parts, gain, tmp_path: Path) -> None:
+    """The server's --lora-modules adapters live in no root: the worker is given them the same way."""
+    db, store, _ = parts
+    shutil.copytree(gain.adapter, tmp_path / "static" / "lm")
+    records = gain.records()
+    source = {"source": "records", "records": records, "sha256": records_sha256(records)}
+
+    def queue(adapter_path: Path) -> int:
+        spec = job_spec(
+            base_model=str(gain.base), adapter_path=adapter_path, config=GAIN_SETTINGS, calibration=source
+        )
+        return db.enqueue_job("lm", "manual", spec)[0].id
+
+    moved = queue(tmp_path / "adapters" / "x")  # the row says another directory
+    served = queue(tmp_path / "static" / "lm")
+    options = WorkerOptions(
+        server=UNREACHABLE,
+        device="cpu",
+        lease_s=30,
+        owner="w",
+        adapter_dirs=(tmp_path / "adapters",),
+        lora_modules=(("lm", tmp_path / "static" / "lm"),),
+    )
+    assert RefinementWorker(db, store, options).run(drain=True) == 2
+    assert db.job(moved).state == "failed" and "the row's adapter_path" in db.job(moved).error
+    assert db.job(served).state == "accepted"
+    assert [v.version_id for v in store.versions("lm")] == [db.job(served).version]

@@ -42,10 +42,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterError
-from ..storage import ACTIVE_STATES, Database, DatabaseError, Job
+from ..errors import AdapterError, ConfigError
+from ..storage import ACTIVE_STATES, Database, DatabaseError, Job, JobQueueFull
 from ..traffic import AdapterCalibration
-from ..worker import job_spec
+from ..worker import job_config, job_spec
 from .hotswap import HotSwapError, HotSwapper
 
 log = logging.getLogger(f"vllm.{__name__}")
@@ -70,8 +70,20 @@ class AutomaticJobs:
     # ------------------------------------------------------------------ automatic jobs (blocking)
     def _enqueue(
         self, name: str, original: Path, trigger: str, key: str, source: dict[str, Any]
-    ) -> tuple[Job, bool]:
+    ) -> tuple[Job, bool] | None:
+        """Queue an automatic job; None (logged) when the refine settings are not a job's (checked by
+        the worker's own job_config, so no job is queued only to fail) or the adapter's queue is full."""
         s = self.settings
+        try:
+            job_config(s.refine_settings)
+        except ConfigError as e:
+            log.error(
+                "auto-refine: no %s job for %r: VLLM_SURGERY_REFINE_SETTINGS cannot be run by a job: %s",
+                trigger,
+                name,
+                e,
+            )
+            return None
         spec = job_spec(
             base_model=self.base_model,
             adapter_path=original,
@@ -79,7 +91,19 @@ class AutomaticJobs:
             calibration=source,
             min_examples=s.refine_min_examples,
         )
-        return self.db.enqueue_job(name, trigger, spec, key, once=True, max_attempts=s.job_max_attempts)
+        try:
+            return self.db.enqueue_job(
+                name,
+                trigger,
+                spec,
+                key,
+                once=True,
+                max_attempts=s.job_max_attempts,
+                max_queued=s.job_max_queued,
+            )
+        except JobQueueFull as e:
+            log.warning("auto-refine: no %s job: %s", trigger, e)
+            return None
 
     def first_load(self, name: str, original: Path, adapter_hash: str) -> Job | None:
         """Queue a first_load job for `name` if it qualifies (module docstring); the job, or None."""
@@ -100,9 +124,10 @@ class AutomaticJobs:
                 needed,
             )
             return None
-        job, created = self._enqueue(
-            name, original, "first_load", f"first_load:{name}:{adapter_hash}", source
-        )
+        queued = self._enqueue(name, original, "first_load", f"first_load:{name}:{adapter_hash}", source)
+        if queued is None:
+            return None
+        job, created = queued
         if created:
             log.info("auto-refine: queued job %d for %r (first load: %s)", job.id, name, data.summary())
         return job
@@ -155,7 +180,10 @@ class AutomaticJobs:
             if len(data.records) < s.refine_min_examples:
                 continue
             key = f"new_data:{name}:after:{last.id if last else 0}"
-            job, created = self._enqueue(name, original, "new_data", key, source)
+            enqueued = self._enqueue(name, original, "new_data", key, source)
+            if enqueued is None:
+                continue
+            job, created = enqueued
             if created:
                 log.info(
                     "auto-refine: queued job %d for %r (%d new usable examples since %s; %s)",

@@ -37,6 +37,7 @@ from .job_queue import (
     Job,
     JobFigures,
     JobQueue,
+    JobQueueFull,
 )
 from .store import (
     KEY_CONFIG_FIELDS,
@@ -66,6 +67,7 @@ __all__ = [
     "Job",
     "JobFigures",
     "JobQueue",
+    "JobQueueFull",
     "Retention",
     "SQLiteDatabase",
     "StoreError",

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeryError
-from .job_queue import JOBS_SCHEMA, JobQueue, SQLiteJobQueue
+from .job_queue import JOBS_CANCEL_MIGRATION, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
 from .usable import LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
 BUSY_TIMEOUT_S = 30.0
@@ -106,6 +106,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "refinement jobs (queue with leases, heartbeats, bounded attempts, one running job per adapter)",
         JOBS_SCHEMA,
     ),
+    Migration(3, "jobs can be cancelled (state 'cancelled', column cancel_requested)", JOBS_CANCEL_MIGRATION),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -3,7 +3,9 @@
 A job asks for one refinement of one adapter (who asked: `trigger`; what to compute: `spec`, see
 `vllm_surgery.worker.job_spec`). Its life: ``queued`` -> ``running`` (a worker holds its lease) -> ``accepted`` (a refined
 version was written; its swap into the server may still be pending), ``kept_original`` (the gate kept
-the original: nothing written) or ``failed`` (the error says why and what to change).
+the original: nothing written), ``failed`` (the error says why and what to change) or ``cancelled``
+(an admin cancelled it: a queued job is never claimed; a running one is marked, and its worker stops
+it at its next check and writes nothing).
 
 The rules, and where they are enforced:
 
@@ -23,6 +25,8 @@ The rules, and where they are enforced:
   ``adapter`` WHERE ``state = 'running'``. A claim skips queued jobs of an adapter that has a running
   job (an expired one included: it is taken up again first), so two workers never refine one adapter
   at once, and jobs of one adapter run in the order they were queued.
+- **Bounded queue.** ``enqueue_job(max_queued=N)`` refuses (`JobQueueFull`) a new job for an adapter
+  that already has N queued or running jobs, counted in the same transaction as the insert.
 - **Idempotent enqueue.** A job may carry a dedupe key. Enqueuing a key that a queued or running job
   holds returns that job (a partial unique index over active jobs' keys backs it); with ``once``, a
   key that any job ever held returns that job (e.g. "refine this adapter content on first load" is
@@ -46,9 +50,11 @@ from typing import Any
 from .usable import LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
 JOB_TRIGGERS = ("manual", "first_load", "new_data")
-JOB_STATES = ("queued", "running", "accepted", "kept_original", "failed")
+JOB_STATES = ("queued", "running", "accepted", "kept_original", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
-FINISHED_STATES = ("accepted", "kept_original", "failed")
+FINISHED_STATES = ("accepted", "kept_original", "failed", "cancelled")
+CANCELLED_QUEUED = "cancelled by an admin before it ran"
+CANCELLED_RUNNING = "cancelled by an admin while it ran; its worker stopped it and wrote nothing"
 # What became of an accepted version's swap into the server: pending (not swapped yet: the server was
 # unreachable, or the worker could not authenticate; the server swaps pending versions itself), done,
 # failed (the server refused the version: the error says why), superseded (a later accepted version of
@@ -56,12 +62,14 @@ FINISHED_STATES = ("accepted", "kept_original", "failed")
 SWAP_STATES = ("pending", "done", "failed", "superseded", "not_requested")
 DEFAULT_MAX_ATTEMPTS = 3
 
-JOBS_SCHEMA = (
-    f"""CREATE TABLE jobs (
+
+def _jobs_table(name: str, states: tuple[str, ...], cancel_column: bool) -> str:
+    cancel = "cancel_requested REAL,\n        " if cancel_column else ""
+    return f"""CREATE TABLE {name} (
         id INTEGER PRIMARY KEY,
         adapter TEXT NOT NULL,
         trigger TEXT NOT NULL CHECK (trigger IN {JOB_TRIGGERS}),
-        state TEXT NOT NULL CHECK (state IN {JOB_STATES}),
+        state TEXT NOT NULL CHECK (state IN {states}),
         spec TEXT NOT NULL,
         dedupe_key TEXT,
         created REAL NOT NULL,
@@ -76,17 +84,52 @@ JOBS_SCHEMA = (
         result TEXT,
         swap TEXT CHECK (swap IS NULL OR swap IN {SWAP_STATES}),
         swap_error TEXT,
-        CHECK ((state = 'running') = (lease_owner IS NOT NULL AND lease_expires IS NOT NULL))
-    )""",
+        {cancel}CHECK ((state = 'running') = (lease_owner IS NOT NULL AND lease_expires IS NOT NULL))
+    )"""
+
+
+_JOBS_INDEXES = (
     "CREATE UNIQUE INDEX jobs_one_running_per_adapter ON jobs (adapter) WHERE state = 'running'",
     "CREATE UNIQUE INDEX jobs_active_dedupe_key ON jobs (dedupe_key) "
     "WHERE dedupe_key IS NOT NULL AND state IN ('queued', 'running')",
     "CREATE INDEX jobs_dedupe_key ON jobs (dedupe_key)",
     "CREATE INDEX jobs_state ON jobs (state, id)",
     "CREATE INDEX jobs_adapter ON jobs (adapter, id)",
+)
+# Schema version 2, as it was first written (a migration never changes once released).
+JOBS_SCHEMA = (
+    _jobs_table("jobs", ("queued", "running", "accepted", "kept_original", "failed"), cancel_column=False),
+    *_JOBS_INDEXES,
     # the new-data trigger counts feedback given since an adapter's last job
     "CREATE INDEX feedback_created ON feedback (created)",
 )
+# Schema version 3: the 'cancelled' state and the cancel_requested column. SQLite cannot change a CHECK
+# constraint in place, so the table is rebuilt (in the migration's one transaction).
+_V2_COLUMNS = (
+    "id, adapter, trigger, state, spec, dedupe_key, created, started, finished, lease_owner, "
+    "lease_expires, heartbeat, attempts, max_attempts, error, result, swap, swap_error"
+)
+JOBS_CANCEL_MIGRATION = (
+    _jobs_table("jobs_v3", JOB_STATES, cancel_column=True),
+    f"INSERT INTO jobs_v3 ({_V2_COLUMNS}) SELECT {_V2_COLUMNS} FROM jobs",
+    "DROP TABLE jobs",
+    "ALTER TABLE jobs_v3 RENAME TO jobs",
+    *_JOBS_INDEXES,
+)
+
+
+class JobQueueFull(Exception):
+    """An adapter already has as many queued or running jobs as `max_queued` allows; the message names
+    the adapter, the limit and what to do."""
+
+    def __init__(self, adapter: str, limit: int) -> None:
+        super().__init__(
+            f"adapter {adapter!r} already has {limit} queued or running refinement job(s), the limit "
+            f"(VLLM_SURGERY_JOB_MAX_QUEUED = {limit}): wait for them to finish, or cancel one "
+            "(POST /v1/surgery/jobs/ID/cancel)"
+        )
+        self.adapter = adapter
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -112,6 +155,7 @@ class Job:
     result: dict[str, Any] | None
     swap: str | None
     swap_error: str | None
+    cancel_requested: float | None = None  # when an admin asked to cancel it while it ran
 
     @property
     def version(self) -> str | None:
@@ -158,10 +202,13 @@ class JobQueue(ABC):
         *,
         once: bool = False,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_queued: int | None = None,
         now: float | None = None,
     ) -> tuple[Job, bool]:
         """Queue a job; (the job, True), or (the job that holds `dedupe_key`, False): an active one,
-        or with `once` any job that ever held it. Raises ValueError for an unknown trigger."""
+        or with `once` any job that ever held it. Raises ValueError for an unknown trigger, and
+        JobQueueFull when `adapter` already has `max_queued` queued or running jobs (a job found by
+        its dedupe key is returned whatever the count)."""
 
     @abstractmethod
     def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
@@ -195,6 +242,22 @@ class JobQueue(ABC):
         now: float | None = None,
     ) -> bool:
         """Record a failure with its message by the owner; False if it lost the job."""
+
+    @abstractmethod
+    def cancel_job(self, job_id: int, now: float | None = None) -> tuple[Job | None, str]:
+        """An admin's cancel, in one transaction: (job, what happened). "cancelled": it was queued and
+        is now cancelled (never claimed); "cancelling": it is running, now marked, and its worker stops
+        it at its next check; "finished": it had already ended (nothing changed); (None, "unknown")
+        when there is no such job."""
+
+    @abstractmethod
+    def cancel_requested(self, job_id: int) -> bool:
+        """Whether an admin asked to cancel this running job (the worker's check)."""
+
+    @abstractmethod
+    def finish_cancelled(self, job_id: int, owner: str, result: Mapping[str, Any] | None = None) -> bool:
+        """Record, by its owner, that a job whose cancel was asked stopped without writing anything;
+        False if the owner lost the job."""
 
     @abstractmethod
     def release_job(self, job_id: int, owner: str) -> bool:
@@ -254,6 +317,7 @@ class SQLiteJobQueue(JobQueue):
         *,
         once: bool = False,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_queued: int | None = None,
         now: float | None = None,
     ) -> tuple[Job, bool]:
         if trigger not in JOB_TRIGGERS:
@@ -268,6 +332,12 @@ class SQLiteJobQueue(JobQueue):
                 ).fetchone()
                 if row is not None:
                     return _job(row), False
+            if max_queued is not None:
+                (active,) = c.execute(
+                    f"SELECT COUNT(*) FROM jobs WHERE adapter = ? AND state IN {ACTIVE_STATES}", (adapter,)
+                ).fetchone()
+                if active >= max_queued:
+                    raise JobQueueFull(adapter, int(max_queued))
             row = c.execute(
                 "INSERT INTO jobs (adapter, trigger, state, spec, dedupe_key, created, max_attempts) "
                 f"VALUES (?, ?, 'queued', ?, ?, ?, ?) RETURNING {_COLUMNS}",
@@ -285,6 +355,13 @@ class SQLiteJobQueue(JobQueue):
                 "' attempt(s); see the worker logs, and queue it again once the cause is fixed' "
                 "WHERE state = 'running' AND lease_expires < :now AND attempts >= max_attempts",
                 {"now": now},
+            )
+            # a cancelled job whose worker died before it could stop it is not taken up again
+            c.execute(
+                "UPDATE jobs SET state = 'cancelled', finished = :now, lease_owner = NULL, "
+                "lease_expires = NULL, error = :error "
+                "WHERE state = 'running' AND lease_expires < :now AND cancel_requested IS NOT NULL",
+                {"now": now, "error": CANCELLED_RUNNING},
             )
             row = c.execute(
                 "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires = :now + :lease, "
@@ -349,13 +426,47 @@ class SQLiteJobQueue(JobQueue):
         text = json.dumps(dict(result), ensure_ascii=False, default=str) if result is not None else None
         return self._end(job_id, owner, "failed", {"error": str(error), "result": text}, now)
 
+    def cancel_job(self, job_id: int, now: float | None = None) -> tuple[Job | None, str]:
+        now = time.time() if now is None else now
+        with self.transaction() as c:
+            row = c.execute(
+                "UPDATE jobs SET state = 'cancelled', finished = ?, error = ? WHERE id = ? AND state = 'queued' "
+                f"RETURNING {_COLUMNS}",
+                (now, CANCELLED_QUEUED, job_id),
+            ).fetchone()
+            if row is not None:
+                return _job(row), "cancelled"
+            row = c.execute(
+                "UPDATE jobs SET cancel_requested = COALESCE(cancel_requested, ?) "
+                f"WHERE id = ? AND state = 'running' RETURNING {_COLUMNS}",
+                (now, job_id),
+            ).fetchone()
+            if row is not None:
+                return _job(row), "cancelling"
+            row = c.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return (_job(row), "finished") if row is not None else (None, "unknown")
+
+    def cancel_requested(self, job_id: int) -> bool:
+        rows = self._query(
+            "SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND cancel_requested IS NOT NULL",
+            (job_id,),
+        )
+        return bool(rows)
+
+    def finish_cancelled(self, job_id: int, owner: str, result: Mapping[str, Any] | None = None) -> bool:
+        text = json.dumps(dict(result), ensure_ascii=False, default=str) if result is not None else None
+        return self._end(job_id, owner, "cancelled", {"error": CANCELLED_RUNNING, "result": text}, None)
+
     def release_job(self, job_id: int, owner: str) -> bool:
         with self.transaction() as c:
             return (
-                c.execute(
-                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-                    "attempts = MAX(attempts - 1, 0) WHERE id = ? AND lease_owner = ? AND state = 'running'",
-                    (job_id, owner),
+                c.execute(  # a job whose cancel was asked is not given back: it is cancelled
+                    "UPDATE jobs SET lease_owner = NULL, lease_expires = NULL, attempts = MAX(attempts - 1, 0), "
+                    "state = CASE WHEN cancel_requested IS NULL THEN 'queued' ELSE 'cancelled' END, "
+                    "finished = CASE WHEN cancel_requested IS NULL THEN finished ELSE ? END, "
+                    "error = CASE WHEN cancel_requested IS NULL THEN error ELSE ? END "
+                    "WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                    (time.time(), CANCELLED_RUNNING, job_id, owner),
                 ).rowcount
                 == 1
             )

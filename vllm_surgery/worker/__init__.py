@@ -9,14 +9,26 @@ This module is the package's front door: other packages import from here, not fr
 
 from __future__ import annotations
 
-from .job_spec import CALIBRATION_SOURCES, DEFAULT_JOB_POLICY, job_spec, records_sha256, spec_config
+from .job_spec import (
+    CALIBRATION_SOURCES,
+    DEFAULT_JOB_POLICY,
+    JOB_LIMITS,
+    check_job_settings,
+    job_config,
+    job_spec,
+    records_sha256,
+    spec_config,
+)
 from .process import (
     DESCRIPTION,
     SIZING_HELP,
+    JobCancelled,
     RefinementWorker,
+    ServerUnreachable,
     WorkerOptions,
     WorkerStopped,
     add_arguments,
+    check_server,
     out_of_memory_message,
     run_from_args,
 )
@@ -25,11 +37,17 @@ __all__ = [
     "CALIBRATION_SOURCES",
     "DEFAULT_JOB_POLICY",
     "DESCRIPTION",
+    "JOB_LIMITS",
     "SIZING_HELP",
+    "JobCancelled",
     "RefinementWorker",
+    "ServerUnreachable",
     "WorkerOptions",
     "WorkerStopped",
     "add_arguments",
+    "check_job_settings",
+    "check_server",
+    "job_config",
     "job_spec",
     "out_of_memory_message",
     "records_sha256",

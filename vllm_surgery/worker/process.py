@@ -31,6 +31,28 @@ Crash and restart safety:
   settings, calibration data). A version already written for it (by a worker killed before it could
   record the result) is reused, not computed again.
 
+Trust: a job row is data, not instructions. The worker resolves the original adapter from the job's
+adapter name under its own adapter roots (``VLLM_SURGERY_ADAPTER_DIRS``, then its ``--lora-modules``),
+and calibration files from their names under its own ``VLLM_SURGERY_CALIBRATION_DIR``, exactly as the
+server does; it writes only into its own store. A row whose stored paths disagree with what the names
+resolve to, or that names something outside every root, fails with an error naming the path and the
+problem, before anything is read or written: anyone able to write the database could otherwise make
+the worker read any file and put its refinement into the store. The settings are checked again by
+`job_spec.job_config`, the check the refine route applies when it queues a job.
+
+Cancel: an admin's cancel (``POST /v1/surgery/jobs/ID/cancel``) of a running job marks its row; the
+worker looks at the mark between stages, and its heartbeat thread interrupts refine() (through
+SIGUSR1, handled in the main thread) when the mark appears. Either way the reserved version directory
+is removed, nothing is written into the store, and the job ends ``cancelled``. The last look is taken
+under the store's writer lock, after refine() returned and before the version becomes visible; a
+cancel that arrives after that does not undo the finished job (the row keeps the time it was asked).
+
+The server: at start the worker asks ``GET /health`` of ``--server`` and exits with status 3, naming the
+URL and the error, when it cannot reach it (a wrong URL would otherwise leave every accepted version
+waiting). A server that goes away later changes nothing about the jobs: they live in the database, so
+the worker keeps running them, records each accepted version as "swap pending" with the error, and
+the server swaps it in at its next start (see "A job finished but not swapped" above).
+
 Sizing (vLLM and the worker on one GPU, another GPU, or the CPU): `SIZING_HELP` below, which is also
 the epilog of `vllm-surgery worker --help` and what a job that ran out of memory records (see
 docs/sizing.md for the reasoning behind the figures).
@@ -68,6 +90,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
+from ..names import InvalidAdapterName, path_under, validate_adapter_name
 from ..settings import ServingSettings, SettingsError
 from ..storage import Database, DatabaseError, Job, VersionStore, open_database, version_key
 from ..traffic import build_adapter_calibration
@@ -100,8 +123,10 @@ SIZING_HELP = "\n\n".join(
         ),
         textwrap.fill(
             "settings: the serving variables (VLLM_SURGERY_STORE, VLLM_SURGERY_DATABASE, "
-            "VLLM_SURGERY_ADMIN_TOKEN, or VLLM_SURGERY_CONFIG) with the same values as the server's; --store "
-            "and --db override them.",
+            "VLLM_SURGERY_ADMIN_TOKEN, VLLM_SURGERY_ADAPTER_DIRS, VLLM_SURGERY_CALIBRATION_DIR, or "
+            "VLLM_SURGERY_CONFIG) with the same values as the server's; --store and --db override them. "
+            "A job's adapter and calibration files are found by name there, never at paths stored in the "
+            "job.",
             width=100,
         ),
     ]
@@ -114,6 +139,37 @@ class JobFailure(SurgeryError):
 
 class WorkerStopped(BaseException):
     """Raised in the main thread by SIGTERM/SIGINT while a job runs: the job is given back."""
+
+
+class JobCancelled(BaseException):
+    """Raised in the main thread when an admin cancelled the running job: nothing is written, the job
+    ends cancelled and the worker goes on with the next one."""
+
+
+class ServerUnreachable(SurgeryError):
+    """The worker's --server does not answer; the message names the URL and the error."""
+
+
+CANCEL_SIGNAL = signal.SIGUSR1
+SERVER_CHECK_TIMEOUT_S = 10.0
+
+
+def check_server(url: str, timeout: float = SERVER_CHECK_TIMEOUT_S) -> None:
+    """Ask the server's ``/health`` once. Raises ServerUnreachable naming `url`, the error and the
+    remedy: a worker pointed at the wrong URL would refine jobs whose swaps never arrive."""
+    health = f"{url.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        raise ServerUnreachable(
+            f"the server at {url} answered {e.code} to GET /health: is --server the vLLM server's URL?"
+        ) from e
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ServerUnreachable(
+            f"the server at {url} is unreachable ({reason}): start the server first, or fix --server"
+        ) from e
 
 
 def out_of_memory_message(device: Any, error: BaseException) -> str:
@@ -176,11 +232,14 @@ class ModelCache:
 # ----------------------------------------------------------------------------- leases
 class Heartbeat:
     """Renews a job's lease from a thread every `lease_s / 3` seconds while the job runs. `lost` is
-    set when the queue says the lease is no longer this worker's."""
+    set when the queue says the lease is no longer this worker's; `cancelled` when an admin cancelled
+    the job (then `on_cancel` is called once, from the thread)."""
 
-    def __init__(self, db: Database, job: Job, owner: str, lease_s: float) -> None:
+    def __init__(self, db: Database, job: Job, owner: str, lease_s: float, on_cancel: Any = None) -> None:
         self.db, self.job, self.owner, self.lease_s = db, job, owner, lease_s
+        self.on_cancel = on_cancel
         self.lost = threading.Event()
+        self.cancelled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-job-{job.id}", daemon=True)
 
@@ -202,6 +261,11 @@ class Heartbeat:
                     )
                     self.lost.set()
                     return
+                if not self.cancelled.is_set() and self.db.cancel_requested(self.job.id):
+                    log.info("job %d: cancelled by an admin; stopping it", self.job.id)
+                    self.cancelled.set()
+                    if self.on_cancel is not None:
+                        self.on_cancel()
             except DatabaseError as e:  # transient (locked, disk): the next beat may succeed
                 log.warning("job %d: heartbeat failed: %s", self.job.id, e)
 
@@ -217,6 +281,11 @@ class WorkerOptions:
     owner: str = ""
     admin_token: str = ""
     http_timeout_s: float = HTTP_TIMEOUT_S
+    # Where the worker finds what a job names (the server's settings; never a job row's paths).
+    adapter_dirs: tuple[Path, ...] = ()
+    calibration_dir: Path | None = None
+    lora_modules: tuple[tuple[str, Path], ...] = ()  # the server's --lora-modules adapters
+    base_models: tuple[str, ...] = ()  # --model: the only base models a job may name (empty: any)
 
 
 @dataclass
@@ -243,6 +312,7 @@ class RefinementWorker:
         self.models = ModelCache(self.device, options.max_models)
         self._stopping = threading.Event()
         self._job: Job | None = None
+        self._cancellable = False  # the main thread may be interrupted by a cancel (inside refine())
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
@@ -254,6 +324,24 @@ class RefinementWorker:
         self.stop()
         if self._job is not None:
             raise WorkerStopped(signal.Signals(signum).name)
+
+    def handle_cancel_signal(self, signum: int, frame: Any) -> None:
+        """The heartbeat thread's interrupt (CANCEL_SIGNAL): stop the running job where it is."""
+        if self._job is not None and self._cancellable:
+            self._cancellable = False  # once: the cleanup that follows is not interrupted again
+            raise JobCancelled(f"job {self._job.id}")
+
+    def _interrupt_for_cancel(self) -> None:
+        """Called by the heartbeat thread: interrupt refine() in the main thread. Does nothing unless
+        run_from_args installed handle_cancel_signal (then the stage checks catch the cancel)."""
+        if self._cancellable and signal.getsignal(CANCEL_SIGNAL) == self.handle_cancel_signal:
+            signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
+
+    def _check_cancel(self, job: Job) -> None:
+        """A stage boundary: raise JobCancelled if an admin cancelled the job."""
+        if self.db.cancel_requested(job.id):
+            self._cancellable = False
+            raise JobCancelled(f"job {job.id}")
 
     def run(self, once: bool = False, drain: bool = False) -> int:
         """Take jobs until stopped (or: one job with `once`; until none is left with `drain`). Returns
@@ -296,11 +384,22 @@ class RefinementWorker:
         label = f"job {job.id} [{job.adapter}, {job.trigger}, attempt {job.attempts}/{job.max_attempts}]"
         log.info("%s: claimed", label)
         try:
-            with Heartbeat(self.db, job, self.owner, self.options.lease_s) as beat:
+            with Heartbeat(
+                self.db, job, self.owner, self.options.lease_s, self._interrupt_for_cancel
+            ) as beat:
                 outcome = self._outcome(job, label)
             if beat.lost.is_set():
                 log.error("%s: lost its lease while running; its result is not recorded", label)
                 return
+        except JobCancelled:
+            self._cancellable = False
+            recorded = self.db.finish_cancelled(job.id, self.owner, {"worker": self.owner})
+            log.info(
+                "%s: %s",
+                label,
+                "cancelled by an admin; nothing was written" if recorded else "cancelled, but taken over",
+            )
+            return
         except WorkerStopped:
             released = self.db.release_job(job.id, self.owner)
             log.info(
@@ -308,6 +407,7 @@ class RefinementWorker:
             )
             raise
         finally:
+            self._cancellable = False
             self._job = None
         state, result, error = outcome
         swap = None
@@ -335,7 +435,7 @@ class RefinementWorker:
             state = self._compute(job, label, result, timings)
             timings["total"] = time.perf_counter() - start
             return state, result, None
-        except WorkerStopped:
+        except (WorkerStopped, JobCancelled):
             raise
         except _out_of_memory_types() as e:
             self.models.release()
@@ -353,10 +453,11 @@ class RefinementWorker:
         from ..refine import refine
 
         spec = job.spec
+        original, source = self._resolve(job)  # before anything is read: the row's paths are not trusted
         config = spec_config(spec, device=str(self.device), progress=False)
         base_model = str(spec["base_model"])
         t = time.perf_counter()
-        calibration = self._calibration(job)
+        calibration = self._calibration(job, source)
         timings["calibration"] = time.perf_counter() - t
         result["calibration"] = {
             "examples": calibration.examples,
@@ -366,7 +467,7 @@ class RefinementWorker:
         log.info("%s: calibration: %s (%.1f s)", label, calibration.summary, timings["calibration"])
         self._check_enough(job, config, calibration.examples)
 
-        original = Path(spec["adapter_path"])
+        self._check_cancel(job)
         lora = load_adapter(original)
         key = version_key(lora.content_hash(), base_model, config.to_dict(), calibration.sha256)
         result["key"] = key
@@ -379,6 +480,7 @@ class RefinementWorker:
             result.update(decision=known["decision"], reused=True)
             return "accepted" if known["decision"] == "accept" else "kept_original"
 
+        self._check_cancel(job)
         t = time.perf_counter()
         model, tokenizer, cached = self.models.get(base_model)
         timings["load_model"] = time.perf_counter() - t
@@ -393,9 +495,11 @@ class RefinementWorker:
 
         # The writer lock tells store cleaning (a starting server or worker) that the reserved
         # directory is being filled, not left behind by a killed process.
+        self._check_cancel(job)
         with self.store.writer_lock(job.adapter):
             out = self.store.new_version_dir(job.adapter)
             try:
+                self._cancellable = True  # the heartbeat may interrupt refine() from here on
                 log.info(
                     "%s: refine (%s policy, %d examples) into %s",
                     label,
@@ -406,7 +510,10 @@ class RefinementWorker:
                 refined = refine(
                     base_model, lora, calibration.data, out, config, model=model, tokenizer=tokenizer
                 )
+                self._check_cancel(job)  # the last look, before the version is visible to readers
+                self._cancellable = False
             except BaseException:
+                self._cancellable = False
                 shutil.rmtree(out, ignore_errors=True)
                 raise
             if not refined.written:
@@ -444,10 +551,106 @@ class RefinementWorker:
             log.warning("%s: could not remember the kept original: %s", label, e)
         return "kept_original"
 
-    def _calibration(self, job: Job) -> Calibration:
+    # ------------------------------------------------------------------ what a job names
+    def find_original(self, name: str) -> Path | None:
+        """`name`'s original as the server finds it: `<root>/<name>` in the first adapter root that has
+        it, else the --lora-modules path given to this worker."""
+        for root in self.options.adapter_dirs:
+            try:
+                candidate = path_under(root, name)
+            except InvalidAdapterName:
+                continue  # a symlink in the root pointing outside it
+            if candidate.is_dir():
+                return candidate
+        for module, path in self.options.lora_modules:
+            if module == name and Path(path).is_dir():
+                return Path(path).expanduser().resolve()
+        return None
+
+    def _calibration_file(self, job: Job, name: Any, stored: Any) -> Path:
+        """A calibration file named in a job: `name` under this worker's calibration directory, which
+        the row's `stored` path (if any) must equal. Raises JobFailure naming the problem."""
+        where = self.options.calibration_dir
+        if where is None:
+            raise JobFailure(
+                f"job {job.id} names calibration file {stored or name!r}, but this worker has no "
+                "calibration directory: set VLLM_SURGERY_CALIBRATION_DIR to the server's value"
+            )
+        try:
+            path = path_under(where, name)
+        except InvalidAdapterName as e:
+            raise JobFailure(
+                f"job {job.id}: calibration file {name!r} is not a file name in the calibration "
+                f"directory {where} ({e}): refused"
+            ) from None
+        if stored is not None and Path(str(stored)).expanduser().resolve() != path:
+            raise JobFailure(
+                f"job {job.id}: the row's calibration path {stored} is not {path}, where {name!r} resolves "
+                f"in the calibration directory (VLLM_SURGERY_CALIBRATION_DIR): refused, nothing read or "
+                "written; queue the job again through the server (a row edited by hand, or a worker "
+                "with other settings than the server's?)"
+            )
+        return path
+
+    def _resolve(self, job: Job) -> tuple[Path, dict[str, Any]]:
+        """(the original, the calibration source with resolved paths): every path from the job's names
+        under this worker's roots, checked against the paths the row stores (module docstring).
+        Raises JobFailure naming the problem; nothing has been read or written then."""
+        spec = job.spec
+        try:
+            validate_adapter_name(job.adapter)
+        except InvalidAdapterName as e:
+            raise JobFailure(f"job {job.id}: {e}: refused") from None
+        original = self.find_original(job.adapter)
+        if original is None:
+            roots = ", ".join(str(r) for r in self.options.adapter_dirs) or "none configured"
+            raise JobFailure(
+                f"job {job.id}: adapter {job.adapter!r} is not in any adapter root of this worker "
+                f"(VLLM_SURGERY_ADAPTER_DIRS: {roots}) nor one of its --lora-modules: refused, nothing "
+                "read or written; give the worker the server's settings"
+            )
+        stored = spec.get("adapter_path")
+        if stored is not None and Path(str(stored)).expanduser().resolve() != original.resolve():
+            raise JobFailure(
+                f"job {job.id}: the row's adapter_path {stored} is not {original}, where adapter "
+                f"{job.adapter!r} resolves under the adapter roots: refused, nothing read or written; "
+                "queue the job again through the server (a row edited by hand, or a worker with other "
+                "settings than the server's?)"
+            )
+        base = str(spec.get("base_model", ""))
+        allowed = self.options.base_models
+        if allowed and not any(base == m or _same_path(base, m) for m in allowed):
+            raise JobFailure(
+                f"job {job.id}: the row's base_model {base!r} is not one of this worker's --model "
+                f"({', '.join(allowed)}): refused, nothing read or written"
+            )
+        source = spec.get("calibration")
+        if not isinstance(source, dict):
+            raise JobFailure(f"job {job.id}: the row's calibration source is not an object: refused")
+        source = dict(source)
+        kind = source.get("source")
+        if kind == "file":
+            name = source.get("name") or Path(str(source.get("path", ""))).name
+            source["path"] = str(self._calibration_file(job, name, source.get("path")))
+        elif kind == "adapter":
+            own = source.get("adapter_dir")
+            if own is not None and Path(str(own)).expanduser().resolve() != original.resolve():
+                raise JobFailure(
+                    f"job {job.id}: the row's adapter_dir {own} is not {original}, where adapter "
+                    f"{job.adapter!r} resolves: refused, nothing read or written"
+                )
+            if own is not None:
+                source["adapter_dir"] = str(original)
+            files = source.get("files") or []
+            if not isinstance(files, list):
+                raise JobFailure(f"job {job.id}: the row's calibration 'files' is not a list: refused")
+            source["files"] = [str(self._calibration_file(job, Path(str(f)).name, f)) for f in files]
+        return original, source
+
+    def _calibration(self, job: Job, source: dict[str, Any]) -> Calibration:
+        """The job's calibration data from its resolved `source` (see `_resolve`)."""
         from ..calibration import read_jsonl
 
-        source = job.spec["calibration"]
         kind = source.get("source")
         if kind == "records":
             records = source["records"]
@@ -522,6 +725,13 @@ class RefinementWorker:
             log.error("%s: swap refused: %s", label, error)
 
 
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def _error_message(e: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(e.read() or b"{}")
@@ -564,10 +774,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--owner", default=None, help="this worker's name in the job rows (default host:pid:random)"
     )
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="the server's --lora-modules adapters (jobs of other adapters are found under "
+        "VLLM_SURGERY_ADAPTER_DIRS); a job naming an adapter found in neither fails",
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=[],
+        metavar="BASE",
+        help="the server's base model (its --model): a job naming another base model fails (default: "
+        "the base model a job names is loaded, safetensors only)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """`vllm-surgery worker`; exit codes: 0 stopped (signal, --once, --drain), 2 bad settings."""
+    """`vllm-surgery worker`; exit codes: 0 stopped (signal, --once, --drain), 2 bad settings, 3 the
+    server does not answer at start (the message names the URL and the error)."""
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -578,6 +805,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings = ServingSettings.from_env()
         if args.lease_seconds < 3 or args.poll_interval <= 0 or args.max_models < 1:
             raise SettingsError("--lease-seconds must be >= 3, --poll-interval > 0 and --max-models >= 1")
+        lora_modules = []
+        for item in args.lora_modules:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise SettingsError(f"--lora-modules takes NAME=PATH, got {item!r}")
+            lora_modules.append((validate_adapter_name(name), Path(path)))
         db = open_database(args.db or settings.database_path)
         store = VersionStore(Path(args.store) if args.store else settings.store)
         options = WorkerOptions(
@@ -588,13 +821,24 @@ def run_from_args(args: argparse.Namespace) -> int:
             max_models=args.max_models,
             owner=args.owner or "",
             admin_token=settings.admin_token,
+            adapter_dirs=tuple(settings.adapter_dirs),
+            calibration_dir=settings.calibration_dir,
+            lora_modules=tuple(lora_modules),
+            base_models=tuple(args.model),
         )
         worker = RefinementWorker(db, store, options)
     except (SurgeryError, ValueError) as e:
         print(f"vllm-surgery worker: error: {e}", file=sys.stderr)
         return 2
+    try:
+        check_server(args.server)
+    except ServerUnreachable as e:
+        print(f"vllm-surgery worker: error: {e}", file=sys.stderr)
+        db.close()
+        return 3
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, worker.handle_signal)
+    signal.signal(CANCEL_SIGNAL, worker.handle_cancel_signal)
     try:
         worker.run(once=args.once, drain=args.drain)
     except WorkerStopped:

@@ -20,9 +20,11 @@ Answers:
   job). ``{"job_id", "state", "queued": bool, "location": "/v1/surgery/jobs/ID", "job": {...}}``. A
   `vllm-surgery worker` computes it (see `vllm_surgery.worker`); the job routes (`jobs`) show its
   progress and figures.
-- 400 bad body, config or calibration source (the message names the field); 404 unknown adapter or
-  calibration file; 409 no usable calibration example in the traffic; 422 broken original; 503 the
-  job database cannot be used.
+- 400 bad body, config or calibration source (the message names the field; settings are checked by
+  the worker's own `job_config`, bounds included, so a queued job never fails on them later); 404
+  unknown adapter or calibration file; 409 no usable calibration example in the traffic; 422 broken
+  original; 429 the adapter already has ``job_max_queued`` queued or running jobs (the message names
+  the limit); 503 the job database cannot be used.
 
 The server never computes a refinement itself: a second copy of the base model and a gradient pass
 inside the API-server process would compete with vLLM for its memory and its event loop. There is no
@@ -52,9 +54,9 @@ from ...config import SurgeryConfig
 from ...errors import AdapterError, CalibrationError, ConfigError, SurgeryError
 from ...names import InvalidAdapterName, path_under
 from ...settings import refine_setting_fields
-from ...storage import Database, DatabaseError, version_key
+from ...storage import Database, DatabaseError, JobQueueFull, version_key
 from ...traffic import AdapterCalibration, CalibrationFromTraffic, parse_since
-from ...worker import DEFAULT_JOB_POLICY, job_spec, records_sha256
+from ...worker import DEFAULT_JOB_POLICY, job_config, job_spec, records_sha256
 from .. import metrics
 from ..hotswap import HotSwapError, HotSwapper
 from .http import (
@@ -63,6 +65,7 @@ from .http import (
     RequestBody,
     RequestError,
     answer_4xx,
+    error_response,
     json_object_body,
     openapi_body,
     validated,
@@ -201,19 +204,11 @@ def parse_request(
             raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from None
     given = body.model_fields_set
     fields = {"policy": DEFAULT_JOB_POLICY, **{k: getattr(body, k) for k in sorted(given & CONFIG_FIELDS)}}
-    if isinstance(fields.get("layers"), list):
-        fields["layers"] = tuple(fields["layers"])
-    try:
-        config = SurgeryConfig(**fields, progress=False)
-    except (ConfigError, TypeError, ValueError, OverflowError) as e:
-        raise RefineError(f"invalid settings: {e}", HTTPStatus.BAD_REQUEST) from e
-    if config.heldout_fraction == 0:
-        raise RefineError(
-            "heldout_fraction must be > 0: a queued refinement is measured on held-out data by the gate",
-            HTTPStatus.BAD_REQUEST,
-        )
-    if isinstance(fields.get("layers"), tuple):
-        fields["layers"] = list(fields["layers"])
+    try:  # the worker's own check of the job's settings (job_config), so that it cannot fail later
+        config = job_config(fields, progress=False)
+    except ConfigError as e:
+        message = str(e) if str(e).startswith("invalid settings") else f"invalid settings: {e}"
+        raise RefineError(message, HTTPStatus.BAD_REQUEST) from e
 
     problem = body.source_errors()
     if problem is not None:
@@ -247,7 +242,7 @@ def parse_request(
         raise RefineError(f"calibration file {file_name!r} not found", HTTPStatus.NOT_FOUND) from e
     except OSError as e:
         raise RefineError(f"calibration file {file_name!r} cannot be read ({e.strerror})", 400) from e
-    source = {"source": "file", "path": str(path), "sha256": digest}
+    source = {"source": "file", "name": file_name, "path": str(path), "sha256": digest}
     return RefineRequest(config, fields, source, digest, None, body.swap)
 
 
@@ -291,6 +286,7 @@ class RefineRoute:
         self.calibration = calibration
         self.calibration_dir = swapper.settings.calibration_dir
         self.max_attempts = swapper.settings.job_max_attempts
+        self.max_queued = swapper.settings.job_max_queued
 
     def key(self, original: Path, request: RefineRequest) -> str:
         """The store key of `request` for the original at `original`. Raises RefineError (422) for a
@@ -313,8 +309,15 @@ class RefineRoute:
         )
         try:
             return self.db.enqueue_job(
-                name, "manual", spec, f"manual:{name}:{key}", max_attempts=self.max_attempts
+                name,
+                "manual",
+                spec,
+                f"manual:{name}:{key}",
+                max_attempts=self.max_attempts,
+                max_queued=self.max_queued,
             )
+        except JobQueueFull as e:
+            raise RefineError(str(e), HTTPStatus.TOO_MANY_REQUESTS) from e
         except DatabaseError as e:
             raise RefineError(
                 f"the job database is not available: {e}", HTTPStatus.SERVICE_UNAVAILABLE
@@ -400,6 +403,11 @@ async def refine(name: str, raw_request: Request) -> Any:
     body = await json_object_body(
         raw_request, LARGE_BODY_BYTES, allowed=BODY_FIELDS, example='{"records": [...]}'
     )
-    status, answer = await route.refine(name, body)
+    try:
+        status, answer = await route.refine(name, body)
+    except RefineError as e:
+        if e.status != HTTPStatus.TOO_MANY_REQUESTS:
+            raise
+        return error_response(str(e), e.status, "TooManyRequests")
     headers = {"Location": answer["location"]} if "location" in answer else None
     return JSONResponse(answer, status_code=int(status), headers=headers)
