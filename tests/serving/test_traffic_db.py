@@ -53,7 +53,7 @@ def db(tmp_path: Path):
 
 def test_new_database_has_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
     db = SQLiteDatabase(tmp_path / "sub" / "t.sqlite3")  # the directory is created
-    assert db.schema_version() == SCHEMA_VERSION == 2
+    assert db.schema_version() == SCHEMA_VERSION == 3
     db.close()
     raw = sqlite3.connect(tmp_path / "sub" / "t.sqlite3")
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -90,30 +90,43 @@ def test_a_next_migration_applies_on_open_and_keeps_the_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """How a later table is added: append a Migration. Also: a version-1 file (traffic only, as the first
-    release with traffic wrote it) gains the job queue when opened, and keeps its records."""
+    release with traffic wrote it) gains the job queue and the bounds and trust columns when opened
+    (its feedback counted before trust existed: it stays trusted; each record's bytes are computed),
+    and keeps its records."""
     path = tmp_path / "t.sqlite3"
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:1])
     monkeypatch.setattr(database, "SCHEMA_VERSION", 1)
     db = SQLiteDatabase(path)
-    db.insert([record("kept")])
+    with db.transaction() as c:  # as the first release wrote it (its columns only)
+        c.execute(
+            "INSERT INTO traffic (request_id, response_id, choice, adapter, version, endpoint, prompt, "
+            "completion, sampling, calibratable, created) VALUES "
+            "('kept', 'cmpl-kept', 0, 'x', 'original', 'completions', '\"é?\"', 'ok', '{}', 1, 0)"
+        )
+        c.execute(
+            "INSERT INTO feedback (traffic_id, rating, correction, created) VALUES (1, 'bad', 'fixé', 1)"
+        )
     db.close()
     monkeypatch.undo()
     db = SQLiteDatabase(path)
-    assert db.schema_version() == 2 and db.find("kept") is not None
+    assert db.schema_version() == 3 and db.find("kept") is not None
+    # '"é?"' is 5 bytes, 'ok' 2, '{}' 2; the correction 'fixé' 5
+    assert db.find("kept").bytes == 5 + 2 + 2 + 5
+    assert db.records("x", calibration=True)[0].correction == "fixé"
     assert db.enqueue_job("x", "manual", {})[1]
     db.close()
-    notes = Migration(3, "notes", ("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)",))
+    notes = Migration(4, "notes", ("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)",))
     monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, notes))
-    monkeypatch.setattr(database, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(database, "SCHEMA_VERSION", 4)
     db = SQLiteDatabase(path)
-    assert db.schema_version() == 3
+    assert db.schema_version() == 4
     assert db.find("kept") is not None and len(db.jobs()) == 1
     with db.transaction() as c:
         c.execute("INSERT INTO notes (text) VALUES ('x')")
     assert db.connection().execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 1
     db.close()
     db = SQLiteDatabase(path)  # opening again applies nothing twice
-    assert db.schema_version() == 3
+    assert db.schema_version() == 4
     db.close()
 
 
@@ -158,9 +171,9 @@ def test_feedback_latest_wins_and_history_is_kept(db: SQLiteDatabase) -> None:
     stored = db.find("r1")
     assert (stored.rating, stored.correction, stored.feedback_count) == ("good", None, 3)
     assert db.feedback_history(rid) == [
-        {"rating": "bad", "correction": None, "created": 1.0},
-        {"rating": None, "correction": "4", "created": 2.0},
-        {"rating": "good", "correction": None, "created": 3.0},
+        {"rating": "bad", "correction": None, "created": 1.0, "trusted": True},
+        {"rating": None, "correction": "4", "created": 2.0, "trusted": True},
+        {"rating": "good", "correction": None, "created": 3.0, "trusted": True},
     ]
     with pytest.raises(ValueError, match="rating must be one of"):
         db.add_feedback(rid, "meh", None)
@@ -290,7 +303,7 @@ def test_the_tables_columns_are_the_dataclasses_fields(db: SQLiteDatabase) -> No
     def columns(table: str) -> set[str]:
         return {row["name"] for row in db.connection().execute(f"PRAGMA table_info({table})")}
 
-    assert columns("traffic") == {"id", *(f.name for f in fields(TrafficRecord))}
+    assert columns("traffic") == {"id", "bytes", *(f.name for f in fields(TrafficRecord))}
     assert columns("jobs") == {f.name for f in fields(Job)}
 
 

@@ -23,6 +23,7 @@ from .database import (
     TrafficRecord,
     TrafficStats,
     UnknownRequest,
+    record_bytes,
 )
 from .job_queue import (
     ACTIVE_STATES,
@@ -71,6 +72,7 @@ __all__ = [
     "VersionInfo",
     "VersionStore",
     "key_of_record",
+    "record_bytes",
     "stored_answer",
     "usable_answer",
     "version_key",
