@@ -57,6 +57,7 @@ from ..settings import ServingSettings
 from ..storage import SQLiteDatabase, TrafficRecord
 from ..traffic import TrafficPolicy, TrafficRecorder, record_traffic
 from . import vllm_compat
+from .auth import FeedbackTrust
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -469,6 +470,8 @@ def start_capture(
         return None
     db = SQLiteDatabase(settings.database_path)
     recorder = TrafficRecorder(settings, db, version_of).start()
+    recorder.feedback_trust = FeedbackTrust(settings)  # whose feedback counts (api.feedback)
+    recorder.feedback_trust.log_startup(settings.auto_refine)
     clients = vllm_compat.serving_engine_clients(state) or [engine_client]
     for client in clients:
         vllm_compat.observe_generate(client, observe_generate)
