@@ -43,6 +43,7 @@ from .job_queue import JOBS_SCHEMA, JobQueue, SQLiteJobQueue
 from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
 BUSY_TIMEOUT_S = 30.0
+CLIENT_WINDOW_S = 3600.0  # how long a client's correction counts toward its bound
 RATINGS = ("good", "bad")
 
 
@@ -124,7 +125,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE feedback ADD COLUMN trusted INTEGER NOT NULL DEFAULT 1",
             "ALTER TABLE feedback ADD COLUMN client TEXT",
             "CREATE INDEX traffic_adapter_bytes ON traffic (adapter, id, bytes)",
-            "CREATE INDEX feedback_client ON feedback (client, created)",
+            # one row per correction a client sent in the last hour: the per-client bound, counted
+            # apart from the feedback rows (which pruning deletes: it must not reset the bound)
+            "CREATE TABLE feedback_clients (client TEXT NOT NULL, created REAL NOT NULL)",
+            "CREATE INDEX feedback_clients_client ON feedback_clients (client, created)",
+            "CREATE INDEX feedback_clients_created ON feedback_clients (created)",
             "CREATE TABLE traffic_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
             "INSERT INTO traffic_meta (key, value) VALUES ('id_secret', lower(hex(randomblob(32))))",
             f"UPDATE traffic SET bytes = {RECORD_BYTES} + (SELECT COALESCE(SUM({FEEDBACK_BYTES}), 0) "
@@ -255,12 +260,13 @@ class Database(JobQueue, ABC):
     ) -> int:
         """Append feedback to a record (the latest wins; history is kept, at most `keep` rows: the
         newest, and always the latest trusted one); returns the history length. `trusted`: whether it
-        counts as calibration data; `client`: who sent it (for `corrections_since`). Raises
-        UnknownRequest if the record is gone, ValueError for a rating or feedback that is not one."""
+        counts as calibration data; `client`: who sent it (a correction is counted for
+        `corrections_since` for an hour, whatever pruning deletes). Raises UnknownRequest if the
+        record is gone, ValueError for a rating or feedback that is not one."""
 
     @abstractmethod
     def corrections_since(self, client: str, since: float) -> int:
-        """Corrections `client` sent after `since` (still stored)."""
+        """Corrections `client` sent after `since` (counted for an hour after each)."""
 
     @abstractmethod
     def id_secret(self) -> bytes:
@@ -543,6 +549,10 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                     client,
                 ),
             )
+            if client is not None and correction is not None:
+                now = time.time()
+                c.execute("DELETE FROM feedback_clients WHERE created < ?", (now - CLIENT_WINDOW_S,))
+                c.execute("INSERT INTO feedback_clients (client, created) VALUES (?, ?)", (client, now))
             if keep is not None:
                 # the newest `keep` rows stay, and the latest trusted one: an untrusted client's flood
                 # can never push a reviewer's correction out of the calibration data
@@ -561,8 +571,7 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
 
     def corrections_since(self, client: str, since: float) -> int:
         return self._query(
-            "SELECT COUNT(*) FROM feedback WHERE client = ? AND created > ? AND correction IS NOT NULL",
-            (client, since),
+            "SELECT COUNT(*) FROM feedback_clients WHERE client = ? AND created > ?", (client, since)
         )[0][0]
 
     def id_secret(self) -> bytes:
