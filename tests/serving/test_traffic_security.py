@@ -109,7 +109,7 @@ def ask(server: Server, model: str, prompt: str, rid: str | None = None, **extra
 
 def feedback(server: Server, body: dict, headers: dict | None = None) -> tuple[int, dict]:
     status, got = server.post("/v1/surgery/feedback", body, headers)
-    if status == 200 and body.get("correction") is not None and not got["trusted"]:
+    if status == 200 and body.get("correction") is not None and got.get("trusted") is not True:
         UNTRUSTED_CORRECTIONS.append(body["correction"])
     return status, got
 
@@ -197,13 +197,16 @@ def test_untrusted_corrections_never_count_and_reviewer_ones_do(server: Server, 
     same three corrected by a reviewer: usable, and a new_data job is queued. A later untrusted
     correction changes nothing the calibration set holds."""
     asked = [ask(server, "t", f"trust question {i}", rid=f"t-{i}") for i in range(MIN_EXAMPLES)]
+    answers = []
     for i, a in enumerate(asked):
         status, body = feedback(server, {"request_id": a["id"], "correction": f"client answer {i}"})
-        assert status == 200 and body["trusted"] is False and body["corrected"] is True, body
+        assert status == 200 and body["corrected"] is True, body
+        answers.append(body)
     time.sleep(3.0)  # six automatic checks (refine_check_interval_s 0.5)
     assert jobs(server, "t") == []
     s = stats(server, "t")
-    assert (s["corrected"], s["untrusted"], s["usable"]) == (MIN_EXAMPLES, MIN_EXAMPLES, 0), s
+    assert (s["corrected"], s["usable"]) == (MIN_EXAMPLES, 0), s
+    assert s["untrusted"] == MIN_EXAMPLES and [b["trusted"] for b in answers] == [False] * MIN_EXAMPLES
     assert metric(server, "vllm_surgery_calibration_examples", adapter="t") == 0
     assert (
         metric(
@@ -218,7 +221,7 @@ def test_untrusted_corrections_never_count_and_reviewer_ones_do(server: Server, 
 
     for i, a in enumerate(asked):
         status, body = feedback(server, {"request_id": a["id"], "correction": f"reviewed {i}"}, REVIEWER)
-        assert status == 200 and body["trusted"] is True, body
+        assert status == 200 and body.get("trusted") is True, body
     deadline = time.monotonic() + 30
     while not (queued := jobs(server, "t")):
         assert time.monotonic() < deadline, "no automatic job after the reviewer's corrections"
@@ -234,7 +237,7 @@ def test_untrusted_corrections_never_count_and_reviewer_ones_do(server: Server, 
 
     # poison after review: the latest feedback shown is the client's, the calibration set keeps the reviewer's
     status, body = feedback(server, {"request_id": "t-0", "correction": "poisoned"})
-    assert status == 200 and body["trusted"] is False
+    assert status == 200 and body.get("trusted") is False
     out = setup["root"] / "t.jsonl"
     assert cli(["calibration", "export", "t", "--output", str(out), "--db", str(setup["db"])]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -247,11 +250,11 @@ def test_untrusted_corrections_never_count_and_reviewer_ones_do(server: Server, 
 def test_the_admin_token_counts_as_a_reviewer(server: Server) -> None:
     a = ask(server, "x", "admin rates this", rid="admin-rated")
     status, body = feedback(server, {"request_id": a["id"], "rating": "good"}, ADMIN)
-    assert status == 200 and body["trusted"] is True, body
+    assert status == 200 and body.get("trusted") is True, body
     status, body = feedback(
         server, {"request_id": a["id"], "rating": "good"}, {"X-Surgery-Reviewer-Token": "wrong"}
     )
-    assert status == 200 and body["trusted"] is False, body
+    assert status == 200 and body.get("trusted") is False, body
 
 
 # ----------------------------------------------------------------------------- finding 5: bounds
@@ -365,22 +368,19 @@ def test_a_dead_writer_thread_is_restarted_and_recording_goes_on(server: Server,
     """writer_killer makes the database call raise a BaseException that no handler expects: the
     writer thread dies. The supervisor starts a new one; the metric and the traffic route say so, and
     later requests are recorded again."""
-    assert metric(server, "vllm_surgery_traffic_writer_up") == 1
-    assert metric(server, "vllm_surgery_traffic_writer_restarts_total") == 0
+    up_before = metric(server, "vllm_surgery_traffic_writer_up")
     ask(server, "x", f"please {KILL} now", rid="killer-1")
-    deadline = time.monotonic() + 30
-    while metric(server, "vllm_surgery_traffic_writer_restarts_total") < 1:
-        assert time.monotonic() < deadline, "the dead writer thread was not restarted"
-        time.sleep(0.2)
-    status, body = server.get("/v1/surgery/traffic")
-    assert status == 200 and body["writer"]["restarts"] == 1, body
-    assert "WriterKilled" in body["writer"]["last_error"]
+    time.sleep(0.5)  # the batch with the killer is written (and the thread dies) before the next ones
     later = [ask(server, "x", f"after the restart {i}", rid=f"later-{i}") for i in range(3)]
     rows = wait_for(
         setup, "SELECT request_id, completion FROM traffic WHERE request_id LIKE 'later-%' ORDER BY id", n=3
     )
     assert [(r["request_id"], r["completion"]) for r in rows] == [(a["id"], a["text"]) for a in later]
     assert query(setup, "SELECT id FROM traffic WHERE request_id = 'killer-1'") == []
+    assert up_before == 1 and metric(server, "vllm_surgery_traffic_writer_restarts_total") == 1
+    status, body = server.get("/v1/surgery/traffic")
+    assert status == 200 and body["writer"]["restarts"] == 1, body
+    assert "WriterKilled" in body["writer"]["last_error"]
     assert metric(server, "vllm_surgery_traffic_writer_up") == 1
     assert server.get("/v1/surgery/traffic")[1]["writer"]["up"] is True
     assert metric(server, "vllm_surgery_traffic_records_total", adapter="x", outcome="failed") == 1
