@@ -90,6 +90,7 @@ class Capture:
     body: dict[str, Any]
     created: float
     n: int = 1
+    generated_id: bool = False  # the id is ours (no X-Request-Id, no body request_id): never redacted
     # from engine_client.generate
     lora_path: str | None = None
     base_model: bool = False
@@ -317,9 +318,11 @@ def begin(recorder: TrafficRecorder, endpoint: str, raw: bytes, scope: dict[str,
         _once("beam", "traffic: beam-search requests are not recorded (adapter %r and others)", model)
         return None
     request_id = _header(scope, REQUEST_ID_HEADER)
+    generated = False
     if request_id is None:
         given = body.get("request_id")
-        request_id = given if isinstance(given, str) and given else uuid.uuid4().hex
+        generated = not (isinstance(given, str) and given)
+        request_id = uuid.uuid4().hex if generated else given
         headers = scope.get("headers")
         entry = (REQUEST_ID_HEADER, request_id.encode("latin-1", "replace"))
         if isinstance(headers, list):
@@ -341,6 +344,7 @@ def begin(recorder: TrafficRecorder, endpoint: str, raw: bytes, scope: dict[str,
         body=body,
         created=time.time(),
         n=n if isinstance(n, int) and n > 0 else 1,
+        generated_id=generated,
     )
 
 

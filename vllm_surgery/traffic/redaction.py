@@ -107,7 +107,8 @@ def apply_redaction(
 ) -> TrafficRecord | None:
     """`record` as the hook rewrote it, or None if the hook dropped it. With `secret` (the database's),
     an identifier the hook changed (or, for the built-in hook, one it would change) is stored as its
-    `pseudonym`. Raises ValueError for a hook that raises or returns something other than a record
+    `pseudonym`; without, identifiers are kept as they are (ids the server generated: no client data
+    in them, and a generated hex id often holds 7 digits in a row). Raises ValueError for a hook that raises or returns something other than a record
     dict (the caller drops the record: storing it unredacted is never the fallback)."""
     if hook is None:
         return record
@@ -132,8 +133,6 @@ def apply_redaction(
         changes = {k: v for k, v in out.items() if k in _RECORD_FIELDS and k not in _ID_FIELDS}
         ids = {k: (v, out.get(k, v)) for k in _ID_FIELDS if isinstance(v := getattr(record, k), str)}
     for name, (given, redacted) in ids.items():
-        if redacted != given:
-            if secret is None:
-                raise ValueError(f"the redaction changes the {name} but no identifier secret was given")
+        if redacted != given and secret is not None:
             changes[name] = pseudonym(secret, given)
     return replace(record, **changes)

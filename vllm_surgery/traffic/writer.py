@@ -474,10 +474,12 @@ class TrafficRecorder:
             return []
         out = []
         limit = self.settings.traffic_max_record_bytes
+        # the client's ids are pseudonymised where redaction would change them; ids we generated are not
+        secret = self.secret if self.redaction and not getattr(capture, "generated_id", False) else None
         for record in capture.to_records(version, capture.lora_path):
             record = without_surrogates(record)
             try:
-                redacted = apply_redaction(self.redaction, record, self.secret if self.redaction else None)
+                redacted = apply_redaction(self.redaction, record, secret)
             except Exception:
                 log.exception(
                     "traffic: the redaction hook failed; record of adapter %r not stored", record.adapter
