@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import random
 import re
@@ -412,6 +413,7 @@ class TrafficRecorder:
         self.redaction = load_redaction(settings.traffic_redact)
         self.db = db
         self._secret: bytes | None = None
+        self._oversized_logged = -math.inf
         self.feedback_trust: Any = None  # the server's serving.auth.FeedbackTrust (set by start_capture)
         self.version_of = version_of
         self._versions: dict[tuple[str, str], str | None] = {}
@@ -490,6 +492,10 @@ class TrafficRecorder:
                 metrics.record_traffic(record.adapter, "redacted_out")
             elif (size := record_bytes(redacted)) > limit:
                 metrics.record_traffic(record.adapter, "oversized")
+                now = time.monotonic()
+                if now - self._oversized_logged < DROP_LOG_INTERVAL_S:
+                    continue  # counted; logged at most every DROP_LOG_INTERVAL_S (clients choose sizes)
+                self._oversized_logged = now
                 log.warning(
                     "traffic: a record of adapter %r takes %d bytes, above VLLM_SURGERY_TRAFFIC_MAX_RECORD_BYTES"
                     "=%d; it is not stored (raise the limit to keep such records)",
@@ -504,11 +510,7 @@ class TrafficRecorder:
     def redact_correction(self, record: TrafficRecord, correction: str) -> str | None:
         """A user's correction is a completion for the recorded prompt: it goes through the same
         redaction as the record (None: the hook dropped it). Raises ValueError for a broken hook."""
-        redacted = apply_redaction(
-            self.redaction,
-            replace(record, completion=_clean(correction)),
-            self.secret if self.redaction else None,
-        )
+        redacted = apply_redaction(self.redaction, replace(record, completion=_clean(correction)))
         return None if redacted is None else redacted.completion
 
     def usable_examples(self, adapter: str | None = None) -> dict[str, int]:
