@@ -202,6 +202,9 @@ def serving_env(loop: Path, token: str, traffic: int) -> dict[str, str]:
         "VLLM_SURGERY_ADAPTER_DIRS": str(loop / "adapters"),
         "VLLM_SURGERY_TRAFFIC": "1",
         "VLLM_SURGERY_AUTO_REFINE": "1",
+        # the simulated users are this demo's only clients: their feedback counts as calibration data
+        # (by default only a reviewer's does; see docs/security.md)
+        "VLLM_SURGERY_FEEDBACK_TRUST": "api-key",
         # a job once all the traffic has its feedback; as examples/demo.py: auto, half held out
         "VLLM_SURGERY_REFINE_MIN_EXAMPLES": str(traffic),
         "VLLM_SURGERY_REFINE_NEW_EXAMPLES": str(traffic),

@@ -111,6 +111,19 @@ BOOL = Kind("boolean", _text_bool, _json_bool)
 STRING = Kind("string", _text_str, _json_str)
 
 
+def choice(*values: str) -> Kind:
+    """One of `values` (a closed set of words)."""
+    what = "one of " + ", ".join(repr(v) for v in values)
+
+    def check(value: Any, source: str) -> str:
+        word = value.strip().lower() if isinstance(value, str) else value
+        if word not in values:
+            raise SettingsError(f"{source} must be {what}, got {value!r}")
+        return word
+
+    return Kind(what, check, lambda value, source, base: check(value, source))
+
+
 def number(lo: float, hi: float = math.inf, integer: bool = False) -> Kind:
     """A finite number in [lo, hi] (an integer if `integer`)."""
     what = f"{'an integer' if integer else 'a number'} in [{lo:g}, {hi:g}]"
@@ -141,6 +154,7 @@ class AdapterTraffic:
     sample_rate: float | None = None
     max_records: int | None = None
     max_age_days: float | None = None
+    max_bytes: int | None = None  # retention by the bytes of stored text (records and their feedback)
     include_unrated: bool = False  # calibration sets of this adapter include unrated completions
     calibration_files: tuple[str, ...] = ()  # static calibration files (names in calibration_dir)
 
@@ -150,6 +164,7 @@ _ADAPTER_TRAFFIC_CHECKS: dict[str, Callable[[Any], bool]] = {
     "sample_rate": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
     "max_records": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "max_age_days": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf,
+    "max_bytes": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "include_unrated": lambda v: isinstance(v, bool),
     "calibration_files": lambda v: isinstance(v, list) and all(isinstance(f, str) and f.strip() for f in v),
 }
@@ -158,6 +173,7 @@ _ADAPTER_TRAFFIC_HELP = {
     "sample_rate": "a number in [0, 1]",
     "max_records": "an integer >= 1",
     "max_age_days": "a number >= 0 (0: no age limit)",
+    "max_bytes": "an integer >= 1 (bytes)",
     "include_unrated": "true or false",
     "calibration_files": "a list of file names in calibration_dir",
 }
@@ -353,6 +369,57 @@ class ServingSettings:
         number(1, 10_000_000, integer=True),
         "Records waiting to be written; beyond it records are dropped and counted (metric and log).",
         default=10_000,
+    )
+
+    traffic_max_bytes: int = setting(
+        "VLLM_SURGERY_TRAFFIC_MAX_BYTES",
+        number(1, integer=True),
+        "Retention: bytes of stored text (prompts, completions, settings and their feedback) kept per "
+        "adapter; the oldest records go first. Per adapter: max_bytes in VLLM_SURGERY_TRAFFIC_ADAPTERS.",
+        default=1024**3,
+    )
+    traffic_max_record_bytes: int = setting(
+        "VLLM_SURGERY_TRAFFIC_MAX_RECORD_BYTES",
+        number(1, integer=True),
+        "A recorded answer whose stored text (prompt, completion, settings) is larger is not stored "
+        '(counted as outcome="oversized" and logged); the client is served as usual.',
+        default=2 * 1024**2,
+    )
+    feedback_max_correction_bytes: int = setting(
+        "VLLM_SURGERY_FEEDBACK_MAX_CORRECTION_BYTES",
+        number(1, 64 * 1024, integer=True),
+        "Largest correction (UTF-8 bytes) POST /v1/surgery/feedback accepts; larger ones answer 413.",
+        default=32 * 1024,
+    )
+    feedback_max_per_record: int = setting(
+        "VLLM_SURGERY_FEEDBACK_MAX_PER_RECORD",
+        number(1, 1000, integer=True),
+        "Feedback rows kept per recorded answer: the newest ones, and always the latest one that counts "
+        "for calibration; older ones are deleted as new feedback arrives.",
+        default=8,
+    )
+    feedback_corrections_per_hour: int = setting(
+        "VLLM_SURGERY_FEEDBACK_CORRECTIONS_PER_HOUR",
+        number(1, integer=True),
+        "Corrections one client (API key and address) may send per hour; beyond it 429. Reviewers "
+        "(reviewer or admin token) are not limited.",
+        default=1000,
+    )
+    feedback_trust: str = setting(
+        "VLLM_SURGERY_FEEDBACK_TRUST",
+        choice("reviewer", "api-key"),
+        "Whose feedback is calibration data (counts toward the calibration set and automatic jobs): "
+        "'reviewer' (only feedback sent with the reviewer or the admin token) or 'api-key' (anyone with "
+        "the inference API key). Other feedback is stored and counted, marked untrusted, never used.",
+        default="reviewer",
+    )
+    reviewer_token: str = setting(
+        "VLLM_SURGERY_REVIEWER_TOKEN",
+        STRING,
+        "Token of the people whose feedback counts as calibration data (feedback_trust 'reviewer'): "
+        "`X-Surgery-Reviewer-Token` header on POST /v1/surgery/feedback. The admin token also counts.",
+        default="",
+        repr=False,  # never printed with the settings
     )
 
     auto_refine: bool = setting(

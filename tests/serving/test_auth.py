@@ -7,7 +7,7 @@ import logging
 import pytest
 from starlette.requests import Request
 
-from vllm_surgery.serving.auth import ADMIN_HEADER, AdminGuard
+from vllm_surgery.serving.auth import ADMIN_HEADER, AdminGuard, FeedbackTrust
 from vllm_surgery.settings import ServingSettings
 
 
@@ -65,3 +65,23 @@ def test_the_token_is_never_shown_with_the_settings() -> None:
     settings = ServingSettings.from_env({"VLLM_SURGERY_ADMIN_TOKEN": "sesame-secret"})
     assert settings.admin_token == "sesame-secret"
     assert "sesame-secret" not in repr(settings)
+
+
+def test_the_reviewer_token_is_never_shown_with_the_settings() -> None:
+    settings = ServingSettings.from_env({"VLLM_SURGERY_REVIEWER_TOKEN": "reviewer-secret"})
+    assert settings.reviewer_token == "reviewer-secret"
+    assert "reviewer-secret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "level", "phrase"),
+    [
+        ({}, logging.WARNING, "none counts as calibration data"),
+        ({"VLLM_SURGERY_REVIEWER_TOKEN": "r"}, logging.INFO, "only with the reviewer or admin token"),
+        ({"VLLM_SURGERY_FEEDBACK_TRUST": "api-key"}, logging.WARNING, "queues automatic refinements"),
+    ],
+)
+def test_start_up_says_whose_feedback_counts(caplog, env, level, phrase) -> None:
+    with caplog.at_level(logging.INFO, logger="vllm"):
+        FeedbackTrust(ServingSettings.from_env(env)).log_startup(auto_refine=True)
+    assert any(r.levelno == level and phrase in r.getMessage() for r in caplog.records), caplog.text

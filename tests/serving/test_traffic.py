@@ -56,6 +56,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "VLLM_SURGERY_TRAFFIC_ADAPTERS": json.dumps(
             {"r": {"max_records": RETAINED}, "off": {"capture": False}}
         ),
+        # every client's feedback counts here (the behaviour before feedback trust; the default,
+        # "reviewer", is tested in test_traffic_security.py), and corrections up to the body limit
+        "VLLM_SURGERY_FEEDBACK_TRUST": "api-key",
+        "VLLM_SURGERY_FEEDBACK_MAX_CORRECTION_BYTES": str(64 * 1024),
         **pacing.server_env(),
     }
     args = [
@@ -389,6 +393,7 @@ def test_feedback(server: Server, setup: dict) -> None:
             "rating": "bad",
             "corrected": False,
             "feedback_count": 1,
+            "trusted": True,
         },
     )
     # by the response id, with a correction: the latest wins, the history is kept
@@ -408,8 +413,15 @@ def test_feedback(server: Server, setup: dict) -> None:
         ]
         == 401
     )
-    assert metric(server, "vllm_surgery_traffic_feedback_total", adapter="x", rating="good") == 5
-    assert metric(server, "vllm_surgery_traffic_feedback_total", adapter="x", rating="none") == 1
+    assert (
+        metric(server, "vllm_surgery_traffic_feedback_total", adapter="x", rating="good", trusted="true") == 5
+    )
+    assert (
+        metric(
+            server, "vllm_surgery_traffic_feedback_total", adapter="x", rating="correction", trusted="true"
+        )
+        == 1
+    )
     stats = {(s["adapter"], s["version"]): s for s in server.get("/v1/surgery/traffic")[1]["stats"]}
     assert (
         metric(server, "vllm_surgery_calibration_examples", adapter="x")

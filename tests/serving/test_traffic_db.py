@@ -56,7 +56,7 @@ def db(database_target):
 
 def test_new_database_has_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
     db = SQLiteDatabase(tmp_path / "sub" / "t.sqlite3")  # the directory is created
-    assert db.schema_version() == SCHEMA_VERSION == 3  # 3: jobs can be cancelled
+    assert db.schema_version() == SCHEMA_VERSION == 4  # 3: jobs can be cancelled; 4: bounds and trust
     db.close()
     raw = sqlite3.connect(tmp_path / "sub" / "t.sqlite3")
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -93,17 +93,30 @@ def test_a_next_migration_applies_on_open_and_keeps_the_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """How a later table is added: append a Migration. Also: a version-1 file (traffic only, as the first
-    release with traffic wrote it) gains the job queue when opened, and keeps its records."""
+    release with traffic wrote it) gains the job queue and the bounds and trust columns when opened
+    (its feedback counted before trust existed: it stays trusted; each record's bytes are computed),
+    and keeps its records."""
     path = tmp_path / "t.sqlite3"
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:1])
     monkeypatch.setattr(database, "SCHEMA_VERSION", 1)
     db = SQLiteDatabase(path)
-    db.insert([record("kept")])
+    with db.transaction() as c:  # as the first release wrote it (its columns only)
+        c.execute(
+            "INSERT INTO traffic (request_id, response_id, choice, adapter, version, endpoint, prompt, "
+            "completion, sampling, calibratable, created) VALUES "
+            "('kept', 'cmpl-kept', 0, 'x', 'original', 'completions', '\"é?\"', 'ok', '{}', 1, 0)"
+        )
+        c.execute(
+            "INSERT INTO feedback (traffic_id, rating, correction, created) VALUES (1, 'bad', 'fixé', 1)"
+        )
     db.close()
     monkeypatch.undo()
     db = SQLiteDatabase(path)
     current = database.MIGRATIONS[-1].version  # the job queue and every migration after it
     assert db.schema_version() == current and db.find("kept") is not None
+    # '"é?"' is 5 bytes, 'ok' 2, '{}' 2; the correction 'fixé' 5
+    assert db.find("kept").bytes == 5 + 2 + 2 + 5
+    assert db.records("x", calibration=True)[0].correction == "fixé"
     assert db.enqueue_job("x", "manual", {})[1]
     db.close()
     following = current + 1
@@ -168,9 +181,9 @@ def test_feedback_latest_wins_and_history_is_kept(db: SQLiteDatabase) -> None:
     stored = db.find("r1")
     assert (stored.rating, stored.correction, stored.feedback_count) == ("good", None, 3)
     assert db.feedback_history(rid) == [
-        {"rating": "bad", "correction": None, "created": 1.0},
-        {"rating": None, "correction": "4", "created": 2.0},
-        {"rating": "good", "correction": None, "created": 3.0},
+        {"rating": "bad", "correction": None, "created": 1.0, "trusted": True},
+        {"rating": None, "correction": "4", "created": 2.0, "trusted": True},
+        {"rating": "good", "correction": None, "created": 3.0, "trusted": True},
     ]
     with pytest.raises(ValueError, match="rating must be one of"):
         db.add_feedback(rid, "meh", None)
@@ -298,7 +311,7 @@ def test_the_tables_columns_are_the_dataclasses_fields(db: SQLiteDatabase) -> No
 
     from vllm_surgery.storage import Job
 
-    assert table_columns(db, "traffic") == {"id", *(f.name for f in fields(TrafficRecord))}
+    assert table_columns(db, "traffic") == {"id", "bytes", *(f.name for f in fields(TrafficRecord))}
     assert table_columns(db, "jobs") == {f.name for f in fields(Job)}
 
 

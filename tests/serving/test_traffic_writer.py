@@ -198,18 +198,25 @@ def test_bad_hook_setting_is_a_clear_error(spec: str, message: str) -> None:
 def test_policy_global_switch_per_adapter_entries_and_retention() -> None:
     off = TrafficPolicy(ServingSettings())
     assert not off.enabled and not off.sample("x")
-    on = TrafficPolicy(ServingSettings(traffic=True, traffic_max_records=50, traffic_max_age_days=0))
+    on = TrafficPolicy(
+        ServingSettings(traffic=True, traffic_max_records=50, traffic_max_age_days=0, traffic_max_bytes=900)
+    )
     assert on.enabled and on.sample("x")
-    assert on.for_adapter("x").retention == Retention(max_records=50, max_age_s=None)
+    assert on.for_adapter("x").retention == Retention(max_records=50, max_age_s=None, max_bytes=900)
     entries = (
-        AdapterTraffic("a", sample_rate=1.0, max_records=7, max_age_days=2, include_unrated=True),
+        AdapterTraffic(
+            "a", sample_rate=1.0, max_records=7, max_age_days=2, include_unrated=True, max_bytes=5000
+        ),
         AdapterTraffic("b", capture=False, calibration_files=("b.jsonl",)),
     )
     only = TrafficPolicy(ServingSettings(traffic_adapters=entries))
     assert only.enabled
     assert only.sample("a") and not only.sample("b") and not only.sample("c")
     pa = only.for_adapter("a")
-    assert pa.retention == Retention(max_records=7, max_age_s=2 * 86400.0) and pa.include_unrated
+    assert (
+        pa.retention == Retention(max_records=7, max_age_s=2 * 86400.0, max_bytes=5000) and pa.include_unrated
+    )
+    assert only.for_adapter("c").retention.max_bytes == 1024**3  # the global default
     assert only.for_adapter("b").calibration_files == ("b.jsonl",)
     assert not TrafficPolicy(ServingSettings(traffic_adapters=(entries[1],))).enabled
 

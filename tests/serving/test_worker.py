@@ -59,6 +59,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
         "VLLM_SURGERY_TRAFFIC": "1",
         "VLLM_SURGERY_TRAFFIC_REDACT": "none",
+        "VLLM_SURGERY_FEEDBACK_TRUST": "api-key",  # the test's clients correct: their feedback counts
         "VLLM_SURGERY_AUTO_REFINE": "1",
         "VLLM_SURGERY_REFINE_MIN_EXAMPLES": "24",
         "VLLM_SURGERY_REFINE_NEW_EXAMPLES": str(len(records)),

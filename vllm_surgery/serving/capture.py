@@ -57,6 +57,7 @@ from ..settings import ServingSettings
 from ..storage import TrafficRecord, open_database
 from ..traffic import TrafficPolicy, TrafficRecorder, record_traffic
 from . import vllm_compat
+from .auth import FeedbackTrust
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -89,6 +90,7 @@ class Capture:
     body: dict[str, Any]
     created: float
     n: int = 1
+    generated_id: bool = False  # the id is ours (no X-Request-Id, no body request_id): never redacted
     # from engine_client.generate
     lora_path: str | None = None
     base_model: bool = False
@@ -316,9 +318,11 @@ def begin(recorder: TrafficRecorder, endpoint: str, raw: bytes, scope: dict[str,
         _once("beam", "traffic: beam-search requests are not recorded (adapter %r and others)", model)
         return None
     request_id = _header(scope, REQUEST_ID_HEADER)
+    generated = False
     if request_id is None:
         given = body.get("request_id")
-        request_id = given if isinstance(given, str) and given else uuid.uuid4().hex
+        generated = not (isinstance(given, str) and given)
+        request_id = uuid.uuid4().hex if generated else given
         headers = scope.get("headers")
         entry = (REQUEST_ID_HEADER, request_id.encode("latin-1", "replace"))
         if isinstance(headers, list):
@@ -340,6 +344,7 @@ def begin(recorder: TrafficRecorder, endpoint: str, raw: bytes, scope: dict[str,
         body=body,
         created=time.time(),
         n=n if isinstance(n, int) and n > 0 else 1,
+        generated_id=generated,
     )
 
 
@@ -469,6 +474,8 @@ def start_capture(
         return None
     db = open_database(settings.database_path)
     recorder = TrafficRecorder(settings, db, version_of).start()
+    recorder.feedback_trust = FeedbackTrust(settings)  # whose feedback counts (api.feedback)
+    recorder.feedback_trust.log_startup(settings.auto_refine)
     clients = vllm_compat.serving_engine_clients(state) or [engine_client]
     for client in clients:
         vllm_compat.observe_generate(client, observe_generate)

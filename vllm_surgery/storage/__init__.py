@@ -26,6 +26,7 @@ from .database import (
     TrafficRecord,
     TrafficStats,
     UnknownRequest,
+    record_bytes,
 )
 from .factory import open_database
 from .job_queue import (
@@ -80,6 +81,7 @@ __all__ = [
     "is_postgres_url",
     "key_of_record",
     "open_database",
+    "record_bytes",
     "redact_url",
     "stored_answer",
     "usable_answer",

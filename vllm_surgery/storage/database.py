@@ -40,9 +40,10 @@ from typing import Any
 
 from ..errors import SurgeryError
 from .job_queue import JOBS_CANCEL_MIGRATION, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
-from .usable import LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
+from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
 BUSY_TIMEOUT_S = 30.0
+CLIENT_WINDOW_S = 3600.0  # how long a client's correction counts toward its bound
 RATINGS = ("good", "bad")
 
 
@@ -62,6 +63,14 @@ class Migration:
     description: str
     statements: tuple[str, ...]
 
+
+# The bytes a record's stored text takes (`record_bytes` computes the same in Python) and a feedback
+# row's (its correction): what the `bytes` column holds and retention by bytes counts.
+RECORD_BYTES = (
+    "(COALESCE(length(CAST(prompt AS BLOB)), 0) + length(CAST(completion AS BLOB)) "
+    "+ length(CAST(sampling AS BLOB)))"
+)
+FEEDBACK_BYTES = "COALESCE(length(CAST(correction AS BLOB)), 0)"
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -107,6 +116,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         JOBS_SCHEMA,
     ),
     Migration(3, "jobs can be cancelled (state 'cancelled', column cancel_requested)", JOBS_CANCEL_MIGRATION),
+    Migration(
+        4,
+        "bounds and trust: bytes of each record's stored text (with its feedback), whose feedback counts "
+        "as calibration data (trusted) and from which client, and the secret that turns identifiers "
+        "holding personal data into stable pseudonyms",
+        (
+            "ALTER TABLE traffic ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE feedback ADD COLUMN trusted INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE feedback ADD COLUMN client TEXT",
+            "CREATE INDEX traffic_adapter_bytes ON traffic (adapter, id, bytes)",
+            # one row per correction a client sent in the last hour: the per-client bound, counted
+            # apart from the feedback rows (which pruning deletes: it must not reset the bound)
+            "CREATE TABLE feedback_clients (client TEXT NOT NULL, created REAL NOT NULL)",
+            "CREATE INDEX feedback_clients_client ON feedback_clients (client, created)",
+            "CREATE INDEX feedback_clients_created ON feedback_clients (created)",
+            "CREATE TABLE traffic_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            "INSERT INTO traffic_meta (key, value) VALUES ('id_secret', lower(hex(randomblob(32))))",
+            f"UPDATE traffic SET bytes = {RECORD_BYTES} + (SELECT COALESCE(SUM({FEEDBACK_BYTES}), 0) "
+            "FROM feedback WHERE traffic_id = traffic.id)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -138,13 +168,17 @@ class TrafficRecord:
 
 @dataclass(frozen=True)
 class StoredRecord:
-    """A stored TrafficRecord with its row id and its latest feedback (None where there is none)."""
+    """A stored TrafficRecord with its row id and its latest feedback (None where there is none): the
+    latest of any client, or with `Database.records(calibration=True)` the latest trusted one.
+    `trusted`: whether that feedback counts as calibration data; `bytes`: its stored text's size."""
 
     id: int
     record: TrafficRecord
     rating: str | None = None
     correction: str | None = None
     feedback_count: int = 0
+    trusted: bool | None = None
+    bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         r = self.record
@@ -152,7 +186,13 @@ class StoredRecord:
             "id": self.id,
             **{name: getattr(r, name) for name in TRAFFIC_COLUMNS},
             "sampling": dict(r.sampling),
-            "feedback": {"rating": self.rating, "correction": self.correction, "count": self.feedback_count},
+            "bytes": self.bytes,
+            "feedback": {
+                "rating": self.rating,
+                "correction": self.correction,
+                "count": self.feedback_count,
+                "trusted": self.trusted,
+            },
         }
 
 
@@ -175,6 +215,8 @@ class TrafficStats:
     corrected: int
     usable: int
     unrated_usable: int
+    untrusted: int = 0  # records whose latest feedback is untrusted (stored, never calibration data)
+    bytes: int = 0  # stored text of the records and their feedback (what retention by bytes counts)
     first: float | None = None
     last: float | None = None
 
@@ -184,10 +226,12 @@ class TrafficStats:
 
 @dataclass(frozen=True)
 class Retention:
-    """Per-adapter retention: at most `max_records` rows, none older than `max_age_s` (None: no limit)."""
+    """Per-adapter retention: at most `max_records` rows holding at most `max_bytes` bytes of text, none
+    older than `max_age_s` (None: no limit)."""
 
     max_records: int | None = None
     max_age_s: float | None = None
+    max_bytes: int | None = None  # bytes of stored text (records and their feedback: `bytes` column)
 
 
 class Database(JobQueue, ABC):
@@ -205,16 +249,41 @@ class Database(JobQueue, ABC):
 
     @abstractmethod
     def add_feedback(
-        self, record_id: int, rating: str | None, correction: str | None, created: float | None = None
+        self,
+        record_id: int,
+        rating: str | None,
+        correction: str | None,
+        created: float | None = None,
+        *,
+        trusted: bool = True,
+        client: str | None = None,
+        keep: int | None = None,
     ) -> int:
-        """Append feedback to a record (the latest wins; history is kept); returns the history length.
-        Raises UnknownRequest if the record is gone."""
+        """Append feedback to a record (the latest wins; history is kept, at most `keep` rows: the
+        newest, and always the latest trusted one); returns the history length. `trusted`: whether it
+        counts as calibration data; `client`: who sent it (a correction is counted for
+        `corrections_since` for an hour, whatever pruning deletes). Raises UnknownRequest if the
+        record is gone, ValueError for a rating or feedback that is not one."""
+
+    @abstractmethod
+    def corrections_since(self, client: str, since: float) -> int:
+        """Corrections `client` sent after `since` (counted for an hour after each)."""
+
+    @abstractmethod
+    def id_secret(self) -> bytes:
+        """This database's secret for pseudonymous identifiers (created with the schema; never shown)."""
 
     @abstractmethod
     def records(
-        self, adapter: str, since: float | None = None, limit: int | None = None, after_id: int = 0
+        self,
+        adapter: str,
+        since: float | None = None,
+        limit: int | None = None,
+        after_id: int = 0,
+        calibration: bool = False,
     ) -> list[StoredRecord]:
-        """An adapter's records in id order, with their latest feedback."""
+        """An adapter's records in id order, with their latest feedback (with `calibration`: their
+        latest trusted feedback, the one the calibration rules use)."""
 
     @abstractmethod
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
@@ -241,14 +310,18 @@ class Database(JobQueue, ABC):
         """Release connections."""
 
 
-# The latest feedback row of a traffic row (by id): "the latest wins".
-_LATEST = f"LEFT JOIN feedback f ON {LATEST_FEEDBACK}"
+# The latest feedback row of a traffic row (by id): "the latest wins". `_LATEST` of any client (shown),
+# `_LATEST_TRUSTED` the latest that counts as calibration data.
+_LATEST = f"LEFT JOIN feedback f ON {LATEST_ANY_FEEDBACK.replace('a.id', 'f.id')}"
+_LATEST_TRUSTED = f"LEFT JOIN feedback f ON {LATEST_FEEDBACK}"
 _COLUMNS = ", ".join(
     [
         "t.id",
         *(f"t.{c}" for c in TRAFFIC_COLUMNS),
+        "t.bytes",
         "f.rating",
         "f.correction",
+        "f.trusted",
         "(SELECT COUNT(*) FROM feedback WHERE traffic_id = t.id) AS feedback_count",
     ]
 )
@@ -257,12 +330,14 @@ _STATS = {
     "adapter": "t.adapter",
     "version": "t.version",
     "records": "COUNT(*)",
-    "rated": "COALESCE(SUM(f.rating IS NOT NULL), 0)",
-    "good": "COALESCE(SUM(f.rating = 'good'), 0)",
-    "bad": "COALESCE(SUM(f.rating = 'bad'), 0)",
-    "corrected": "COALESCE(SUM(f.correction IS NOT NULL), 0)",
+    "rated": "COALESCE(SUM(a.rating IS NOT NULL), 0)",
+    "good": "COALESCE(SUM(a.rating = 'good'), 0)",
+    "bad": "COALESCE(SUM(a.rating = 'bad'), 0)",
+    "corrected": "COALESCE(SUM(a.correction IS NOT NULL), 0)",
     "usable": f"COALESCE(SUM({USABLE_BY_FEEDBACK}), 0)",
     "unrated_usable": f"COALESCE(SUM({USABLE_UNRATED}), 0)",
+    "untrusted": "COALESCE(SUM(a.id IS NOT NULL AND NOT a.trusted), 0)",
+    "bytes": "COALESCE(SUM(t.bytes), 0)",
     "first": "MIN(t.created)",
     "last": "MAX(t.created)",
 }
@@ -270,12 +345,20 @@ assert tuple(_STATS) == tuple(f.name for f in fields(TrafficStats))
 
 
 def _to_row(record: TrafficRecord) -> tuple[Any, ...]:
-    """A record's column values, in TRAFFIC_COLUMNS order (JSON columns as text)."""
+    """A record's column values, in TRAFFIC_COLUMNS order (JSON columns as text), then its bytes."""
     values = {name: getattr(record, name) for name in TRAFFIC_COLUMNS}
     values["prompt"] = None if record.prompt is None else json.dumps(record.prompt, ensure_ascii=False)
     values["sampling"] = json.dumps(dict(record.sampling), ensure_ascii=False, default=str)
     values["calibratable"] = int(bool(record.calibratable))
-    return tuple(values[name] for name in TRAFFIC_COLUMNS)
+    size = sum(len(values[k].encode("utf-8")) for k in ("prompt", "completion", "sampling") if values[k])
+    return (*(values[name] for name in TRAFFIC_COLUMNS), size)
+
+
+def record_bytes(record: TrafficRecord) -> int:
+    """The bytes the record's text takes when stored (prompt and sampling as JSON, the completion):
+    what `RECORD_BYTES` computes in SQL and the per-record limit is compared with. Raises
+    UnicodeEncodeError for a lone surrogate (the writer replaces those first)."""
+    return _to_row(record)[-1]
 
 
 def _row_to_record(row: sqlite3.Row) -> StoredRecord:
@@ -283,8 +366,15 @@ def _row_to_record(row: sqlite3.Row) -> StoredRecord:
     for name in _JSON_COLUMNS:
         values[name] = None if values[name] is None else json.loads(values[name])
     values["calibratable"] = bool(values["calibratable"])
+    trusted = None if row["trusted"] is None else bool(row["trusted"])
     return StoredRecord(
-        row["id"], TrafficRecord(**values), row["rating"], row["correction"], row["feedback_count"]
+        row["id"],
+        TrafficRecord(**values),
+        row["rating"],
+        row["correction"],
+        row["feedback_count"],
+        trusted,
+        row["bytes"],
     )
 
 
@@ -411,8 +501,8 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
         rows = [_to_row(r) for r in records]
         sql = (
-            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}) "
-            f"VALUES ({', '.join('?' * len(TRAFFIC_COLUMNS))})"
+            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}, bytes) "
+            f"VALUES ({', '.join('?' * (len(TRAFFIC_COLUMNS) + 1))})"
         )
         ids = []
         with self.transaction() as c:
@@ -429,31 +519,88 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
         return _row_to_record(rows[0]) if rows else None
 
     def add_feedback(
-        self, record_id: int, rating: str | None, correction: str | None, created: float | None = None
+        self,
+        record_id: int,
+        rating: str | None,
+        correction: str | None,
+        created: float | None = None,
+        *,
+        trusted: bool = True,
+        client: str | None = None,
+        keep: int | None = None,
     ) -> int:
         if rating is not None and rating not in RATINGS:
             raise ValueError(f"rating must be one of {RATINGS}, got {rating!r}")
         if rating is None and correction is None:
             raise ValueError("feedback needs a rating or a correction")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep!r}")
         with self.transaction() as c:
             if c.execute("SELECT 1 FROM traffic WHERE id = ?", (record_id,)).fetchone() is None:
                 raise UnknownRequest(f"record {record_id} no longer exists (removed by retention?)")
             c.execute(
-                "INSERT INTO feedback (traffic_id, rating, correction, created) VALUES (?,?,?,?)",
-                (record_id, rating, correction, time.time() if created is None else created),
+                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client) "
+                "VALUES (?,?,?,?,?,?)",
+                (
+                    record_id,
+                    rating,
+                    correction,
+                    time.time() if created is None else created,
+                    int(trusted),
+                    client,
+                ),
+            )
+            if client is not None and correction is not None:
+                now = time.time()
+                c.execute("DELETE FROM feedback_clients WHERE created < ?", (now - CLIENT_WINDOW_S,))
+                c.execute("INSERT INTO feedback_clients (client, created) VALUES (?, ?)", (client, now))
+            if keep is not None:
+                # the newest `keep` rows stay, and the latest trusted one: an untrusted client's flood
+                # can never push a reviewer's correction out of the calibration data
+                c.execute(
+                    "DELETE FROM feedback WHERE traffic_id = ? "
+                    "AND id NOT IN (SELECT id FROM feedback WHERE traffic_id = ? ORDER BY id DESC LIMIT ?) "
+                    "AND id != COALESCE((SELECT MAX(id) FROM feedback WHERE traffic_id = ? AND trusted), -1)",
+                    (record_id, record_id, keep, record_id),
+                )
+            c.execute(
+                f"UPDATE traffic SET bytes = {RECORD_BYTES} + (SELECT COALESCE(SUM({FEEDBACK_BYTES}), 0) "
+                "FROM feedback WHERE traffic_id = traffic.id) WHERE id = ?",
+                (record_id,),
             )
             return c.execute("SELECT COUNT(*) FROM feedback WHERE traffic_id = ?", (record_id,)).fetchone()[0]
 
+    def corrections_since(self, client: str, since: float) -> int:
+        return self._query(
+            "SELECT COUNT(*) FROM feedback_clients WHERE client = ? AND created > ?", (client, since)
+        )[0][0]
+
+    def id_secret(self) -> bytes:
+        secret = getattr(self, "_id_secret", None)
+        if secret is None:
+            rows = self._query("SELECT value FROM traffic_meta WHERE key = 'id_secret'")
+            if not rows:
+                raise DatabaseError(f"{self.path}: the identifier secret is missing (traffic_meta)")
+            secret = self._id_secret = bytes.fromhex(rows[0][0])
+        return secret
+
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
         rows = self._query(
-            "SELECT rating, correction, created FROM feedback WHERE traffic_id = ? ORDER BY id", (record_id,)
+            "SELECT rating, correction, created, trusted FROM feedback WHERE traffic_id = ? ORDER BY id",
+            (record_id,),
         )
-        return [{"rating": r, "correction": c, "created": t} for r, c, t in rows]
+        return [{"rating": r, "correction": c, "created": t, "trusted": bool(u)} for r, c, t, u in rows]
 
     def records(
-        self, adapter: str, since: float | None = None, limit: int | None = None, after_id: int = 0
+        self,
+        adapter: str,
+        since: float | None = None,
+        limit: int | None = None,
+        after_id: int = 0,
+        calibration: bool = False,
     ) -> list[StoredRecord]:
-        sql = f"SELECT {_COLUMNS} FROM traffic t {_LATEST} WHERE t.adapter = ? AND t.id > ?"
+        join = _LATEST_TRUSTED if calibration else _LATEST
+        sql = f"SELECT {_COLUMNS} FROM traffic t {join} WHERE t.adapter = ? AND t.id > ?"
         params: list[Any] = [adapter, after_id]
         if since is not None:
             sql += " AND t.created >= ?"
@@ -468,7 +615,8 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
         where, params = ("WHERE t.adapter = ?", (adapter,)) if adapter is not None else ("", ())
         columns = ", ".join(f"{sql} AS {name}" for name, sql in _STATS.items())
         rows = self._query(
-            f"SELECT {columns} FROM traffic t {_LATEST} {where} "
+            f"SELECT {columns} FROM traffic t {_LATEST_TRUSTED} LEFT JOIN feedback a ON {LATEST_ANY_FEEDBACK} "
+            f"{where} "
             "GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
             params,
         )
@@ -503,6 +651,18 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                 ).rowcount
                 deleted += removed
                 count -= removed
+            if retention.max_bytes is not None:
+                total = c.execute(
+                    "SELECT COALESCE(SUM(bytes), 0) FROM traffic WHERE adapter = ?", (adapter,)
+                ).fetchone()[0]
+                if total > retention.max_bytes:  # the oldest go until the newest fit
+                    removed = c.execute(
+                        "DELETE FROM traffic WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER "
+                        "(ORDER BY id DESC) AS kept FROM traffic WHERE adapter = ?) WHERE kept > ?)",
+                        (adapter, retention.max_bytes),
+                    ).rowcount
+                    deleted += removed
+                    count -= removed
         return deleted, count
 
     def close(self) -> None:

@@ -4,7 +4,10 @@ once in SQL for the counts the database gives (`TrafficStats.usable`, the automa
 trigger). tests/serving/test_traffic_db.py checks on a mix of every case that the SQL counts equal the
 export.
 
-Per recorded choice and its LATEST feedback:
+Only TRUSTED feedback counts (the ``trusted`` column: given by a reviewer, or by any API-key holder
+where the operator chose ``feedback_trust = "api-key"``; see docs/security.md): feedback from other
+clients is stored and shown, but a record whose only feedback is untrusted is, for calibration, a
+record without feedback. Per recorded choice and its LATEST TRUSTED feedback:
 
 - a correction: the correction is the answer (whatever the rating says);
 - rated ``good`` without a correction: the completion is the answer;
@@ -49,15 +52,17 @@ def _not_blank(column: str) -> str:
     return f"TRIM({column}, char({codes})) != ''"
 
 
-# SQL over `traffic t` and its latest feedback row `f` (LEFT JOIN: NULLs without feedback).
-LATEST_FEEDBACK = "f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id)"
+# SQL over `traffic t` and its latest trusted feedback row `f` (LEFT JOIN: NULLs without any).
+LATEST_FEEDBACK = "f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id AND trusted)"
+# The latest feedback row `a` of any client (what the traffic routes show), trusted or not.
+LATEST_ANY_FEEDBACK = "a.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id)"
 # Usable by its feedback (corrected, or rated good).
 USABLE_BY_FEEDBACK = (
     f"(t.calibratable AND CASE WHEN f.correction IS NOT NULL THEN {_not_blank('f.correction')} "
     f"WHEN f.rating = 'good' THEN {_not_blank('t.completion')} ELSE 0 END)"
 )
-# Usable where unrated completions are included (needs no join).
+# Usable where unrated completions are included (needs no join): no trusted feedback.
 USABLE_UNRATED = (
     f"(t.calibratable AND {_not_blank('t.completion')} "
-    "AND NOT EXISTS (SELECT 1 FROM feedback WHERE traffic_id = t.id))"
+    "AND NOT EXISTS (SELECT 1 FROM feedback WHERE traffic_id = t.id AND trusted))"
 )

@@ -2,7 +2,8 @@
 the JSONL export that `vllm-surgery refine` reads. Used by the CLI (`vllm-surgery calibration export`),
 the refine route (``{"from_traffic": true}``), the automatic jobs and the worker.
 
-An adapter's calibration set is its recorded choices that are usable under their latest feedback
+An adapter's calibration set is its recorded choices that are usable under their latest trusted
+feedback (feedback from clients the operator does not trust is stored but never used: docs/security.md)
 (the rule is `vllm_surgery.storage.usable`, written once for these records and for the database's
 counts: corrections, completions rated ``good``, and unrated completions only where the operator opts
 in: ``--include-unrated``, the refine body's ``include_unrated``, or the adapter's ``include_unrated``
@@ -108,7 +109,7 @@ def traffic_examples(
     out = out or CalibrationFromTraffic(adapter)
     c = out.counts
     after = 0
-    while batch := db.records(adapter, since=since, limit=1000, after_id=after):
+    while batch := db.records(adapter, since=since, limit=1000, after_id=after, calibration=True):
         after = batch[-1].id
         for stored in batch:
             r = stored.record

@@ -10,9 +10,10 @@ from ..storage import RATINGS
 
 # What became of a captured request's records: logged (stored), dropped (the queue was full or closed),
 # failed (the database or the redaction hook failed), redacted_out (the redaction hook dropped it),
-# incomplete (no complete answer reached the client: error status, disconnect, cut stream).
-TRAFFIC_OUTCOMES = ("logged", "dropped", "failed", "redacted_out", "incomplete")
-FEEDBACK_RATINGS = (*RATINGS, "none")  # none: a correction without a rating
+# incomplete (no complete answer reached the client: error status, disconnect, cut stream), oversized
+# (its stored text was above traffic_max_record_bytes).
+TRAFFIC_OUTCOMES = ("logged", "dropped", "failed", "redacted_out", "incomplete", "oversized")
+FEEDBACK_RATINGS = (*RATINGS, "correction")  # correction: a correction without a rating
 
 TRAFFIC_RECORDS = Counter(
     "vllm_surgery_traffic_records",
@@ -21,8 +22,10 @@ TRAFFIC_RECORDS = Counter(
 )
 TRAFFIC_FEEDBACK = Counter(
     "vllm_surgery_traffic_feedback",
-    "Feedback received on recorded requests, by adapter and rating (none = a correction alone).",
-    ["adapter", "rating"],
+    "Feedback received on recorded requests, by adapter, rating (correction = a correction without a "
+    "rating) and whether it counts as calibration data (trusted: true, or false for feedback of clients "
+    "the server does not trust, stored but never used).",
+    ["adapter", "rating", "trusted"],
 )
 CALIBRATION_EXAMPLES = Gauge(
     "vllm_surgery_calibration_examples",
@@ -36,6 +39,15 @@ TRAFFIC_QUEUE_DEPTH = Gauge(
 TRAFFIC_QUEUE_PEAK = Gauge(
     "vllm_surgery_traffic_queue_peak_depth", "Highest traffic queue depth since the server started."
 )
+TRAFFIC_WRITER_UP = Gauge(
+    "vllm_surgery_traffic_writer_up",
+    "1 while the traffic writer thread runs; 0 when it has died (the supervisor restarts it within a "
+    "second) or recording is closed.",
+)
+TRAFFIC_WRITER_RESTARTS = Counter(
+    "vllm_surgery_traffic_writer_restarts",
+    "Times the supervisor found the traffic writer thread dead and started a new one.",
+)
 
 
 def record_traffic(adapter: str, outcome: str, n: int = 1) -> None:
@@ -43,7 +55,8 @@ def record_traffic(adapter: str, outcome: str, n: int = 1) -> None:
     TRAFFIC_RECORDS.labels(adapter=adapter, outcome=outcome).inc(n)
 
 
-def record_feedback(adapter: str, rating: str | None) -> None:
-    rating = rating or "none"
+def record_feedback(adapter: str, rating: str | None, trusted: bool = True) -> None:
+    """Count one feedback: its rating, or "correction" for a correction without one."""
+    rating = rating or "correction"
     assert rating in FEEDBACK_RATINGS, rating
-    TRAFFIC_FEEDBACK.labels(adapter=adapter, rating=rating).inc()
+    TRAFFIC_FEEDBACK.labels(adapter=adapter, rating=rating, trusted="true" if trusted else "false").inc()

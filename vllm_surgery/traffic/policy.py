@@ -1,4 +1,5 @@
-"""Which requests are recorded (per-adapter policy and sampling) and how long their records are kept."""
+"""Which requests are recorded (per-adapter policy and sampling) and how long their records are kept
+(records, bytes and age)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ class TrafficPolicy:
                 rate = entry.sample_rate if entry.sample_rate is not None else s.traffic_sample_rate
             days = entry.max_age_days if entry and entry.max_age_days is not None else s.traffic_max_age_days
             records = entry.max_records if entry and entry.max_records is not None else s.traffic_max_records
+            max_bytes = entry.max_bytes if entry and entry.max_bytes is not None else s.traffic_max_bytes
             policy = AdapterPolicy(
                 sample_rate=rate,
-                retention=Retention(max_records=records, max_age_s=days * DAY_S if days > 0 else None),
+                retention=Retention(
+                    max_records=records, max_age_s=days * DAY_S if days > 0 else None, max_bytes=max_bytes
+                ),
                 include_unrated=bool(entry and entry.include_unrated),
                 calibration_files=entry.calibration_files if entry else (),
             )

@@ -1,8 +1,20 @@
 """Redaction before anything is stored: the built-in hook (e-mail addresses and long digit runs), none,
-or an operator's own `package.module:function`."""
+or an operator's own `package.module:function`.
+
+The built-in hook covers every string a record stores, at any depth: the prompt (or every field of
+every message), the completion, and the sampling settings with whatever extra fields the client
+sent (`user`, `stop`, `metadata`, keys included). Identifiers (the client's X-Request-Id and the
+response id that contains it) cannot simply be rewritten: feedback finds a record by them, and two
+ids redacted to the same text would be confused. An identifier that the redaction would change is
+stored as a pseudonym instead (`pseudonym`: a keyed hash, the key kept in the database), and the
+feedback route looks an id up both as given and as its pseudonym. All of it runs in the writer
+thread (or, for a correction, in a worker thread of the feedback route), never on the event loop.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib
 import re
 from collections.abc import Callable, Mapping
@@ -29,35 +41,39 @@ def redact_text(text: str) -> str:
     return DIGIT_RUN.sub(NUMBER_MARK, EMAIL.sub(EMAIL_MARK, text))
 
 
-def _redact_prompt(prompt: Any) -> Any:
-    if isinstance(prompt, str):
-        return redact_text(prompt)
-    if isinstance(prompt, list):  # chat messages (token id prompts hold no text)
-        out = []
-        for m in prompt:
-            if isinstance(m, dict) and isinstance(m.get("content"), str):
-                m = {**m, "content": redact_text(m["content"])}
-            elif isinstance(m, dict) and isinstance(m.get("content"), list):
-                parts = [
-                    {**p, "text": redact_text(p["text"])}
-                    if isinstance(p, dict) and isinstance(p.get("text"), str)
-                    else p
-                    for p in m["content"]
-                ]
-                m = {**m, "content": parts}
-            out.append(m)
-        return out
-    return prompt
+def redact_value(value: Any) -> Any:
+    """`value` with `redact_text` applied to every string in it, at any depth (dict keys too): the
+    same object where nothing changes, so a clean record is not copied."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        items = [(redact_value(k), redact_value(v)) for k, v in value.items()]
+        unchanged = all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True))
+        return value if unchanged else dict(items)
+    if isinstance(value, (list, tuple)):
+        out = [redact_value(v) for v in value]
+        return value if all(a is b for a, b in zip(out, value, strict=True)) else type(value)(out)
+    return value
+
+
+# The fields the built-in hook rewrites: every field a client's text reaches, but the identifiers
+# (pseudonymised instead, see the module docstring). adapter, version, endpoint, served_path and
+# finish_reason are the server's own words.
+_TEXT_FIELDS = ("prompt", "completion", "sampling")
+_ID_FIELDS = ("request_id", "response_id")
 
 
 def builtin_redaction(record: dict[str, Any]) -> dict[str, Any]:
-    """The built-in redaction hook: e-mail addresses and runs of 7+ digits in the prompt (or the
-    messages) and the completion become [EMAIL] / [NUMBER]."""
-    return {
-        **record,
-        "prompt": _redact_prompt(record.get("prompt")),
-        "completion": redact_text(record["completion"]),
-    }
+    """The built-in redaction hook: e-mail addresses and runs of 7+ digits in every string of the
+    prompt (or the messages), the completion and the sampling settings (every extra field the client
+    sent) become [EMAIL] / [NUMBER]; identifiers holding them are pseudonymised by the caller."""
+    return {**record, **{k: redact_value(record.get(k)) for k in _TEXT_FIELDS}}
+
+
+def pseudonym(secret: bytes, identifier: str) -> str:
+    """A stable stand-in for an identifier that holds personal data: the same for the same id and
+    database, never the id itself, and not reversible without the database's secret."""
+    return "pseudonym-" + hmac.new(secret, identifier.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
 def load_redaction(spec: str) -> Redaction | None:
@@ -86,25 +102,37 @@ def load_redaction(spec: str) -> Redaction | None:
 _RECORD_FIELDS = frozenset(f.name for f in fields(TrafficRecord))
 
 
-def apply_redaction(hook: Redaction | None, record: TrafficRecord) -> TrafficRecord | None:
-    """`record` as the hook rewrote it, or None if the hook dropped it. A hook that raises or returns
-    something other than a record dict raises ValueError (the caller drops the record: storing it
-    unredacted is never the fallback)."""
+def apply_redaction(
+    hook: Redaction | None, record: TrafficRecord, secret: bytes | None = None
+) -> TrafficRecord | None:
+    """`record` as the hook rewrote it, or None if the hook dropped it. With `secret` (the database's),
+    an identifier the hook changed (or, for the built-in hook, one it would change) is stored as its
+    `pseudonym`; without, identifiers are kept as they are (ids the server generated: no client data
+    in them, and a generated hex id often holds 7 digits in a row). Raises ValueError for a hook that raises or returns something other than a record
+    dict (the caller drops the record: storing it unredacted is never the fallback)."""
     if hook is None:
         return record
     if hook is builtin_redaction:  # the same result without copying the record into a dict and back
-        return replace(
-            record, prompt=_redact_prompt(record.prompt), completion=redact_text(record.completion)
-        )
-    out = hook(asdict(record))
-    if out is None:
-        return None
-    if (
-        not isinstance(out, Mapping)
-        or set(out) - _RECORD_FIELDS
-        or not isinstance(out.get("completion"), str)
-    ):
-        raise ValueError(
-            f"redaction hook returned {type(out).__name__}, not a record dict with a string completion"
-        )
-    return replace(record, **{k: v for k, v in out.items() if k in _RECORD_FIELDS})
+        changes = {k: redact_value(getattr(record, k)) for k in _TEXT_FIELDS}
+        ids = {k: (v, redact_text(v)) for k in _ID_FIELDS if isinstance(v := getattr(record, k), str)}
+    else:
+        try:
+            out = hook(asdict(record))
+        except Exception as e:
+            raise ValueError(f"the redaction hook raised {type(e).__name__}: {e}") from e
+        if out is None:
+            return None
+        if (
+            not isinstance(out, Mapping)
+            or set(out) - _RECORD_FIELDS
+            or not isinstance(out.get("completion"), str)
+        ):
+            raise ValueError(
+                f"redaction hook returned {type(out).__name__}, not a record dict with a string completion"
+            )
+        changes = {k: v for k, v in out.items() if k in _RECORD_FIELDS and k not in _ID_FIELDS}
+        ids = {k: (v, out.get(k, v)) for k in _ID_FIELDS if isinstance(v := getattr(record, k), str)}
+    for name, (given, redacted) in ids.items():
+        if redacted != given and secret is not None:
+            changes[name] = pseudonym(secret, given)
+    return replace(record, **changes)

@@ -11,7 +11,11 @@ every adapter and refreshes the usable-calibration-examples gauge.
 Never silently lost: when the queue is full the record is dropped, counted in
 ``vllm_surgery_traffic_records_total{outcome="dropped"}`` and logged (the first drop at once, then a
 summary at most every 10 s). A batch that the database refuses is retried once, then counted as
-``failed`` and logged. `close()` (the server's shutdown) writes everything still queued.
+``failed`` and logged. `close()` (the server's shutdown) writes everything still queued. Recording
+never stops silently: a supervisor thread checks the writer thread every `SUPERVISE_INTERVAL_S` and
+starts a new one if it died (an exception no handler expected, a BaseException); the gauge
+``vllm_surgery_traffic_writer_up``, the counter ``vllm_surgery_traffic_writer_restarts_total`` and
+``GET /v1/surgery/traffic`` ("writer") say so, and the death is logged with its traceback.
 
 Crash bound: a committed batch survives a crash or SIGKILL (SQLite WAL, see `storage.database`). What
 can be missing after a crash is at most what was queued (``traffic_queue_size`` records, observable
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import random
 import re
@@ -34,10 +39,10 @@ from dataclasses import fields, replace
 from typing import Any
 
 from ..settings import ServingSettings
-from ..storage import Database, DatabaseError, Retention, TrafficRecord
+from ..storage import Database, DatabaseError, Retention, TrafficRecord, record_bytes
 from . import metrics
 from .policy import TrafficPolicy
-from .redaction import apply_redaction, load_redaction
+from .redaction import apply_redaction, load_redaction, pseudonym
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -45,6 +50,7 @@ BATCH_SIZE = 256
 LINGER_S = 0.05  # after the first queued record, wait this long for more to share its transaction
 MAINTENANCE_INTERVAL_S = 60.0
 DROP_LOG_INTERVAL_S = 10.0
+SUPERVISE_INTERVAL_S = 1.0
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -67,6 +73,7 @@ class TrafficWriter:
         batch_size: int = BATCH_SIZE,
         maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
         linger_s: float = LINGER_S,
+        supervise_interval_s: float = SUPERVISE_INTERVAL_S,
     ) -> None:
         self.db = db
         self.linger_s = linger_s
@@ -84,20 +91,71 @@ class TrafficWriter:
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
         self._counts: dict[str, int] = {}  # records per adapter, as far as this writer knows
-        self._thread = threading.Thread(target=self._run, name="vllm-surgery-traffic-writer", daemon=True)
+        self._thread = self._new_thread()
         self._started = False
+        self.supervise_interval_s = supervise_interval_s
+        self.restarts = 0
+        self.last_error: str | None = None  # why the writer thread last died (None: never)
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="vllm-surgery-traffic-supervisor", daemon=True
+        )
         metrics.TRAFFIC_QUEUE_DEPTH.set_function(self.queue.qsize)
         metrics.TRAFFIC_QUEUE_PEAK.set_function(lambda: self._peak)
+        metrics.TRAFFIC_WRITER_UP.set_function(lambda: 1.0 if self.up else 0.0)
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run_guarded, name="vllm-surgery-traffic-writer", daemon=True)
+
+    @property
+    def up(self) -> bool:
+        """Whether the writer thread is running (False before start, after close, and after it died
+        until the supervisor has started another)."""
+        return self._started and self._thread.is_alive()
+
+    def health(self) -> dict[str, Any]:
+        """What the traffic route shows: whether records are being written, and restarts so far."""
+        return {"up": self.up, "restarts": self.restarts, "last_error": self.last_error}
 
     @property
     def peak_depth(self) -> int:
         return self._peak
 
     def start(self) -> TrafficWriter:
+        """Start the writer thread and its supervisor (idempotent)."""
         if not self._started:
             self._started = True
             self._thread.start()
+            self._supervisor.start()
         return self
+
+    def _supervise(self) -> None:
+        """Restart a writer thread that died, until close(): what is still queued is written by the new
+        thread; the batch it was writing is lost (counted as failed)."""
+        while not self._stop.wait(self.supervise_interval_s):
+            self.ensure_running()
+
+    def ensure_running(self) -> bool:
+        """Start a new writer thread if the running one died; True if one was started."""
+        with self._cond:
+            if self._stop.is_set() or not self._started or self._thread.is_alive():
+                return False
+            self.restarts += 1
+            metrics.TRAFFIC_WRITER_RESTARTS.inc()
+            log.error(
+                "traffic: the writer thread had died (%s); starting a new one (restart %d)",
+                self.last_error or "no error recorded",
+                self.restarts,
+            )
+            self._thread = self._new_thread()
+            self._thread.start()
+            return True
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # the supervisor restarts the thread; here it is only recorded
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.critical("traffic: the writer thread died; the supervisor restarts it", exc_info=True)
 
     # ------------------------------------------------------------------ producer side (event loop)
     def submit(self, item: Any, adapter: str) -> bool:
@@ -147,9 +205,13 @@ class TrafficWriter:
     def close(self, timeout: float | None = 60.0) -> bool:
         """Stop accepting, write everything queued, stop the thread. Idempotent. True if all was written."""
         with self._cond:
+            alive = self._started and self._thread.is_alive()
             self._stop.set()
         if not self._started:
             return self.queue.empty()
+        if not alive and not self.queue.empty():  # died, not restarted yet: one more writes what is left
+            self._thread = self._new_thread()
+            self._thread.start()
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(_WAKE)
         self._thread.join(timeout)
@@ -221,6 +283,10 @@ class TrafficWriter:
                     metrics.record_traffic(r.adapter, "logged")
                     added[r.adapter] = added.get(r.adapter, 0) + 1
                 self._retain(added)
+        except BaseException:  # unexpected: the batch is lost (counted), the caller or supervisor goes on
+            for r in records:
+                metrics.record_traffic(r.adapter, "failed")
+            raise
         finally:
             with self._cond:
                 self._done += len(items)
@@ -340,11 +406,15 @@ class TrafficRecorder:
         *,
         rng: random.Random | None = None,
         maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
+        supervise_interval_s: float = SUPERVISE_INTERVAL_S,
     ) -> None:
         self.settings = settings
         self.policy = TrafficPolicy(settings, rng)
         self.redaction = load_redaction(settings.traffic_redact)
         self.db = db
+        self._secret: bytes | None = None
+        self._oversized_logged = -math.inf
+        self.feedback_trust: Any = None  # the server's serving.auth.FeedbackTrust (set by start_capture)
         self.version_of = version_of
         self._versions: dict[tuple[str, str], str | None] = {}
         self._gauged: set[str] = set()
@@ -355,6 +425,7 @@ class TrafficRecorder:
             retention=lambda adapter: self.policy.for_adapter(adapter).retention,
             maintenance=self.refresh_gauges,
             maintenance_interval_s=maintenance_interval_s,
+            supervise_interval_s=supervise_interval_s,
         )
 
     def start(self) -> TrafficRecorder:
@@ -377,8 +448,24 @@ class TrafficRecorder:
             self._versions[key] = self.version_of(adapter, path)
         return self._versions[key]
 
+    @property
+    def secret(self) -> bytes:
+        """The database's identifier secret (read once). Raises DatabaseError."""
+        if self._secret is None:
+            self._secret = self.db.id_secret()
+        return self._secret
+
+    def stored_ids(self, request_id: str) -> list[str]:
+        """The ids a record asked for as `request_id` may be stored under: the id itself, or its
+        pseudonym where the redaction changed it (see `redaction`). Blocking (reads the database
+        once); raises DatabaseError."""
+        if self.redaction is None:
+            return [request_id]
+        return [request_id, pseudonym(self.secret, request_id)]
+
     def prepare(self, capture: Any) -> list[TrafficRecord]:
-        """A capture's records, redacted (writer thread). Unknown adapters give none."""
+        """A capture's records, redacted (writer thread). Unknown adapters give none, and a record
+        whose stored text would exceed traffic_max_record_bytes is left out (counted as oversized)."""
         version = self._version(capture.adapter, capture.lora_path)
         if version is None:
             log.debug(
@@ -388,10 +475,13 @@ class TrafficRecorder:
             )
             return []
         out = []
+        limit = self.settings.traffic_max_record_bytes
+        # the client's ids are pseudonymised where redaction would change them; ids we generated are not
+        secret = self.secret if self.redaction and not getattr(capture, "generated_id", False) else None
         for record in capture.to_records(version, capture.lora_path):
             record = without_surrogates(record)
             try:
-                redacted = apply_redaction(self.redaction, record)
+                redacted = apply_redaction(self.redaction, record, secret)
             except Exception:
                 log.exception(
                     "traffic: the redaction hook failed; record of adapter %r not stored", record.adapter
@@ -400,6 +490,19 @@ class TrafficRecorder:
                 continue
             if redacted is None:
                 metrics.record_traffic(record.adapter, "redacted_out")
+            elif (size := record_bytes(redacted)) > limit:
+                metrics.record_traffic(record.adapter, "oversized")
+                now = time.monotonic()
+                if now - self._oversized_logged < DROP_LOG_INTERVAL_S:
+                    continue  # counted; logged at most every DROP_LOG_INTERVAL_S (clients choose sizes)
+                self._oversized_logged = now
+                log.warning(
+                    "traffic: a record of adapter %r takes %d bytes, above VLLM_SURGERY_TRAFFIC_MAX_RECORD_BYTES"
+                    "=%d; it is not stored (raise the limit to keep such records)",
+                    record.adapter,
+                    size,
+                    limit,
+                )
             else:
                 out.append(redacted)
         return out

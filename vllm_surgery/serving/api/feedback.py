@@ -3,23 +3,32 @@
 Body `FeedbackRequest`: ``{"request_id": ID, "rating": "good"|"bad", "correction": TEXT, "choice": 0}``
 (rating and/or correction; choice defaults to 0). ID is the request's X-Request-Id (returned in the
 response header of every recorded request) or the response's ``id`` (``cmpl-...``/``chatcmpl-...``).
-Needs the API key only: clients give feedback. 404: no recorded request has that id (records still
-queued are written first, so feedback right after the answer works); 400: the body, naming the field;
-repeated feedback: the latest wins, the history is kept. A correction goes through the same redaction
-as the records. 503 when traffic recording is off on this server.
+Needs the API key only: clients give feedback. Whether it counts as calibration data (toward the
+calibration set and automatic jobs) depends on ``feedback_trust``: with "reviewer" (the default) only
+feedback sent with the reviewer token (``X-Surgery-Reviewer-Token``) or the admin token does; other
+feedback is stored, counted and marked untrusted (``"trusted": false`` in the answer). See
+docs/security.md. 404: no recorded request has that id (records still queued are written first, so
+feedback right after the answer works); 400: the body, naming the field; 413: a correction above
+``feedback_max_correction_bytes``; 429: a client (not a reviewer) above
+``feedback_corrections_per_hour``. Repeated feedback: the latest wins, the newest
+``feedback_max_per_record`` rows are kept (and always the latest trusted one). A correction goes
+through the same redaction as the records. 503 when traffic recording is off on this server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import Field, model_validator
 
+from ...settings import env_of
 from ...storage import RATINGS, DatabaseError, UnknownRequest
 from ...traffic import TrafficRecorder, record_feedback
+from ..auth import FeedbackTrust
 from .http import SMALL_BODY_BYTES, BodyError, RequestBody, error_response, openapi_body, read_model
 from .traffic import recorder_or_answer
 
@@ -67,13 +76,58 @@ class FeedbackRequest(RequestBody):
         return body
 
 
-async def give_feedback(recorder: TrafficRecorder, feedback: FeedbackRequest) -> dict[str, Any]:
-    """Store one feedback. Raises BodyError (404/422) or DatabaseError."""
+HOUR_S = 3600.0
+
+
+def _find(recorder: TrafficRecorder, request_id: str, choice: int) -> Any:
+    """The record asked for: stored under the id itself or, where redaction changed it, its pseudonym."""
+    for stored_id in recorder.stored_ids(request_id):
+        if (stored := recorder.db.find(stored_id, choice)) is not None:
+            return stored
+    return None
+
+
+def trust_of(recorder: TrafficRecorder) -> FeedbackTrust:
+    """The server's FeedbackTrust (made by start_capture; built from the settings if missing)."""
+    trust = getattr(recorder, "feedback_trust", None)
+    if trust is None:
+        trust = recorder.feedback_trust = FeedbackTrust(recorder.settings)
+    return trust
+
+
+async def give_feedback(
+    recorder: TrafficRecorder,
+    feedback: FeedbackRequest,
+    trusted: bool = True,
+    reviewer: bool = True,
+    client: str | None = None,
+) -> dict[str, Any]:
+    """Store one feedback (`trusted`: it counts as calibration data; `reviewer`: no per-client bound;
+    `client`: who sent it). Raises BodyError (404/413/422/429) or DatabaseError."""
     request_id, choice, correction = feedback.request_id, feedback.choice, feedback.correction
+    settings = recorder.settings
     db = recorder.db
-    stored = await asyncio.to_thread(db.find, request_id, choice)
+    if correction is not None:
+        size, limit = len(correction.encode("utf-8", "surrogatepass")), settings.feedback_max_correction_bytes
+        if size > limit:
+            raise BodyError(
+                f"'correction' is {size} bytes, above the limit of {limit} "
+                f"({env_of('feedback_max_correction_bytes')}); send a shorter correction",
+                413,
+            )
+        if not reviewer and client is not None:
+            sent = await asyncio.to_thread(db.corrections_since, client, time.time() - HOUR_S)
+            per_hour = settings.feedback_corrections_per_hour
+            if sent >= per_hour:
+                raise BodyError(
+                    f"'correction': this client sent {sent} corrections in the last hour, the limit is "
+                    f"{per_hour} ({env_of('feedback_corrections_per_hour')}); try again later, or send "
+                    "them as a reviewer",
+                    429,
+                )
+    stored = await asyncio.to_thread(_find, recorder, request_id, choice)
     if stored is None and await asyncio.to_thread(recorder.flush, FLUSH_WAIT_S):
-        stored = await asyncio.to_thread(db.find, request_id, choice)  # it may have been queued
+        stored = await asyncio.to_thread(_find, recorder, request_id, choice)  # it may have been queued
     if stored is None:
         raise BodyError(
             f"no recorded request with id {request_id!r} (choice {choice}): unknown, not recorded (sampled "
@@ -89,10 +143,19 @@ async def give_feedback(recorder: TrafficRecorder, feedback: FeedbackRequest) ->
         if correction is None:
             raise BodyError("the redaction hook refused this correction; nothing was stored", 422)
     try:
-        history = await asyncio.to_thread(db.add_feedback, stored.id, feedback.rating, correction)
+        history = await asyncio.to_thread(
+            lambda: db.add_feedback(
+                stored.id,
+                feedback.rating,
+                correction,
+                trusted=trusted,
+                client=client,
+                keep=settings.feedback_max_per_record,
+            )
+        )
     except UnknownRequest as e:
         raise BodyError(f"request {request_id!r}: {e}", 404) from e
-    record_feedback(stored.record.adapter, feedback.rating)
+    record_feedback(stored.record.adapter, feedback.rating, trusted)
     await asyncio.to_thread(recorder.refresh_gauges, stored.record.adapter)
     return {
         "request_id": stored.record.request_id,
@@ -103,6 +166,7 @@ async def give_feedback(recorder: TrafficRecorder, feedback: FeedbackRequest) ->
         "rating": feedback.rating,
         "corrected": correction is not None,
         "feedback_count": history,
+        "trusted": trusted,
     }
 
 
@@ -113,7 +177,8 @@ async def feedback(raw_request: Request) -> Any:
         return denied
     try:
         body = await read_model(raw_request, FeedbackRequest, SMALL_BODY_BYTES, FEEDBACK_EXAMPLE)
-        return await give_feedback(recorder, body)
+        trusted, reviewer, client = trust_of(recorder).judge(raw_request)
+        return await give_feedback(recorder, body, trusted, reviewer, client)
     except BodyError as e:
         return error_response(str(e), e.status)
     except DatabaseError as e:

@@ -1,7 +1,8 @@
 """Traffic routes: what was recorded (capture itself is `vllm_surgery.serving.capture`; feedback is
 `feedback`).
 
-- ``GET /v1/surgery/traffic``          counts per adapter and version (no user data), queue depth
+- ``GET /v1/surgery/traffic``          counts per adapter and version (no user data), queue depth, and
+  whether the writer thread is recording ("writer": up, restarts, last_error)
 - ``GET /v1/surgery/traffic/{name}``   an adapter's records with prompts and completions: user data,
   so it needs the admin token. Query: ``since`` (7d, 12h, ISO time), ``limit`` (<= 1000), ``after_id``.
 
@@ -64,6 +65,7 @@ async def traffic_stats(raw_request: Request) -> Any:
             "peak": writer.peak_depth,
             "capacity": writer.queue.maxsize,
         },
+        "writer": writer.health(),
     }
 
 
