@@ -12,7 +12,8 @@ Cases (the attack each once was, or could be):
 - completion, `user` a lone surrogate: once killed the traffic writer for the server's life;
 - completion, 1 MiB of redaction-adversarial text in `user` (letters without "@"): the e-mail pattern
   was quadratic; redaction runs in the writer thread, never on the request path;
-- feedback, a 60,000-letter correction (within the 64 KiB body bound): redacted before it is stored;
+- feedback, a 32,000-letter correction (just within the 32 KiB correction bound): redacted before it is
+  stored; a 60,000-letter one (within the 64 KiB body bound): refused (413) naming the bound;
 - feedback, a correction with a lone surrogate: refused (400, naming the field: not a valid string);
 - feedback for an unknown request id: once waited 5 s on a dead writer;
 - feedback, a 1 MiB body: refused (413) before it is read whole;
@@ -128,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             ),
             (
                 "feedback",
+                "correction: 32,000 letters",
+                feedback(server, feedback_body(request_id="benign", correction="a" * 32_000)),
+                {200},
+            ),
+            (
+                "feedback",
                 "correction: 60,000 letters",
                 feedback(server, feedback_body(request_id="benign", correction="a" * 60_000)),
-                {200},
+                {413},
             ),
             (
                 "feedback",
