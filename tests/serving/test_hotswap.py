@@ -187,6 +187,79 @@ def test_swap_to_refined_version(server, prompt_ids, peft_model, versions) -> No
     assert_served_by(server, "x", prompt_ids, peft_model, expected="refined", other="original")
 
 
+def test_two_versions_of_one_name_in_one_batch_are_both_served(
+    server, prompt_ids, peft_model, versions
+) -> None:
+    """A response still running on the old version and a new request on the new one share a batch.
+
+    vLLM 0.32 compares LoRARequests by name: with both versions named "x", the worker activated only
+    one of them and the step failed (KeyError in punica's mapping; the engine died). The sequence
+    makes the new version non-resident first: with 2 LoRA slots, a request for another adapter
+    ("static") evicts it while the old version's paced stream keeps its own slot busy."""
+    assert swap(server, versions["refined"].name)[0] == 200
+    ids = prompt_ids[0]
+    body = {
+        "model": "x",
+        "prompt": ids,
+        "max_tokens": STREAM_TOKENS,
+        **pacing.paced(PACE_MS),
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "logprobs": 1,
+        "return_tokens_as_token_ids": True,
+    }
+    req = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **server.headers},
+    )
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    models: set[str] = set()
+    first = threading.Event()
+
+    def read() -> None:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                models.add(event["model"])
+                lp = event["choices"][0]["logprobs"]
+                tokens.extend(int(t.removeprefix("token_id:")) for t in lp["tokens"])
+                logprobs.extend(lp["token_logprobs"])
+                first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert first.wait(REQUEST_TIMEOUT_S), "no streamed token"
+    try:
+        status, result = swap(server, "original")
+        assert status == 200 and result["changed"], result
+        status, body = complete(server, "static", ids)  # evicts the new version from its GPU slot
+        assert status == 200, body
+        assert reader.is_alive(), "the stream ended before the new version was evicted; nothing overlapped"
+        # the new version, while the old one's stream still runs: both in one batch
+        assert_served_by(server, "x", prompt_ids, peft_model, expected="original", other="refined")
+        assert reader.is_alive(), "the stream ended before the new version was asked; nothing overlapped"
+        reader.join(REQUEST_TIMEOUT_S)
+        assert len(tokens) == STREAM_TOKENS
+        want = teacher_forced(peft_model, "refined", ids, tokens)
+        assert max(abs(a - b) for a, b in zip(logprobs, want, strict=True)) < LOGPROB_TOL
+        assert server.get("/health")[0] == 200
+        # clients see the name they asked for, never the engine's name of a version
+        status, listing = server.get("/v1/models")
+        assert status == 200 and "x" in {m["id"] for m in listing["data"]}, listing
+        assert not [m["id"] for m in listing["data"] if "@" in m["id"]], listing
+        assert models == {"x"}, models
+        status, body = complete(server, "x", ids)
+        assert status == 200 and body["model"] == "x", body
+    finally:
+        assert swap(server, versions["refined"].name)[0] == 200
+
+
 def test_response_in_flight_during_a_swap_stays_on_its_version(
     server, prompt_ids, peft_model, versions
 ) -> None:

@@ -10,11 +10,13 @@ import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
 
 from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
+from vllm_surgery.serving import vllm_compat
 from vllm_surgery.settings import ServingSettings
 from vllm_surgery.storage.store import VersionStore
 
@@ -49,6 +51,15 @@ class FakeModels:
 
     async def unload_lora_adapter(self, request):
         raise AssertionError("HotSwapper never uses vLLM's unload path")
+
+    def model_name(self, lora_request=None) -> str:
+        return lora_request.lora_name if lora_request is not None else "base"
+
+    async def show_available_models(self):
+        cards = [SimpleNamespace(id="base")] + [
+            SimpleNamespace(id=r.lora_name) for r in self.lora_requests.values()
+        ]
+        return SimpleNamespace(data=cards)
 
     @property
     def loads(self) -> list:
@@ -126,7 +137,9 @@ def test_swap_loads_the_version_under_a_new_id_then_switches_the_name(env) -> No
     assert result.changed and result.previous_version == "original"
     (load,) = models.loads
     stored = models.lora_requests["x"]
-    assert stored is load and load.lora_name == "x"
+    # named x@ID in the engine (vLLM compares LoRARequests by name: two versions may share a batch)
+    assert stored is load and load.lora_name == f"x@{load.lora_int_id}"
+    assert vllm_compat.public_name(load) == "x"
     assert is_snapshot_of(load.lora_path, env["good"], store.root, env["good"].name), load.lora_path
     # a new id: requests already scheduled with the old one (7) finish on the old weights
     assert load.lora_int_id not in (7, before.lora_int_id)
@@ -360,3 +373,19 @@ def test_the_pending_swap_sweep_never_forces(env, tmp_path) -> None:
         assert swapper.describe("x")["served_version"] == env["good"].name
     finally:
         db.close()
+
+
+def test_clients_see_the_name_not_a_versions_engine_name(env) -> None:
+    """After a swap the engine knows the version as x@ID; the responses' model field and the model
+    listing still say x (a name a client sent, or a --served-model-name, is left as it is)."""
+    swapper, models = env["swapper"], env["models"]
+    run(swapper.swap("x", env["good"].name))
+    vllm_compat.install_public_names(models)
+    version = models.lora_requests["x"]
+    assert version.lora_name != "x"
+    assert models.model_name(version) == "x"
+    assert models.model_name(None) == "base"
+    lookalike = vllm_compat.lora_request("y@3", "/p", 4)  # not NAME@ITS-OWN-ID: a name of its own
+    assert models.model_name(lookalike) == "y@3"
+    listing = run(models.show_available_models())
+    assert [c.id for c in listing.data] == ["base", "x"]

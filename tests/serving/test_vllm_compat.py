@@ -59,6 +59,11 @@ def test_hotswap_fakes_match_the_real_classes(real_models) -> None:
     for method in ("load_lora_adapter", "unload_lora_adapter"):
         real = list(inspect.signature(getattr(type(real_models), method)).parameters)
         assert list(inspect.signature(getattr(FakeModels, method)).parameters) == real, method
+    real = list(inspect.signature(type(real_models).model_name).parameters)
+    assert list(inspect.signature(FakeModels.model_name).parameters) == real
+    real = list(inspect.signature(type(real_models).show_available_models).parameters)
+    assert list(inspect.signature(FakeModels.show_available_models).parameters) == real
+    assert inspect.iscoroutinefunction(type(real_models).show_available_models)
     real_add = list(inspect.signature(EngineClient.add_lora).parameters)
     assert list(inspect.signature(FakeEngine.add_lora).parameters) == real_add
     assert inspect.iscoroutinefunction(EngineClient.add_lora)

@@ -153,6 +153,7 @@ class SurgeryEndpointPlugin:
             log.warning("%s: no engine or LoRA support; /v1/surgery routes answer 503", PLUGIN_NAME)
             return
         await asyncio.to_thread(vllm_compat.self_check, models)  # imports and parses: off the loop
+        vllm_compat.install_public_names(models)  # clients see NAME, never a version's NAME@ID
         if not getattr(args, "enable_lora", False):
             log.warning("%s: started without --enable-lora; swaps will fail", PLUGIN_NAME)
         base_model = str(args.model)

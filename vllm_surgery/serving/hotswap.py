@@ -449,7 +449,8 @@ class HotSwapper:
         # running requests, mixing versions inside one response, and 0.32 re-reads such an adapter
         # from disk on every step.) The old version's weights leave the worker caches by LRU.
         async with vllm_compat.name_lock(self.models, name):
-            request = vllm_compat.lora_request(name, path, vllm_compat.next_lora_id(self.models))
+            # named NAME@ID in the engine: two versions of one name may share a batch (vllm_compat)
+            request = vllm_compat.version_lora_request(name, path, vllm_compat.next_lora_id(self.models))
             try:
                 await vllm_compat.add_lora(self.models, request)  # loads and validates in the workers
             except Exception as e:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import re
 import sys
 from argparse import Namespace
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -60,6 +61,51 @@ def _missing(piece: str, detail: str) -> VllmCompatError:
 def lora_request(name: str, path: str, lora_int_id: int = 1) -> LoRARequest:
     """A LoRARequest that is never an in-place load (vLLM 0.32 re-reads such an adapter on every step)."""
     return LoRARequest(lora_name=name, lora_int_id=lora_int_id, lora_path=path, load_inplace=False)
+
+
+# A hot-swapped version's LoRARequest is named NAME@ID inside the engine ('@' is never in an adapter
+# name, see vllm_surgery.names). vLLM 0.32 compares and hashes LoRARequests by lora_name alone: the
+# worker builds the batch's set of adapters to activate from them, so two versions of one name in a
+# batch (a response still running on the old one, a new request on the new one) collapse into one,
+# the other is not activated, and the step fails (KeyError in punica's convert_mapping: the engine
+# dies). Its prefix cache also keys blocks on lora_name, so a new version could reuse KV blocks the
+# old one computed. A name per version avoids both; clients still see NAME (`install_public_names`).
+VERSION_SEPARATOR = "@"
+_ENGINE_NAME = re.compile(rf"^(?P<name>.+){VERSION_SEPARATOR}(?P<id>[0-9]+)$")
+
+
+def version_lora_request(name: str, path: str, lora_int_id: int) -> LoRARequest:
+    """The LoRARequest of one version of `name`: named NAME@ID in the engine (see VERSION_SEPARATOR)."""
+    return lora_request(f"{name}{VERSION_SEPARATOR}{lora_int_id}", path, lora_int_id)
+
+
+def public_name(request: LoRARequest) -> str:
+    """The name clients use for `request`: NAME for a version's NAME@ID, the lora_name otherwise."""
+    found = _ENGINE_NAME.match(request.lora_name)
+    if found and int(found["id"]) == request.lora_int_id:
+        return found["name"]
+    return request.lora_name
+
+
+def install_public_names(models: Any) -> None:
+    """Make the responses' `model` field and GET /v1/models show NAME, never a version's NAME@ID:
+    wraps this OpenAIServingModels' model_name() (every OpenAI route's response names its model
+    with it) and show_available_models()."""
+    model_name = models.model_name
+    show = models.show_available_models
+
+    def public_model_name(lora_request: LoRARequest | None = None) -> str:
+        return public_name(lora_request) if lora_request is not None else model_name(lora_request)
+
+    async def public_models() -> Any:
+        listing = await show()
+        engine_names = {r.lora_name: public_name(r) for r in served_requests(models).values()}
+        for card in listing.data:
+            card.id = engine_names.get(card.id, card.id)
+        return listing
+
+    models.model_name = public_model_name
+    models.show_available_models = public_models
 
 
 def register_resolver(name: str, resolver: LoRAResolver) -> bool:
@@ -409,6 +455,12 @@ def check_serving_models(models: Any) -> None:
     _require(inspect.iscoroutinefunction(add), where, "has no engine_client with an async add_lora")
     for method in ("load_lora_adapter", "unload_lora_adapter"):
         _require(inspect.iscoroutinefunction(getattr(models, method, None)), where, f"has no async {method}")
+    _require(callable(getattr(models, "model_name", None)), where, "has no model_name(lora_request)")
+    _require(
+        inspect.iscoroutinefunction(getattr(models, "show_available_models", None)),
+        where,
+        "has no async show_available_models",
+    )
 
 
 def check_traffic_api() -> None:
