@@ -72,7 +72,7 @@ def test_migrations_are_recorded_and_match_sqlite(postgres_url: str) -> None:
     """One schema_version row per step, with SQLite's version numbers and descriptions: a version
     means the same tables in both (a step added to one backend only fails here)."""
     db = open_database(postgres_url)
-    assert db.schema_version() == database.SCHEMA_VERSION == 2
+    assert db.schema_version() == database.SCHEMA_VERSION == 4
     db.close()
     assert applied(postgres_url) == [(m.version, m.description) for m in database.MIGRATIONS]
     assert [m.version for m in postgres.MIGRATIONS] == [m.version for m in database.MIGRATIONS]
@@ -81,26 +81,105 @@ def test_migrations_are_recorded_and_match_sqlite(postgres_url: str) -> None:
 def test_a_next_migration_applies_on_open_and_keeps_the_data(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A version-1 database (traffic only, as the first release wrote it) gains the job queue, cancel and
+    the bounds and trust columns when opened: its feedback counted before trust existed stays trusted,
+    each record's bytes are computed from its stored text; then a next step is applied once."""
     monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:1])
     db = open_database(postgres_url)
     assert db.schema_version() == 1
-    db.insert([record("kept")])
+    # as the first release wrote it (its columns only)
+    run_sql(
+        db,
+        "INSERT INTO traffic (request_id, response_id, choice, adapter, version, endpoint, prompt, "
+        "completion, sampling, calibratable, created) VALUES "
+        "('kept', 'cmpl-kept', 0, 'x', 'original', 'completions', '\"éa\"', 'ok', '{}', true, 0)",
+    )
+    run_sql(db, "INSERT INTO feedback (traffic_id, rating, correction, created) VALUES (1, 'bad', 'fixé', 1)")
     db.close()
     monkeypatch.undo()
-    db = open_database(postgres_url)  # version 1 gains the job queue and keeps its records
-    assert db.schema_version() == 2 and db.find("kept") is not None
-    assert db.enqueue_job("x", "manual", {})[1]
+    db = open_database(postgres_url)
+    current = database.MIGRATIONS[-1].version
+    assert db.schema_version() == current
+    kept = db.find("kept")
+    # '"éa"' is 5 bytes, 'ok' 2, '{}' 2; the correction 'fixé' 5
+    assert (kept.bytes, kept.correction, kept.trusted) == (5 + 2 + 2 + 5, "fixé", True)
+    assert db.records("x", calibration=True)[0].correction == "fixé"
+    assert len(db.id_secret()) == 32
+    job = db.enqueue_job("x", "manual", {})[0]
+    assert db.cancel_job(job.id)[1] == "cancelled"  # the state check knows 'cancelled'
     db.close()
-    notes = Migration(3, "notes", ("CREATE TABLE notes (id BIGSERIAL PRIMARY KEY, text TEXT NOT NULL)",))
+    following = current + 1
+    notes = Migration(
+        following, "notes", ("CREATE TABLE notes (id BIGSERIAL PRIMARY KEY, text TEXT NOT NULL)",)
+    )
     monkeypatch.setattr(postgres, "MIGRATIONS", (*postgres.MIGRATIONS, notes))
     db = open_database(postgres_url)
-    assert db.schema_version() == 3 and db.find("kept") is not None and len(db.jobs()) == 1
+    assert db.schema_version() == following and db.find("kept") is not None and len(db.jobs()) == 1
     run_sql(db, "INSERT INTO notes (text) VALUES ('x')")
     assert run_sql(db, "SELECT COUNT(*) FROM notes") == [(1,)]
     db.close()
     db = open_database(postgres_url)  # opening again applies nothing twice
     db.close()
-    assert [v for v, _ in applied(postgres_url)] == [1, 2, 3]
+    assert [v for v, _ in applied(postgres_url)] == list(range(1, following + 1))
+
+
+def test_a_version_2_database_keeps_its_jobs_and_gains_cancel(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 3 changes the state check in place: every job is kept, a running one can be cancelled,
+    an unknown state is still refused and the one-running-job-per-adapter index still holds."""
+    monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:2])
+    db = open_database(postgres_url)
+    # as version 2 wrote them (its columns only)
+    run_sql(
+        db,
+        "INSERT INTO jobs (adapter, trigger, state, spec, created, max_attempts, lease_owner, lease_expires) "
+        "VALUES ('a', 'manual', 'running', '{}', 1.0, 3, 'w', 1e12), ('b', 'manual', 'queued', '{}', 2.0, 3, "
+        "NULL, NULL)",
+    )
+    db.close()
+    monkeypatch.undo()
+    db = open_database(postgres_url)
+    try:
+        assert db.schema_version() == database.SCHEMA_VERSION
+        assert [(j.adapter, j.state, j.lease_owner, j.cancel_requested) for j in db.jobs()] == [
+            ("b", "queued", None, None),
+            ("a", "running", "w", None),
+        ]
+        queued, running = db.jobs()
+        assert db.cancel_job(queued.id)[1] == "cancelled"
+        assert db.cancel_job(running.id)[1] == "cancelling" and db.cancel_requested(running.id)
+        assert db.finish_cancelled(running.id, "w") and db.job(running.id).state == "cancelled"
+        with pytest.raises(DatabaseError, match="jobs_state_check"):
+            run_sql(db, "UPDATE jobs SET state = 'paused' WHERE id = ?", (queued.id,))
+        db.enqueue_job("a", "manual", SPEC)
+        assert db.claim_job("w", 60).adapter == "a"
+        with pytest.raises(DatabaseError, match="jobs_one_running_per_adapter"):
+            run_sql(
+                db,
+                "INSERT INTO jobs (adapter, trigger, state, spec, created, max_attempts, lease_owner, "
+                "lease_expires) VALUES ('a', 'manual', 'running', '{}', 3.0, 3, 'w2', 99.0)",
+            )
+    finally:
+        db.close()
+
+
+def test_each_database_has_its_own_identifier_secret(postgres_server) -> None:
+    """256 bits from the server's randomness, created once with the schema: stable across opens, and
+    different for every database."""
+    first, second = postgres_server.new_database(), postgres_server.new_database()
+    db = open_database(first)
+    secret = db.id_secret()
+    db.close()
+    again = open_database(first)
+    other = open_database(second)
+    try:
+        assert len(secret) == 32 and again.id_secret() == secret
+        assert other.id_secret() != secret and len(set(other.id_secret())) > 8
+        assert run_sql(other, "SELECT value FROM traffic_meta")[0][0] == other.id_secret().hex()
+    finally:
+        again.close()
+        other.close()
 
 
 OPENER = textwrap.dedent(
@@ -130,7 +209,7 @@ def test_processes_opening_a_fresh_database_at_once_apply_each_migration_once(po
     for p in procs:
         assert p.wait(120) == 0, p.stderr.read().decode()
     assert time.time() > start + 1.0  # they did wait for the same instant, and migrated after it
-    assert [v for v, _ in applied(postgres_url)] == [1, 2]
+    assert [v for v, _ in applied(postgres_url)] == [1, 2, 3, 4]
 
 
 WORKER = textwrap.dedent(
@@ -194,7 +273,7 @@ def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str) -> N
         open_database(postgres_url)
     message = str(caught.value)
     assert postgres_url in message
-    assert "schema version 99 was written by a newer vllm-surgery (this one knows up to 2)" in message
+    assert "schema version 99 was written by a newer vllm-surgery (this one knows up to 4)" in message
 
 
 def test_an_empty_database_is_not_created_when_only_reading(postgres_url: str) -> None:
