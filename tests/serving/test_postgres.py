@@ -308,6 +308,26 @@ def test_enqueuers_racing_for_one_adapter_never_pass_its_bound(postgres_url: str
             db.close()
 
 
+def test_a_claim_never_takes_a_later_job_of_an_adapter_past_one_another_claim_holds(
+    postgres_url: str,
+) -> None:
+    """The race test_two_workers_claiming_jobs_of_the_same_adapters_never_share_one hits now and then
+    under CPU load, made certain: another worker's claim has locked adapter a's oldest queued job and
+    not yet made it running. SKIP LOCKED passes over that row; the claim must not take a's next job
+    (it would run before the older one: a's order broken), but another adapter's."""
+    db = open_database(postgres_url)
+    first, second = (db.enqueue_job("a", "manual", SPEC, now=float(i))[0] for i in (1, 2))
+    other = db.enqueue_job("b", "manual", SPEC, now=3.0)[0]
+    with psycopg.connect(postgres_url) as holder:  # the other worker's claim, between lock and update
+        holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
+        taken = db.claim_job("w2", 60)
+        assert taken is not None and taken.id == other.id
+        assert db.claim_job("w3", 60) is None  # a's second job waits for its first
+    assert db.claim_job("w1", 60).id == first.id  # the lock is gone: a's oldest first
+    assert db.job(second.id).state == "queued"
+    db.close()
+
+
 def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str) -> None:
     open_database(postgres_url).close()
     with psycopg.connect(postgres_url) as conn:

@@ -14,19 +14,32 @@ Choices, and why:
   borrows a connection for one statement or one transaction, so no state lives between calls.
 - **Transactions are READ COMMITTED**, each write one short transaction (`transaction()`).
 - **Job claims** take the row with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside the claiming
-  ``UPDATE``: two workers never block on, nor take, the same job. The partial unique index "one
-  running job per adapter" still holds: when two workers pick queued jobs of one adapter at the same
-  instant, the second one's update fails on that index once the first commits, and its claim is
-  retried (it then sees the running job and takes another adapter's). Leases, heartbeats, bounded
-  attempts and owner-only updates are the SQLite statements' (`job_queue` docstring); times are the
-  writing process's wall clock, as there.
+  ``UPDATE``: two workers never block on, nor take, the same job. A queued job is claimable only as
+  its adapter's oldest queued job, with no running job of that adapter: when one worker's claim holds
+  an adapter's oldest job, another's SKIP LOCKED passes over it and must not take that adapter's next
+  job (it would run first: the order of one adapter's jobs broken), so it takes another adapter's.
+  The partial unique index "one running job per adapter" still holds whatever happens: a claim whose
+  update fails on it (another worker made a job of that adapter running at the same instant) is
+  retried, and then sees the running job. Leases, heartbeats, bounded attempts and owner-only
+  updates are the SQLite statements' (`job_queue` docstring); times are the writing process's wall
+  clock, as there.
 - **Enqueue with a dedupe key** takes a transaction-scoped advisory lock on the key, so two replicas
-  enqueuing one key at once create one job (SQLite gets this from its single writer).
+  enqueuing one key at once create one job (SQLite gets this from its single writer). **Enqueue with
+  a bound** (``max_queued``) takes one on the adapter (after the key's), so that two processes
+  counting one adapter's jobs at once never both pass the bound.
+- **Cancel** (schema version 3): a queued job becomes ``cancelled`` in one ``UPDATE``; a running one
+  is marked (``cancel_requested``) and its worker ends it. A cancel racing a claim either waits for
+  the claim's row lock and then finds the job running (so marks it), or holds the row, and the claim
+  skips it.
 - **Versioned schema**: the ``schema_version`` table holds a row per applied migration (`MIGRATIONS`,
   the same version numbers as SQLite's: a version means the same tables in both). Each missing step is
   applied in its own transaction under an advisory lock (`MIGRATION_LOCK`), so two processes opening
   a fresh database at once apply each step once; a database whose schema is newer than this package
   is refused by name, never misread.
+- **Bounds and trust** (schema version 4): the identifier secret is made by the server (SHA-256 of
+  three gen_random_uuid(), from its strong random source; no pgcrypto); a record's ``bytes`` are
+  those of its stored text (octet_length: a NUL stored as U+FFFD counts its 3 bytes); adding feedback
+  locks the record's row, so its history pruning and bytes are one writer's at a time.
 - **Types**: ids are identity BIGINTs, times DOUBLE PRECISION Unix seconds, `calibratable` a BOOLEAN,
   prompts, sampling settings and job specs/results JSON text (as in SQLite: read back exactly as
   written). Postgres text cannot hold NUL characters: in stored text they become U+FFFD, as the
@@ -721,8 +734,12 @@ class PostgresDatabase(Database):
                             "lease_expires = %(now)s + %(lease)s, heartbeat = %(now)s, started = %(now)s, "
                             "attempts = attempts + 1 WHERE id = (SELECT j.id FROM jobs j "
                             "WHERE (j.state = 'running' AND j.lease_expires < %(now)s) "
-                            "OR (j.state = 'queued' AND NOT EXISTS "
-                            "(SELECT 1 FROM jobs r WHERE r.adapter = j.adapter AND r.state = 'running')) "
+                            # a queued job only when its adapter has no running job and no older
+                            # queued one: SKIP LOCKED passes over the oldest one when another claim
+                            # holds it, and its adapter's next job must not run before it
+                            "OR (j.state = 'queued' AND NOT EXISTS (SELECT 1 FROM jobs r "
+                            "WHERE r.adapter = j.adapter AND (r.state = 'running' "
+                            "OR (r.state = 'queued' AND r.id < j.id)))) "
                             "ORDER BY j.state = 'running' DESC, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) "
                             f"RETURNING {_JOB_COLUMNS}",
                             params,
@@ -731,7 +748,7 @@ class PostgresDatabase(Database):
                     )
                 return _job(row) if row is not None else None
             except DatabaseError as e:
-                # another worker took a queued job of the same adapter at the same instant (module
+                # another worker made a job of the same adapter running at the same instant (module
                 # docstring): its running job is committed now, and the next try skips that adapter
                 if not isinstance(e.__cause__, pg_errors.UniqueViolation) or attempt == CLAIM_RETRIES - 1:
                     raise
