@@ -432,6 +432,46 @@ def test_threads_share_a_small_pool(postgres_url: str) -> None:
     db.close()
 
 
+def test_feedback_from_many_threads_keeps_one_records_bounds(postgres_url: str) -> None:
+    """Feedback on one record from 6 threads at once (each with its own pool, as several replicas):
+    adding feedback locks the record's row, so the history is pruned to the newest `keep` (and the
+    latest trusted one) and the record's bytes are those of what is left, as one writer would leave
+    them. Without the lock, READ COMMITTED transactions would each prune what they saw and count
+    bytes of a history another one was changing."""
+    dbs = [open_database(postgres_url) for _ in range(6)]
+    (rid,) = dbs[0].insert([record("r")])  # '"p"' 3 bytes, 'c' 1, '{}' 2
+    dbs[0].add_feedback(rid, None, "reviewed", trusted=True, keep=3)
+    barrier = threading.Barrier(len(dbs))
+    errors: list[BaseException] = []
+
+    def send(n: int) -> None:
+        try:
+            barrier.wait(30)
+            for i in range(10):
+                dbs[n].add_feedback(rid, None, f"fix {n}-{i}", trusted=False, client=f"c{n}", keep=3)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(len(dbs))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        history = dbs[0].feedback_history(rid)
+        assert len(history) == 4 and history[0] == {**history[0], "correction": "reviewed", "trusted": True}
+        assert not any(h["trusted"] for h in history[1:])
+        kept = dbs[0].find("r")
+        assert kept.feedback_count == 4
+        assert kept.bytes == 6 + sum(len(h["correction"].encode()) for h in history)
+        assert dbs[0].records("x", calibration=True)[0].correction == "reviewed"
+        assert [dbs[0].corrections_since(f"c{n}", 0.0) for n in range(len(dbs))] == [10] * len(dbs)
+    finally:
+        for db in dbs:
+            db.close()
+
+
 def test_a_server_restart_is_survived(postgres_server, postgres_url: str) -> None:
     db = open_database(postgres_url)
     db.insert([record("before")])
