@@ -300,6 +300,49 @@ def test_a_claim_never_takes_a_later_job_of_an_adapter_past_one_another_claim_ho
     db.close()
 
 
+def test_enqueuers_racing_for_one_adapter_never_pass_its_bound(postgres_url: str) -> None:
+    """enqueue_job(max_queued=2) counts an adapter's queued and running jobs, then inserts. A trigger
+    makes every insert take 0.3 s, so 6 enqueuers (each with its own pool, as separate processes would
+    be) starting at once would all count 0 and all insert without the per-adapter lock; with it,
+    exactly 2 jobs are queued and the 4 others are refused. Another adapter is not bounded by them."""
+    from vllm_surgery.storage import JobQueueFull
+
+    dbs = [open_database(postgres_url) for _ in range(6)]
+    run_sql(
+        dbs[0],
+        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$",
+    )
+    run_sql(dbs[0], "CREATE TRIGGER slow BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION slow_insert()")
+    barrier = threading.Barrier(len(dbs))
+    outcomes: list[object] = []
+
+    def enqueue(n: int) -> None:
+        barrier.wait(30)
+        try:
+            # distinct dedupe keys: each takes its key's lock, then the adapter's
+            outcomes.append(dbs[n].enqueue_job("a", "manual", SPEC, f"k{n}", max_queued=2)[1])
+        except JobQueueFull as e:
+            outcomes.append(e)
+        except BaseException as e:  # reported by the assertion below
+            outcomes.append(repr(e))
+
+    threads = [threading.Thread(target=enqueue, args=(n,)) for n in range(len(dbs))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        refused = [o for o in outcomes if isinstance(o, JobQueueFull)]
+        assert len(refused) == 4 and [o for o in outcomes if o not in refused] == [True, True], outcomes
+        assert len(dbs[0].jobs(adapter="a")) == 2
+        assert all(e.adapter == "a" and e.limit == 2 for e in refused)
+        assert dbs[0].enqueue_job("b", "manual", SPEC, max_queued=2)[1]
+    finally:
+        for db in dbs:
+            db.close()
+
+
 def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str) -> None:
     open_database(postgres_url).close()
     with psycopg.connect(postgres_url) as conn:
