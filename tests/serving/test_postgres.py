@@ -72,7 +72,7 @@ def test_migrations_are_recorded_and_match_sqlite(postgres_url: str) -> None:
     """One schema_version row per step, with SQLite's version numbers and descriptions: a version
     means the same tables in both (a step added to one backend only fails here)."""
     db = open_database(postgres_url)
-    assert db.schema_version() == database.SCHEMA_VERSION == 2
+    assert db.schema_version() == database.SCHEMA_VERSION == 4
     db.close()
     assert applied(postgres_url) == [(m.version, m.description) for m in database.MIGRATIONS]
     assert [m.version for m in postgres.MIGRATIONS] == [m.version for m in database.MIGRATIONS]
@@ -81,26 +81,105 @@ def test_migrations_are_recorded_and_match_sqlite(postgres_url: str) -> None:
 def test_a_next_migration_applies_on_open_and_keeps_the_data(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A version-1 database (traffic only, as the first release wrote it) gains the job queue, cancel and
+    the bounds and trust columns when opened: its feedback counted before trust existed stays trusted,
+    each record's bytes are computed from its stored text; then a next step is applied once."""
     monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:1])
     db = open_database(postgres_url)
     assert db.schema_version() == 1
-    db.insert([record("kept")])
+    # as the first release wrote it (its columns only)
+    run_sql(
+        db,
+        "INSERT INTO traffic (request_id, response_id, choice, adapter, version, endpoint, prompt, "
+        "completion, sampling, calibratable, created) VALUES "
+        "('kept', 'cmpl-kept', 0, 'x', 'original', 'completions', '\"éa\"', 'ok', '{}', true, 0)",
+    )
+    run_sql(db, "INSERT INTO feedback (traffic_id, rating, correction, created) VALUES (1, 'bad', 'fixé', 1)")
     db.close()
     monkeypatch.undo()
-    db = open_database(postgres_url)  # version 1 gains the job queue and keeps its records
-    assert db.schema_version() == 2 and db.find("kept") is not None
-    assert db.enqueue_job("x", "manual", {})[1]
+    db = open_database(postgres_url)
+    current = database.MIGRATIONS[-1].version
+    assert db.schema_version() == current
+    kept = db.find("kept")
+    # '"éa"' is 5 bytes, 'ok' 2, '{}' 2; the correction 'fixé' 5
+    assert (kept.bytes, kept.correction, kept.trusted) == (5 + 2 + 2 + 5, "fixé", True)
+    assert db.records("x", calibration=True)[0].correction == "fixé"
+    assert len(db.id_secret()) == 32
+    job = db.enqueue_job("x", "manual", {})[0]
+    assert db.cancel_job(job.id)[1] == "cancelled"  # the state check knows 'cancelled'
     db.close()
-    notes = Migration(3, "notes", ("CREATE TABLE notes (id BIGSERIAL PRIMARY KEY, text TEXT NOT NULL)",))
+    following = current + 1
+    notes = Migration(
+        following, "notes", ("CREATE TABLE notes (id BIGSERIAL PRIMARY KEY, text TEXT NOT NULL)",)
+    )
     monkeypatch.setattr(postgres, "MIGRATIONS", (*postgres.MIGRATIONS, notes))
     db = open_database(postgres_url)
-    assert db.schema_version() == 3 and db.find("kept") is not None and len(db.jobs()) == 1
+    assert db.schema_version() == following and db.find("kept") is not None and len(db.jobs()) == 1
     run_sql(db, "INSERT INTO notes (text) VALUES ('x')")
     assert run_sql(db, "SELECT COUNT(*) FROM notes") == [(1,)]
     db.close()
     db = open_database(postgres_url)  # opening again applies nothing twice
     db.close()
-    assert [v for v, _ in applied(postgres_url)] == [1, 2, 3]
+    assert [v for v, _ in applied(postgres_url)] == list(range(1, following + 1))
+
+
+def test_a_version_2_database_keeps_its_jobs_and_gains_cancel(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 3 changes the state check in place: every job is kept, a running one can be cancelled,
+    an unknown state is still refused and the one-running-job-per-adapter index still holds."""
+    monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:2])
+    db = open_database(postgres_url)
+    # as version 2 wrote them (its columns only)
+    run_sql(
+        db,
+        "INSERT INTO jobs (adapter, trigger, state, spec, created, max_attempts, lease_owner, lease_expires) "
+        "VALUES ('a', 'manual', 'running', '{}', 1.0, 3, 'w', 1e12), ('b', 'manual', 'queued', '{}', 2.0, 3, "
+        "NULL, NULL)",
+    )
+    db.close()
+    monkeypatch.undo()
+    db = open_database(postgres_url)
+    try:
+        assert db.schema_version() == database.SCHEMA_VERSION
+        assert [(j.adapter, j.state, j.lease_owner, j.cancel_requested) for j in db.jobs()] == [
+            ("b", "queued", None, None),
+            ("a", "running", "w", None),
+        ]
+        queued, running = db.jobs()
+        assert db.cancel_job(queued.id)[1] == "cancelled"
+        assert db.cancel_job(running.id)[1] == "cancelling" and db.cancel_requested(running.id)
+        assert db.finish_cancelled(running.id, "w") and db.job(running.id).state == "cancelled"
+        with pytest.raises(DatabaseError, match="jobs_state_check"):
+            run_sql(db, "UPDATE jobs SET state = 'paused' WHERE id = ?", (queued.id,))
+        db.enqueue_job("a", "manual", SPEC)
+        assert db.claim_job("w", 60).adapter == "a"
+        with pytest.raises(DatabaseError, match="jobs_one_running_per_adapter"):
+            run_sql(
+                db,
+                "INSERT INTO jobs (adapter, trigger, state, spec, created, max_attempts, lease_owner, "
+                "lease_expires) VALUES ('a', 'manual', 'running', '{}', 3.0, 3, 'w2', 99.0)",
+            )
+    finally:
+        db.close()
+
+
+def test_each_database_has_its_own_identifier_secret(postgres_server) -> None:
+    """256 bits from the server's randomness, created once with the schema: stable across opens, and
+    different for every database."""
+    first, second = postgres_server.new_database(), postgres_server.new_database()
+    db = open_database(first)
+    secret = db.id_secret()
+    db.close()
+    again = open_database(first)
+    other = open_database(second)
+    try:
+        assert len(secret) == 32 and again.id_secret() == secret
+        assert other.id_secret() != secret and len(set(other.id_secret())) > 8
+        assert run_sql(other, "SELECT value FROM traffic_meta")[0][0] == other.id_secret().hex()
+    finally:
+        again.close()
+        other.close()
 
 
 OPENER = textwrap.dedent(
@@ -130,7 +209,7 @@ def test_processes_opening_a_fresh_database_at_once_apply_each_migration_once(po
     for p in procs:
         assert p.wait(120) == 0, p.stderr.read().decode()
     assert time.time() > start + 1.0  # they did wait for the same instant, and migrated after it
-    assert [v for v, _ in applied(postgres_url)] == [1, 2]
+    assert [v for v, _ in applied(postgres_url)] == [1, 2, 3, 4]
 
 
 WORKER = textwrap.dedent(
@@ -138,8 +217,11 @@ WORKER = textwrap.dedent(
     import json, sys, time
     from vllm_surgery.storage import open_database
     db = open_database(sys.argv[1])
-    owner = sys.argv[3]
-    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both workers start claiming at once
+    owner = sys.argv[2]
+    db.job(0)  # imported, migrated, a pooled connection open: ready to claim
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())  # sent once both workers are ready
+    time.sleep(max(0.0, start - time.time()))  # both workers start claiming at once
     claimed = []
     while (job := db.claim_job(owner, 60)) is not None:
         claimed.append(job.id)
@@ -150,40 +232,115 @@ WORKER = textwrap.dedent(
 
 
 def test_two_workers_claiming_jobs_of_the_same_adapters_never_share_one(postgres_url: str) -> None:
-    """2 workers x 20 jobs of 2 adapters, claimed with no pause: the workers keep picking queued jobs of
-    one adapter at the same instant (SKIP LOCKED passes over the row the other one locked, to the next
-    job of that adapter); the database refuses the second running job and the claim is retried. Every
-    job is claimed once, without an error, and each adapter's jobs run in the order they were queued."""
+    """2 workers x 20 jobs of 2 adapters, claimed with no pause: the workers keep claiming jobs of one
+    adapter at the same instant (SKIP LOCKED passes over the row the other one holds). Every job is
+    claimed once, without an error, and each adapter's jobs run in the order they were queued (each
+    finished before the next began). The workers start at one instant once both have started (under
+    CPU load an interpreter can take longer than any fixed delay, and one worker would do it all)."""
     import json
 
     db = open_database(postgres_url)
     ids = [db.enqueue_job("ab"[i // 10], "manual", SPEC, now=float(i))[0].id for i in range(20)]
-    start = time.time() + 6.0
+    owners = ("w1", "w2")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, postgres_url, str(start), owner],
+            [sys.executable, "-c", WORKER, postgres_url, owner],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for owner in ("w1", "w2")
+        for owner in owners
     ]
-    claimed = {}
-    for owner, p in zip(("w1", "w2"), procs, strict=True):
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        claimed[owner] = json.loads(out)
+    try:
+        for p in procs:
+            assert p.stdout.readline() == "ready\n", p.stderr.read()
+        start = time.time() + 0.5
+        for p in procs:
+            p.stdin.write(f"{start}\n")
+            p.stdin.flush()
+        claimed = {}
+        for owner, p in zip(owners, procs, strict=True):
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            claimed[owner] = json.loads(out)
+    finally:
+        for p in procs:
+            p.kill()
     assert sorted(claimed["w1"] + claimed["w2"]) == ids  # every job exactly once
     assert claimed["w1"] and claimed["w2"]  # both took part
     jobs = db.jobs(limit=100)
     assert {(j.state, j.attempts) for j in jobs} == {("kept_original", 1)}
     assert {j.id: j.result["by"] for j in jobs} == {i: o for o, got in claimed.items() for i in got}
-    for (
-        adapter
-    ) in "ab":  # one adapter's jobs ran in the order they were queued (each finished before the next began)
+    for adapter in "ab":
+        # one adapter's jobs ran in the order they were queued (each finished before the next began:
+        # a job's finish time is taken after its claim, which follows the previous job's finish)
         mine = sorted((j for j in jobs if j.adapter == adapter), key=lambda j: j.finished)
         assert [j.id for j in mine] == sorted(j.id for j in mine)
     db.close()
+
+
+def test_a_claim_never_takes_a_later_job_of_an_adapter_past_one_another_claim_holds(
+    postgres_url: str,
+) -> None:
+    """The race test_two_workers_claiming_jobs_of_the_same_adapters_never_share_one hits now and then
+    under CPU load, made certain: another worker's claim has locked adapter a's oldest queued job and
+    not yet made it running. SKIP LOCKED passes over that row; the claim must not take a's next job
+    (it would run before the older one: a's order broken), but another adapter's."""
+    db = open_database(postgres_url)
+    first, second = (db.enqueue_job("a", "manual", SPEC, now=float(i))[0] for i in (1, 2))
+    other = db.enqueue_job("b", "manual", SPEC, now=3.0)[0]
+    with psycopg.connect(postgres_url) as holder:  # the other worker's claim, between lock and update
+        holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (first.id,))
+        taken = db.claim_job("w2", 60)
+        assert taken is not None and taken.id == other.id
+        assert db.claim_job("w3", 60) is None  # a's second job waits for its first
+    assert db.claim_job("w1", 60).id == first.id  # the lock is gone: a's oldest first
+    assert db.job(second.id).state == "queued"
+    db.close()
+
+
+def test_enqueuers_racing_for_one_adapter_never_pass_its_bound(postgres_url: str) -> None:
+    """enqueue_job(max_queued=2) counts an adapter's queued and running jobs, then inserts. A trigger
+    makes every insert take 0.3 s, so 6 enqueuers (each with its own pool, as separate processes would
+    be) starting at once would all count 0 and all insert without the per-adapter lock; with it,
+    exactly 2 jobs are queued and the 4 others are refused. Another adapter is not bounded by them."""
+    from vllm_surgery.storage import JobQueueFull
+
+    dbs = [open_database(postgres_url) for _ in range(6)]
+    run_sql(
+        dbs[0],
+        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$",
+    )
+    run_sql(dbs[0], "CREATE TRIGGER slow BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION slow_insert()")
+    barrier = threading.Barrier(len(dbs))
+    outcomes: list[object] = []
+
+    def enqueue(n: int) -> None:
+        barrier.wait(30)
+        try:
+            # distinct dedupe keys: each takes its key's lock, then the adapter's
+            outcomes.append(dbs[n].enqueue_job("a", "manual", SPEC, f"k{n}", max_queued=2)[1])
+        except JobQueueFull as e:
+            outcomes.append(e)
+        except BaseException as e:  # reported by the assertion below
+            outcomes.append(repr(e))
+
+    threads = [threading.Thread(target=enqueue, args=(n,)) for n in range(len(dbs))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        refused = [o for o in outcomes if isinstance(o, JobQueueFull)]
+        assert len(refused) == 4 and [o for o in outcomes if o not in refused] == [True, True], outcomes
+        assert len(dbs[0].jobs(adapter="a")) == 2
+        assert all(e.adapter == "a" and e.limit == 2 for e in refused)
+        assert dbs[0].enqueue_job("b", "manual", SPEC, max_queued=2)[1]
+    finally:
+        for db in dbs:
+            db.close()
 
 
 def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str) -> None:
@@ -194,7 +351,7 @@ def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str) -> N
         open_database(postgres_url)
     message = str(caught.value)
     assert postgres_url in message
-    assert "schema version 99 was written by a newer vllm-surgery (this one knows up to 2)" in message
+    assert "schema version 99 was written by a newer vllm-surgery (this one knows up to 4)" in message
 
 
 def test_an_empty_database_is_not_created_when_only_reading(postgres_url: str) -> None:
@@ -316,6 +473,46 @@ def test_threads_share_a_small_pool(postgres_url: str) -> None:
     assert len(ids) == len(set(ids)) == 200
     assert sum(s.records for s in db.stats()) == 200
     db.close()
+
+
+def test_feedback_from_many_threads_keeps_one_records_bounds(postgres_url: str) -> None:
+    """Feedback on one record from 6 threads at once (each with its own pool, as several replicas):
+    adding feedback locks the record's row, so the history is pruned to the newest `keep` (and the
+    latest trusted one) and the record's bytes are those of what is left, as one writer would leave
+    them. Without the lock, READ COMMITTED transactions would each prune what they saw and count
+    bytes of a history another one was changing."""
+    dbs = [open_database(postgres_url) for _ in range(6)]
+    (rid,) = dbs[0].insert([record("r")])  # '"p"' 3 bytes, 'c' 1, '{}' 2
+    dbs[0].add_feedback(rid, None, "reviewed", trusted=True, keep=3)
+    barrier = threading.Barrier(len(dbs))
+    errors: list[BaseException] = []
+
+    def send(n: int) -> None:
+        try:
+            barrier.wait(30)
+            for i in range(10):
+                dbs[n].add_feedback(rid, None, f"fix {n}-{i}", trusted=False, client=f"c{n}", keep=3)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(len(dbs))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        history = dbs[0].feedback_history(rid)
+        assert len(history) == 4 and history[0] == {**history[0], "correction": "reviewed", "trusted": True}
+        assert not any(h["trusted"] for h in history[1:])
+        kept = dbs[0].find("r")
+        assert kept.feedback_count == 4
+        assert kept.bytes == 6 + sum(len(h["correction"].encode()) for h in history)
+        assert dbs[0].records("x", calibration=True)[0].correction == "reviewed"
+        assert [dbs[0].corrections_since(f"c{n}", 0.0) for n in range(len(dbs))] == [10] * len(dbs)
+    finally:
+        for db in dbs:
+            db.close()
 
 
 def test_a_server_restart_is_survived(postgres_server, postgres_url: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -15,7 +14,8 @@ from starlette.requests import Request
 
 from vllm_surgery.serving.auth import REVIEWER_HEADER, FeedbackTrust
 from vllm_surgery.settings import ServingSettings, SettingsError
-from vllm_surgery.storage.database import Retention, SQLiteDatabase, TrafficRecord
+from vllm_surgery.storage import open_database
+from vllm_surgery.storage.database import Retention, TrafficRecord
 from vllm_surgery.traffic import TrafficWriter, apply_redaction, builtin_redaction
 from vllm_surgery.traffic.redaction import pseudonym
 
@@ -41,8 +41,9 @@ def record(i: int, adapter: str = "u", **kw) -> TrafficRecord:
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    d = SQLiteDatabase(tmp_path / "t.sqlite3")
+def db(database_target):
+    """A fresh database, once per backend (tests/conftest.py): the bounds are the same on both."""
+    d = open_database(database_target)
     yield d
     d.close()
 

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import vllm_surgery
 from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
 from vllm_surgery.serving.metrics import JobsCollector
-from vllm_surgery.storage import Database, open_database
+from vllm_surgery.storage import open_database
 from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
 from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
@@ -58,10 +58,12 @@ def parts(tmp_path: Path, gain, database_target):
     db.close()
 
 
-def records_job(db: Database, gain, records: list, name: str = "x", **spec_fields) -> int:
-    """A job for adapter `name` of the worker's adapter root (the `parts` fixture)."""
+def records_job(parts, gain, records: list, name: str = "x", **spec_fields) -> int:
+    """A job for adapter `name` of the worker's adapter root (the `parts` fixture; its database's path
+    says nothing of the root: on Postgres it is a URL)."""
+    db, _, worker = parts
     source = {"source": "records", "records": records, "sha256": records_sha256(records)}
-    adapter_path = db.path.parent / "adapters" / name
+    adapter_path = worker.options.adapter_dirs[0] / name
     spec = job_spec(
         base_model=str(gain.base), adapter_path=adapter_path, config=GAIN_SETTINGS, calibration=source
     )
@@ -84,7 +86,7 @@ def store_entries(store: VersionStore, name: str) -> list[str]:
 )
 def test_a_job_that_does_not_fit_fails_with_what_to_change(parts, gain, monkeypatch, error) -> None:
     db, store, worker = parts
-    job_id = records_job(db, gain, gain.records())
+    job_id = records_job(parts, gain, gain.records())
 
     def out_of_memory(*args, **kwargs):
         Path(args[3]).joinpath("partial").write_text("half")  # something was being written
@@ -109,7 +111,7 @@ def test_a_job_that_does_not_fit_fails_with_what_to_change(parts, gain, monkeypa
 
 def test_a_stopped_worker_gives_its_job_back(parts, gain, monkeypatch) -> None:
     db, store, worker = parts
-    job_id = records_job(db, gain, gain.records())
+    job_id = records_job(parts, gain, gain.records())
 
     def stopped(*args, **kwargs):
         raise WorkerStopped("SIGTERM")  # what the signal handler raises in the main thread
@@ -126,7 +128,7 @@ def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_versi
     """The server is unreachable: accepted, swap pending. The same job queued again (a worker killed
     after writing, say) finds the version in the store and computes nothing."""
     db, store, worker = parts
-    first = records_job(db, gain, gain.records())
+    first = records_job(parts, gain, gain.records())
     assert worker.run(once=True) == 1
     job = db.job(first)
     assert (job.state, job.swap, job.result["decision"], job.result["reused"]) == (
@@ -137,7 +139,7 @@ def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_versi
     )
     assert "is unreachable" in job.swap_error
     assert [v.version_id for v in store.versions("x")] == [job.version]
-    second = records_job(db, gain, gain.records())
+    second = records_job(parts, gain, gain.records())
     assert worker.run(once=True) == 1
     again = db.job(second)
     assert (again.state, again.version, again.result["reused"]) == ("accepted", job.version, True)
@@ -380,8 +382,8 @@ def test_a_cancelled_running_job_writes_nothing_and_the_worker_goes_on(parts, ga
     """The cancel arrives while refine() runs; the last check (under the writer lock, before the
     version is visible) stops it, and the next job runs."""
     db, store, worker = parts
-    first = records_job(db, gain, gain.records())
-    second = records_job(db, gain, gain.records())
+    first = records_job(parts, gain, gain.records())
+    second = records_job(parts, gain, gain.records())
     real_refine = refine_module.refine
 
     def cancelled_meanwhile(*args, **kwargs):
@@ -420,8 +422,8 @@ def test_the_worker_command_fails_clearly_when_the_server_does_not_answer(tmp_pa
 def test_a_worker_given_the_servers_model_refuses_a_row_naming_another(parts, gain, tmp_path: Path) -> None:
     db, store, _ = parts
     records = gain.records()
-    elsewhere = records_job(db, gain, records, base_model=str(tmp_path / "attackers-model"))
-    served = records_job(db, gain, records)
+    elsewhere = records_job(parts, gain, records, base_model=str(tmp_path / "attackers-model"))
+    served = records_job(parts, gain, records)
     options = WorkerOptions(
         server=UNREACHABLE,
         device="cpu",

@@ -14,19 +14,32 @@ Choices, and why:
   borrows a connection for one statement or one transaction, so no state lives between calls.
 - **Transactions are READ COMMITTED**, each write one short transaction (`transaction()`).
 - **Job claims** take the row with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside the claiming
-  ``UPDATE``: two workers never block on, nor take, the same job. The partial unique index "one
-  running job per adapter" still holds: when two workers pick queued jobs of one adapter at the same
-  instant, the second one's update fails on that index once the first commits, and its claim is
-  retried (it then sees the running job and takes another adapter's). Leases, heartbeats, bounded
-  attempts and owner-only updates are the SQLite statements' (`job_queue` docstring); times are the
-  writing process's wall clock, as there.
+  ``UPDATE``: two workers never block on, nor take, the same job. A queued job is claimable only as
+  its adapter's oldest queued job, with no running job of that adapter: when one worker's claim holds
+  an adapter's oldest job, another's SKIP LOCKED passes over it and must not take that adapter's next
+  job (it would run first: the order of one adapter's jobs broken), so it takes another adapter's.
+  The partial unique index "one running job per adapter" still holds whatever happens: a claim whose
+  update fails on it (another worker made a job of that adapter running at the same instant) is
+  retried, and then sees the running job. Leases, heartbeats, bounded attempts and owner-only
+  updates are the SQLite statements' (`job_queue` docstring); times are the writing process's wall
+  clock, as there.
 - **Enqueue with a dedupe key** takes a transaction-scoped advisory lock on the key, so two replicas
-  enqueuing one key at once create one job (SQLite gets this from its single writer).
+  enqueuing one key at once create one job (SQLite gets this from its single writer). **Enqueue with
+  a bound** (``max_queued``) takes one on the adapter (after the key's), so that two processes
+  counting one adapter's jobs at once never both pass the bound.
+- **Cancel** (schema version 3): a queued job becomes ``cancelled`` in one ``UPDATE``; a running one
+  is marked (``cancel_requested``) and its worker ends it. A cancel racing a claim either waits for
+  the claim's row lock and then finds the job running (so marks it), or holds the row, and the claim
+  skips it.
 - **Versioned schema**: the ``schema_version`` table holds a row per applied migration (`MIGRATIONS`,
   the same version numbers as SQLite's: a version means the same tables in both). Each missing step is
   applied in its own transaction under an advisory lock (`MIGRATION_LOCK`), so two processes opening
   a fresh database at once apply each step once; a database whose schema is newer than this package
   is refused by name, never misread.
+- **Bounds and trust** (schema version 4): the identifier secret is made by the server (SHA-256 of
+  three gen_random_uuid(), from its strong random source; no pgcrypto); a record's ``bytes`` are
+  those of its stored text (octet_length: a NUL stored as U+FFFD counts its 3 bytes); adding feedback
+  locks the record's row, so its history pruning and bytes are one writer's at a time.
 - **Types**: ids are identity BIGINTs, times DOUBLE PRECISION Unix seconds, `calibratable` a BOOLEAN,
   prompts, sampling settings and job specs/results JSON text (as in SQLite: read back exactly as
   written). Postgres text cannot hold NUL characters: in stored text they become U+FFFD, as the
@@ -54,7 +67,9 @@ from psycopg_pool import ConnectionPool
 from .database import (
     _COLUMNS,
     _LATEST,
+    _LATEST_TRUSTED,
     BUSY_TIMEOUT_S,
+    CLIENT_WINDOW_S,
     RATINGS,
     TRAFFIC_COLUMNS,
     Database,
@@ -72,6 +87,8 @@ from .job_queue import (
     _COLUMNS as _JOB_COLUMNS,
 )
 from .job_queue import (
+    CANCELLED_QUEUED,
+    CANCELLED_RUNNING,
     DEFAULT_MAX_ATTEMPTS,
     FINISHED_STATES,
     JOB_STATES,
@@ -79,10 +96,11 @@ from .job_queue import (
     SWAP_STATES,
     Job,
     JobFigures,
+    JobQueueFull,
     _job,
 )
 from .urls import redact_url
-from .usable import LATEST_FEEDBACK
+from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK
 from .usable import USABLE_BY_FEEDBACK as _SQLITE_USABLE_BY_FEEDBACK
 from .usable import USABLE_UNRATED as _SQLITE_USABLE_UNRATED
 
@@ -92,6 +110,8 @@ CLAIM_RETRIES = 10
 # pg_advisory_xact_lock keys: the schema migration lock, and the namespace of dedupe-key locks.
 MIGRATION_LOCK = int.from_bytes(b"vsurgmig", "big")
 DEDUPE_LOCK_SPACE = int.from_bytes(b"vsdk", "big")
+# the namespace of per-adapter locks around enqueue_job(max_queued=...)'s count and insert
+ADAPTER_LOCK_SPACE = int.from_bytes(b"vsad", "big")
 
 _SQLITE_NOT_BLANK = re.compile(r"TRIM\(([\w.]+), char\(([\d, ]+)\)\) != ''")
 
@@ -113,6 +133,11 @@ def postgres_spelling(condition: str) -> str:
 
 USABLE_BY_FEEDBACK = postgres_spelling(_SQLITE_USABLE_BY_FEEDBACK)
 USABLE_UNRATED = postgres_spelling(_SQLITE_USABLE_UNRATED)
+
+# The bytes of a record's stored text and of a feedback row's correction (database.RECORD_BYTES and
+# FEEDBACK_BYTES: SQLite's length(CAST(x AS BLOB)) is Postgres's octet_length, UTF-8 bytes in both).
+RECORD_BYTES = "(COALESCE(octet_length(prompt), 0) + octet_length(completion) + octet_length(sampling))"
+FEEDBACK_BYTES = "COALESCE(octet_length(correction), 0)"
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -189,6 +214,43 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX feedback_created ON feedback (created)",
         ),
     ),
+    Migration(
+        3,
+        "jobs can be cancelled (state 'cancelled', column cancel_requested)",
+        (
+            # Postgres changes a CHECK constraint in place (SQLite rebuilds the table); jobs_state_check
+            # is the name Postgres gave version 2's column constraint
+            "ALTER TABLE jobs DROP CONSTRAINT jobs_state_check",
+            "ALTER TABLE jobs ADD CONSTRAINT jobs_state_check "
+            "CHECK (state IN ('queued', 'running', 'accepted', 'kept_original', 'failed', 'cancelled'))",
+            "ALTER TABLE jobs ADD COLUMN cancel_requested DOUBLE PRECISION",
+        ),
+    ),
+    Migration(
+        4,
+        "bounds and trust: bytes of each record's stored text (with its feedback), whose feedback counts "
+        "as calibration data (trusted) and from which client, and the secret that turns identifiers "
+        "holding personal data into stable pseudonyms",
+        (
+            "ALTER TABLE traffic ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE feedback ADD COLUMN trusted BOOLEAN NOT NULL DEFAULT true",
+            "ALTER TABLE feedback ADD COLUMN client TEXT",
+            "CREATE INDEX traffic_adapter_bytes ON traffic (adapter, id, bytes)",
+            # one row per correction a client sent in the last hour: the per-client bound, counted
+            # apart from the feedback rows (which pruning deletes: it must not reset the bound)
+            "CREATE TABLE feedback_clients (client TEXT NOT NULL, created DOUBLE PRECISION NOT NULL)",
+            "CREATE INDEX feedback_clients_client ON feedback_clients (client, created)",
+            "CREATE INDEX feedback_clients_created ON feedback_clients (created)",
+            "CREATE TABLE traffic_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            # 32 bytes as 64 lowercase hex digits, as SQLite's lower(hex(randomblob(32))): the SHA-256
+            # of three version-4 UUIDs (366 bits from the server's pg_strong_random; both functions are
+            # built in since Postgres 13, no pgcrypto)
+            "INSERT INTO traffic_meta (key, value) VALUES ('id_secret', encode(sha256(convert_to("
+            "gen_random_uuid()::text || gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8')), 'hex'))",
+            f"UPDATE traffic SET bytes = {RECORD_BYTES} + (SELECT COALESCE(SUM({FEEDBACK_BYTES}), 0) "
+            "FROM feedback WHERE traffic_id = traffic.id)",
+        ),
+    ),
 )
 
 _SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
@@ -202,12 +264,14 @@ _STATS = {
     "adapter": "t.adapter",
     "version": "t.version",
     "records": "COUNT(*)",
-    "rated": "COUNT(*) FILTER (WHERE f.rating IS NOT NULL)",
-    "good": "COUNT(*) FILTER (WHERE f.rating = 'good')",
-    "bad": "COUNT(*) FILTER (WHERE f.rating = 'bad')",
-    "corrected": "COUNT(*) FILTER (WHERE f.correction IS NOT NULL)",
+    "rated": "COUNT(*) FILTER (WHERE a.rating IS NOT NULL)",
+    "good": "COUNT(*) FILTER (WHERE a.rating = 'good')",
+    "bad": "COUNT(*) FILTER (WHERE a.rating = 'bad')",
+    "corrected": "COUNT(*) FILTER (WHERE a.correction IS NOT NULL)",
     "usable": f"COUNT(*) FILTER (WHERE {USABLE_BY_FEEDBACK})",
     "unrated_usable": f"COUNT(*) FILTER (WHERE {USABLE_UNRATED})",
+    "untrusted": "COUNT(*) FILTER (WHERE a.id IS NOT NULL AND NOT a.trusted)",
+    "bytes": "COALESCE(SUM(t.bytes), 0)::BIGINT",  # SUM of BIGINT is NUMERIC (a Decimal)
     "first": "MIN(t.created)",
     "last": "MAX(t.created)",
 }
@@ -224,9 +288,16 @@ def _text(value: Any) -> Any:
     return value
 
 
+_BYTES_OF = tuple(TRAFFIC_COLUMNS.index(name) for name in ("prompt", "completion", "sampling"))
+
+
 def _pg_row(record: TrafficRecord) -> list[Any]:
+    """A record's column values (TRAFFIC_COLUMNS, then bytes) as Postgres stores them: its bytes are
+    those of the stored text (a NUL that became U+FFFD counts 3 bytes), as RECORD_BYTES recomputes them
+    when feedback is added."""
     row = [_text(v) for v in _to_row(record)]
     row[_CALIBRATABLE] = bool(record.calibratable)
+    row[-1] = sum(len(row[i].encode("utf-8")) for i in _BYTES_OF if row[i])
     return row
 
 
@@ -404,8 +475,8 @@ class PostgresDatabase(Database):
         if not rows:
             return []
         sql = (
-            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}) "
-            f"VALUES ({', '.join(['%s'] * len(TRAFFIC_COLUMNS))}) RETURNING id"
+            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}, bytes) "
+            f"VALUES ({', '.join(['%s'] * (len(TRAFFIC_COLUMNS) + 1))}) RETURNING id"
         )
         ids = []
         try:
@@ -434,37 +505,97 @@ class PostgresDatabase(Database):
         return _row_to_record(rows[0]) if rows else None
 
     def add_feedback(
-        self, record_id: int, rating: str | None, correction: str | None, created: float | None = None
+        self,
+        record_id: int,
+        rating: str | None,
+        correction: str | None,
+        created: float | None = None,
+        *,
+        trusted: bool = True,
+        client: str | None = None,
+        keep: int | None = None,
     ) -> int:
         if rating is not None and rating not in RATINGS:
             raise ValueError(f"rating must be one of {RATINGS}, got {rating!r}")
         if rating is None and correction is None:
             raise ValueError("feedback needs a rating or a correction")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep!r}")
         with self.transaction() as conn:
-            # the row lock keeps retention from deleting the record between the check and the insert
+            # the row lock keeps retention from deleting the record between the check and the insert,
+            # and makes one record's feedback one writer at a time (its pruning and its bytes)
             if (
-                conn.execute("SELECT 1 FROM traffic WHERE id = %s FOR KEY SHARE", (record_id,)).fetchone()
+                conn.execute("SELECT 1 FROM traffic WHERE id = %s FOR NO KEY UPDATE", (record_id,)).fetchone()
                 is None
             ):
                 raise UnknownRequest(f"record {record_id} no longer exists (removed by retention?)")
             conn.execute(
-                "INSERT INTO feedback (traffic_id, rating, correction, created) VALUES (%s, %s, %s, %s)",
-                (record_id, rating, _text(correction), time.time() if created is None else created),
+                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    record_id,
+                    rating,
+                    _text(correction),
+                    time.time() if created is None else created,
+                    bool(trusted),
+                    _text(client),
+                ),
+            )
+            if client is not None and correction is not None:
+                now = time.time()
+                conn.execute("DELETE FROM feedback_clients WHERE created < %s", (now - CLIENT_WINDOW_S,))
+                conn.execute(
+                    "INSERT INTO feedback_clients (client, created) VALUES (%s, %s)", (_text(client), now)
+                )
+            if keep is not None:
+                # the newest `keep` rows stay, and the latest trusted one: an untrusted client's flood
+                # can never push a reviewer's correction out of the calibration data
+                conn.execute(
+                    "DELETE FROM feedback WHERE traffic_id = %(id)s AND id NOT IN "
+                    "(SELECT id FROM feedback WHERE traffic_id = %(id)s ORDER BY id DESC LIMIT %(keep)s) "
+                    "AND id <> COALESCE((SELECT MAX(id) FROM feedback WHERE traffic_id = %(id)s AND trusted), -1)",
+                    {"id": record_id, "keep": int(keep)},
+                )
+            conn.execute(
+                f"UPDATE traffic SET bytes = {RECORD_BYTES} + (SELECT COALESCE(SUM({FEEDBACK_BYTES}), 0) "
+                "FROM feedback WHERE traffic_id = traffic.id) WHERE id = %s",
+                (record_id,),
             )
             return conn.execute(
                 "SELECT COUNT(*) FROM feedback WHERE traffic_id = %s", (record_id,)
             ).fetchone()[0]
 
+    def corrections_since(self, client: str, since: float) -> int:
+        return self._tuples(
+            "SELECT COUNT(*) FROM feedback_clients WHERE client = %s AND created > %s", (_text(client), since)
+        )[0][0]
+
+    def id_secret(self) -> bytes:
+        secret = getattr(self, "_id_secret", None)
+        if secret is None:
+            rows = self._tuples("SELECT value FROM traffic_meta WHERE key = 'id_secret'")
+            if not rows:
+                raise DatabaseError(f"{self.path}: the identifier secret is missing (traffic_meta)")
+            secret = self._id_secret = bytes.fromhex(rows[0][0])
+        return secret
+
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
         rows = self._tuples(
-            "SELECT rating, correction, created FROM feedback WHERE traffic_id = %s ORDER BY id", (record_id,)
+            "SELECT rating, correction, created, trusted FROM feedback WHERE traffic_id = %s ORDER BY id",
+            (record_id,),
         )
-        return [{"rating": r, "correction": c, "created": t} for r, c, t in rows]
+        return [{"rating": r, "correction": c, "created": t, "trusted": bool(u)} for r, c, t, u in rows]
 
     def records(
-        self, adapter: str, since: float | None = None, limit: int | None = None, after_id: int = 0
+        self,
+        adapter: str,
+        since: float | None = None,
+        limit: int | None = None,
+        after_id: int = 0,
+        calibration: bool = False,
     ) -> list[StoredRecord]:
-        sql = f"SELECT {_COLUMNS} FROM traffic t {_LATEST} WHERE t.adapter = %s AND t.id > %s"
+        join = _LATEST_TRUSTED if calibration else _LATEST
+        sql = f"SELECT {_COLUMNS} FROM traffic t {join} WHERE t.adapter = %s AND t.id > %s"
         params: list[Any] = [_text(adapter), after_id]
         if since is not None:
             sql += " AND t.created >= %s"
@@ -479,8 +610,8 @@ class PostgresDatabase(Database):
         where, params = ("WHERE t.adapter = %s", (_text(adapter),)) if adapter is not None else ("", ())
         columns = ", ".join(f'{sql} AS "{name}"' for name, sql in _STATS.items())
         rows = self._rows(
-            f"SELECT {columns} FROM traffic t {_LATEST} {where} "
-            "GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
+            f"SELECT {columns} FROM traffic t {_LATEST_TRUSTED} LEFT JOIN feedback a ON {LATEST_ANY_FEEDBACK} "
+            f"{where} GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
             params,
         )
         return [TrafficStats(**{name: row[name] for name in _STATS}) for row in rows]
@@ -513,6 +644,18 @@ class PostgresDatabase(Database):
                 ).rowcount
                 deleted += removed
                 count -= removed
+            if retention.max_bytes is not None:
+                total = conn.execute(
+                    "SELECT COALESCE(SUM(bytes), 0) FROM traffic WHERE adapter = %s", (adapter,)
+                ).fetchone()[0]
+                if total > retention.max_bytes:  # the oldest go until the newest fit
+                    removed = conn.execute(
+                        "DELETE FROM traffic WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER "
+                        "(ORDER BY id DESC) AS kept FROM traffic WHERE adapter = %s) k WHERE kept > %s)",
+                        (adapter, int(retention.max_bytes)),
+                    ).rowcount
+                    deleted += removed
+                    count -= removed
         return deleted, count
 
     # ------------------------------------------------------------------ jobs
@@ -525,6 +668,7 @@ class PostgresDatabase(Database):
         *,
         once: bool = False,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_queued: int | None = None,
         now: float | None = None,
     ) -> tuple[Job, bool]:
         if trigger not in JOB_TRIGGERS:
@@ -542,6 +686,18 @@ class PostgresDatabase(Database):
                 ).fetchone()
                 if row is not None:
                     return _job(row), False
+            if max_queued is not None:
+                # one bounded enqueuer of an adapter at a time, across processes: under READ COMMITTED
+                # two transactions would each count the jobs committed before either inserted, and both
+                # pass the bound. The lock is taken after the dedupe key's (always in this order), and
+                # the count, a new statement, sees every job committed by the lock's previous holder.
+                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ADAPTER_LOCK_SPACE, adapter))
+                active = cur.execute(
+                    "SELECT COUNT(*) AS n FROM jobs WHERE adapter = %s AND state IN ('queued', 'running')",
+                    (adapter,),
+                ).fetchone()["n"]
+                if active >= max_queued:
+                    raise JobQueueFull(adapter, int(max_queued))
             row = cur.execute(
                 "INSERT INTO jobs (adapter, trigger, state, spec, dedupe_key, created, max_attempts) "
                 f"VALUES (%s, %s, 'queued', %s, %s, %s, %s) RETURNING {_JOB_COLUMNS}",
@@ -564,6 +720,13 @@ class PostgresDatabase(Database):
                         "WHERE state = 'running' AND lease_expires < %(now)s AND attempts >= max_attempts",
                         params,
                     )
+                    # a cancelled job whose worker died before it could stop it is not taken up again
+                    conn.execute(
+                        "UPDATE jobs SET state = 'cancelled', finished = %(now)s, lease_owner = NULL, "
+                        "lease_expires = NULL, error = %(error)s "
+                        "WHERE state = 'running' AND lease_expires < %(now)s AND cancel_requested IS NOT NULL",
+                        {**params, "error": CANCELLED_RUNNING},
+                    )
                     row = (
                         conn.cursor(row_factory=dict_row)
                         .execute(
@@ -571,8 +734,12 @@ class PostgresDatabase(Database):
                             "lease_expires = %(now)s + %(lease)s, heartbeat = %(now)s, started = %(now)s, "
                             "attempts = attempts + 1 WHERE id = (SELECT j.id FROM jobs j "
                             "WHERE (j.state = 'running' AND j.lease_expires < %(now)s) "
-                            "OR (j.state = 'queued' AND NOT EXISTS "
-                            "(SELECT 1 FROM jobs r WHERE r.adapter = j.adapter AND r.state = 'running')) "
+                            # a queued job only when its adapter has no running job and no older
+                            # queued one: SKIP LOCKED passes over the oldest one when another claim
+                            # holds it, and its adapter's next job must not run before it
+                            "OR (j.state = 'queued' AND NOT EXISTS (SELECT 1 FROM jobs r "
+                            "WHERE r.adapter = j.adapter AND (r.state = 'running' "
+                            "OR (r.state = 'queued' AND r.id < j.id)))) "
                             "ORDER BY j.state = 'running' DESC, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) "
                             f"RETURNING {_JOB_COLUMNS}",
                             params,
@@ -581,7 +748,7 @@ class PostgresDatabase(Database):
                     )
                 return _job(row) if row is not None else None
             except DatabaseError as e:
-                # another worker took a queued job of the same adapter at the same instant (module
+                # another worker made a job of the same adapter running at the same instant (module
                 # docstring): its running job is committed now, and the next try skips that adapter
                 if not isinstance(e.__cause__, pg_errors.UniqueViolation) or attempt == CLAIM_RETRIES - 1:
                     raise
@@ -637,13 +804,53 @@ class PostgresDatabase(Database):
     ) -> bool:
         return self._end(job_id, owner, "failed", {"error": _text(str(error)), "result": _json(result)}, now)
 
+    def cancel_job(self, job_id: int, now: float | None = None) -> tuple[Job | None, str]:
+        # A claim racing this: the UPDATE of a queued job waits for the claim's row lock and then finds
+        # it running (READ COMMITTED re-reads the row), so the running job is marked instead; a claim
+        # skips (SKIP LOCKED) a row this holds, and finds it cancelled afterwards.
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(
+                "UPDATE jobs SET state = 'cancelled', finished = %s, error = %s WHERE id = %s AND state = 'queued' "
+                f"RETURNING {_JOB_COLUMNS}",
+                (now, CANCELLED_QUEUED, job_id),
+            ).fetchone()
+            if row is not None:
+                return _job(row), "cancelled"
+            row = cur.execute(
+                "UPDATE jobs SET cancel_requested = COALESCE(cancel_requested, %s) "
+                f"WHERE id = %s AND state = 'running' RETURNING {_JOB_COLUMNS}",
+                (now, job_id),
+            ).fetchone()
+            if row is not None:
+                return _job(row), "cancelling"
+            row = cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        return (_job(row), "finished") if row is not None else (None, "unknown")
+
+    def cancel_requested(self, job_id: int) -> bool:
+        rows = self._tuples(
+            "SELECT 1 FROM jobs WHERE id = %s AND state = 'running' AND cancel_requested IS NOT NULL",
+            (job_id,),
+        )
+        return bool(rows)
+
+    def finish_cancelled(self, job_id: int, owner: str, result: Mapping[str, Any] | None = None) -> bool:
+        return self._end(
+            job_id, owner, "cancelled", {"error": CANCELLED_RUNNING, "result": _json(result)}, None
+        )
+
     def release_job(self, job_id: int, owner: str) -> bool:
         with self.transaction() as conn:
             return (
-                conn.execute(
-                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-                    "attempts = GREATEST(attempts - 1, 0) WHERE id = %s AND lease_owner = %s AND state = 'running'",
-                    (job_id, owner),
+                conn.execute(  # a job whose cancel was asked is not given back: it is cancelled
+                    "UPDATE jobs SET lease_owner = NULL, lease_expires = NULL, "
+                    "attempts = GREATEST(attempts - 1, 0), "
+                    "state = CASE WHEN cancel_requested IS NULL THEN 'queued' ELSE 'cancelled' END, "
+                    "finished = CASE WHEN cancel_requested IS NULL THEN finished ELSE %s END, "
+                    "error = CASE WHEN cancel_requested IS NULL THEN error ELSE %s END "
+                    "WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                    (time.time(), CANCELLED_RUNNING, job_id, owner),
                 ).rowcount
                 == 1
             )
