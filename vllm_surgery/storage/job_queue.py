@@ -21,7 +21,7 @@ The rules, and where they are enforced:
   by an error the worker catches (bad data, a broken adapter, out of device memory) is failed at once:
   such errors repeat, retrying would only hide them. A worker stopped on purpose (SIGTERM) releases
   its job without counting the attempt.
-- **One running job per adapter**, enforced by SQLite itself: a partial unique index over
+- **One running job per adapter**, enforced by the database itself: a partial unique index over
   ``adapter`` WHERE ``state = 'running'``. A claim skips queued jobs of an adapter that has a running
   job (an expired one included: it is taken up again first), so two workers never refine one adapter
   at once, and jobs of one adapter run in the order they were queued.
