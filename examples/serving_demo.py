@@ -193,8 +193,17 @@ class Worker:
                 self.proc.wait(30)
 
 
+# What the worker shares with the server: the store, the database, the admin token, the adapter roots.
+WORKER_SETTINGS = (
+    "VLLM_SURGERY_STORE",
+    "VLLM_SURGERY_DATABASE",
+    "VLLM_SURGERY_ADMIN_TOKEN",
+    "VLLM_SURGERY_ADAPTER_DIRS",
+)
+
+
 def serving_env(loop: Path, token: str, traffic: int) -> dict[str, str]:
-    """The plugin's settings for the server, and (the first three) for the worker."""
+    """The plugin's settings for the server, and (WORKER_SETTINGS) for the worker."""
     return {
         "VLLM_SURGERY_STORE": str(loop / "store"),
         "VLLM_SURGERY_DATABASE": str(loop / "surgery.sqlite3"),
@@ -334,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = start_server(model_dir, loop, env, engine_args=engine, label="vllm")
         worker_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
         worker_env.update(
-            {k: env[k] for k in ("VLLM_SURGERY_STORE", "VLLM_SURGERY_DATABASE", "VLLM_SURGERY_ADMIN_TOKEN")}
+            {k: env[k] for k in WORKER_SETTINGS}  # the worker finds adapters by name under the same roots
         )
         worker = Worker(server.url, worker_env, loop / "worker.log")
         timings["server start"] = time.perf_counter() - t
@@ -372,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"      stopped{' (processes had to be killed: ' + ', '.join(left) + ')' if left else ''}")
     timings["total"] = time.perf_counter() - t_start
     print_summary(args, job, rights, scores, served, metrics, timings, loop)
+    if job["state"] == "failed":  # the loop did not run: the demo failed, whatever else it printed
+        print(f"FAILED: the refinement job failed; see {loop / 'worker.log'}", file=sys.stderr)
+        return 1
     return 0
 
 
