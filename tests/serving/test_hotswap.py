@@ -187,6 +187,68 @@ def test_swap_to_refined_version(server, prompt_ids, peft_model, versions) -> No
     assert_served_by(server, "x", prompt_ids, peft_model, expected="refined", other="original")
 
 
+class PacedStream:
+    """A streamed greedy completion of `ids` on "x", paced (at least STREAM_TOKENS x PACE_MS of
+    generation, on a fast machine too), read in a thread: its tokens, log-probs, the time each event
+    arrived and the model names the events carried. `start()` returns once the first token is in."""
+
+    def __init__(self, server: Server, ids: list[int]) -> None:
+        body = {
+            "model": "x",
+            "prompt": ids,
+            "max_tokens": STREAM_TOKENS,
+            **pacing.paced(PACE_MS),
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "logprobs": 1,
+            "return_tokens_as_token_ids": True,
+        }
+        self.request = urllib.request.Request(
+            server.url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **server.headers},
+        )
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.arrivals: list[float] = []
+        self.models: set[str] = set()
+        self.first = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.started = 0.0
+
+    def _read(self) -> None:
+        with urllib.request.urlopen(self.request, timeout=REQUEST_TIMEOUT_S) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                self.models.add(event["model"])
+                lp = event["choices"][0]["logprobs"]
+                self.tokens.extend(int(t.removeprefix("token_id:")) for t in lp["tokens"])
+                self.logprobs.extend(lp["token_logprobs"])
+                self.arrivals.append(time.monotonic())
+                self.first.set()
+
+    def start(self) -> PacedStream:
+        self.started = time.monotonic()
+        self.reader.start()
+        assert self.first.wait(REQUEST_TIMEOUT_S), "no streamed token"
+        return self
+
+    def finish(self) -> None:
+        """Wait for the whole answer; fails unless it has STREAM_TOKENS tokens and was paced."""
+        self.reader.join(REQUEST_TIMEOUT_S)
+        assert len(self.tokens) == STREAM_TOKENS
+        assert self.arrivals[-1] - self.started >= STREAM_TOKENS * PACE_MS / 1000, "the pacing did not apply"
+
+    def worst_gap(self, peft_model, version: str, ids: list[int]) -> float:
+        """The largest difference between the streamed log-probs and `version`'s (teacher forcing)."""
+        want = teacher_forced(peft_model, version, ids, self.tokens)
+        return max(abs(a - b) for a, b in zip(self.logprobs, want, strict=True))
+
+
 def test_two_versions_of_one_name_in_one_batch_are_both_served(
     server, prompt_ids, peft_model, versions
 ) -> None:
@@ -198,62 +260,25 @@ def test_two_versions_of_one_name_in_one_batch_are_both_served(
     ("static") evicts it while the old version's paced stream keeps its own slot busy."""
     assert swap(server, versions["refined"].name)[0] == 200
     ids = prompt_ids[0]
-    body = {
-        "model": "x",
-        "prompt": ids,
-        "max_tokens": STREAM_TOKENS,
-        **pacing.paced(PACE_MS),
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "logprobs": 1,
-        "return_tokens_as_token_ids": True,
-    }
-    req = urllib.request.Request(
-        server.url + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", **server.headers},
-    )
-    tokens: list[int] = []
-    logprobs: list[float] = []
-    models: set[str] = set()
-    first = threading.Event()
-
-    def read() -> None:
-        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                models.add(event["model"])
-                lp = event["choices"][0]["logprobs"]
-                tokens.extend(int(t.removeprefix("token_id:")) for t in lp["tokens"])
-                logprobs.extend(lp["token_logprobs"])
-                first.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert first.wait(REQUEST_TIMEOUT_S), "no streamed token"
+    stream = PacedStream(server, ids).start()
     try:
         status, result = swap(server, "original")
         assert status == 200 and result["changed"], result
         status, body = complete(server, "static", ids)  # evicts the new version from its GPU slot
         assert status == 200, body
-        assert reader.is_alive(), "the stream ended before the new version was evicted; nothing overlapped"
+        alive = "the stream ended before the new version was {}; nothing overlapped"
+        assert stream.reader.is_alive(), alive.format("evicted")
         # the new version, while the old one's stream still runs: both in one batch
         assert_served_by(server, "x", prompt_ids, peft_model, expected="original", other="refined")
-        assert reader.is_alive(), "the stream ended before the new version was asked; nothing overlapped"
-        reader.join(REQUEST_TIMEOUT_S)
-        assert len(tokens) == STREAM_TOKENS
-        want = teacher_forced(peft_model, "refined", ids, tokens)
-        assert max(abs(a - b) for a, b in zip(logprobs, want, strict=True)) < LOGPROB_TOL
+        assert stream.reader.is_alive(), alive.format("asked")
+        stream.finish()
+        assert stream.worst_gap(peft_model, "refined", ids) < LOGPROB_TOL
         assert server.get("/health")[0] == 200
         # clients see the name they asked for, never the engine's name of a version
         status, listing = server.get("/v1/models")
         assert status == 200 and "x" in {m["id"] for m in listing["data"]}, listing
         assert not [m["id"] for m in listing["data"] if "@" in m["id"]], listing
-        assert models == {"x"}, models
+        assert stream.models == {"x"}, stream.models
         status, body = complete(server, "x", ids)
         assert status == 200 and body["model"] == "x", body
     finally:
@@ -266,55 +291,15 @@ def test_response_in_flight_during_a_swap_stays_on_its_version(
     """A long streamed completion that spans a swap is generated entirely by the version it started on."""
     assert swap(server, versions["refined"].name)[0] == 200  # idempotent if already served
     ids = prompt_ids[0]
-    body = {
-        "model": "x",
-        "prompt": ids,
-        # paced: at least STREAM_TOKENS x PACE_MS of generation, on a fast machine too
-        "max_tokens": STREAM_TOKENS,
-        **pacing.paced(PACE_MS),
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "logprobs": 1,
-        "return_tokens_as_token_ids": True,
-    }
-    req = urllib.request.Request(
-        server.url + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", **server.headers},
-    )
-    tokens: list[int] = []
-    logprobs: list[float] = []
-    arrivals: list[float] = []
-    first = threading.Event()
-
-    def read() -> None:
-        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data: {"):
-                    continue
-                lp = json.loads(line[6:])["choices"][0]["logprobs"]
-                tokens.extend(int(t.removeprefix("token_id:")) for t in lp["tokens"])
-                logprobs.extend(lp["token_logprobs"])
-                arrivals.append(time.monotonic())
-                first.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    started = time.monotonic()
-    reader.start()
-    assert first.wait(REQUEST_TIMEOUT_S), "no streamed token"
+    stream = PacedStream(server, ids).start()
     try:
         status, result = swap(server, "original")
         swapped_at = time.monotonic()
         assert status == 200 and result["changed"], result
-        reader.join(REQUEST_TIMEOUT_S)
-        assert len(tokens) == STREAM_TOKENS
-        assert arrivals[-1] - started >= STREAM_TOKENS * PACE_MS / 1000, "the pacing did not apply"
-        late = sum(t > swapped_at for t in arrivals)
+        stream.finish()
+        late = sum(t > swapped_at for t in stream.arrivals)
         assert late > 0, "the stream finished before the swap; nothing was in flight"
-        want = teacher_forced(peft_model, "refined", ids, tokens)
-        worst = max(abs(a - b) for a, b in zip(logprobs, want, strict=True))
+        worst = stream.worst_gap(peft_model, "refined", ids)
         assert worst < LOGPROB_TOL, (
             f"response mixed versions across the swap ({late} chunks after it): {worst}"
         )

@@ -118,6 +118,25 @@ JOBS_CANCEL_MIGRATION = (
 )
 
 
+def check_trigger(trigger: str) -> None:
+    """Raises ValueError unless `trigger` is one of JOB_TRIGGERS (every backend's enqueue_job)."""
+    if trigger not in JOB_TRIGGERS:
+        raise ValueError(f"trigger must be one of {JOB_TRIGGERS}, got {trigger!r}")
+
+
+def check_swap(swap: str | None, optional: bool = False) -> None:
+    """Raises ValueError unless `swap` is one of SWAP_STATES (or None, where `optional`)."""
+    if not (optional and swap is None) and swap not in SWAP_STATES:
+        raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+
+
+def check_finish(state: str, swap: str | None) -> None:
+    """Raises ValueError unless a job may finish as `state` with `swap` (every backend's finish_job)."""
+    if state not in ("accepted", "kept_original"):
+        raise ValueError(f"a job finishes as accepted or kept_original, not {state!r} (use fail_job)")
+    check_swap(swap, optional=True)
+
+
 class JobQueueFull(Exception):
     """An adapter already has as many queued or running jobs as `max_queued` allows; the message names
     the adapter, the limit and what to do."""
@@ -320,8 +339,7 @@ class SQLiteJobQueue(JobQueue):
         max_queued: int | None = None,
         now: float | None = None,
     ) -> tuple[Job, bool]:
-        if trigger not in JOB_TRIGGERS:
-            raise ValueError(f"trigger must be one of {JOB_TRIGGERS}, got {trigger!r}")
+        check_trigger(trigger)
         text = json.dumps(dict(spec), ensure_ascii=False, default=str)
         with self.transaction() as c:
             if dedupe_key is not None:
@@ -408,10 +426,7 @@ class SQLiteJobQueue(JobQueue):
         swap: str | None = None,
         now: float | None = None,
     ) -> bool:
-        if state not in ("accepted", "kept_original"):
-            raise ValueError(f"a job finishes as accepted or kept_original, not {state!r} (use fail_job)")
-        if swap is not None and swap not in SWAP_STATES:
-            raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+        check_finish(state, swap)
         text = json.dumps(dict(result), ensure_ascii=False, default=str)
         return self._end(job_id, owner, state, {"result": text, "swap": swap, "error": None}, now)
 
@@ -474,8 +489,7 @@ class SQLiteJobQueue(JobQueue):
     def set_job_swap(
         self, job_id: int, swap: str, error: str | None = None, seconds: float | None = None
     ) -> bool:
-        if swap not in SWAP_STATES:
-            raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+        check_swap(swap)
         timing = (
             "result" if seconds is None else "json_set(COALESCE(result, '{}'), '$.timings.swap', :seconds)"
         )

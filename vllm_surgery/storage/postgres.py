@@ -92,12 +92,13 @@ from .job_queue import (
     DEFAULT_MAX_ATTEMPTS,
     FINISHED_STATES,
     JOB_STATES,
-    JOB_TRIGGERS,
-    SWAP_STATES,
     Job,
     JobFigures,
     JobQueueFull,
     _job,
+    check_finish,
+    check_swap,
+    check_trigger,
 )
 from .urls import redact_url
 from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK
@@ -671,8 +672,7 @@ class PostgresDatabase(Database):
         max_queued: int | None = None,
         now: float | None = None,
     ) -> tuple[Job, bool]:
-        if trigger not in JOB_TRIGGERS:
-            raise ValueError(f"trigger must be one of {JOB_TRIGGERS}, got {trigger!r}")
+        check_trigger(trigger)
         text = _json(spec)
         with self.transaction() as conn:
             cur = conn.cursor(row_factory=dict_row)
@@ -788,10 +788,7 @@ class PostgresDatabase(Database):
         swap: str | None = None,
         now: float | None = None,
     ) -> bool:
-        if state not in ("accepted", "kept_original"):
-            raise ValueError(f"a job finishes as accepted or kept_original, not {state!r} (use fail_job)")
-        if swap is not None and swap not in SWAP_STATES:
-            raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+        check_finish(state, swap)
         return self._end(job_id, owner, state, {"result": _json(result), "swap": swap, "error": None}, now)
 
     def fail_job(
@@ -858,8 +855,7 @@ class PostgresDatabase(Database):
     def set_job_swap(
         self, job_id: int, swap: str, error: str | None = None, seconds: float | None = None
     ) -> bool:
-        if swap not in SWAP_STATES:
-            raise ValueError(f"swap must be one of {SWAP_STATES}, got {swap!r}")
+        check_swap(swap)
         with self.transaction() as conn:
             found = conn.execute(
                 "SELECT result FROM jobs WHERE id = %s AND state = 'accepted' FOR UPDATE", (job_id,)
