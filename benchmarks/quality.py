@@ -1537,9 +1537,12 @@ def plot(runs: Sequence[Mapping[str, Any]], adapters: Mapping[tuple, Mapping[str
     sizes = sorted({r["size"] for r in runs})
     colors = {s: c for s, c in zip(sizes, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False)}
     fig, axes = plt.subplots(
-        len(levels), len(tasks), figsize=(0.75 * len(shown) * len(tasks) + 1, 3.6 * len(levels)),
-        squeeze=False, sharey=True,
-    )  # fmt: skip
+        len(levels),
+        len(tasks),
+        figsize=(0.75 * len(shown) * len(tasks) + 1, 3.6 * len(levels)),
+        squeeze=False,
+        sharey=True,
+    )
     jitter = random.Random(0)
     changes = [100 * outcome(r, p)["delta"] for r in runs for p in shown]
     low, high = max([0.0, *(-c for c in changes)]), max([0.0, *changes])
@@ -1558,9 +1561,13 @@ def plot(runs: Sequence[Mapping[str, Any]], adapters: Mapping[tuple, Mapping[str
                     filled = [name not in gated or served(r, name) for r in sel]
                     for y, f in zip(ys, filled, strict=True):
                         ax.scatter(
-                            x + jitter.uniform(-0.05, 0.05), y, s=18, color=colors[size] if f else "white",
-                            edgecolors=colors[size], zorder=3,
-                        )  # fmt: skip
+                            x + jitter.uniform(-0.05, 0.05),
+                            y,
+                            s=18,
+                            color=colors[size] if f else "white",
+                            edgecolors=colors[size],
+                            zorder=3,
+                        )
                     ax.hlines(statistics.fmean(ys), x - 0.1, x + 0.1, color=colors[size], lw=2, zorder=2)
             for k, name in enumerate(shown):
                 if name in gated:
@@ -1890,8 +1897,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=None, help="where results go (default benchmarks/)")
     args = p.parse_args(argv)
     preset = DRY_RUN if args.dry_run else QUICK if args.quick else {}
-    defaults = {"tasks": ",".join(TASKS), "levels": "under,plateau", "sizes": "32,128,512", "seeds": 3,
-                "test": 300, "pool": 512, "policies": ",".join(POLICIES)}  # fmt: skip
+    defaults = {
+        "tasks": ",".join(TASKS),
+        "levels": "under,plateau",
+        "sizes": "32,128,512",
+        "seeds": 3,
+        "test": 300,
+        "pool": 512,
+        "policies": ",".join(POLICIES),
+    }
     for key, value in {**defaults, **preset}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -1909,8 +1923,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep or name in ("policy", "samples", "seed", "force", "progress"):
-            p.error(f"--set {item!r}: expected NAME=VALUE for a SurgeryConfig setting other than policy, "
-                    "samples, seed, force and progress")  # fmt: skip
+            p.error(
+                f"--set {item!r}: expected NAME=VALUE for a SurgeryConfig setting other than policy, "
+                "samples, seed, force and progress"
+            )
         try:
             args.overrides[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -2019,8 +2035,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     seconds = [s for sc in scorers for s in sc.seconds]
-    measured = [p for r in runs for p in [*r["policies"].values(), r["auto"], *([r["baseline"]] if r["baseline"] else [])]
-                if not p.get("cached")]  # fmt: skip
+    measured = [
+        p
+        for r in runs
+        for p in [*r["policies"].values(), r["auto"], *([r["baseline"]] if r["baseline"] else [])]
+        if not p.get("cached")
+    ]
     timings = {
         "total": time.perf_counter() - t_start,
         "training": t_train,
