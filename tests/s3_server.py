@@ -116,6 +116,15 @@ class S3Server:
             "-s3",
             f"-s3.port={self.port}",
             f"-s3.config={config}",
+            # every bucket is a collection with volumes of its own: small ones, and room for many
+            # buckets (the defaults, 8 volumes of 30 GB, run out after two or three buckets)
+            "-volume.max=300",
+            # fixed default ports a second server (a test's own) would collide on: off, or free ones
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-iam.port={free_port()}",
+            f"-s3.port.grpc={free_port()}",
+            "-master.volumeSizeLimitMB=16",
         ]
         self.log = open(self.root / "weed.log", "wb")  # noqa: SIM115 (closed by stop)
         self.process = subprocess.Popen(

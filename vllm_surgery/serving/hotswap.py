@@ -328,7 +328,9 @@ class HotSwapper:
             raise HotSwapError(f"version {version!r}: {e}", HTTPStatus.BAD_REQUEST, "invalid") from e
         try:
             info = self.store.version_info(name, version)
-        except StoreUnavailable as e:
+        except StoreUnavailable as e:  # its manifest cannot be read, so it is not in this machine's cache
+            if snapshot:
+                metrics.record_store_fetch("failed")
             raise HotSwapError(f"version {version!r} of {name!r}: {e}", 503, "unavailable") from e
         except ValueError as e:  # the id is fine, but the directory resolves outside the store
             raise HotSwapError(f"version {version!r} of {name!r} is not servable: {e}", 422, "corrupt") from e

@@ -80,6 +80,13 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _touch(manifest: Path) -> None:
+    """Record a use of a cached version: its manifest's mtime, from the precise clock (a file system's
+    own timestamps are coarse: two uses a few milliseconds apart would look simultaneous)."""
+    now = time.time_ns()
+    os.utime(manifest, ns=(now, now))
+
+
 def open_filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) of a store URL. Raises StoreError naming the package to
     install when fsspec or the protocol's package (s3fs) is missing."""
@@ -90,7 +97,9 @@ def open_filesystem(url: str) -> tuple[Any, str]:
             f"store {url}: object storage needs fsspec and s3fs ({e}); install: {INSTALL_S3}"
         ) from e
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        # A private instance: fsspec would otherwise share one per argument set, with the endpoint and
+        # credentials botocore read when the first one was made.
+        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
     except ImportError as e:
         raise StoreError(
             f"store {url}: the package for this protocol is not installed ({e}); for s3://: {INSTALL_S3}"
@@ -259,6 +268,7 @@ class ObjectVersionStore(VersionStore):
     def clear_served(self, name: str) -> bool:
         path = self._remote(name, SERVED_NAME)
         try:
+            self.fs.invalidate_cache(path)
             if not self.fs.exists(path):
                 return False
             self.fs.rm_file(path)
@@ -303,7 +313,7 @@ class ObjectVersionStore(VersionStore):
         StoreUnavailable when the store cannot be read."""
         final = self.version_dir(name, version_id)
         if (final / MANIFEST_NAME).is_file():
-            os.utime(final / MANIFEST_NAME)  # last use, for eviction
+            _touch(final / MANIFEST_NAME)
             return final, "hit"
         manifest = self._manifest(name, version_id)
         if manifest is None:
@@ -320,6 +330,7 @@ class ObjectVersionStore(VersionStore):
             for file_name, expected in sorted(files.items()):
                 total += self._download(name, version_id, file_name, expected, tmp)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            _touch(tmp / MANIFEST_NAME)
             fsync_dir(tmp)
             with self._cache_lock():
                 try:
@@ -460,6 +471,7 @@ class ObjectVersionStore(VersionStore):
         self._put(text.encode(), name, version_id, MANIFEST_NAME)  # the commit point
         tmp = path / f".{MANIFEST_NAME}.tmp-{secrets.token_hex(6)}"
         tmp.write_text(text, encoding="utf-8")
+        _touch(tmp)
         os.replace(tmp, path / MANIFEST_NAME)
         with self._mutex:
             self._manifests[(name, version_id)] = manifest
