@@ -173,13 +173,11 @@ class SurgeryResolver(LoRAResolver):
                 log.error(
                     "adapter %r: refined version %s cannot be served (%s); serving the original",
                     name,
-                    refined.name,
+                    refined,
                     e,
                 )
             else:
-                log.info(
-                    "adapter %r: serving refined version %s (snapshot %s)", name, refined.name, snapshot.path
-                )
+                log.info("adapter %r: serving refined version %s (snapshot %s)", name, refined, snapshot.path)
                 metrics.record_store_lookup(hit=True)
                 info = self.store.version_info(name, refined.name)
                 metrics.record_served(name, refined.name, info.record if info else None)
