@@ -255,15 +255,21 @@ def test_store_down_refuses_uncached_versions_and_the_served_one_keeps_serving(
 
 
 # ----------------------------------------------------------------------------- the worker
-def test_the_worker_refines_into_an_s3_store(s3_url, tmp_path, tmp_path_factory) -> None:
-    from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
+@pytest.fixture(scope="module")
+def gain(tmp_path_factory):
+    from vllm_surgery.testing import build_gain_case
+
+    return build_gain_case(tmp_path_factory.mktemp("gain"))
+
+
+def worker_parts(tmp_path: Path, gain, url: str):
+    """A job database, a job spec for adapter "x" (the gain case's) and a worker on the s3 store `url`."""
+    from vllm_surgery.testing import GAIN_SETTINGS
     from vllm_surgery.worker.job_spec import job_spec, records_sha256
     from vllm_surgery.worker.process import RefinementWorker, WorkerOptions
 
-    gain = build_gain_case(tmp_path_factory.mktemp("gain"))
     shutil.copytree(gain.adapter, tmp_path / "adapters" / "x")
     db = open_database(tmp_path / "jobs.sqlite3")
-    store = make_store(s3_url, tmp_path / "worker-cache")
     options = WorkerOptions(
         server="http://127.0.0.1:9",
         device="cpu",
@@ -271,7 +277,7 @@ def test_the_worker_refines_into_an_s3_store(s3_url, tmp_path, tmp_path_factory)
         owner="w",
         adapter_dirs=(tmp_path / "adapters",),
     )
-    worker = RefinementWorker(db, store, options)
+    worker = RefinementWorker(db, make_store(url, tmp_path / "worker-cache"), options)
     records = gain.records()
     source = {"source": "records", "records": records, "sha256": records_sha256(records)}
     spec = job_spec(
@@ -280,6 +286,14 @@ def test_the_worker_refines_into_an_s3_store(s3_url, tmp_path, tmp_path_factory)
         config=GAIN_SETTINGS,
         calibration=source,
     )
+    return db, worker, spec
+
+
+def test_the_worker_refines_into_an_s3_store(s3_url, tmp_path, gain) -> None:
+    from vllm_surgery.worker.process import RefinementWorker
+
+    db, worker, spec = worker_parts(tmp_path, gain, s3_url)
+    store, options = worker.store, worker.options
     first = db.enqueue_job("x", "manual", spec)[0].id
     assert worker.run(once=True) == 1
     job = db.job(first)
@@ -304,4 +318,17 @@ def test_the_worker_refines_into_an_s3_store(s3_url, tmp_path, tmp_path_factory)
     again = db.job(second)
     assert (again.state, again.version, again.result["reused"]) == ("accepted", job.version, True)
     assert "load_model" not in again.result["timings"]
+    db.close()
+
+
+def test_a_worker_whose_store_is_down_fails_the_job_naming_it(own_s3, tmp_path, gain) -> None:
+    url = f"s3://{own_s3.new_bucket()}/store"
+    db, worker, spec = worker_parts(tmp_path, gain, url)
+    job_id = db.enqueue_job("x", "manual", spec)[0].id
+    own_s3.stop()
+    assert worker.run(once=True) == 1
+    job = db.job(job_id)
+    assert (job.state, job.version) == ("failed", None)
+    assert job.error.startswith(f"object store {url} unavailable: ")
+    assert cache_contents(worker.store, "x") == []  # nothing half-written left on the worker either
     db.close()

@@ -92,7 +92,16 @@ from typing import Any
 from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
 from ..names import InvalidAdapterName, path_under, validate_adapter_name
 from ..settings import ServingSettings, SettingsError
-from ..storage import Database, DatabaseError, Job, VersionStore, open_database, open_store, version_key
+from ..storage import (
+    Database,
+    DatabaseError,
+    Job,
+    StoreError,
+    VersionStore,
+    open_database,
+    open_store,
+    version_key,
+)
 from ..traffic import build_adapter_calibration
 from .job_spec import records_sha256, spec_config
 
@@ -440,7 +449,15 @@ class RefinementWorker:
         except _out_of_memory_types() as e:
             self.models.release()
             error = out_of_memory_message(self.device, e)
-        except (JobFailure, AdapterError, CalibrationError, ConfigError, DatabaseError, OSError) as e:
+        except (
+            JobFailure,
+            AdapterError,
+            CalibrationError,
+            ConfigError,
+            DatabaseError,
+            StoreError,
+            OSError,
+        ) as e:
             error = str(e)
         except Exception as e:
             log.exception("%s: unexpected error", label)
