@@ -133,8 +133,10 @@ class ObjectVersionStore(VersionStore):
         return self.url
 
     # ---------------------------------------------------------------- remote access
-    def _remote(self, *parts: str) -> str:
-        return "/".join((self.base, *parts))
+    def _remote(self, name: str, *parts: str) -> str:
+        """The store path of `name` (a validated adapter name: it comes from requests) and `parts`."""
+        validate_adapter_name(name)
+        return "/".join((self.base, name, *parts))
 
     def _unavailable(self, what: str, e: BaseException) -> StoreUnavailable:
         return StoreUnavailable(
@@ -368,22 +370,27 @@ class ObjectVersionStore(VersionStore):
             )
         remote = self._remote(name, version_id, file_name)
         digest, size = hashlib.sha256(), 0
+        # Errors of the store (any exception of s3fs/botocore/aiohttp, OSErrors with an errno included)
+        # are told apart from this machine's own (a full disk): only the first make it "unavailable".
         try:
-            with self.fs.open(remote, "rb") as fin, open(tmp / file_name, "xb") as fout:
-                while chunk := fin.read(_CHUNK):
-                    digest.update(chunk)
-                    fout.write(chunk)
-                    size += len(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
+            fin = self.fs.open(remote, "rb")
         except FileNotFoundError as e:
             raise StoreError(f"store {self.url}: {remote} is missing (listed in the manifest)") from e
-        except OSError as e:
-            if isinstance(e, PermissionError) or e.errno is None:
-                raise self._unavailable(f"downloading {remote}", e) from e
-            raise
         except Exception as e:
             raise self._unavailable(f"downloading {remote}", e) from e
+        with fin, open(tmp / file_name, "xb") as fout:
+            while True:
+                try:
+                    chunk = fin.read(_CHUNK)
+                except Exception as e:
+                    raise self._unavailable(f"downloading {remote}", e) from e
+                if not chunk:
+                    break
+                digest.update(chunk)
+                fout.write(chunk)
+                size += len(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
         if size != expected.get("size") or digest.hexdigest() != expected["sha256"]:
             raise StoreError(
                 f"store {self.url}: {remote} is corrupt: {size} bytes with SHA-256 {digest.hexdigest()}, the "
