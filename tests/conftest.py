@@ -48,6 +48,26 @@ def postgres_url(postgres_server) -> str:
     return postgres_server.new_database()
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (SeaweedFS, tests/s3_server.py) for the session, started on first use."""
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    print(f"\nSeaweedFS S3 started in {server.start_seconds:.2f} s on {server.endpoint}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server, monkeypatch) -> str:
+    """An s3:// store URL in a fresh bucket of the session's S3 server; the client finds the server and
+    its credentials the standard way (AWS_* variables, set for the test)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{s3_server.new_bucket()}/store"
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_target(request, tmp_path):
     """What `open_database` opens, once per backend: a SQLite file path, or a fresh Postgres database's

@@ -469,7 +469,8 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], where: Path) -> None:
             )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that a rename into it survives a crash. Raises OSError."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -538,11 +539,11 @@ def save_adapter(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.chmod(tmp, 0o755 & ~umask)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out_dir.exists():  # an empty directory left for us: rename() cannot replace it portably
             out_dir.rmdir()
         os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from .errors import ConfigError
 
 ENV_CONFIG = "VLLM_SURGERY_CONFIG"
 DEFAULT_STORE = Path("~/.cache/vllm-surgery/store")
+DEFAULT_CACHE = Path("~/.cache/vllm-surgery/versions")
 
 
 class SettingsError(ConfigError):
@@ -107,6 +108,25 @@ def _json_database(value: Any, source: str, base: Path) -> Path | str:
 
 
 DATABASE = Kind("path, or postgresql:// URL", _text_database, _json_database)
+
+
+def _is_url(text: str) -> bool:  # as storage.urls.is_store_url reads a store setting
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
+
+
+def _text_store(text: str, source: str) -> Path | str:
+    text = text.strip()
+    return text if _is_url(text) else Path(text).expanduser()
+
+
+def _json_store(value: Any, source: str, base: Path) -> Path | str:
+    if isinstance(value, str) and _is_url(value.strip()):
+        return value.strip()  # a URL, kept as text (a Path would fold its "//")
+    return _json_path(value, source, base)
+
+
+STORE = Kind("path, or s3:// URL", _text_store, _json_store)
 BOOL = Kind("boolean", _text_bool, _json_bool)
 STRING = Kind("string", _text_str, _json_str)
 
@@ -289,11 +309,28 @@ class ServingSettings:
         "Root directories of the original adapters: adapter X is <root>/X, the first root that has it wins.",
         default=(),
     )
-    store: Path = setting(
+    store: Path | str = setting(
         "VLLM_SURGERY_STORE",
-        PATH,
-        "The refined-version store (default ~/.cache/vllm-surgery/store).",
+        STORE,
+        "The refined-version store: a directory (default ~/.cache/vllm-surgery/store), or object storage "
+        "shared by several servers and workers, `s3://bucket/prefix` (needs `pip install "
+        "'vllm-surgery[s3]'`; credentials and endpoint the standard way: AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible servers).",
         default_factory=lambda: DEFAULT_STORE.expanduser(),
+    )
+    cache_dir: Path = setting(
+        "VLLM_SURGERY_CACHE_DIR",
+        PATH,
+        "With an s3:// store: where this machine keeps the versions it serves or writes (each checked "
+        "against its manifest's SHA-256 before use), one subdirectory per store URL.",
+        default_factory=lambda: DEFAULT_CACHE.expanduser(),
+    )
+    cache_max_bytes: int = setting(
+        "VLLM_SURGERY_CACHE_MAX_BYTES",
+        number(1 << 20, integer=True),
+        "With an s3:// store: bytes of versions the cache keeps; beyond it the least recently used are "
+        "deleted, never one this server serves (those are kept even above the bound).",
+        default=20 * (1 << 30),
     )
     calibration_dir: Path | None = setting(
         "VLLM_SURGERY_CALIBRATION_DIR",
@@ -468,7 +505,7 @@ class ServingSettings:
         "VLLM_SURGERY_SNAPSHOT_DIR",
         PATH,
         "Where the server keeps the private, validated copies of adapters that vLLM loads (one directory "
-        "per server process, 0700; default <store>/.snapshots). vLLM never reads an operator's or the "
+        "per server process, 0700; default <store>/.snapshots, or <cache dir>/.snapshots with an s3:// store). vLLM never reads an operator's or the "
         "store's files directly: an adapter overwritten in place while served cannot reach the engine.",
         default=None,
     )
@@ -496,15 +533,19 @@ class ServingSettings:
     @property
     def database_path(self) -> Path | str:
         """The traffic database: `database` (a path, or a postgresql:// URL for `open_database`), or
-        <store>.sqlite3 beside the store directory."""
-        return (
-            self.database if self.database is not None else self.store.parent / f"{self.store.name}.sqlite3"
-        )
+        <store>.sqlite3 beside the store directory (with an s3:// store: beside the default store)."""
+        if self.database is not None:
+            return self.database
+        store = self.store if isinstance(self.store, Path) else DEFAULT_STORE.expanduser()
+        return store.parent / f"{store.name}.sqlite3"
 
     @property
     def snapshot_root(self) -> Path:
-        """Where snapshots live: `snapshot_dir`, or <store>/.snapshots (hidden: never a store adapter)."""
-        return self.snapshot_dir if self.snapshot_dir is not None else self.store / ".snapshots"
+        """Where snapshots live: `snapshot_dir`, or <store>/.snapshots (hidden: never a store adapter);
+        with an s3:// store, <cache_dir>/.snapshots."""
+        if self.snapshot_dir is not None:
+            return self.snapshot_dir
+        return (self.store if isinstance(self.store, Path) else self.cache_dir) / ".snapshots"
 
     @property
     def records_traffic(self) -> bool:

@@ -57,6 +57,22 @@ def test_the_database_is_a_path_or_a_postgres_url(tmp_path: Path) -> None:
     assert ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(cfg)}).database_path == tmp_path / "t.sqlite3"
 
 
+def test_the_store_is_a_path_or_an_object_storage_url(tmp_path: Path) -> None:
+    """An s3:// store stays text; the database and snapshots then default beside the default store
+    and under the cache directory (there is no local store directory to put them next to)."""
+    env = {"VLLM_SURGERY_STORE": " s3://bucket/prefix ", "VLLM_SURGERY_CACHE_DIR": str(tmp_path / "cache")}
+    s = ServingSettings.from_env(env)
+    assert (s.store, s.cache_dir, s.cache_max_bytes) == ("s3://bucket/prefix", tmp_path / "cache", 20 << 30)
+    assert s.snapshot_root == tmp_path / "cache" / ".snapshots"
+    assert s.database_path == Path("~/.cache/vllm-surgery/store.sqlite3").expanduser()
+    cfg = tmp_path / "serving.json"
+    cfg.write_text(json.dumps({"store": "s3://bucket/other", "cache_max_bytes": 1 << 20}))
+    s = ServingSettings.from_env({"VLLM_SURGERY_CONFIG": str(cfg)})
+    assert (s.store, s.cache_max_bytes) == ("s3://bucket/other", 1 << 20)
+    with pytest.raises(SettingsError, match="VLLM_SURGERY_CACHE_MAX_BYTES must be an integer in"):
+        ServingSettings.from_env({"VLLM_SURGERY_CACHE_MAX_BYTES": "1000"})
+
+
 def test_file_adapter_dirs_as_one_string(tmp_path: Path) -> None:
     cfg = tmp_path / "serving.json"
     cfg.write_text(json.dumps({"adapter_dirs": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"}))

@@ -58,6 +58,7 @@ from ..adapter import PROVENANCE_NAME
 from ..errors import AdapterError, SurgeryError
 from ..names import InvalidAdapterName, validate_adapter_name
 from ..settings import ServingSettings
+from ..storage import StoreError, StoreUnavailable
 from . import metrics, vllm_compat
 from .resolver import ORIGINAL, SurgeryResolver
 
@@ -133,12 +134,18 @@ class HotSwapper:
                 continue
             if Path(request.lora_path).is_dir():
                 self.startup[name] = Path(request.lora_path)
-        # Snapshots that a name serves are never cleaned up.
+        # Snapshots that a name serves are never cleaned up, nor (object storage) their cached versions.
         self.resolver.snapshots.in_use = self._paths_in_use
+        self.store.in_use = self._versions_in_use
 
     def _paths_in_use(self) -> set[str]:
         """The paths vLLM's name -> request mapping points at (may raise RuntimeError while it changes)."""
         return {r.lora_path for r in tuple(vllm_compat.served_requests(self.models).values())}
+
+    def _versions_in_use(self) -> set[tuple[str, str]]:
+        """(name, store version id) of what names serve now (may raise RuntimeError, as above)."""
+        located = (self.resolver.snapshots.locate(p) for p in self._paths_in_use())
+        return {v for v in located if v is not None and v[1] != ORIGINAL}
 
     def find_original(self, name: str) -> Path | None:
         """The operator's original of `name`: under an adapter root, else as given with --lora-modules."""
@@ -248,10 +255,17 @@ class HotSwapper:
             "served_version": served_version,
             "served_quality": _qualities(served_info),
             "served_load_inplace": stored.load_inplace if stored is not None else None,
-            "store_served_version": self.store.served_version_id(name),
+            "store_served_version": self._store_served_version(name),
             "previous_version": previous[0] if previous else None,
             "versions": [self._describe_version(v) for v in versions],
         }
+
+    def _store_served_version(self, name: str) -> str | None:
+        try:
+            return self.store.served_version_id(name)
+        except StoreError as e:  # object storage unreachable: the listing still answers
+            log.error("adapter %r: %s", name, e)
+            return None
 
     def _describe_version(self, info: Any) -> dict[str, Any]:
         """One listed version; `servable` and `reason` come from the very check a swap makes."""
@@ -294,7 +308,9 @@ class HotSwapper:
 
         Raises HotSwapError: 400 (bad name or id), 404 (unknown), 409 (not servable by decision, not
         accepted by the gate without force, or refined from other content), 422 (the files cannot be
-        served here: corrupt, NaN, rank, shapes, dtype overflow, outside the store)."""
+        served here: corrupt, NaN, rank, shapes, dtype overflow, outside the store, or a download from
+        object storage that differs from its manifest), 503 (object storage unreachable and the version
+        not in this machine's cache)."""
         original = self.original_of(name)
         try:
             if snapshot:
@@ -312,6 +328,10 @@ class HotSwapper:
             raise HotSwapError(f"version {version!r}: {e}", HTTPStatus.BAD_REQUEST, "invalid") from e
         try:
             info = self.store.version_info(name, version)
+        except StoreUnavailable as e:  # its manifest cannot be read, so it is not in this machine's cache
+            if snapshot:
+                metrics.record_store_fetch("failed")
+            raise HotSwapError(f"version {version!r} of {name!r}: {e}", 503, "unavailable") from e
         except ValueError as e:  # the id is fine, but the directory resolves outside the store
             raise HotSwapError(f"version {version!r} of {name!r} is not servable: {e}", 422, "corrupt") from e
         if info is None:
@@ -343,8 +363,16 @@ class HotSwapper:
         try:
             if snapshot:
                 return self.resolver.snapshot_version(name, info.path).path, version
+            if not self.store.cached(name, version):
+                # Object storage: a version not on this machine is listed from its manifest; its files
+                # are checked when a swap fetches it (listing never downloads).
+                return info.path, version
             self.validator.validate(info.path, inside=self.store.adapter_dir(name))
-        except (AdapterError, OSError) as e:
+        except StoreUnavailable as e:
+            raise HotSwapError(
+                f"version {version!r} of {name!r} cannot be fetched: {e}", 503, "unavailable"
+            ) from e
+        except (AdapterError, OSError, StoreError) as e:
             raise HotSwapError(
                 f"version {version!r} of {name!r} is not servable (corrupt): {e}", 422, "corrupt"
             ) from e

@@ -27,7 +27,11 @@ from ..storage import FINISHED_STATES, JOB_STATES
 
 log = logging.getLogger(f"vllm.{__name__}")
 
-SWAP_OUTCOMES = ("swapped", "noop", "invalid", "not_found", "conflict", "corrupt", "failed")
+SWAP_OUTCOMES = ("swapped", "noop", "invalid", "not_found", "conflict", "corrupt", "failed", "unavailable")
+# A store version's local copy (object storage): already in this machine's cache (hit), downloaded and
+# checked (fetched: a miss), the store unreachable (failed), a download whose size or SHA-256 differs
+# from the manifest, or a version that is not there (corrupt). A local store counts nothing here.
+STORE_FETCH_OUTCOMES = ("hit", "fetched", "failed", "corrupt")
 STORE_RESULTS = ("hit", "miss")
 # Who looked the store up: the resolver (is a refined version served for this name?) or a refine
 # request (was this exact refinement done before?).
@@ -73,6 +77,11 @@ HOTSWAPS = Counter(
     "vllm_surgery_hotswaps",
     "Adapter hot-swap attempts, by adapter and outcome.",
     ["adapter", "outcome"],
+)
+STORE_FETCHES = Counter(
+    "vllm_surgery_store_fetches",
+    "Store versions made local for serving (object storage), by outcome.",
+    ["outcome"],
 )
 SWAP_LATENCY = Histogram(
     "vllm_surgery_swap_latency_seconds",
@@ -136,6 +145,11 @@ def _loss(quality: Any) -> float | None:
 def record_store_lookup(hit: bool, by: str = "resolver") -> None:
     assert by in STORE_LOOKUPS_BY, by
     STORE_LOOKUPS.labels(by=by, result="hit" if hit else "miss").inc()
+
+
+def record_store_fetch(outcome: str) -> None:
+    assert outcome in STORE_FETCH_OUTCOMES, outcome
+    STORE_FETCHES.labels(outcome=outcome).inc()
 
 
 def record_refinement(adapter: str, outcome: str) -> None:

@@ -26,7 +26,7 @@ from ..base_model import base_layer_shapes
 from ..errors import AdapterError
 from ..names import InvalidAdapterName, path_under, validate_adapter_name
 from ..settings import ServingSettings
-from ..storage import VersionStore
+from ..storage import StoreError, StoreUnavailable, open_store
 from . import metrics
 from .validation import AdapterValidator, ServingLimits, Snapshot, Snapshots
 from .vllm_compat import LoRARequest, LoRAResolver, lora_request
@@ -43,7 +43,9 @@ class SurgeryResolver(LoRAResolver):
 
     def __init__(self, settings: ServingSettings) -> None:
         self.settings = settings
-        self.store = VersionStore(settings.store)
+        # A local directory, or object storage with this machine's checked cache (storage.objstore):
+        # vLLM only ever gets a snapshot of a local copy.
+        self.store = open_store(settings.store, settings.cache_dir, settings.cache_max_bytes)
         # Limits come from the engine (endpoint plugin's init_state calls validator.configure); until
         # then, or under plain `vllm serve` without the endpoint plugin, see _default_limits.
         self.validator = AdapterValidator()
@@ -113,8 +115,29 @@ class SurgeryResolver(LoRAResolver):
 
     def snapshot_version(self, name: str, version_dir: Path) -> Snapshot:
         """The snapshot of the store version at `version_dir` (blocking; its files may not leave the
-        store's directory of `name`); raises AdapterError."""
-        return self.snapshots.take(name, version_dir.name, version_dir, inside=self.store.adapter_dir(name))
+        store's directory of `name`). With object storage the version is first copied into this
+        machine's cache and checked against its manifest (`fetch`), which is what the snapshot copies.
+        Raises AdapterError (the files), StoreUnavailable (the store cannot be read and the version is
+        not cached), StoreError (not in the store, or a corrupt download: never served)."""
+        local = self.fetch_version(name, version_dir.name)
+        return self.snapshots.take(name, version_dir.name, local, inside=self.store.adapter_dir(name))
+
+    def fetch_version(self, name: str, version: str) -> Path:
+        """The local directory of store version `version` of `name` (see snapshot_version), counted in
+        vllm_surgery_store_fetches_total and logged when it fails."""
+        try:
+            local, outcome = self.store.fetch(name, version)
+        except StoreUnavailable as e:
+            metrics.record_store_fetch("failed")
+            log.error("adapter %r: version %s cannot be fetched: %s", name, version, e)
+            raise
+        except StoreError as e:
+            metrics.record_store_fetch("corrupt")
+            log.error("adapter %r: version %s refused: %s", name, version, e)
+            raise
+        if outcome is not None:
+            metrics.record_store_fetch(outcome)
+        return local
 
     def choose_path(self, name: str) -> Path | None:
         """The snapshot directory to serve for a validated `name`, or None if there is nothing servable.
@@ -139,16 +162,19 @@ class SurgeryResolver(LoRAResolver):
             log.error(
                 "adapter %r: refined-version store %s unusable (%s); serving the original",
                 name,
-                self.settings.store,
+                self.store.location,
                 e,
             )
             refined = None
         if refined is not None:
             try:
                 snapshot = self.snapshot_version(name, refined)
-            except (AdapterError, OSError) as e:
+            except (AdapterError, OSError, StoreError) as e:
                 log.error(
-                    "adapter %r: refined version %s is broken (%s); serving the original", name, refined, e
+                    "adapter %r: refined version %s cannot be served (%s); serving the original",
+                    name,
+                    refined,
+                    e,
                 )
             else:
                 log.info("adapter %r: serving refined version %s (snapshot %s)", name, refined, snapshot.path)

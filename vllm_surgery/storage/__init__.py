@@ -1,10 +1,12 @@
 """Storage: what a deployment keeps between processes, with no vLLM in it.
 
-- `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`).
+- `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`);
+  `objstore`: the same on object storage (`ObjectVersionStore`, ``s3://``), with a checked local cache.
 - `database`: recorded traffic and feedback (`Database`, `SQLiteDatabase`, `TrafficRecord`).
 - `job_queue`: the refinement job queue in the same database (`Job`, `JobQueue`, job states).
 - `factory`: `open_database`, which opens a SQLite file or, for a ``postgresql://`` URL, a Postgres
-  database (`vllm_surgery.storage.postgres`, imported only then: psycopg is an optional extra);
+  database (`vllm_surgery.storage.postgres`, imported only then: psycopg is an optional extra), and
+  `open_store`, which opens a local store or, for an ``s3://`` URL, an object store (fsspec/s3fs);
   `urls`: which targets are Postgres URLs, and how they are shown without a password.
 - `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
 
@@ -28,7 +30,7 @@ from .database import (
     UnknownRequest,
     record_bytes,
 )
-from .factory import open_database
+from .factory import open_database, open_store
 from .job_queue import (
     ACTIVE_STATES,
     FINISHED_STATES,
@@ -43,13 +45,14 @@ from .job_queue import (
 from .store import (
     KEY_CONFIG_FIELDS,
     StoreError,
+    StoreUnavailable,
     VersionInfo,
     VersionStore,
     key_of_record,
     stored_answer,
     version_key,
 )
-from .urls import is_postgres_url, redact_url
+from .urls import is_postgres_url, is_store_url, redact_url
 from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
 
 __all__ = [
@@ -72,6 +75,7 @@ __all__ = [
     "Retention",
     "SQLiteDatabase",
     "StoreError",
+    "StoreUnavailable",
     "StoredRecord",
     "TrafficRecord",
     "TrafficStats",
@@ -79,8 +83,10 @@ __all__ = [
     "VersionInfo",
     "VersionStore",
     "is_postgres_url",
+    "is_store_url",
     "key_of_record",
     "open_database",
+    "open_store",
     "record_bytes",
     "redact_url",
     "stored_answer",

@@ -1,5 +1,6 @@
 """Which database a setting names: a ``postgresql://`` (or ``postgres://``) URL is a Postgres server
-(`PostgresDatabase`, for several replicas), anything else the path of a SQLite file (`SQLiteDatabase`).
+(`PostgresDatabase`, for several replicas), anything else the path of a SQLite file (`SQLiteDatabase`);
+which store one names: an object-storage URL (`ObjectVersionStore`), else a local directory.
 
 The server, the worker and the CLI open their database through `open_database`, so the choice is made
 in one place. psycopg is an optional dependency (the ``postgres`` extra): it is imported only when a
@@ -11,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .database import Database, DatabaseError, SQLiteDatabase
-from .urls import is_postgres_url, redact_url
+from .store import VersionStore
+from .urls import is_postgres_url, is_store_url, redact_url
 
 INSTALL_POSTGRES = "pip install 'vllm-surgery[postgres]'"
 
@@ -35,3 +37,16 @@ def open_database(target: str | Path, create: bool = True) -> Database:
             ) from e
         return PostgresDatabase(url, create=create)
     return SQLiteDatabase(Path(target), create=create)
+
+
+def open_store(target: str | Path, cache_dir: Path, cache_max_bytes: int) -> VersionStore:
+    """Open the refined-version store `target` names: an object-storage URL (``s3://bucket/prefix``)
+    gives an `ObjectVersionStore` (fsspec and s3fs, the ``s3`` extra, imported only then) that keeps
+    the versions it uses under `cache_dir`, at most `cache_max_bytes`; anything else is a local
+    directory (`VersionStore`). Raises StoreError naming the URL and the problem (a missing package:
+    the extra to install). Nothing is contacted here: the store is read on first use."""
+    if is_store_url(target):
+        from .objstore import ObjectVersionStore
+
+        return ObjectVersionStore(str(target), cache_dir, cache_max_bytes)
+    return VersionStore(Path(target))

@@ -31,7 +31,7 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,11 +116,42 @@ class VersionInfo:
         return self.decision in SERVABLE_DECISIONS and bool(self.adapter_hash)
 
 
+class StoreUnavailable(StoreError):
+    """The store's backend (object storage) cannot be reached or answered an error: nothing was
+    changed, and a version that is not in this machine's cache cannot be served until it answers."""
+
+
 class VersionStore:
-    """Refined versions of named adapters under one root directory (created on first write)."""
+    """Refined versions of named adapters under one root directory (created on first write).
+
+    `ObjectVersionStore` (storage.objstore) is the same interface over object storage; the methods
+    `fetch`, `cached` and `publish` are what differ: here a version's directory is already local.
+    """
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).expanduser()
+        # (name, version id) pairs a server serves now, set by the server: an object store's cache
+        # never evicts them (a local store keeps every version anyway).
+        self.in_use: Callable[[], set[tuple[str, str]]] | None = None
+
+    @property
+    def location(self) -> str:
+        """What messages call this store: its directory (or an object store's URL)."""
+        return str(self.root)
+
+    def fetch(self, name: str, version_id: str) -> tuple[Path, str | None]:
+        """(local directory of the version, how it got there): here the store's own directory, and
+        None (nothing was fetched). An object store answers its verified local copy and "hit" or
+        "fetched". Raises ValueError for an invalid id."""
+        return self.version_dir(name, version_id), None
+
+    def cached(self, name: str, version_id: str) -> bool:
+        """Whether the version's files are on this machine (always, for a local directory)."""
+        return True
+
+    def publish(self, name: str, path: Path) -> None:
+        """Make the version refine() wrote into `path` (from `new_version_dir`) visible to readers:
+        here it already is (refine renamed it into place). An object store uploads it."""
 
     def adapter_dir(self, name: str) -> Path:
         """`<store>/<name>`, validated: the name comes from requests and must stay inside the store."""
@@ -191,18 +222,20 @@ class VersionStore:
         Only a version refined from exactly this original content qualifies: when the operator
         replaces the original adapter, its old refined versions go stale and are ignored here,
         rather than silently serving a refinement of weights that are no longer deployed.
+        (An object store answers its local cache directory, which `fetch` fills.)
         """
         version_id = self.served_version_id(name)
         if version_id is None:
             return None
         try:
-            path = self.version_dir(name, version_id)
+            info = self.version_info(name, version_id)
+        except StoreUnavailable:
+            raise
         except ValueError as e:
             log.warning(
-                "store %s: served version of %r is invalid (%s); serving the original", self.root, name, e
+                "store %s: served version of %r is invalid (%s); serving the original", self.location, name, e
             )
             return None
-        info = self._read_version(name, path) if path.is_dir() else None
         if info is None:
             log.warning(
                 "store: served version %s of %r is missing or incomplete; serving the original",
@@ -248,18 +281,21 @@ class VersionStore:
         Only complete versions with a servable decision can be chosen. Already-resolved names keep
         what they were resolved to until the server restarts (vLLM caches resolutions by name).
         """
-        path = self.version_dir(name, version_id)
-        info = self._read_version(name, path) if path.is_dir() else None
+        info = self.version_info(name, version_id)
+        where = f"{self.location}: {name}/{version_id}"
         if info is None:
-            raise StoreError(f"{path}: no complete refined version (missing directory or {PROVENANCE_NAME})")
+            raise StoreError(f"{where}: no complete refined version (missing directory or {PROVENANCE_NAME})")
         if not info.servable:
             raise StoreError(
-                f"{path}: decision {info.decision!r} with adapter_hash {info.adapter_hash!r} cannot be "
+                f"{where}: decision {info.decision!r} with adapter_hash {info.adapter_hash!r} cannot be "
                 f"served; only {sorted(SERVABLE_DECISIONS)} versions with a hash can"
             )
         record = {"version": version_id, "adapter_hash": info.adapter_hash, "set_at": time.time()}
+        return self._write_served(name, json.dumps(record, indent=2) + "\n")
+
+    def _write_served(self, name: str, text: str) -> Path:
         target = self.adapter_dir(name) / SERVED_NAME
-        _atomic_write(target, json.dumps(record, indent=2) + "\n")
+        _atomic_write(target, text)
         return target
 
     def find(self, name: str, key: str) -> Path | None:
@@ -346,10 +382,13 @@ class VersionStore:
                 except BlockingIOError:
                     log.info("store: %s is being written by another process; not cleaned", base)
                     continue
-                removed.extend(_remove_leftovers_in(base))
+                removed.extend(self._remove_leftovers_in(base))
             finally:
                 os.close(fd)
         return removed
+
+    def _remove_leftovers_in(self, base: Path) -> list[Path]:
+        return _remove_leftovers_in(base)
 
     def new_version_dir(self, name: str) -> Path:
         """Reserve a fresh, empty version directory for refine() to write into.
@@ -390,7 +429,9 @@ def stored_answer(record: Mapping[str, Any], decision: str | None, version: str 
     }
 
 
-def _remove_leftovers_in(base: Path) -> list[Path]:
+def _remove_leftovers_in(base: Path, incomplete: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove the leftovers of interrupted writes in the adapter directory `base` (see
+    remove_leftovers); `incomplete(entry)`: a version directory that counts as one too."""
     removed = []
     for parent in (base, base / OUTCOMES_DIR):
         if not parent.is_dir():
@@ -401,7 +442,7 @@ def _remove_leftovers_in(base: Path) -> list[Path]:
                 and not entry.name.startswith(".")
                 and entry.is_dir()
                 and not entry.is_symlink()
-                and not any(entry.iterdir())
+                and (not any(entry.iterdir()) or (incomplete is not None and incomplete(entry)))
             )
             if not leftover:
                 continue

@@ -92,7 +92,16 @@ from typing import Any
 from ..errors import AdapterError, CalibrationError, ConfigError, SurgeryError
 from ..names import InvalidAdapterName, path_under, validate_adapter_name
 from ..settings import ServingSettings, SettingsError
-from ..storage import Database, DatabaseError, Job, VersionStore, open_database, version_key
+from ..storage import (
+    Database,
+    DatabaseError,
+    Job,
+    StoreError,
+    VersionStore,
+    open_database,
+    open_store,
+    version_key,
+)
 from ..traffic import build_adapter_calibration
 from .job_spec import records_sha256, spec_config
 
@@ -440,7 +449,15 @@ class RefinementWorker:
         except _out_of_memory_types() as e:
             self.models.release()
             error = out_of_memory_message(self.device, e)
-        except (JobFailure, AdapterError, CalibrationError, ConfigError, DatabaseError, OSError) as e:
+        except (
+            JobFailure,
+            AdapterError,
+            CalibrationError,
+            ConfigError,
+            DatabaseError,
+            StoreError,
+            OSError,
+        ) as e:
             error = str(e)
         except Exception as e:
             log.exception("%s: unexpected error", label)
@@ -512,6 +529,8 @@ class RefinementWorker:
                 )
                 self._check_cancel(job)  # the last look, before the version is visible to readers
                 self._cancellable = False
+                if refined.written:  # object storage: upload the files, then the manifest (local: nothing)
+                    self.store.publish(job.adapter, out)
             except BaseException:
                 self._cancellable = False
                 shutil.rmtree(out, ignore_errors=True)
@@ -752,7 +771,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default=None,
-        help="refined-version store (default: the serving settings' VLLM_SURGERY_STORE)",
+        help="refined-version store, a directory or an s3:// URL (default: the serving settings' "
+        "VLLM_SURGERY_STORE)",
     )
     parser.add_argument("--db", default=None, help="job database (default: the serving settings' database)")
     parser.add_argument(
@@ -812,7 +832,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 raise SettingsError(f"--lora-modules takes NAME=PATH, got {item!r}")
             lora_modules.append((validate_adapter_name(name), Path(path)))
         db = open_database(args.db or settings.database_path)
-        store = VersionStore(Path(args.store) if args.store else settings.store)
+        store = open_store(args.store or settings.store, settings.cache_dir, settings.cache_max_bytes)
         options = WorkerOptions(
             server=args.server,
             device=args.device,

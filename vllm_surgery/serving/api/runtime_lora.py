@@ -146,7 +146,7 @@ class RuntimeLoraRoutes:
             roots = [str(r) for r in swapper.settings.adapter_dirs]
             raise Refused(
                 f"lora_path {str(path)!r} is neither an original adapter (under {roots} or given with "
-                f"--lora-modules) nor a version in the store {swapper.store.root}",
+                f"--lora-modules) nor a version in the store {swapper.store.location}",
                 403,
             )
         try:
