@@ -124,20 +124,37 @@ def test_a_stopped_worker_gives_its_job_back(parts, gain, monkeypatch) -> None:
     assert store_entries(store, "x") == []
 
 
-def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_version(parts, gain) -> None:
-    """The server is unreachable: accepted, swap pending. The same job queued again (a worker killed
-    after writing, say) finds the version in the store and computes nothing."""
+def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_version(
+    parts, gain, database_target
+) -> None:
+    """SQLite: the server is unreachable: accepted, swap pending. Postgres (shared): the worker points
+    the served pointer at the version itself (no server involved): accepted, swap done. The same job
+    queued again (a worker killed after writing, say) finds the version in the store and computes
+    nothing."""
     db, store, worker = parts
+    shared = isinstance(database_target, str)  # a Postgres URL
     first = records_job(parts, gain, gain.records())
     assert worker.run(once=True) == 1
     job = db.job(first)
     assert (job.state, job.swap, job.result["decision"], job.result["reused"]) == (
         "accepted",
-        "pending",
+        "done" if shared else "pending",
         "accept",
         False,
     )
-    assert "is unreachable" in job.swap_error
+    if shared:
+        assert job.swap_error is None
+        pointer = db.served_pointer("x")
+        assert (pointer.version, pointer.set_by, pointer.forced, pointer.revision) == (
+            job.version,
+            f"job {first}",
+            False,
+            1,
+        )
+        assert pointer.adapter_hash == store.version_info("x", job.version).adapter_hash
+    else:
+        assert "is unreachable" in job.swap_error
+        assert db.served_pointer("x") is None  # one machine: the pointer table is not used
     assert [v.version_id for v in store.versions("x")] == [job.version]
     second = records_job(parts, gain, gain.records())
     assert worker.run(once=True) == 1
