@@ -15,7 +15,8 @@ and ``vllm_surgery_replica_in_sync`` (0), and in its row of the replicas table, 
 such as the engine refusing the load). It tries again at every poll, so a version that becomes
 servable (its copy repaired) is picked up without a restart.
 
-Adapters not loaded yet are left alone: their first request resolves them, and the resolver reads the
+An adapter without a pointer row serves its original (as the resolver does). Adapters not loaded yet
+are left alone: their first request resolves them, and the resolver reads the
 pointer then. The replica's rows are written when what it serves, its state or its error changes, and
 at least every `REPORT_EVERY_S` (so `seen_at` shows it is alive).
 """
@@ -30,7 +31,7 @@ from typing import Any
 
 from ..storage import Database, DatabaseError, ServedPointer
 from . import metrics
-from .hotswap import HotSwapError, HotSwapper
+from .hotswap import ORIGINAL, HotSwapError, HotSwapper
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -116,11 +117,13 @@ class PointerFollower:
         """Read every pointer and follow each that this replica serves otherwise (blocking: waits for
         the swaps). Never raises: a database error is logged and the next wake-up tries again."""
         try:
-            pointers = self.db.served_pointers()
+            pointers = {p.adapter: p for p in self.db.served_pointers()}
         except DatabaseError as e:
             log.warning("replica %s: cannot read the served pointers: %s", self.replica_id, e)
             return
-        for pointer in pointers:
+        for name in self.swapper.loaded_names():  # no pointer yet: the original, as the resolver serves
+            pointers.setdefault(name, ServedPointer(name, ORIGINAL, None, False, 0, 0.0, "nobody"))
+        for pointer in pointers.values():
             try:
                 self._follow(pointer)
             except DatabaseError as e:

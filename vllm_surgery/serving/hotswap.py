@@ -196,6 +196,10 @@ class HotSwapper:
                 )
 
     # ----------------------------------------------------------------- inspection
+    def loaded_names(self) -> list[str]:
+        """The names vLLM serves now (resolved, swapped or given at start), sorted."""
+        return sorted(vllm_compat.served_requests(self.models))
+
     def served_path(self, name: str) -> str | None:
         request = vllm_compat.served_requests(self.models).get(name)
         return request.lora_path if request is not None else None
