@@ -436,6 +436,26 @@ def test_the_worker_command_fails_clearly_when_the_server_does_not_answer(tmp_pa
     assert "stopped after" not in done.stderr
 
 
+def test_the_worker_needs_a_server_only_with_a_sqlite_database(tmp_path: Path, postgres_url: str) -> None:
+    """SQLite: no --server is a settings error (exit 2, saying why). Postgres (shared): none is needed,
+    the worker starts and (--drain, nothing queued) stops at once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
+    command = [sys.executable, "-m", "vllm_surgery.cli", "worker", "--device", "cpu", "--drain"]
+    lite = {
+        **env,
+        "VLLM_SURGERY_STORE": str(tmp_path / "store"),
+        "VLLM_SURGERY_DATABASE": str(tmp_path / "db.sqlite3"),
+    }
+    done = subprocess.run(command, env=lite, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--server is needed with the SQLite database" in done.stderr
+    shared = {**lite, "VLLM_SURGERY_DATABASE": postgres_url}
+    done = subprocess.run(command, env=shared, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "server none (accepted versions: the shared served pointer)" in done.stderr
+    assert "stopped after 0 job(s)" in done.stderr
+
+
 def test_a_worker_given_the_servers_model_refuses_a_row_naming_another(parts, gain, tmp_path: Path) -> None:
     db, store, _ = parts
     records = gain.records()

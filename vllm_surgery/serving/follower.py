@@ -97,6 +97,10 @@ class PointerFollower:
                     self._stop.wait(RETRY_S)
                     continue
                 metrics.POINTER_LISTENER_UP.set(1)
+                if events.adapters:
+                    log.debug(
+                        "replica %s: served pointer changed: %s", self.replica_id, sorted(events.adapters)
+                    )
                 if events.connected and down_since is not None:
                     log.info(
                         "replica %s: listening for served-pointer changes again (after %.1f s); reading "
