@@ -415,7 +415,9 @@ class HotSwapper:
         the current original (or "original"). With a shared database the served pointer is written
         first (`by`: who, for its history) and every replica follows. Raises HotSwapError (see
         `validated_target`; 500 when the engine refuses the load, 503 when the shared database cannot
-        be written): the version served before is still served then."""
+        be written): the version served before is still served then. (With a shared database, an
+        engine refusal comes after the pointer was written: the other replicas follow it, and this one
+        tries again at its next poll, reported as ``behind``.)"""
         return await self._swap(name, version, force=False, by=by)
 
     async def swap_forced(self, name: str, version: str, *, by: str = "admin") -> SwapResult:
