@@ -420,7 +420,7 @@ def test_a_worker_without_a_server_address_has_its_accepted_version_served_by_ev
     peft_model.load_adapter(cluster["store"].version_dir("w", job.version), adapter_name=f"w:{job.version}")
     waits = [wait_serving(srv, "w", job.version, prompt_ids, peft_model) for srv in (a, b)]
     print(
-        f"\nworker job {job.id}: both replicas serve {job.version} ({time.perf_counter() - finished:.2f} s after exit)"
+        f"\nworker job {job.id}: both replicas checked serving {job.version} {time.perf_counter() - finished:.2f} s after its exit"
     )
     assert waits  # both served it (wait_serving fails otherwise)
     body = wait_view(
