@@ -516,6 +516,23 @@ class ServingSettings:
         "still running on it may need vLLM to read it again); one that a name serves is never deleted.",
         default=900.0,
     )
+    replica_id: str = setting(
+        "VLLM_SURGERY_REPLICA_ID",
+        STRING,
+        "This server's name among the replicas that share a Postgres database (the `replicas` list of "
+        "GET /v1/surgery/adapters/NAME, the replicas table). Default: <hostname>:<port>, which stays the "
+        "same across restarts (a random id would leave a dead row behind at every restart) and says "
+        "where to look; set it where several replicas share a host name and port (e.g. pods behind NAT).",
+        default="",
+    )
+    pointer_poll_s: float = setting(
+        "VLLM_SURGERY_POINTER_POLL_S",
+        number(0.1, 3600),
+        "With a shared (Postgres) database: how often a replica reads every served pointer again, "
+        "whatever notifications arrived (a backstop: a notification sent while its connection was down "
+        "is lost). Changes normally arrive by LISTEN/NOTIFY within tens of milliseconds.",
+        default=3.0,
+    )
     job_max_attempts: int = setting(
         "VLLM_SURGERY_JOB_MAX_ATTEMPTS",
         number(1, 100, integer=True),

@@ -217,7 +217,7 @@ class FakeSwapper:
     def version_of(self, name: str, path: str | None) -> str:
         return "original"
 
-    async def swap(self, name: str, version: str) -> None:
+    async def swap(self, name: str, version: str, *, by: str = "admin") -> None:
         self.swaps.append((name, version))
 
 

@@ -124,20 +124,37 @@ def test_a_stopped_worker_gives_its_job_back(parts, gain, monkeypatch) -> None:
     assert store_entries(store, "x") == []
 
 
-def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_version(parts, gain) -> None:
-    """The server is unreachable: accepted, swap pending. The same job queued again (a worker killed
-    after writing, say) finds the version in the store and computes nothing."""
+def test_a_finished_but_unswapped_job_stays_pending_and_a_rerun_reuses_the_version(
+    parts, gain, database_target
+) -> None:
+    """SQLite: the server is unreachable: accepted, swap pending. Postgres (shared): the worker points
+    the served pointer at the version itself (no server involved): accepted, swap done. The same job
+    queued again (a worker killed after writing, say) finds the version in the store and computes
+    nothing."""
     db, store, worker = parts
+    shared = isinstance(database_target, str)  # a Postgres URL
     first = records_job(parts, gain, gain.records())
     assert worker.run(once=True) == 1
     job = db.job(first)
     assert (job.state, job.swap, job.result["decision"], job.result["reused"]) == (
         "accepted",
-        "pending",
+        "done" if shared else "pending",
         "accept",
         False,
     )
-    assert "is unreachable" in job.swap_error
+    if shared:
+        assert job.swap_error is None
+        pointer = db.served_pointer("x")
+        assert (pointer.version, pointer.set_by, pointer.forced, pointer.revision) == (
+            job.version,
+            f"job {first}",
+            False,
+            1,
+        )
+        assert pointer.adapter_hash == store.version_info("x", job.version).adapter_hash
+    else:
+        assert "is unreachable" in job.swap_error
+        assert db.served_pointer("x") is None  # one machine: the pointer table is not used
     assert [v.version_id for v in store.versions("x")] == [job.version]
     second = records_job(parts, gain, gain.records())
     assert worker.run(once=True) == 1
@@ -417,6 +434,26 @@ def test_the_worker_command_fails_clearly_when_the_server_does_not_answer(tmp_pa
     assert f"the server at {UNREACHABLE} is unreachable" in done.stderr
     assert "Connection refused" in done.stderr and "start the server first, or fix --server" in done.stderr
     assert "stopped after" not in done.stderr
+
+
+def test_the_worker_needs_a_server_only_with_a_sqlite_database(tmp_path: Path, postgres_url: str) -> None:
+    """SQLite: no --server is a settings error (exit 2, saying why). Postgres (shared): none is needed,
+    the worker starts and (--drain, nothing queued) stops at once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
+    command = [sys.executable, "-m", "vllm_surgery.cli", "worker", "--device", "cpu", "--drain"]
+    lite = {
+        **env,
+        "VLLM_SURGERY_STORE": str(tmp_path / "store"),
+        "VLLM_SURGERY_DATABASE": str(tmp_path / "db.sqlite3"),
+    }
+    done = subprocess.run(command, env=lite, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--server is needed with the SQLite database" in done.stderr
+    shared = {**lite, "VLLM_SURGERY_DATABASE": postgres_url}
+    done = subprocess.run(command, env=shared, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "server none (accepted versions: the shared served pointer)" in done.stderr
+    assert "stopped after 0 job(s)" in done.stderr
 
 
 def test_a_worker_given_the_servers_model_refuses_a_row_naming_another(parts, gain, tmp_path: Path) -> None:

@@ -143,9 +143,9 @@ class AutomaticJobs:
         for name, original in self.swapper.startup.items():
             try:
                 adapter_hash = self.swapper.validator.validate(original)
-                if self.swapper.store.served(name, adapter_hash) is None:
+                if self.swapper.resolver.served_refined(name, adapter_hash) is None:
                     self.first_load_soon(name, original, adapter_hash)
-            except (AdapterError, OSError, ValueError) as e:
+            except (AdapterError, OSError, ValueError, DatabaseError) as e:
                 log.warning("adapter %r: no first-load check: %s", name, e)
 
     @staticmethod
@@ -207,7 +207,7 @@ class AutomaticJobs:
             try:
                 # Never forced: the version's own surgery.json must say the gate accepted it (module
                 # docstring), whatever the row claims.
-                await self.swapper.swap(job.adapter, job.version)
+                await self.swapper.swap(job.adapter, job.version, by=f"job {job.id}")
             except HotSwapError as e:
                 if e.status >= 500:
                     log.error(

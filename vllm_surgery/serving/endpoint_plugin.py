@@ -22,9 +22,10 @@ Authentication:
 
 Start-up (init_state) checks the vLLM internals the plugin uses (`vllm_compat.self_check`), refuses
 more than one API-server process, reads the engine's limits (max rank, dtype, base-model shapes),
-removes what interrupted refinements left in the store, restores served versions, opens the job
-database (migrations; the jobs' figures go to /metrics from there) and starts the automatic jobs and
-the pending swaps (`automatic_jobs`). A job database that cannot be opened leaves serving alone: the
+removes what interrupted refinements left in the store, opens the job database (migrations; the jobs'
+figures go to /metrics from there), restores served versions (from the served pointer when the
+database is a shared Postgres one, and then starts this replica's `follower` of it) and starts the
+automatic jobs and the pending swaps (`automatic_jobs`). A job database that cannot be opened leaves serving alone: the
 job routes answer 503 and the server log says why.
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from argparse import Namespace
 from typing import Any
 
@@ -59,6 +61,7 @@ from .api import (
 from .auth import AdminGuard
 from .automatic_jobs import AutomaticJobs
 from .capture import CaptureSwitch, attach_capture, start_capture
+from .follower import PointerFollower
 from .general_plugin import ENDPOINT_PLUGIN, RESOLVER_NAME
 from .hotswap import HotSwapper
 from .launcher import ONE_API_SERVER
@@ -108,6 +111,7 @@ class SurgeryEndpointPlugin:
         self.capture: CaptureSwitch | None = None
         self.runtime_routes: RuntimeLoraRoutes | None = None
         self.automatic_jobs: AutomaticJobs | None = None
+        self.follower: PointerFollower | None = None
 
     def attach_router(self, app: FastAPI) -> None:
         self.app = app
@@ -176,14 +180,18 @@ class SurgeryEndpointPlugin:
                 "vllm-surgery: removed %d leftover(s) of interrupted writes from the store", len(removed)
             )
         setattr(state, STATE_KEY, swapper)
+        db = await asyncio.to_thread(self._open_job_database)
+        if db is not None and resolver.shared_pointer:
+            resolver.pointers = db  # before anything is served: the resolver reads the served pointer
         await swapper.restore_served_versions()
+        if db is not None and resolver.shared_pointer:
+            self._follow_pointers(swapper, db, args)
 
         recorder = await asyncio.to_thread(
             start_capture, self.capture, engine_client, state, args, self.settings, swapper.version_of
         )
         if recorder is not None:
             setattr(state, TRAFFIC_KEY, recorder)
-        db = await asyncio.to_thread(self._open_job_database)
         calibration = AdapterCalibration(self.settings, db, recorder)
         setattr(state, REFINER_KEY, RefineRoute(swapper, base_model, db, calibration))
         if db is None:
@@ -201,6 +209,26 @@ class SurgeryEndpointPlugin:
             "on" if self.settings.auto_refine else "off",
             self.settings.refine_check_interval_s,
         )
+
+    def _follow_pointers(self, swapper: HotSwapper, db: Database, args: Namespace) -> PointerFollower:
+        """Start this replica's follower of the shared served pointer (`follower`); stopped at shutdown."""
+        replica_id = (
+            self.settings.replica_id or f"{socket.gethostname()}:{getattr(args, 'port', None) or 8000}"
+        )
+        follower = PointerFollower(
+            swapper, db, replica_id, self.settings.pointer_poll_s, asyncio.get_running_loop()
+        )
+        follower.start()
+        if self.app is not None:
+            vllm_compat.on_shutdown(self.app, follower.stop)
+        log.info(
+            "vllm-surgery: replica %s follows the served pointer in %s (LISTEN, and a poll every %g s)",
+            replica_id,
+            db.path,
+            self.settings.pointer_poll_s,
+        )
+        self.follower = follower
+        return follower
 
     def _open_job_database(self) -> Database | None:
         """The job database (blocking: migrations), or None, logged, when it cannot be used: serving

@@ -22,6 +22,13 @@ served.json is what survives. A server runs exactly one API-server process (`vll
 init_state refuse --api-server-count > 1), so the mapping, the history and the metrics are those of
 the only process that answers; scale out with several servers sharing one store instead.
 
+Many replicas (a shared Postgres database): the served version is the served pointer in the database
+(`vllm_surgery.storage.pointer`), not served.json. A swap or rollback on any replica validates the
+version here, writes the pointer (with its history) in one transaction, and swaps here at once; every
+other replica's `follower` sees the change (LISTEN/NOTIFY, a re-read on reconnect, a periodic poll)
+and swaps itself with `follow`, which makes the same checks but writes nothing. A rollback goes back
+to the `from` of the pointer's latest change, whichever replica made it.
+
 Validation is one function, `validated_target`: the listing's `servable` is computed with it too, and
 it checks the adapter against this server (see `validation`): corrupt files, NaN, a rank above
 --max-lora-rank, shapes that do not fit the base model, weights that overflow the serving dtype, a
@@ -58,7 +65,7 @@ from ..adapter import PROVENANCE_NAME
 from ..errors import AdapterError, SurgeryError
 from ..names import InvalidAdapterName, validate_adapter_name
 from ..settings import ServingSettings
-from ..storage import StoreError, StoreUnavailable
+from ..storage import DatabaseError, PointerConflict, StoreError, StoreUnavailable
 from . import metrics, vllm_compat
 from .resolver import ORIGINAL, SurgeryResolver
 
@@ -138,6 +145,22 @@ class HotSwapper:
         self.resolver.snapshots.in_use = self._paths_in_use
         self.store.in_use = self._versions_in_use
 
+    @property
+    def shared(self) -> bool:
+        """Whether the served version is the shared database's served pointer (not served.json)."""
+        return self.resolver.shared_pointer
+
+    def _pointers(self) -> Any:
+        """The shared database (`storage.Database`). Raises HotSwapError 503 when it is not open."""
+        if self.resolver.pointers is None:
+            raise HotSwapError(
+                f"the shared database {self.settings.database_path} is not open (see the server log at "
+                "start): the served pointer cannot be read or written, so nothing changed",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "failed",
+            )
+        return self.resolver.pointers
+
     def _paths_in_use(self) -> set[str]:
         """The paths vLLM's name -> request mapping points at (may raise RuntimeError while it changes)."""
         return {r.lora_path for r in tuple(vllm_compat.served_requests(self.models).values())}
@@ -161,7 +184,7 @@ class HotSwapper:
         for name, original in self.startup.items():
             try:
                 refined = await asyncio.to_thread(
-                    lambda o=original, n=name: self.store.served(
+                    lambda o=original, n=name: self.resolver.served_refined(
                         n, self.resolver.snapshot_original(n, o).content_hash
                     )
                 )
@@ -169,7 +192,7 @@ class HotSwapper:
                 path, version = await asyncio.to_thread(self.validated_target, name, version)
                 async with self._locks[name]:
                     await self._swap_locked(name, version, str(path), time.perf_counter(), remember=False)
-            except (AdapterError, HotSwapError, OSError, ValueError) as e:
+            except (AdapterError, HotSwapError, OSError, ValueError, DatabaseError) as e:
                 log.error(
                     "adapter %r: could not serve it from a snapshot (%s); vLLM serves %s as it loaded it at "
                     "start: do not overwrite its files in place",
@@ -179,6 +202,10 @@ class HotSwapper:
                 )
 
     # ----------------------------------------------------------------- inspection
+    def loaded_names(self) -> list[str]:
+        """The names vLLM serves now (resolved, swapped or given at start), sorted."""
+        return sorted(vllm_compat.served_requests(self.models))
+
     def served_path(self, name: str) -> str | None:
         request = vllm_compat.served_requests(self.models).get(name)
         return request.lora_path if request is not None else None
@@ -255,9 +282,10 @@ class HotSwapper:
             "served_version": served_version,
             "served_quality": _qualities(served_info),
             "served_load_inplace": stored.load_inplace if stored is not None else None,
-            "store_served_version": self._store_served_version(name),
+            "store_served_version": None if self.shared else self._store_served_version(name),
             "previous_version": previous[0] if previous else None,
             "versions": [self._describe_version(v) for v in versions],
+            **self._describe_pointer(name),
         }
 
     def _store_served_version(self, name: str) -> str | None:
@@ -266,6 +294,20 @@ class HotSwapper:
         except StoreError as e:  # object storage unreachable: the listing still answers
             log.error("adapter %r: %s", name, e)
             return None
+
+    def _describe_pointer(self, name: str) -> dict[str, Any]:
+        """With a shared database: the served pointer and what every replica serves (blocking)."""
+        if not self.shared:
+            return {}
+        try:
+            db = self._pointers()
+            pointer = db.served_pointer(name)
+            return {
+                "pointer": pointer.to_dict() if pointer is not None else None,
+                "replicas": [r.to_dict() for r in db.replicas(name)],
+            }
+        except (DatabaseError, HotSwapError) as e:
+            return {"pointer": None, "replicas": None, "pointer_error": str(e)}
 
     def _describe_version(self, info: Any) -> dict[str, Any]:
         """One listed version; `servable` and `reason` come from the very check a swap makes."""
@@ -395,19 +437,31 @@ class HotSwapper:
             return resolved.parent.name, resolved.name
         return None
 
-    async def swap(self, name: str, version: str) -> SwapResult:
+    async def swap(self, name: str, version: str, *, by: str = "admin") -> SwapResult:
         """Serve `version` of `name` (module docstring): only a version the gate accepted, refined from
-        the current original (or "original"). Raises HotSwapError (see `validated_target`; 500 when
-        the engine refuses the load): the version served before is still served then."""
-        return await self._swap(name, version, force=False)
+        the current original (or "original"). With a shared database the served pointer is written
+        first (`by`: who, for its history) and every replica follows. Raises HotSwapError (see
+        `validated_target`; 500 when the engine refuses the load, 503 when the shared database cannot
+        be written): the version served before is still served then. (With a shared database, an
+        engine refusal comes after the pointer was written: the other replicas follow it, and this one
+        tries again at its next poll, reported as ``behind``.)"""
+        return await self._swap(name, version, force=False, by=by)
 
-    async def swap_forced(self, name: str, version: str) -> SwapResult:
+    async def swap_forced(self, name: str, version: str, *, by: str = "admin") -> SwapResult:
         """`swap`, but a version the gate did not accept (decision "forced") is served too: an
         operator's explicit request (the admin route's ``"force": true``), logged. A stale version is
         refused even so. Raises HotSwapError like `swap`."""
-        return await self._swap(name, version, force=True)
+        return await self._swap(name, version, force=True, by=by)
 
-    async def _swap(self, name: str, version: str, force: bool) -> SwapResult:
+    async def _swap(
+        self,
+        name: str,
+        version: str,
+        force: bool,
+        by: str = "admin",
+        reason: str | None = None,
+        expect_revision: int | None = None,
+    ) -> SwapResult:
         start = time.perf_counter()
         known = None
         try:
@@ -416,6 +470,8 @@ class HotSwapper:
             await asyncio.to_thread(self.original_of, name)
             known = name
             path, version = await asyncio.to_thread(self.validated_target, name, version, force=force)
+            if self.shared:
+                await asyncio.to_thread(self._write_pointer, name, version, by, reason, expect_revision)
             async with self._locks[name]:
                 result = await self._swap_locked(name, version, str(path), start)
         except HotSwapError as e:
@@ -437,8 +493,77 @@ class HotSwapper:
             metrics.SWAP_LATENCY.observe(result.seconds)
         return result
 
+    def _write_pointer(
+        self, name: str, version: str, by: str, reason: str | None, expect_revision: int | None
+    ) -> None:
+        """Point every replica at the validated `version` (blocking). Raises HotSwapError: 409 when the
+        pointer moved since a rollback read it, 503 when the database cannot be written (nothing
+        changed: not here, not elsewhere)."""
+        if version == ORIGINAL:
+            original = self.original_of(name)
+            adapter_hash, forced = self.resolver.snapshot_original(name, original).content_hash, False
+        else:
+            info = self.store.version_info(name, version)
+            if info is None:  # validated a moment ago: removed since
+                raise HotSwapError(f"adapter {name!r} has no complete version {version!r}", 404, "not_found")
+            adapter_hash, forced = info.adapter_hash, info.decision != "accept"
+        try:
+            pointer, changed = self._pointers().set_served_pointer(
+                name,
+                version,
+                adapter_hash=adapter_hash,
+                forced=forced,
+                by=by,
+                reason=reason,
+                expect_revision=expect_revision,
+            )
+        except PointerConflict as e:
+            raise HotSwapError(str(e), HTTPStatus.CONFLICT, "conflict") from e
+        except DatabaseError as e:
+            raise HotSwapError(
+                f"adapter {name!r}: the served pointer could not be written, so nothing changed on any "
+                f"replica: {e}",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "failed",
+            ) from e
+        if changed:
+            log.info(
+                "adapter %r: served pointer -> %s (revision %d, by %s)", name, version, pointer.revision, by
+            )
+
+    async def follow(self, name: str, version: str, forced: bool) -> SwapResult:
+        """Serve the version the shared served pointer names, here only (the follower calls this; the
+        pointer is not written): the checks of `swap`, with a version the gate did not accept only when
+        the pointer says `forced`. Raises HotSwapError like `swap`: what was served stays served."""
+        start = time.perf_counter()
+        path, version = await asyncio.to_thread(self.validated_target, name, version, force=forced)
+        async with self._locks[name]:
+            return await self._swap_locked(name, version, str(path), start)
+
     async def rollback(self, name: str) -> SwapResult:
+        """Serve the version served before the last swap: with a shared database, the `from` of the
+        served pointer's latest change (on every replica), else this server's previous version. Raises
+        HotSwapError (409 when there is nothing to go back to) like `swap`."""
         await asyncio.to_thread(self.original_of, name)
+        if self.shared:
+            try:
+                history = await asyncio.to_thread(lambda: self._pointers().pointer_history(name, 1))
+            except DatabaseError as e:
+                raise HotSwapError(
+                    f"adapter {name!r}: cannot read the served pointer: {e}", 503, "failed"
+                ) from e
+            if not history:
+                metrics.record_swap(name, "conflict")
+                raise HotSwapError(f"adapter {name!r}: no earlier version to roll back to", 409, "conflict")
+            last = history[-1]
+            return await self._swap(
+                name,
+                last.from_version,
+                force=True,
+                by="rollback",
+                reason=f"rollback of revision {last.revision} ({last.to_version}, by {last.changed_by})",
+                expect_revision=last.revision,
+            )
         previous = self._previous.get(name)
         if previous is None:
             metrics.record_swap(name, "conflict")
@@ -453,11 +578,12 @@ class HotSwapper:
         return self.version_of(name, old_path), same
 
     def _record_served(self, name: str, version: str) -> Any:
-        """Update served.json (fsync: blocking, run in a thread); returns the version's surgery.json."""
+        """Update served.json (fsync: blocking, run in a thread; not with a shared database, whose
+        served pointer was written before the swap); returns the version's surgery.json."""
         try:
-            if version == ORIGINAL:
+            if not self.shared and version == ORIGINAL:
                 self.store.clear_served(name)
-            else:
+            elif not self.shared:
                 self.store.set_served(name, version)
         except (OSError, ValueError) as e:
             log.error("adapter %r now serves %s, but served.json could not be updated: %s", name, version, e)

@@ -39,6 +39,10 @@ STORE_LOOKUPS_BY = ("resolver", "refine")
 # What a refine request got: queued (a job), cached (answered from the store), error (refused).
 REFINE_OUTCOMES = ("queued", "cached", "error")
 JOB_OUTCOMES = FINISHED_STATES
+# What a replica made of a served-pointer change (shared database): swapped (it serves the pointer's
+# version now), failed (it cannot fetch or validate it and keeps serving what it has), behind (a
+# retryable failure, e.g. the engine refused the load: tried again at the next poll).
+FOLLOW_OUTCOMES = ("swapped", "failed", "behind")
 # Stages of a job, as the worker records them (seconds): waiting in the queue, loading the base model
 # (near 0 when it is cached), building the calibration set, then refine()'s own stages (load_adapter:
 # reading and checking the adapter; search: choosing steps and candidates on the selection split), the swap into the server, and the whole job from claim to swap.
@@ -111,6 +115,33 @@ HELDOUT_LOSS = Gauge(
     "original adapter, which=after the served version. No series while the original is served.",
     ["adapter", "which"],
 )
+
+POINTER_FOLLOWS = Counter(
+    "vllm_surgery_pointer_follows",
+    "Served-pointer changes this replica acted on (shared database), by adapter and outcome: swapped, "
+    "failed (cannot fetch or validate the version; the previous one keeps serving), behind (retried).",
+    ["adapter", "outcome"],
+)
+REPLICA_IN_SYNC = Gauge(
+    "vllm_surgery_replica_in_sync",
+    "1 while this replica serves the version the shared served pointer names for the adapter, 0 while "
+    "it serves another one (failed or behind). Only adapters this replica has loaded.",
+    ["adapter"],
+)
+POINTER_LISTENER_UP = Gauge(
+    "vllm_surgery_pointer_listener_up",
+    "1 while this replica's LISTEN connection for served-pointer changes is up (shared database), 0 "
+    "while it reconnects (the periodic poll still reads the pointers when the database answers).",
+)
+
+
+def record_follow(adapter: str, outcome: str | None, in_sync: bool) -> None:
+    """What this replica made of its adapter's served pointer: `outcome` (None: nothing to do, it was
+    already served) and whether it now serves the pointer's version."""
+    if outcome is not None:
+        assert outcome in FOLLOW_OUTCOMES, outcome
+        POINTER_FOLLOWS.labels(adapter=adapter, outcome=outcome).inc()
+    REPLICA_IN_SYNC.labels(adapter=adapter).set(1 if in_sync else 0)
 
 
 def record_swap(adapter: str | None, outcome: str) -> None:

@@ -26,7 +26,7 @@ from ..base_model import base_layer_shapes
 from ..errors import AdapterError
 from ..names import InvalidAdapterName, path_under, validate_adapter_name
 from ..settings import ServingSettings
-from ..storage import StoreError, StoreUnavailable, open_store
+from ..storage import Database, DatabaseError, StoreError, StoreUnavailable, is_postgres_url, open_store
 from . import metrics
 from .validation import AdapterValidator, ServingLimits, Snapshot, Snapshots
 from .vllm_compat import LoRARequest, LoRAResolver, lora_request
@@ -46,6 +46,11 @@ class SurgeryResolver(LoRAResolver):
         # A local directory, or object storage with this machine's checked cache (storage.objstore):
         # vLLM only ever gets a snapshot of a local copy.
         self.store = open_store(settings.store, settings.cache_dir, settings.cache_max_bytes)
+        # Where the served version is chosen: the store's served.json (one machine), or the served
+        # pointer in a shared database (`pointers`, set by the endpoint plugin's start-up once the
+        # database is open) when the database is Postgres, shared by every replica.
+        self.shared_pointer = is_postgres_url(settings.database_path)
+        self.pointers: Database | None = None
         # Limits come from the engine (endpoint plugin's init_state calls validator.configure); until
         # then, or under plain `vllm serve` without the endpoint plugin, see _default_limits.
         self.validator = AdapterValidator()
@@ -139,6 +144,45 @@ class SurgeryResolver(LoRAResolver):
             metrics.record_store_fetch(outcome)
         return local
 
+    def served_refined(self, name: str, adapter_hash: str) -> Path | None:
+        """The store directory of the refined version `name` is to serve, or None to serve the original
+        (blocking). One machine: the store's served.json (`VersionStore.served`). Shared database: the
+        served pointer, with the same checks (a complete version, a servable decision, refined from
+        this original's content `adapter_hash`) and one more: a version the gate did not accept only
+        where the pointer says an operator forced it. Raises DatabaseError when the shared database
+        cannot be read (or was never opened), OSError/ValueError for an unusable store."""
+        if not self.shared_pointer:
+            return self.store.served(name, adapter_hash)
+        if self.pointers is None:
+            raise DatabaseError(
+                f"the shared database {self.settings.database_path} is not open (see the start-up log): "
+                "the served pointer cannot be read"
+            )
+        pointer = self.pointers.served_pointer(name)
+        if pointer is None or pointer.version == ORIGINAL:
+            return None
+        info = self.store.version_info(name, pointer.version)
+        problem = None
+        if info is None:
+            problem = "is missing or incomplete in the store"
+        elif not info.servable:
+            problem = f"has decision {info.decision!r}"
+        elif info.adapter_hash != adapter_hash:
+            problem = "was refined from other adapter content (stale)"
+        elif info.decision != "accept" and not pointer.forced:
+            problem = f"has decision {info.decision!r} and the served pointer does not say it was forced"
+        if problem is not None:
+            log.warning(
+                "adapter %r: the served pointer names version %s (revision %d), which %s; serving the "
+                "original",
+                name,
+                pointer.version,
+                pointer.revision,
+                problem,
+            )
+            return None
+        return info.path
+
     def choose_path(self, name: str) -> Path | None:
         """The snapshot directory to serve for a validated `name`, or None if there is nothing servable.
 
@@ -157,10 +201,10 @@ class SurgeryResolver(LoRAResolver):
             return None
         adapter_hash = original_snapshot.content_hash
         try:
-            refined = self.store.served(name, adapter_hash)
-        except (OSError, ValueError) as e:
+            refined = self.served_refined(name, adapter_hash)
+        except (OSError, ValueError, DatabaseError) as e:
             log.error(
-                "adapter %r: refined-version store %s unusable (%s); serving the original",
+                "adapter %r: the served version cannot be looked up (store %s: %s); serving the original",
                 name,
                 self.store.location,
                 e,

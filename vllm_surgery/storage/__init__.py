@@ -8,6 +8,8 @@
   database (`vllm_surgery.storage.postgres`, imported only then: psycopg is an optional extra), and
   `open_store`, which opens a local store or, for an ``s3://`` URL, an object store (fsspec/s3fs);
   `urls`: which targets are Postgres URLs, and how they are shown without a password.
+- `pointer`: the served pointer in a shared database (which version every replica serves), its
+  history and the replicas' reports; `listen`: LISTEN for its changes on Postgres (imported only then).
 - `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
 
 The server (inside vLLM), the worker and the command line all use these; backends for several
@@ -42,6 +44,14 @@ from .job_queue import (
     JobQueue,
     JobQueueFull,
 )
+from .pointer import (
+    POINTER_CHANNEL,
+    REPLICA_STATES,
+    PointerChange,
+    PointerConflict,
+    ReplicaStatus,
+    ServedPointer,
+)
 from .store import (
     KEY_CONFIG_FIELDS,
     StoreError,
@@ -62,7 +72,9 @@ __all__ = [
     "JOB_TRIGGERS",
     "KEY_CONFIG_FIELDS",
     "LEFT_OUT_KINDS",
+    "POINTER_CHANNEL",
     "RATINGS",
+    "REPLICA_STATES",
     "SCHEMA_VERSION",
     "SWAP_STATES",
     "USABLE_KINDS",
@@ -72,8 +84,12 @@ __all__ = [
     "JobFigures",
     "JobQueue",
     "JobQueueFull",
+    "PointerChange",
+    "PointerConflict",
+    "ReplicaStatus",
     "Retention",
     "SQLiteDatabase",
+    "ServedPointer",
     "StoreError",
     "StoreUnavailable",
     "StoredRecord",

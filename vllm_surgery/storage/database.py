@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeryError
+from . import pointer as _pointer
 from .job_queue import JOBS_CANCEL_MIGRATION, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
+from .pointer import PointerBackend, ServedPointers
 from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
 BUSY_TIMEOUT_S = 30.0
@@ -137,6 +139,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "FROM feedback WHERE traffic_id = traffic.id)",
         ),
     ),
+    Migration(5, _pointer.DESCRIPTION, _pointer.schema(postgres=False)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -234,10 +237,10 @@ class Retention:
     max_bytes: int | None = None  # bytes of stored text (records and their feedback: `bytes` column)
 
 
-class Database(JobQueue, ABC):
+class Database(JobQueue, ServedPointers, ABC):
     """What the plugin, the CLI, the calibration export and the worker need from storage (the job
-    queue's methods are declared by `JobQueue`). Methods raise DatabaseError when the storage cannot be
-    used."""
+    queue's methods are declared by `JobQueue`, the served pointer's by `ServedPointers`). Methods
+    raise DatabaseError when the storage cannot be used."""
 
     @abstractmethod
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
@@ -664,6 +667,10 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                     deleted += removed
                     count -= removed
         return deleted, count
+
+    def _pointer_backend(self) -> PointerBackend:
+        # BEGIN IMMEDIATE holds the database's only write lock: writers of one adapter are serialised
+        return PointerBackend(self._query, self.transaction, lambda conn, adapter: None, postgres=False)
 
     def close(self) -> None:
         with self._lock:

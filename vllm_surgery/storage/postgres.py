@@ -100,6 +100,9 @@ from .job_queue import (
     check_swap,
     check_trigger,
 )
+from .pointer import DESCRIPTION as POINTER_DESCRIPTION
+from .pointer import PointerBackend
+from .pointer import schema as pointer_schema
 from .urls import redact_url
 from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK
 from .usable import USABLE_BY_FEEDBACK as _SQLITE_USABLE_BY_FEEDBACK
@@ -113,6 +116,8 @@ MIGRATION_LOCK = int.from_bytes(b"vsurgmig", "big")
 DEDUPE_LOCK_SPACE = int.from_bytes(b"vsdk", "big")
 # the namespace of per-adapter locks around enqueue_job(max_queued=...)'s count and insert
 ADAPTER_LOCK_SPACE = int.from_bytes(b"vsad", "big")
+# the namespace of per-adapter locks around a served-pointer write
+POINTER_LOCK_SPACE = int.from_bytes(b"vspt", "big")
 
 _SQLITE_NOT_BLANK = re.compile(r"TRIM\(([\w.]+), char\(([\d, ]+)\)\) != ''")
 
@@ -252,6 +257,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "FROM feedback WHERE traffic_id = traffic.id)",
         ),
     ),
+    Migration(5, POINTER_DESCRIPTION, pointer_schema(postgres=True)),
 )
 
 _SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
@@ -975,6 +981,22 @@ class PostgresDatabase(Database):
             latest_quality=quality,
             timings=timings,
         )
+
+    # ------------------------------------------------------------------ the served pointer
+    shares_pointer = True  # a database many replicas share: the served pointer lives here
+
+    def _pointer_backend(self) -> PointerBackend:
+        def lock(conn: psycopg.Connection, adapter: str) -> None:
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (POINTER_LOCK_SPACE, adapter))
+
+        return PointerBackend(self._tuples, self.transaction, lock, postgres=True)
+
+    def listener(self) -> Any:
+        """A `listen.PointerListener` on its own session connection (not from the pool): LISTEN needs a
+        connection that stays the same session. Connects on its first wait."""
+        from .listen import PointerListener
+
+        return PointerListener(self.url, self.path, self._scrub)
 
     def close(self) -> None:
         self._closed = True

@@ -4,8 +4,10 @@ It takes jobs from the queue in the job database (`vllm_surgery.storage`; queued
 route and its automatic triggers, `vllm_surgery.serving.automatic_jobs`), and for each one: builds the calibration set, loads the base
 model (once: kept across jobs, least recently used dropped beyond ``--max-models``), runs
 ``refine(policy="auto")`` with the quality gate (never forced), writes the version into the store,
-records the decision with its figures in the job row, and, when the gate accepted it, asks the server
-to swap it in. Progress (stages and seconds) goes to its log. It never imports vLLM.
+records the decision with its figures in the job row, and, when the gate accepted it, has it served:
+with a SQLite database it asks the server (``--server``) to swap it in; with a shared Postgres
+database it points the served pointer at it itself, and every replica follows (no server address
+needed; see "The served pointer" below). Progress (stages and seconds) goes to its log. It never imports vLLM.
 
 Why a separate process: the gradient pass needs the base model's weights a second time plus
 activations for its token budget. Inside vLLM's API-server process that memory competes with the
@@ -52,6 +54,14 @@ URL and the error, when it cannot reach it (a wrong URL would otherwise leave ev
 waiting). A server that goes away later changes nothing about the jobs: they live in the database, so
 the worker keeps running them, records each accepted version as "swap pending" with the error, and
 the server swaps it in at its next start (see "A job finished but not swapped" above).
+
+The served pointer (a shared Postgres database: many replicas, workers on any machine): the worker
+makes the checks the swap route makes that need no vLLM (a complete version in the store, its
+surgery.json's decision "accept", refined from the current content of the original the worker finds
+for the adapter's name) and writes the pointer with its history (``by: job N``) in one transaction;
+every replica's follower swaps it in within about a second. The job's swap state says what became of
+the write: done (written), failed (a check refused it: the reason), pending (the database could not be
+written; any server's sweep completes it). ``--server`` is not needed then, and not used.
 
 Sizing (vLLM and the worker on one GPU, another GPU, or the CPU): `SIZING_HELP` below, which is also
 the epilog of `vllm-surgery worker --help` and what a job that ran out of memory records (see
@@ -282,7 +292,7 @@ class Heartbeat:
 # ----------------------------------------------------------------------------- the worker
 @dataclass(frozen=True)
 class WorkerOptions:
-    server: str
+    server: str | None  # None: the database is shared, the worker writes the served pointer itself
     device: str = "auto"
     lease_s: float = DEFAULT_LEASE_S
     poll_s: float = DEFAULT_POLL_S
@@ -362,7 +372,7 @@ class RefinementWorker:
             "worker %s: device %s, server %s, lease %g s, poll %g s, up to %d cached model(s)",
             self.owner,
             self.device,
-            self.options.server,
+            self.options.server or "none (accepted versions: the shared served pointer)",
             self.options.lease_s,
             self.options.poll_s,
             self.models.max_models,
@@ -432,7 +442,10 @@ class RefinementWorker:
             log.error("%s: the job was taken over meanwhile; this result is not recorded", label)
             return
         if error is None and swap == "pending":
-            self._swap(job, result["version"], label)
+            if self.db.shares_pointer:
+                self._point(job, result["version"], label)
+            else:
+                self._swap(job, result["version"], label)
 
     # ------------------------------------------------------------------ one job
     def _outcome(self, job: Job, label: str) -> tuple[str | None, dict[str, Any], str | None]:
@@ -710,6 +723,60 @@ class RefinementWorker:
             )
 
     # ------------------------------------------------------------------ the swap
+    def _pointer_refusal(self, name: str, version: str) -> tuple[str | None, str | None]:
+        """(None, the original's content hash) when `version` of `name` may be served, else (why not,
+        None): the swap route's checks that need no vLLM (blocking: loads the original)."""
+        from ..adapter import load_adapter
+
+        info = self.store.version_info(name, version)
+        if info is None:
+            return f"the store {self.store.root} has no complete version {version!r} of {name!r}", None
+        if info.decision != "accept":
+            return f"version {version!r} has decision {info.decision!r}, not 'accept': not served", None
+        original = self.find_original(name)
+        if original is None:
+            return f"the original of {name!r} is not found under this worker's adapter roots", None
+        try:
+            adapter_hash = load_adapter(original).content_hash()
+        except (AdapterError, OSError) as e:
+            return f"the original {original} cannot be read: {e}", None
+        if info.adapter_hash != adapter_hash:
+            return (
+                f"version {version!r} was refined from other adapter content (stale): the original "
+                f"{original} changed meanwhile",
+                None,
+            )
+        return None, adapter_hash
+
+    def _point(self, job: Job, version: str, label: str) -> None:
+        """Point the shared served pointer at `version` (every replica follows); record the job's swap
+        state from that write: done, failed (refused, with the reason) or pending (database error)."""
+        start = time.perf_counter()
+        refusal, adapter_hash = self._pointer_refusal(job.adapter, version)
+        state, error = ("failed", refusal) if refusal is not None else ("done", None)
+        if refusal is None:
+            try:
+                self.db.set_served_pointer(
+                    job.adapter,
+                    version,
+                    adapter_hash=adapter_hash,
+                    by=f"job {job.id}",
+                    reason=f"accepted by the gate ({job.trigger} job, worker {self.owner})",
+                )
+            except DatabaseError as e:
+                state, error = "pending", f"the served pointer could not be written ({e})"
+        seconds = time.perf_counter() - start
+        try:
+            self.db.set_job_swap(job.id, state, error, seconds if state == "done" else None)
+        except DatabaseError as e:
+            log.error("%s: its swap state (%s) could not be recorded: %s", label, state, e)
+        if state == "done":
+            log.info("%s: served pointer -> %s (every replica follows; %.2f s)", label, version, seconds)
+        elif state == "pending":
+            log.warning("%s: swap pending: %s; a server's sweep completes it", label, error)
+        else:
+            log.error("%s: not served: %s", label, error)
+
     def _swap(self, job: Job, version: str, label: str) -> None:
         """Ask the server to serve `version`; record what happened (pending when it cannot be asked)."""
         name = urllib.parse.quote(job.adapter, safe="")
@@ -763,7 +830,10 @@ def _error_message(e: urllib.error.HTTPError) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `vllm-surgery worker` options."""
     parser.add_argument(
-        "--server", required=True, help="the vLLM server's URL (swaps go there), e.g. http://127.0.0.1:8000"
+        "--server",
+        default=None,
+        help="the vLLM server's URL (swaps go there), e.g. http://127.0.0.1:8000; needed with a SQLite "
+        "database, not used with a shared Postgres one (the worker writes the served pointer itself)",
     )
     parser.add_argument(
         "--device", default="auto", help="where refinements run: auto (CUDA if present), cpu, cuda, cuda:N"
@@ -832,9 +902,20 @@ def run_from_args(args: argparse.Namespace) -> int:
                 raise SettingsError(f"--lora-modules takes NAME=PATH, got {item!r}")
             lora_modules.append((validate_adapter_name(name), Path(path)))
         db = open_database(args.db or settings.database_path)
+        if not db.shares_pointer and not args.server:
+            db.close()
+            raise SettingsError(
+                f"--server is needed with the SQLite database {db.path}: accepted versions are swapped in "
+                "by the server at that URL (a shared Postgres database needs none)"
+            )
+        server = None if db.shares_pointer else args.server
+        if db.shares_pointer and args.server:
+            log.info(
+                "--server %s is not used: the database is shared, the served pointer is written", args.server
+            )
         store = open_store(args.store or settings.store, settings.cache_dir, settings.cache_max_bytes)
         options = WorkerOptions(
-            server=args.server,
+            server=server,
             device=args.device,
             lease_s=args.lease_seconds,
             poll_s=args.poll_interval,
@@ -851,7 +932,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"vllm-surgery worker: error: {e}", file=sys.stderr)
         return 2
     try:
-        check_server(args.server)
+        if server is not None:
+            check_server(server)
     except ServerUnreachable as e:
         print(f"vllm-surgery worker: error: {e}", file=sys.stderr)
         db.close()
