@@ -191,7 +191,12 @@ def test_figures_for_the_metrics(db: SQLiteDatabase) -> None:
     assert figures.finished == {("a", "accepted"): 1}
     assert figures.oldest_queued_age_s == 3.0 and figures.swaps_pending == 1
     assert figures.latest_quality == {"a": (2.0, 1.5)}
-    assert figures.timings == [{"sensitivity": 3.0, "total": 4.0}]
+    # one job's stages, cumulative per bucket bound (0.05 ... 2.5 hold neither; 5.0 and above both)
+    assert set(figures.stages) == {"sensitivity", "total"}
+    for stage, seconds in (("sensitivity", 3.0), ("total", 4.0)):
+        h = figures.stages[stage]
+        assert h.buckets == (0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1)
+        assert (h.count, h.total) == (1, seconds)
 
 
 def _claim_all(target, owner: str, out: multiprocessing.Queue, ready, go) -> None:

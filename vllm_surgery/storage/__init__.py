@@ -6,6 +6,8 @@
 - `factory`: `open_database`, which opens a SQLite file or, for a ``postgresql://`` URL, a Postgres
   database (`vllm_surgery.storage.postgres`, imported only then: psycopg is an optional extra);
   `urls`: which targets are Postgres URLs, and how they are shown without a password.
+- `counters`: the counters and batched deletes that keep stats, metrics and retention fast at any
+  size (schema version 5).
 - `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
 
 The server (inside vLLM), the worker and the command line all use these; backends for several
@@ -15,6 +17,7 @@ the package's front door: other packages import from here, not from the modules.
 
 from __future__ import annotations
 
+from .counters import JOB_STAGE_BUCKETS, StageHistogram
 from .database import (
     RATINGS,
     SCHEMA_VERSION,
@@ -55,6 +58,7 @@ from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
 __all__ = [
     "ACTIVE_STATES",
     "FINISHED_STATES",
+    "JOB_STAGE_BUCKETS",
     "JOB_STATES",
     "JOB_TRIGGERS",
     "KEY_CONFIG_FIELDS",
@@ -71,6 +75,7 @@ __all__ = [
     "JobQueueFull",
     "Retention",
     "SQLiteDatabase",
+    "StageHistogram",
     "StoreError",
     "StoredRecord",
     "TrafficRecord",
