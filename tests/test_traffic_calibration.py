@@ -234,34 +234,38 @@ def test_the_streamed_set_is_the_kept_set_with_the_same_hash(db_path) -> None:
 
 
 def test_the_export_streams_in_bounded_memory(tmp_path: Path) -> None:
-    """12k records of 3 KB, all usable (36 MB of answers): the export's peak Python memory stays far
-    below what holding the set would take, and the file holds every record in id order."""
+    """The export's peak Python memory does not grow with the set: 4k records of 3 KB, then 12k (36 MB
+    of answers, all usable), cost the same peak (a page of rows), far below the set's size; the file
+    holds every record in id order."""
     import tracemalloc
 
     from vllm_surgery.traffic import export_calibration
 
     db = open_database(tmp_path / "big.sqlite3")
     answer = "a" * 3000
-    for start in range(0, 12_000, 2000):
-        db.insert([rec(f"r{start + i}", f"{start + i} {answer}") for i in range(2000)])
-    for record_id in range(1, 12_001, 40):  # some rated good, the others unrated (included)
-        db.add_feedback(record_id, "good", None)
     out = tmp_path / "math.jsonl"
-    tracemalloc.start()
+    peaks = []
     try:
+        for start in range(0, 12_000, 2000):
+            db.insert([rec(f"r{start + i}", f"{start + i} {answer}") for i in range(2000)])
+            if start + 2000 in (4000, 12_000):
+                tracemalloc.start()
+                try:
+                    data = export_calibration(db, "math", out, include_unrated=True)
+                    peaks.append(tracemalloc.get_traced_memory()[1])
+                finally:
+                    tracemalloc.stop()
+        for record_id in range(1, 12_001, 40):  # some rated good, the others unrated (included)
+            db.add_feedback(record_id, "good", None)
         data = export_calibration(db, "math", out, include_unrated=True)
-        peak = tracemalloc.get_traced_memory()[1]
     finally:
-        tracemalloc.stop()
         db.close()
     lines = out.read_text().splitlines()
     assert data.count == len(lines) == 12_000 and (data.counts["good"], data.counts["unrated"]) == (
         300,
         11_700,
     )
-    assert [json.loads(x)["completion"].split()[0] for x in (lines[0], lines[1], lines[-1])] == [
-        "0",
-        "1",
-        "11999",
-    ]
-    assert peak < 12 * 1024**2, f"peak {peak / 1024**2:.1f} MiB"
+    first_last = [json.loads(x)["completion"].split()[0] for x in (lines[0], lines[1], lines[-1])]
+    assert first_last == ["0", "1", "11999"]
+    small, large = peaks
+    assert large < small * 1.25 + 1024**2 and large < 18 * 1024**2, [p / 1024**2 for p in peaks]

@@ -209,7 +209,7 @@ def test_processes_opening_a_fresh_database_at_once_apply_each_migration_once(po
     for p in procs:
         assert p.wait(120) == 0, p.stderr.read().decode()
     assert time.time() > start + 1.0  # they did wait for the same instant, and migrated after it
-    assert [v for v, _ in applied(postgres_url)] == [1, 2, 3, 4]
+    assert [v for v, _ in applied(postgres_url)] == [m.version for m in database.MIGRATIONS]
 
 
 WORKER = textwrap.dedent(
@@ -351,7 +351,8 @@ def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str) -> N
         open_database(postgres_url)
     message = str(caught.value)
     assert postgres_url in message
-    assert "schema version 99 was written by a newer vllm-surgery (this one knows up to 4)" in message
+    known = database.SCHEMA_VERSION
+    assert f"schema version 99 was written by a newer vllm-surgery (this one knows up to {known})" in message
 
 
 def test_an_empty_database_is_not_created_when_only_reading(postgres_url: str) -> None:

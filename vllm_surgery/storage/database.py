@@ -297,6 +297,13 @@ class Database(JobQueue, ABC):
         latest trusted feedback, the one the calibration rules use)."""
 
     @abstractmethod
+    def calibration_rows(self, adapter: str, since: float | None = None) -> Iterator[CalibrationRow]:
+        """An adapter's records in id order with their latest trusted feedback, only what the
+        calibration rules read (`CALIBRATION_COLUMNS`, prompts as stored JSON text), streamed: SQLite
+        reads `PAGE` rows per query by keyset pagination on the id, Postgres through a server-side
+        cursor; memory stays one page whatever the adapter's size. For the export and the worker."""
+
+    @abstractmethod
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
         """Every feedback row of a record, oldest first."""
 
@@ -319,6 +326,24 @@ class Database(JobQueue, ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections."""
+
+
+# What the calibration rules read of a record (`Database.calibration_rows`): its id, endpoint, prompt
+# (stored JSON text), completion, calibratable, and its latest trusted feedback's rating and correction.
+CALIBRATION_COLUMNS = ("id", "endpoint", "prompt", "completion", "calibratable", "rating", "correction")
+CalibrationRow = tuple[int, str, str | None, str, Any, str | None, str | None]
+PAGE = 2000
+
+
+def calibration_sql(ph: str, since: bool, page: bool) -> str:
+    """`calibration_rows`' query (`ph`: the backend's placeholder): adapter, after_id, [since], [limit]."""
+    sql = (
+        "SELECT t.id, t.endpoint, t.prompt, t.completion, t.calibratable, f.rating, f.correction "
+        f"FROM traffic t LEFT JOIN feedback f ON {LATEST_FEEDBACK} WHERE t.adapter = {ph} AND t.id > {ph}"
+    )
+    if since:
+        sql += f" AND t.created >= {ph}"
+    return sql + " ORDER BY t.id" + (f" LIMIT {ph}" if page else "")
 
 
 # The latest feedback row of a traffic row (by id): "the latest wins". `_LATEST` of any client (shown),
@@ -582,6 +607,18 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                 raise DatabaseError(f"{self.path}: the identifier secret is missing (traffic_meta)")
             secret = self._id_secret = bytes.fromhex(rows[0][0])
         return secret
+
+    def calibration_rows(self, adapter: str, since: float | None = None) -> Iterator[CalibrationRow]:
+        after = 0
+        sql = calibration_sql("?", since is not None, page=True)
+        while True:
+            params = (adapter, after, since, PAGE) if since is not None else (adapter, after, PAGE)
+            rows = self._query(sql, params)
+            for row in rows:
+                yield tuple(row)
+            if len(rows) < PAGE:
+                return
+            after = rows[-1][0]
 
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
         rows = self._query(

@@ -70,8 +70,10 @@ from .database import (
     _LATEST_TRUSTED,
     BUSY_TIMEOUT_S,
     CLIENT_WINDOW_S,
+    PAGE,
     RATINGS,
     TRAFFIC_COLUMNS,
+    CalibrationRow,
     Database,
     DatabaseError,
     Migration,
@@ -82,6 +84,7 @@ from .database import (
     UnknownRequest,
     _row_to_record,
     _to_row,
+    calibration_sql,
 )
 from .job_queue import (
     _COLUMNS as _JOB_COLUMNS,
@@ -574,6 +577,22 @@ class PostgresDatabase(Database):
                 raise DatabaseError(f"{self.path}: the identifier secret is missing (traffic_meta)")
             secret = self._id_secret = bytes.fromhex(rows[0][0])
         return secret
+
+    def calibration_rows(self, adapter: str, since: float | None = None) -> Iterator[CalibrationRow]:
+        # one snapshot, read PAGE rows per round trip by a server-side (named) cursor
+        sql = calibration_sql("%s", since is not None, page=False)
+        params = (_text(adapter), 0, since) if since is not None else (_text(adapter), 0)
+        try:
+            with (
+                self._connection() as conn,
+                conn.transaction(),
+                conn.cursor(name="vllm_surgery_calibration") as cur,
+            ):
+                cur.itersize = PAGE
+                cur.execute(sql, params)
+                yield from cur
+        except psycopg.Error as e:
+            raise self._error("query failed", e) from e
 
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
         rows = self._tuples(

@@ -53,11 +53,6 @@ _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-# Records read from the database per query while building or exporting a set: the memory a set of
-# any size needs on top of what it keeps.
-PAGE = 1000
-
-
 @dataclass
 class CalibrationFromTraffic:
     """The calibration records of one adapter and where they came from.
@@ -74,20 +69,25 @@ class CalibrationFromTraffic:
         default_factory=lambda: dict.fromkeys((*USABLE_KINDS, "static", "adapter_file", *LEFT_OUT_KINDS), 0)
     )
     keep: bool = True
+    hashed: bool = True  # compute `sha256` (the export, which needs no hash, saves an encoding per line)
     count: int = 0
     _digest: Any = field(default_factory=hashlib.sha256, repr=False)
 
     def add(self, record: dict[str, Any]) -> None:
         """One more example of the set (kept only with `keep`)."""
-        self._digest.update((", " if self.count else "[").encode())
-        self._digest.update(json.dumps(record, sort_keys=True).encode())
+        if self.hashed:
+            self._digest.update((", " if self.count else "[").encode())
+            self._digest.update(json.dumps(record, sort_keys=True).encode())
         self.count += 1
         if self.keep:
             self.records.append(record)
 
     @property
     def sha256(self) -> str:
-        """SHA-256 of ``json.dumps(records, sort_keys=True)``, computed without holding the records."""
+        """SHA-256 of ``json.dumps(records, sort_keys=True)``, computed without holding the records.
+        Raises ValueError for a set built without `hashed`."""
+        if not self.hashed:
+            raise ValueError("this calibration set was built without its hash (hashed=False)")
         digest = self._digest.copy()
         digest.update(b"]" if self.count else b"[]")
         return digest.hexdigest()
@@ -132,19 +132,16 @@ def iter_traffic_examples(
     db: Any, adapter: str, counts: dict[str, int], since: float | None = None, include_unrated: bool = False
 ) -> Iterator[dict[str, Any]]:
     """The calibration lines of an adapter's records in `db` (a storage.Database) by the rules (module
-    docstring), in id order, read `PAGE` records at a time by keyset pagination on the id (an
-    index range per page, whatever the set's size); `counts` gets every record's kind."""
-    after = 0
-    while batch := db.records(adapter, since=since, limit=PAGE, after_id=after, calibration=True):
-        after = batch[-1].id
-        for stored in batch:
-            r = stored.record
-            kind, answer = usable_answer(
-                r.calibratable, r.completion, stored.rating, stored.correction, include_unrated
-            )
-            counts[kind] += 1
-            if answer is not None:
-                yield {**example_of(r.endpoint, r.prompt, answer), "feedback": _FEEDBACK_LABEL[kind]}
+    docstring), in id order, streamed (`Database.calibration_rows`: a page of rows in memory, whatever
+    the set's size); `counts` gets every record's kind."""
+    for _, endpoint, prompt, completion, calibratable, rating, correction in db.calibration_rows(
+        adapter, since
+    ):
+        kind, answer = usable_answer(bool(calibratable), completion, rating, correction, include_unrated)
+        counts[kind] += 1
+        if answer is not None:
+            prompt = None if prompt is None else json.loads(prompt)
+            yield {**example_of(endpoint, prompt, answer), "feedback": _FEEDBACK_LABEL[kind]}
 
 
 def traffic_examples(
@@ -220,7 +217,7 @@ def export_calibration(
     file is left when the set is empty. Returns the counts (records not kept). Raises SurgeryError
     naming the file (cannot be written, or nothing to export), CalibrationError (a static file's
     line), DatabaseError."""
-    out = CalibrationFromTraffic(adapter, keep=False)
+    out = CalibrationFromTraffic(adapter, keep=False, hashed=False)
 
     def lines() -> Iterator[dict[str, Any]]:
         if db is not None:
