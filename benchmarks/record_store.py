@@ -6,7 +6,8 @@ For each backend and each size (10k, 100k and 1M records over 10 adapters with 2
 - all-adapter traffic stats (`Database.stats()`: the CLI, the writer's periodic gauge refresh) and one
   adapter's (`stats(adapter)`: what a feedback post refreshes), median of 5;
 - usable-example counts: the gauge's per-adapter counts (`stats(adapter)` for every adapter), and the
-  automatic jobs' new-data count (`usable_since`, since an hour ago);
+  automatic jobs' new-data check (`usable_since(adapter, 0, at_most=64)`: no job for ages, the worst
+  case; the check only compares the count with refine_new_examples, 64 by default);
 - a /metrics scrape's job figures (`JobsCollector.collect()`, which calls `job_figures()`);
 - the calibration export of one adapter (`export_calibration`, unrated included so that every
   calibratable record is written): records read per second (the better of two runs), and its peak
@@ -77,7 +78,7 @@ CHECKS = (  # (key, label, unit, target, is met when)
     ("stats_all", "all-adapter stats", "ms", f"< {TARGET_MS:g} ms", lambda v: v < TARGET_MS),
     ("stats_one", "one adapter's stats", "ms", f"< {TARGET_MS:g} ms", lambda v: v < TARGET_MS),
     ("usable_gauge", "usable counts, every adapter", "ms", f"< {TARGET_MS:g} ms", lambda v: v < TARGET_MS),
-    ("usable_since", "new-data count (usable_since)", "ms", f"< {TARGET_MS:g} ms", lambda v: v < TARGET_MS),
+    ("usable_since", "new-data check (usable_since)", "ms", f"< {TARGET_MS:g} ms", lambda v: v < TARGET_MS),
     ("scrape", "/metrics job figures", "ms", f"< {TARGET_MS:g} ms", lambda v: v < TARGET_MS),
     ("export_rate", "export rate", "records/s", f">= {TARGET_RATE:,.0f}/s", lambda v: v >= TARGET_RATE),
     ("export_peak", "export peak memory", "MiB", "bounded (< 64 MiB)", lambda v: v < 64),
@@ -252,8 +253,9 @@ def measure(db: Any, size: int, jobs: int, workdir: Path) -> dict[str, float]:
     out["stats_all"] = median_ms(db.stats)
     out["stats_one"] = median_ms(lambda: db.stats("a3"))
     out["usable_gauge"] = median_ms(lambda: [db.stats(a) for a in db.adapters()])
-    last_hour = 1_000_000.0 + size - 3600
-    out["usable_since"] = median_ms(lambda: db.usable_since("a3", last_hour, True))
+    # the automatic jobs' check, as they call it (up to refine_new_examples, default 64), for an adapter
+    # whose last job was long ago (since 0: the worst case)
+    out["usable_since"] = median_ms(lambda: db.usable_since("a3", 0.0, True, at_most=64))
     collector = JobsCollector(db)
     out["scrape"] = median_ms(collector.collect)
     per_adapter = sum(s.records for s in db.stats("a1"))

@@ -173,7 +173,10 @@ class AutomaticJobs:
             ):
                 continue
             include_unrated = self.policy.for_adapter(name).include_unrated
-            new = self.db.usable_since(name, last.created if last else 0.0, include_unrated)
+            # counted up to the threshold only: bounded work whatever the adapter's size
+            new = self.db.usable_since(
+                name, last.created if last else 0.0, include_unrated, at_most=s.refine_new_examples
+            )
             if new < s.refine_new_examples:
                 continue
             data, source = self.calibration(name, original, None, None)
@@ -186,7 +189,7 @@ class AutomaticJobs:
             job, created = enqueued
             if created:
                 log.info(
-                    "auto-refine: queued job %d for %r (%d new usable examples since %s; %s)",
+                    "auto-refine: queued job %d for %r (at least %d new usable examples since %s; %s)",
                     job.id,
                     name,
                     new,

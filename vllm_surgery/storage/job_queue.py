@@ -335,9 +335,13 @@ class JobQueue(ABC):
         it now would replace a newer version by an older one."""
 
     @abstractmethod
-    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
+    def usable_since(
+        self, adapter: str, since: float, include_unrated: bool, at_most: int | None = None
+    ) -> int:
         """Recorded examples of `adapter` that became usable calibration data after `since`: rated
-        good or corrected then, or (with `include_unrated`) recorded then without feedback."""
+        good or corrected then, or (with `include_unrated`) recorded then without feedback. With
+        `at_most`, counting stops there (the automatic jobs only compare it with a threshold): the
+        cost is then bounded by that number, not by the adapter's size (`usable_since_sql`)."""
 
     @abstractmethod
     def job_figures(self, now: float | None = None) -> JobFigures:
@@ -585,19 +589,12 @@ class SQLiteJobQueue(JobQueue):
         )
         return [_job(r) for r in rows]
 
-    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
-        rated = self._query(
-            "SELECT COUNT(*) FROM feedback f JOIN traffic t ON t.id = f.traffic_id "
-            f"WHERE t.adapter = ? AND f.created > ? AND {LATEST_FEEDBACK} AND {USABLE_BY_FEEDBACK}",
-            (adapter, since),
-        )[0][0]
-        unrated = 0
-        if include_unrated:
-            unrated = self._query(
-                f"SELECT COUNT(*) FROM traffic t WHERE t.adapter = ? AND t.created > ? AND {USABLE_UNRATED}",
-                (adapter, since),
-            )[0][0]
-        return int(rated) + int(unrated)
+    def usable_since(
+        self, adapter: str, since: float, include_unrated: bool, at_most: int | None = None
+    ) -> int:
+        return usable_since(
+            self._query, "?", USABLE_BY_FEEDBACK, USABLE_UNRATED, adapter, since, include_unrated, at_most
+        )
 
     def job_figures(self, now: float | None = None) -> JobFigures:
         return job_figures(self._query, "?", now)
@@ -606,6 +603,38 @@ class SQLiteJobQueue(JobQueue):
         self, max_age_s: float | None, keep_per_adapter: int | None, now: float | None = None
     ) -> int:
         return prune_job_history(self, "?", max_age_s, keep_per_adapter, now, FINISHED_STATES)
+
+
+def usable_since(
+    read: Any,
+    ph: str,
+    usable_by_feedback: str,
+    usable_unrated: str,
+    adapter: str,
+    since: float,
+    include_unrated: bool,
+    at_most: int | None,
+) -> int:
+    """`JobQueue.usable_since` for both backends (`read(sql, params)` returns rows; the usable
+    conditions in the backend's SQL). The rated part walks the feedback given after `since` (its
+    index on created; CROSS JOIN keeps SQLite from walking the adapter's records instead), the unrated
+    part the adapter's records recorded after it (the index on (adapter, created)); each stops at
+    `at_most`."""
+    limit = f" LIMIT {ph}" if at_most is not None else ""
+    rated = read(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM feedback f CROSS JOIN traffic t WHERE t.id = f.traffic_id "
+        f"AND f.created > {ph} AND t.adapter = {ph} AND {LATEST_FEEDBACK} AND {usable_by_feedback}{limit}) n",
+        (since, adapter) if at_most is None else (since, adapter, int(at_most)),
+    )[0][0]
+    unrated = 0
+    left = None if at_most is None else int(at_most) - int(rated)
+    if include_unrated and (left is None or left > 0):
+        unrated = read(
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM traffic t WHERE t.adapter = {ph} AND t.created > {ph} "
+            f"AND {usable_unrated}{limit}) n",
+            (adapter, since) if left is None else (adapter, since, left),
+        )[0][0]
+    return int(rated) + int(unrated)
 
 
 def job_figures(read: Any, ph: str, now: float | None) -> JobFigures:
@@ -623,7 +652,10 @@ def job_figures(read: Any, ph: str, now: float | None) -> JobFigures:
         if jobs:
             adapters.add(adapter)
     oldest = read("SELECT MIN(created) FROM jobs WHERE state = 'queued'", ())[0][0]
-    pending = read("SELECT COUNT(*) FROM jobs WHERE state = 'accepted' AND swap = 'pending'", ())[0][0]
+    # SQLite's planner, without statistics, prefers the index on state (every accepted job) to the
+    # partial index that holds only the pending ones: named for it
+    hint = "INDEXED BY jobs_swap_pending " if ph == "?" else ""
+    pending = read(f"SELECT COUNT(*) FROM jobs {hint}WHERE state = 'accepted' AND swap = 'pending'", ())[0][0]
     quality = {}
     for adapter in sorted(adapters):
         rows = read(

@@ -102,9 +102,9 @@ from .job_queue import (
     check_swap,
     check_trigger,
     job_figures,
+    usable_since,
 )
 from .urls import redact_url
-from .usable import LATEST_FEEDBACK
 from .usable import USABLE_BY_FEEDBACK as _SQLITE_USABLE_BY_FEEDBACK
 from .usable import USABLE_UNRATED as _SQLITE_USABLE_UNRATED
 
@@ -907,19 +907,19 @@ class PostgresDatabase(Database):
         )
         return [_job(r) for r in rows]
 
-    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
-        rated = self._tuples(
-            "SELECT COUNT(*) FROM feedback f JOIN traffic t ON t.id = f.traffic_id "
-            f"WHERE t.adapter = %s AND f.created > %s AND {LATEST_FEEDBACK} AND {USABLE_BY_FEEDBACK}",
-            (adapter, since),
-        )[0][0]
-        unrated = 0
-        if include_unrated:
-            unrated = self._tuples(
-                f"SELECT COUNT(*) FROM traffic t WHERE t.adapter = %s AND t.created > %s AND {USABLE_UNRATED}",
-                (adapter, since),
-            )[0][0]
-        return int(rated) + int(unrated)
+    def usable_since(
+        self, adapter: str, since: float, include_unrated: bool, at_most: int | None = None
+    ) -> int:
+        return usable_since(
+            self._tuples,
+            "%s",
+            USABLE_BY_FEEDBACK,
+            USABLE_UNRATED,
+            _text(adapter),
+            since,
+            include_unrated,
+            at_most,
+        )
 
     def job_figures(self, now: float | None = None) -> JobFigures:
         return job_figures(self._tuples, "%s", now)
