@@ -139,7 +139,7 @@ def fill_feedback(db: Any) -> None:
     trusted = "1" if sqlite else "true"
     with db.transaction() as c:
         c.execute(
-            "INSERT INTO feedback (traffic_id, rating, correction, created, trusted) SELECT id, "
+            "INSERT INTO feedback (traffic_id, adapter, rating, correction, created, trusted) SELECT id, adapter, "
             "CASE WHEN id % 3 = 0 THEN 'bad' ELSE 'good' END, "
             "CASE WHEN id % 15 = 0 THEN 'a corrected answer' ELSE NULL END, created + 60, "
             f"{trusted} FROM traffic WHERE id % 5 = 0"

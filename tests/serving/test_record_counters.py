@@ -218,6 +218,9 @@ def test_the_migration_fills_the_counters_from_existing_rows(database_target, mo
         )
         assert (by["x", "v1"].usable, by["x", "v1"].unrated_usable, by["x", "v1"].untrusted) == (0, 1, 1)
         assert (by["y", "original"].usable, by["y", "original"].unrated_usable) == (0, 0)
+        # the feedback rows got their record's adapter: the new-data count finds them
+        assert db.usable_since("x", 0.0, include_unrated=False) == 2
+        assert db.usable_since("x", 0.0, include_unrated=True, at_most=10) == 3
         figures = db.job_figures(now=10.0)
         assert figures.by_state["accepted"] == 1 and figures.by_state["queued"] == 1
         assert figures.finished == {("x", "accepted"): 1, ("x", "failed"): 1}
@@ -332,3 +335,36 @@ def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> 
     assert (deleted, left) == (40_000, 10_000)
     assert len(holds) > 10 and max(holds) < 0.25, (len(holds), max(holds))
     assert waits and max(waits) < 0.5, max(waits)
+
+
+def test_concurrent_writers_keep_the_counters_exact(db) -> None:
+    """Four threads (on Postgres: four pooled connections, as replicas would) insert batches of
+    several adapters and give feedback at once: the counters still equal the recount, and a batch
+    that fails leaves them as they were (they change in its transaction)."""
+    errors = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(15):
+                ids = db.insert([make_record(rng, 1000.0 + rng.random()) for _ in range(20)])
+                for record_id in rng.sample(ids, 5):
+                    db.add_feedback(record_id, rng.choice(["good", "bad"]), rng.choice([None, "fix"]))
+        except Exception as e:  # reported below, with the thread's seed
+            errors.append((seed, e))
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sum(s.records for s in db.stats()) == 4 * 15 * 20
+    assert stats_tuples(db) == recount(db)
+    before = stats_tuples(db)
+    rng = random.Random(99)
+    bad = dataclasses.replace(make_record(rng, 2000.0), choice=2**70)
+    # a number neither backend can store: SQLite's driver refuses it, Postgres's refusal is a ValueError
+    with pytest.raises(OverflowError if isinstance(db, SQLiteDatabase) else ValueError):
+        db.insert([make_record(rng, 2000.0), bad])
+    assert stats_tuples(db) == before

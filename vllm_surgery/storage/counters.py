@@ -21,6 +21,10 @@ make a Prometheus counter go down), kept by triggers on every insert, state chan
 bucket of `JOB_STAGE_BUCKETS`: jobs and seconds), added by the code that records a job's result, in
 the same transaction. A /metrics scrape reads these small tables, never the job rows' JSON.
 
+**The feedback's adapter** (a copy of its record's, written with it): the automatic jobs' count of
+examples that became usable since an adapter's last job walks that adapter's feedback since then
+(index on (adapter, created)) and stops at the threshold it compares with.
+
 **Batched deletes** (`AdaptiveBatch`): a retention sweep or a job-history prune deletes in batches,
 each its own short transaction, sized so that each holds the write lock about `TARGET_S` (the size
 halves after a slow batch and doubles after a fast one), so traffic writes and job claims interleave
@@ -124,8 +128,12 @@ def _fill_counts(cast: str) -> str:
 
 # Rows whose tally may be non-zero (the others keep the default 0): the filling skips the rest.
 _MAY_COUNT = "calibratable OR EXISTS (SELECT 1 FROM feedback WHERE traffic_id = traffic.id)"
-# The index first/last use, and the one the job history's pruning and the pending-swap count use.
+# The index first/last use, the feedback's adapter (what the automatic jobs' new-data count walks:
+# an adapter's feedback given since its last job), and the pending swaps' partial index.
 _INDEXES = (
+    "ALTER TABLE feedback ADD COLUMN adapter TEXT",
+    "UPDATE feedback SET adapter = (SELECT adapter FROM traffic WHERE traffic.id = feedback.traffic_id)",
+    "CREATE INDEX feedback_adapter_created ON feedback (adapter, created)",
     "CREATE INDEX traffic_adapter_version_created ON traffic (adapter, version, created)",
     "CREATE INDEX jobs_swap_pending ON jobs (finished, id) WHERE state = 'accepted' AND swap = 'pending'",
 )
@@ -210,8 +218,9 @@ def postgres_statements(
 ) -> tuple[str, ...]:
     """Schema version 5 for Postgres (the usable conditions in Postgres's spelling). The traffic
     triggers are per statement with transition tables: a statement that inserts or deletes many rows
-    (a bulk load, a retention batch) makes one aggregated upsert, in (adapter, version) order so that
-    two writers never take two counter rows in opposite orders."""
+    (a bulk load, a retention batch) makes one aggregated upsert, in (adapter, version) code-point
+    order, the order `PostgresDatabase.insert` writes a batch's rows in, so that two writers never take
+    two counter rows in opposite orders (a deadlock)."""
 
     def delta(sources: list[tuple[int, str]]) -> str:
         rows = " UNION ALL ".join(
@@ -227,7 +236,8 @@ def postgres_statements(
         adds = ", ".join(f"{c} = traffic_counts.{c} + EXCLUDED.{c}" for c in COUNTED)
         return (
             f"INSERT INTO traffic_counts (adapter, version, {', '.join(COUNTED)}) SELECT adapter, version, "
-            f"{sums} FROM ({rows}) d GROUP BY adapter, version ORDER BY adapter, version "
+            f"{sums} FROM ({rows}) d GROUP BY adapter, version "
+            'ORDER BY adapter COLLATE "C", version COLLATE "C" '
             f"ON CONFLICT (adapter, version) DO UPDATE SET {adds}"
         )
 

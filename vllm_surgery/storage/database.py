@@ -562,8 +562,8 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
             if c.execute("SELECT 1 FROM traffic WHERE id = ?", (record_id,)).fetchone() is None:
                 raise UnknownRequest(f"record {record_id} no longer exists (removed by retention?)")
             c.execute(
-                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client) "
-                "VALUES (?,?,?,?,?,?)",
+                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client, adapter) "
+                "VALUES (?,?,?,?,?,?,(SELECT adapter FROM traffic WHERE id = ?))",
                 (
                     record_id,
                     rating,
@@ -571,6 +571,7 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                     time.time() if created is None else created,
                     int(trusted),
                     client,
+                    record_id,
                 ),
             )
             if client is not None and correction is not None:

@@ -616,14 +616,14 @@ def usable_since(
     at_most: int | None,
 ) -> int:
     """`JobQueue.usable_since` for both backends (`read(sql, params)` returns rows; the usable
-    conditions in the backend's SQL). The rated part walks the feedback given after `since` (its
-    index on created; CROSS JOIN keeps SQLite from walking the adapter's records instead), the unrated
+    conditions in the backend's SQL). The rated part walks the adapter's feedback given after `since`
+    (its index on (adapter, created); CROSS JOIN keeps SQLite from walking the records instead), the unrated
     part the adapter's records recorded after it (the index on (adapter, created)); each stops at
     `at_most`."""
     limit = f" LIMIT {ph}" if at_most is not None else ""
     rated = read(
         "SELECT COUNT(*) FROM (SELECT 1 FROM feedback f CROSS JOIN traffic t WHERE t.id = f.traffic_id "
-        f"AND f.created > {ph} AND t.adapter = {ph} AND {LATEST_FEEDBACK} AND {usable_by_feedback}{limit}) n",
+        f"AND f.created > {ph} AND f.adapter = {ph} AND {LATEST_FEEDBACK} AND {usable_by_feedback}{limit}) n",
         (since, adapter) if at_most is None else (since, adapter, int(at_most)),
     )[0][0]
     unrated = 0

@@ -275,6 +275,8 @@ _SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
 
 
 _CALIBRATABLE = TRAFFIC_COLUMNS.index("calibratable")
+_ADAPTER = TRAFFIC_COLUMNS.index("adapter")
+_VERSION = TRAFFIC_COLUMNS.index("version")
 
 
 def _text(value: Any) -> Any:
@@ -473,18 +475,24 @@ class PostgresDatabase(Database):
         if not rows:
             return []
         sql = (
-            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}, bytes, tally) "
-            f"VALUES ({', '.join(['%s'] * (len(TRAFFIC_COLUMNS) + 2))}) RETURNING id"
+            f"INSERT INTO traffic (id, {', '.join(TRAFFIC_COLUMNS)}, bytes, tally) "
+            f"VALUES ({', '.join(['%s'] * (len(TRAFFIC_COLUMNS) + 3))})"
         )
-        ids = []
+        # Each row's statement moves its (adapter, version) counter row, locked until commit. Rows are
+        # written in (adapter, version) order, the order every writer takes counter rows in (the
+        # triggers sort theirs the same way: COLLATE "C" is code-point order, Python's), so two
+        # writers never wait on each other in a cycle; the ids, drawn first, keep the batch's order.
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][_ADAPTER], rows[i][_VERSION]))
         try:
             with self.transaction() as conn:
-                cur = conn.cursor()
-                cur.executemany(sql, rows, returning=True)
-                while True:
-                    ids.append(int(cur.fetchone()[0]))
-                    if not cur.nextset():
-                        break
+                ids = sorted(
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT nextval(pg_get_serial_sequence('traffic', 'id')) FROM generate_series(1, %s)",
+                        (len(rows),),
+                    ).fetchall()
+                )
+                conn.cursor().executemany(sql, [[ids[i], *rows[i]] for i in order])
         except DatabaseError as e:
             if isinstance(e.__cause__, psycopg.DataError):
                 # a value this database cannot hold (a number out of range): a fault of the record, not
@@ -528,8 +536,8 @@ class PostgresDatabase(Database):
             ):
                 raise UnknownRequest(f"record {record_id} no longer exists (removed by retention?)")
             conn.execute(
-                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
+                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client, adapter) "
+                "VALUES (%s, %s, %s, %s, %s, %s, (SELECT adapter FROM traffic WHERE id = %s))",
                 (
                     record_id,
                     rating,
@@ -537,6 +545,7 @@ class PostgresDatabase(Database):
                     time.time() if created is None else created,
                     bool(trusted),
                     _text(client),
+                    record_id,
                 ),
             )
             if client is not None and correction is not None:
