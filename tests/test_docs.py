@@ -138,7 +138,7 @@ def code_series() -> dict[str, tuple[str, object]]:
     from prometheus_client.metrics import MetricWrapperBase
 
     from vllm_surgery.serving import metrics
-    from vllm_surgery.storage import JobFigures
+    from vllm_surgery.storage import JobFigures, StageHistogram
     from vllm_surgery.traffic import metrics as traffic_metrics
 
     suffix = {"counter": "_total", "info": "_info"}
@@ -155,7 +155,7 @@ def code_series() -> dict[str, tuple[str, object]]:
         oldest_queued_age_s=1.0,
         swaps_pending=0,
         latest_quality={"x": (1.0, 0.5)},
-        timings=[{"total": 1.0}],
+        stages={"total": StageHistogram((1,) * 15, 1, 1.0)},
     )
     queue = type("Queue", (), {"job_figures": lambda self: figures})()
     for family in metrics.JobsCollector(queue).collect():

@@ -236,26 +236,24 @@ def _traffic_stats(args: argparse.Namespace) -> int:
 
 def _calibration_export(args: argparse.Namespace) -> int:
     from .names import validate_adapter_name
-    from .traffic import TrafficPolicy, calibration_set, parse_since, registered_files, write_jsonl
+    from .traffic import TrafficPolicy, export_calibration, parse_since, registered_files
 
     validate_adapter_name(args.adapter)
     since = parse_since(args.since) if args.since else None
     db, settings = _open_traffic(args.db)
     policy = TrafficPolicy(settings).for_adapter(args.adapter)
     files = registered_files(settings.calibration_dir, policy.calibration_files, args.adapter)
-    try:
-        data = calibration_set(
+    try:  # streamed: written while read, in bounded memory whatever the set's size
+        data = export_calibration(
             db,
             args.adapter,
+            args.output,
             since=since,
             include_unrated=args.include_unrated or policy.include_unrated,
             static_files=files,
         )
     finally:
         db.close()
-    if not data.records:
-        raise SurgeryError(f"nothing to export: {data.summary()}")
-    write_jsonl(data.records, args.output)
     print(data.summary())
     print(f"output: {args.output}")
     return 0

@@ -546,6 +546,21 @@ class ServingSettings:
         "refused with 429 naming the limit (a bound on the queue: each job holds its calibration records).",
         default=16,
     )
+    job_history_days: float = setting(
+        "VLLM_SURGERY_JOB_HISTORY_DAYS",
+        number(0),
+        "Finished refinement jobs are deleted this many days after they ended (0: no age limit); an "
+        "adapter's newest job, its newest accepted one, pending swaps and first_load jobs are always kept. "
+        "The job metrics are kept apart and never go down.",
+        default=30.0,
+    )
+    job_history_per_adapter: int = setting(
+        "VLLM_SURGERY_JOB_HISTORY_PER_ADAPTER",
+        number(1, integer=True),
+        "Finished refinement jobs kept per adapter, the newest (older ones are deleted, with the same "
+        "exceptions as VLLM_SURGERY_JOB_HISTORY_DAYS).",
+        default=10_000,
+    )
 
     @property
     def database_path(self) -> Path | str:

@@ -164,6 +164,9 @@ def test_usable_since_counts_examples_that_became_usable_after_a_time(db: SQLite
     assert db.usable_since("a", 0.0, include_unrated=True) == 6  # + r4, r5 (never rated)
     assert db.usable_since("a", 14.5, include_unrated=True) == 5  # r5 recorded at 15
     assert db.usable_since("b", 0.0, include_unrated=True) == 0
+    # counted up to a threshold only (the automatic jobs' check): rated first, then unrated
+    assert [db.usable_since("a", 0.0, True, at_most=n) for n in (1, 3, 4, 5, 6, 100)] == [1, 3, 4, 5, 6, 6]
+    assert db.usable_since("a", 40.0, False, at_most=2) == 2
 
 
 def test_figures_for_the_metrics(db: SQLiteDatabase) -> None:
@@ -191,7 +194,12 @@ def test_figures_for_the_metrics(db: SQLiteDatabase) -> None:
     assert figures.finished == {("a", "accepted"): 1}
     assert figures.oldest_queued_age_s == 3.0 and figures.swaps_pending == 1
     assert figures.latest_quality == {"a": (2.0, 1.5)}
-    assert figures.timings == [{"sensitivity": 3.0, "total": 4.0}]
+    # one job's stages, cumulative per bucket bound (0.05 ... 2.5 hold neither; 5.0 and above both)
+    assert set(figures.stages) == {"sensitivity", "total"}
+    for stage, seconds in (("sensitivity", 3.0), ("total", 4.0)):
+        h = figures.stages[stage]
+        assert h.buckets == (0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1)
+        assert (h.count, h.total) == (1, seconds)
 
 
 def _claim_all(target, owner: str, out: multiprocessing.Queue, ready, go) -> None:

@@ -167,11 +167,11 @@ def db_rows(setup: dict, where: str = "1", params: tuple = ()) -> list[dict]:
     conn = sqlite3.connect(setup["db"])
     conn.row_factory = sqlite3.Row
     try:
-        rows = conn.execute(
-            "SELECT t.*, f.rating AS rating, f.correction AS correction, "
+        rows = conn.execute(  # `where` names the record's columns (feedback rows have an adapter too)
+            "SELECT * FROM (SELECT t.*, f.rating AS rating, f.correction AS correction, "
             "(SELECT COUNT(*) FROM feedback WHERE traffic_id = t.id) AS feedback_count "
-            "FROM traffic t LEFT JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id) "
-            f"WHERE {where} ORDER BY t.id",
+            "FROM traffic t LEFT JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE traffic_id = t.id)) "
+            f"WHERE {where} ORDER BY id",
             params,
         ).fetchall()
         return [dict(r) for r in rows]

@@ -62,7 +62,7 @@ def test_new_database_has_the_current_schema_in_wal_mode(tmp_path: Path) -> None
     raw = sqlite3.connect(tmp_path / "sub" / "t.sqlite3")
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"traffic", "feedback", "jobs"} <= tables
+    assert {"traffic", "feedback", "jobs", "traffic_counts", "job_counts", "job_stage_totals"} <= tables
     raw.close()
 
 
@@ -206,8 +206,8 @@ def test_retention_by_count_and_age_per_adapter(db: SQLiteDatabase) -> None:
     assert db.enforce_retention("x", Retention(max_age_s=3.5), now=110.0) == (3, 3)  # 104, 105, 106
     assert [r.record.request_id for r in db.records("x")] == ["x7", "x8", "x9"]
     assert db.enforce_retention("x", Retention()) == (0, 3)
-    # With the count the caller keeps (the writer's), nothing is counted; the oldest go first.
-    assert db.enforce_retention("x", Retention(max_records=2), count=3) == (1, 2)
+    # The oldest go first.
+    assert db.enforce_retention("x", Retention(max_records=2)) == (1, 2)
     assert [r.record.request_id for r in db.records("x")] == ["x8", "x9"]
 
 
@@ -312,7 +312,7 @@ def test_the_tables_columns_are_the_dataclasses_fields(db: SQLiteDatabase) -> No
 
     from vllm_surgery.storage import Job
 
-    assert table_columns(db, "traffic") == {"id", "bytes", *(f.name for f in fields(TrafficRecord))}
+    assert table_columns(db, "traffic") == {"id", "bytes", "tally", *(f.name for f in fields(TrafficRecord))}
     assert table_columns(db, "jobs") == {f.name for f in fields(Job)}
 
 

@@ -115,7 +115,7 @@ class AutomaticJobs:
         ):
             return None  # refined before (served, or rolled back by a person): not a first load
         data, source = self.calibration(name, original, None, None)
-        n, needed = len(data.records), self.settings.refine_min_examples
+        n, needed = data.count, self.settings.refine_min_examples
         if n < needed:
             log.info(
                 "auto-refine: %r has %d of the %d calibration examples a first refinement needs",
@@ -173,11 +173,14 @@ class AutomaticJobs:
             ):
                 continue
             include_unrated = self.policy.for_adapter(name).include_unrated
-            new = self.db.usable_since(name, last.created if last else 0.0, include_unrated)
+            # counted up to the threshold only: bounded work whatever the adapter's size
+            new = self.db.usable_since(
+                name, last.created if last else 0.0, include_unrated, at_most=s.refine_new_examples
+            )
             if new < s.refine_new_examples:
                 continue
             data, source = self.calibration(name, original, None, None)
-            if len(data.records) < s.refine_min_examples:
+            if data.count < s.refine_min_examples:
                 continue
             key = f"new_data:{name}:after:{last.id if last else 0}"
             enqueued = self._enqueue(name, original, "new_data", key, source)
@@ -186,7 +189,7 @@ class AutomaticJobs:
             job, created = enqueued
             if created:
                 log.info(
-                    "auto-refine: queued job %d for %r (%d new usable examples since %s; %s)",
+                    "auto-refine: queued job %d for %r (at least %d new usable examples since %s; %s)",
                     job.id,
                     name,
                     new,
@@ -236,12 +239,25 @@ class AutomaticJobs:
             done.append((job.id, "done"))
         return done
 
+    def prune_history(self, now: float | None = None) -> int:
+        """Delete finished jobs beyond the job-history settings (job_history_days,
+        job_history_per_adapter), in short batches; the number deleted."""
+        s = self.settings
+        deleted = self.db.prune_jobs(
+            s.job_history_days * 86400.0 if s.job_history_days > 0 else None, s.job_history_per_adapter, now
+        )
+        if deleted:
+            log.info("jobs: pruned %d finished job(s) from the history", deleted)
+        return deleted
+
     async def run(self) -> None:
-        """Forever: new-data checks and pending swaps, every refine_check_interval_s (first at once)."""
+        """Forever: new-data checks, pending swaps and the job history's pruning, every
+        refine_check_interval_s (first at once)."""
         while True:
             try:
                 await asyncio.to_thread(self.check_new_data)
                 await self.swap_pending()
+                await asyncio.to_thread(self.prune_history)
             except DatabaseError as e:
                 log.error("auto-refine: the job database is not available: %s", e)
             except Exception:

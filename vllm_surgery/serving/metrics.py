@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ..storage import FINISHED_STATES, JOB_STATES
+from ..storage import FINISHED_STATES, JOB_STAGE_BUCKETS, JOB_STATES
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -58,23 +58,6 @@ JOB_STAGES = (
     "write",
     "swap",
     "total",
-)
-JOB_STAGE_BUCKETS = (
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-    600.0,
-    1800.0,
-    3600.0,
 )
 
 HOTSWAPS = Counter(
@@ -250,9 +233,12 @@ class JobsCollector(Collector):
         families["oldest"].add_metric([], figures.oldest_queued_age_s)
         families["pending"].add_metric([], figures.swaps_pending)
         for stage in JOB_STAGES:
-            values = [t[stage] for t in figures.timings if stage in t]
-            buckets = [(str(b), sum(v <= b for v in values)) for b in JOB_STAGE_BUCKETS]
-            families["stages"].add_metric([stage], [*buckets, ("+Inf", len(values))], sum(values))
+            h = figures.stages.get(stage)
+            counts = h.buckets if h is not None else (0,) * len(JOB_STAGE_BUCKETS)
+            buckets = [(str(b), n) for b, n in zip(JOB_STAGE_BUCKETS, counts, strict=True)]
+            families["stages"].add_metric(
+                [stage], [*buckets, ("+Inf", h.count if h else 0)], h.total if h else 0.0
+            )
         for adapter, (before, after) in sorted(figures.latest_quality.items()):
             families["quality"].add_metric([adapter, "before"], before)
             families["quality"].add_metric([adapter, "after"], after)

@@ -10,6 +10,8 @@
   `urls`: which targets are Postgres URLs, and how they are shown without a password.
 - `pointer`: the served pointer in a shared database (which version every replica serves), its
   history and the replicas' reports; `listen`: LISTEN for its changes on Postgres (imported only then).
+- `counters`: the counters and batched deletes that keep stats, metrics and retention fast at any
+  size (schema version 6).
 - `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
 
 The server (inside vLLM), the worker and the command line all use these; backends for several
@@ -19,6 +21,7 @@ the package's front door: other packages import from here, not from the modules.
 
 from __future__ import annotations
 
+from .counters import JOB_STAGE_BUCKETS, StageHistogram
 from .database import (
     RATINGS,
     SCHEMA_VERSION,
@@ -68,6 +71,7 @@ from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
 __all__ = [
     "ACTIVE_STATES",
     "FINISHED_STATES",
+    "JOB_STAGE_BUCKETS",
     "JOB_STATES",
     "JOB_TRIGGERS",
     "KEY_CONFIG_FIELDS",
@@ -90,6 +94,7 @@ __all__ = [
     "Retention",
     "SQLiteDatabase",
     "ServedPointer",
+    "StageHistogram",
     "StoreError",
     "StoreUnavailable",
     "StoredRecord",

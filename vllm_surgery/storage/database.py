@@ -33,14 +33,15 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeryError
+from . import counters
 from . import pointer as _pointer
-from .job_queue import JOBS_CANCEL_MIGRATION, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
+from .job_queue import FINISHED_STATES, JOBS_CANCEL_MIGRATION, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
 from .pointer import PointerBackend, ServedPointers
 from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
@@ -59,11 +60,13 @@ class UnknownRequest(DatabaseError):
 
 @dataclass(frozen=True)
 class Migration:
-    """One schema step: `statements` run in one transaction, then user_version becomes `version`."""
+    """One schema step: `statements` run in one transaction (then `fill`, given the connection, for
+    what SQL alone cannot do), then the schema version becomes `version`."""
 
     version: int
     description: str
     statements: tuple[str, ...]
+    fill: Callable[[Any], None] | None = None
 
 
 # The bytes a record's stored text takes (`record_bytes` computes the same in Python) and a feedback
@@ -140,6 +143,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(5, _pointer.DESCRIPTION, _pointer.schema(postgres=False)),
+    Migration(
+        6,
+        "the record store at scale: per-(adapter, version) traffic counters and per-(adapter, state) job "
+        "counters kept by triggers, the job stage-duration histogram's totals, and the indexes that "
+        "first/last, pending swaps and the job-history pruning use (see storage/counters.py)",
+        counters.sqlite_statements(USABLE_BY_FEEDBACK, USABLE_UNRATED, FINISHED_STATES),
+        lambda conn: counters.fill_stage_totals(conn, "?", FINISHED_STATES),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -289,6 +300,13 @@ class Database(JobQueue, ServedPointers, ABC):
         latest trusted feedback, the one the calibration rules use)."""
 
     @abstractmethod
+    def calibration_rows(self, adapter: str, since: float | None = None) -> Iterator[CalibrationRow]:
+        """An adapter's records in id order with their latest trusted feedback, only what the
+        calibration rules read (`CALIBRATION_COLUMNS`, prompts as stored JSON text), streamed: SQLite
+        reads `PAGE` rows per query by keyset pagination on the id, Postgres through a server-side
+        cursor; memory stays one page whatever the adapter's size. For the export and the worker."""
+
+    @abstractmethod
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
         """Every feedback row of a record, oldest first."""
 
@@ -302,21 +320,41 @@ class Database(JobQueue, ServedPointers, ABC):
 
     @abstractmethod
     def enforce_retention(
-        self, adapter: str, retention: Retention, now: float | None = None, count: int | None = None
+        self, adapter: str, retention: Retention, now: float | None = None
     ) -> tuple[int, int]:
         """Delete an adapter's records beyond its retention, oldest first (their feedback goes with
-        them). `count`: the adapter's record count if the caller knows it (saves counting). Returns
-        (records deleted, records left)."""
+        them), in short batches, each its own transaction (counters.sweep_traffic): other writers and
+        job claims interleave with a sweep of any size. Returns (records deleted, records left)."""
 
     @abstractmethod
     def close(self) -> None:
         """Release connections."""
 
 
+# What the calibration rules read of a record (`Database.calibration_rows`): its id, endpoint, prompt
+# (stored JSON text), completion, calibratable, and its latest trusted feedback's rating and correction.
+CALIBRATION_COLUMNS = ("id", "endpoint", "prompt", "completion", "calibratable", "rating", "correction")
+CalibrationRow = tuple[int, str, str | None, str, Any, str | None, str | None]
+PAGE = 2000
+
+
+def calibration_sql(ph: str, since: bool, page: bool) -> str:
+    """`calibration_rows`' query (`ph`: the backend's placeholder): adapter, after_id, [since], [limit]."""
+    sql = (
+        "SELECT t.id, t.endpoint, t.prompt, t.completion, t.calibratable, f.rating, f.correction "
+        f"FROM traffic t LEFT JOIN feedback f ON {LATEST_FEEDBACK} WHERE t.adapter = {ph} AND t.id > {ph}"
+    )
+    if since:
+        sql += f" AND t.created >= {ph}"
+    return sql + " ORDER BY t.id" + (f" LIMIT {ph}" if page else "")
+
+
 # The latest feedback row of a traffic row (by id): "the latest wins". `_LATEST` of any client (shown),
 # `_LATEST_TRUSTED` the latest that counts as calibration data.
 _LATEST = f"LEFT JOIN feedback f ON {LATEST_ANY_FEEDBACK.replace('a.id', 'f.id')}"
 _LATEST_TRUSTED = f"LEFT JOIN feedback f ON {LATEST_FEEDBACK}"
+# what a traffic row counts for under its latest feedback, recomputed when feedback is added
+_ROW_TALLY = counters.row_tally(USABLE_BY_FEEDBACK, USABLE_UNRATED)
 _COLUMNS = ", ".join(
     [
         "t.id",
@@ -328,23 +366,6 @@ _COLUMNS = ", ".join(
         "(SELECT COUNT(*) FROM feedback WHERE traffic_id = t.id) AS feedback_count",
     ]
 )
-# What stats() counts, in TrafficStats' field order (SQL over t and its latest feedback f).
-_STATS = {
-    "adapter": "t.adapter",
-    "version": "t.version",
-    "records": "COUNT(*)",
-    "rated": "COALESCE(SUM(a.rating IS NOT NULL), 0)",
-    "good": "COALESCE(SUM(a.rating = 'good'), 0)",
-    "bad": "COALESCE(SUM(a.rating = 'bad'), 0)",
-    "corrected": "COALESCE(SUM(a.correction IS NOT NULL), 0)",
-    "usable": f"COALESCE(SUM({USABLE_BY_FEEDBACK}), 0)",
-    "unrated_usable": f"COALESCE(SUM({USABLE_UNRATED}), 0)",
-    "untrusted": "COALESCE(SUM(a.id IS NOT NULL AND NOT a.trusted), 0)",
-    "bytes": "COALESCE(SUM(t.bytes), 0)",
-    "first": "MIN(t.created)",
-    "last": "MAX(t.created)",
-}
-assert tuple(_STATS) == tuple(f.name for f in fields(TrafficStats))
 
 
 def _to_row(record: TrafficRecord) -> tuple[Any, ...]:
@@ -491,6 +512,8 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                     raise DatabaseError(f"{self.path}: schema version {current} has no migration path")
                 for statement in migration.statements:
                     c.execute(statement)
+                if migration.fill is not None:
+                    migration.fill(c)
                 c.execute(f"PRAGMA user_version = {migration.version}")
 
     def schema_version(self) -> int:
@@ -502,10 +525,10 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
 
     # ------------------------------------------------------------------ traffic
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
-        rows = [_to_row(r) for r in records]
+        rows = [(*_to_row(r), counters.insert_tally(r.calibratable, r.completion)) for r in records]
         sql = (
-            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}, bytes) "
-            f"VALUES ({', '.join('?' * (len(TRAFFIC_COLUMNS) + 1))})"
+            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}, bytes, tally) "
+            f"VALUES ({', '.join('?' * (len(TRAFFIC_COLUMNS) + 2))})"
         )
         ids = []
         with self.transaction() as c:
@@ -542,8 +565,8 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
             if c.execute("SELECT 1 FROM traffic WHERE id = ?", (record_id,)).fetchone() is None:
                 raise UnknownRequest(f"record {record_id} no longer exists (removed by retention?)")
             c.execute(
-                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client) "
-                "VALUES (?,?,?,?,?,?)",
+                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client, adapter) "
+                "VALUES (?,?,?,?,?,?,(SELECT adapter FROM traffic WHERE id = ?))",
                 (
                     record_id,
                     rating,
@@ -551,6 +574,7 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                     time.time() if created is None else created,
                     int(trusted),
                     client,
+                    record_id,
                 ),
             )
             if client is not None and correction is not None:
@@ -566,9 +590,10 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                     "AND id != COALESCE((SELECT MAX(id) FROM feedback WHERE traffic_id = ? AND trusted), -1)",
                     (record_id, record_id, keep, record_id),
                 )
+            # its bytes and what it counts for change in the same transaction (the counters' triggers)
             c.execute(
                 f"UPDATE traffic SET bytes = {RECORD_BYTES} + (SELECT COALESCE(SUM({FEEDBACK_BYTES}), 0) "
-                "FROM feedback WHERE traffic_id = traffic.id) WHERE id = ?",
+                f"FROM feedback WHERE traffic_id = traffic.id), tally = {_ROW_TALLY} WHERE id = ?",
                 (record_id,),
             )
             return c.execute("SELECT COUNT(*) FROM feedback WHERE traffic_id = ?", (record_id,)).fetchone()[0]
@@ -586,6 +611,18 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
                 raise DatabaseError(f"{self.path}: the identifier secret is missing (traffic_meta)")
             secret = self._id_secret = bytes.fromhex(rows[0][0])
         return secret
+
+    def calibration_rows(self, adapter: str, since: float | None = None) -> Iterator[CalibrationRow]:
+        after = 0
+        sql = calibration_sql("?", since is not None, page=True)
+        while True:
+            params = (adapter, after, since, PAGE) if since is not None else (adapter, after, PAGE)
+            rows = self._query(sql, params)
+            for row in rows:
+                yield tuple(row)
+            if len(rows) < PAGE:
+                return
+            after = rows[-1][0]
 
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
         rows = self._query(
@@ -615,58 +652,25 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
         return [_row_to_record(r) for r in self._query(sql, params)]
 
     def stats(self, adapter: str | None = None) -> list[TrafficStats]:
-        where, params = ("WHERE t.adapter = ?", (adapter,)) if adapter is not None else ("", ())
-        columns = ", ".join(f"{sql} AS {name}" for name, sql in _STATS.items())
+        # from the counters (storage/counters.py): no scan of the records, whatever their number
         rows = self._query(
-            f"SELECT {columns} FROM traffic t {_LATEST_TRUSTED} LEFT JOIN feedback a ON {LATEST_ANY_FEEDBACK} "
-            f"{where} "
-            "GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
-            params,
+            counters.stats_sql("?", adapter is not None), () if adapter is None else (adapter,)
         )
-        return [TrafficStats(**{name: row[name] for name in _STATS}) for row in rows]
+        return [TrafficStats(*row) for row in rows]
 
     def adapters(self) -> list[str]:
-        return [r[0] for r in self._query("SELECT DISTINCT adapter FROM traffic ORDER BY adapter")]
+        return [r[0] for r in self._query(counters.ADAPTERS_SQL)]
 
     def enforce_retention(
-        self, adapter: str, retention: Retention, now: float | None = None, count: int | None = None
+        self, adapter: str, retention: Retention, now: float | None = None
     ) -> tuple[int, int]:
-        # Cost: the age limit is one range delete on (adapter, created); the count limit deletes the
-        # `count - max_records` oldest rows by id. Counting (when `count` is not given) walks the
-        # adapter's index entries, so the writer passes the count it keeps and recounts only now and then.
-        deleted = 0
-        with self.transaction() as c:
-            if retention.max_age_s is not None:
-                cutoff = (time.time() if now is None else now) - retention.max_age_s
-                deleted += c.execute(
-                    "DELETE FROM traffic WHERE adapter = ? AND created < ?", (adapter, cutoff)
-                ).rowcount
-            if count is None:
-                count = c.execute("SELECT COUNT(*) FROM traffic WHERE adapter = ?", (adapter,)).fetchone()[0]
-            else:
-                count = max(0, count - deleted)
-            excess = count - retention.max_records if retention.max_records is not None else 0
-            if excess > 0:
-                removed = c.execute(
-                    "DELETE FROM traffic WHERE id IN "
-                    "(SELECT id FROM traffic WHERE adapter = ? ORDER BY id LIMIT ?)",
-                    (adapter, excess),
-                ).rowcount
-                deleted += removed
-                count -= removed
-            if retention.max_bytes is not None:
-                total = c.execute(
-                    "SELECT COALESCE(SUM(bytes), 0) FROM traffic WHERE adapter = ?", (adapter,)
-                ).fetchone()[0]
-                if total > retention.max_bytes:  # the oldest go until the newest fit
-                    removed = c.execute(
-                        "DELETE FROM traffic WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER "
-                        "(ORDER BY id DESC) AS kept FROM traffic WHERE adapter = ?) WHERE kept > ?)",
-                        (adapter, retention.max_bytes),
-                    ).rowcount
-                    deleted += removed
-                    count -= removed
-        return deleted, count
+        return counters.sweep_traffic(self, "?", adapter, retention, now)
+
+    def _read_all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._query(sql, params)
+
+    def _read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._query(sql, params)[0]
 
     def _pointer_backend(self) -> PointerBackend:
         # BEGIN IMMEDIATE holds the database's only write lock: writers of one adapter are serialised

@@ -47,6 +47,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .counters import (
+    StageHistogram,
+    add_stage_samples,
+    prune_job_history,
+    stage_histograms,
+    stage_samples,
+)
 from .usable import LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
 
 JOB_TRIGGERS = ("manual", "first_load", "new_data")
@@ -197,14 +204,27 @@ def _job(row: Mapping[str, Any]) -> Job:
 
 @dataclass(frozen=True)
 class JobFigures:
-    """What the metrics show, read in one go at scrape time (see metrics.JobsCollector)."""
+    """What the metrics show, read in one go at scrape time (see metrics.JobsCollector) from counters
+    and indexed lookups (storage/counters.py), never from every job's row."""
 
     by_state: dict[str, int]
-    finished: dict[tuple[str, str], int]  # (adapter, state) -> finished jobs
+    finished: dict[tuple[str, str], int]  # (adapter, state) -> jobs that ever finished so (pruned ones too)
     oldest_queued_age_s: float
     swaps_pending: int
     latest_quality: dict[str, tuple[float, float]]  # adapter -> (before, after) held-out loss
-    timings: list[dict[str, float]]  # stage seconds of every finished job
+    stages: dict[str, StageHistogram]  # stage -> histogram of the seconds of every job that finished
+
+
+def latest_quality(result: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    """(before, after) held-out loss of a finished job's result, when both are numbers."""
+    values = []
+    for part in ("quality_before", "quality_after"):
+        value = result.get(part) if isinstance(result, Mapping) else None
+        value = value.get("loss") if isinstance(value, Mapping) else None
+        if not isinstance(value, (int, float)):
+            return None
+        values.append(float(value))
+    return values[0], values[1]
 
 
 class JobQueue(ABC):
@@ -315,13 +335,27 @@ class JobQueue(ABC):
         it now would replace a newer version by an older one."""
 
     @abstractmethod
-    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
+    def usable_since(
+        self, adapter: str, since: float, include_unrated: bool, at_most: int | None = None
+    ) -> int:
         """Recorded examples of `adapter` that became usable calibration data after `since`: rated
-        good or corrected then, or (with `include_unrated`) recorded then without feedback."""
+        good or corrected then, or (with `include_unrated`) recorded then without feedback. With
+        `at_most`, counting stops there (the automatic jobs only compare it with a threshold): the
+        cost is then bounded by that number, not by the adapter's size (`usable_since_sql`)."""
 
     @abstractmethod
     def job_figures(self, now: float | None = None) -> JobFigures:
         """The figures the metrics show."""
+
+    @abstractmethod
+    def prune_jobs(
+        self, max_age_s: float | None, keep_per_adapter: int | None, now: float | None = None
+    ) -> int:
+        """Delete finished jobs older than `max_age_s` (by when they finished) or beyond each adapter's
+        newest `keep_per_adapter` finished ones (None: no such limit), in short batches; an adapter's
+        newest job, its newest accepted or kept_original one, pending swaps and first_load jobs are
+        kept (counters.prune_job_history). The metrics' counters are not changed. Returns the jobs
+        deleted."""
 
 
 class SQLiteJobQueue(JobQueue):
@@ -408,7 +442,7 @@ class SQLiteJobQueue(JobQueue):
         values = {"finished": time.time() if now is None else now, **fields}
         sets = ", ".join(f"{k} = :{k}" for k in values)
         with self.transaction() as c:
-            return (
+            ended = (
                 c.execute(
                     f"UPDATE jobs SET state = :state, lease_owner = NULL, lease_expires = NULL, {sets} "
                     "WHERE id = :id AND lease_owner = :owner AND state = 'running'",
@@ -416,6 +450,9 @@ class SQLiteJobQueue(JobQueue):
                 ).rowcount
                 == 1
             )
+            if ended and values.get("result"):  # its stage durations join the histogram's totals
+                add_stage_samples(c, "?", stage_samples(json.loads(values["result"])))
+            return ended
 
     def finish_job(
         self,
@@ -494,14 +531,21 @@ class SQLiteJobQueue(JobQueue):
             "result" if seconds is None else "json_set(COALESCE(result, '{}'), '$.timings.swap', :seconds)"
         )
         with self.transaction() as c:
-            return (
-                c.execute(
-                    f"UPDATE jobs SET swap = :swap, swap_error = :error, result = {timing} "
-                    "WHERE id = :id AND state = 'accepted'",
-                    {"swap": swap, "error": error, "seconds": seconds, "id": job_id},
-                ).rowcount
-                == 1
+            found = c.execute(
+                "SELECT result FROM jobs WHERE id = ? AND state = 'accepted'", (job_id,)
+            ).fetchone()
+            if found is None:
+                return False
+            c.execute(
+                f"UPDATE jobs SET swap = :swap, swap_error = :error, result = {timing} WHERE id = :id",
+                {"swap": swap, "error": error, "seconds": seconds, "id": job_id},
             )
+            if seconds is not None:  # the swap's duration replaces any earlier one in the histogram
+                before = stage_samples(json.loads(found[0]) if found[0] else None).get("swap")
+                if before is not None:
+                    add_stage_samples(c, "?", {"swap": before}, -1)
+                add_stage_samples(c, "?", stage_samples({"timings": {"swap": seconds}}))
+            return True
 
     def job(self, job_id: int) -> Job | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
@@ -545,53 +589,91 @@ class SQLiteJobQueue(JobQueue):
         )
         return [_job(r) for r in rows]
 
-    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
-        rated = self._query(
-            "SELECT COUNT(*) FROM feedback f JOIN traffic t ON t.id = f.traffic_id "
-            f"WHERE t.adapter = ? AND f.created > ? AND {LATEST_FEEDBACK} AND {USABLE_BY_FEEDBACK}",
-            (adapter, since),
-        )[0][0]
-        unrated = 0
-        if include_unrated:
-            unrated = self._query(
-                f"SELECT COUNT(*) FROM traffic t WHERE t.adapter = ? AND t.created > ? AND {USABLE_UNRATED}",
-                (adapter, since),
-            )[0][0]
-        return int(rated) + int(unrated)
+    def usable_since(
+        self, adapter: str, since: float, include_unrated: bool, at_most: int | None = None
+    ) -> int:
+        return usable_since(
+            self._query, "?", USABLE_BY_FEEDBACK, USABLE_UNRATED, adapter, since, include_unrated, at_most
+        )
 
     def job_figures(self, now: float | None = None) -> JobFigures:
-        now = time.time() if now is None else now
-        by_state = dict.fromkeys(JOB_STATES, 0)
-        by_state.update(dict(self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
-        finished = {
-            (adapter, state): n
-            for adapter, state, n in self._query(
-                f"SELECT adapter, state, COUNT(*) FROM jobs WHERE state IN {FINISHED_STATES} GROUP BY adapter, state"
-            )
-        }
-        oldest = self._query("SELECT MIN(created) FROM jobs WHERE state = 'queued'")[0][0]
-        pending = self._query("SELECT COUNT(*) FROM jobs WHERE state = 'accepted' AND swap = 'pending'")[0][0]
-        quality = {}
-        for adapter, before, after in self._query(
-            "SELECT adapter, json_extract(result, '$.quality_before.loss'), "
-            "json_extract(result, '$.quality_after.loss') FROM jobs j WHERE id = (SELECT MAX(id) FROM jobs k "
-            "WHERE k.adapter = j.adapter AND k.state IN ('accepted', 'kept_original'))"
-        ):
-            if isinstance(before, (int, float)) and isinstance(after, (int, float)):
-                quality[adapter] = (float(before), float(after))
-        timings = []
-        for (text,) in self._query(
-            f"SELECT json_extract(result, '$.timings') FROM jobs WHERE state IN {FINISHED_STATES} "
-            "AND result IS NOT NULL"
-        ):
-            values = json.loads(text) if text else {}
-            if isinstance(values, dict):
-                timings.append({k: float(v) for k, v in values.items() if isinstance(v, (int, float))})
-        return JobFigures(
-            by_state=by_state,
-            finished=finished,
-            oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else 0.0,
-            swaps_pending=int(pending),
-            latest_quality=quality,
-            timings=timings,
+        return job_figures(self._query, "?", now)
+
+    def prune_jobs(
+        self, max_age_s: float | None, keep_per_adapter: int | None, now: float | None = None
+    ) -> int:
+        return prune_job_history(self, "?", max_age_s, keep_per_adapter, now, FINISHED_STATES)
+
+
+def usable_since(
+    read: Any,
+    ph: str,
+    usable_by_feedback: str,
+    usable_unrated: str,
+    adapter: str,
+    since: float,
+    include_unrated: bool,
+    at_most: int | None,
+) -> int:
+    """`JobQueue.usable_since` for both backends (`read(sql, params)` returns rows; the usable
+    conditions in the backend's SQL). The rated part walks the adapter's feedback given after `since`
+    (its index on (adapter, created); CROSS JOIN keeps SQLite from walking the records instead), the unrated
+    part the adapter's records recorded after it (the index on (adapter, created)); each stops at
+    `at_most`."""
+    limit = f" LIMIT {ph}" if at_most is not None else ""
+    rated = read(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM feedback f CROSS JOIN traffic t WHERE t.id = f.traffic_id "
+        f"AND f.created > {ph} AND f.adapter = {ph} AND {LATEST_FEEDBACK} AND {usable_by_feedback}{limit}) n",
+        (since, adapter) if at_most is None else (since, adapter, int(at_most)),
+    )[0][0]
+    unrated = 0
+    left = None if at_most is None else int(at_most) - int(rated)
+    if include_unrated and (left is None or left > 0):
+        unrated = read(
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM traffic t WHERE t.adapter = {ph} AND t.created > {ph} "
+            f"AND {usable_unrated}{limit}) n",
+            (adapter, since) if left is None else (adapter, since, left),
+        )[0][0]
+    return int(rated) + int(unrated)
+
+
+def job_figures(read: Any, ph: str, now: float | None) -> JobFigures:
+    """`JobQueue.job_figures` for both backends (`read(sql, params)` returns rows): from job_counts and
+    job_stage_totals, the partial index of pending swaps, and one indexed lookup per adapter for its
+    latest quality; never a pass over every job's row or JSON."""
+    now = time.time() if now is None else now
+    by_state = dict.fromkeys(JOB_STATES, 0)
+    finished = {}
+    adapters = set()
+    for adapter, state, jobs, ever in read("SELECT adapter, state, jobs, finished FROM job_counts", ()):
+        by_state[state] = by_state.get(state, 0) + int(jobs)
+        if state in FINISHED_STATES and ever:
+            finished[(adapter, state)] = int(ever)
+        if jobs:
+            adapters.add(adapter)
+    oldest = read("SELECT MIN(created) FROM jobs WHERE state = 'queued'", ())[0][0]
+    # SQLite's planner, without statistics, prefers the index on state (every accepted job) to the
+    # partial index that holds only the pending ones: named for it
+    hint = "INDEXED BY jobs_swap_pending " if ph == "?" else ""
+    pending = read(f"SELECT COUNT(*) FROM jobs {hint}WHERE state = 'accepted' AND swap = 'pending'", ())[0][0]
+    quality = {}
+    for adapter in sorted(adapters):
+        rows = read(
+            f"SELECT result FROM jobs WHERE adapter = {ph} AND state IN ('accepted', 'kept_original') "
+            "ORDER BY adapter DESC, id DESC LIMIT 1",
+            (adapter,),
         )
+        found = latest_quality(json.loads(rows[0][0])) if rows and rows[0][0] else None
+        if found is not None:
+            quality[adapter] = found
+    stages = stage_histograms(
+        [tuple(r) for r in read("SELECT stage, bucket, jobs, seconds FROM job_stage_totals", ())]
+    )
+    return JobFigures(
+        by_state=by_state,
+        finished=finished,
+        oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else 0.0,
+        swaps_pending=int(pending),
+        latest_quality=quality,
+        stages=stages,
+    )

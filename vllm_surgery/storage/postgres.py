@@ -55,7 +55,6 @@ import json
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import fields
 from typing import Any
 
 import psycopg
@@ -64,14 +63,17 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from . import counters
 from .database import (
     _COLUMNS,
     _LATEST,
     _LATEST_TRUSTED,
     BUSY_TIMEOUT_S,
     CLIENT_WINDOW_S,
+    PAGE,
     RATINGS,
     TRAFFIC_COLUMNS,
+    CalibrationRow,
     Database,
     DatabaseError,
     Migration,
@@ -82,6 +84,7 @@ from .database import (
     UnknownRequest,
     _row_to_record,
     _to_row,
+    calibration_sql,
 )
 from .job_queue import (
     _COLUMNS as _JOB_COLUMNS,
@@ -91,7 +94,6 @@ from .job_queue import (
     CANCELLED_RUNNING,
     DEFAULT_MAX_ATTEMPTS,
     FINISHED_STATES,
-    JOB_STATES,
     Job,
     JobFigures,
     JobQueueFull,
@@ -99,12 +101,13 @@ from .job_queue import (
     check_finish,
     check_swap,
     check_trigger,
+    job_figures,
+    usable_since,
 )
 from .pointer import DESCRIPTION as POINTER_DESCRIPTION
 from .pointer import PointerBackend
 from .pointer import schema as pointer_schema
 from .urls import redact_url
-from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK
 from .usable import USABLE_BY_FEEDBACK as _SQLITE_USABLE_BY_FEEDBACK
 from .usable import USABLE_UNRATED as _SQLITE_USABLE_UNRATED
 
@@ -139,6 +142,8 @@ def postgres_spelling(condition: str) -> str:
 
 USABLE_BY_FEEDBACK = postgres_spelling(_SQLITE_USABLE_BY_FEEDBACK)
 USABLE_UNRATED = postgres_spelling(_SQLITE_USABLE_UNRATED)
+# what a traffic row counts for under its latest feedback, recomputed when feedback is added
+_ROW_TALLY = counters.row_tally(USABLE_BY_FEEDBACK, USABLE_UNRATED)
 
 # The bytes of a record's stored text and of a feedback row's correction (database.RECORD_BYTES and
 # FEEDBACK_BYTES: SQLite's length(CAST(x AS BLOB)) is Postgres's octet_length, UTF-8 bytes in both).
@@ -258,6 +263,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(5, POINTER_DESCRIPTION, pointer_schema(postgres=True)),
+    Migration(
+        6,
+        "the record store at scale: per-(adapter, version) traffic counters and per-(adapter, state) job "
+        "counters kept by triggers, the job stage-duration histogram's totals, and the indexes that "
+        "first/last, pending swaps and the job-history pruning use (see storage/counters.py)",
+        counters.postgres_statements(USABLE_BY_FEEDBACK, USABLE_UNRATED, FINISHED_STATES),
+        lambda conn: counters.fill_stage_totals(conn, "%s", FINISHED_STATES),
+    ),
 )
 
 _SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
@@ -266,26 +279,10 @@ _SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
     applied DOUBLE PRECISION NOT NULL
 )"""
 
-# What stats() counts, in TrafficStats' field order (the SQLite backend's _STATS, in Postgres's SQL).
-_STATS = {
-    "adapter": "t.adapter",
-    "version": "t.version",
-    "records": "COUNT(*)",
-    "rated": "COUNT(*) FILTER (WHERE a.rating IS NOT NULL)",
-    "good": "COUNT(*) FILTER (WHERE a.rating = 'good')",
-    "bad": "COUNT(*) FILTER (WHERE a.rating = 'bad')",
-    "corrected": "COUNT(*) FILTER (WHERE a.correction IS NOT NULL)",
-    "usable": f"COUNT(*) FILTER (WHERE {USABLE_BY_FEEDBACK})",
-    "unrated_usable": f"COUNT(*) FILTER (WHERE {USABLE_UNRATED})",
-    "untrusted": "COUNT(*) FILTER (WHERE a.id IS NOT NULL AND NOT a.trusted)",
-    "bytes": "COALESCE(SUM(t.bytes), 0)::BIGINT",  # SUM of BIGINT is NUMERIC (a Decimal)
-    "first": "MIN(t.created)",
-    "last": "MAX(t.created)",
-}
-
-assert tuple(_STATS) == tuple(f.name for f in fields(TrafficStats))
 
 _CALIBRATABLE = TRAFFIC_COLUMNS.index("calibratable")
+_ADAPTER = TRAFFIC_COLUMNS.index("adapter")
+_VERSION = TRAFFIC_COLUMNS.index("version")
 
 
 def _text(value: Any) -> Any:
@@ -465,6 +462,8 @@ class PostgresDatabase(Database):
                     raise DatabaseError(f"{self.path}: schema version {current} has no migration path")
                 for statement in migration.statements:
                     conn.execute(statement)
+                if migration.fill is not None:
+                    migration.fill(conn)
                 conn.execute(
                     "INSERT INTO schema_version (version, description, applied) VALUES (%s, %s, %s)",
                     (migration.version, migration.description, time.time()),
@@ -478,22 +477,28 @@ class PostgresDatabase(Database):
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
         """Store records in one transaction; returns their ids. Raises ValueError when a record holds a
         value Postgres cannot store (nothing of the batch is stored), DatabaseError otherwise."""
-        rows = [_pg_row(r) for r in records]
+        rows = [[*_pg_row(r), counters.insert_tally(r.calibratable, r.completion)] for r in records]
         if not rows:
             return []
         sql = (
-            f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}, bytes) "
-            f"VALUES ({', '.join(['%s'] * (len(TRAFFIC_COLUMNS) + 1))}) RETURNING id"
+            f"INSERT INTO traffic (id, {', '.join(TRAFFIC_COLUMNS)}, bytes, tally) "
+            f"VALUES ({', '.join(['%s'] * (len(TRAFFIC_COLUMNS) + 3))})"
         )
-        ids = []
+        # Each row's statement moves its (adapter, version) counter row, locked until commit. Rows are
+        # written in (adapter, version) order, the order every writer takes counter rows in (the
+        # triggers sort theirs the same way: COLLATE "C" is code-point order, Python's), so two
+        # writers never wait on each other in a cycle; the ids, drawn first, keep the batch's order.
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][_ADAPTER], rows[i][_VERSION]))
         try:
             with self.transaction() as conn:
-                cur = conn.cursor()
-                cur.executemany(sql, rows, returning=True)
-                while True:
-                    ids.append(int(cur.fetchone()[0]))
-                    if not cur.nextset():
-                        break
+                ids = sorted(
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT nextval(pg_get_serial_sequence('traffic', 'id')) FROM generate_series(1, %s)",
+                        (len(rows),),
+                    ).fetchall()
+                )
+                conn.cursor().executemany(sql, [[ids[i], *rows[i]] for i in order])
         except DatabaseError as e:
             if isinstance(e.__cause__, psycopg.DataError):
                 # a value this database cannot hold (a number out of range): a fault of the record, not
@@ -537,8 +542,8 @@ class PostgresDatabase(Database):
             ):
                 raise UnknownRequest(f"record {record_id} no longer exists (removed by retention?)")
             conn.execute(
-                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
+                "INSERT INTO feedback (traffic_id, rating, correction, created, trusted, client, adapter) "
+                "VALUES (%s, %s, %s, %s, %s, %s, (SELECT adapter FROM traffic WHERE id = %s))",
                 (
                     record_id,
                     rating,
@@ -546,6 +551,7 @@ class PostgresDatabase(Database):
                     time.time() if created is None else created,
                     bool(trusted),
                     _text(client),
+                    record_id,
                 ),
             )
             if client is not None and correction is not None:
@@ -563,9 +569,10 @@ class PostgresDatabase(Database):
                     "AND id <> COALESCE((SELECT MAX(id) FROM feedback WHERE traffic_id = %(id)s AND trusted), -1)",
                     {"id": record_id, "keep": int(keep)},
                 )
+            # its bytes and what it counts for change in the same transaction (the counters' triggers)
             conn.execute(
                 f"UPDATE traffic SET bytes = {RECORD_BYTES} + (SELECT COALESCE(SUM({FEEDBACK_BYTES}), 0) "
-                "FROM feedback WHERE traffic_id = traffic.id) WHERE id = %s",
+                f"FROM feedback WHERE traffic_id = traffic.id), tally = {_ROW_TALLY} WHERE id = %s",
                 (record_id,),
             )
             return conn.execute(
@@ -585,6 +592,22 @@ class PostgresDatabase(Database):
                 raise DatabaseError(f"{self.path}: the identifier secret is missing (traffic_meta)")
             secret = self._id_secret = bytes.fromhex(rows[0][0])
         return secret
+
+    def calibration_rows(self, adapter: str, since: float | None = None) -> Iterator[CalibrationRow]:
+        # one snapshot, read PAGE rows per round trip by a server-side (named) cursor
+        sql = calibration_sql("%s", since is not None, page=False)
+        params = (_text(adapter), 0, since) if since is not None else (_text(adapter), 0)
+        try:
+            with (
+                self._connection() as conn,
+                conn.transaction(),
+                conn.cursor(name="vllm_surgery_calibration") as cur,
+            ):
+                cur.itersize = PAGE
+                cur.execute(sql, params)
+                yield from cur
+        except psycopg.Error as e:
+            raise self._error("query failed", e) from e
 
     def feedback_history(self, record_id: int) -> list[dict[str, Any]]:
         rows = self._tuples(
@@ -614,56 +637,25 @@ class PostgresDatabase(Database):
         return [_row_to_record(r) for r in self._rows(sql, params)]
 
     def stats(self, adapter: str | None = None) -> list[TrafficStats]:
-        where, params = ("WHERE t.adapter = %s", (_text(adapter),)) if adapter is not None else ("", ())
-        columns = ", ".join(f'{sql} AS "{name}"' for name, sql in _STATS.items())
-        rows = self._rows(
-            f"SELECT {columns} FROM traffic t {_LATEST_TRUSTED} LEFT JOIN feedback a ON {LATEST_ANY_FEEDBACK} "
-            f"{where} GROUP BY t.adapter, t.version ORDER BY t.adapter, t.version",
-            params,
+        # from the counters (storage/counters.py): no scan of the records, whatever their number
+        rows = self._tuples(
+            counters.stats_sql("%s", adapter is not None), () if adapter is None else (_text(adapter),)
         )
-        return [TrafficStats(**{name: row[name] for name in _STATS}) for row in rows]
+        return [TrafficStats(*row) for row in rows]
 
     def adapters(self) -> list[str]:
-        return [r[0] for r in self._tuples("SELECT DISTINCT adapter FROM traffic ORDER BY adapter")]
+        return [r[0] for r in self._tuples(counters.ADAPTERS_SQL)]
 
     def enforce_retention(
-        self, adapter: str, retention: Retention, now: float | None = None, count: int | None = None
+        self, adapter: str, retention: Retention, now: float | None = None
     ) -> tuple[int, int]:
-        deleted = 0
-        with self.transaction() as conn:
-            if retention.max_age_s is not None:
-                cutoff = (time.time() if now is None else now) - retention.max_age_s
-                deleted += conn.execute(
-                    "DELETE FROM traffic WHERE adapter = %s AND created < %s", (adapter, cutoff)
-                ).rowcount
-            if count is None:
-                count = conn.execute(
-                    "SELECT COUNT(*) FROM traffic WHERE adapter = %s", (adapter,)
-                ).fetchone()[0]
-            else:
-                count = max(0, count - deleted)
-            excess = count - retention.max_records if retention.max_records is not None else 0
-            if excess > 0:
-                removed = conn.execute(
-                    "DELETE FROM traffic WHERE id IN "
-                    "(SELECT id FROM traffic WHERE adapter = %s ORDER BY id LIMIT %s)",
-                    (adapter, excess),
-                ).rowcount
-                deleted += removed
-                count -= removed
-            if retention.max_bytes is not None:
-                total = conn.execute(
-                    "SELECT COALESCE(SUM(bytes), 0) FROM traffic WHERE adapter = %s", (adapter,)
-                ).fetchone()[0]
-                if total > retention.max_bytes:  # the oldest go until the newest fit
-                    removed = conn.execute(
-                        "DELETE FROM traffic WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER "
-                        "(ORDER BY id DESC) AS kept FROM traffic WHERE adapter = %s) k WHERE kept > %s)",
-                        (adapter, int(retention.max_bytes)),
-                    ).rowcount
-                    deleted += removed
-                    count -= removed
-        return deleted, count
+        return counters.sweep_traffic(self, "%s", _text(adapter), retention, now)
+
+    def _read_all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self._tuples(sql, params)
+
+    def _read_one(self, sql: str, params: Sequence[Any] = ()) -> tuple:
+        return self._tuples(sql, params)[0]
 
     # ------------------------------------------------------------------ jobs
     def enqueue_job(
@@ -776,7 +768,7 @@ class PostgresDatabase(Database):
         values = {"finished": time.time() if now is None else now, **fields}
         sets = ", ".join(f"{k} = %({k})s" for k in values)
         with self.transaction() as conn:
-            return (
+            ended = (
                 conn.execute(
                     f"UPDATE jobs SET state = %(state)s, lease_owner = NULL, lease_expires = NULL, {sets} "
                     "WHERE id = %(id)s AND lease_owner = %(owner)s AND state = 'running'",
@@ -784,6 +776,9 @@ class PostgresDatabase(Database):
                 ).rowcount
                 == 1
             )
+            if ended and values.get("result"):  # its stage durations join the histogram's totals
+                counters.add_stage_samples(conn, "%s", counters.stage_samples(json.loads(values["result"])))
+            return ended
 
     def finish_job(
         self,
@@ -871,10 +866,15 @@ class PostgresDatabase(Database):
             result = found[0]
             if seconds is not None:  # SQLite's json_set(result, '$.timings.swap', seconds)
                 data = json.loads(result) if result else {}
+                before = counters.stage_samples(data).get("swap")
                 if not isinstance(data.get("timings"), dict):
                     data["timings"] = {}
                 data["timings"]["swap"] = seconds
                 result = json.dumps(data, ensure_ascii=False, default=str)
+                # the swap's duration replaces any earlier one in the histogram
+                if before is not None:
+                    counters.add_stage_samples(conn, "%s", {"swap": before}, -1)
+                counters.add_stage_samples(conn, "%s", counters.stage_samples({"timings": {"swap": seconds}}))
             conn.execute(
                 "UPDATE jobs SET swap = %s, swap_error = %s, result = %s WHERE id = %s",
                 (swap, _text(error), result, job_id),
@@ -922,65 +922,27 @@ class PostgresDatabase(Database):
         )
         return [_job(r) for r in rows]
 
-    def usable_since(self, adapter: str, since: float, include_unrated: bool) -> int:
-        rated = self._tuples(
-            "SELECT COUNT(*) FROM feedback f JOIN traffic t ON t.id = f.traffic_id "
-            f"WHERE t.adapter = %s AND f.created > %s AND {LATEST_FEEDBACK} AND {USABLE_BY_FEEDBACK}",
-            (adapter, since),
-        )[0][0]
-        unrated = 0
-        if include_unrated:
-            unrated = self._tuples(
-                f"SELECT COUNT(*) FROM traffic t WHERE t.adapter = %s AND t.created > %s AND {USABLE_UNRATED}",
-                (adapter, since),
-            )[0][0]
-        return int(rated) + int(unrated)
+    def usable_since(
+        self, adapter: str, since: float, include_unrated: bool, at_most: int | None = None
+    ) -> int:
+        return usable_since(
+            self._tuples,
+            "%s",
+            USABLE_BY_FEEDBACK,
+            USABLE_UNRATED,
+            _text(adapter),
+            since,
+            include_unrated,
+            at_most,
+        )
 
     def job_figures(self, now: float | None = None) -> JobFigures:
-        now = time.time() if now is None else now
-        by_state = dict.fromkeys(JOB_STATES, 0)
-        by_state.update(dict(self._tuples("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
-        finished_states = tuple(FINISHED_STATES)
-        finished = {
-            (adapter, state): n
-            for adapter, state, n in self._tuples(
-                "SELECT adapter, state, COUNT(*) FROM jobs WHERE state = ANY(%s) GROUP BY adapter, state",
-                (list(finished_states),),
-            )
-        }
-        oldest = self._tuples("SELECT MIN(created) FROM jobs WHERE state = 'queued'")[0][0]
-        pending = self._tuples("SELECT COUNT(*) FROM jobs WHERE state = 'accepted' AND swap = 'pending'")[0][
-            0
-        ]
-        # JSON fields are read here, not in SQL: the text is Python's json.dumps (NaN included),
-        # which Postgres's JSON types refuse.
-        quality = {}
-        for adapter, text in self._tuples(
-            "SELECT adapter, result FROM jobs j WHERE id = (SELECT MAX(id) FROM jobs k "
-            "WHERE k.adapter = j.adapter AND k.state IN ('accepted', 'kept_original'))"
-        ):
-            data = json.loads(text) if text else {}
-            before, after = (_number(data, part) for part in ("quality_before", "quality_after"))
-            if before is not None and after is not None:
-                quality[adapter] = (before, after)
-        timings = []
-        for (text,) in self._tuples(
-            "SELECT result FROM jobs WHERE state = ANY(%s) AND result IS NOT NULL ORDER BY id",
-            (list(finished_states),),
-        ):
-            data = json.loads(text)
-            values = data.get("timings") if isinstance(data, dict) else None
-            values = {} if values is None else values
-            if isinstance(values, dict):
-                timings.append({k: float(v) for k, v in values.items() if isinstance(v, (int, float))})
-        return JobFigures(
-            by_state=by_state,
-            finished=finished,
-            oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else 0.0,
-            swaps_pending=int(pending),
-            latest_quality=quality,
-            timings=timings,
-        )
+        return job_figures(self._tuples, "%s", now)
+
+    def prune_jobs(
+        self, max_age_s: float | None, keep_per_adapter: int | None, now: float | None = None
+    ) -> int:
+        return counters.prune_job_history(self, "%s", max_age_s, keep_per_adapter, now, FINISHED_STATES)
 
     # ------------------------------------------------------------------ the served pointer
     shares_pointer = True  # a database many replicas share: the served pointer lives here
@@ -1003,10 +965,3 @@ class PostgresDatabase(Database):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
-
-
-def _number(data: Any, part: str) -> float | None:
-    """data[part]["loss"] when it is a number (SQLite's json_extract(result, '$.PART.loss'))."""
-    value = data.get(part) if isinstance(data, dict) else None
-    value = value.get("loss") if isinstance(value, dict) else None
-    return float(value) if isinstance(value, (int, float)) else None

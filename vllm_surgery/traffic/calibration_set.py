@@ -28,11 +28,12 @@ messages and empty answers are counted as ``not_text`` and left out).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -54,18 +55,47 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 @dataclass
 class CalibrationFromTraffic:
-    """The calibration records of one adapter and where they came from."""
+    """The calibration records of one adapter and where they came from.
+
+    With `keep` (the worker, which refines on them), `records` holds them; without it (the export,
+    the refine route, the automatic jobs: they only need how many there are and their hash), nothing is
+    kept: `count` and `sha256` are computed as they stream past, so a set of any size costs one page
+    of records in memory. `sha256` is the hash the job spec records for inline records
+    (worker.job_spec.records_sha256 of the same list: a test keeps them equal)."""
 
     adapter: str
     records: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys((*USABLE_KINDS, "static", "adapter_file", *LEFT_OUT_KINDS), 0)
     )
+    keep: bool = True
+    hashed: bool = True  # compute `sha256` (the export, which needs no hash, saves an encoding per line)
+    count: int = 0
+    _digest: Any = field(default_factory=hashlib.sha256, repr=False)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """One more example of the set (kept only with `keep`)."""
+        if self.hashed:
+            self._digest.update((", " if self.count else "[").encode())
+            self._digest.update(json.dumps(record, sort_keys=True).encode())
+        self.count += 1
+        if self.keep:
+            self.records.append(record)
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of ``json.dumps(records, sort_keys=True)``, computed without holding the records.
+        Raises ValueError for a set built without `hashed`."""
+        if not self.hashed:
+            raise ValueError("this calibration set was built without its hash (hashed=False)")
+        digest = self._digest.copy()
+        digest.update(b"]" if self.count else b"[]")
+        return digest.hexdigest()
 
     def summary(self) -> str:
         c = self.counts
         return (
-            f"{len(self.records)} examples for {self.adapter!r}: {c['corrected']} corrected, {c['good']} rated "
+            f"{self.count} examples for {self.adapter!r}: {c['corrected']} corrected, {c['good']} rated "
             f"good, {c['unrated']} unrated, {c['static']} from static files, {c['adapter_file']} from the "
             f"adapter's own {ADAPTER_CALIBRATION_NAME}; left out: "
             f"{c['bad_without_correction']} bad without correction, {c['unrated_left_out']} unrated, "
@@ -98,6 +128,22 @@ def example_of(endpoint: str, prompt: Any, answer: str) -> dict[str, Any]:
     return {"prompt": prompt, "completion": answer}
 
 
+def iter_traffic_examples(
+    db: Any, adapter: str, counts: dict[str, int], since: float | None = None, include_unrated: bool = False
+) -> Iterator[dict[str, Any]]:
+    """The calibration lines of an adapter's records in `db` (a storage.Database) by the rules (module
+    docstring), in id order, streamed (`Database.calibration_rows`: a page of rows in memory, whatever
+    the set's size); `counts` gets every record's kind."""
+    for _, endpoint, prompt, completion, calibratable, rating, correction in db.calibration_rows(
+        adapter, since
+    ):
+        kind, answer = usable_answer(bool(calibratable), completion, rating, correction, include_unrated)
+        counts[kind] += 1
+        if answer is not None:
+            prompt = None if prompt is None else json.loads(prompt)
+            yield {**example_of(endpoint, prompt, answer), "feedback": _FEEDBACK_LABEL[kind]}
+
+
 def traffic_examples(
     db: Any,
     adapter: str,
@@ -107,20 +153,8 @@ def traffic_examples(
 ) -> CalibrationFromTraffic:
     """Apply the rules (module docstring) to an adapter's records in `db` (a storage.Database)."""
     out = out or CalibrationFromTraffic(adapter)
-    c = out.counts
-    after = 0
-    while batch := db.records(adapter, since=since, limit=1000, after_id=after, calibration=True):
-        after = batch[-1].id
-        for stored in batch:
-            r = stored.record
-            kind, answer = usable_answer(
-                r.calibratable, r.completion, stored.rating, stored.correction, include_unrated
-            )
-            c[kind] += 1
-            if answer is not None:
-                out.records.append(
-                    {**example_of(r.endpoint, r.prompt, answer), "feedback": _FEEDBACK_LABEL[kind]}
-                )
+    for example in iter_traffic_examples(db, adapter, out.counts, since, include_unrated):
+        out.add(example)
     return out
 
 
@@ -133,7 +167,8 @@ def static_examples(
         records, _ = read_jsonl(path)
         for where, record in records:
             check_record(record, where)
-        out.records.extend(record for _, record in records)
+        for _, record in records:
+            out.add(record)
         out.counts[kind] += len(records)
     return out
 
@@ -154,17 +189,52 @@ def calibration_set(
     include_unrated: bool = False,
     static_files: Sequence[str | os.PathLike] = (),
     adapter_dir: str | os.PathLike | None = None,
+    keep: bool = True,
 ) -> CalibrationFromTraffic:
     """An adapter's whole calibration set: traffic by the rules (none without a database), then its
-    static files, then its own sample in `adapter_dir`. Raises CalibrationError (file, line)."""
-    out = (
-        traffic_examples(db, adapter, since=since, include_unrated=include_unrated)
-        if db is not None
-        else CalibrationFromTraffic(adapter)
-    )
+    static files, then its own sample in `adapter_dir`. `keep`: hold the records (else only their
+    count and hash: CalibrationFromTraffic). Raises CalibrationError (file, line)."""
+    out = CalibrationFromTraffic(adapter, keep=keep)
+    if db is not None:
+        traffic_examples(db, adapter, since=since, include_unrated=include_unrated, out=out)
     static_examples(static_files, out)
     own = adapter_file(adapter_dir)
     return static_examples([own], out, "adapter_file") if own is not None else out
+
+
+def export_calibration(
+    db: Any,
+    adapter: str,
+    path: str | os.PathLike,
+    *,
+    since: float | None = None,
+    include_unrated: bool = False,
+    static_files: Sequence[str | os.PathLike] = (),
+) -> CalibrationFromTraffic:
+    """Write an adapter's calibration set (as `calibration_set` builds it) to `path` as JSONL while
+    reading it: memory stays one page of records whatever the set's size. Atomic (a sibling
+    temporary file renamed into place, readable by its owner only: recorded prompts are private); no
+    file is left when the set is empty. Returns the counts (records not kept). Raises SurgeryError
+    naming the file (cannot be written, or nothing to export), CalibrationError (a static file's
+    line), DatabaseError."""
+    out = CalibrationFromTraffic(adapter, keep=False, hashed=False)
+
+    def lines() -> Iterator[dict[str, Any]]:
+        if db is not None:
+            for example in iter_traffic_examples(db, adapter, out.counts, since, include_unrated):
+                out.add(example)
+                yield example
+        static = CalibrationFromTraffic(adapter)  # the operator's files: checked whole before a line goes
+        static_examples(static_files, static)
+        out.counts["static"] += static.counts["static"]
+        for record in static.records:
+            out.add(record)
+            yield record
+
+    written = write_jsonl(lines(), path, keep_empty=False)
+    if written is None:
+        raise SurgeryError(f"{path}: nothing to export: {out.summary()}")
+    return out
 
 
 def registered_files(calibration_dir: Path | None, names: Sequence[str], adapter: str) -> list[Path]:
@@ -201,10 +271,11 @@ def adapter_source(
 
 
 def build_adapter_calibration(
-    db: Database | None, adapter: str, source: Mapping[str, Any]
+    db: Database | None, adapter: str, source: Mapping[str, Any], keep: bool = True
 ) -> CalibrationFromTraffic:
     """The calibration set an "adapter" source names. `db`: the database with the adapter's traffic, or
-    None. Raises CalibrationError (file, line) or DatabaseError."""
+    None; `keep`: hold the records (the worker), or only count and hash them. Raises CalibrationError
+    (file, line) or DatabaseError."""
     return calibration_set(
         db,
         adapter,
@@ -212,12 +283,14 @@ def build_adapter_calibration(
         include_unrated=bool(source.get("include_unrated")),
         static_files=[Path(f) for f in source.get("files") or ()],
         adapter_dir=source.get("adapter_dir"),
+        keep=keep,
     )
 
 
 class AdapterCalibration:
     """What the refine route and the automatic jobs call to learn an adapter's calibration set now:
-    ``calibration(adapter, adapter_dir, include_unrated or None, since or None)`` gives the set and
+    ``calibration(adapter, adapter_dir, include_unrated or None, since or None)`` gives the set (its
+    counts and hash, not its records: they are streamed past, so a large set costs no memory here) and
     the job spec's "adapter" source that rebuilds it when the job runs.
 
     `db`: the server's database (traffic and jobs), or None (no traffic). `recorder`: the traffic
@@ -244,24 +317,35 @@ class AdapterCalibration:
         )
         if self.recorder is not None:
             self.recorder.flush(self.FLUSH_WAIT_S)
-        return build_adapter_calibration(self.db, adapter, source), source
+        return build_adapter_calibration(self.db, adapter, source, keep=False), source
 
 
-def write_jsonl(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+def write_jsonl(
+    records: Iterable[dict[str, Any]], path: str | os.PathLike, keep_empty: bool = True
+) -> Path | None:
     """Write records as JSONL atomically (a sibling temporary file renamed into place, so no reader sees
-    a half-written file), readable by its owner only (recorded prompts are private). Raises SurgeryError
-    naming the file."""
+    a half-written file), readable by its owner only (recorded prompts are private). `records` may be
+    an iterator: each line is written as it comes. Without `keep_empty`, no records means no file
+    (None). Raises SurgeryError naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    written = 0
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
             f.flush()
             os.fsync(f.fileno())
+        if not written and not keep_empty:
+            tmp.unlink()
+            return None
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SurgeryError(f"{path}: cannot be written ({e.strerror or e})") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

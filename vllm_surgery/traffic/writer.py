@@ -6,7 +6,9 @@ Off the request path: the server's event loop only puts a captured request into 
 `BATCH_SIZE` at a time, waiting up to `LINGER_S` after the first for company), turns it into records
 (version lookup, JSON, redaction: the costly parts), writes the batch in one transaction and enforces
 the retention of the adapters in it; every `MAINTENANCE_INTERVAL_S` it also enforces the retention of
-every adapter and refreshes the usable-calibration-examples gauge.
+every adapter and refreshes the usable-calibration-examples gauge. Both read the database's
+maintained counters (storage/counters.py), not the records: their cost does not grow with the number
+of records, and a retention sweep deletes in short batches that other writers interleave with.
 
 Never silently lost: when the queue is full the record is dropped, counted in
 ``vllm_surgery_traffic_records_total{outcome="dropped"}`` and logged (the first drop at once, then a
@@ -90,7 +92,6 @@ class TrafficWriter:
         self._stop = threading.Event()
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
-        self._counts: dict[str, int] = {}  # records per adapter, as far as this writer knows
         self._thread = self._new_thread()
         self._started = False
         self.supervise_interval_s = supervise_interval_s
@@ -332,17 +333,14 @@ class TrafficWriter:
         return bool(kept)
 
     def _retain(self, added: Mapping[str, int] | None = None) -> None:
-        """Retention of the adapters just written (`added`: records per adapter, counted on top of the
-        count kept here) or, with None, of every adapter (recounted: other processes write too)."""
+        """Retention of the adapters just written (`added`: records per adapter) or, with None, of every
+        adapter. Cheap when nothing is due: the database reads an adapter's counts from its counters,
+        and deletes in short batches (storage/counters.py)."""
         adapters = sorted(added) if added is not None else self.db.adapters()
         for adapter in adapters:
-            known = self._counts.get(adapter) if added is not None else None
             try:
-                removed, self._counts[adapter] = self.db.enforce_retention(
-                    adapter, self.retention(adapter), count=None if known is None else known + added[adapter]
-                )
+                removed, _ = self.db.enforce_retention(adapter, self.retention(adapter))
             except DatabaseError as e:
-                self._counts.pop(adapter, None)
                 log.error("traffic: retention of adapter %r failed: %s", adapter, e)
                 continue
             if removed:

@@ -258,12 +258,12 @@ def _traffic_request(
         raise RefineError(str(e), HTTPStatus.BAD_REQUEST) from e
     except SurgeryError as e:
         raise RefineError(str(e), HTTPStatus.CONFLICT) from e
-    if not data.records:
+    if not data.count:
         raise RefineError(
             f"no usable calibration examples in the traffic: {data.summary()}", HTTPStatus.CONFLICT
         )
     log.info("refine from traffic: %s", data.summary())
-    return RefineRequest(config, fields, source, records_sha256(data.records), len(data.records), body.swap)
+    return RefineRequest(config, fields, source, data.sha256, data.count, body.swap)
 
 
 class RefineRoute:
