@@ -180,3 +180,32 @@ def test_the_resolver_serves_the_pointer(cluster) -> None:
     assert Path(resolver.choose_path("x")).name == good
     stale = "0" * 64
     assert resolver.served_refined("x", stale) is None  # refined from other content: the original
+
+
+def test_a_swap_writes_the_pointer_while_holding_the_names_lock(cluster, monkeypatch) -> None:
+    """The replica's own follower, woken by the notification of its own swap, must wait for that swap:
+    if it swapped first, the route would find the version served and answer "unchanged" (seen on a
+    loaded machine: a swap answered changed=False with previous_version equal to the new version)."""
+    a, good = cluster["a"]["swapper"], cluster["good"]
+    held = []
+    write = a._write_pointer
+
+    def spy(name, *args):
+        held.append(a._locks[name].locked())
+        return write(name, *args)
+
+    monkeypatch.setattr(a, "_write_pointer", spy)
+    result = on_loop(cluster, a.swap("x", good))
+    assert held == [True] and result.changed and result.previous_version == "original"
+
+
+def test_a_follow_of_a_version_the_pointer_has_left_changes_nothing(cluster) -> None:
+    """A follower that validated the pointer's version while a swap moved the pointer on must not go
+    back to the older version once it gets the lock: the newer change is followed on its own."""
+    a, b, db, good, forced = (cluster[k] for k in ("a", "b", "db", "good", "forced"))
+    on_loop(cluster, a["swapper"].swap_forced("x", forced))  # the pointer now names `forced`
+    result = on_loop(cluster, b["swapper"].follow("x", good, False))  # what an older notification said
+    assert not result.changed and result.version == "original" == served(cluster, "b")
+    b["follower"].sync()  # the pointer's own version is followed
+    assert served(cluster, "b") == forced
+    assert db.served_pointer("x").version == forced

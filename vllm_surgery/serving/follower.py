@@ -174,6 +174,8 @@ class PointerFollower:
             self._report(name, current, state, error)
             return
         self._logged.pop(name, None)
+        if result.version != pointer.version:
+            return  # the pointer moved meanwhile: its newer change is followed on its own notification
         log.info(
             "replica %s: adapter %r follows the served pointer (revision %d, by %s): %s -> %s in %.3f s",
             self.replica_id,

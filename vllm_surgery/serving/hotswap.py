@@ -470,9 +470,12 @@ class HotSwapper:
             await asyncio.to_thread(self.original_of, name)
             known = name
             path, version = await asyncio.to_thread(self.validated_target, name, version, force=force)
-            if self.shared:
-                await asyncio.to_thread(self._write_pointer, name, version, by, reason, expect_revision)
             async with self._locks[name]:
+                # the pointer is written under the name's lock: this replica's own follower, woken by
+                # the notification, waits here and then finds the version already served (else it
+                # could swap first and this swap would answer "unchanged")
+                if self.shared:
+                    await asyncio.to_thread(self._write_pointer, name, version, by, reason, expect_revision)
                 result = await self._swap_locked(name, version, str(path), start)
         except HotSwapError as e:
             metrics.record_swap(known, e.outcome)
@@ -534,10 +537,21 @@ class HotSwapper:
     async def follow(self, name: str, version: str, forced: bool) -> SwapResult:
         """Serve the version the shared served pointer names, here only (the follower calls this; the
         pointer is not written): the checks of `swap`, with a version the gate did not accept only when
-        the pointer says `forced`. Raises HotSwapError like `swap`: what was served stays served."""
+        the pointer says `forced`; a version the pointer no longer names (it moved while this one was
+        validated) is not swapped in (changed False). Raises HotSwapError like `swap` (what was served
+        stays served) and DatabaseError when the pointer cannot be read again."""
         start = time.perf_counter()
         path, version = await asyncio.to_thread(self.validated_target, name, version, force=forced)
         async with self._locks[name]:
+            if self.shared:
+                # a swap on this replica may have moved the pointer while this version was validated:
+                # never go back to the older one (the newer change is followed on its own notification)
+                latest = await asyncio.to_thread(self._pointers().served_pointer, name)
+                if (latest.version if latest is not None else ORIGINAL) != version:
+                    old_path = self.served_path(name)
+                    old_version = await asyncio.to_thread(self.version_of, name, old_path)
+                    seconds = time.perf_counter() - start
+                    return SwapResult(name, old_version, old_path, old_version, old_path, False, seconds)
             return await self._swap_locked(name, version, str(path), start)
 
     async def rollback(self, name: str) -> SwapResult:
