@@ -54,6 +54,12 @@ class DatabaseError(SurgeryError):
     """The database cannot be opened or used; the message names the file and the problem."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached now (down, restarting, its connection broken, no pooled
+    connection within the busy timeout): the same call may succeed later, unlike a refused statement.
+    Raised by the Postgres backend; a SQLite file raises DatabaseError."""
+
+
 class UnknownRequest(DatabaseError):
     """No recorded request has this id (and choice)."""
 
