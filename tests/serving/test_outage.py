@@ -110,7 +110,7 @@ def test_the_writer_waits_out_a_killed_postgres_and_accounts_for_every_record(pr
             send(50)
             assert writer.flush(60), "the writer did not catch up after Postgres came back"
             assert writer.outage_s is None
-        stored = [r.request_id for r in db.records(adapter)]
+        stored = [r.record.request_id for r in db.records(adapter)]
         # exact accounting: what submit took is stored, each once; what it refused is counted as dropped
         assert sorted(stored) == sorted(accepted)
         assert len(stored) + len(refused) == 400
@@ -125,7 +125,7 @@ def test_the_writer_waits_out_a_killed_postgres_and_accounts_for_every_record(pr
         assert any(m.startswith("traffic: database outage over after ") for m in log), log
         # recording goes on
         writer.submit(record(9999, adapter), adapter)
-        assert writer.flush(10) and "r9999" in [r.request_id for r in db.records(adapter)]
+        assert writer.flush(10) and "r9999" in [r.record.request_id for r in db.records(adapter)]
     finally:
         writer.close(10)
         db.close()

@@ -94,7 +94,7 @@ def test_serving_goes_on_and_every_record_is_stored_or_counted_across_a_postgres
     try:
         deadline = time.monotonic() + 60
         while True:
-            stored = [r.request_id for r in db.records("x")]
+            stored = [r.record.request_id for r in db.records("x")]
             dropped = metric(srv, "vllm_surgery_traffic_records_total", adapter="x", outcome="dropped")
             if len(stored) + dropped >= sent or time.monotonic() > deadline:
                 break

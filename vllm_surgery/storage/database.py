@@ -259,6 +259,10 @@ class Database(JobQueue, ServedPointers, ABC):
     queue's methods are declared by `JobQueue`, the served pointer's by `ServedPointers`). Methods
     raise DatabaseError when the storage cannot be used."""
 
+    # A server reached over the network, which can be unreachable for a while (DatabaseUnavailable):
+    # the traffic writer then treats a long wait for it as an outage. False for a local SQLite file.
+    networked: bool = False
+
     @abstractmethod
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
         """Store records in one transaction; returns their ids."""

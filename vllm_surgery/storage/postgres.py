@@ -950,6 +950,7 @@ class PostgresDatabase(Database):
 
     # ------------------------------------------------------------------ the served pointer
     shares_pointer = True  # a database many replicas share: the served pointer lives here
+    networked = True  # a server that can be down for a while (DatabaseUnavailable)
 
     def _pointer_backend(self) -> PointerBackend:
         def lock(conn: psycopg.Connection, adapter: str) -> None:

@@ -380,6 +380,7 @@ class TrafficWriter:
                 return
             self._outage_since = time.monotonic() if since is None else since
             self._outage_tries = 0
+            self._last_drop_log = 0.0  # the next drop is reported at once, naming the outage
         log.error(
             "traffic: database outage: %s; holding %d record(s) and retrying (every %g s at most); "
             "new records wait in the queue (size %d) and are dropped, counted, once it is full",
@@ -392,9 +393,10 @@ class TrafficWriter:
     def _watch_stall(self) -> None:
         """The supervisor's look at the write in progress: one that has waited OUTAGE_STALL_S is an
         outage (the Postgres pool waits up to its busy timeout for a connection to a server that is
-        down before it raises), logged as such, and shown by `outage_s`."""
+        down before it raises), logged as such, and shown by `outage_s`. Not for a local SQLite file,
+        whose long waits are its lock's, as before."""
         began, held = self._writing
-        if began is not None and time.monotonic() - began >= OUTAGE_STALL_S:
+        if self.db.networked and began is not None and time.monotonic() - began >= OUTAGE_STALL_S:
             self._outage_began(
                 f"writing a batch has waited {time.monotonic() - began:.1f} s for the database", held, began
             )
