@@ -19,8 +19,8 @@ from pg_server import PostgresServer
 from prometheus_client import REGISTRY
 
 import vllm_surgery
-from vllm_surgery.storage import open_database
 from vllm_surgery.storage.database import Retention, TrafficRecord
+from vllm_surgery.storage.postgres import PostgresDatabase
 from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
 from vllm_surgery.traffic import TrafficWriter
@@ -85,7 +85,10 @@ def counted(adapter: str, outcome: str) -> float:
 
 def test_the_writer_waits_out_a_killed_postgres_and_accounts_for_every_record(private_postgres) -> None:
     adapter = "outage-writer"  # its own label: the counters are the process's
-    db = open_database(private_postgres.new_database())
+    # a pool that gives up on a connection after 1 s: the writer meets the outage as an error here
+    # (DatabaseUnavailable) and retries; with the default 30 s the pool's wait is the outage (the
+    # real-server test, test_outage_server.py, runs that way)
+    db = PostgresDatabase(private_postgres.new_database(), busy_timeout_s=1.0)
     writer = TrafficWriter(
         db, lambda item: [item], queue_size=40, retention=lambda a: Retention(), supervise_interval_s=0.2
     ).start()
@@ -138,8 +141,9 @@ def test_a_running_job_and_a_queued_one_finish_after_postgres_is_killed_and_back
     heartbeats then meet the outage); Postgres is back 4 s later. The worker does not die: the first
     job is recorded as accepted once the database answers, the second (queued all along) runs next."""
     gain = build_gain_case(tmp_path / "gain")
-    url = private_postgres.new_database()
-    db = open_database(url)
+    # callers give up on a connection after 1 s (the default waits 30 s, longer than this outage): the
+    # heartbeats fail, the last cancel look and the outcome meet DatabaseUnavailable and are retried
+    db = PostgresDatabase(private_postgres.new_database(), busy_timeout_s=1.0)
     shutil.copytree(gain.adapter, tmp_path / "adapters" / "x")
     shutil.copytree(gain.adapter, tmp_path / "adapters" / "y")
     options = WorkerOptions(
