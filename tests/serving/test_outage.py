@@ -110,6 +110,12 @@ def test_the_writer_waits_out_a_killed_postgres_and_accounts_for_every_record(pr
             assert writer.outage_s is not None and writer.up
             assert writer.health()["up"] is True
             private_postgres.start_again()
+            deadline = time.monotonic() + 60  # the pool reconnects with a backoff of its own
+            while writer.outage_s is not None:
+                assert time.monotonic() < deadline, (
+                    "the writer still finds no database 60 s after the restart"
+                )
+                time.sleep(0.1)
             send(50)
             assert writer.flush(60), "the writer did not catch up after Postgres came back"
             assert writer.outage_s is None
