@@ -18,7 +18,7 @@ Measured and printed:
     on adapter "x" (same weights on both servers), rounds interleaved ABBA..., medians and their ratio;
 (d) the cost of recording traffic: a third server, "traffic", is the plugin server with
     VLLM_SURGERY_TRAFFIC=1 (every request of "x" recorded, built-in redaction, its own store and
-    database); throughput with recording on ("traffic") / off ("plugin"), half the requests streamed,
+    database: a SQLite file, or with --database postgres a private Postgres server); throughput with recording on ("traffic") / off ("plugin"), half the requests streamed,
     rounds interleaved, medians and their ratio; the writer queue's peak depth; and a check that the
     traffic server recorded exactly one record per request (none dropped).
 
@@ -28,6 +28,7 @@ would leave it; the benchmark measures serving, not refinement.
 
     .venv/bin/python benchmarks/serving.py                  # tiny random Llama, ~3-5 min on 2 cores
     .venv/bin/python benchmarks/serving.py --sections d     # only (d): recording on / off
+    .venv/bin/python benchmarks/serving.py --sections d --database postgres  # (d) recording to Postgres
     .venv/bin/python benchmarks/serving.py --model default  # embedded SmolLM2-135M
 """
 
@@ -372,12 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--sections", default="abcd", help="which measurements: a, b, c (run together) and/or d")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
+    ap.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="(d)'s recording server's database: a SQLite file in its work directory, or a private "
+        "Postgres server (tests/pg_server.py: initdb into a temporary directory, removed afterwards)",
+    )
     args = ap.parse_args(argv)
     run_abc, run_d = any(c in args.sections for c in "abc"), "d" in args.sections
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="vllm-surgery-bench-"))
     servers: list[Server] = []
+    pg = None
     try:
         if args.model == "tiny":
             base = build_tiny_llama(work / "base", hidden=128, heads=2, kv_heads=2, intermediate=256)
@@ -418,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
                 "VLLM_SURGERY_STORE": str(work / "store-traffic"),
                 "VLLM_SURGERY_TRAFFIC": "1",
             }
+            if args.database == "postgres":
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+                from pg_server import PostgresServer
+
+                pg = PostgresServer().start()
+                traffic_env["VLLM_SURGERY_DATABASE"] = pg.new_database()
+                print(f"(d) records go to a private Postgres ({pg.bin.parent.name}) on port {pg.port}")
             traffic = launch("traffic", base, work, traffic_env, [])
             servers.append(traffic)
         for s in servers:
@@ -556,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in servers:
             s.stop()
+        if pg is not None:
+            pg.stop()
         if args.keep:
             print(f"work directory kept: {work}")
         else:

@@ -10,11 +10,13 @@ fails with what to install: CI installs it (.ci/run), a skip would hide the back
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -110,12 +112,43 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         self._pg_ctl_start()
 
+    def kill(self) -> list[int]:
+        """SIGKILL the postmaster and every one of its children at once (a crash of the server or its
+        machine, not a shutdown: nothing is flushed, no client is told). Returns the pids killed.
+        `start_again()` then starts it on the same data directory and port (crash recovery)."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        pids = [pid, *map(int, children)]
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Postgres processes {pids} still alive 30 s after SIGKILL")
+            time.sleep(0.05)
+        return pids
+
+    def start_again(self) -> None:
+        """Start the server again on the same data directory and port, after `kill()` (the stale
+        postmaster.pid is Postgres's to handle: it finds its process gone and recovers)."""
+        self._pg_ctl_start()
+
     def stop(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is still a process (not yet reaped zombies count as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def run_sql(db, statement: str, params: tuple = ()) -> list:

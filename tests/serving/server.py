@@ -97,3 +97,14 @@ def assert_served_by(server: Server, name: str, prompt_ids, peft_model, expected
         alt = teacher_forced(peft_model, other, ids, gen)
         gap = max(gap, max(abs(a - b) for a, b in zip(vllm_lp, alt, strict=True)))
     assert gap > MIN_ADAPTER_GAP, f"{name}: {expected!r} and {other!r} are indistinguishable here ({gap})"
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """A sample of the server's /metrics by name and labels (0.0 when absent: a counter not yet counted)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(server.text("/metrics")):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0

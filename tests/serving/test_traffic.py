@@ -22,8 +22,7 @@ from urllib.parse import urlparse
 
 import pacing
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from server import REQUEST_TIMEOUT_S, Server, start_server, stop
+from server import REQUEST_TIMEOUT_S, Server, metric, start_server, stop
 
 from vllm_surgery.cli import main as cli
 from vllm_surgery.storage.database import SCHEMA_VERSION
@@ -187,14 +186,6 @@ def wait_for_rows(
         assert time.monotonic() < deadline, f"only {len(rows)} of {n} records written after {timeout} s"
         time.sleep(0.1)
     return rows
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(server.text("/metrics")):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def check_matches(row: dict, got: dict, choice: int, prompt, version: str = "original") -> None:

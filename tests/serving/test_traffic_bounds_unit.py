@@ -69,7 +69,7 @@ def test_a_dead_writer_thread_is_restarted_and_what_is_queued_is_written(db) -> 
         db, lambda item: [item], queue_size=100, retention=lambda a: Retention(), supervise_interval_s=0.05
     ).start()
     try:
-        assert w.health() == {"up": True, "restarts": 0, "last_error": None}
+        assert w.health() == {"up": True, "restarts": 0, "last_error": None, "outage_s": None}
         w.submit(record(0, request_id="killer"), "u")
         assert killed.wait(10)
         for i in range(1, 4):

@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from server import Server, start_server, stop
+from server import Server, metric, start_server, stop
 
 from vllm_surgery.cli import main as cli
 from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama
@@ -130,14 +129,6 @@ def wait_for(setup: dict, sql: str, params: tuple = (), n: int = 1, timeout: flo
         assert time.monotonic() < deadline, f"{sql} {params}: {len(rows)} of {n} rows after {timeout} s"
         time.sleep(0.1)
     return rows
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(server.text("/metrics")):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def stats(server: Server, adapter: str) -> dict:

@@ -54,6 +54,12 @@ class DatabaseError(SurgeryError):
     """The database cannot be opened or used; the message names the file and the problem."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached now (down, restarting, its connection broken, no pooled
+    connection within the busy timeout): the same call may succeed later, unlike a refused statement.
+    Raised by the Postgres backend; a SQLite file raises DatabaseError."""
+
+
 class UnknownRequest(DatabaseError):
     """No recorded request has this id (and choice)."""
 
@@ -252,6 +258,10 @@ class Database(JobQueue, ServedPointers, ABC):
     """What the plugin, the CLI, the calibration export and the worker need from storage (the job
     queue's methods are declared by `JobQueue`, the served pointer's by `ServedPointers`). Methods
     raise DatabaseError when the storage cannot be used."""
+
+    # A server reached over the network, which can be unreachable for a while (DatabaseUnavailable):
+    # the traffic writer then treats a long wait for it as an outage. False for a local SQLite file.
+    networked: bool = False
 
     @abstractmethod
     def insert(self, records: Sequence[TrafficRecord]) -> list[int]:

@@ -76,6 +76,7 @@ from .database import (
     CalibrationRow,
     Database,
     DatabaseError,
+    DatabaseUnavailable,
     Migration,
     Retention,
     StoredRecord,
@@ -386,12 +387,15 @@ class PostgresDatabase(Database):
 
     def _error(self, problem: str, error: BaseException) -> DatabaseError:
         detail = self._scrub(str(error).strip()) or type(error).__name__
-        hint = ""
+        hint, kind = "", DatabaseError
         if isinstance(error, psycopg.OperationalError) and "does not exist" in detail:
             hint = " (create it first: createdb, or CREATE DATABASE)"
         elif isinstance(error, psycopg.OperationalError):
+            # a broken connection, a server that refuses connections or a pool that found none in
+            # time: the caller may retry (the pool checks connections and reconnects by itself)
             hint = " (is the server running and reachable, and are the user and password right?)"
-        return DatabaseError(f"{self.path}: {problem}: {detail}{hint}")
+            kind = DatabaseUnavailable
+        return kind(f"{self.path}: {problem}: {detail}{hint}")
 
     # ------------------------------------------------------------------ connections and transactions
     @contextlib.contextmanager
@@ -946,6 +950,7 @@ class PostgresDatabase(Database):
 
     # ------------------------------------------------------------------ the served pointer
     shares_pointer = True  # a database many replicas share: the served pointer lives here
+    networked = True  # a server that can be down for a while (DatabaseUnavailable)
 
     def _pointer_backend(self) -> PointerBackend:
         def lock(conn: psycopg.Connection, adapter: str) -> None:

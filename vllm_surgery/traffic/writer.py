@@ -41,7 +41,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from ..settings import ServingSettings
-from ..storage import Database, DatabaseError, Retention, TrafficRecord, record_bytes
+from ..storage import Database, DatabaseError, DatabaseUnavailable, Retention, TrafficRecord, record_bytes
 from . import metrics
 from .policy import TrafficPolicy
 from .redaction import apply_redaction, load_redaction, pseudonym
@@ -53,6 +53,10 @@ LINGER_S = 0.05  # after the first queued record, wait this long for more to sha
 MAINTENANCE_INTERVAL_S = 60.0
 DROP_LOG_INTERVAL_S = 10.0
 SUPERVISE_INTERVAL_S = 1.0
+OUTAGE_RETRY_S = 0.25  # the first wait after the database was found unreachable, doubled per try...
+OUTAGE_RETRY_MAX_S = 5.0  # ...up to this
+OUTAGE_STALL_S = 2.0  # a write waiting this long for the database is an outage (logged, `outage_s`)
+OUTAGE_CLOSE_TRIES = 3  # after close(), tries left before a held batch is given up (counted as failed)
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -92,6 +96,9 @@ class TrafficWriter:
         self._stop = threading.Event()
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
+        self._outage_since: float | None = None  # monotonic time the database was found unreachable
+        self._outage_tries = 0
+        self._writing: tuple[float | None, int] = (None, 0)  # (monotonic start, records) of a write
         self._thread = self._new_thread()
         self._started = False
         self.supervise_interval_s = supervise_interval_s
@@ -114,8 +121,14 @@ class TrafficWriter:
         return self._started and self._thread.is_alive()
 
     def health(self) -> dict[str, Any]:
-        """What the traffic route shows: whether records are being written, and restarts so far."""
-        return {"up": self.up, "restarts": self.restarts, "last_error": self.last_error}
+        """What the traffic route shows: whether records are being written, restarts so far, and how
+        long the database has been unreachable (None: it is not)."""
+        return {
+            "up": self.up,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "outage_s": self.outage_s,
+        }
 
     @property
     def peak_depth(self) -> int:
@@ -134,6 +147,7 @@ class TrafficWriter:
         thread; the batch it was writing is lost (counted as failed)."""
         while not self._stop.wait(self.supervise_interval_s):
             self.ensure_running()
+            self._watch_stall()
 
     def ensure_running(self) -> bool:
         """Start a new writer thread if the running one died; True if one was started."""
@@ -181,14 +195,25 @@ class TrafficWriter:
         self._dropped_since_log += 1
         now = time.monotonic()
         if self._last_drop_log == 0.0 or now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
-            log.warning(
-                "traffic: %d record(s) dropped since the last report (latest: adapter %r; queue %s, "
-                "size %d); raise traffic_queue_size or lower the sample rate",
-                self._dropped_since_log,
-                adapter,
-                why,
-                self.queue.maxsize,
-            )
+            outage = self.outage_s
+            if outage is not None and why == "full":
+                log.warning(
+                    "traffic: %d record(s) dropped since the last report (latest: adapter %r): the queue "
+                    "(size %d) is full during a database outage of %.1f s so far",
+                    self._dropped_since_log,
+                    adapter,
+                    self.queue.maxsize,
+                    outage,
+                )
+            else:
+                log.warning(
+                    "traffic: %d record(s) dropped since the last report (latest: adapter %r; queue %s, "
+                    "size %d); raise traffic_queue_size or lower the sample rate",
+                    self._dropped_since_log,
+                    adapter,
+                    why,
+                    self.queue.maxsize,
+                )
             self._dropped_since_log = 0
             self._last_drop_log = now
 
@@ -299,12 +324,23 @@ class TrafficWriter:
         A record the database cannot take for what it holds (not for the database's state) fails the
         whole batch's transaction: the batch is then written record by record, so that only that record
         is lost (counted as failed, logged), never the others or the writer."""
-        for attempt in (1, 2):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                self.db.insert(records)
+                self._writing = (time.monotonic(), len(records))
+                try:
+                    self.db.insert(records)
+                finally:
+                    self._writing = (None, 0)
+                self._outage_over(len(records))
                 return True
             except (ValueError, TypeError) as e:  # UnicodeEncodeError, an unstorable value
                 return self._insert_one_by_one(records, e)
+            except DatabaseUnavailable as e:
+                if not self._wait_out_outage(records, e):
+                    return False
+                continue
             except DatabaseError as e:
                 if attempt == 2:
                     log.error("traffic: %d record(s) could not be written and are lost: %s", len(records), e)
@@ -314,6 +350,73 @@ class TrafficWriter:
                 log.warning("traffic: writing %d record(s) failed (%s); retrying once", len(records), e)
                 time.sleep(1.0)
         return False
+
+    def _wait_out_outage(self, records: list[TrafficRecord], error: DatabaseError) -> bool:
+        """The database server is unreachable (a Postgres outage): hold the batch and wait before the
+        next try, doubling the wait up to OUTAGE_RETRY_MAX_S. Meanwhile the queue keeps filling; once
+        it is full, new records are dropped and counted (`_dropped`): the queue's bound is the
+        outage's memory bound, and nothing is lost silently. True: try again; False after close() when
+        OUTAGE_CLOSE_TRIES more tries failed (the batch is counted as failed and logged)."""
+        self._outage_began(f"{error}", len(records))
+        self._outage_tries += 1
+        if self._stop.is_set() and self._outage_tries > OUTAGE_CLOSE_TRIES:
+            log.error(
+                "traffic: database outage at shutdown: %d record(s) could not be written and are lost: %s",
+                len(records),
+                error,
+            )
+            for r in records:
+                metrics.record_traffic(r.adapter, "failed")
+            return False
+        delay = min(OUTAGE_RETRY_MAX_S, OUTAGE_RETRY_S * 2 ** min(self._outage_tries - 1, 10))
+        time.sleep(delay * (0.5 + random.random() / 2))  # jittered: replicas do not retry in step
+        return True
+
+    def _outage_began(self, why: str, held: int, since: float | None = None) -> None:
+        """Log the start of an outage once (from the writer on an error, or from the supervisor when
+        one write has waited OUTAGE_STALL_S: a pool waits for a connection before it gives up)."""
+        with self._cond:
+            if self._outage_since is not None:
+                return
+            self._outage_since = time.monotonic() if since is None else since
+            self._outage_tries = 0
+            self._last_drop_log = 0.0  # the next drop is reported at once, naming the outage
+        log.error(
+            "traffic: database outage: %s; holding %d record(s) and retrying (every %g s at most); "
+            "new records wait in the queue (size %d) and are dropped, counted, once it is full",
+            why,
+            held,
+            OUTAGE_RETRY_MAX_S,
+            self.queue.maxsize,
+        )
+
+    def _watch_stall(self) -> None:
+        """The supervisor's look at the write in progress: one that has waited OUTAGE_STALL_S is an
+        outage (the Postgres pool waits up to its busy timeout for a connection to a server that is
+        down before it raises), logged as such, and shown by `outage_s`. Not for a local SQLite file,
+        whose long waits are its lock's, as before."""
+        began, held = self._writing
+        if self.db.networked and began is not None and time.monotonic() - began >= OUTAGE_STALL_S:
+            self._outage_began(
+                f"writing a batch has waited {time.monotonic() - began:.1f} s for the database", held, began
+            )
+
+    def _outage_over(self, held: int) -> None:
+        if self._outage_since is not None:
+            log.warning(
+                "traffic: database outage over after %.1f s (%d failed tries); the %d held record(s) are "
+                "written, and what the queue kept follows",
+                time.monotonic() - self._outage_since,
+                self._outage_tries,
+                held,
+            )
+            self._outage_since = None
+
+    @property
+    def outage_s(self) -> float | None:
+        """Seconds since the writer found the database unreachable (None: it is not in an outage)."""
+        since = self._outage_since
+        return None if since is None else time.monotonic() - since
 
     def _insert_one_by_one(self, records: list[TrafficRecord], error: Exception) -> bool:
         log.warning(

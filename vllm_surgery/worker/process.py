@@ -19,6 +19,10 @@ Crash and restart safety:
   is killed stops renewing; after the lease expires the next worker takes the job again (bounded by
   the server's ``job_max_attempts``). SIGTERM or Ctrl-C gives the running job back to the queue at
   once (not counted as an attempt) and exits.
+- A database outage (Postgres restarting or killed) stops no worker: a failed claim is tried again
+  after the poll interval, a failed heartbeat is logged and the next one renews the lease (unless
+  another worker took the job after it expired), and a job's stage checks and its outcome wait for the
+  database (`_record`: tried again, every RECORD_RETRY_MAX_S at most) instead of failing the job.
 - Nothing half-written is ever visible: the version directory is reserved and filled under the store's
   writer lock, refine() writes into a hidden sibling and renames it into place, and any failure or
   stop removes the reservation. A SIGKILL can leave an empty reservation and a hidden temporary
@@ -94,7 +98,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +109,7 @@ from ..settings import ServingSettings, SettingsError
 from ..storage import (
     Database,
     DatabaseError,
+    DatabaseUnavailable,
     Job,
     StoreError,
     VersionStore,
@@ -121,6 +126,8 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 
 DEFAULT_LEASE_S = 120.0
 DEFAULT_POLL_S = 5.0
+RECORD_RETRY_MAX_S = 5.0  # the longest wait between tries to record a job's outcome in an outage
+RECORD_STOP_TRIES = 3  # tries before a stopping worker gives up recording (the lease expires)
 HTTP_TIMEOUT_S = 120.0
 # The memory-sizing advice, written once: the --help epilog and the error of a job that did not fit
 # both say it.
@@ -357,8 +364,9 @@ class RefinementWorker:
             signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
 
     def _check_cancel(self, job: Job) -> None:
-        """A stage boundary: raise JobCancelled if an admin cancelled the job."""
-        if self.db.cancel_requested(job.id):
+        """A stage boundary: raise JobCancelled if an admin cancelled the job (asked again until the
+        database answers: a Postgres outage delays the job, never fails it)."""
+        if self._record(f"job {job.id}", self.db.cancel_requested, job.id):
             self._cancellable = False
             raise JobCancelled(f"job {job.id}")
 
@@ -412,7 +420,9 @@ class RefinementWorker:
                 return
         except JobCancelled:
             self._cancellable = False
-            recorded = self.db.finish_cancelled(job.id, self.owner, {"worker": self.owner})
+            recorded = self._record(
+                label, self.db.finish_cancelled, job.id, self.owner, {"worker": self.owner}
+            )
             log.info(
                 "%s: %s",
                 label,
@@ -420,7 +430,7 @@ class RefinementWorker:
             )
             return
         except WorkerStopped:
-            released = self.db.release_job(job.id, self.owner)
+            released = self._record(label, self.db.release_job, job.id, self.owner, patient=False)
             log.info(
                 "%s: stopped; %s", label, "given back to the queue" if released else "already taken over"
             )
@@ -431,12 +441,12 @@ class RefinementWorker:
         state, result, error = outcome
         swap = None
         if error is not None:
-            recorded = self.db.fail_job(job.id, self.owner, error, result)
+            recorded = self._record(label, self.db.fail_job, job.id, self.owner, error, result)
             log.error("%s: failed: %s", label, error)
         else:
             accepted = state == "accepted"
             swap = ("pending" if job.spec.get("swap", True) else "not_requested") if accepted else None
-            recorded = self.db.finish_job(job.id, self.owner, state, result, swap)
+            recorded = self._record(label, self.db.finish_job, job.id, self.owner, state, result, swap)
             log.info("%s: %s: %s", label, state, result.get("reason"))
         if not recorded:
             log.error("%s: the job was taken over meanwhile; this result is not recorded", label)
@@ -446,6 +456,41 @@ class RefinementWorker:
                 self._point(job, result["version"], label)
             else:
                 self._swap(job, result["version"], label)
+
+    def _record(self, label: str, write: Callable[..., bool], *args: Any, patient: bool = True) -> bool:
+        """`write(*args)` (a job's outcome), retried while the database is unreachable (a Postgres
+        outage: DatabaseUnavailable), every RECORD_RETRY_MAX_S at most, so that an outage never kills
+        the worker nor loses a finished job's result: the heartbeat keeps failing meanwhile, and if
+        the lease expired and another worker took the job, the write finds it not ours (False). It
+        gives up (False, logged) only once the worker is stopping (or, `patient` False, at once)
+        after RECORD_STOP_TRIES tries: the job's lease then expires and it is taken again. Raises
+        DatabaseError for any other database error."""
+        tries, since = 0, time.monotonic()
+        while True:
+            try:
+                done = write(*args)
+            except DatabaseUnavailable as e:
+                tries += 1
+                if (not patient or self._stopping.is_set()) and tries >= RECORD_STOP_TRIES:
+                    log.error(
+                        "%s: outcome not recorded (database unreachable, %d tries): %s; its lease "
+                        "expires and the job is taken again",
+                        label,
+                        tries,
+                        e,
+                    )
+                    return False
+                log.error("%s: database outage (try %d): %s; retrying", label, tries, e)
+                time.sleep(min(RECORD_RETRY_MAX_S, 0.25 * 2 ** min(tries, 10)))
+                continue
+            if tries:
+                log.warning(
+                    "%s: the database answers again after an outage of %.1f s (%d failed tries)",
+                    label,
+                    time.monotonic() - since,
+                    tries,
+                )
+            return done
 
     # ------------------------------------------------------------------ one job
     def _outcome(self, job: Job, label: str) -> tuple[str | None, dict[str, Any], str | None]:

@@ -2,7 +2,7 @@
 `feedback`).
 
 - ``GET /v1/surgery/traffic``          counts per adapter and version (no user data), queue depth, and
-  whether the writer thread is recording ("writer": up, restarts, last_error)
+  whether the writer thread is recording ("writer": up, restarts, last_error, outage_s)
 - ``GET /v1/surgery/traffic/{name}``   an adapter's records with prompts and completions: user data,
   so it needs the admin token. Query: ``since`` (7d, 12h, ISO time), ``limit`` (<= 1000), ``after_id``.
 

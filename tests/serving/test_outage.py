@@ -1,0 +1,202 @@
+"""Postgres killed with SIGKILL (the postmaster and its children, tests/pg_server.py `kill`) and started
+again on the same data directory and port, below the real-server test: the traffic writer holds its
+batch and keeps the queue, and afterwards every record submitted is either stored or counted as
+dropped (exactly the ones `submit` refused), with log lines naming the outage; a worker's running job
+survives failed heartbeats and finishes after the outage, and a job queued during it runs next.
+Each test has a private server (killing the session's would break the others)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pg_server import PostgresServer
+from prometheus_client import REGISTRY
+
+import vllm_surgery
+from vllm_surgery.storage.database import Retention, TrafficRecord
+from vllm_surgery.storage.postgres import PostgresDatabase
+from vllm_surgery.storage.store import VersionStore
+from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
+from vllm_surgery.traffic import TrafficWriter
+from vllm_surgery.worker.job_spec import job_spec, records_sha256
+from vllm_surgery.worker.process import RefinementWorker, WorkerOptions
+
+assert callable(vllm_surgery.refine)  # resolve the package's lazy export before taking the submodule
+refine_module = sys.modules["vllm_surgery.refine"]
+
+
+class Lines(logging.Handler):
+    """The messages a logger emitted (its own handler: vLLM's loggers need not propagate)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger, self.messages = logging.getLogger(name), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        self.logger.addHandler(self)
+        self.level_before, self.logger.level = self.logger.level, logging.INFO
+        return self.messages
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+
+@pytest.fixture
+def private_postgres():
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+def record(i: int, adapter: str) -> TrafficRecord:
+    return TrafficRecord(
+        request_id=f"r{i}",
+        response_id=f"cmpl-r{i}",
+        choice=0,
+        adapter=adapter,
+        version="original",
+        endpoint="completions",
+        prompt=f"prompt {i}",
+        completion=f"answer {i}",
+        sampling={},
+        created=1000.0 + i,
+        calibratable=True,
+    )
+
+
+def counted(adapter: str, outcome: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "vllm_surgery_traffic_records_total", {"adapter": adapter, "outcome": outcome}
+        )
+        or 0.0
+    )
+
+
+def test_the_writer_waits_out_a_killed_postgres_and_accounts_for_every_record(private_postgres) -> None:
+    adapter = "outage-writer"  # its own label: the counters are the process's
+    # a pool that gives up on a connection after 1 s: the writer meets the outage as an error here
+    # (DatabaseUnavailable) and retries; with the default 30 s the pool's wait is the outage (the
+    # real-server test, test_outage_server.py, runs that way)
+    db = PostgresDatabase(private_postgres.new_database(), busy_timeout_s=1.0)
+    writer = TrafficWriter(
+        db, lambda item: [item], queue_size=40, retention=lambda a: Retention(), supervise_interval_s=0.2
+    ).start()
+    accepted, refused = [], []
+
+    def send(n: int) -> None:  # 100 records a second, as a steady client would
+        for _ in range(n):
+            i = len(accepted) + len(refused)
+            (accepted if writer.submit(record(i, adapter), adapter) else refused).append(f"r{i}")
+            time.sleep(0.01)
+
+    try:
+        with Lines("vllm.vllm_surgery.traffic.writer") as log:
+            send(50)
+            assert writer.flush(10)
+            killed = private_postgres.kill()
+            assert len(killed) >= 2  # the postmaster and its children
+            send(300)  # 3 s of traffic while the server is gone: the queue (40) fills, the rest is dropped
+            assert writer.outage_s is not None and writer.up
+            assert writer.health()["up"] is True
+            private_postgres.start_again()
+            deadline = time.monotonic() + 60  # the pool reconnects with a backoff of its own
+            while writer.outage_s is not None:
+                assert time.monotonic() < deadline, (
+                    "the writer still finds no database 60 s after the restart"
+                )
+                time.sleep(0.1)
+            send(50)
+            assert writer.flush(60), "the writer did not catch up after Postgres came back"
+            assert writer.outage_s is None
+        stored = [r.record.request_id for r in db.records(adapter)]
+        # exact accounting: what submit took is stored, each once; what it refused is counted as dropped
+        assert sorted(stored) == sorted(accepted)
+        assert len(stored) + len(refused) == 400
+        assert counted(adapter, "dropped") == len(refused)
+        assert counted(adapter, "logged") == len(stored)
+        assert counted(adapter, "failed") == 0
+        # the 100 before and after, plus what the queue and the held batch kept during the outage
+        assert len(stored) >= 100 + 40 and len(refused) >= 300 - 40 - 256
+        assert refused, "nothing was dropped: the outage was not felt"
+        assert any(m.startswith("traffic: database outage: ") for m in log), log
+        assert any("during a database outage of" in m for m in log), log
+        assert any(m.startswith("traffic: database outage over after ") for m in log), log
+        # recording goes on
+        writer.submit(record(9999, adapter), adapter)
+        assert writer.flush(10) and "r9999" in [r.record.request_id for r in db.records(adapter)]
+    finally:
+        writer.close(10)
+        db.close()
+
+
+def test_a_running_job_and_a_queued_one_finish_after_postgres_is_killed_and_back(
+    private_postgres, tmp_path: Path, monkeypatch
+) -> None:
+    """The first job's refine() ends by killing Postgres (its outcome, its last cancel look and its
+    heartbeats then meet the outage); Postgres is back 4 s later. The worker does not die: the first
+    job is recorded as accepted once the database answers, the second (queued all along) runs next."""
+    gain = build_gain_case(tmp_path / "gain")
+    # callers give up on a connection after 1 s (the default waits 30 s, longer than this outage): the
+    # heartbeats fail, the last cancel look and the outcome meet DatabaseUnavailable and are retried
+    db = PostgresDatabase(private_postgres.new_database(), busy_timeout_s=1.0)
+    shutil.copytree(gain.adapter, tmp_path / "adapters" / "x")
+    shutil.copytree(gain.adapter, tmp_path / "adapters" / "y")
+    options = WorkerOptions(
+        server=None, device="cpu", lease_s=3, owner="w", adapter_dirs=(tmp_path / "adapters",)
+    )
+    worker = RefinementWorker(db, VersionStore(tmp_path / "store"), options)
+    records = gain.records()
+    source = {"source": "records", "records": records, "sha256": records_sha256(records)}
+    ids = []
+    for name in ("x", "y"):
+        spec = job_spec(
+            base_model=str(gain.base),
+            adapter_path=tmp_path / "adapters" / name,
+            config=GAIN_SETTINGS,
+            calibration=source,
+        )
+        ids.append(db.enqueue_job(name, "manual", spec)[0].id)
+    real_refine, outage = refine_module.refine, {}
+
+    def refine_then_kill(*args, **kwargs):
+        result = real_refine(*args, **kwargs)
+        if not outage:
+            outage["killed"] = time.monotonic()
+            private_postgres.kill()
+
+            def back() -> None:
+                time.sleep(4)
+                private_postgres.start_again()
+                outage["back"] = time.monotonic()
+
+            threading.Thread(target=back, daemon=True).start()
+        return result
+
+    monkeypatch.setattr(refine_module, "refine", refine_then_kill)
+    try:
+        with Lines("vllm_surgery.worker") as log:
+            assert worker.run(drain=True) == 2
+        jobs = [db.job(i) for i in ids]
+        assert [(j.state, j.attempts, j.swap) for j in jobs] == [("accepted", 1, "done")] * 2
+        assert jobs[0].finished > time.time() - (time.monotonic() - outage["back"]) - 0.5  # after it
+        assert jobs[1].started >= jobs[0].finished
+        assert any("heartbeat failed" in m for m in log), log
+        assert any("database outage (try 1)" in m for m in log), log
+        assert any("the database answers again after an outage of" in m for m in log), log
+        assert [p.version for p in [db.served_pointer("x"), db.served_pointer("y")]] == [
+            jobs[0].result["version"],
+            jobs[1].result["version"],
+        ]
+    finally:
+        db.close()
