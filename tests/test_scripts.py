@@ -50,3 +50,20 @@ def test_the_script_starts(script: Path) -> None:
         check=False,
     )
     assert result.returncode == 0 and "usage" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_replicas_benchmark_finds_its_servers() -> None:
+    """`benchmarks/replicas.py --dry-run` finds Postgres and SeaweedFS (what its real run starts) and
+    says what it would run; it starts nothing."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "replicas.py"), "--dry-run", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Postgres binaries: ") and lines[1].startswith("SeaweedFS: "), result.stdout
+    assert lines[2] == "would run 4 swaps idle and 4 under 2 clients", result.stdout
