@@ -36,7 +36,6 @@ a GPU engine's add_lora time.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -203,6 +202,7 @@ def run_swaps(
     """`n` swaps alternating between the versions of `hashes` (the pointer is at the last before);
     returns each replica's follow seconds, the writer of each swap, and failures."""
     follow: dict[str, list[float]] = {label: [] for label in probers}
+    served: dict[str, list[tuple[str, float]]] = {label: [] for label in probers}  # (version, since)
     writers, failures = [], []
     versions = list(hashes)
     for i in range(n):
@@ -234,20 +234,31 @@ def run_swaps(
                 got = probers[label].first(target, commit)
                 if got is not None:
                     follow[label].append(got - commit)
+                    served[label].append((target, got))
                     pending.discard(label)
             time.sleep(0.01)
         for label in pending:
             failures.append(f"swap {i}: {label} did not serve {target} within {SWAP_TIMEOUT_S:g} s")
         time.sleep(SETTLE_S)
-    return {"follow": follow, "writers": writers, "failures": failures}
+    return {"follow": follow, "served": served, "writers": writers, "failures": failures}
 
 
-def stale(prober: Prober, start: float, end: float, swaps: int) -> int:
-    """Probes of the phase answered by the old version after this replica had served the new one: in
-    send order, the version a replica answers with changes once per swap it followed; every further
-    change is a step back (and the step forward after it)."""
-    seen = [v for s, r, v in prober.seen if start <= s and r <= end and v != "mixed"]
-    return sum(1 for x, y in itertools.pairwise(seen) if x != y) - swaps
+def stale(prober: Prober, served: list[tuple[str, float]], end: float) -> int:
+    """Probes answered by another version than the one this replica had already served to a probe
+    (`served`: each swap's version and when its first answer came back), sent after that answer and
+    before the next one's (or `end`)."""
+    bounds = [*(t for _, t in served[1:]), end]
+    return sum(
+        1
+        for (version, since), until in zip(served, bounds, strict=True)
+        for s, r, v in prober.seen
+        if since < s < until and v != version
+    )
+
+
+def slowest(prober: Prober, start: float, end: float) -> float:
+    """The longest probe sent in [start, end]: how long one request waited at worst."""
+    return max((r - s for s, r, _ in prober.seen if start <= s <= end), default=float("nan"))
 
 
 # --------------------------------------------------------------------------- main
@@ -369,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                 if t0 <= s <= t1 and v == "mixed"
             ]
             results[phase]["stale"] = {
-                label: stale(p, t0, t1, len(results[phase]["follow"][label])) for label, p in probers.items()
+                label: stale(p, results[phase]["served"][label], t1) for label, p in probers.items()
             }
+            results[phase]["slowest"] = {label: slowest(p, t0, t1) for label, p in probers.items()}
             results[phase]["failed"] = [f for p in probers.values() for f in p.failures]
             for p in probers.values():
                 p.failures.clear()
@@ -401,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: dict, args: argparse.Namespace, seconds: float) -> int:
     lines = [
-        "| phase | replica | swaps | p50 s | p99 s | max s | requests | failed | mixed | stale |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| phase | replica | swaps | p50 s | p99 s | max s | slowest probe s | requests | failed | mixed | stale |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ok = True
     worst = 0.0
@@ -412,7 +424,7 @@ def report(results: dict, args: argparse.Namespace, seconds: float) -> int:
             worst = max(worst, p99)
             lines.append(
                 f"| {phase} | {label} | {len(values)} | {statistics.median(values):.3f} | {p99:.3f} | "
-                f"{max(values):.3f} | {r['requests']} | {len(r['failed'])} | {len(r['mixed'])} | "
+                f"{max(values):.3f} | {r['slowest'][label]:.3f} | {r['requests']} | {len(r['failed'])} | {len(r['mixed'])} | "
                 f"{r['stale'][label]} |"
             )
         ok &= not r["failures"] and not r["failed"] and not r["mixed"] and not any(r["stale"].values())

@@ -440,7 +440,13 @@ def test_a_worker_without_a_server_address_has_its_accepted_version_served_by_ev
         {k: v for k, v in cluster["env"].items() if k.startswith("VLLM_SURGERY_")}, cluster["root"]
     )
     check_the_job_is_served(
-        cluster, "w", got["job_id"], lambda v: cluster["store"].version_dir("w", v), prompt_ids, peft_model, text
+        cluster,
+        "w",
+        got["job_id"],
+        lambda v: cluster["store"].version_dir("w", v),
+        prompt_ids,
+        peft_model,
+        text,
     )
 
 
@@ -457,7 +463,9 @@ def check_the_job_is_served(cluster: dict, name: str, job_id: int, local_copy, p
     start = time.perf_counter()
     for srv in (a, b):
         wait_serving(srv, name, job.version, prompt_ids, model)  # fails unless it serves the version
-    print(f"\nworker job {job.id}: both replicas checked serving {job.version} in {time.perf_counter() - start:.2f} s")
+    print(
+        f"\nworker job {job.id}: both replicas checked serving {job.version} in {time.perf_counter() - start:.2f} s"
+    )
     body = wait_view(
         b,
         name,
