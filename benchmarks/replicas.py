@@ -67,6 +67,13 @@ SETTLE_S = 0.3  # after both replicas serve a swap's version, before the next sw
 SWAP_TIMEOUT_S = 30.0  # a replica not serving the version by then is a failure
 TARGET_P99_S = 1.0
 RESULTS = ROOT / "benchmarks" / "replicas_results.md"
+MACHINE_NOTE = (
+    "Both replicas, their API servers, Postgres, SeaweedFS, the probes and the clients share this machine's "
+    "cores (each engine bound to one): a figure includes waiting for a core. This shows the follow path "
+    "end to end (commit, NOTIFY, fetch from S3 into a replica's own cache, validation, vLLM's add_lora, "
+    "the first answer) and that no request fails or mixes versions; it cannot show separate machines' "
+    "network and clocks, more than two replicas, GPU engines, or a tail free of CPU contention."
+)
 
 
 # --------------------------------------------------------------------------- setup
@@ -446,6 +453,8 @@ def report(results: dict, args: argparse.Namespace, seconds: float) -> int:
     machine = f"{platform.node()}: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
     print(f"\nfollow latency: pointer commit -> first response of the new version, per replica ({writers})")
     print(table)
+    print(each)
+    print(MACHINE_NOTE)
     verdict = (
         f"p99 {worst:.3f} s ({'meets' if worst < TARGET_P99_S else 'misses'} the target < {TARGET_P99_S:g} s)"
     )
@@ -457,7 +466,7 @@ def report(results: dict, args: argparse.Namespace, seconds: float) -> int:
             "# Replicas benchmark: following the served pointer (benchmarks/replicas.py)\n\n"
             f"Command: `.venv/bin/python benchmarks/replicas.py --swaps {args.swaps} --clients {args.clients} "
             f"--worker-every {args.worker_every}`  \nMachine: {machine}; run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-            f"{seconds:.0f} s.  \nWriters: {writers}.\n\n{table}\n\n{verdict}.\n\n"
+            f"{seconds:.0f} s.  \nWriters: {writers}.\n\n{MACHINE_NOTE}\n\n{table}\n\n{verdict}.\n\n"
             f"Every follow, seconds, in swap order (w: written by the worker's path):\n\n{each}\n"
         )
         print(f"written: {RESULTS.relative_to(ROOT)}")
