@@ -209,9 +209,11 @@ def run_swaps(
     """`n` swaps alternating between the versions of `hashes` (the pointer is at the last before);
     returns each replica's follow seconds, the writer of each swap, and failures."""
     follow: dict[str, list[float]] = {label: [] for label in probers}
-    served: dict[str, list[tuple[str, float]]] = {label: [] for label in probers}  # (version, since)
+    # (version, when its first answer came back, the pointer's commit)
+    served: dict[str, list[tuple[str, float, float]]] = {label: [] for label in probers}
     writers, failures = [], []
     versions = list(hashes)
+    revision = db.served_pointer("x").revision
     for i in range(n):
         target = versions[i % len(versions)]
         by_worker = worker_every > 0 and i % worker_every == worker_every - 1
@@ -229,9 +231,12 @@ def run_swaps(
                 failures.append(f"swap {i} to {target}: {status} {body}")
                 continue
             pointer, changed = db.served_pointer("x"), bool(body.get("changed"))
-        if not changed or pointer.version != target:
-            failures.append(f"swap {i} to {target}: the pointer did not change ({pointer})")
+            if not changed:  # a wrong answer, but the swap may have happened: measured all the same
+                failures.append(f"swap {i} to {target}: answered changed=false: {body}")
+        if pointer.version != target or pointer.revision != revision + 1:
+            failures.append(f"swap {i} to {target}: the pointer did not move there ({pointer})")
             continue
+        revision = pointer.revision
         writers.append("worker" if by_worker else "admin")
         commit = pointer.set_at
         deadline = time.monotonic() + SWAP_TIMEOUT_S
@@ -241,7 +246,7 @@ def run_swaps(
                 got = probers[label].first(target, commit)
                 if got is not None:
                     follow[label].append(got - commit)
-                    served[label].append((target, got))
+                    served[label].append((target, got, commit))
                     pending.discard(label)
             time.sleep(0.01)
         for label in pending:
@@ -250,16 +255,16 @@ def run_swaps(
     return {"follow": follow, "served": served, "writers": writers, "failures": failures}
 
 
-def stale(prober: Prober, served: list[tuple[str, float]], end: float) -> int:
+def stale(prober: Prober, served: list[tuple[str, float, float]], end: float) -> int:
     """Probes answered by another version than the one this replica had already served to a probe
-    (`served`: each swap's version and when its first answer came back), sent after that answer and
-    before the next one's (or `end`)."""
-    bounds = [*(t for _, t in served[1:]), end]
+    (`served`: each swap's version, when its first answer came back, the pointer's commit), sent after
+    that answer and answered before the next swap's commit (or `end`)."""
+    bounds = [*(commit for _, _, commit in served[1:]), end]
     return sum(
         1
-        for (version, since), until in zip(served, bounds, strict=True)
+        for (version, since, _), until in zip(served, bounds, strict=True)
         for s, r, v in prober.seen
-        if since < s < until and v != version
+        if since < s and r < until and v != version
     )
 
 

@@ -180,3 +180,24 @@ def test_the_resolver_serves_the_pointer(cluster) -> None:
     assert Path(resolver.choose_path("x")).name == good
     stale = "0" * 64
     assert resolver.served_refined("x", stale) is None  # refined from other content: the original
+
+
+def test_a_swap_says_changed_when_its_own_follower_swapped_first(cluster, monkeypatch) -> None:
+    """The replica asked writes the pointer; its own follower may get the notification and swap before
+    the request's local swap runs (seen in benchmarks/replicas.py: 4 of 40 admin swaps answered
+    `changed: false`). The answer still says the swap changed what is served, and from what."""
+    a, good = cluster["a"], cluster["good"]
+    swapper, follower = a["swapper"], a["follower"]
+    write = swapper._write_pointer
+
+    def write_then_follow(*args):
+        moved = write(*args)
+        follower.sync()  # the notification handled before the request's own swap
+        return moved
+
+    monkeypatch.setattr(swapper, "_write_pointer", write_then_follow)
+    result = on_loop(cluster, swapper.swap("x", good))
+    assert served(cluster, "a") == good
+    assert (result.changed, result.previous_version, result.version) == (True, "original", good)
+    result = on_loop(cluster, swapper.swap("x", good))  # the same again: nothing changes
+    assert not result.changed

@@ -56,7 +56,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -470,10 +470,18 @@ class HotSwapper:
             await asyncio.to_thread(self.original_of, name)
             known = name
             path, version = await asyncio.to_thread(self.validated_target, name, version, force=force)
+            moved, before = False, None
             if self.shared:
-                await asyncio.to_thread(self._write_pointer, name, version, by, reason, expect_revision)
+                served = self.served_path(name)
+                before = self.version_of(name, served) if served is not None else None
+                moved = await asyncio.to_thread(
+                    self._write_pointer, name, version, by, reason, expect_revision
+                )
             async with self._locks[name]:
                 result = await self._swap_locked(name, version, str(path), start)
+            if moved and not result.changed and before != version:
+                # this replica's own follower saw the pointer's notification first and swapped already
+                result = replace(result, changed=True, previous_version=before)
         except HotSwapError as e:
             metrics.record_swap(known, e.outcome)
             log.warning("hot-swap of %r to %r refused: %s", name, version, e)
@@ -495,8 +503,9 @@ class HotSwapper:
 
     def _write_pointer(
         self, name: str, version: str, by: str, reason: str | None, expect_revision: int | None
-    ) -> None:
-        """Point every replica at the validated `version` (blocking). Raises HotSwapError: 409 when the
+    ) -> bool:
+        """Point every replica at the validated `version` (blocking); returns whether the pointer
+        changed. Raises HotSwapError: 409 when the
         pointer moved since a rollback read it, 503 when the database cannot be written (nothing
         changed: not here, not elsewhere)."""
         if version == ORIGINAL:
@@ -530,6 +539,7 @@ class HotSwapper:
             log.info(
                 "adapter %r: served pointer -> %s (revision %d, by %s)", name, version, pointer.revision, by
             )
+        return changed
 
     async def follow(self, name: str, version: str, forced: bool) -> SwapResult:
         """Serve the version the shared served pointer names, here only (the follower calls this; the
