@@ -60,14 +60,22 @@ NO_PLUGIN = "vllm_surgery_benchmark_none"  # matches no installed plugin: every 
 # --------------------------------------------------------------------------- model and adapters
 def write_store_version(original: Path, store: Path, name: str, seed: int = 7) -> str:
     """A complete, servable store version of `name`: the original with re-drawn lora_B matrices."""
-    from safetensors.torch import load_file, save_file
-
-    from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
     from vllm_surgery.storage.store import VersionStore
 
     version_dir = VersionStore(store).new_version_dir(name)
-    shutil.copytree(original, version_dir, dirs_exist_ok=True)
-    weights = version_dir / "adapter_model.safetensors"
+    write_redrawn(original, version_dir, seed)
+    return version_dir.name
+
+
+def write_redrawn(original: Path, out: Path, seed: int) -> None:
+    """Write into `out` the original's files with re-drawn lora_B matrices and the surgery.json
+    refine() writes for a forced version (the benchmarks measure serving, not refinement)."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
+
+    shutil.copytree(original, out, dirs_exist_ok=True)
+    weights = out / "adapter_model.safetensors"
     tensors = load_file(weights)
     gen = torch.Generator().manual_seed(seed)
     for key, t in tensors.items():
@@ -79,8 +87,7 @@ def write_store_version(original: Path, store: Path, name: str, seed: int = 7) -
         "adapter_hash": load_adapter(original).content_hash(),
         "note": "benchmark",
     }
-    (version_dir / PROVENANCE_NAME).write_text(json.dumps(record) + "\n")
-    return version_dir.name
+    (out / PROVENANCE_NAME).write_text(json.dumps(record) + "\n")
 
 
 # --------------------------------------------------------------------------- servers

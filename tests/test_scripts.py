@@ -72,3 +72,20 @@ def test_the_record_store_benchmark_runs_quick(tmp_path: Path) -> None:
     # every measure is a number; the latency and memory targets are met even on a busy machine
     missed = [r for r in rows if r.rstrip(" |").endswith("MISSED") and "export rate" not in r]
     assert not missed, "\n".join(missed)
+
+
+def test_the_replicas_benchmark_finds_its_servers() -> None:
+    """`benchmarks/replicas.py --dry-run` finds Postgres and SeaweedFS (what its real run starts) and
+    says what it would run; it starts nothing."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "replicas.py"), "--dry-run", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Postgres binaries: ") and lines[1].startswith("SeaweedFS: "), result.stdout
+    assert lines[2] == "would run 4 swaps idle and 4 under 2 clients", result.stdout

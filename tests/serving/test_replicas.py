@@ -90,27 +90,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterat
         "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
         "VLLM_SURGERY_POINTER_POLL_S": "2",
     }
-    for name in ("a", "b", "c"):
-        (root / name).mkdir()
-    started = [
-        start_process(
-            case.base,
-            root / name,
-            # one core each: vLLM's "auto" binding puts every CPU engine's threads on core 0
-            {**env, "VLLM_SURGERY_REPLICA_ID": f"replica-{name}", "VLLM_CPU_OMP_THREADS_BIND": core},
-            label=f"replica-{name}",
-            wait=False,
-            cls=Server,
-        )
-        for name, core in (("a", "0"), ("b", "1"))
-    ]
-    try:
-        for srv in started:
-            srv.wait_healthy()
-    except Exception as e:
-        for srv in started:
-            stop(srv.proc)
-        pytest.fail(str(e))
+    (root / "c").mkdir()
+    started = start_replicas(case.base, root, env)
     db = open_database(url)
     try:
         yield {
@@ -131,6 +112,36 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterat
         for srv in started:
             left = stop(srv.proc)
             assert not left, f"processes left behind after SIGTERM (killed now): {left}"
+
+
+def start_replicas(
+    base, root, env: dict[str, str], own: dict[str, dict[str, str]] | None = None
+) -> list[Server]:
+    """Replicas "a" and "b" of `base` started together in ROOT/a and ROOT/b with `env` (plus `own`'s
+    settings for each name), each CPU engine on a core of its own (vLLM's "auto" binding puts every
+    CPU engine's threads on core 0), both healthy; fails the test (stopping both) otherwise."""
+    started = []
+    for name, core in (("a", "0"), ("b", "1")):
+        (root / name).mkdir()
+        replica = {"VLLM_SURGERY_REPLICA_ID": f"replica-{name}", "VLLM_CPU_OMP_THREADS_BIND": core}
+        started.append(
+            start_process(
+                base,
+                root / name,
+                {**env, **replica, **(own or {}).get(name, {})},
+                label=f"replica-{name}",
+                wait=False,
+                cls=Server,
+            )
+        )
+    try:
+        for srv in started:
+            srv.wait_healthy()
+    except Exception as e:
+        for srv in started:
+            stop(srv.proc)
+        pytest.fail(str(e))
+    return started
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +270,26 @@ def metric(server: Server, series: str) -> float:
     return 0.0
 
 
+def run_worker(settings: dict[str, str], root) -> str:
+    """Run `vllm-surgery worker --drain` (no --server) with this environment's variables but for
+    VLLM_SURGERY_* and AWS_*, plus `settings`; its log is ROOT/worker.log. Returns the log's text;
+    fails the test when the worker fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_SURGERY_", "AWS_"))}
+    env.update(settings)
+    log = root / "worker.log"
+    with open(log, "wb") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "vllm_surgery.cli", "worker", "--device", "cpu", "--drain"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
+    text = log.read_text(errors="replace")
+    assert done.returncode == 0, text[-3000:]
+    return text
+
+
 # ----------------------------------------------------------------------------- tests
 def test_both_replicas_start_on_the_original(cluster, prompt_ids, peft_model) -> None:
     a, b, db = cluster["a"], cluster["b"], cluster["db"]
@@ -377,13 +408,19 @@ def test_a_replica_started_later_serves_the_current_pointer_on_its_first_request
 ) -> None:
     refined = cluster["refined"]
     assert cluster["db"].served_pointer("x").version == refined
-    c = start_server(
-        cluster["root"] / "c", cluster["base"], {**cluster["env"], "VLLM_SURGERY_REPLICA_ID": "replica-c"}
+    check_a_later_replica(
+        cluster["root"] / "c", cluster["base"], cluster["env"], refined, prompt_ids, peft_model
     )
+
+
+def check_a_later_replica(root, base, env: dict[str, str], version: str, prompt_ids, model) -> None:
+    """Start "replica-c" in `root` with `env`: its very first request for x is answered by `version`,
+    and it reports serving it in sync; then stop it."""
+    c = start_server(root, base, {**env, "VLLM_SURGERY_REPLICA_ID": "replica-c"})
     try:
-        assert serving(c, "x", prompt_ids, peft_model) == refined  # its very first request for x
+        assert serving(c, "x", prompt_ids, model) == version  # its very first request for x
         body = wait_view(c, "x", lambda v: "replica-c" in replica_states(v), "replica c reports")
-        assert replica_states(body)["replica-c"] == (refined, "in_sync")
+        assert replica_states(body)["replica-c"] == (version, "in_sync")
     finally:
         left = stop(c.proc)
         assert not left, left
@@ -392,40 +429,46 @@ def test_a_replica_started_later_serves_the_current_pointer_on_its_first_request
 def test_a_worker_without_a_server_address_has_its_accepted_version_served_by_every_replica(
     cluster, prompt_ids, peft_model
 ) -> None:
-    a, b, db = cluster["a"], cluster["b"], cluster["db"]
+    a, b = cluster["a"], cluster["b"]
     for srv in (a, b):
         assert serving(srv, "w", prompt_ids, peft_model) == "original"  # loaded on both
     status, got = a.post(
         "/v1/surgery/adapters/w/refine", {"calibration": cluster["calibration"].name, **JOB_SETTINGS}, ADMIN
     )
     assert status == 202 and got["queued"], got
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
-    env.update({k: v for k, v in cluster["env"].items() if k.startswith("VLLM_SURGERY_")})
-    log = cluster["root"] / "worker.log"
-    with open(log, "wb") as out:
-        done = subprocess.run(
-            [sys.executable, "-m", "vllm_surgery.cli", "worker", "--device", "cpu", "--drain"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=600,
-        )
-    finished = time.perf_counter()
-    text = log.read_text(errors="replace")
-    assert done.returncode == 0, text[-3000:]
-    job = db.job(got["job_id"])
-    assert (job.state, job.swap, job.swap_error) == ("accepted", "done", None), (job, text[-3000:])
-    pointer = db.served_pointer("w")
-    assert (pointer.version, pointer.set_by, pointer.forced) == (job.version, f"job {job.id}", False)
-    peft_model.load_adapter(cluster["store"].version_dir("w", job.version), adapter_name=f"w:{job.version}")
-    waits = [wait_serving(srv, "w", job.version, prompt_ids, peft_model) for srv in (a, b)]
-    print(
-        f"\nworker job {job.id}: both replicas checked serving {job.version} {time.perf_counter() - finished:.2f} s after its exit"
+    text = run_worker(
+        {k: v for k, v in cluster["env"].items() if k.startswith("VLLM_SURGERY_")}, cluster["root"]
     )
-    assert waits  # both served it (wait_serving fails otherwise)
+    check_the_job_is_served(
+        cluster,
+        "w",
+        got["job_id"],
+        lambda v: cluster["store"].version_dir("w", v),
+        prompt_ids,
+        peft_model,
+        text,
+    )
+
+
+def check_the_job_is_served(cluster: dict, name: str, job_id: int, local_copy, prompt_ids, model, log: str):
+    """Job `job_id` (run by a worker that logged `log`) was accepted and swapped by writing the served
+    pointer itself, and both replicas serve its version of `name` (its weights from `local_copy(version)`
+    loaded into `model`) and report it in sync. Returns the job."""
+    a, b, db = cluster["a"], cluster["b"], cluster["db"]
+    job = db.job(job_id)
+    assert (job.state, job.swap, job.swap_error) == ("accepted", "done", None), (job, log[-3000:])
+    pointer = db.served_pointer(name)
+    assert (pointer.version, pointer.set_by, pointer.forced) == (job.version, f"job {job.id}", False)
+    model.load_adapter(local_copy(job.version), adapter_name=f"{name}:{job.version}")
+    start = time.perf_counter()
+    for srv in (a, b):
+        wait_serving(srv, name, job.version, prompt_ids, model)  # fails unless it serves the version
+    print(
+        f"\nworker job {job.id}: both replicas checked serving {job.version} in {time.perf_counter() - start:.2f} s"
+    )
     body = wait_view(
         b,
-        "w",
+        name,
         lambda v: (
             replica_states(v)
             == {"replica-a": (job.version, "in_sync"), "replica-b": (job.version, "in_sync")}
@@ -433,3 +476,4 @@ def test_a_worker_without_a_server_address_has_its_accepted_version_served_by_ev
         "both replicas report the worker's version",
     )
     assert body["pointer"]["set_by"] == f"job {job.id}"
+    return job
