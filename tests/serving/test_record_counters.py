@@ -283,8 +283,10 @@ def test_a_swap_time_replaces_the_earlier_one_in_the_histogram(db) -> None:
 
 
 def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> None:
-    """50k records, one sweep of 40k: every transaction of the sweep is short, and a job claim made
-    meanwhile from another thread waits at most one of them."""
+    """50k records, one sweep of 40k: the sweep is many small transactions, and job claims made
+    meanwhile from another thread complete between them (one big transaction would hold them all
+    back until its end). How long a batch holds the lock is a benchmark figure
+    (benchmarks/record_store.py), not asserted here: this machine's timings are too noisy."""
     rng = random.Random(7)
     for start in range(0, 50_000, 5000):
         db.insert(
@@ -306,7 +308,7 @@ def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> 
                     return cm.__exit__(*exc)
                 finally:
                     if threading.current_thread() is sweeper:
-                        holds.append(time.perf_counter() - inner.start)
+                        holds.append((inner.start, time.perf_counter()))
 
         return Timed()
 
@@ -319,7 +321,7 @@ def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> 
             db.enqueue_job(f"j{n}", "manual", {})
             t = time.perf_counter()
             db.claim_job("w", 60)
-            waits.append(time.perf_counter() - t)
+            waits.append((t, time.perf_counter()))
             n += 1
 
     sweeper = threading.current_thread()
@@ -333,8 +335,10 @@ def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> 
         claimer.join()
         type(db).transaction = original
     assert (deleted, left) == (40_000, 10_000)
-    assert len(holds) > 10 and max(holds) < 0.25, (len(holds), max(holds))
-    assert waits and max(waits) < 0.5, max(waits)
+    assert len(holds) > 10, len(holds)
+    first_end, last_start = holds[0][1], holds[-1][0]
+    between = [w for w in waits if first_end <= w[1] <= last_start]  # claims done mid-sweep
+    assert len(between) >= 2, (len(between), len(waits), len(holds))
 
 
 def test_concurrent_writers_keep_the_counters_exact(db) -> None:
