@@ -256,15 +256,7 @@ def refine(
             if policy == "grad_search":
                 proposals[policy] = search.grad_search(params, grads)
             elif policy == "sigma_descent":
-                # its first step is grad_search's ladder: reuse it when auto ran the same one
-                ladder = proposals.get("grad_search")
-                same = ladder is not None and all(
-                    params[k] == policy_params("grad_search", candidate_params["grad_search"])[k]
-                    for k in ("eta_s", "eta_e", "rungs")
-                )
-                proposals[policy] = search.sigma_descent(
-                    params, grads, stats.loss, original_selection, first=ladder if same else None
-                )
+                proposals[policy] = search.sigma_descent(params, grads, stats.loss, original_selection)
             else:
                 proposals[policy] = search.one_step(policy, params, grads)
         chosen = choose(proposals)

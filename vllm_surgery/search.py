@@ -167,14 +167,13 @@ class Search:
         grads: Mapping[str, torch.Tensor],
         fit_loss: float,
         original_selection_loss: float,
-        first: Candidate | None = None,
     ) -> Candidate:
         """Repeated grad_direction steps, each from a fresh sensitivity pass at the current sigma and with
         its step size chosen on the selection split, early-stopped on the selection loss.
 
-        Step 1 is grad_search's ladder from `grads` (the first pass, at the adapter's own sigma; pass
-        `first` to reuse a grad_search already run on them). Step t > 1 tries the previous step size
-        doubled, kept and halved (eta_e scaled alike) along the new direction. The best step (lowest
+        Step 1 is grad_search's ladder from `grads` (the first pass, at the adapter's own sigma). Step
+        t > 1 tries the previous step size doubled, kept and halved (eta_e scaled alike) along the new
+        direction. The best step (lowest
         selection loss, at least one step taken) is the candidate; the search stops after `patience`
         steps that do not beat the best selection loss so far (the original's included), or after
         `steps` steps.
@@ -184,8 +183,7 @@ class Search:
         steps, patience = int(params["steps"]), int(params["patience"])
         ratio = params["eta_e"] / params["eta_s"] if params["eta_s"] > 0 else 0.0
         started = time.perf_counter()
-        if first is None:
-            first = self.grad_search(params, grads)
+        first = self.grad_search(params, grads)
         eta = first.chosen["eta_s"]
         current, loss = first.sigmas, first.selection_loss
         assert loss is not None
