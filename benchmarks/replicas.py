@@ -1,7 +1,7 @@
 """Many replicas on real parts: how fast every replica follows the served pointer, and what clients see.
 
-Started here, all on loopback: a private Postgres (tests/pg_server.py; the served pointer, its
-LISTEN/NOTIFY trigger, the replicas table), a private S3 server (SeaweedFS, tests/s3_server.py; the
+Started here, all on loopback (vllm_surgery/testing_servers.py, as in the tests): a private Postgres
+(the served pointer, its LISTEN/NOTIFY trigger, the replicas table), a private S3 server (SeaweedFS; the
 store, VLLM_SURGERY_STORE=s3://bucket/store) and two `vllm serve` replicas (via `vllm-surgery-serve`),
 A and B, each with its own cache directory (as on two machines), each CPU engine bound to its own core
 (VLLM_CPU_OMP_THREADS_BIND 0 and 1: vLLM's "auto" binding would put both on core 0).
@@ -61,7 +61,6 @@ from vllm_surgery.server_process import ServerProcess as Server
 from vllm_surgery.testing import build_lora_adapter, build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the real-server helpers the tests use: pg_server, s3_server
 ADMIN_TOKEN = "bench-admin-token"
 SETTLE_S = 0.3  # after both replicas serve a swap's version, before the next swap
 SWAP_TIMEOUT_S = 30.0  # a replica not serving the version by then is a failure
@@ -288,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.swaps, args.clients = 4, 2
 
-    from pg_server import PostgresServer, find_bin_dir
-    from s3_server import S3Server, find_weed
+    from vllm_surgery.testing_servers import PostgresServer, S3Server, find_bin_dir, find_weed
 
     if args.dry_run:
         print(f"Postgres binaries: {find_bin_dir()}\nSeaweedFS: {find_weed()}")

@@ -1,9 +1,9 @@
-"""The refined-version store on object storage, against a real S3 server (SeaweedFS, tests/s3_server.py)
-through s3fs: versions written by one machine (a writer store with its own cache) and read by another
-(a replica store with another cache directory), a version without its manifest, objects tampered with
-in the bucket, the cache bound, an S3 server stopped under a hot-swapper (vLLM's serving models faked
-as in test_hotswap_unit.py), and the worker refining into an s3:// store. A vLLM server serving a
-version that only exists in S3 is the slow test_objstore_server.py."""
+"""The refined-version store on object storage, against a real S3 server (SeaweedFS,
+vllm_surgery/testing_servers.py) through s3fs: versions written by one machine (a writer store with its own
+cache) and read by another (a replica store with another cache directory), a version without its manifest,
+objects tampered with in the bucket, the cache bound, an S3 server stopped under a hot-swapper (vLLM's
+serving models faked as in test_hotswap_unit.py), and the worker refining into an s3:// store. A vLLM server
+serving a version that only exists in S3 is the slow test_objstore_server.py."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_local_paths_stay_local_stores(tmp_path) -> None:
 @pytest.fixture
 def own_s3(monkeypatch):
     """A private S3 server that the test may stop."""
-    from s3_server import S3Server
+    from vllm_surgery.testing_servers import S3Server
 
     server = S3Server().start()
     for key, value in server.env().items():

@@ -1,11 +1,10 @@
 """A real `vllm serve` (via `vllm-surgery-serve`) whose store is an s3:// bucket on a real S3 server
-(SeaweedFS, tests/s3_server.py): a refined version that exists only in the bucket (the machine that
-wrote it threw its cache away) is swapped in, fetched into the server's cache, checked against its
+(SeaweedFS, vllm_surgery/testing_servers.py): a refined version that exists only in the bucket (the machine
+that wrote it threw its cache away) is swapped in, fetched into the server's cache, checked against its
 manifest and served (log-probs equal transformers+PEFT teacher forcing of that version, as in
-test_hotswap.py); then the S3 server is stopped: a swap to a version that is not cached is refused
-with 503 naming the store, and the version served before keeps answering.
-Slow (engine start 25-70 s on 2 cores): `pytest -m slow tests/serving/test_objstore_server.py`.
-"""
+test_hotswap.py); then the S3 server is stopped: a swap to a version that is not cached is refused with 503
+naming the store, and the version served before keeps answering. Slow (engine start 25-70 s on 2 cores):
+`pytest -m slow tests/serving/test_objstore_server.py`."""
 
 from __future__ import annotations
 
@@ -29,10 +28,9 @@ PROMPTS = ["what is 12 + 30 ?", "the quick brown fox"]
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The S3 server, a bucket holding two published versions of adapter "x", and nothing of them on
     local disk: the writer's cache is deleted."""
-    from s3_server import S3Server
-
     from vllm_surgery.refine import refine
     from vllm_surgery.storage import open_store
+    from vllm_surgery.testing_servers import S3Server
 
     root = tmp_path_factory.mktemp("objstore-serve")
     base = build_tiny_llama(root / "base", hidden=128, heads=2, kv_heads=2, layers=2, intermediate=256)

@@ -1,5 +1,5 @@
 """Many replicas with real processes: two `vllm serve` replicas (via `vllm-surgery-serve`) sharing one
-real Postgres database (tests/pg_server.py) and one store directory, a third started later, and a
+real Postgres database (vllm_surgery/testing_servers.py) and one store directory, a third started later, and a
 `vllm-surgery worker` given no server address.
 
 The served version is the served pointer in the database: an admin swap or rollback on either replica

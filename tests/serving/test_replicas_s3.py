@@ -1,6 +1,7 @@
 """Many replicas on real parts, as on separate machines: two `vllm serve` replicas (via
 `vllm-surgery-serve`) on one real Postgres database (the served pointer, the traffic, the jobs) and one
-s3:// store on a real S3 server (SeaweedFS, tests/s3_server.py), EACH WITH ITS OWN CACHE DIRECTORY, a
+s3:// store on a real S3 server (SeaweedFS, vllm_surgery/testing_servers.py), EACH WITH ITS OWN CACHE
+DIRECTORY, a
 `vllm-surgery worker` without a server address refining into the bucket, a third replica started
 afterwards, and then the S3 server stopped.
 
@@ -58,7 +59,7 @@ NEW_TOKENS = 4  # of each traffic request (the reviewer's correction replaces th
 def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterator[dict]:
     """An S3 server of this module's own (a test stops it), replicas A and B with their own caches,
     and "spare": a version of "x" in the bucket that no replica has cached (its writer's cache gone)."""
-    from s3_server import S3Server
+    from vllm_surgery.testing_servers import S3Server
 
     root = tmp_path_factory.mktemp("replicas-s3")
     case = build_gain_case(root / "case")
@@ -212,7 +213,7 @@ def test_with_object_storage_stopped_an_uncached_version_is_refused_and_the_serv
     cluster, prompt_ids, peft_model
 ) -> None:
     """Last: stops the module's S3 server."""
-    from s3_server import wait_closed
+    from vllm_surgery.testing_servers import wait_closed
 
     a, b, db = cluster["a"], cluster["b"], cluster["db"]
     version, spare = cluster["accepted"], cluster["spare"]
