@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from server import Server, assert_served_by, start_server, stop
+from server import Server, assert_served_by, metric, running, tokenized
 
 from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
@@ -88,20 +88,13 @@ def server(setup: dict) -> Iterator[Server]:
         "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
         **setup["env"],
     }
-    srv = start_server(root, setup["base"], env)
-    try:
+    with running(root, setup["base"], env) as srv:
         yield srv
-    finally:
-        left = stop(srv.proc)
-        assert not left, f"processes left behind after SIGTERM (killed now): {left}"
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(setup: dict) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(setup["base"])
-    return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    return tokenized(setup["base"], PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +109,7 @@ def peft_model(setup: dict):
 
 
 def fetch_count(server: Server, outcome: str) -> float:
-    for line in server.get_text("/metrics").splitlines():
-        if line.startswith(f'vllm_surgery_store_fetches_total{{outcome="{outcome}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric(server, "vllm_surgery_store_fetches_total", outcome=outcome)
 
 
 def test_a_version_that_only_exists_in_s3_is_fetched_and_served(

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import pytest
 import test_replicas
 import torch
-from server import stop
+from server import replica_cluster
 from test_replicas import (
     ADMIN,
     ADMIN_TOKEN,
@@ -40,13 +40,12 @@ from test_replicas import (
     replica_states,
     run_worker,
     serving,
-    start_replicas,
     swap,
     view,
     wait_view,
 )
 
-from vllm_surgery.storage import open_database, open_store
+from vllm_surgery.storage import open_store
 from vllm_surgery.testing import build_gain_case
 
 pytestmark = pytest.mark.slow
@@ -70,40 +69,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterat
     url = f"s3://{s3.new_bucket()}/store"
     try:
         spare = publish_copy(url, root / "writer-cache", adapters / "x", aws)
+        env = {**aws, "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN, "VLLM_SURGERY_TRAFFIC": "1"}
         database = postgres_server.new_database()
-        env = {
-            **aws,
-            "VLLM_SURGERY_ADAPTER_DIRS": str(adapters),
-            "VLLM_SURGERY_STORE": url,
-            "VLLM_SURGERY_DATABASE": database,
-            "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
-            "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
-            "VLLM_SURGERY_POINTER_POLL_S": "2",
-            "VLLM_SURGERY_TRAFFIC": "1",
-        }
-        own = {name: {"VLLM_SURGERY_CACHE_DIR": str(root / name / "cache")} for name in "ab"}
-        started = start_replicas(case.base, root, env, own)
-        db = open_database(database)
-        try:
-            yield {
-                "a": started[0],
-                "b": started[1],
-                "db": db,
-                "env": env,
-                "root": root,
-                "base": case.base,
-                "adapters": adapters,
-                "calibration": case.calibration,
-                "s3": s3,
-                "url": url,
-                "aws": aws,
-                "spare": spare,
-            }
-        finally:
-            db.close()
-            for srv in started:
-                left = stop(srv.proc)
-                assert not left, f"processes left behind after SIGTERM (killed now): {left}"
+        with replica_cluster(case.base, root, adapters, url, database, env) as cluster:
+            cluster.update(calibration=case.calibration, s3=s3, url=url, aws=aws, spare=spare)
+            yield cluster
     finally:
         s3.stop()
 
