@@ -533,6 +533,16 @@ class ServingSettings:
         "is lost). Changes normally arrive by LISTEN/NOTIFY within tens of milliseconds.",
         default=3.0,
     )
+    replica_forget_days: float = setting(
+        "VLLM_SURGERY_REPLICA_FORGET_DAYS",
+        number(0.05, 3650),
+        "With a shared (Postgres) database: a replica that has not reported for this many days is "
+        "forgotten: its rows are deleted from the replicas table (the `replicas` list of GET "
+        "/v1/surgery/adapters/NAME), e.g. one scaled down or renamed. A running replica reports at least "
+        "every VLLM_SURGERY_POINTER_POLL_S (at most an hour) plus 30 s, so even the minimum, 0.05 (72 "
+        "minutes), never forgets one that is alive; one that comes back is listed again at its next report.",
+        default=1.0,
+    )
     job_max_attempts: int = setting(
         "VLLM_SURGERY_JOB_MAX_ATTEMPTS",
         number(1, 100, integer=True),
