@@ -1,5 +1,5 @@
 """`vllm-surgery`: refine an adapter offline, inspect its spectrum, turn recorded traffic into
-calibration data, or run the refinement worker beside a vLLM server."""
+calibration data, clean the refined-version store, or run the refinement worker beside a vLLM server."""
 
 from __future__ import annotations
 
@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also use completions nobody rated (weak targets: the adapter's own unreviewed output)",
     )
     ce.add_argument("--db", default=None, help=db_help)
+
+    st = sub.add_parser("store", help="the refined-version store")
+    stsub = st.add_subparsers(dest="store_command", required=True)
+    sg = stsub.add_parser(
+        "gc",
+        help="delete what interrupted writes left in the store (uploads without a manifest) after "
+        "VLLM_SURGERY_STORE_GC_GRACE_HOURS",
+    )
+    sg.add_argument(
+        "--store", default=None, help="the store, a directory or s3:// URL (default: VLLM_SURGERY_STORE)"
+    )
+    sg.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    sg.add_argument("--json", action="store_true", help="machine-readable output")
 
     from . import worker
 
@@ -259,6 +272,41 @@ def _calibration_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_gc(args: argparse.Namespace) -> int:
+    import time
+
+    from .settings import ServingSettings
+    from .storage import open_store
+
+    settings = ServingSettings.from_env()
+    store = open_store(args.store or settings.store, settings.cache_dir, settings.cache_max_bytes)
+    grace_h = settings.store_gc_grace_hours
+    now = time.time()
+    found = store.collect_garbage(grace_h * 3600.0, now=now, dry_run=args.dry_run)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "store": store.location,
+                    "grace_hours": grace_h,
+                    "dry_run": args.dry_run,
+                    "orphans": [o.to_dict() for o in found],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"store: {store.location}; left by interrupted writes, {grace_h:g} h or more ago:")
+    for o in found:
+        print(
+            f"  {verb} {o.name}/{o.entry}: {o.files} file(s), {o.bytes} bytes, the newest "
+            f"{(now - o.newest) / 3600:.1f} h old"
+        )
+    print(f"{verb} {len(found)}, {sum(o.bytes for o in found)} bytes" if found else "nothing to delete")
+    return 0
+
+
 def _worker(args: argparse.Namespace) -> int:
     from .worker import run_from_args
 
@@ -266,8 +314,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done (refined adapter written, inspect, traffic, export, worker stopped), 3 original
-    kept, 2 bad input."""
+    """Exit codes: 0 done (refined adapter written, inspect, traffic, export, store gc, worker stopped),
+    3 original kept, 2 bad input (or a store that cannot be reached)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
@@ -275,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": _inspect,
         "traffic": _traffic_stats,
         "calibration": _calibration_export,
+        "store": _store_gc,
         "worker": _worker,
     }
     try:

@@ -332,6 +332,16 @@ class ServingSettings:
         "deleted, never one this server serves (those are kept even above the bound).",
         default=20 * (1 << 30),
     )
+    store_gc_grace_hours: float = setting(
+        "VLLM_SURGERY_STORE_GC_GRACE_HOURS",
+        # at least twice storage.objstore.UPLOAD_LIMIT_S (6 h; a test keeps them so)
+        number(12, 87600),
+        "`vllm-surgery store gc` deletes what interrupted writes left in the store (with an s3:// store: "
+        "version directories without manifest.json, uploads that died before their commit point) once "
+        "its newest file is this many hours old. An upload in progress is never deleted: an upload that "
+        "takes longer than 6 hours is not committed, and the minimum, 12, is twice that.",
+        default=24.0,
+    )
     calibration_dir: Path | None = setting(
         "VLLM_SURGERY_CALIBRATION_DIR",
         PATH,

@@ -1,6 +1,7 @@
 """Storage: what a deployment keeps between processes, with no vLLM in it.
 
-- `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`);
+- `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`; what
+  interrupted writes left, `Orphan`, is deleted by `collect_garbage`);
   `objstore`: the same on object storage (`ObjectVersionStore`, ``s3://``), with a checked local cache.
 - `database`: recorded traffic and feedback (`Database`, `SQLiteDatabase`, `TrafficRecord`).
 - `job_queue`: the refinement job queue in the same database (`Job`, `JobQueue`, job states).
@@ -58,6 +59,7 @@ from .pointer import (
 )
 from .store import (
     KEY_CONFIG_FIELDS,
+    Orphan,
     StoreError,
     StoreUnavailable,
     VersionInfo,
@@ -90,6 +92,7 @@ __all__ = [
     "JobFigures",
     "JobQueue",
     "JobQueueFull",
+    "Orphan",
     "PointerChange",
     "PointerConflict",
     "ReplicaStatus",
