@@ -236,12 +236,14 @@ def _traffic_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
+    from .storage import COUNTED
+
     print(f"traffic database: {db.path}")
-    header = ("adapter", "version", "records", "rated", "good", "bad", "corrected", "usable", "+unrated")
-    print(f"{header[0]:<24} {header[1]:<40} " + " ".join(f"{h:>9}" for h in header[2:]))
+    labels = {"unrated_usable": "+unrated"}  # what --include-unrated would add
+    header = [labels.get(c, c) for c in COUNTED]
+    print(f"{'adapter':<24} {'version':<40} " + " ".join(f"{h:>9}" for h in header))
     for r in rows:
-        counts = (r.records, r.rated, r.good, r.bad, r.corrected, r.usable, r.unrated_usable)
-        print(f"{r.adapter:<24} {r.version:<40} " + " ".join(f"{n:>9}" for n in counts))
+        print(f"{r.adapter:<24} {r.version:<40} " + " ".join(f"{getattr(r, c):>9}" for c in COUNTED))
     if not rows:
         print("(no records" + (f" for adapter {args.adapter!r})" if args.adapter else ")"))
     return 0
