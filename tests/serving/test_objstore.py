@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -401,3 +402,20 @@ def test_the_gc_grace_period_is_at_least_twice_the_upload_limit() -> None:
     with pytest.raises(SettingsError, match=variable):
         ServingSettings.from_env({variable: str(least - 0.01)})
     assert ServingSettings.from_env({}).store_gc_grace_hours == 24.0
+
+
+def test_store_gc_on_an_unreachable_store_exits_2_naming_it(s3_url, s3_server, tmp_path) -> None:
+    """`vllm-surgery store gc` as a user runs it: against the real server it says what it found; with
+    nothing answering at the endpoint it exits 2 with the store's URL, and deletes nothing."""
+    from vllm_surgery.testing_servers import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
+    env.update(s3_server.env(), AWS_MAX_ATTEMPTS="1", VLLM_SURGERY_CACHE_DIR=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "vllm_surgery.cli", "store", "gc", "--store", s3_url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "nothing to delete"
+    env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"vllm-surgery: error: object store {s3_url} unavailable" in done.stderr

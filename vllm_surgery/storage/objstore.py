@@ -572,7 +572,11 @@ class ObjectVersionStore(VersionStore):
                     try:
                         self.fs.rm(sorted(objects))
                     except Exception as e:
-                        raise self._unavailable(f"deleting {entry}", e) from e
+                        raise StoreUnavailable(
+                            f"object store {self.url} unavailable: deleting {name}/{version_id} failed "
+                            f"({type(e).__name__}: {e}); some of its objects may be gone (no reader saw "
+                            "them: it has no manifest); run `vllm-surgery store gc` again"
+                        ) from e
                     log.warning(
                         "store %s: deleted %s/%s: %d object(s) without %s, the newest %.1f h old",
                         self.url,
