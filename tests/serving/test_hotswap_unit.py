@@ -376,16 +376,17 @@ def test_the_pending_swap_sweep_never_forces(env, tmp_path) -> None:
         db.close()
 
 
-def test_the_servers_periodic_pass_forgets_replicas_that_went_away(env, tmp_path) -> None:
-    """The rows of a replica silent for longer than VLLM_SURGERY_REPLICA_FORGET_DAYS are deleted by the
-    server's periodic pass (the one that prunes the job history); a replica that reports stays."""
+def test_the_servers_periodic_pass_forgets_replicas_that_went_away(env, postgres_url) -> None:
+    """With a shared (Postgres) database, the rows of a replica silent for longer than
+    VLLM_SURGERY_REPLICA_FORGET_DAYS are deleted by the server's periodic pass (the one that prunes the
+    job history); a replica that reports stays."""
     from vllm_surgery.serving.automatic_jobs import AutomaticJobs
-    from vllm_surgery.storage import SQLiteDatabase
+    from vllm_surgery.storage import open_database
     from vllm_surgery.traffic import AdapterCalibration
 
     swapper = env["swapper"]
     assert swapper.settings.replica_forget_days == 1.0  # the default
-    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    db = open_database(postgres_url)
     try:
         now = time.time()
         db.report_replica("scaled-down:8000", "x", "original", "in_sync", now=now - 86400.0 - 60)
@@ -404,6 +405,22 @@ def test_the_servers_periodic_pass_forgets_replicas_that_went_away(env, tmp_path
 
         run(until_forgotten())
         assert [r.replica for r in db.replicas("x")] == ["running:8000"]
+    finally:
+        db.close()
+
+
+def test_with_sqlite_the_periodic_pass_leaves_the_replicas_table_alone(env, tmp_path) -> None:
+    """One machine (SQLite) has no replicas: the pass writes nothing there (no write transaction)."""
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
+    from vllm_surgery.storage import SQLiteDatabase
+    from vllm_surgery.traffic import AdapterCalibration
+
+    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    try:
+        db.report_replica("written-by-hand", "x", "original", "in_sync", now=1.0)
+        sweep = AutomaticJobs(env["swapper"], db, "base", AdapterCalibration(env["swapper"].settings, db))
+        assert sweep.forget_replicas() == 0
+        assert [r.replica for r in db.replicas("x")] == ["written-by-hand"]
     finally:
         db.close()
 

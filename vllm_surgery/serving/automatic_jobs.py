@@ -252,7 +252,10 @@ class AutomaticJobs:
 
     def forget_replicas(self, now: float | None = None) -> int:
         """Delete the replicas-table rows of replicas silent for longer than replica_forget_days (a
-        replica that went away); the number deleted."""
+        replica that went away); the number deleted. Only a shared database has replicas (with SQLite,
+        one machine, nothing is written: no write transaction)."""
+        if not self.db.shares_pointer:
+            return 0
         deleted = self.db.prune_replicas(self.settings.replica_forget_days * 86400.0, now)
         if deleted:
             log.info(
