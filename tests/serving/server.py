@@ -145,6 +145,21 @@ def replica_cluster(
         stop_all(started)
 
 
+def peft_reference(base: Path, adapters: dict[str, Path]):
+    """transformers+PEFT `base` in float32 with each of `adapters` loaded under its key (the first
+    active), in eval mode: what teacher forcing checks the server's answers against."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    (first, path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), path, adapter_name=first
+    )
+    for name, other in rest:
+        model.load_adapter(other, adapter_name=name)
+    return model.eval()
+
+
 def tokenized(base: Path, prompts: list[str]) -> list[list[int]]:
     """The token ids of each prompt with `base`'s tokenizer (no special tokens)."""
     from transformers import AutoTokenizer

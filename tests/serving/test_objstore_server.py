@@ -12,8 +12,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-import torch
-from server import Server, assert_served_by, metric, running, tokenized
+from server import Server, assert_served_by, metric, peft_reference, running, tokenized
 
 from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
@@ -99,13 +98,8 @@ def prompt_ids(setup: dict) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def peft_model(setup: dict):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(setup["base"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, setup["root"] / "adapters" / "x", adapter_name="original")
-    model.load_adapter(setup["root"] / "refined", adapter_name="refined")
-    return model.eval()
+    root = setup["root"]
+    return peft_reference(setup["base"], {"original": root / "adapters" / "x", "refined": root / "refined"})
 
 
 def fetch_count(server: Server, outcome: str) -> float:

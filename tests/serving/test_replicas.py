@@ -30,13 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-import torch
 from server import (
     LOGPROB_TOL,
     Server,
     complete,
     generated,
     metric,
+    peft_reference,
     replica_cluster,
     start_server,
     stop,
@@ -108,16 +108,15 @@ def prompt_ids(cluster: dict) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def peft_model(cluster: dict):
     """The base with every candidate loaded: x's original and refined version, w's original."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(cluster["base"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, cluster["adapters"] / "x", adapter_name="x:original")
-    model.load_adapter(
-        cluster["store"].version_dir("x", cluster["refined"]), adapter_name=f"x:{cluster['refined']}"
+    refined = cluster["refined"]
+    return peft_reference(
+        cluster["base"],
+        {
+            "x:original": cluster["adapters"] / "x",
+            f"x:{refined}": cluster["store"].version_dir("x", refined),
+            "w:original": cluster["adapters"] / "w",
+        },
     )
-    model.load_adapter(cluster["adapters"] / "w", adapter_name="w:original")
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -29,8 +29,7 @@ from collections.abc import Iterator
 
 import pytest
 import test_replicas
-import torch
-from server import replica_cluster
+from server import peft_reference, replica_cluster
 from test_replicas import (
     ADMIN,
     ADMIN_TOKEN,
@@ -103,11 +102,7 @@ prompt_ids = test_replicas.prompt_ids  # the fixture, on this module's cluster
 @pytest.fixture(scope="module")
 def peft_model(cluster: dict):
     """The base with x's original loaded; the worker's version is added when it exists."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(cluster["base"], dtype=torch.float32)
-    return PeftModel.from_pretrained(base, cluster["adapters"] / "x", adapter_name="x:original").eval()
+    return peft_reference(cluster["base"], {"x:original": cluster["adapters"] / "x"})
 
 
 def fetched_copy(cluster: dict, version: str):
