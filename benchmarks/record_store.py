@@ -24,7 +24,7 @@ correction for every fifth record, then the same UPDATE of bytes and tally that 
 for those rows in one statement (the triggers move the counts). Jobs: one INSERT ... SELECT of finished
 jobs with a result (the job counters' triggers count them), and the stage totals filled by the
 migration's own filler. The SQLite file goes under --dir (default /tmp) and is deleted afterwards; the
-Postgres server is a private one (tests/pg_server.py), removed afterwards.
+Postgres server is a private one (vllm_surgery/testing_servers.py), removed afterwards.
 
 Prints a table with the targets (the issue's: < 50 ms for stats, usable counts and a scrape;
 >= 50k records/s in bounded memory for the export; <= 50 ms of write lock per batch) and met/missed,
@@ -349,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         if "postgres" in backends:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from pg_server import PostgresServer
+            from vllm_surgery.testing_servers import PostgresServer
 
             pg = PostgresServer().start()
         for size in sizes:

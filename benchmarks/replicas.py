@@ -1,7 +1,7 @@
 """Many replicas on real parts: how fast every replica follows the served pointer, and what clients see.
 
-Started here, all on loopback: a private Postgres (tests/pg_server.py; the served pointer, its
-LISTEN/NOTIFY trigger, the replicas table), a private S3 server (SeaweedFS, tests/s3_server.py; the
+Started here, all on loopback (vllm_surgery/testing_servers.py, as in the tests): a private Postgres
+(the served pointer, its LISTEN/NOTIFY trigger, the replicas table), a private S3 server (SeaweedFS; the
 store, VLLM_SURGERY_STORE=s3://bucket/store) and two `vllm serve` replicas (via `vllm-surgery-serve`),
 A and B, each with its own cache directory (as on two machines), each CPU engine bound to its own core
 (VLLM_CPU_OMP_THREADS_BIND 0 and 1: vLLM's "auto" binding would put both on core 0).
@@ -50,9 +50,8 @@ from pathlib import Path
 
 import torch
 from serving import (  # benchmarks/serving.py, beside this script
-    LOGPROB_TOL,
-    PROBE_TOKENS,
     probe,
+    same,
     write_redrawn,
 )
 
@@ -61,7 +60,6 @@ from vllm_surgery.server_process import ServerProcess as Server
 from vllm_surgery.testing import build_lora_adapter, build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the real-server helpers the tests use: pg_server, s3_server
 ADMIN_TOKEN = "bench-admin-token"
 SETTLE_S = 0.3  # after both replicas serve a swap's version, before the next swap
 SWAP_TIMEOUT_S = 30.0  # a replica not serving the version by then is a failure
@@ -94,33 +92,6 @@ def publish_versions(url: str, original: Path, cache: Path, n: int) -> list[str]
 
 
 # --------------------------------------------------------------------------- requests
-def logprobs(server: Server, ids: list[int], stream: bool = False) -> list[float]:
-    """Greedy log-probs of PROBE_TOKENS tokens after `ids` on "x" (streamed or not); raises on failure."""
-    if not stream:
-        return probe(server, ids)
-    body = {"model": "x", "prompt": ids, "max_tokens": PROBE_TOKENS, "temperature": 0.0, "logprobs": 0}
-    body.update(ignore_eos=True, stream=True)
-    status, _, raw = server.raw_request("POST", "/v1/completions", body)
-    text = raw.decode()
-    if status != 200 or "data: [DONE]" not in text or '"error"' in text:
-        raise RuntimeError(f"{server.label}: bad stream ({status}): {text[-300:]}")
-    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
-    out = [
-        float(v)
-        for e in events
-        for c in e.get("choices", [])
-        if c.get("logprobs")
-        for v in c["logprobs"]["token_logprobs"]
-    ]
-    if len(out) != PROBE_TOKENS:
-        raise RuntimeError(f"{server.label}: stream with {len(out)} log-probs: {text[-300:]}")
-    return out
-
-
-def same(a: list[float], b: list[float]) -> bool:
-    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) < LOGPROB_TOL
-
-
 def version_of(lp: list[float], fingerprints: dict[str, list[float]]) -> str:
     """The version whose fingerprint equals `lp` for every token, else "mixed" (as benchmarks/serving.py
     `classify`: a response matching neither version entirely)."""
@@ -151,7 +122,7 @@ class Prober:
         while not self._stop.is_set():
             sent = time.time()
             try:
-                lp = logprobs(self.server, self.ids)
+                lp = probe(self.server, self.ids)
             except Exception as e:
                 self.failures.append(f"probe {self.server.label}: {e!r}"[:300])
                 time.sleep(0.05)
@@ -186,7 +157,7 @@ class Load:
     def _client(self, server: Server, stream: bool, ids: list[int], fingerprints: dict) -> None:
         while not self._stop.is_set():
             try:
-                got = version_of(logprobs(server, ids, stream), fingerprints)
+                got = version_of(probe(server, ids, stream), fingerprints)
             except Exception as e:
                 with self._lock:
                     self.failures.append(f"{server.label} stream={stream}: {e!r}"[:300])
@@ -288,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.swaps, args.clients = 4, 2
 
-    from pg_server import PostgresServer, find_bin_dir
-    from s3_server import S3Server, find_weed
+    from vllm_surgery.testing_servers import PostgresServer, S3Server, find_bin_dir, find_weed
 
     if args.dry_run:
         print(f"Postgres binaries: {find_bin_dir()}\nSeaweedFS: {find_weed()}")
@@ -344,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         db = open_database(database)
         vocab = json.loads((base / "config.json").read_text())["vocab_size"]
         ids = torch.randint(10, vocab, (16,), generator=torch.Generator().manual_seed(0)).tolist()
-        fingerprints = {"original": logprobs(a, ids)}
-        if not same(logprobs(b, ids), fingerprints["original"]):
+        fingerprints = {"original": probe(a, ids)}
+        if not same(probe(b, ids), fingerprints["original"]):
             raise RuntimeError("the replicas disagree on the original")
         hashes: dict[str, str | None] = {}
         for v in versions:  # warm-up: A swaps, B fetches it from S3 into its own cache and follows
@@ -357,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             if status != 200:
                 raise RuntimeError(f"warm-up swap to {v}: {status} {body}")
             hashes[v] = db.served_pointer("x").adapter_hash
-            fingerprints[v] = logprobs(a, ids)
+            fingerprints[v] = probe(a, ids)
             deadline = time.monotonic() + 60
-            while not same(logprobs(b, ids), fingerprints[v]):
+            while not same(probe(b, ids), fingerprints[v]):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"replica B did not follow {v} in 60 s:\n{b.log_tail()}")
                 time.sleep(0.05)

@@ -97,22 +97,32 @@ def launch(label: str, base: Path, workdir: Path, env_extra: dict[str, str], ext
 
 
 # --------------------------------------------------------------------------- requests
-def probe(server: Server, ids: list[int]) -> list[float]:
-    """Greedy continuation log-probs of a fixed prompt: a fingerprint of the weights serving "x"."""
-    status, body = server.post(
-        "/v1/completions",
-        {
-            "model": "x",
-            "prompt": ids,
-            "max_tokens": PROBE_TOKENS,
-            "temperature": 0.0,
-            "logprobs": 0,
-            "ignore_eos": True,
-        },
-    )
-    if status != 200:
-        raise RuntimeError(f"probe failed: {status} {body}")
-    return [float(v) for v in body["choices"][0]["logprobs"]["token_logprobs"]]
+def probe(server: Server, ids: list[int], stream: bool = False) -> list[float]:
+    """Greedy continuation log-probs of a fixed prompt on "x" (streamed or not): a fingerprint of the
+    weights serving it. Raises RuntimeError on a failed request or a bad stream."""
+    body = {"model": "x", "prompt": ids, "max_tokens": PROBE_TOKENS, "temperature": 0.0, "logprobs": 0}
+    body["ignore_eos"] = True
+    if not stream:
+        status, out = server.post("/v1/completions", body)
+        if status != 200:
+            raise RuntimeError(f"{server.label}: probe failed: {status} {out}")
+        return [float(v) for v in out["choices"][0]["logprobs"]["token_logprobs"]]
+    body["stream"] = True
+    status, _, raw = server.raw_request("POST", "/v1/completions", body)
+    text = raw.decode()
+    if status != 200 or "data: [DONE]" not in text or '"error"' in text:
+        raise RuntimeError(f"{server.label}: bad stream ({status}): {text[-300:]}")
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    got = [
+        float(v)
+        for e in events
+        for c in e.get("choices", [])
+        if c.get("logprobs")
+        for v in c["logprobs"]["token_logprobs"]
+    ]
+    if len(got) != PROBE_TOKENS:
+        raise RuntimeError(f"{server.label}: stream with {len(got)} log-probs: {text[-300:]}")
+    return got
 
 
 def same(a: list[float], b: list[float]) -> bool:
@@ -385,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=("sqlite", "postgres"),
         default="sqlite",
         help="(d)'s recording server's database: a SQLite file in its work directory, or a private "
-        "Postgres server (tests/pg_server.py: initdb into a temporary directory, removed afterwards)",
+        "Postgres server (vllm_surgery/testing_servers.py: initdb into a temporary directory, removed "
+        "afterwards)",
     )
     args = ap.parse_args(argv)
     run_abc, run_d = any(c in args.sections for c in "abc"), "d" in args.sections
@@ -435,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 "VLLM_SURGERY_TRAFFIC": "1",
             }
             if args.database == "postgres":
-                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-                from pg_server import PostgresServer
+                from vllm_surgery.testing_servers import PostgresServer
 
                 pg = PostgresServer().start()
                 traffic_env["VLLM_SURGERY_DATABASE"] = pg.new_database()

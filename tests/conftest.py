@@ -31,8 +31,8 @@ def adapter_copy(tiny_adapter, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A real Postgres server for the session (tests/pg_server.py), started on first use."""
-    from pg_server import PostgresServer
+    """A real Postgres server for the session (vllm_surgery/testing_servers.py), started on first use."""
+    from vllm_surgery.testing_servers import PostgresServer
 
     server = PostgresServer().start()
     print(
@@ -50,8 +50,8 @@ def postgres_url(postgres_server) -> str:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 server (SeaweedFS, tests/s3_server.py) for the session, started on first use."""
-    from s3_server import S3Server
+    """A real S3 server (SeaweedFS, vllm_surgery/testing_servers.py) for the session, started on first use."""
+    from vllm_surgery.testing_servers import S3Server
 
     server = S3Server().start()
     print(f"\nSeaweedFS S3 started in {server.start_seconds:.2f} s on {server.endpoint}")

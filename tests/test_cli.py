@@ -161,3 +161,39 @@ def test_inspect_table_and_json(tiny_adapter):
         assert m["rank"] == 8 and len(m["sigma"]) == 8
         assert 0 < m["energy_top1"] <= m["energy_top_quarter"] <= 1
         assert 1 <= m["effective_rank"] <= 8
+
+
+def test_store_gc_lists_then_deletes_what_interrupted_writes_left(tmp_path):
+    import os
+    import time
+
+    store = tmp_path / "store"
+    old = store / "math" / "20260101T000000000000Z-0badf00d"  # reserved, never filled, two days ago
+    old.mkdir(parents=True)
+    temp = store / "math" / ".20260101T000000000001Z-0badf00e.tmp-0123456789ab"  # a killed atomic write
+    temp.mkdir()
+    (temp / "adapter_model.safetensors").write_bytes(b"partial")
+    for p in (temp / "adapter_model.safetensors", temp, old):
+        os.utime(p, (time.time() - 2 * 86400,) * 2)
+    fresh = store / "code" / "20260102T000000000000Z-0badf00f"  # within the grace period
+    fresh.mkdir(parents=True)
+
+    done = run("store", "gc", "--store", store, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert f"store: {store}; left by interrupted writes, 24 h or more ago:" in done.stdout
+    assert f"would delete math/{old.name}: 0 file(s), 0 bytes, the newest 48.0 h old" in done.stdout
+    assert f"would delete math/{temp.name}: 1 file(s), 7 bytes, the newest 48.0 h old" in done.stdout
+    assert done.stdout.rstrip().endswith("would delete 2, 7 bytes")
+    assert old.is_dir() and temp.is_dir()
+
+    done = run("store", "gc", "--store", store, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["store"], report["grace_hours"], report["dry_run"]) == (str(store), 24.0, False)
+    assert sorted((o["name"], o["entry"], o["files"], o["bytes"]) for o in report["orphans"]) == [
+        ("math", temp.name, 1, 7),
+        ("math", old.name, 0, 0),
+    ]
+    assert not old.exists() and not temp.exists() and fresh.is_dir()
+    done = run("store", "gc", "--store", store)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("nothing to delete"), done

@@ -20,9 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vllm_surgery"
 LAYERS = ("storage", "traffic", "worker", "serving")
-# Top-level modules that are not the engine: the command line, the deployment settings and the harness
-# that starts a real server (tests, demo, benchmarks). The engine may not import them.
-ABOVE_THE_ENGINE = ("cli", "settings", "server_process")
+# Top-level modules that are not the engine: the command line, the deployment settings, the harness
+# that starts a real server (tests, demo, benchmarks) and the real Postgres and S3 servers the tests and
+# benchmarks start. The engine may not import them.
+ABOVE_THE_ENGINE = ("cli", "settings", "server_process", "testing_servers")
 COMPAT_MODULE = "vllm_surgery.serving.vllm_compat"
 VLLM_PACKAGES = ("vllm", "model_hosting_container_standards")
 

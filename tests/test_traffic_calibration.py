@@ -199,6 +199,40 @@ def test_cli_export_and_stats(
     assert "math" in text and "other" not in text
 
 
+def test_cli_stats_shows_every_count_and_the_untrusted_records(
+    database_target, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """The text table has a column per count of TrafficStats, with --json's values; a record whose
+    latest feedback came from an untrusted client is counted as untrusted."""
+    monkeypatch.delenv("VLLM_SURGERY_CONFIG", raising=False)
+    db = open_database(database_target)
+    trusted, untrusted, _plain = db.insert([rec("t", "a"), rec("u", "b"), rec("p", "c")])
+    db.add_feedback(trusted, "good", None)
+    db.add_feedback(untrusted, "good", None, trusted=False)
+    db.close()
+    assert main(["traffic", "stats", "math", "--db", str(database_target), "--json"]) == 0
+    (counts,) = json.loads(capsys.readouterr().out)
+    assert (counts["records"], counts["untrusted"]) == (3, 1)
+    assert main(["traffic", "stats", "math", "--db", str(database_target)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, row = lines[1].split(), lines[2].split()
+    assert header == [
+        "adapter",
+        "version",
+        "records",
+        "rated",
+        "good",
+        "bad",
+        "corrected",
+        "usable",
+        "+unrated",
+        "untrusted",
+        "bytes",
+    ]
+    names = {"+unrated": "unrated_usable"}
+    assert row == [str(counts[names.get(h, h)]) for h in header]
+
+
 def test_cli_errors_are_clear(db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "x.jsonl"
     assert main(["calibration", "export", "nobody", "--output", str(out), "--db", str(db_path)]) == 2

@@ -1,5 +1,5 @@
 """`vllm-surgery`: refine an adapter offline, inspect its spectrum, turn recorded traffic into
-calibration data, or run the refinement worker beside a vLLM server."""
+calibration data, clean the refined-version store, or run the refinement worker beside a vLLM server."""
 
 from __future__ import annotations
 
@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also use completions nobody rated (weak targets: the adapter's own unreviewed output)",
     )
     ce.add_argument("--db", default=None, help=db_help)
+
+    st = sub.add_parser("store", help="the refined-version store")
+    stsub = st.add_subparsers(dest="store_command", required=True)
+    sg = stsub.add_parser(
+        "gc",
+        help="delete what interrupted writes left in the store (uploads without a manifest) after "
+        "VLLM_SURGERY_STORE_GC_GRACE_HOURS",
+    )
+    sg.add_argument(
+        "--store", default=None, help="the store, a directory or s3:// URL (default: VLLM_SURGERY_STORE)"
+    )
+    sg.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    sg.add_argument("--json", action="store_true", help="machine-readable output")
 
     from . import worker
 
@@ -223,12 +236,14 @@ def _traffic_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
+    from .storage import COUNTED
+
     print(f"traffic database: {db.path}")
-    header = ("adapter", "version", "records", "rated", "good", "bad", "corrected", "usable", "+unrated")
-    print(f"{header[0]:<24} {header[1]:<40} " + " ".join(f"{h:>9}" for h in header[2:]))
+    labels = {"unrated_usable": "+unrated"}  # what --include-unrated would add
+    header = [labels.get(c, c) for c in COUNTED]
+    print(f"{'adapter':<24} {'version':<40} " + " ".join(f"{h:>9}" for h in header))
     for r in rows:
-        counts = (r.records, r.rated, r.good, r.bad, r.corrected, r.usable, r.unrated_usable)
-        print(f"{r.adapter:<24} {r.version:<40} " + " ".join(f"{n:>9}" for n in counts))
+        print(f"{r.adapter:<24} {r.version:<40} " + " ".join(f"{getattr(r, c):>9}" for c in COUNTED))
     if not rows:
         print("(no records" + (f" for adapter {args.adapter!r})" if args.adapter else ")"))
     return 0
@@ -259,6 +274,41 @@ def _calibration_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_gc(args: argparse.Namespace) -> int:
+    import time
+
+    from .settings import ServingSettings
+    from .storage import open_store
+
+    settings = ServingSettings.from_env()
+    store = open_store(args.store or settings.store, settings.cache_dir, settings.cache_max_bytes)
+    grace_h = settings.store_gc_grace_hours
+    now = time.time()
+    found = store.collect_garbage(grace_h * 3600.0, now=now, dry_run=args.dry_run)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "store": store.location,
+                    "grace_hours": grace_h,
+                    "dry_run": args.dry_run,
+                    "orphans": [o.to_dict() for o in found],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"store: {store.location}; left by interrupted writes, {grace_h:g} h or more ago:")
+    for o in found:
+        print(
+            f"  {verb} {o.name}/{o.entry}: {o.files} file(s), {o.bytes} bytes, the newest "
+            f"{(now - o.newest) / 3600:.1f} h old"
+        )
+    print(f"{verb} {len(found)}, {sum(o.bytes for o in found)} bytes" if found else "nothing to delete")
+    return 0
+
+
 def _worker(args: argparse.Namespace) -> int:
     from .worker import run_from_args
 
@@ -266,8 +316,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done (refined adapter written, inspect, traffic, export, worker stopped), 3 original
-    kept, 2 bad input."""
+    """Exit codes: 0 done (refined adapter written, inspect, traffic, export, store gc, worker stopped),
+    3 original kept, 2 bad input (or a store that cannot be reached)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
@@ -275,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": _inspect,
         "traffic": _traffic_stats,
         "calibration": _calibration_export,
+        "store": _store_gc,
         "worker": _worker,
     }
     try:

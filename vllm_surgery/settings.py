@@ -332,6 +332,16 @@ class ServingSettings:
         "deleted, never one this server serves (those are kept even above the bound).",
         default=20 * (1 << 30),
     )
+    store_gc_grace_hours: float = setting(
+        "VLLM_SURGERY_STORE_GC_GRACE_HOURS",
+        # at least twice storage.objstore.UPLOAD_LIMIT_S (6 h; a test keeps them so)
+        number(12, 87600),
+        "`vllm-surgery store gc` deletes what interrupted writes left in the store (with an s3:// store: "
+        "version directories without manifest.json, uploads that died before their commit point) once "
+        "its newest file is this many hours old. An upload in progress is never deleted: an upload that "
+        "takes longer than 6 hours is not committed, and the minimum, 12, is twice that.",
+        default=24.0,
+    )
     calibration_dir: Path | None = setting(
         "VLLM_SURGERY_CALIBRATION_DIR",
         PATH,
@@ -532,6 +542,16 @@ class ServingSettings:
         "whatever notifications arrived (a backstop: a notification sent while its connection was down "
         "is lost). Changes normally arrive by LISTEN/NOTIFY within tens of milliseconds.",
         default=3.0,
+    )
+    replica_forget_days: float = setting(
+        "VLLM_SURGERY_REPLICA_FORGET_DAYS",
+        number(0.05, 3650),
+        "With a shared (Postgres) database: a replica that has not reported for this many days is "
+        "forgotten: its rows are deleted from the replicas table (the `replicas` list of GET "
+        "/v1/surgery/adapters/NAME), e.g. one scaled down or renamed. A running replica reports at least "
+        "every VLLM_SURGERY_POINTER_POLL_S (at most an hour) plus 30 s, so even the minimum, 0.05 (72 "
+        "minutes), never forgets one that is alive; one that comes back is listed again at its next report.",
+        default=1.0,
     )
     job_max_attempts: int = setting(
         "VLLM_SURGERY_JOB_MAX_ATTEMPTS",

@@ -1,8 +1,11 @@
-"""Starting and stopping one real `vllm serve` (via `vllm-surgery-serve`) for slow serving tests,
-plus the completion and teacher-forcing helpers that prove which adapter weights answered."""
+"""Starting and stopping one real `vllm serve` (via `vllm-surgery-serve`) for slow serving tests, or two
+replicas of one on a shared database and store (`replica_cluster`), plus the completion and
+teacher-forcing helpers that prove which adapter weights answered."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,11 +18,12 @@ from vllm_surgery.server_process import (
     stop_process,
 )
 from vllm_surgery.server_process import start_server as _start
+from vllm_surgery.storage import is_store_url, open_database
 
 NEW_TOKENS = 6
 LOGPROB_TOL = 1e-3  # float32 on both sides; observed differences are ~1e-6
 MIN_ADAPTER_GAP = 1e-2  # two different adapters' log-probs must differ by more than this somewhere
-__all__ = ["REQUEST_TIMEOUT_S", "Server", "start_server", "stop"]
+__all__ = ["REQUEST_TIMEOUT_S", "Server", "replica_cluster", "running", "start_server", "stop"]
 
 
 class Server(ServerProcess):
@@ -53,6 +57,115 @@ def start_server(
 
 
 stop = stop_process  # SIGTERM the server (vLLM stops engine and workers itself), then make sure its group is gone
+
+
+def stop_all(servers: list[Server]) -> None:
+    """Stop every server; fails the test when one left processes behind (they are killed by then)."""
+    left = {srv.label: stop(srv.proc) for srv in servers}
+    left = {label: pids for label, pids in left.items() if pids}
+    assert not left, f"processes left behind after SIGTERM (killed now): {left}"
+
+
+@contextmanager
+def running(root: Path, base: Path, env_extra: dict[str, str]) -> Iterator[Server]:
+    """`start_server(root, base, env_extra)` for the body of the `with`, stopped afterwards (failing
+    the test when it left processes behind)."""
+    srv = start_server(root, base, env_extra)
+    try:
+        yield srv
+    finally:
+        stop_all([srv])
+
+
+def start_replicas(
+    base: Path, root: Path, env: dict[str, str], own: dict[str, dict[str, str]] | None = None
+) -> list[Server]:
+    """Replicas "a" and "b" of `base` started together in ROOT/a and ROOT/b with `env` (plus `own`'s
+    settings for each name), each CPU engine on a core of its own (vLLM's "auto" binding puts every
+    CPU engine's threads on core 0), both healthy; fails the test (stopping both) otherwise."""
+    started = []
+    for name, core in (("a", "0"), ("b", "1")):
+        (root / name).mkdir()
+        replica = {"VLLM_SURGERY_REPLICA_ID": f"replica-{name}", "VLLM_CPU_OMP_THREADS_BIND": core}
+        started.append(
+            _start(
+                base,
+                root / name,
+                {**env, **replica, **(own or {}).get(name, {})},
+                label=f"replica-{name}",
+                wait=False,
+                cls=Server,
+            )
+        )
+    try:
+        for srv in started:
+            srv.wait_healthy()
+    except Exception as e:
+        for srv in started:
+            stop(srv.proc)
+        pytest.fail(str(e))
+    return started
+
+
+@contextmanager
+def replica_cluster(
+    base: Path, root: Path, adapters: Path, store: Path | str, database: str, env_extra: dict[str, str]
+) -> Iterator[dict]:
+    """Two replicas, "a" and "b", of `base` serving the adapters under `adapters` from one `store` with
+    one (Postgres) `database` at `database`: the store is a directory both share, or an s3:// URL, and
+    then each replica has a cache directory of its own, ROOT/NAME/cache, as on separate machines
+    (`env_extra` carries the S3 server's AWS_* variables). Yields {"a", "b", "db" (a Database of the
+    test's own), "env" (what both replicas got), "root", "base", "adapters"}; the replicas are stopped
+    afterwards (failing the test when one left processes behind)."""
+    env = {
+        **env_extra,
+        "VLLM_SURGERY_ADAPTER_DIRS": str(adapters),
+        "VLLM_SURGERY_STORE": str(store),
+        "VLLM_SURGERY_DATABASE": database,
+        "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
+        "VLLM_SURGERY_POINTER_POLL_S": "2",
+    }
+    own = None
+    if is_store_url(str(store)):  # object storage: a cache of each replica's own
+        own = {name: {"VLLM_SURGERY_CACHE_DIR": str(root / name / "cache")} for name in "ab"}
+    started = start_replicas(base, root, env, own)
+    db = open_database(database)
+    try:
+        yield {
+            "a": started[0],
+            "b": started[1],
+            "db": db,
+            "env": env,
+            "root": root,
+            "base": base,
+            "adapters": adapters,
+        }
+    finally:
+        db.close()
+        stop_all(started)
+
+
+def peft_reference(base: Path, adapters: dict[str, Path]):
+    """transformers+PEFT `base` in float32 with each of `adapters` loaded under its key (the first
+    active), in eval mode: what teacher forcing checks the server's answers against."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    (first, path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), path, adapter_name=first
+    )
+    for name, other in rest:
+        model.load_adapter(other, adapter_name=name)
+    return model.eval()
+
+
+def tokenized(base: Path, prompts: list[str]) -> list[list[int]]:
+    """The token ids of each prompt with `base`'s tokenizer (no special tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 def complete(server: Server, model: str, ids: list[int]) -> tuple[int, dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -371,6 +372,55 @@ def test_the_pending_swap_sweep_never_forces(env, tmp_path) -> None:
         good = forge(env["good"].name)
         assert run(sweep.swap_pending()) == [(good, "done")]
         assert swapper.describe("x")["served_version"] == env["good"].name
+    finally:
+        db.close()
+
+
+def test_the_servers_periodic_pass_forgets_replicas_that_went_away(env, postgres_url) -> None:
+    """With a shared (Postgres) database, the rows of a replica silent for longer than
+    VLLM_SURGERY_REPLICA_FORGET_DAYS are deleted by the server's periodic pass (the one that prunes the
+    job history); a replica that reports stays."""
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
+    from vllm_surgery.storage import open_database
+    from vllm_surgery.traffic import AdapterCalibration
+
+    swapper = env["swapper"]
+    assert swapper.settings.replica_forget_days == 1.0  # the default
+    db = open_database(postgres_url)
+    try:
+        now = time.time()
+        db.report_replica("scaled-down:8000", "x", "original", "in_sync", now=now - 86400.0 - 60)
+        db.report_replica("running:8000", "x", "original", "in_sync", now=now - 86400.0 + 600)
+        sweep = AutomaticJobs(swapper, db, "base", AdapterCalibration(swapper.settings, db))
+
+        async def until_forgotten() -> None:
+            task = asyncio.get_running_loop().create_task(sweep.run())
+            try:
+                deadline = time.monotonic() + 30
+                while len(db.replicas("x")) > 1:
+                    assert time.monotonic() < deadline, "the periodic pass did not forget the replica"
+                    await asyncio.sleep(0.05)
+            finally:
+                task.cancel()
+
+        run(until_forgotten())
+        assert [r.replica for r in db.replicas("x")] == ["running:8000"]
+    finally:
+        db.close()
+
+
+def test_with_sqlite_the_periodic_pass_leaves_the_replicas_table_alone(env, tmp_path) -> None:
+    """One machine (SQLite) has no replicas: the pass writes nothing there (no write transaction)."""
+    from vllm_surgery.serving.automatic_jobs import AutomaticJobs
+    from vllm_surgery.storage import SQLiteDatabase
+    from vllm_surgery.traffic import AdapterCalibration
+
+    db = SQLiteDatabase(tmp_path / "jobs.sqlite3")
+    try:
+        db.report_replica("written-by-hand", "x", "original", "in_sync", now=1.0)
+        sweep = AutomaticJobs(env["swapper"], db, "base", AdapterCalibration(env["swapper"].settings, db))
+        assert sweep.forget_replicas() == 0
+        assert [r.replica for r in db.replicas("x")] == ["written-by-hand"]
     finally:
         db.close()
 

@@ -12,10 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from pg_server import run_sql
 
 from vllm_surgery.storage import open_database
 from vllm_surgery.storage.database import DatabaseError, SQLiteDatabase, TrafficRecord
+from vllm_surgery.testing_servers import run_sql
 
 SPEC = {"calibration": {"source": "records", "records": [{"prompt": "1 +", "completion": " 1"}]}}
 

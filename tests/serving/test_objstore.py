@@ -1,17 +1,19 @@
-"""The refined-version store on object storage, against a real S3 server (SeaweedFS, tests/s3_server.py)
-through s3fs: versions written by one machine (a writer store with its own cache) and read by another
-(a replica store with another cache directory), a version without its manifest, objects tampered with
-in the bucket, the cache bound, an S3 server stopped under a hot-swapper (vLLM's serving models faked
-as in test_hotswap_unit.py), and the worker refining into an s3:// store. A vLLM server serving a
-version that only exists in S3 is the slow test_objstore_server.py."""
+"""The refined-version store on object storage, against a real S3 server (SeaweedFS,
+vllm_surgery/testing_servers.py) through s3fs: versions written by one machine (a writer store with its own
+cache) and read by another (a replica store with another cache directory), a version without its manifest,
+objects tampered with in the bucket, the cache bound, an S3 server stopped under a hot-swapper (vLLM's
+serving models faked as in test_hotswap_unit.py), and the worker refining into an s3:// store. A vLLM server
+serving a version that only exists in S3 is the slow test_objstore_server.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,7 +185,7 @@ def test_local_paths_stay_local_stores(tmp_path) -> None:
 @pytest.fixture
 def own_s3(monkeypatch):
     """A private S3 server that the test may stop."""
-    from s3_server import S3Server
+    from vllm_surgery.testing_servers import S3Server
 
     server = S3Server().start()
     for key, value in server.env().items():
@@ -332,3 +334,88 @@ def test_a_worker_whose_store_is_down_fails_the_job_naming_it(own_s3, tmp_path, 
     assert job.error.startswith(f"object store {url} unavailable: ")
     assert cache_contents(worker.store, "x") == []  # nothing half-written left on the worker either
     db.close()
+
+
+def test_store_gc_deletes_uploads_that_died_before_their_manifest_after_the_grace_period(
+    s3_url, s3_server, tmp_path, tiny_adapter
+) -> None:
+    client = s3_server.client()
+    bucket_path = s3_url.removeprefix("s3://")
+    store = make_store(s3_url, tmp_path / "cache")
+    complete = publish(store, "x", tiny_adapter, "h" * 64)
+    store.set_served("x", complete)
+    dead = {"x": "20260101T000000000000Z-0badf00d", "y": "20260101T000000000000Z-0badf00e"}
+    for name, version in dead.items():  # uploads that died before their manifest
+        for f in FILES[:2]:
+            client.put_file(str(tiny_adapter / f), f"{bucket_path}/{name}/{version}/{f}")
+        client.pipe_file(f"{bucket_path}/{name}/{version}/{PROVENANCE_NAME}", b'{"decision": "accept"}')
+    size = sum((tiny_adapter / f).stat().st_size for f in FILES[:2]) + len(b'{"decision": "accept"}')
+    time.sleep(3)  # S3 times have a second's resolution
+    uploading = "20260101T000000000001Z-0badf00f"  # an upload in progress: one file so far
+    client.pipe_file(f"{bucket_path}/x/{uploading}/adapter_config.json", b"{}")
+    expected = sorted((name, version, 3, size) for name, version in dead.items())
+
+    found = store.collect_garbage(2.0, dry_run=True)
+    assert sorted((o.name, o.entry, o.files, o.bytes) for o in found) == expected
+    assert client.exists(f"{bucket_path}/x/{dead['x']}/{PROVENANCE_NAME}")  # a dry run deletes nothing
+    found = store.collect_garbage(2.0)
+    assert sorted((o.name, o.entry, o.files, o.bytes) for o in found) == expected
+    client.invalidate_cache()
+    for name, version in dead.items():
+        assert not client.exists(f"{bucket_path}/{name}/{version}/{PROVENANCE_NAME}")
+        left = client.find(f"{bucket_path}/{name}/{version}", detail=True)
+        assert [p for p, info in left.items() if info["type"] == "file"] == []
+    assert client.exists(f"{bucket_path}/x/{uploading}/adapter_config.json")  # younger than the grace
+    listed = sorted(p.rsplit("/", 1)[-1] for p in client.ls(f"{bucket_path}/x/{complete}"))
+    assert listed == sorted([*FILES, MANIFEST_NAME])  # the version is whole
+    reader = make_store(s3_url, tmp_path / "reader")
+    assert [v.version_id for v in reader.versions("x")] == [complete]
+    assert reader.served_version_id("x") == complete
+    assert reader.fetch("x", complete)[1] == "fetched"
+    assert store.collect_garbage(2.0) == []
+
+
+def test_an_upload_slower_than_the_limit_is_not_committed(s3_url, s3_server, tmp_path, tiny_adapter) -> None:
+    """`publish` writes no manifest for an upload that took longer than its limit (the store's garbage
+    collection may have deleted its first files by then): nothing is visible, and gc deletes it."""
+    client = s3_server.client()
+    bucket_path = s3_url.removeprefix("s3://")
+    store = make_store(s3_url, tmp_path / "cache")
+    store.upload_limit_s = 0.0  # every upload takes longer than this
+    with pytest.raises(StoreError, match=r"took \d+ s, more than 0 s: not committed"):
+        publish(store, "x", tiny_adapter, "h" * 64)
+    (version,) = [p.rsplit("/", 1)[-1] for p in client.ls(f"{bucket_path}/x")]
+    assert not client.exists(f"{bucket_path}/x/{version}/{MANIFEST_NAME}")
+    assert make_store(s3_url, tmp_path / "reader").versions("x") == []
+    (orphan,) = store.collect_garbage(0.0, now=time.time() + 2)
+    assert (orphan.name, orphan.entry, orphan.files) == ("x", version, 3)
+
+
+def test_the_gc_grace_period_is_at_least_twice_the_upload_limit() -> None:
+    """The guarantee that gc never deletes an upload that may still commit rests on this."""
+    from vllm_surgery.settings import ServingSettings, SettingsError
+    from vllm_surgery.storage.objstore import UPLOAD_LIMIT_S
+
+    least = 2 * UPLOAD_LIMIT_S / 3600
+    variable = "VLLM_SURGERY_STORE_GC_GRACE_HOURS"
+    assert ServingSettings.from_env({variable: str(least)}).store_gc_grace_hours == least
+    with pytest.raises(SettingsError, match=variable):
+        ServingSettings.from_env({variable: str(least - 0.01)})
+    assert ServingSettings.from_env({}).store_gc_grace_hours == 24.0
+
+
+def test_store_gc_on_an_unreachable_store_exits_2_naming_it(s3_url, s3_server, tmp_path) -> None:
+    """`vllm-surgery store gc` as a user runs it: against the real server it says what it found; with
+    nothing answering at the endpoint it exits 2 with the store's URL, and deletes nothing."""
+    from vllm_surgery.testing_servers import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SURGERY_")}
+    env.update(s3_server.env(), AWS_MAX_ATTEMPTS="1", VLLM_SURGERY_CACHE_DIR=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "vllm_surgery.cli", "store", "gc", "--store", s3_url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "nothing to delete"
+    env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"vllm-surgery: error: object store {s3_url} unavailable" in done.stderr

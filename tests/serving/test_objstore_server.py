@@ -1,11 +1,10 @@
 """A real `vllm serve` (via `vllm-surgery-serve`) whose store is an s3:// bucket on a real S3 server
-(SeaweedFS, tests/s3_server.py): a refined version that exists only in the bucket (the machine that
-wrote it threw its cache away) is swapped in, fetched into the server's cache, checked against its
+(SeaweedFS, vllm_surgery/testing_servers.py): a refined version that exists only in the bucket (the machine
+that wrote it threw its cache away) is swapped in, fetched into the server's cache, checked against its
 manifest and served (log-probs equal transformers+PEFT teacher forcing of that version, as in
-test_hotswap.py); then the S3 server is stopped: a swap to a version that is not cached is refused
-with 503 naming the store, and the version served before keeps answering.
-Slow (engine start 25-70 s on 2 cores): `pytest -m slow tests/serving/test_objstore_server.py`.
-"""
+test_hotswap.py); then the S3 server is stopped: a swap to a version that is not cached is refused with 503
+naming the store, and the version served before keeps answering. Slow (engine start 25-70 s on 2 cores):
+`pytest -m slow tests/serving/test_objstore_server.py`."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-import torch
-from server import Server, assert_served_by, start_server, stop
+from server import Server, assert_served_by, metric, peft_reference, running, tokenized
 
 from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
 
@@ -29,10 +27,9 @@ PROMPTS = ["what is 12 + 30 ?", "the quick brown fox"]
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The S3 server, a bucket holding two published versions of adapter "x", and nothing of them on
     local disk: the writer's cache is deleted."""
-    from s3_server import S3Server
-
     from vllm_surgery.refine import refine
     from vllm_surgery.storage import open_store
+    from vllm_surgery.testing_servers import S3Server
 
     root = tmp_path_factory.mktemp("objstore-serve")
     base = build_tiny_llama(root / "base", hidden=128, heads=2, kv_heads=2, layers=2, intermediate=256)
@@ -90,38 +87,23 @@ def server(setup: dict) -> Iterator[Server]:
         "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
         **setup["env"],
     }
-    srv = start_server(root, setup["base"], env)
-    try:
+    with running(root, setup["base"], env) as srv:
         yield srv
-    finally:
-        left = stop(srv.proc)
-        assert not left, f"processes left behind after SIGTERM (killed now): {left}"
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(setup: dict) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(setup["base"])
-    return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    return tokenized(setup["base"], PROMPTS)
 
 
 @pytest.fixture(scope="module")
 def peft_model(setup: dict):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(setup["base"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, setup["root"] / "adapters" / "x", adapter_name="original")
-    model.load_adapter(setup["root"] / "refined", adapter_name="refined")
-    return model.eval()
+    root = setup["root"]
+    return peft_reference(setup["base"], {"original": root / "adapters" / "x", "refined": root / "refined"})
 
 
 def fetch_count(server: Server, outcome: str) -> float:
-    for line in server.get_text("/metrics").splitlines():
-        if line.startswith(f'vllm_surgery_store_fetches_total{{outcome="{outcome}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric(server, "vllm_surgery_store_fetches_total", outcome=outcome)
 
 
 def test_a_version_that_only_exists_in_s3_is_fetched_and_served(

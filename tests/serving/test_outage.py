@@ -1,9 +1,9 @@
-"""Postgres killed with SIGKILL (the postmaster and its children, tests/pg_server.py `kill`) and started
-again on the same data directory and port, below the real-server test: the traffic writer holds its
-batch and keeps the queue, and afterwards every record submitted is either stored or counted as
-dropped (exactly the ones `submit` refused), with log lines naming the outage; a worker's running job
-survives failed heartbeats and finishes after the outage, and a job queued during it runs next.
-Each test has a private server (killing the session's would break the others)."""
+"""Postgres killed with SIGKILL (the postmaster and its children, vllm_surgery/testing_servers.py `kill`) and
+started again on the same data directory and port, below the real-server test: the traffic writer holds its
+batch and keeps the queue, and afterwards every record submitted is either stored or counted as dropped
+(exactly the ones `submit` refused), with log lines naming the outage; a worker's running job survives
+failed heartbeats and finishes after the outage, and a job queued during it runs next. Each test has a
+private server (killing the session's would break the others)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from pg_server import PostgresServer
 from prometheus_client import REGISTRY
 
 import vllm_surgery
@@ -23,6 +22,7 @@ from vllm_surgery.storage.database import Retention, TrafficRecord
 from vllm_surgery.storage.postgres import PostgresDatabase
 from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
+from vllm_surgery.testing_servers import PostgresServer
 from vllm_surgery.traffic import TrafficWriter
 from vllm_surgery.worker.job_spec import job_spec, records_sha256
 from vllm_surgery.worker.process import RefinementWorker, WorkerOptions

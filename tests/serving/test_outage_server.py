@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pg_server import PostgresServer
 from server import Server, metric, start_server
 
 from vllm_surgery.storage import open_database
 from vllm_surgery.testing import build_lora_adapter, build_tiny_llama
+from vllm_surgery.testing_servers import PostgresServer
 
 pytestmark = pytest.mark.slow
 

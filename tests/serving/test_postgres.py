@@ -23,11 +23,11 @@ import time
 
 import psycopg
 import pytest
-from pg_server import free_port, run_sql
 
 from vllm_surgery.storage import DatabaseError, TrafficRecord, database, open_database, postgres
 from vllm_surgery.storage.database import Migration
 from vllm_surgery.storage.postgres import PostgresDatabase
+from vllm_surgery.testing_servers import free_port, run_sql
 
 SPEC = {"calibration": {"source": "records", "records": [{"prompt": "1 +", "completion": " 1"}]}}
 

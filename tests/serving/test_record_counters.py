@@ -14,10 +14,10 @@ import threading
 import time
 
 import pytest
-from pg_server import run_sql
 
 from vllm_surgery.storage import Retention, SQLiteDatabase, TrafficRecord, open_database
 from vllm_surgery.storage import database as sqlite_module
+from vllm_surgery.testing_servers import run_sql
 
 WHITESPACE = " \t\n\r"
 ADAPTERS = ("a", "b", "c")

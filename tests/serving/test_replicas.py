@@ -1,5 +1,5 @@
 """Many replicas with real processes: two `vllm serve` replicas (via `vllm-surgery-serve`) sharing one
-real Postgres database (tests/pg_server.py) and one store directory, a third started later, and a
+real Postgres database (vllm_surgery/testing_servers.py) and one store directory, a third started later, and a
 `vllm-surgery worker` given no server address.
 
 The served version is the served pointer in the database: an admin swap or rollback on either replica
@@ -30,11 +30,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-import torch
-from server import LOGPROB_TOL, Server, complete, generated, start_server, stop, teacher_forced
+from server import (
+    LOGPROB_TOL,
+    Server,
+    complete,
+    generated,
+    metric,
+    peft_reference,
+    replica_cluster,
+    start_server,
+    stop,
+    teacher_forced,
+    tokenized,
+)
 
-from vllm_surgery.server_process import start_server as start_process
-from vllm_surgery.storage import open_database
 from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
 
@@ -80,91 +89,34 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterat
     shutil.copytree(refined, corrupt, dirs_exist_ok=True)
     weights = corrupt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # surgery.json intact: "accept", the right hash
-    url = postgres_server.new_database()
     env = {
-        "VLLM_SURGERY_ADAPTER_DIRS": str(adapters),
-        "VLLM_SURGERY_STORE": str(store.root),
-        "VLLM_SURGERY_DATABASE": url,
         "VLLM_SURGERY_CALIBRATION_DIR": str(case.calibration.parent),
-        "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
         "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "VLLM_SURGERY_POINTER_POLL_S": "2",
     }
     (root / "c").mkdir()
-    started = start_replicas(case.base, root, env)
-    db = open_database(url)
-    try:
-        yield {
-            "a": started[0],
-            "b": started[1],
-            "db": db,
-            "env": env,
-            "root": root,
-            "base": case.base,
-            "store": store,
-            "adapters": adapters,
-            "calibration": case.calibration,
-            "refined": refined.name,
-            "corrupt": corrupt.name,
-        }
-    finally:
-        db.close()
-        for srv in started:
-            left = stop(srv.proc)
-            assert not left, f"processes left behind after SIGTERM (killed now): {left}"
-
-
-def start_replicas(
-    base, root, env: dict[str, str], own: dict[str, dict[str, str]] | None = None
-) -> list[Server]:
-    """Replicas "a" and "b" of `base` started together in ROOT/a and ROOT/b with `env` (plus `own`'s
-    settings for each name), each CPU engine on a core of its own (vLLM's "auto" binding puts every
-    CPU engine's threads on core 0), both healthy; fails the test (stopping both) otherwise."""
-    started = []
-    for name, core in (("a", "0"), ("b", "1")):
-        (root / name).mkdir()
-        replica = {"VLLM_SURGERY_REPLICA_ID": f"replica-{name}", "VLLM_CPU_OMP_THREADS_BIND": core}
-        started.append(
-            start_process(
-                base,
-                root / name,
-                {**env, **replica, **(own or {}).get(name, {})},
-                label=f"replica-{name}",
-                wait=False,
-                cls=Server,
-            )
-        )
-    try:
-        for srv in started:
-            srv.wait_healthy()
-    except Exception as e:
-        for srv in started:
-            stop(srv.proc)
-        pytest.fail(str(e))
-    return started
+    database = postgres_server.new_database()
+    with replica_cluster(case.base, root, adapters, store.root, database, env) as cluster:
+        cluster.update(store=store, calibration=case.calibration, refined=refined.name, corrupt=corrupt.name)
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(cluster: dict) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cluster["base"])
-    return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    return tokenized(cluster["base"], PROMPTS)
 
 
 @pytest.fixture(scope="module")
 def peft_model(cluster: dict):
     """The base with every candidate loaded: x's original and refined version, w's original."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(cluster["base"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, cluster["adapters"] / "x", adapter_name="x:original")
-    model.load_adapter(
-        cluster["store"].version_dir("x", cluster["refined"]), adapter_name=f"x:{cluster['refined']}"
+    refined = cluster["refined"]
+    return peft_reference(
+        cluster["base"],
+        {
+            "x:original": cluster["adapters"] / "x",
+            f"x:{refined}": cluster["store"].version_dir("x", refined),
+            "w:original": cluster["adapters"] / "w",
+        },
     )
-    model.load_adapter(cluster["adapters"] / "w", adapter_name="w:original")
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -260,14 +212,6 @@ def replica_states(body: dict) -> dict[str, tuple]:
 
 def swap(server: Server, name: str, version: str) -> tuple[int, dict]:
     return server.post(f"/v1/surgery/adapters/{name}/swap", {"version": version}, headers=ADMIN)
-
-
-def metric(server: Server, series: str) -> float:
-    """The value of one exposed series (`name{labels}` exactly as /metrics writes it), 0 when absent."""
-    for line in server.get_text("/metrics").splitlines():
-        if line.rsplit(" ", 1)[0] == series:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def run_worker(settings: dict[str, str], root) -> str:
@@ -373,7 +317,7 @@ def test_a_replica_that_cannot_validate_the_version_keeps_serving_and_reports_fa
     copy was intact would): neither replica serves it, both keep the refined version and say why."""
     a, b, db = cluster["a"], cluster["b"], cluster["db"]
     refined, corrupt = cluster["refined"], cluster["corrupt"]
-    failed_before = metric(b, 'vllm_surgery_pointer_follows_total{adapter="x",outcome="failed"}')
+    failed_before = metric(b, "vllm_surgery_pointer_follows_total", adapter="x", outcome="failed")
     info = cluster["store"].version_info("x", corrupt)
     db.set_served_pointer("x", corrupt, adapter_hash=info.adapter_hash, by="job 999")
     body = wait_view(
@@ -388,8 +332,8 @@ def test_a_replica_that_cannot_validate_the_version_keeps_serving_and_reports_fa
     assert body["pointer"]["version"] == corrupt and body["served_version"] == refined
     for srv in (a, b):
         assert serving(srv, "x", prompt_ids, peft_model) == refined  # still served, nothing failed
-    assert metric(b, 'vllm_surgery_pointer_follows_total{adapter="x",outcome="failed"}') > failed_before
-    assert metric(b, 'vllm_surgery_replica_in_sync{adapter="x"}') == 0.0
+    assert metric(b, "vllm_surgery_pointer_follows_total", adapter="x", outcome="failed") > failed_before
+    assert metric(b, "vllm_surgery_replica_in_sync", adapter="x") == 0.0
     assert "cannot serve " + corrupt in b.log_tail(400)
     # an admin points it back at the refined version: both are in sync again
     status, body = swap(a, "x", refined)
@@ -400,7 +344,7 @@ def test_a_replica_that_cannot_validate_the_version_keeps_serving_and_reports_fa
         lambda v: replica_states(v) == {"replica-a": (refined, "in_sync"), "replica-b": (refined, "in_sync")},
         "both replicas in sync again",
     )
-    assert metric(a, 'vllm_surgery_replica_in_sync{adapter="x"}') == 1.0
+    assert metric(a, "vllm_surgery_replica_in_sync", adapter="x") == 1.0
 
 
 def test_a_replica_started_later_serves_the_current_pointer_on_its_first_request(

@@ -23,7 +23,7 @@ from vllm_surgery.storage import open_database, open_store
 @pytest.fixture
 def s3(monkeypatch):
     """An S3 server of this test's own: the test stops it."""
-    from s3_server import S3Server
+    from vllm_surgery.testing_servers import S3Server
 
     server = S3Server().start()
     for key, value in {**server.env(), "AWS_MAX_ATTEMPTS": "1"}.items():

@@ -1,6 +1,7 @@
 """Many replicas on real parts, as on separate machines: two `vllm serve` replicas (via
 `vllm-surgery-serve`) on one real Postgres database (the served pointer, the traffic, the jobs) and one
-s3:// store on a real S3 server (SeaweedFS, tests/s3_server.py), EACH WITH ITS OWN CACHE DIRECTORY, a
+s3:// store on a real S3 server (SeaweedFS, vllm_surgery/testing_servers.py), EACH WITH ITS OWN CACHE
+DIRECTORY, a
 `vllm-surgery worker` without a server address refining into the bucket, a third replica started
 afterwards, and then the S3 server stopped.
 
@@ -28,8 +29,7 @@ from collections.abc import Iterator
 
 import pytest
 import test_replicas
-import torch
-from server import stop
+from server import peft_reference, replica_cluster
 from test_replicas import (
     ADMIN,
     ADMIN_TOKEN,
@@ -39,13 +39,12 @@ from test_replicas import (
     replica_states,
     run_worker,
     serving,
-    start_replicas,
     swap,
     view,
     wait_view,
 )
 
-from vllm_surgery.storage import open_database, open_store
+from vllm_surgery.storage import open_store
 from vllm_surgery.testing import build_gain_case
 
 pytestmark = pytest.mark.slow
@@ -58,7 +57,7 @@ NEW_TOKENS = 4  # of each traffic request (the reviewer's correction replaces th
 def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterator[dict]:
     """An S3 server of this module's own (a test stops it), replicas A and B with their own caches,
     and "spare": a version of "x" in the bucket that no replica has cached (its writer's cache gone)."""
-    from s3_server import S3Server
+    from vllm_surgery.testing_servers import S3Server
 
     root = tmp_path_factory.mktemp("replicas-s3")
     case = build_gain_case(root / "case")
@@ -69,40 +68,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterat
     url = f"s3://{s3.new_bucket()}/store"
     try:
         spare = publish_copy(url, root / "writer-cache", adapters / "x", aws)
+        env = {**aws, "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN, "VLLM_SURGERY_TRAFFIC": "1"}
         database = postgres_server.new_database()
-        env = {
-            **aws,
-            "VLLM_SURGERY_ADAPTER_DIRS": str(adapters),
-            "VLLM_SURGERY_STORE": url,
-            "VLLM_SURGERY_DATABASE": database,
-            "VLLM_PLUGINS": "vllm_surgery,vllm_surgery_api",
-            "VLLM_SURGERY_ADMIN_TOKEN": ADMIN_TOKEN,
-            "VLLM_SURGERY_POINTER_POLL_S": "2",
-            "VLLM_SURGERY_TRAFFIC": "1",
-        }
-        own = {name: {"VLLM_SURGERY_CACHE_DIR": str(root / name / "cache")} for name in "ab"}
-        started = start_replicas(case.base, root, env, own)
-        db = open_database(database)
-        try:
-            yield {
-                "a": started[0],
-                "b": started[1],
-                "db": db,
-                "env": env,
-                "root": root,
-                "base": case.base,
-                "adapters": adapters,
-                "calibration": case.calibration,
-                "s3": s3,
-                "url": url,
-                "aws": aws,
-                "spare": spare,
-            }
-        finally:
-            db.close()
-            for srv in started:
-                left = stop(srv.proc)
-                assert not left, f"processes left behind after SIGTERM (killed now): {left}"
+        with replica_cluster(case.base, root, adapters, url, database, env) as cluster:
+            cluster.update(calibration=case.calibration, s3=s3, url=url, aws=aws, spare=spare)
+            yield cluster
     finally:
         s3.stop()
 
@@ -132,11 +102,7 @@ prompt_ids = test_replicas.prompt_ids  # the fixture, on this module's cluster
 @pytest.fixture(scope="module")
 def peft_model(cluster: dict):
     """The base with x's original loaded; the worker's version is added when it exists."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(cluster["base"], dtype=torch.float32)
-    return PeftModel.from_pretrained(base, cluster["adapters"] / "x", adapter_name="x:original").eval()
+    return peft_reference(cluster["base"], {"x:original": cluster["adapters"] / "x"})
 
 
 def fetched_copy(cluster: dict, version: str):
@@ -212,7 +178,7 @@ def test_with_object_storage_stopped_an_uncached_version_is_refused_and_the_serv
     cluster, prompt_ids, peft_model
 ) -> None:
     """Last: stops the module's S3 server."""
-    from s3_server import wait_closed
+    from vllm_surgery.testing_servers import wait_closed
 
     a, b, db = cluster["a"], cluster["b"], cluster["db"]
     version, spare = cluster["accepted"], cluster["spare"]

@@ -155,6 +155,23 @@ def test_replicas_report_what_they_serve(db) -> None:
         db.report_replica("host-a:8000", "x", "v1", "lost")
 
 
+def test_replicas_silent_for_longer_than_the_age_are_forgotten(db) -> None:
+    day = 86400.0
+    db.report_replica("gone", "x", "v1", "in_sync", now=1 * day)  # went away on day 1
+    db.report_replica("gone", "y", "v1", "failed", "corrupt", now=1 * day)
+    db.report_replica("alive", "x", "v1", "in_sync", now=1 * day)
+    db.report_replica("alive", "x", "v2", "in_sync", now=10 * day - 60)  # reported a minute ago
+    db.report_replica("quiet", "y", "v1", "in_sync", now=9 * day)  # exactly one day ago: kept
+    assert db.prune_replicas(day, now=10 * day) == 2
+    assert [(r.replica, r.version) for r in db.replicas("x")] == [("alive", "v2")]
+    assert [(r.replica, r.version) for r in db.replicas("y")] == [("quiet", "v1")]
+    assert db.prune_replicas(day, now=10 * day) == 0  # nothing more: the same pass again deletes nothing
+    db.report_replica("gone", "x", "v2", "in_sync", now=10 * day)  # it came back: listed again
+    assert [r.replica for r in db.replicas("x")] == ["alive", "gone"]
+    with pytest.raises(ValueError, match="max_age_s"):
+        db.prune_replicas(-1.0)
+
+
 def test_two_openers_share_the_pointer(database_target) -> None:
     one, two = open_database(database_target), open_database(database_target)
     try:

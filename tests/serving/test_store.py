@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -154,14 +156,23 @@ def leave_leftovers(store: VersionStore, name: str) -> list[Path]:
     return [reserved, temp_dir, temp_file]
 
 
-def test_leftovers_of_interrupted_writes_are_removed(
-    tmp_path: Path, tiny_adapter: Path, original_hash
-) -> None:
-    store = VersionStore(tmp_path / "store")
+def store_with_leftovers(root: Path, tiny_adapter: Path, original_hash: str) -> tuple:
+    """(store, a complete version, leftovers of an interrupted write, an operator's directory without
+    surgery.json) of adapter "math"."""
+    store = VersionStore(root)
     complete = fake_version(store, "math", tiny_adapter, "accept", original_hash)
     leftovers = leave_leftovers(store, "math")
     operators = store.adapter_dir("math") / "copied-by-hand"
     shutil.copytree(tiny_adapter, operators)  # no surgery.json: not a version, but not ours to delete
+    return store, complete, leftovers, operators
+
+
+def test_leftovers_of_interrupted_writes_are_removed(
+    tmp_path: Path, tiny_adapter: Path, original_hash
+) -> None:
+    store, complete, leftovers, operators = store_with_leftovers(
+        tmp_path / "store", tiny_adapter, original_hash
+    )
     assert [v.path for v in store.versions("math")] == [complete]  # never listed
     assert sorted(store.remove_leftovers()) == sorted(leftovers)
     assert not any(p.exists() for p in leftovers)
@@ -177,3 +188,42 @@ def test_leftovers_of_a_refinement_still_running_elsewhere_are_kept(tmp_path: Pa
         assert sorted(store.remove_leftovers()) == sorted(done)
     assert all(p.exists() for p in in_progress)
     assert sorted(store.remove_leftovers()) == sorted(in_progress)
+
+
+def make_old(paths: list[Path], seconds: float) -> None:
+    """Set the modification time of every path (and everything below a directory) `seconds` back."""
+    when = time.time() - seconds
+    for path in paths:
+        below = sorted(path.rglob("*"), reverse=True) if path.is_dir() else []
+        for p in [*below, path]:
+            os.utime(p, (when, when), follow_symlinks=False)
+
+
+def test_store_gc_deletes_leftovers_older_than_the_grace_period_only(
+    tmp_path: Path, tiny_adapter: Path, original_hash
+) -> None:
+    store, complete, old, operators = store_with_leftovers(tmp_path / "store", tiny_adapter, original_hash)
+    store.set_served("math", complete.name)
+    make_old([store.adapter_dir("math")], 2 * 86400)  # everything of "math", two days ago
+    fresh = leave_leftovers(store, "code")  # an interrupted write a minute ago: within the grace period
+    make_old(fresh, 60)
+    expected = [
+        ("math", old[0].name, 0, 0),  # the reserved, empty version directory
+        ("math", old[1].name, 1, len(b"partial")),
+        ("math", old[2].name, 1, len('{"vers')),
+    ]
+    found = store.collect_garbage(86400, dry_run=True)
+    assert sorted((o.name, o.entry, o.files, o.bytes) for o in found) == sorted(expected)
+    assert all(p.exists() for p in old)  # a dry run deletes nothing
+    found = store.collect_garbage(86400)
+    assert sorted((o.name, o.entry, o.files, o.bytes) for o in found) == sorted(expected)
+    assert not any(p.exists() for p in old)
+    assert all(p.exists() for p in fresh)
+    assert complete.is_dir() and operators.is_dir() and store.served_version_id("math") == complete.name
+    assert [v.path for v in store.versions("math")] == [complete]
+    assert store.collect_garbage(86400) == []
+    # past the grace period, but a refinement of "code" is running (its writer lock is held): kept
+    make_old(fresh, 2 * 86400)
+    with store.writer_lock("code"):
+        assert store.collect_garbage(86400) == []
+    assert sorted(o.entry for o in store.collect_garbage(86400)) == sorted(p.name for p in fresh)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from pg_server import run_sql, table_columns
 
 from vllm_surgery.storage import database, open_database
 from vllm_surgery.storage.database import (
@@ -25,6 +24,7 @@ from vllm_surgery.storage.database import (
     TrafficRecord,
     UnknownRequest,
 )
+from vllm_surgery.testing_servers import run_sql, table_columns
 
 
 def record(

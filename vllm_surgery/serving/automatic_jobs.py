@@ -250,14 +250,30 @@ class AutomaticJobs:
             log.info("jobs: pruned %d finished job(s) from the history", deleted)
         return deleted
 
+    def forget_replicas(self, now: float | None = None) -> int:
+        """Delete the replicas-table rows of replicas silent for longer than replica_forget_days (a
+        replica that went away); the number deleted. Only a shared database has replicas (with SQLite,
+        one machine, nothing is written: no write transaction)."""
+        if not self.db.shares_pointer:
+            return 0
+        deleted = self.db.prune_replicas(self.settings.replica_forget_days * 86400.0, now)
+        if deleted:
+            log.info(
+                "replicas: forgot %d row(s) of replicas silent for more than %g day(s)",
+                deleted,
+                self.settings.replica_forget_days,
+            )
+        return deleted
+
     async def run(self) -> None:
-        """Forever: new-data checks, pending swaps and the job history's pruning, every
-        refine_check_interval_s (first at once)."""
+        """Forever: new-data checks, pending swaps, the job history's pruning and forgetting replicas
+        that went away, every refine_check_interval_s (first at once)."""
         while True:
             try:
                 await asyncio.to_thread(self.check_new_data)
                 await self.swap_pending()
                 await asyncio.to_thread(self.prune_history)
+                await asyncio.to_thread(self.forget_replicas)
             except DatabaseError as e:
                 log.error("auto-refine: the job database is not available: %s", e)
             except Exception:

@@ -1,6 +1,7 @@
 """Storage: what a deployment keeps between processes, with no vLLM in it.
 
-- `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`);
+- `store`: the refined-version store, one directory tree (`VersionStore`, `version_key`; what
+  interrupted writes left, `Orphan`, is deleted by `collect_garbage`);
   `objstore`: the same on object storage (`ObjectVersionStore`, ``s3://``), with a checked local cache.
 - `database`: recorded traffic and feedback (`Database`, `SQLiteDatabase`, `TrafficRecord`).
 - `job_queue`: the refinement job queue in the same database (`Job`, `JobQueue`, job states).
@@ -11,7 +12,7 @@
 - `pointer`: the served pointer in a shared database (which version every replica serves), its
   history and the replicas' reports; `listen`: LISTEN for its changes on Postgres (imported only then).
 - `counters`: the counters and batched deletes that keep stats, metrics and retention fast at any
-  size (schema version 6).
+  size (schema version 6); `COUNTED`: the counts of `TrafficStats`, in order.
 - `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
 
 The server (inside vLLM), the worker and the command line all use these; backends for several
@@ -21,7 +22,7 @@ the package's front door: other packages import from here, not from the modules.
 
 from __future__ import annotations
 
-from .counters import JOB_STAGE_BUCKETS, StageHistogram
+from .counters import COUNTED, JOB_STAGE_BUCKETS, StageHistogram
 from .database import (
     RATINGS,
     SCHEMA_VERSION,
@@ -58,6 +59,7 @@ from .pointer import (
 )
 from .store import (
     KEY_CONFIG_FIELDS,
+    Orphan,
     StoreError,
     StoreUnavailable,
     VersionInfo,
@@ -71,6 +73,7 @@ from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
 
 __all__ = [
     "ACTIVE_STATES",
+    "COUNTED",
     "FINISHED_STATES",
     "JOB_STAGE_BUCKETS",
     "JOB_STATES",
@@ -90,6 +93,7 @@ __all__ = [
     "JobFigures",
     "JobQueue",
     "JobQueueFull",
+    "Orphan",
     "PointerChange",
     "PointerConflict",
     "ReplicaStatus",

@@ -5,7 +5,8 @@ Remote layout (one prefix per adapter, as in the local store)::
     <url>/<name>/<version id>/<adapter files>   uploaded first (adapter_config.json, weights, surgery.json)
     <url>/<name>/<version id>/manifest.json     uploaded LAST: {"files": {file: {"sha256", "size"}},
                                                 "record": <surgery.json>}; a version without it does
-                                                not exist for readers
+                                                not exist for readers; one without it for longer
+                                                than the grace period is deleted by `collect_garbage`
     <url>/<name>/served.json                    {"version": ...}, one PUT (atomic on S3)
     <url>/<name>/.outcomes/<key>.json           remembered refinements that wrote no version
 
@@ -53,6 +54,7 @@ from ..names import InvalidAdapterName, validate_adapter_name
 from .store import (
     OUTCOMES_DIR,
     SERVED_NAME,
+    Orphan,
     StoreError,
     StoreUnavailable,
     VersionInfo,
@@ -64,6 +66,11 @@ from .store import (
 log = logging.getLogger(f"vllm.{__name__}")
 
 MANIFEST_NAME = "manifest.json"
+# An upload that has taken longer than this is not committed (no manifest: `publish` raises), so that
+# `collect_garbage`, which deletes only files without a manifest older than its grace period (at least
+# twice this: VLLM_SURGERY_STORE_GC_GRACE_HOURS), can never delete the files of an upload that may still
+# commit. The margin covers clock differences between the writer and the object store's servers.
+UPLOAD_LIMIT_S = 6 * 3600.0
 MANIFEST_FORMAT = 1
 INSTALL_S3 = "pip install 'vllm-surgery[s3]'"
 _CHUNK = 1 << 20
@@ -85,6 +92,17 @@ def _touch(manifest: Path) -> None:
     own timestamps are coarse: two uses a few milliseconds apart would look simultaneous)."""
     now = time.time_ns()
     os.utime(manifest, ns=(now, now))
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """An object's modification time (epoch seconds) from an fsspec listing entry (s3fs: LastModified,
+    a datetime; others: mtime or created as numbers or datetimes). Raises StoreError when it has none:
+    an object of unknown age is never deleted."""
+    for key in ("LastModified", "mtime", "last_modified", "created"):
+        value = info.get(key)
+        if value is not None:
+            return value.timestamp() if hasattr(value, "timestamp") else float(value)
+    raise StoreError(f"{info.get('name')}: the store gives no modification time; cannot tell its age")
 
 
 def open_filesystem(url: str) -> tuple[Any, str]:
@@ -125,6 +143,7 @@ class ObjectVersionStore(VersionStore):
         digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         super().__init__(Path(cache_dir).expanduser() / digest)
         self.cache_max_bytes = int(cache_max_bytes)
+        self.upload_limit_s = UPLOAD_LIMIT_S  # longer uploads are not committed (UPLOAD_LIMIT_S)
         self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
         self._mutex = threading.Lock()
 
@@ -453,7 +472,8 @@ class ObjectVersionStore(VersionStore):
     def publish(self, name: str, path: Path) -> None:
         """Upload the version refine() wrote into `path` (a `new_version_dir` of this store): every file,
         then the manifest, then mark the cache copy complete. Raises StoreUnavailable (nothing is
-        visible then: an upload without manifest is not a version) or StoreError."""
+        visible then: an upload without manifest is not a version) or StoreError (also for an upload
+        that took longer than `upload_limit_s`: not committed, see UPLOAD_LIMIT_S)."""
         version_id = path.name
         if path.parent != self.adapter_dir(name):
             raise StoreError(f"{path}: not a version directory of {name!r} in this store's cache")
@@ -474,6 +494,13 @@ class ObjectVersionStore(VersionStore):
                 self.fs.put_file(str(path / file_name), remote)
             except Exception as e:
                 raise self._unavailable(f"uploading {remote}", e) from e
+        took = time.perf_counter() - t0
+        if took > self.upload_limit_s:  # its files may be collected as garbage by now: never commit it
+            raise StoreError(
+                f"store {self.url}: uploading {name}/{version_id} took {took:.0f} s, more than "
+                f"{self.upload_limit_s:.0f} s: not committed (no {MANIFEST_NAME}; `vllm-surgery store gc` "
+                "deletes its files after the grace period); refine it again"
+            )
         text = json.dumps(manifest, indent=2) + "\n"
         self._put(text.encode(), name, version_id, MANIFEST_NAME)  # the commit point
         tmp = path / f".{MANIFEST_NAME}.tmp-{secrets.token_hex(6)}"
@@ -493,6 +520,75 @@ class ObjectVersionStore(VersionStore):
         )
         with self._cache_lock():
             self._evict(keep={(name, version_id)})
+
+    def collect_garbage(
+        self, grace_s: float, now: float | None = None, dry_run: bool = False
+    ) -> list[Orphan]:
+        """Delete from the store the version directories without manifest.json (uploads that died before
+        their commit point) whose newest object is older than `grace_s` seconds; with `dry_run`, only
+        say what would go. An upload in progress is never touched: `publish` commits no upload that
+        took longer than `upload_limit_s`, and the grace period is at least twice that, so a version
+        that may still get its manifest always has an object younger than the grace period. Only the
+        objects listed are deleted. Versions with a manifest, served.json and .outcomes are never
+        touched; neither is this machine's cache (`remove_leftovers` cleans it). Returns what was (or
+        would be) deleted. Raises StoreUnavailable when the store cannot be listed or written."""
+        cutoff = (time.time() if now is None else now) - grace_s
+        found: list[Orphan] = []
+        try:
+            self.fs.invalidate_cache()
+            adapters = sorted(
+                e["name"] for e in self.fs.ls(self.base, detail=True) if e["type"] == "directory"
+            )
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise self._unavailable(f"listing {self.base}", e) from e
+        for adapter in adapters:
+            name = adapter.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                validate_adapter_name(name)
+            except InvalidAdapterName:
+                continue  # not an adapter of this store (its own name rules)
+            try:
+                entries = self.fs.ls(adapter, detail=True)
+            except Exception as e:
+                raise self._unavailable(f"listing {adapter}", e) from e
+            for entry in sorted(e["name"] for e in entries if e["type"] == "directory"):
+                version_id = entry.rstrip("/").rsplit("/", 1)[-1]
+                if version_id.startswith("."):
+                    continue  # .outcomes
+                try:
+                    listed = self.fs.find(entry, detail=True)
+                except Exception as e:
+                    raise self._unavailable(f"listing {entry}", e) from e
+                # files only: a store with real directories (SeaweedFS's filer) keeps the emptied one
+                objects = {p: info for p, info in listed.items() if info.get("type") == "file"}
+                if not objects or any(p.rsplit("/", 1)[-1] == MANIFEST_NAME for p in objects):
+                    continue  # a version (or nothing at all)
+                newest = max(_modified(info) for info in objects.values())
+                if newest >= cutoff:
+                    continue  # perhaps still uploading
+                if not dry_run:
+                    try:
+                        self.fs.rm(sorted(objects))
+                    except Exception as e:
+                        raise StoreUnavailable(
+                            f"object store {self.url} unavailable: deleting {name}/{version_id} failed "
+                            f"({type(e).__name__}: {e}); some of its objects may be gone (no reader saw "
+                            "them: it has no manifest); run `vllm-surgery store gc` again"
+                        ) from e
+                    log.warning(
+                        "store %s: deleted %s/%s: %d object(s) without %s, the newest %.1f h old",
+                        self.url,
+                        name,
+                        version_id,
+                        len(objects),
+                        MANIFEST_NAME,
+                        (time.time() - newest) / 3600,
+                    )
+                size = sum(int(info.get("size") or 0) for info in objects.values())
+                found.append(Orphan(name, version_id, len(objects), size, newest))
+        return found
 
     def _remove_leftovers_in(self, base: Path) -> list[Path]:
         """`remove_leftovers` (run at start) in the local cache: interrupted downloads and writes, and a

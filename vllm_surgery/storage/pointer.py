@@ -12,7 +12,9 @@ a row of ``served_pointer`` instead, so that one write reaches every replica:
   when, why), oldest first. A rollback goes back to the `from_version` of the latest change.
 - ``replicas``: what each replica serves for each adapter it follows (state ``in_sync``, ``behind``
   while a retryable failure lasts, ``failed`` when it cannot fetch or validate the version and keeps
-  serving the one it has), with the error and when it was last seen.
+  serving the one it has), with the error and when it was last seen. A replica refreshes its rows
+  while it runs; rows it stopped refreshing (a replica that went away) are deleted by
+  `prune_replicas`, which the servers' periodic prune pass runs.
 
 On Postgres a trigger on ``served_pointer`` sends ``pg_notify(POINTER_CHANNEL, adapter)`` on every
 insert or update; the replicas' followers LISTEN (`vllm_surgery.storage.listen`). A notification is
@@ -25,6 +27,7 @@ inherits them from `ServedPointers`, and each backend says how to run them (`_po
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -308,6 +311,18 @@ class ServedPointers(ABC):
                 ),
                 (replica, adapter, version, state, _cut(error), time.time() if now is None else now),
             )
+
+    def prune_replicas(self, max_age_s: float, now: float | None = None) -> int:
+        """Delete the rows of every replica that has not reported for longer than `max_age_s` seconds
+        (its `seen_at`): a replica that went away would otherwise be listed forever. One statement: the
+        table holds a row per replica and adapter, not per request. Returns the rows deleted. Raises
+        ValueError for a negative or non-finite age."""
+        if not math.isfinite(max_age_s) or max_age_s < 0:
+            raise ValueError(f"max_age_s must be a finite number >= 0, got {max_age_s!r}")
+        cutoff = (time.time() if now is None else now) - max_age_s
+        backend = self._pointer_backend()
+        with backend.transaction() as conn:
+            return conn.execute(backend.sql("DELETE FROM replicas WHERE seen_at < ?"), (cutoff,)).rowcount
 
     def replicas(self, adapter: str) -> list[ReplicaStatus]:
         """What every replica last reported for `adapter`, by replica id."""

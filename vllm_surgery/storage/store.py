@@ -116,6 +116,22 @@ class VersionInfo:
         return self.decision in SERVABLE_DECISIONS and bool(self.adapter_hash)
 
 
+@dataclass(frozen=True)
+class Orphan:
+    """What an interrupted write left in a store (`VersionStore.collect_garbage`): a version directory
+    that never became a version (object storage: files without manifest.json; a directory: an empty
+    reserved version directory, or a hidden temporary file or directory of an atomic write)."""
+
+    name: str  # the adapter
+    entry: str  # the version id, or the temporary entry's name (under .outcomes/ for outcomes)
+    files: int
+    bytes: int
+    newest: float  # when its newest file was written (epoch seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 class StoreUnavailable(StoreError):
     """The store's backend (object storage) cannot be reached or answered an error: nothing was
     changed, and a version that is not in this machine's cache cannot be served until it answers."""
@@ -369,9 +385,17 @@ class VersionStore:
         surgery.json may be an operator's and is only skipped by listings. Adapters whose writer lock is
         held (a refinement running in another server sharing the store) are left alone.
         """
-        if not self.root.is_dir():
-            return []
         removed: list[Path] = []
+        for base in self._idle_adapters("cleaned"):
+            removed.extend(self._remove_leftovers_in(base))
+        return removed
+
+    def _idle_adapters(self, what: str) -> Iterator[Path]:
+        """Each adapter directory whose writer lock is free, holding that lock while the caller works
+        on it (so no refinement starts writing there meanwhile); one being written by another process
+        is skipped, and logged as not `what`."""
+        if not self.root.is_dir():
+            return
         for base in sorted(self.root.iterdir()):
             if base.name.startswith(".") or not base.is_dir() or base.is_symlink():
                 continue
@@ -380,15 +404,33 @@ class VersionStore:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    log.info("store: %s is being written by another process; not cleaned", base)
+                    log.info("store: %s is being written by another process; not %s", base, what)
                     continue
-                removed.extend(self._remove_leftovers_in(base))
+                yield base
             finally:
                 os.close(fd)
-        return removed
 
     def _remove_leftovers_in(self, base: Path) -> list[Path]:
         return _remove_leftovers_in(base)
+
+    def collect_garbage(
+        self, grace_s: float, now: float | None = None, dry_run: bool = False
+    ) -> list[Orphan]:
+        """Delete what interrupted writes left (`remove_leftovers`' kinds: empty reserved version
+        directories, hidden temporary entries) whose newest file is older than `grace_s` seconds, in
+        adapters whose writer lock is free (a refinement in progress holds it, so nothing it is writing
+        is touched); with `dry_run`, only say what would go. Complete versions, served.json and
+        non-empty directories without surgery.json (perhaps an operator's) are never touched. Returns
+        what was (or would be) deleted. Unlike `remove_leftovers` (server start) it can run at any time,
+        e.g. `vllm-surgery store gc`."""
+        cutoff = (time.time() if now is None else now) - grace_s
+        found: list[Orphan] = []
+        for base in self._idle_adapters("collected"):
+            for entry in _leftovers(base):
+                files, size, newest = _extent(entry)
+                if newest < cutoff and (dry_run or _try_remove(entry)):
+                    found.append(Orphan(base.name, entry.relative_to(base).as_posix(), files, size, newest))
+        return found
 
     def new_version_dir(self, name: str) -> Path:
         """Reserve a fresh, empty version directory for refine() to write into.
@@ -429,34 +471,62 @@ def stored_answer(record: Mapping[str, Any], decision: str | None, version: str 
     }
 
 
-def _remove_leftovers_in(base: Path, incomplete: Callable[[Path], bool] | None = None) -> list[Path]:
-    """Remove the leftovers of interrupted writes in the adapter directory `base` (see
-    remove_leftovers); `incomplete(entry)`: a version directory that counts as one too."""
-    removed = []
+def _leftovers(base: Path, incomplete: Callable[[Path], bool] | None = None) -> list[Path]:
+    """The leftovers of interrupted writes in the adapter directory `base` (see remove_leftovers):
+    hidden temporary entries there and in its outcomes directory, and empty version directories;
+    `incomplete(entry)`: a version directory that counts as one too."""
+    found = []
     for parent in (base, base / OUTCOMES_DIR):
         if not parent.is_dir():
             continue
         for entry in sorted(parent.iterdir()):
-            leftover = _TEMP_NAME.fullmatch(entry.name) is not None or (
+            if _TEMP_NAME.fullmatch(entry.name) is not None or (
                 parent == base
                 and not entry.name.startswith(".")
                 and entry.is_dir()
                 and not entry.is_symlink()
                 and (not any(entry.iterdir()) or (incomplete is not None and incomplete(entry)))
-            )
-            if not leftover:
-                continue
-            try:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-            except OSError as e:
-                log.error("store: cannot remove %s, left by an interrupted write: %s", entry, e)
-                continue
-            log.warning("store: removed %s, left by an interrupted write (a killed refinement?)", entry)
-            removed.append(entry)
-    return removed
+            ):
+                found.append(entry)
+    return found
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
+
+
+def _extent(entry: Path) -> tuple[int, int, float]:
+    """(files, bytes, newest modification time) of a file or a directory tree (the directories' own
+    times count: an empty reserved version directory is as old as its creation)."""
+    stat = entry.lstat()
+    files, size, newest = (0, 0, stat.st_mtime) if entry.is_dir() else (1, stat.st_size, stat.st_mtime)
+    if entry.is_dir() and not entry.is_symlink():
+        for top, dirs, names in os.walk(entry):
+            for d in dirs:
+                newest = max(newest, (Path(top) / d).lstat().st_mtime)
+            for n in names:
+                st = (Path(top) / n).lstat()
+                files, size, newest = files + 1, size + st.st_size, max(newest, st.st_mtime)
+    return files, size, newest
+
+
+def _remove_leftovers_in(base: Path, incomplete: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove the leftovers of interrupted writes in the adapter directory `base` (`_leftovers`)."""
+    return [entry for entry in _leftovers(base, incomplete) if _try_remove(entry)]
+
+
+def _try_remove(entry: Path) -> bool:
+    """Remove one leftover of an interrupted write; False (logged) when it cannot be removed."""
+    try:
+        _remove(entry)
+    except OSError as e:
+        log.error("store: cannot remove %s, left by an interrupted write: %s", entry, e)
+        return False
+    log.warning("store: removed %s, left by an interrupted write (a killed refinement?)", entry)
+    return True
 
 
 def _atomic_write(target: Path, text: str) -> None:
