@@ -518,9 +518,10 @@ BASELINE = "lora_continued"
 BASELINE_GATED = "lora_continued+gate"
 
 
-#: Core modules no run computes with (the vLLM process harness, the command line): left out of the
-#: fingerprint so that a change to them does not invalidate hours of cached runs.
-NOT_ENGINE = frozenset({"server_process.py", "cli.py"})
+#: Core modules no run computes with (the vLLM process harness, the command line, the serving settings,
+#: the test servers, the canary's live decision rule): left out of the fingerprint so that a change to
+#: them does not invalidate hours of cached runs.
+NOT_ENGINE = frozenset({"server_process.py", "cli.py", "settings.py", "testing_servers.py", "canary.py"})
 
 
 def code_fingerprint() -> str:

@@ -66,3 +66,25 @@ def test_dry_run_measures_every_row(quality, tmp_path):
     for row in (*quality.POLICIES, "auto", quality.BASELINE, quality.BASELINE_GATED):
         assert f"| {row}" in md or f"**{row}**" in md, row
     assert (tmp_path / "quality_results.png").stat().st_size > 0
+
+
+def test_modules_left_out_of_the_fingerprint_are_never_imported_by_the_engine(quality):
+    """A cached run is reused when the engine's source is unchanged; the modules left out of that digest
+    must therefore be ones no engine module imports (else a change to them could change a result)."""
+    import ast
+
+    import vllm_surgery
+
+    root = Path(vllm_surgery.__file__).resolve().parent
+    left_out = {name.removesuffix(".py") for name in quality.NOT_ENGINE}
+    assert {"cli", "settings", "server_process"} <= left_out
+    for path in sorted(root.glob("*.py")):
+        if path.name in quality.NOT_ENGINE:
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vllm_surgery.")}
+        assert not imported & left_out, f"{path.name} imports {sorted(imported & left_out)}"
