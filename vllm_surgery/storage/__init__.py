@@ -10,6 +10,8 @@
   `urls`: which targets are Postgres URLs, and how they are shown without a password.
 - `pointer`: the served pointer in a shared database (which version every replica serves), its
   history and the replicas' reports; `listen`: LISTEN for its changes on Postgres (imported only then).
+- `canary`: the canary state per adapter (a refined version on a share of live traffic), its
+  decisions and its live figures.
 - `counters`: the counters and batched deletes that keep stats, metrics and retention fast at any
   size (schema version 6).
 - `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
@@ -21,6 +23,8 @@ the package's front door: other packages import from here, not from the modules.
 
 from __future__ import annotations
 
+from .canary import STATES as CANARY_STATES
+from .canary import Canary, CanaryConflict, check_share
 from .counters import JOB_STAGE_BUCKETS, StageHistogram
 from .database import (
     RATINGS,
@@ -71,6 +75,7 @@ from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
 
 __all__ = [
     "ACTIVE_STATES",
+    "CANARY_STATES",
     "FINISHED_STATES",
     "JOB_STAGE_BUCKETS",
     "JOB_STATES",
@@ -83,6 +88,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "SWAP_STATES",
     "USABLE_KINDS",
+    "Canary",
+    "CanaryConflict",
     "Database",
     "DatabaseError",
     "DatabaseUnavailable",
@@ -105,6 +112,7 @@ __all__ = [
     "UnknownRequest",
     "VersionInfo",
     "VersionStore",
+    "check_share",
     "is_postgres_url",
     "is_store_url",
     "key_of_record",
