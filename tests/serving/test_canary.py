@@ -61,6 +61,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         case.base, adapters / "x", case.calibration, refined, device="cpu", progress=False, **GAIN_SETTINGS
     )
     assert result.decision == "accept" and result.written, result.reason  # a canary is never forced
+    second = store.new_version_dir("x")  # another accepted version (the same files): a job's, below
+    shutil.copytree(refined, second, dirs_exist_ok=True)
     vocab = AutoTokenizer.from_pretrained(case.base).get_vocab()
     letters = sorted(i for t, i in vocab.items() if t.replace("Ġ", "").isalpha() and t.isascii())
     env = {
@@ -72,11 +74,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "VLLM_SURGERY_TRAFFIC": "1",
         "VLLM_SURGERY_CANARY_MIN_RATINGS": str(MIN_RATINGS),
         "VLLM_SURGERY_POINTER_POLL_S": "1",
+        # accepted jobs start canaries (the operator's swaps stay swaps); the pending-swap sweep every second
+        "VLLM_SURGERY_CANARY_SHARE": str(SHARE),
+        "VLLM_SURGERY_REFINE_CHECK_INTERVAL_S": "1",
     }
     srv = start_server(root, case.base, env)
     db = open_database(root / "traffic.sqlite3")
     try:
-        yield {"server": srv, "db": db, "refined": refined.name, "letters": letters}
+        yield {"server": srv, "db": db, "refined": refined.name, "second": second.name, "letters": letters}
     finally:
         db.close()
         left = stop(srv.proc)
@@ -296,3 +301,61 @@ def test_feedback_promotes_a_better_canary_and_rolls_back_a_worse_one(setup: dic
     assert metric(server, "vllm_surgery_canary_decisions_total", adapter="x", decision="promoted") == 1
     assert metric(server, "vllm_surgery_canary_decisions_total", adapter="x", decision="rolled_back") == 1
     assert metric(server, "vllm_surgery_canary_running", adapter="x") == 0
+
+
+def wait_for(what: str, check: Any, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"no {what} after {timeout:g} s"
+        time.sleep(0.25)
+    return found
+
+
+def test_an_accepted_job_starts_a_canary_instead_of_a_swap(setup: dict) -> None:
+    """VLLM_SURGERY_CANARY_SHARE > 0: the server's pending-swap sweep and the worker's swap request
+    (which names its job) start a canary of an accepted version; one at a time per adapter."""
+    db, server, second = setup["db"], setup["server"], setup["second"]
+    served = server.get("/v1/surgery/adapters/x")[1]["served_version"]
+
+    def forge(version: str) -> int:  # what a worker records for an accepted job
+        job = db.enqueue_job("x", "manual", {})[0]
+        assert db.claim_job("w", 60).id == job.id
+        assert db.finish_job(job.id, "w", "accepted", {"decision": "accept", "version": version}, "pending")
+        return job.id
+
+    first = forge(second)
+    canary = wait_for("canary", lambda: db.running_canary("x"))
+    assert (
+        canary.job_id,
+        canary.canary_version,
+        canary.current_version,
+        canary.share,
+        canary.started_by,
+    ) == (
+        first,
+        second,
+        served,
+        SHARE,
+        f"job {first}",
+    )
+    wait_for("swap done", lambda: db.job(first).swap == "done")
+    status, job_view = server.get(f"/v1/surgery/jobs/{first}")
+    assert status == 200 and [c["id"] for c in job_view["canaries"]] == [canary.id]
+    assert server.get("/v1/surgery/adapters/x")[1]["served_version"] == served  # not swapped
+    # another job's version waits while this canary runs: its swap stays pending, and the worker's
+    # request (SQLite) is answered "not now"
+    other = "original" if served != "original" else setup["refined"]
+    later = forge(other)
+    status, answer = server.post("/v1/surgery/adapters/x/swap", {"version": other, "job": later}, ADMIN)
+    assert status == 503 and "starts its own canary after it ends" in answer["error"]["message"]
+    time.sleep(3)
+    assert db.job(later).swap == "pending" and db.running_canary("x").id == canary.id
+    admin(setup, "/canary/abort")
+    after = wait_for(
+        "the later job's canary", lambda: (c := db.running_canary("x")) and c.job_id == later and c
+    )
+    assert (after.started_by, after.canary_version) == (f"job {later}", other)
+    # the worker's request for the running job's canary answers with it (a retry is no new canary)
+    status, answer = server.post("/v1/surgery/adapters/x/swap", {"version": other, "job": later}, ADMIN)
+    assert status == 200 and answer["canary"]["id"] == after.id
+    admin(setup, "/canary/abort")

@@ -77,7 +77,17 @@ async def swap(name: str, raw_request: Request) -> Any:
     canaries = getattr(raw_request.app.state, CANARY_KEY, None)
     share = swapper.settings.canary_share
     if request.job is not None and share > 0 and canaries is not None and not request.force:
-        canary = await canaries.start(
+        running = await asyncio.to_thread(canaries.db.running_canary, name)
+        if running is not None and running.job_id != request.job:
+            # not now (the worker keeps the swap pending): the server's sweep starts this job's canary
+            # once the running one ends
+            raise HotSwapError(
+                f"adapter {name!r} runs canary {running.id} of {running.canary_version}; job "
+                f"{request.job}'s version starts its own canary after it ends (the pending-swap sweep)",
+                503,
+                "unavailable",
+            )
+        canary = running or await canaries.start(
             name, request.version, share, by=f"job {request.job}", job_id=request.job
         )
         return {"adapter": name, "version": request.version, "changed": False, "canary": canary.to_dict()}
