@@ -6,6 +6,7 @@ starts no engine. The real engine path is covered by the slow test_hotswap.py.""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 from collections import defaultdict
@@ -389,3 +390,87 @@ def test_clients_see_the_name_not_a_versions_engine_name(env) -> None:
     assert models.model_name(lookalike) == "y@3"
     listing = run(models.show_available_models())
     assert [c.id for c in listing.data] == ["base", "x"]
+
+
+def test_canary_routes_admin_token_bodies_and_refusals(env, monkeypatch, tmp_path) -> None:
+    """The canary routes (docs/canary.md) need the admin token, refuse unknown fields and bad shares by
+    name, never start a canary of a version a swap would refuse, keep the current version served while
+    the canary has its own slot, and promote through the hot-swap."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vllm_surgery.serving.api import CANARY_KEY, STATE_KEY
+    from vllm_surgery.serving.auth import ADMIN_HEADER
+    from vllm_surgery.serving.canaries import CanaryController
+    from vllm_surgery.serving.endpoint_plugin import SurgeryEndpointPlugin
+    from vllm_surgery.storage import SQLiteDatabase
+
+    monkeypatch.setenv("VLLM_SURGERY_ADMIN_TOKEN", "sesame")
+    plugin = SurgeryEndpointPlugin()
+    app = FastAPI()
+    plugin.attach_router(app)
+    swapper, models = env["swapper"], env["models"]
+    db = SQLiteDatabase(tmp_path / "canary.sqlite3")
+    canaries = CanaryController(swapper, db)
+    setattr(app.state, STATE_KEY, swapper)
+    setattr(app.state, CANARY_KEY, canaries)
+    client = TestClient(app)
+    admin = {ADMIN_HEADER: "sesame"}
+    good = env["good"].name
+    before = models.lora_requests["x"]
+    try:
+        assert (
+            client.post("/v1/surgery/adapters/x/canary", json={"version": good, "share": 0.3}).status_code
+            == 403
+        )
+
+        def start(body: dict) -> tuple[int, str]:
+            answer = client.post("/v1/surgery/adapters/x/canary", json=body, headers=admin)
+            return answer.status_code, answer.text
+
+        status, text = start({"version": good, "share": 0.3, "color": "red"})
+        assert status == 400 and "unknown field(s) ['color']" in text
+        for share in (0, 1, 1.5, -0.1):
+            status, text = start({"version": good, "share": share})
+            assert status == 400 and "'share' must be a number between 0 and 1" in text, (share, text)
+        status, text = start({"version": good, "share": "0.3"})
+        assert status == 400 and "share" in text
+        assert start({"version": env["forced"].name, "share": 0.3})[0] == 409
+        assert start({"version": env["stale"].name, "share": 0.3})[0] == 409
+        assert start({"version": env["corrupt"].name, "share": 0.3})[0] == 422
+        assert start({"version": "original", "share": 0.3})[0] == 409  # the version served now
+        assert models.loads == [] and db.running_canaries() == []  # nothing loaded, nothing recorded
+
+        status, text = start({"version": good, "share": 0.3})
+        assert status == 200, text
+        assert models.lora_requests["x"] is before  # the current version still serves the name
+        (slot,) = models.loads
+        assert slot.lora_int_id != before.lora_int_id and is_snapshot_of(
+            slot.lora_path, env["good"], env["store"].root, good
+        )
+        assert start({"version": good, "share": 0.3})[0] == 409  # one at a time
+        view = client.get("/v1/surgery/adapters/x").json()
+        assert view["canary"]["canary_version"] == good and view["canary"]["served_here"]
+        assert view["canary"]["figures"]["current"]["answers"] == 0
+
+        # sticky routing: sha256("x" NUL key) as a fraction of 2**64 below the share goes to the slot
+        def routed(key: str):
+            with canaries.around(SimpleNamespace(user=key, request_id="r"), None):
+                return canaries.choose(before)
+
+        for key in (f"user-{i}" for i in range(20)):
+            digest = hashlib.sha256(f"x\x00{key}".encode()).digest()
+            expected = slot if int.from_bytes(digest[:8], "big") / 2**64 < 0.3 else before
+            assert routed(key) is expected, key
+
+        shared = client.post("/v1/surgery/adapters/x/canary/share", json={"share": 0.6}, headers=admin)
+        assert shared.status_code == 200 and shared.json()["share"] == 0.6
+        promoted = client.post("/v1/surgery/adapters/x/canary/promote", headers=admin)
+        assert promoted.status_code == 200 and promoted.json()["state"] == "promoted", promoted.text
+        assert is_snapshot_of(models.lora_requests["x"].lora_path, env["good"], env["store"].root, good)
+        assert env["store"].served_version_id("x") == good
+        assert all(routed(f"user-{i}") is before for i in range(20))  # no canary slot any more: as asked
+        none = client.post("/v1/surgery/adapters/x/canary/abort", headers=admin)
+        assert none.status_code == 409 and "no running canary" in none.text
+    finally:
+        db.close()

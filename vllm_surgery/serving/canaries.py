@@ -329,13 +329,12 @@ class CanaryController:
             )
         metrics.CANARY_DECISIONS.labels(name, state).inc()
         log.warning(
-            "adapter %r: canary %d (%s beside %s) %s by %s: %s; figures %s",
+            "adapter %r: canary %d (%s beside %s) %s: %s; figures %s",
             name,
             canary.id,
             canary.canary_version,
             canary.current_version,
             state,
-            by,
             verdict.get("reason"),
             verdict.get("figures"),
         )

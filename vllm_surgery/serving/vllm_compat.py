@@ -550,6 +550,30 @@ def check_traffic_api() -> None:
     )
 
 
+def check_canary_api() -> None:
+    """What canary routing uses (`around_request_handlers`, `request_routing_key`): the completion and
+    chat handlers' `create_*(request, raw_request)` coroutines, and the `user` and `request_id` fields
+    of their request bodies."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    for cls, method in (
+        (OpenAIServingCompletion, "create_completion"),
+        (OpenAIServingChat, "create_chat_completion"),
+    ):
+        fn = getattr(cls, method, None)
+        _require(
+            inspect.iscoroutinefunction(fn) and _params(fn)[1:3] == ["request", "raw_request"],
+            f"vllm.entrypoints.openai.{cls.__name__}.{method}",
+            "is not `async def " + method + "(self, request, raw_request, ...)`",
+        )
+    for body in (CompletionRequest, ChatCompletionRequest):
+        missing = [f for f in ("user", "request_id") if f not in body.model_fields]
+        _require(not missing, f"vllm.entrypoints.openai {body.__name__}", f"lacks {missing}")
+
+
 def _stand_in_serving_models() -> Any:
     """A real OpenAIServingModels built around a minimal engine client (no engine is started)."""
     from vllm.entrypoints.openai.models.protocol import BaseModelPath
@@ -591,6 +615,7 @@ def self_check(models: Any | None = None) -> None:
         "no longer takes (app, tokens)",
     )
     check_traffic_api()
+    check_canary_api()
     from vllm.config import ModelConfig
 
     fields = getattr(ModelConfig, "__dataclass_fields__", {})
