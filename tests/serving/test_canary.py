@@ -260,7 +260,9 @@ def rate_until_decided(
         if i % 10 == 9:
             status, view = server.get("/v1/surgery/adapters/x")
             if view["canary"] is None:
-                return view["canary_history"][0]
+                decided = view["canary_history"][0]
+                print(f"\n{tag}: {decided['state']} after {i + 1} rated requests: {decided['verdict']['reason']}")
+                return decided
     pytest.fail(
         f"no decision after {limit} rated requests: {server.get('/v1/surgery/adapters/x')[1]['canary']}"
     )

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -472,5 +473,37 @@ def test_canary_routes_admin_token_bodies_and_refusals(env, monkeypatch, tmp_pat
         assert all(routed(f"user-{i}") is before for i in range(20))  # no canary slot any more: as asked
         none = client.post("/v1/surgery/adapters/x/canary/abort", headers=admin)
         assert none.status_code == 409 and "no running canary" in none.text
+    finally:
+        db.close()
+
+
+def test_a_canary_past_its_deadline_expires_and_the_current_version_stays(env, tmp_path) -> None:
+    """The periodic check finds a running canary (recorded by any server), serves it, and ends it as
+    expired once its rule's time is up with no decision: the slot goes, the name keeps its version."""
+    from vllm_surgery.serving.canaries import CanaryController
+    from vllm_surgery.storage import SQLiteDatabase
+
+    swapper, models = env["swapper"], env["models"]
+    db = SQLiteDatabase(tmp_path / "canary.sqlite3")
+    before = models.lora_requests["x"]
+    rule = {"margin": 0.05, "error_rate": 0.05, "min_ratings": 30, "max_duration_s": 60.0}
+    try:
+        canaries = CanaryController(swapper, db)
+        started = db.start_canary(
+            "x", "original", env["good"].name, 0.4, rule, by="admin", now=time.time() - 30
+        )
+
+        async def check_twice():
+            await canaries.check()  # loads it; 30 s of 60: continues
+            assert canaries.paths_in_use() and db.running_canary("x").id == started.id
+            with db.transaction() as conn:
+                conn.execute("UPDATE canaries SET started = started - 60 WHERE id = ?", (started.id,))
+            await canaries.check()
+
+        run(check_twice())
+        ended = db.canary_by_id(started.id)
+        assert (ended.state, ended.decided_by, ended.verdict["decision"]) == ("expired", "rule", "expired")
+        assert canaries.paths_in_use() == set() and models.lora_requests["x"] is before
+        assert len(models.loads) == 1  # the canary slot only; no swap
     finally:
         db.close()

@@ -392,8 +392,8 @@ class CanaryController:
 
     def feedback_arrived(self, name: str) -> None:
         """A feedback on `name` was stored: evaluate its canary soon (coalesced; on the event loop)."""
-        if name not in self._local and not self.swapper.shared:
-            return
+        if name not in self._local:
+            return  # no canary here (one this server cannot serve is evaluated by the periodic check)
         self._dirty.add(name)
         if name not in self._evaluating:
             self._evaluating.add(name)
