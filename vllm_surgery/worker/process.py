@@ -839,10 +839,10 @@ class RefinementWorker:
         headers = {"Content-Type": "application/json"}
         if self.options.admin_token:
             headers["Authorization"] = f"Bearer {self.options.admin_token}"
-        # the job's id: with VLLM_SURGERY_CANARY_SHARE > 0 the server starts a canary of the version instead
-        request = urllib.request.Request(
-            url, json.dumps({"version": version, "job": job.id}).encode(), headers, method="POST"
-        )
+        # with VLLM_SURGERY_CANARY_SHARE > 0 the job's id: the server starts a canary of the version instead
+        # (sent only then: a server from before canaries refuses the field)
+        body = {"version": version, **({"job": job.id} if self.options.canary_share > 0 else {})}
+        request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
         start = time.perf_counter()
         try:
             with urllib.request.urlopen(request, timeout=self.options.http_timeout_s) as response:
