@@ -229,6 +229,26 @@ def test_sticky_assignment_at_a_quarter(setup: dict, answers: dict) -> None:
         metric(setup["server"], "vllm_surgery_canary_requests_total", adapter="x", arm="canary") == to_canary
     )
 
+    # chat, streamed: the same users get the same versions (routing does not depend on the endpoint)
+    chat_ids = []
+    for u in range(40):
+        body = {
+            "model": "x",
+            "messages": [{"role": "user", "content": prompts[u % len(prompts)]}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "stream": True,
+            "user": f"user-{u}",
+        }
+        status, _, raw = setup["server"].raw_request(
+            "POST", "/v1/chat/completions", body, {"X-Request-Id": f"chat-{u}"}
+        )
+        assert status == 200 and b"[DONE]" in raw, raw[-300:]
+        chat_ids.append(f"chat-{u}")
+    chat_versions = recorded_versions(setup, chat_ids)
+    assert chat_versions == {f"chat-{u}": versions[f"sticky-{u}-0"] for u in range(40)}
+    assert len(set(chat_versions.values())) == 2
+
     # the share can change; an abort keeps the current version
     admin(setup, "/canary/share", {"share": 0.5})
     ended = admin(setup, "/canary/abort")
@@ -261,7 +281,9 @@ def rate_until_decided(
             status, view = server.get("/v1/surgery/adapters/x")
             if view["canary"] is None:
                 decided = view["canary_history"][0]
-                print(f"\n{tag}: {decided['state']} after {i + 1} rated requests: {decided['verdict']['reason']}")
+                print(
+                    f"\n{tag}: {decided['state']} after {i + 1} rated requests: {decided['verdict']['reason']}"
+                )
                 return decided
     pytest.fail(
         f"no decision after {limit} rated requests: {server.get('/v1/surgery/adapters/x')[1]['canary']}"
