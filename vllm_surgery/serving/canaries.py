@@ -173,8 +173,7 @@ class CanaryController:
     def _drop(self, name: str) -> None:
         local = self._local.pop(name, None)
         if local is not None:
-            metrics.CANARY_RUNNING.labels(name).set(0)
-            metrics.CANARY_SHARE.labels(name).set(0)
+            metrics.clear_canary(name)
             log.info("adapter %r: canary %d's slot dropped", name, local.canary.id)
 
     async def sync(self) -> None:

@@ -187,6 +187,22 @@ def _numbers(figures: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def clear_canary(adapter: str) -> None:
+    """The adapter's canary ended here: no running figures are shown for it any more."""
+    CANARY_RUNNING.labels(adapter).set(0)
+    CANARY_SHARE.labels(adapter).set(0)
+    for gauge in (CANARY_ANSWERS, CANARY_RATINGS, CANARY_CORRECTIONS, CANARY_GOOD_RATE):
+        for arm in CANARY_ARMS:
+            with contextlib.suppress(KeyError):
+                gauge.remove(adapter, arm)
+    for name in _STATISTIC_NAMES.pop(adapter, set()):
+        with contextlib.suppress(KeyError):
+            CANARY_STATISTIC.remove(adapter, name)
+
+
+_STATISTIC_NAMES: dict[str, set[str]] = {}  # adapter -> the statistic names exported for its canary
+
+
 def record_canary(adapter: str, arms: Mapping[str, Any], figures: Mapping[str, Any]) -> None:
     """Export a running canary's live figures: `arms` maps current/canary to their ArmCounts."""
     for arm, counts in arms.items():
@@ -197,6 +213,7 @@ def record_canary(adapter: str, arms: Mapping[str, Any], figures: Mapping[str, A
             CANARY_GOOD_RATE.labels(adapter, arm).set(counts.good / counts.rated)
     for name, value in _numbers(figures).items():
         CANARY_STATISTIC.labels(adapter, name).set(value)
+        _STATISTIC_NAMES.setdefault(adapter, set()).add(name)
 
 
 def record_follow(adapter: str, outcome: str | None, in_sync: bool) -> None:
