@@ -549,14 +549,14 @@ class ServingSettings:
     )
     canary_margin: float = setting(
         "VLLM_SURGERY_CANARY_MARGIN",
-        number(0, 0.99),
+        number(0, 0.5),
         "How much lower the canary's good rate (rated good among rated answers) may be and still count "
         "as not worse: it is promoted when shown not worse by more than this.",
         default=0.05,
     )
     canary_error_rate: float = setting(
         "VLLM_SURGERY_CANARY_ERROR_RATE",
-        number(0.0001, 0.49),
+        number(0.0001, 0.5),
         "The canary rule's error rate: the most probability of promoting a canary worse by the margin, or "
         "of rolling back one that is not worse (docs/canary.md).",
         default=0.05,

@@ -224,6 +224,7 @@ class SurgeryEndpointPlugin:
         before, so capture records the version that ran); then the canaries running in the database
         are loaded and the periodic check starts."""
         canaries = CanaryController(swapper, db)
+        canaries.rule()  # the rule's own checks of the canary settings: a bad one stops the start (SettingsError)
         vllm_compat.around_request_handlers(state, canaries.around)
         for client in vllm_compat.serving_engine_clients(state) or [engine_client]:
             vllm_compat.route_generate(client, canaries.choose)
