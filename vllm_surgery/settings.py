@@ -553,6 +553,40 @@ class ServingSettings:
         "minutes), never forgets one that is alive; one that comes back is listed again at its next report.",
         default=1.0,
     )
+    canary_share: float = setting(
+        "VLLM_SURGERY_CANARY_SHARE",
+        number(0, 0.99),
+        "Share of an adapter's traffic a version accepted by a refinement job serves first, as a canary "
+        "beside the current version, until live feedback promotes or rolls it back (docs/canary.md). 0: "
+        "accepted versions are swapped in directly. Set it alike on servers and workers.",
+        default=0.0,
+    )
+    canary_min_ratings: int = setting(
+        "VLLM_SURGERY_CANARY_MIN_RATINGS",
+        number(1, 1_000_000, integer=True),
+        "Rated answers each version needs during a canary before the rule may decide.",
+        default=30,
+    )
+    canary_margin: float = setting(
+        "VLLM_SURGERY_CANARY_MARGIN",
+        number(0, 0.5),
+        "How much lower the canary's good rate (rated good among rated answers) may be and still count "
+        "as not worse: it is promoted when shown not worse by more than this.",
+        default=0.05,
+    )
+    canary_error_rate: float = setting(
+        "VLLM_SURGERY_CANARY_ERROR_RATE",
+        number(0.0001, 0.5),
+        "The canary rule's error rate: the most probability of promoting a canary worse by the margin, or "
+        "of rolling back one that is not worse (docs/canary.md).",
+        default=0.05,
+    )
+    canary_max_hours: float = setting(
+        "VLLM_SURGERY_CANARY_MAX_HOURS",
+        number(0.0001),
+        "A canary with no decision after this many hours expires: the current version stays served.",
+        default=168.0,
+    )
     job_max_attempts: int = setting(
         "VLLM_SURGERY_JOB_MAX_ATTEMPTS",
         number(1, 100, integer=True),
@@ -590,6 +624,23 @@ class ServingSettings:
             return self.database
         store = self.store if isinstance(self.store, Path) else DEFAULT_STORE.expanduser()
         return store.parent / f"{store.name}.sqlite3"
+
+    def canary_rule(self) -> Any:
+        """The canary decision rule (`vllm_surgery.canary.CanaryRule`) of the canary
+        settings. Raises SettingsError when the rule refuses them."""
+        from .canary import CanaryRule
+
+        try:
+            return CanaryRule(
+                margin=self.canary_margin,
+                error_rate=self.canary_error_rate,
+                min_ratings=self.canary_min_ratings,
+                max_duration_s=self.canary_max_hours * 3600.0,
+            )
+        except ConfigError as e:
+            raise SettingsError(
+                f"the canary settings (VLLM_SURGERY_CANARY_MARGIN, _ERROR_RATE, _MIN_RATINGS, _MAX_HOURS): {e}"
+            ) from None
 
     @property
     def snapshot_root(self) -> Path:

@@ -6,6 +6,7 @@ starts no engine. The real engine path is covered by the slow test_hotswap.py.""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import time
@@ -439,3 +440,123 @@ def test_clients_see_the_name_not_a_versions_engine_name(env) -> None:
     assert models.model_name(lookalike) == "y@3"
     listing = run(models.show_available_models())
     assert [c.id for c in listing.data] == ["base", "x"]
+
+
+def test_canary_routes_admin_token_bodies_and_refusals(env, monkeypatch, tmp_path) -> None:
+    """The canary routes (docs/canary.md) need the admin token, refuse unknown fields and bad shares by
+    name, never start a canary of a version a swap would refuse, keep the current version served while
+    the canary has its own slot, and promote through the hot-swap."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vllm_surgery.serving.api import CANARY_KEY, STATE_KEY
+    from vllm_surgery.serving.auth import ADMIN_HEADER
+    from vllm_surgery.serving.canaries import CanaryController
+    from vllm_surgery.serving.endpoint_plugin import SurgeryEndpointPlugin
+    from vllm_surgery.storage import SQLiteDatabase
+
+    monkeypatch.setenv("VLLM_SURGERY_ADMIN_TOKEN", "sesame")
+    plugin = SurgeryEndpointPlugin()
+    app = FastAPI()
+    plugin.attach_router(app)
+    swapper, models = env["swapper"], env["models"]
+    db = SQLiteDatabase(tmp_path / "canary.sqlite3")
+    canaries = CanaryController(swapper, db)
+    setattr(app.state, STATE_KEY, swapper)
+    setattr(app.state, CANARY_KEY, canaries)
+    client = TestClient(app)
+    admin = {ADMIN_HEADER: "sesame"}
+    good = env["good"].name
+    before = models.lora_requests["x"]
+    try:
+        assert (
+            client.post("/v1/surgery/adapters/x/canary", json={"version": good, "share": 0.3}).status_code
+            == 403
+        )
+
+        def start(body: dict) -> tuple[int, str]:
+            answer = client.post("/v1/surgery/adapters/x/canary", json=body, headers=admin)
+            return answer.status_code, answer.text
+
+        status, text = start({"version": good, "share": 0.3, "color": "red"})
+        assert status == 400 and "unknown field(s) ['color']" in text
+        for share in (0, 1, 1.5, -0.1):
+            status, text = start({"version": good, "share": share})
+            assert status == 400 and "'share' must be a number between 0 and 1" in text, (share, text)
+        status, text = start({"version": good, "share": "0.3"})
+        assert status == 400 and "share" in text
+        assert start({"version": env["forced"].name, "share": 0.3})[0] == 409
+        assert start({"version": env["stale"].name, "share": 0.3})[0] == 409
+        assert start({"version": env["corrupt"].name, "share": 0.3})[0] == 422
+        assert start({"version": "original", "share": 0.3})[0] == 409  # the version served now
+        assert models.loads == [] and db.running_canaries() == []  # nothing loaded, nothing recorded
+
+        status, text = start({"version": good, "share": 0.3})
+        assert status == 200, text
+        assert models.lora_requests["x"] is before  # the current version still serves the name
+        (slot,) = models.loads
+        assert slot.lora_int_id != before.lora_int_id and is_snapshot_of(
+            slot.lora_path, env["good"], env["store"].root, good
+        )
+        assert start({"version": good, "share": 0.3})[0] == 409  # one at a time
+        view = client.get("/v1/surgery/adapters/x").json()
+        assert view["canary"]["canary_version"] == good and view["canary"]["served_here"]
+        # no rating yet: the rule continues (its figures' layout is the rule's own, vllm_surgery.canary)
+        assert (
+            isinstance(view["canary"]["figures"], dict)
+            and view["canary"]["verdict_now"]["decision"] == "continue"
+        )
+
+        # sticky routing: sha256("x" NUL key) as a fraction of 2**64 below the share goes to the slot
+        def routed(key: str):
+            with canaries.around(SimpleNamespace(user=key, request_id="r"), None):
+                return canaries.choose(before)
+
+        for key in (f"user-{i}" for i in range(20)):
+            digest = hashlib.sha256(f"x\x00{key}".encode()).digest()
+            expected = slot if int.from_bytes(digest[:8], "big") / 2**64 < 0.3 else before
+            assert routed(key) is expected, key
+
+        shared = client.post("/v1/surgery/adapters/x/canary/share", json={"share": 0.6}, headers=admin)
+        assert shared.status_code == 200 and shared.json()["share"] == 0.6
+        promoted = client.post("/v1/surgery/adapters/x/canary/promote", headers=admin)
+        assert promoted.status_code == 200 and promoted.json()["state"] == "promoted", promoted.text
+        assert is_snapshot_of(models.lora_requests["x"].lora_path, env["good"], env["store"].root, good)
+        assert env["store"].served_version_id("x") == good
+        assert all(routed(f"user-{i}") is before for i in range(20))  # no canary slot any more: as asked
+        none = client.post("/v1/surgery/adapters/x/canary/abort", headers=admin)
+        assert none.status_code == 409 and "no running canary" in none.text
+    finally:
+        db.close()
+
+
+def test_a_canary_past_its_deadline_expires_and_the_current_version_stays(env, tmp_path) -> None:
+    """The periodic check finds a running canary (recorded by any server), serves it, and ends it as
+    expired once its rule's time is up with no decision: the slot goes, the name keeps its version."""
+    from vllm_surgery.serving.canaries import CanaryController
+    from vllm_surgery.storage import SQLiteDatabase
+
+    swapper, models = env["swapper"], env["models"]
+    db = SQLiteDatabase(tmp_path / "canary.sqlite3")
+    before = models.lora_requests["x"]
+    rule = {"margin": 0.05, "error_rate": 0.05, "min_ratings": 30, "max_duration_s": 60.0}
+    try:
+        canaries = CanaryController(swapper, db)
+        started = db.start_canary(
+            "x", "original", env["good"].name, 0.4, rule, by="admin", now=time.time() - 30
+        )
+
+        async def check_twice():
+            await canaries.check()  # loads it; 30 s of 60: continues
+            assert canaries.paths_in_use() and db.running_canary("x").id == started.id
+            with db.transaction() as conn:
+                conn.execute("UPDATE canaries SET started = started - 60 WHERE id = ?", (started.id,))
+            await canaries.check()
+
+        run(check_twice())
+        ended = db.canary_by_id(started.id)
+        assert (ended.state, ended.decided_by, ended.verdict["decision"]) == ("expired", "rule", "expired")
+        assert canaries.paths_in_use() == set() and models.lora_requests["x"] is before
+        assert len(models.loads) == 1  # the canary slot only; no swap
+    finally:
+        db.close()

@@ -21,6 +21,7 @@ def app(monkeypatch: pytest.MonkeyPatch) -> FastAPI:
 def test_every_route_is_in_the_schema_with_its_body(app: FastAPI) -> None:
     from vllm_surgery.serving.api import LoadAdapterRequest, UnloadAdapterRequest
     from vllm_surgery.serving.api.adapters import SwapRequest
+    from vllm_surgery.serving.api.canary import CanaryShareRequest, StartCanaryRequest
     from vllm_surgery.serving.api.feedback import FeedbackRequest
     from vllm_surgery.serving.api.jobs import CancelBody
     from vllm_surgery.serving.api.refinements import RefineBody
@@ -31,10 +32,12 @@ def test_every_route_is_in_the_schema_with_its_body(app: FastAPI) -> None:
         for r in app.routes
         if isinstance(r, APIRoute) and r.path.startswith(("/v1/surgery", "/v1/load_", "/v1/unload_"))
     ]
-    assert len(ours) == 13
+    assert len(ours) == 17
     bodies = {
         ("/v1/surgery/adapters/{name}/swap", "post"): SwapRequest,
         ("/v1/surgery/adapters/{name}/refine", "post"): RefineBody,
+        ("/v1/surgery/adapters/{name}/canary", "post"): StartCanaryRequest,
+        ("/v1/surgery/adapters/{name}/canary/share", "post"): CanaryShareRequest,
         ("/v1/surgery/feedback", "post"): FeedbackRequest,
         ("/v1/surgery/jobs/{job_id}/cancel", "post"): CancelBody,
         ("/v1/load_lora_adapter", "post"): LoadAdapterRequest,

@@ -6,6 +6,8 @@ The served version is the served pointer in the database: an admin swap or rollb
 reaches the other through LISTEN/NOTIFY (measured: within 1 s of the swap's answer); a replica started
 afterwards serves the pointer on its first request; a worker's accepted job is served by both; a
 version a replica cannot validate (corrupt weights) leaves it serving what it had, reporting `failed`.
+A canary started on one replica is served by both (the same user gets the same version from
+either); its share change and its promotion on the other replica reach both.
 
 Which weights answer is proven as in test_hotswap.py: the replica's greedy tokens and log-probs equal
 transformers+PEFT float32 teacher forcing of exactly one candidate version. The versions come from the
@@ -421,3 +423,65 @@ def check_the_job_is_served(cluster: dict, name: str, job_id: int, local_copy, p
     )
     assert body["pointer"]["set_by"] == f"job {job.id}"
     return job
+
+
+def test_both_replicas_follow_one_canary(cluster, prompt_ids, peft_model) -> None:
+    """A canary started on one replica is served by both (traffic capture is off here: the routing does
+    not need it); one user gets one version from either replica; a share change and a promote made on
+    the other replica reach both (the canary's changes notify the pointer channel)."""
+    a, b, refined = cluster["a"], cluster["b"], cluster["refined"]
+    status, body = swap(a, "x", "original")
+    assert status == 200, body
+    for srv in (a, b):
+        wait_serving(srv, "x", "original", prompt_ids, peft_model)
+    status, canary = a.post("/v1/surgery/adapters/x/canary", {"version": refined, "share": 0.5}, ADMIN)
+    assert status == 200, canary
+    for srv in (a, b):
+        wait_view(
+            srv,
+            "x",
+            lambda v: (
+                v["canary"] is not None and v["canary"]["id"] == canary["id"] and v["canary"]["served_here"]
+            ),
+            f"{srv.label} serves the canary",
+        )
+    ids = prompt_ids[0]
+
+    def version_for(srv: Server, user: str) -> str | None:
+        status, body = srv.post(
+            "/v1/completions",
+            {
+                "model": "x",
+                "prompt": ids,
+                "max_tokens": 6,
+                "temperature": 0.0,
+                "logprobs": 1,
+                "ignore_eos": True,
+                "return_tokens_as_token_ids": True,
+                "user": user,
+            },
+        )
+        assert status == 200 and body["model"] == "x", body
+        return version_of_answer(peft_model, "x", ids, body)
+
+    users = [f"user-{i}" for i in range(16)]
+    on_a = {u: version_for(a, u) for u in users}
+    on_b = {u: version_for(b, u) for u in users}
+    assert on_a == on_b and set(on_a.values()) == {"original", refined}, (on_a, on_b)
+
+    status, changed = b.post("/v1/surgery/adapters/x/canary/share", {"share": 0.2}, ADMIN)
+    assert status == 200 and changed["share"] == 0.2, changed
+    wait_view(
+        a, "x", lambda v: v["canary"]["share"] == 0.2 and v["canary"]["revision"] == 2, "a follows the share"
+    )
+    status, promoted = b.post("/v1/surgery/adapters/x/canary/promote", None, ADMIN)
+    assert status == 200 and promoted["state"] == "promoted", promoted
+    for srv in (a, b):
+        wait_serving(srv, "x", refined, prompt_ids, peft_model)
+        body = wait_view(srv, "x", lambda v: v["canary"] is None, f"{srv.label} drops the canary slot")
+        assert (
+            body["canary_history"][0]["id"] == canary["id"]
+            and body["pointer"]["set_by"] == f"canary {canary['id']}"
+        )
+    assert {u: version_for(a, u) for u in users} == {u: refined for u in users}
+    assert {u: version_for(b, u) for u in users} == {u: refined for u in users}

@@ -45,6 +45,17 @@ def test_self_check_names_the_version_and_the_missing_piece(monkeypatch) -> None
         vllm_compat.self_check()
 
 
+def test_the_canary_check_names_a_moved_handler(monkeypatch) -> None:
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    async def moved(self, completion_request, raw_request=None):  # a renamed parameter
+        pass
+
+    monkeypatch.setattr(OpenAIServingCompletion, "create_completion", moved)
+    with pytest.raises(VllmCompatError, match=r"OpenAIServingCompletion\.create_completion"):
+        vllm_compat.check_canary_api()
+
+
 def test_hotswap_fakes_match_the_real_classes(real_models) -> None:
     """What test_hotswap_unit's FakeModels / FakeEngine imitate exists, with the same types and
     signatures, on vLLM's OpenAIServingModels and engine client."""

@@ -532,3 +532,25 @@ def test_a_lora_modules_adapter_is_found_where_the_worker_was_told(parts, gain, 
     assert db.job(moved).state == "failed" and "the row's adapter_path" in db.job(moved).error
     assert db.job(served).state == "accepted"
     assert [v.version_id for v in store.versions("lm")] == [db.job(served).version]
+
+
+def test_with_a_canary_share_the_worker_leaves_the_pointer_to_a_servers_canary(
+    tmp_path: Path, gain, postgres_url: str
+) -> None:
+    """Postgres, VLLM_SURGERY_CANARY_SHARE > 0: the accepted version is not pointed at; its swap stays
+    pending for a server's sweep, which starts its canary (docs/canary.md)."""
+    db = open_database(postgres_url)
+    try:
+        store = VersionStore(tmp_path / "store")
+        shutil.copytree(gain.adapter, tmp_path / "adapters" / "x")
+        options = WorkerOptions(
+            server=None, device="cpu", owner="w", adapter_dirs=(tmp_path / "adapters",), canary_share=0.2
+        )
+        worker = RefinementWorker(db, store, options)
+        job_id = records_job((db, store, worker), gain, gain.records())
+        assert worker.run(once=True) == 1
+        job = db.job(job_id)
+        assert (job.state, job.swap, job.swap_error) == ("accepted", "pending", None)
+        assert db.served_pointer("x") is None and [j.id for j in db.pending_swaps()] == [job_id]
+    finally:
+        db.close()

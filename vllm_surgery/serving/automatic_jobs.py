@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,19 @@ from ..worker import job_config, job_spec
 from .hotswap import HotSwapError, HotSwapper
 
 log = logging.getLogger(f"vllm.{__name__}")
+
+
+async def repeat(step: Callable[[], Awaitable[None]], interval_s: float, what: str) -> None:
+    """Run `step` forever, every `interval_s` (first at once); an error is logged and the next round
+    comes all the same (a database outage must not end the server's periodic work)."""
+    while True:
+        try:
+            await step()
+        except DatabaseError as e:
+            log.error("%s: the database is not available: %s", what, e)
+        except Exception:
+            log.exception("%s: periodic check failed", what)
+        await asyncio.sleep(interval_s)
 
 
 class AutomaticJobs:
@@ -66,6 +80,7 @@ class AutomaticJobs:
         self.policy = calibration.policy
         self._checks = ThreadPoolExecutor(1, thread_name_prefix="vllm-surgery-first-load")
         self._task: asyncio.Task | None = None
+        self.canaries: Any = None  # the server's CanaryController: accepted versions go to a canary first
 
     # ------------------------------------------------------------------ automatic jobs (blocking)
     def _enqueue(
@@ -210,7 +225,11 @@ class AutomaticJobs:
             try:
                 # Never forced: the version's own surgery.json must say the gate accepted it (module
                 # docstring), whatever the row claims.
-                await self.swapper.swap(job.adapter, job.version, by=f"job {job.id}")
+                if self.canaries is not None and self.settings.canary_share > 0:
+                    if not await self._start_canary(job):
+                        continue  # another canary of the adapter runs: this one waits for its end
+                else:
+                    await self.swapper.swap(job.adapter, job.version, by=f"job {job.id}")
             except HotSwapError as e:
                 if e.status >= 500:
                     log.error(
@@ -239,6 +258,27 @@ class AutomaticJobs:
             done.append((job.id, "done"))
         return done
 
+    async def _start_canary(self, job: Job) -> bool:
+        """With VLLM_SURGERY_CANARY_SHARE > 0: the accepted version starts a canary instead of the swap
+        (docs/canary.md). False while another canary of the adapter runs (the job stays pending);
+        True once this job's canary runs (started here or, on another replica, just before). Raises
+        HotSwapError like `CanaryController.start`."""
+        running = await asyncio.to_thread(self.db.running_canary, job.adapter)
+        if running is not None:
+            return running.job_id == job.id
+        try:
+            await self.canaries.start(
+                job.adapter, job.version, self.settings.canary_share, by=f"job {job.id}", job_id=job.id
+            )
+        except HotSwapError as e:
+            running = await asyncio.to_thread(self.db.running_canary, job.adapter)
+            if running is not None and running.job_id == job.id:
+                return True  # another replica started it first
+            if running is not None:
+                return False
+            raise e
+        return True
+
     def prune_history(self, now: float | None = None) -> int:
         """Delete finished jobs beyond the job-history settings (job_history_days,
         job_history_per_adapter), in short batches; the number deleted."""
@@ -265,20 +305,17 @@ class AutomaticJobs:
             )
         return deleted
 
+    async def check(self) -> None:
+        """New-data checks, pending swaps, the job history's pruning and forgetting replicas that went
+        away, once."""
+        await asyncio.to_thread(self.check_new_data)
+        await self.swap_pending()
+        await asyncio.to_thread(self.prune_history)
+        await asyncio.to_thread(self.forget_replicas)
+
     async def run(self) -> None:
-        """Forever: new-data checks, pending swaps, the job history's pruning and forgetting replicas
-        that went away, every refine_check_interval_s (first at once)."""
-        while True:
-            try:
-                await asyncio.to_thread(self.check_new_data)
-                await self.swap_pending()
-                await asyncio.to_thread(self.prune_history)
-                await asyncio.to_thread(self.forget_replicas)
-            except DatabaseError as e:
-                log.error("auto-refine: the job database is not available: %s", e)
-            except Exception:
-                log.exception("auto-refine: periodic check failed")
-            await asyncio.sleep(self.settings.refine_check_interval_s)
+        """Forever: `check` every refine_check_interval_s (first at once)."""
+        await repeat(self.check, self.settings.refine_check_interval_s, "auto-refine")
 
     def start(self) -> asyncio.Task:
         """Start `run` on the running event loop (the server's); the task ends with the loop."""

@@ -46,6 +46,7 @@ from ..storage import Database, DatabaseError, open_database
 from ..traffic import AdapterCalibration
 from . import vllm_compat
 from .api import (
+    CANARY_KEY,
     JOBS_KEY,
     REFINER_KEY,
     STATE_KEY,
@@ -60,6 +61,7 @@ from .api import (
 )
 from .auth import AdminGuard
 from .automatic_jobs import AutomaticJobs
+from .canaries import CanaryController
 from .capture import CaptureSwitch, attach_capture, start_capture
 from .follower import PointerFollower
 from .general_plugin import ENDPOINT_PLUGIN, RESOLVER_NAME
@@ -112,6 +114,7 @@ class SurgeryEndpointPlugin:
         self.runtime_routes: RuntimeLoraRoutes | None = None
         self.automatic_jobs: AutomaticJobs | None = None
         self.follower: PointerFollower | None = None
+        self.canaries: CanaryController | None = None
 
     def attach_router(self, app: FastAPI) -> None:
         self.app = app
@@ -192,6 +195,8 @@ class SurgeryEndpointPlugin:
         )
         if recorder is not None:
             setattr(state, TRAFFIC_KEY, recorder)
+        if db is not None:
+            await self._serve_canaries(swapper, db, state, engine_client)
         calibration = AdapterCalibration(self.settings, db, recorder)
         setattr(state, REFINER_KEY, RefineRoute(swapper, base_model, db, calibration))
         if db is None:
@@ -199,6 +204,7 @@ class SurgeryEndpointPlugin:
         setattr(state, JOBS_KEY, db)
         register_jobs_collector(db)
         automatic = AutomaticJobs(swapper, db, base_model, calibration)
+        automatic.canaries = self.canaries
         resolver.call_when_original_served(automatic.first_load_soon)
         await asyncio.to_thread(automatic.first_load_of_startup_adapters)
         self.automatic_jobs = automatic
@@ -209,6 +215,28 @@ class SurgeryEndpointPlugin:
             "on" if self.settings.auto_refine else "off",
             self.settings.refine_check_interval_s,
         )
+
+    async def _serve_canaries(
+        self, swapper: HotSwapper, db: Database, state: Any, engine_client: Any
+    ) -> None:
+        """Route requests between an adapter's current and canary versions (`canaries`): the handlers
+        note each request's sticky key, generate is routed outside the traffic observer (installed
+        before, so capture records the version that ran); then the canaries running in the database
+        are loaded and the periodic check starts."""
+        canaries = CanaryController(swapper, db)
+        canaries.rule()  # the rule's own checks of the canary settings: a bad one stops the start (SettingsError)
+        vllm_compat.around_request_handlers(state, canaries.around)
+        for client in vllm_compat.serving_engine_clients(state) or [engine_client]:
+            vllm_compat.route_generate(client, canaries.choose)
+        setattr(state, CANARY_KEY, canaries)
+        try:
+            await canaries.sync()
+        except DatabaseError as e:
+            log.error("vllm-surgery: running canaries cannot be read now (tried again every poll): %s", e)
+        canaries.start_checks()
+        if self.follower is not None:
+            self.follower.canaries = canaries
+        self.canaries = canaries
 
     def _follow_pointers(self, swapper: HotSwapper, db: Database, args: Namespace) -> PointerFollower:
         """Start this replica's follower of the shared served pointer (`follower`); stopped at shutdown."""

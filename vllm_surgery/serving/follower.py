@@ -17,7 +17,8 @@ servable (its copy repaired) is picked up without a restart.
 
 An adapter without a pointer row serves its original (as the resolver does). Adapters not loaded yet
 are left alone: their first request resolves them, and the resolver reads the
-pointer then. The replica's rows are written when what it serves, its state or its error changes, and
+pointer then. Canaries (`canaries`) notify the same channel: after the pointers, the follower has the
+server's canary controller load, re-share or drop canary slots as the database says. The replica's rows are written when what it serves, its state or its error changes, and
 at least every `REPORT_EVERY_S` (so `seen_at` shows it is alive).
 """
 
@@ -61,6 +62,7 @@ class PointerFollower:
         self._thread: threading.Thread | None = None
         self._reported: dict[str, tuple[Any, ...]] = {}  # adapter -> (version, state, error), time
         self._logged: dict[str, tuple[int, str]] = {}  # adapter -> (revision, state) already logged
+        self.canaries: Any = None  # the server's CanaryController, set once it runs
 
     def start(self) -> threading.Thread:
         """Start the thread (once)."""
@@ -136,6 +138,11 @@ class PointerFollower:
                 log.exception(
                     "replica %s: following the pointer of %r failed", self.replica_id, pointer.adapter
                 )
+        if self.canaries is not None:  # canary changes notify the same channel (storage.canary)
+            try:
+                self.canaries.sync_from_thread(FOLLOW_TIMEOUT_S)
+            except Exception as e:
+                log.warning("replica %s: cannot follow the canaries now: %s", self.replica_id, e)
 
     def _follow(self, pointer: ServedPointer) -> None:
         name = pointer.adapter

@@ -56,6 +56,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -134,6 +135,8 @@ class HotSwapper:
         # Adapters given with --lora-modules: vLLM registered them before this object exists. They are
         # originals like those under an operator root (refinable, swappable), found by name here.
         self.startup: dict[str, Path] = {}
+        # Paths other slots serve (a canary's version, see `canaries`): in use too.
+        self.extra_paths: Callable[[], set[str]] = set
         for name, request in dict(vllm_compat.served_requests(self.models)).items():
             try:
                 validate_adapter_name(name)
@@ -163,7 +166,8 @@ class HotSwapper:
 
     def _paths_in_use(self) -> set[str]:
         """The paths vLLM's name -> request mapping points at (may raise RuntimeError while it changes)."""
-        return {r.lora_path for r in tuple(vllm_compat.served_requests(self.models).values())}
+        served = {r.lora_path for r in tuple(vllm_compat.served_requests(self.models).values())}
+        return served | self.extra_paths()
 
     def _versions_in_use(self) -> set[tuple[str, str]]:
         """(name, store version id) of what names serve now (may raise RuntimeError, as above)."""

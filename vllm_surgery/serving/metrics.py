@@ -118,6 +118,104 @@ POINTER_LISTENER_UP = Gauge(
 )
 
 
+# Canaries (docs/canary.md): which version a request ran (arm current or canary) and how a canary ended.
+CANARY_ARMS = ("current", "canary")
+CANARY_DECISIONS_OUTCOMES = ("promoted", "rolled_back", "expired", "aborted")
+CANARY_REQUESTS = Counter(
+    "vllm_surgery_canary_requests",
+    "Requests of an adapter with a running canary, by the version that answered: arm current or canary.",
+    ["adapter", "arm"],
+)
+CANARY_RUNNING = Gauge(
+    "vllm_surgery_canary_running",
+    "1 while this server serves a canary of the adapter, 0 after it ended.",
+    ["adapter"],
+)
+CANARY_SHARE = Gauge(
+    "vllm_surgery_canary_share",
+    "The share of the adapter's requests its running canary serves (0 when none runs).",
+    ["adapter"],
+)
+CANARY_ANSWERS = Gauge(
+    "vllm_surgery_canary_answers",
+    "Answers of each version since the running canary started (all replicas: from the database).",
+    ["adapter", "arm"],
+)
+CANARY_RATINGS = Gauge(
+    "vllm_surgery_canary_ratings",
+    "Rated answers (good, bad or corrected) of each version since the running canary started.",
+    ["adapter", "arm"],
+)
+CANARY_CORRECTIONS = Gauge(
+    "vllm_surgery_canary_corrections",
+    "Corrected answers of each version since the running canary started.",
+    ["adapter", "arm"],
+)
+CANARY_GOOD_RATE = Gauge(
+    "vllm_surgery_canary_good_rate",
+    "Rated-good share of each version's rated answers since the running canary started.",
+    ["adapter", "arm"],
+)
+CANARY_STATISTIC = Gauge(
+    "vllm_surgery_canary_statistic",
+    "The decision rule's running figures for the adapter's canary (name: each number the rule reports, "
+    "e.g. the difference of good rates and its interval's bounds).",
+    ["adapter", "name"],
+)
+CANARY_DECISIONS = Counter(
+    "vllm_surgery_canary_decisions",
+    "Canaries ended, by adapter and decision: promoted, rolled_back, expired, aborted.",
+    ["adapter", "decision"],
+)
+
+
+def _numbers(figures: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of the rule's figures, flattened (a.b -> a_b; [low, high] -> _low, _high)."""
+    out: dict[str, float] = {}
+    for key, value in figures.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int | float):
+            out[name] = float(value)
+        elif isinstance(value, Mapping):
+            out.update(_numbers(value, f"{name}_"))
+        elif isinstance(value, list | tuple) and len(value) == 2:
+            for end, v in zip(("low", "high"), value, strict=True):
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    out[f"{name}_{end}"] = float(v)
+    return out
+
+
+def clear_canary(adapter: str) -> None:
+    """The adapter's canary ended here: no running figures are shown for it any more."""
+    CANARY_RUNNING.labels(adapter).set(0)
+    CANARY_SHARE.labels(adapter).set(0)
+    for gauge in (CANARY_ANSWERS, CANARY_RATINGS, CANARY_CORRECTIONS, CANARY_GOOD_RATE):
+        for arm in CANARY_ARMS:
+            with contextlib.suppress(KeyError):
+                gauge.remove(adapter, arm)
+    for name in _STATISTIC_NAMES.pop(adapter, set()):
+        with contextlib.suppress(KeyError):
+            CANARY_STATISTIC.remove(adapter, name)
+
+
+_STATISTIC_NAMES: dict[str, set[str]] = {}  # adapter -> the statistic names exported for its canary
+
+
+def record_canary(adapter: str, arms: Mapping[str, Any], figures: Mapping[str, Any]) -> None:
+    """Export a running canary's live figures: `arms` maps current/canary to their ArmCounts."""
+    for arm, counts in arms.items():
+        CANARY_ANSWERS.labels(adapter, arm).set(counts.answers)
+        CANARY_RATINGS.labels(adapter, arm).set(counts.rated)
+        CANARY_CORRECTIONS.labels(adapter, arm).set(counts.corrected)
+        if counts.rated:
+            CANARY_GOOD_RATE.labels(adapter, arm).set(counts.good / counts.rated)
+    for name, value in _numbers(figures).items():
+        CANARY_STATISTIC.labels(adapter, name).set(value)
+        _STATISTIC_NAMES.setdefault(adapter, set()).add(name)
+
+
 def record_follow(adapter: str, outcome: str | None, in_sync: bool) -> None:
     """What this replica made of its adapter's served pointer: `outcome` (None: nothing to do, it was
     already served) and whether it now serves the pointer's version."""

@@ -354,6 +354,72 @@ def observe_generate(engine_client: Any, observer: Callable[..., Any]) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------- canary routing
+_ROUTED = "_vllm_surgery_routed_generate"
+# The completion and chat handlers (vllm/entrypoints/openai/{completion,chat_completion}/serving.py):
+# `create_*(request, raw_request)` parse nothing more and call engine_client.generate for every prompt
+# before they return (a stream's generator is built after the generate calls), so a context variable
+# set around them is seen by every generate call of the request.
+REQUEST_HANDLERS = (
+    ("openai_serving_completion", "create_completion"),
+    ("openai_serving_chat", "create_chat_completion"),
+)
+
+
+def request_routing_key(request: Any, raw_request: Any) -> tuple[str | None, str | None]:
+    """(the body's `user` field, the request's id as vLLM names it: the X-Request-Id header, else the
+    body's request_id) of a completion or chat request."""
+    user = getattr(request, "user", None)
+    header = None
+    headers = getattr(raw_request, "headers", None)
+    if headers is not None:
+        header = headers.get("X-Request-Id")
+    request_id = header or getattr(request, "request_id", None)
+    return (user if isinstance(user, str) and user else None), (str(request_id) if request_id else None)
+
+
+def around_request_handlers(state: Any, around: Callable[[Any, Any], Any]) -> list[str]:
+    """Run the completion and chat handlers inside `around(request, raw_request)` (a context manager);
+    returns the handlers wrapped ("attribute.method"). Idempotent per handler object."""
+    wrapped = []
+    for attr, method in REQUEST_HANDLERS:
+        serving = getattr(state, attr, None)
+        original = getattr(serving, method, None)
+        if original is None or getattr(serving, f"_vllm_surgery_{method}", False):
+            continue
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            async def handler(request: Any, raw_request: Any = None, *args: Any, **kwargs: Any) -> Any:
+                with around(request, raw_request):
+                    return await original(request, raw_request, *args, **kwargs)
+
+            return handler
+
+        setattr(serving, method, make(original))
+        setattr(serving, f"_vllm_surgery_{method}", True)
+        wrapped.append(f"{attr}.{method}")
+    return wrapped
+
+
+def route_generate(engine_client: Any, choose: Callable[[Any], Any]) -> bool:
+    """Make `engine_client.generate(..., lora_request=R)` run with `choose(R)` instead of R (`choose`
+    returns R itself to keep it). Installed outside the traffic observer (`observe_generate`), so
+    capture records the LoRARequest the engine really runs. Idempotent; False if already routed."""
+    if getattr(engine_client, _ROUTED, False):
+        return False
+    original = engine_client.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        request = kwargs.get("lora_request")
+        if request is not None:
+            kwargs["lora_request"] = choose(request)
+        return original(*args, **kwargs)
+
+    engine_client.generate = generate
+    setattr(engine_client, _ROUTED, True)
+    return True
+
+
 def lora_path(lora_request: Any) -> str | None:
     """The adapter directory a LoRARequest loads (`LoRARequest.lora_path`)."""
     return getattr(lora_request, "lora_path", None)
@@ -484,6 +550,30 @@ def check_traffic_api() -> None:
     )
 
 
+def check_canary_api() -> None:
+    """What canary routing uses (`around_request_handlers`, `request_routing_key`): the completion and
+    chat handlers' `create_*(request, raw_request)` coroutines, and the `user` and `request_id` fields
+    of their request bodies."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    for cls, method in (
+        (OpenAIServingCompletion, "create_completion"),
+        (OpenAIServingChat, "create_chat_completion"),
+    ):
+        fn = getattr(cls, method, None)
+        _require(
+            inspect.iscoroutinefunction(fn) and _params(fn)[1:3] == ["request", "raw_request"],
+            f"vllm.entrypoints.openai.{cls.__name__}.{method}",
+            "is not `async def " + method + "(self, request, raw_request, ...)`",
+        )
+    for body in (CompletionRequest, ChatCompletionRequest):
+        missing = [f for f in ("user", "request_id") if f not in body.model_fields]
+        _require(not missing, f"vllm.entrypoints.openai {body.__name__}", f"lacks {missing}")
+
+
 def _stand_in_serving_models() -> Any:
     """A real OpenAIServingModels built around a minimal engine client (no engine is started)."""
     from vllm.entrypoints.openai.models.protocol import BaseModelPath
@@ -525,6 +615,7 @@ def self_check(models: Any | None = None) -> None:
         "no longer takes (app, tokens)",
     )
     check_traffic_api()
+    check_canary_api()
     from vllm.config import ModelConfig
 
     fields = getattr(ModelConfig, "__dataclass_fields__", {})

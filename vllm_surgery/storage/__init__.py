@@ -11,6 +11,8 @@
   `urls`: which targets are Postgres URLs, and how they are shown without a password.
 - `pointer`: the served pointer in a shared database (which version every replica serves), its
   history and the replicas' reports; `listen`: LISTEN for its changes on Postgres (imported only then).
+- `canary`: the canary state per adapter (a refined version on a share of live traffic), its
+  decisions and its live figures.
 - `counters`: the counters and batched deletes that keep stats, metrics and retention fast at any
   size (schema version 6); `COUNTED`: the counts of `TrafficStats`, in order.
 - `usable`: which recorded answers are usable calibration examples (`usable_answer`, and in SQL).
@@ -22,6 +24,8 @@ the package's front door: other packages import from here, not from the modules.
 
 from __future__ import annotations
 
+from .canary import STATES as CANARY_STATES
+from .canary import Canary, CanaryConflict, check_share
 from .counters import COUNTED, JOB_STAGE_BUCKETS, StageHistogram
 from .database import (
     RATINGS,
@@ -73,6 +77,7 @@ from .usable import LEFT_OUT_KINDS, USABLE_KINDS, usable_answer
 
 __all__ = [
     "ACTIVE_STATES",
+    "CANARY_STATES",
     "COUNTED",
     "FINISHED_STATES",
     "JOB_STAGE_BUCKETS",
@@ -86,6 +91,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "SWAP_STATES",
     "USABLE_KINDS",
+    "Canary",
+    "CanaryConflict",
     "Database",
     "DatabaseError",
     "DatabaseUnavailable",
@@ -109,6 +116,7 @@ __all__ = [
     "UnknownRequest",
     "VersionInfo",
     "VersionStore",
+    "check_share",
     "is_postgres_url",
     "is_store_url",
     "key_of_record",

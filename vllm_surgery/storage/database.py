@@ -39,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeryError
+from . import canary as _canary
 from . import counters
 from . import pointer as _pointer
+from .canary import CanaryStates
 from .job_queue import FINISHED_STATES, JOBS_CANCEL_MIGRATION, JOBS_SCHEMA, JobQueue, SQLiteJobQueue
 from .pointer import PointerBackend, ServedPointers
 from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK, USABLE_BY_FEEDBACK, USABLE_UNRATED
@@ -157,6 +159,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         counters.sqlite_statements(USABLE_BY_FEEDBACK, USABLE_UNRATED, FINISHED_STATES),
         lambda conn: counters.fill_stage_totals(conn, "?", FINISHED_STATES),
     ),
+    Migration(7, _canary.DESCRIPTION, _canary.schema(postgres=False)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -254,9 +257,10 @@ class Retention:
     max_bytes: int | None = None  # bytes of stored text (records and their feedback: `bytes` column)
 
 
-class Database(JobQueue, ServedPointers, ABC):
+class Database(JobQueue, ServedPointers, CanaryStates, ABC):
     """What the plugin, the CLI, the calibration export and the worker need from storage (the job
-    queue's methods are declared by `JobQueue`, the served pointer's by `ServedPointers`). Methods
+    queue's methods are declared by `JobQueue`, the served pointer's by `ServedPointers`, the canaries'
+    by `CanaryStates`). Methods
     raise DatabaseError when the storage cannot be used."""
 
     # A server reached over the network, which can be unreachable for a while (DatabaseUnavailable):

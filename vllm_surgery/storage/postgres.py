@@ -64,6 +64,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from . import counters
+from .canary import DESCRIPTION as CANARY_DESCRIPTION
+from .canary import schema as canary_schema
 from .database import (
     _COLUMNS,
     _LATEST,
@@ -272,6 +274,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         counters.postgres_statements(USABLE_BY_FEEDBACK, USABLE_UNRATED, FINISHED_STATES),
         lambda conn: counters.fill_stage_totals(conn, "%s", FINISHED_STATES),
     ),
+    Migration(7, CANARY_DESCRIPTION, canary_schema(postgres=True)),
 )
 
 _SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (

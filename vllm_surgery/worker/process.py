@@ -312,6 +312,7 @@ class WorkerOptions:
     calibration_dir: Path | None = None
     lora_modules: tuple[tuple[str, Path], ...] = ()  # the server's --lora-modules adapters
     base_models: tuple[str, ...] = ()  # --model: the only base models a job may name (empty: any)
+    canary_share: float = 0.0  # > 0: accepted versions go to a canary first (a server starts it)
 
 
 @dataclass
@@ -796,6 +797,15 @@ class RefinementWorker:
     def _point(self, job: Job, version: str, label: str) -> None:
         """Point the shared served pointer at `version` (every replica follows); record the job's swap
         state from that write: done, failed (refused, with the reason) or pending (database error)."""
+        if self.options.canary_share > 0:
+            # a canary runs in the servers (both versions loaded); the job stays "swap pending" and a
+            # server's sweep starts it (docs/canary.md)
+            log.info(
+                "%s: swap pending: a server starts the canary of %s (VLLM_SURGERY_CANARY_SHARE)",
+                label,
+                version,
+            )
+            return
         start = time.perf_counter()
         refusal, adapter_hash = self._pointer_refusal(job.adapter, version)
         state, error = ("failed", refusal) if refusal is not None else ("done", None)
@@ -829,9 +839,10 @@ class RefinementWorker:
         headers = {"Content-Type": "application/json"}
         if self.options.admin_token:
             headers["Authorization"] = f"Bearer {self.options.admin_token}"
-        request = urllib.request.Request(
-            url, json.dumps({"version": version}).encode(), headers, method="POST"
-        )
+        # with VLLM_SURGERY_CANARY_SHARE > 0 the job's id: the server starts a canary of the version instead
+        # (sent only then: a server from before canaries refuses the field)
+        body = {"version": version, **({"job": job.id} if self.options.canary_share > 0 else {})}
+        request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
         start = time.perf_counter()
         try:
             with urllib.request.urlopen(request, timeout=self.options.http_timeout_s) as response:
@@ -971,6 +982,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             calibration_dir=settings.calibration_dir,
             lora_modules=tuple(lora_modules),
             base_models=tuple(args.model),
+            canary_share=settings.canary_share,
         )
         worker = RefinementWorker(db, store, options)
     except (SurgeryError, ValueError) as e:

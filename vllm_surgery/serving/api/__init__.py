@@ -3,6 +3,8 @@
 server's objects on ``request.app.state`` (`state`), with typed request bodies (`http.RequestBody`).
 
 - `adapters`: ``GET /v1/surgery/adapters[/{name}]``, ``POST .../{name}/swap``, ``POST .../{name}/rollback``
+- `canary`: ``POST /v1/surgery/adapters/{name}/canary`` (start), ``.../canary/share``,
+  ``.../canary/promote``, ``.../canary/abort``
 - `refinements`: ``POST /v1/surgery/adapters/{name}/refine`` (answered from the store, or a job)
 - `jobs`: ``GET /v1/surgery/jobs[/{id}]``
 - `feedback`: ``POST /v1/surgery/feedback``
@@ -28,16 +30,17 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from . import adapters, feedback, jobs, refinements, traffic
+from . import adapters, canary, feedback, jobs, refinements, traffic
 from .http import openapi_body
 from .refinements import RefineRoute
 from .runtime_lora import LoadAdapterRequest, RuntimeLoraRoutes, UnloadAdapterRequest
-from .state import ACCESS_KEY, JOBS_KEY, REFINER_KEY, STATE_KEY, TRAFFIC_KEY, AdminAccess
+from .state import ACCESS_KEY, CANARY_KEY, JOBS_KEY, REFINER_KEY, STATE_KEY, TRAFFIC_KEY, AdminAccess
 
-ROUTERS = (adapters.router, refinements.router, jobs.router, feedback.router, traffic.router)
+ROUTERS = (adapters.router, canary.router, refinements.router, jobs.router, feedback.router, traffic.router)
 
 __all__ = [
     "ACCESS_KEY",
+    "CANARY_KEY",
     "JOBS_KEY",
     "REFINER_KEY",
     "ROUTERS",

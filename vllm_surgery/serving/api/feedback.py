@@ -30,6 +30,7 @@ from ...storage import RATINGS, DatabaseError, UnknownRequest
 from ...traffic import TrafficRecorder, record_feedback
 from ..auth import FeedbackTrust
 from .http import SMALL_BODY_BYTES, BodyError, RequestBody, error_response, openapi_body, read_model
+from .state import CANARY_KEY
 from .traffic import recorder_or_answer
 
 log = logging.getLogger(f"vllm.{__name__}")
@@ -178,7 +179,11 @@ async def feedback(raw_request: Request) -> Any:
     try:
         body = await read_model(raw_request, FeedbackRequest, SMALL_BODY_BYTES, FEEDBACK_EXAMPLE)
         trusted, reviewer, client = trust_of(recorder).judge(raw_request)
-        return await give_feedback(recorder, body, trusted, reviewer, client)
+        answer = await give_feedback(recorder, body, trusted, reviewer, client)
+        canaries = getattr(raw_request.app.state, CANARY_KEY, None)
+        if canaries is not None:  # a running canary of the adapter is evaluated again (docs/canary.md)
+            canaries.feedback_arrived(answer["adapter"])
+        return answer
     except BodyError as e:
         return error_response(str(e), e.status)
     except DatabaseError as e:

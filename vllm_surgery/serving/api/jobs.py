@@ -180,7 +180,10 @@ async def get_job(job_id: str, raw_request: Request) -> Any:
     job = await asyncio.to_thread(db.job, _job_id(job_id))
     if job is None:
         raise BodyError(f"no job {job_id}", 404)
-    return describe_job(job, is_admin(raw_request))
+    view = describe_job(job, is_admin(raw_request))
+    # the canaries its accepted version served (docs/canary.md): each with its decision and figures
+    view["canaries"] = [c.to_dict() for c in await asyncio.to_thread(db.canaries_of_job, job.id)]
+    return view
 
 
 class CancelBody(RequestBody):

@@ -19,6 +19,7 @@ STATE_KEY = "vllm_surgery_hotswapper"  # HotSwapper
 REFINER_KEY = "vllm_surgery_refiner"  # refinements.RefineRoute
 JOBS_KEY = "vllm_surgery_jobs"  # the job database (storage.Database)
 TRAFFIC_KEY = "vllm_surgery_traffic"  # traffic.TrafficRecorder
+CANARY_KEY = "vllm_surgery_canaries"  # canaries.CanaryController
 ACCESS_KEY = "vllm_surgery_access"  # AdminAccess (set by attach_router)
 
 NO_ENGINE = "hot-swap is not available on this server (no LoRA engine)"
