@@ -16,6 +16,7 @@ from vllm_surgery.canary import (
     ArmCounts,
     CanaryRule,
     decide,
+    difference_interval,
     evaluate,
     good_rate_interval,
     log_e_values,
@@ -113,6 +114,35 @@ def test_good_rate_interval_by_hand():
     low, high = good_rate_interval(10, 10, 0.05)
     assert low == pytest.approx(220 ** (-1 / 10), abs=1e-9) and high == pytest.approx(1.0, abs=1e-9)
     assert good_rate_interval(0, 0, 0.05) == (0.0, 1.0)
+
+
+def test_difference_interval_by_hand():
+    # canary 60 of 60 good, current 0 of 60: on the line d = delta the best rates are p_canary =
+    # (1 + delta) / 2 and p_current = (1 - delta) / 2, likelihood ((1 + delta) / 2)^120; the numerator is
+    # (1/61)^2. The lower end solves -2 ln 61 - 120 ln((1 + delta) / 2) = ln 20; the upper end is 1.
+    low, high = difference_interval(counts(0, 60), counts(60, 0), 0.05)
+    expected = 2 * math.exp(-(math.log(20) + 2 * math.log(61)) / 120) - 1  # 0.8215
+    assert low == pytest.approx(expected, abs=1e-9) and high == 1.0
+    assert difference_interval(counts(0, 0), counts(3, 1), 0.05) == (-1.0, 1.0)
+
+
+def test_the_decision_can_be_read_from_the_interval():
+    # a test rejects exactly when its boundary lies outside the difference's interval (module docstring)
+    rng = np.random.default_rng(2)
+    seen = set()
+    for _ in range(60):
+        n0, n1 = (int(n) for n in rng.integers(30, 3000, size=2))
+        g0 = int(rng.integers(0, n0 + 1))
+        g1 = int(rng.binomial(n1, float(np.clip(g0 / n0 + rng.normal(0, 0.08), 0, 1))))
+        v = evaluate(counts(g0, n0 - g0), counts(g1, n1 - g1), RULE, elapsed_s=0)
+        low, high = v.figures["difference"]["interval"]
+        tests = v.figures["tests"]
+        assert tests["non_inferior"]["rejected"] == (low > -0.05), (g0, n0, g1, n1, low)
+        assert tests["better"]["rejected"] == (low > 0), (g0, n0, g1, n1, low)
+        assert tests["worse"]["rejected"] == (high < 0), (g0, n0, g1, n1, high)
+        assert tests["within_margin"]["rejected"] == (high < 0.05), (g0, n0, g1, n1, high)
+        seen |= {(name, t["rejected"]) for name, t in tests.items()}
+    assert len(seen) == 8  # every test both rejected and not, somewhere in the sample
 
 
 # --------------------------------------------------------------------------------------------------
