@@ -256,8 +256,11 @@ def test_bad_counts_and_elapsed_time_are_named():
         ArmCounts(answers=5, good=-1, bad=0, corrected=0)
     with pytest.raises(ValueError, match=r"4 rated answers .* only 3 answers"):
         ArmCounts(answers=3, good=2, bad=1, corrected=1)
-    with pytest.raises(ValueError, match="elapsed_s must be"):
-        evaluate(counts(1, 1), counts(1, 1), RULE, elapsed_s=-1)
+    for elapsed in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="elapsed_s must be a finite number"):
+            evaluate(counts(1, 1), counts(1, 1), RULE, elapsed_s=elapsed)
+    # a replica's clock behind the one that started the canary: not expired, no failure
+    assert evaluate(counts(1, 1), counts(1, 1), RULE, elapsed_s=-5.0).decision == "continue"
 
 
 # --------------------------------------------------------------------------------------------------

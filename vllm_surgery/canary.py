@@ -481,7 +481,10 @@ def evaluate(current: ArmCounts, canary: ArmCounts, rule: CanaryRule, *, elapsed
     """The rule's verdict on the canary now: continue, promote, rollback or expired (see the module
     docstring), with a one-sentence reason and the figures. Deterministic in its arguments.
 
-    Raises ValueError for counts that are not ArmCounts or an elapsed_s that is not a finite number >= 0.
+    elapsed_s: seconds since the canary started. A negative value (a replica whose clock is behind the
+    one that started the canary) reads as not expired rather than failing the canary's evaluation.
+
+    Raises ValueError for counts that are not ArmCounts or an elapsed_s that is not a finite number.
     """
     for name, counts in (("current", current), ("canary", canary)):
         if not isinstance(counts, ArmCounts):
@@ -489,8 +492,8 @@ def evaluate(current: ArmCounts, canary: ArmCounts, rule: CanaryRule, *, elapsed
     if not isinstance(rule, CanaryRule):
         raise ValueError(f"rule must be a CanaryRule; got {type(rule).__name__}")
     ok = isinstance(elapsed_s, numbers.Real) and not isinstance(elapsed_s, bool)
-    if not ok or not math.isfinite(elapsed_s) or elapsed_s < 0:
-        raise ValueError(f"elapsed_s must be a finite number of seconds >= 0; got {elapsed_s!r}")
+    if not ok or not math.isfinite(elapsed_s):
+        raise ValueError(f"elapsed_s must be a finite number of seconds; got {elapsed_s!r}")
     expired = elapsed_s > rule.max_duration_s
     codes, better = decide(current.good, current.rated, canary.good, canary.rated, rule, expired=expired)
     decision, better = DECISIONS[int(codes)], bool(better)
