@@ -30,7 +30,7 @@ so the rule may be evaluated after every new rating, and stopped whenever, with 
 universal inference (Wasserman, Ramdas & Balakrishnan 2020) with a mixture numerator, the same
 construction as the mixture SPRT of Johari, Pekelis & Walsh ("Always valid inference", 2017), but with
 exact binomial likelihoods instead of a normal approximation: valid at every sample size, conservative
-(simulation: far fewer errors than error_rate). The maximum over H is closed-form: the likelihood is
+(simulation: far fewer errors than error_rate). The maximum over H is closed-form: the log-likelihood is
 concave, the maximum over a half-plane d <= delta (or >= delta) is the unrestricted one when that lies
 inside, otherwise the maximum on the line d = delta, whose root is Farrington & Manning's (1990)
 restricted estimate (a cubic, solved by its trigonometric form). Uniform priors were chosen over
@@ -61,7 +61,10 @@ Decision, at each evaluation, from the counts alone (no memory):
 3. shown not worse by the margin -> promote, `better` if also shown better. With settle_better (the
    default) the promotion waits until it is also settled whether the canary is better: shown better, or
    shown not better by the margin (its interval's top below +margin); a canary truly better by
-   about the margin or less may wait until the time limit, and is then promoted (not shown better);
+   about the margin or less may wait until the time limit, and is then promoted (not shown better).
+   Why wait: showing "not worse by the margin" needs less evidence than showing "better", so a canary
+   promoted at the first moment it is not worse would almost never be known to be better; the canary
+   keeps its share meanwhile, and an equal canary settles about as fast as it is shown not worse;
 4. elapsed_s > max_duration_s with none of these -> expired: the current version stays.
 
 Guarantees (each over the whole canary, however often evaluated, for any share): a canary whose good
