@@ -489,6 +489,22 @@ def test_canary_routes_admin_token_bodies_and_refusals(env, monkeypatch, tmp_pat
         assert start({"version": env["stale"].name, "share": 0.3})[0] == 409
         assert start({"version": env["corrupt"].name, "share": 0.3})[0] == 422
         assert start({"version": "original", "share": 0.3})[0] == 409  # the version served now
+        # hostile bodies: refused by name before anything is loaded or stored (checked just below)
+        status, text = start({"version": "../../etc/passwd", "share": 0.3})
+        assert status == 400 and "contains a path separator" in text
+        status, text = start({"version": "x'; DROP TABLE canaries; --", "share": 0.3})
+        assert status == 400 and "contains characters outside [A-Za-z0-9._-]" in text
+        status, text = start({"version": [good], "share": 0.3})
+        assert status == 400 and "'version': Input should be a valid string" in text
+
+        def raw(body: bytes):
+            headers = {**admin, "content-type": "application/json"}
+            return client.post("/v1/surgery/adapters/x/canary", content=body, headers=headers)
+
+        lone = raw(b'{"version": "\\ud800", "share": 0.3}')  # a lone surrogate
+        assert lone.status_code == 400 and "'version'" in lone.text
+        huge = raw(b'{"version": "' + b"a" * 10_000_000 + b'", "share": 0.3}')
+        assert huge.status_code == 413 and "exceeds the limit of 65536 bytes" in huge.text
         assert models.loads == [] and db.running_canaries() == []  # nothing loaded, nothing recorded
 
         status, text = start({"version": good, "share": 0.3})
