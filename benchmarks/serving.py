@@ -585,7 +585,6 @@ def main(argv: list[str] | None = None) -> int:
             lost = measure_recording(plugin, traffic, prompts, probe_ids, args)
         print(f"total wall time {time.perf_counter() - started:.1f} s")
         return 1 if failed or unexpected or bad or lost else 0
-        return 1 if failed or unexpected or bad else 0
     finally:
         for s in servers:
             s.stop()
