@@ -221,3 +221,26 @@ def metric(server: Server, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
+
+
+def refine_forced(base: Path, root: Path, name: str, out: Path) -> Path:
+    """Write a refined version of `root`/adapters/`name` into `out` (a new store version directory):
+    grad_direction forced on 16 calibration examples (`root`/calib.jsonl), every module, on the CPU. The
+    serving tests need a servable version whose weights differ from the original's, not a good one."""
+    from vllm_surgery.refine import refine
+    from vllm_surgery.testing import write_calibration
+
+    calib = write_calibration(root / "calib.jsonl", n=16)
+    result = refine(
+        base,
+        root / "adapters" / name,
+        calib,
+        out,
+        policy="grad_direction",
+        modules="all",
+        device="cpu",
+        force=True,
+        progress=False,
+    )
+    assert result.written
+    return out

@@ -28,12 +28,13 @@ from server import (
     Server,
     assert_served_by,
     complete,
+    refine_forced,
     start_server,
     stop,
     teacher_forced,
 )
 
-from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
+from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -80,24 +81,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def versions(server: Server) -> dict[str, Path]:
     """The refined version of "x" and a corrupt copy of it, both complete store versions."""
-    from vllm_surgery.refine import refine
     from vllm_surgery.storage.store import VersionStore
 
     store = VersionStore(server.root / "store")
-    refined = store.new_version_dir("x")
-    calib = write_calibration(server.root / "calib.jsonl", n=16)
-    result = refine(
-        server.base,
-        server.root / "adapters" / "x",
-        calib,
-        refined,
-        policy="grad_direction",
-        modules="all",
-        device="cpu",
-        force=True,
-        progress=False,
-    )
-    assert result.written
+    refined = refine_forced(server.base, server.root, "x", store.new_version_dir("x"))
     corrupt = store.new_version_dir("x")
     shutil.copytree(refined, corrupt, dirs_exist_ok=True)
     weights = corrupt / "adapter_model.safetensors"

@@ -12,9 +12,9 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from server import Server, assert_served_by, metric, peft_reference, running, tokenized
+from server import Server, assert_served_by, metric, peft_reference, refine_forced, running, tokenized
 
-from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
+from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,6 @@ PROMPTS = ["what is 12 + 30 ?", "the quick brown fox"]
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The S3 server, a bucket holding two published versions of adapter "x", and nothing of them on
     local disk: the writer's cache is deleted."""
-    from vllm_surgery.refine import refine
     from vllm_surgery.storage import open_store
     from vllm_surgery.testing_servers import S3Server
 
@@ -43,19 +42,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                 mp.setenv(key, value)
             writer = open_store(url, root / "writer-cache", 1 << 30)
             with writer.writer_lock("x"):
-                first = writer.new_version_dir("x")
-                result = refine(
-                    base,
-                    root / "adapters" / "x",
-                    write_calibration(root / "calib.jsonl", n=16),
-                    first,
-                    policy="grad_direction",
-                    modules="all",
-                    device="cpu",
-                    force=True,
-                    progress=False,
-                )
-                assert result.written
+                first = refine_forced(base, root, "x", writer.new_version_dir("x"))
                 writer.publish("x", first)
                 second = writer.new_version_dir("x")
                 shutil.copytree(first, second, dirs_exist_ok=True)

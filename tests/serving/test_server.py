@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from server import Server, assert_served_by, complete, start_server, stop
+from server import Server, assert_served_by, complete, refine_forced, start_server, stop
 
-from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
+from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -78,24 +78,10 @@ def prompt_ids(server: Server) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def refined_code(server: Server) -> Path:
     """A refined version of "code" written into the store and marked served while the server runs."""
-    from vllm_surgery.refine import refine
     from vllm_surgery.storage.store import VersionStore
 
     store = VersionStore(server.root / "store")
-    out = store.new_version_dir("code")
-    calib = write_calibration(server.root / "calib.jsonl", n=16)
-    result = refine(
-        server.base,
-        server.root / "adapters" / "code",
-        calib,
-        out,
-        policy="grad_direction",
-        modules="all",
-        device="cpu",
-        force=True,
-        progress=False,
-    )
-    assert result.written
+    out = refine_forced(server.base, server.root, "code", store.new_version_dir("code"))
     store.set_served("code", out.name)
     return out
 

@@ -22,11 +22,11 @@ from urllib.parse import urlparse
 
 import pacing
 import pytest
-from server import REQUEST_TIMEOUT_S, Server, metric, start_server, stop
+from server import REQUEST_TIMEOUT_S, Server, metric, refine_forced, start_server, stop
 
 from vllm_surgery.cli import main as cli
 from vllm_surgery.storage.database import SCHEMA_VERSION
-from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama, write_calibration
+from vllm_surgery.testing import ALL_PROJ, build_lora_adapter, build_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -457,24 +457,10 @@ def test_reading_traffic_needs_the_admin_token(server: Server) -> None:
 @pytest.fixture(scope="module")
 def refined(server: Server, setup: dict) -> str:
     """A servable refined version of "x" in the store (refine(force=True), as in test_hotswap)."""
-    from vllm_surgery.refine import refine
     from vllm_surgery.storage.store import VersionStore
 
     out = VersionStore(setup["root"] / "store").new_version_dir("x")
-    calib = write_calibration(setup["root"] / "calib.jsonl", n=16)
-    result = refine(
-        setup["base"],
-        setup["root"] / "adapters" / "x",
-        calib,
-        out,
-        policy="grad_direction",
-        modules="all",
-        device="cpu",
-        force=True,
-        progress=False,
-    )
-    assert result.written
-    return out.name
+    return refine_forced(setup["base"], setup["root"], "x", out).name
 
 
 def swap(server: Server, version: str) -> None:
