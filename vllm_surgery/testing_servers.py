@@ -50,6 +50,7 @@ __all__ = [
     "find_weed",
     "free_port",
     "free_port_pair",
+    "free_port_pairs",
     "run_sql",
     "table_columns",
     "wait_closed",
@@ -229,14 +230,30 @@ def _free(port: int) -> bool:
     return True
 
 
+def free_port_pairs(count: int, taken: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """`count` free ports P of 127.0.0.1, each with P + 10000 free too (weed puts each server's gRPC port
+    there), none of them or their + 10000 equal to another's or in `taken`. Drawn together because a
+    port is only free until the server binds it: ports drawn one by one could give the master P and the
+    volume server P - 10000, whose gRPC port is then the master's (weed exits: address already in use)."""
+    rng = random.Random()
+    used = set(taken)
+    ports: list[int] = []
+    for _ in range(1000 * count):
+        if len(ports) == count:
+            return ports
+        port = rng.randrange(20000, 45000)
+        if {port, port + 10000} & used or not (_free(port) and _free(port + 10000)):
+            continue
+        ports.append(port)
+        used |= {port, port + 10000}
+    if len(ports) == count:
+        return ports
+    raise RuntimeError(f"no {count} free pairs of ports (P, P + 10000) on 127.0.0.1 for weed")
+
+
 def free_port_pair() -> int:
     """A free port P of 127.0.0.1 with P + 10000 free too: weed puts each server's gRPC port there."""
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(20000, 45000)
-        if _free(port) and _free(port + 10000):
-            return port
-    raise RuntimeError("no free pair of ports (P, P + 10000) on 127.0.0.1 for weed")
+    return free_port_pairs(1)[0]
 
 
 class S3Server:
@@ -281,7 +298,9 @@ class S3Server:
         )
         data = self.root / "data"
         data.mkdir()
-        ports = [free_port_pair() for _ in range(3)]  # master, volume, filer (their gRPC ports: +10000)
+        # master, volume, filer, IAM and the S3 gateway's gRPC (the first three's gRPC ports: + 10000),
+        # none colliding with another or with the S3 port
+        ports = free_port_pairs(5, {self.port, self.port + 10000})
         command = [
             str(self.weed),
             "server",
@@ -301,8 +320,8 @@ class S3Server:
             # fixed default ports a second server (a test's own) would collide on: off, or free ones
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
-            f"-iam.port={free_port_pair()}",
-            f"-s3.port.grpc={free_port_pair()}",
+            f"-iam.port={ports[3]}",
+            f"-s3.port.grpc={ports[4]}",
             "-master.volumeSizeLimitMB=16",
         ]
         self.log = open(self.root / "weed.log", "wb")  # noqa: SIM115 (closed by stop)

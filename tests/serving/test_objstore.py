@@ -419,3 +419,22 @@ def test_store_gc_on_an_unreachable_store_exits_2_naming_it(s3_url, s3_server, t
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert f"vllm-surgery: error: object store {s3_url} unavailable" in done.stderr
+
+
+def test_the_s3_fixtures_ports_are_drawn_without_collisions(monkeypatch) -> None:
+    """weed binds P and P + 10000 for its master, volume and filer: ports drawn together never share a
+    port or a + 10000 with another or with those already taken (a clean-clone CI run once drew the master
+    30801 and the volume 20801, whose gRPC port is 30801, and weed exited)."""
+    import vllm_surgery.testing_servers as servers
+
+    draws = iter([20801, 26001, 36001, 16001 + 10000, 26002, 36002, 27003])
+
+    class Scripted:
+        def randrange(self, low: int, high: int) -> int:
+            return next(draws)
+
+    monkeypatch.setattr(servers.random, "Random", Scripted)
+    monkeypatch.setattr(servers, "_free", lambda port: True)
+    # 20801 + 10000 is taken; 26001 ok; 36001 = 26001 + 10000; 26001 again; 26002 ok; 36002 = 26002 +
+    # 10000; 27003 ok
+    assert servers.free_port_pairs(3, {30801}) == [26001, 26002, 27003]
