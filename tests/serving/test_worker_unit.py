@@ -8,7 +8,9 @@ test_hotswap_unit.py). The real processes are tested by the slow test_worker.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import vllm_surgery
 from vllm_surgery.calibration import ADAPTER_CALIBRATION_NAME
 from vllm_surgery.serving.metrics import JobsCollector
-from vllm_surgery.storage import open_database
+from vllm_surgery.storage import DatabaseError, open_database
 from vllm_surgery.storage.database import SQLiteDatabase, TrafficRecord
 from vllm_surgery.storage.store import VersionStore
 from vllm_surgery.testing import GAIN_SETTINGS, build_gain_case
@@ -282,6 +284,51 @@ def test_new_data_queues_a_job_after_n_new_usable_examples_and_the_interval(auto
     assert auto.check_new_data(later) == []  # 10 new, but the last job is younger than the interval
     (again,) = auto.check_new_data(job.created + 101)
     assert again.id != job.id and again.dedupe_key == f"new_data:x:after:{job.id}"
+
+
+def test_one_adapters_failing_check_does_not_stop_the_others(auto, caplog) -> None:
+    db = auto.db
+    now = time.time()
+    ids = db.insert(
+        [record(i, now - 1000 + i) for i in range(30)]
+        + [dataclasses.replace(record(100 + i, now - 1000 + i), adapter="own") for i in range(30)]
+    )
+    for i in ids:
+        db.add_feedback(i, "good", None, created=now - 900)
+    given = auto.calibration
+
+    def calibration(name, *args):
+        if name == "own":
+            raise OSError("own: surgery_calibration.jsonl: Input/output error")
+        return given(name, *args)
+
+    auto.calibration = calibration
+    with caplog.at_level(logging.ERROR):
+        (job,) = auto.check_new_data(now)
+    assert job.adapter == "x"
+    (failed,) = [r for r in caplog.records if "new-data check of 'own' failed" in r.getMessage()]
+    assert "Input/output error" in failed.exc_text
+
+
+def test_a_failing_step_of_the_periodic_check_does_not_skip_the_next(auto, caplog) -> None:
+    ran = []
+
+    def broken(now=None):
+        ran.append("new data")
+        raise RuntimeError("the new-data check broke")
+
+    async def swaps():
+        ran.append("swaps")
+        raise DatabaseError("the swap sweep lost the database")
+
+    auto.check_new_data = broken
+    auto.swap_pending = swaps
+    auto.prune_history = lambda now=None: ran.append("prune")
+    auto.forget_replicas = lambda now=None: ran.append("forget")
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="new-data check broke"):
+        asyncio.run(auto.check())
+    assert ran == ["new data", "swaps", "prune", "forget"]
+    assert any("pending swaps failed too: the swap sweep lost" in r.getMessage() for r in caplog.records)
 
 
 def test_pending_swaps_are_applied_or_recorded_as_refused(auto, gain) -> None:

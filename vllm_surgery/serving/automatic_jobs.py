@@ -179,40 +179,54 @@ class AutomaticJobs:
         now = time.time() if now is None else now
         queued = []
         for name in self.db.adapters():
-            original = self.swapper.find_original(name)
-            if original is None:
-                continue  # recorded by another server sharing the database, or removed since
-            last = self.db.last_job(name)
-            if last is not None and (
-                last.state in ACTIVE_STATES or now - last.created < s.refine_min_interval_s
-            ):
+            # One adapter's failure (a removed directory, a registered file gone bad) is logged and
+            # the others are still checked; a database outage ends the round (repeat logs it).
+            try:
+                job = self._check_adapter(name, now)
+            except DatabaseError:
+                raise
+            except Exception:
+                log.exception("auto-refine: the new-data check of %r failed; the other adapters go on", name)
                 continue
-            include_unrated = self.policy.for_adapter(name).include_unrated
-            # counted up to the threshold only: bounded work whatever the adapter's size
-            new = self.db.usable_since(
-                name, last.created if last else 0.0, include_unrated, at_most=s.refine_new_examples
-            )
-            if new < s.refine_new_examples:
-                continue
-            data, source = self.calibration(name, original, None, None)
-            if data.count < s.refine_min_examples:
-                continue
-            key = f"new_data:{name}:after:{last.id if last else 0}"
-            enqueued = self._enqueue(name, original, "new_data", key, source)
-            if enqueued is None:
-                continue
-            job, created = enqueued
-            if created:
-                log.info(
-                    "auto-refine: queued job %d for %r (at least %d new usable examples since %s; %s)",
-                    job.id,
-                    name,
-                    new,
-                    f"job {last.id}" if last else "the start",
-                    data.summary(),
-                )
+            if job is not None:
                 queued.append(job)
         return queued
+
+    def _check_adapter(self, name: str, now: float) -> Job | None:
+        """check_new_data for one adapter: the job it queued, or None."""
+        s = self.settings
+        original = self.swapper.find_original(name)
+        if original is None:
+            return None  # recorded by another server sharing the database, or removed since
+        last = self.db.last_job(name)
+        if last is not None and (last.state in ACTIVE_STATES or now - last.created < s.refine_min_interval_s):
+            return None
+        include_unrated = self.policy.for_adapter(name).include_unrated
+        # counted up to the threshold only: bounded work whatever the adapter's size
+        new = self.db.usable_since(
+            name, last.created if last else 0.0, include_unrated, at_most=s.refine_new_examples
+        )
+        if new < s.refine_new_examples:
+            return None
+        data, source = self.calibration(name, original, None, None)
+        if data.count < s.refine_min_examples:
+            return None
+        key = f"new_data:{name}:after:{last.id if last else 0}"
+        enqueued = self._enqueue(name, original, "new_data", key, source)
+        if enqueued is None:
+            return None
+        job, created = enqueued
+        if not created:
+            return None
+        log.info(
+            "auto-refine: queued job %d for %r (at least %d new usable examples since %s; %s)",
+            job.id,
+            name,
+            new,
+            f"job {last.id}" if last else "the start",
+            data.summary(),
+        )
+        return job
 
     # ------------------------------------------------------------------ pending swaps (event loop)
     async def swap_pending(self) -> list[tuple[int, str]]:
@@ -307,11 +321,27 @@ class AutomaticJobs:
 
     async def check(self) -> None:
         """New-data checks, pending swaps, the job history's pruning and forgetting replicas that went
-        away, once."""
-        await asyncio.to_thread(self.check_new_data)
-        await self.swap_pending()
-        await asyncio.to_thread(self.prune_history)
-        await asyncio.to_thread(self.forget_replicas)
+        away, once. Each step runs whatever came of the one before: a new-data check that fails must
+        not hold back the swap of a version the gate already accepted.
+
+        Raises the first step's error after all steps ran (repeat logs it), so that a failing round is
+        still seen as failing."""
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("new-data check", lambda: asyncio.to_thread(self.check_new_data)),
+            ("pending swaps", self.swap_pending),
+            ("job history pruning", lambda: asyncio.to_thread(self.prune_history)),
+            ("forgetting replicas", lambda: asyncio.to_thread(self.forget_replicas)),
+        ]
+        first: Exception | None = None
+        for what, step in steps:
+            try:
+                await step()
+            except Exception as e:
+                if first is not None:
+                    log.error("auto-refine: %s failed too: %s", what, e)
+                first = first or e
+        if first is not None:
+            raise first
 
     async def run(self) -> None:
         """Forever: `check` every refine_check_interval_s (first at once)."""
