@@ -1076,7 +1076,7 @@ def run_adapter(
         verified=args.verified,
     )
     runs = []
-    for size in args.size_list:
+    for size in args.sizes_by_level[adapter.level]:
         for seed in range(args.seeds):
             key = f"{base_key}-n{size}-seed{seed}"
             if args.overrides:
@@ -1331,6 +1331,21 @@ def target(ok: bool, text: str) -> str:
     return f"{'**met**' if ok else '**missed**'}: {text}"
 
 
+def size_against_size(
+    runs: Sequence[Mapping[str, Any]], small: int, large: int
+) -> tuple[set[tuple[str, str]], float, float]:
+    """(the adapters measured at both sizes, auto's mean change at `small`, at `large`) over those adapters
+    only: a level measured at one size would otherwise weigh on one side of the comparison."""
+    both = {(r["task"], r["level"]) for r in runs if r["size"] == small} & {
+        (r["task"], r["level"]) for r in runs if r["size"] == large
+    }
+    means = [
+        mean_delta([r for r in runs if r["size"] == n and (r["task"], r["level"]) in both], "auto")
+        for n in (small, large)
+    ]
+    return both, means[0], means[1]
+
+
 def findings(runs: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> str:
     """The answers to the quality targets, computed from the runs (no hand-written numbers)."""
     out = []
@@ -1392,14 +1407,15 @@ def findings(runs: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> str:
             line = "- " + target(ok, line[2:] + " (target: >= +3.0 pp and >= 2 of 3 on every seed)")
         out.append(line + ".")
     by_size = {s: [r for r in runs if r["size"] == s] for s in sizes}
-    if 128 in by_size and 512 in by_size:
-        a128, a512 = mean_delta(by_size[128], "auto"), mean_delta(by_size[512], "auto")
+    both, a128, a512 = size_against_size(runs, 128, 512)
+    if both:
+        levels = sorted({level for _, level in both})
         out.append(
             "- "
             + target(
                 a512 >= a128,
-                f"n = 512 against n = 128 (auto, every task and level): {pp(a512)} pp against {pp(a128)} pp "
-                "(target: n = 512 at least as good)",
+                f"n = 512 against n = 128 (auto, the {len(both)} adapters measured at both sizes: "
+                f"{', '.join(levels)}): {pp(a512)} pp against {pp(a128)} pp (target: n = 512 at least as good)",
             )
             + "."
         )
@@ -1841,6 +1857,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {', '.join(TASKS)}")
     p.add_argument("--levels", default=None, help="training levels (default under,plateau)")
     p.add_argument("--sizes", default=None, help="calibration sizes (default 32,128,512)")
+    p.add_argument(
+        "--level-sizes",
+        action="append",
+        default=[],
+        metavar="LEVEL=N,N",
+        help="calibration sizes for one training level instead of --sizes, e.g. plateau=128 (repeatable)",
+    )
     p.add_argument("--seeds", type=int, default=None, help="calibration seeds 0..N-1 (default 3)")
     p.add_argument("--test", type=int, default=None, help="test problems per task (default 300)")
     p.add_argument("--pool", type=int, default=None, help="calibration problems to sample from (default 512)")
@@ -1946,12 +1969,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.policy_list = [x.strip() for x in args.policies.split(",") if x.strip()]
     if any(x not in POLICIES for x in args.policy_list):
         p.error(f"--policies: choose from {', '.join(POLICIES)}")
-    try:
-        args.size_list = [int(x) for x in str(args.sizes).split(",")]
-    except ValueError:
-        p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
-    if min(args.size_list) < 4 or max(args.size_list) > args.pool or args.seeds < 1 or args.test < 1:
-        p.error("--sizes must lie in [4, --pool]; --seeds and --test must be positive")
+
+    def sizes(text: str, option: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",")]
+        except ValueError:
+            p.error(f"{option} must be comma-separated integers, got {text!r}")
+        if min(values) < 4 or max(values) > args.pool:
+            p.error(f"{option}: sizes must lie in [4, --pool]")
+        return values
+
+    default_sizes = sizes(str(args.sizes), "--sizes")
+    args.sizes_by_level = {level: default_sizes for level in args.level_list}
+    for item in args.level_sizes:
+        level, sep, value = item.partition("=")
+        if not sep or level not in args.level_list:
+            p.error(f"--level-sizes {item!r}: expected LEVEL=N,N with LEVEL one of --levels ({args.levels})")
+        args.sizes_by_level[level] = sizes(value, f"--level-sizes {level}")
+    args.size_list = sorted({n for values in args.sizes_by_level.values() for n in values})
+    if args.seeds < 1 or args.test < 1:
+        p.error("--seeds and --test must be positive")
     if args.out_dir is None:
         args.out_dir = (
             Path(tempfile.gettempdir()) / f"vllm-surgery-quality-{'dry-run' if args.dry_run else 'quick'}"
@@ -2088,7 +2125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     write_atomically(out / "quality_results.json", json.dumps(raw, indent=1, default=str) + "\n")
     print("\n" + results_table(summary_rows(runs), adapters) + "\n")
-    print(findings(runs, sorted(args.size_list)))
+    print(findings(runs, args.size_list))
     print(f"\nwritten: {out / 'quality_results.md'}, {out / 'quality_results.json'}, {png}")
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -88,3 +88,25 @@ def test_modules_left_out_of_the_fingerprint_are_never_imported_by_the_engine(qu
             elif isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vllm_surgery.")}
         assert not imported & left_out, f"{path.name} imports {sorted(imported & left_out)}"
+
+
+def test_level_sizes_give_one_level_its_own_calibration_sizes(quality, tmp_path):
+    args = quality.parse_args(
+        ["--levels", "under,plateau", "--level-sizes", "plateau=128", "--out-dir", str(tmp_path)]
+    )
+    assert args.sizes_by_level == {"under": [32, 128, 512], "plateau": [128]}
+    assert args.size_list == [32, 128, 512]
+    for bad in ("over=128", "plateau", "plateau=12x", "plateau=2"):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--levels", "under,plateau", "--level-sizes", bad])
+
+
+def test_n512_against_n128_compares_the_adapters_measured_at_both_sizes(quality):
+    def run(level, size, delta):
+        return {"task": "addition", "level": level, "size": size, "auto": {"exact_match": {"delta": delta}}}
+
+    runs = [run("under", 128, 0.05), run("under", 512, 0.06), run("plateau", 128, 0.0)]
+    both, small, large = quality.size_against_size(runs, 128, 512)
+    assert both == {("addition", "under")}
+    assert (small, large) == (0.05, 0.06)  # not 0.025 for n = 128, as over every run
+    assert quality.size_against_size(runs[:1], 128, 512)[0] == set()
