@@ -44,6 +44,12 @@ run's parts serve a later full run.
 
 Run:  python benchmarks/quality.py              (everything: 54 runs; several hours on this 2-core CPU,
                                                  more than the 2-hour goal: see RESULTS.md)
+      python benchmarks/quality.py --levels under,plateau --level-sizes plateau=32,128 --policies grad_direction
+                                                (what RESULTS.md 4 reports: every size for the under-trained
+                                                 adapters, plateau at 32 and 128; parts of it can run in
+                                                 two processes at once with --threads 1 and --tasks or
+                                                 --sizes subsets: they share the run cache, and this
+                                                 command then only reads it)
       python benchmarks/quality.py --quick      (the headline rows: the 3 under-trained adapters, n=128,
                                                  3 seeds, 300 test problems; auto, grad_direction forced and
                                                  the baseline; 20 minutes on this 2-core CPU, 1195 s

@@ -110,3 +110,18 @@ def test_n512_against_n128_compares_the_adapters_measured_at_both_sizes(quality)
     assert both == {("addition", "under")}
     assert (small, large) == (0.05, 0.06)  # not 0.025 for n = 128, as over every run
     assert quality.size_against_size(runs[:1], 128, 512)[0] == set()
+
+
+def test_bad_ratings_experiment_splits_wrong_answers_into_corrections_and_bad_only(quality):
+    spec = importlib.util.spec_from_file_location("bad_ratings", ROOT / "benchmarks" / "bad_ratings.py")
+    bad_ratings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bad_ratings)
+    pool = quality.TASKS["addition"].draw(random.Random("t"), 400, "calibration")
+    outputs = [(p.answer if i % 3 == 0 else "0", i % 3 == 0) for i, p in enumerate(pool)]
+    kept, bad = bad_ratings.simulated_ratings(pool, outputs, 300, seed=1)
+    assert len(kept) + len(bad) == 300
+    good = [r for r in kept if r["feedback"] == "good"]
+    corrected = [r for r in kept if r["feedback"] == "correction"]
+    assert all(r["completion"] != "0" for r in good + corrected) and all(r["completion"] == "0" for r in bad)
+    assert 0.35 < len(corrected) / (len(corrected) + len(bad)) < 0.65  # about half of the wrong answers
+    assert bad_ratings.simulated_ratings(pool, outputs, 300, seed=1) == (kept, bad)  # seeded
