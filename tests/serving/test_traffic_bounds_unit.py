@@ -57,11 +57,11 @@ def test_a_dead_writer_thread_is_restarted_and_what_is_queued_is_written(db) -> 
     killed = threading.Event()
     real_insert = db.insert
 
-    def insert(records):
+    def insert(records, **kw):
         if any(r.request_id == "killer" for r in records):
             killed.set()
             raise Dies("killed")
-        return real_insert(records)
+        return real_insert(records, **kw)
 
     db.insert = insert
     restarts_before = REGISTRY.get_sample_value("vllm_surgery_traffic_writer_restarts_total") or 0.0

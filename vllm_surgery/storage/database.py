@@ -268,8 +268,17 @@ class Database(JobQueue, ServedPointers, CanaryStates, ABC):
     networked: bool = False
 
     @abstractmethod
-    def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
-        """Store records in one transaction; returns their ids."""
+    def insert(self, records: Sequence[TrafficRecord], *, ids: Sequence[int] | None = None) -> list[int]:
+        """Store records in one transaction; returns their ids. `ids`: ids drawn by reserve_ids for
+        these records; a record whose id is already stored is skipped, so that a batch written again
+        after a commit whose answer was lost is stored once. ValueError where ids cannot be given."""
+
+    def reserve_ids(self, n: int) -> list[int] | None:
+        """Ids for `n` records to be inserted, drawn now, or None where a commit's outcome cannot be
+        lost in flight (a local SQLite file: the writer that commits is the process that would see it
+        fail). Postgres: a connection can drop after the server committed and before the client heard,
+        so a writer retrying the batch must be able to tell (insert with `ids`)."""
+        return None
 
     @abstractmethod
     def find(self, request_id: str, choice: int = 0) -> StoredRecord | None:
@@ -538,7 +547,9 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
         return "; ".join(str(r[0]) for r in self._query("PRAGMA integrity_check"))
 
     # ------------------------------------------------------------------ traffic
-    def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
+    def insert(self, records: Sequence[TrafficRecord], *, ids: Sequence[int] | None = None) -> list[int]:
+        if ids is not None:
+            raise ValueError("SQLite draws record ids itself (reserve_ids gives none): insert without ids")
         rows = [(*_to_row(r), counters.insert_tally(r.calibratable, r.completion)) for r in records]
         sql = (
             f"INSERT INTO traffic ({', '.join(TRAFFIC_COLUMNS)}, bytes, tally) "

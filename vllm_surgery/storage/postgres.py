@@ -481,15 +481,27 @@ class PostgresDatabase(Database):
         return self._tuples("SELECT COALESCE(MAX(version), 0) FROM schema_version")[0][0]
 
     # ------------------------------------------------------------------ traffic
-    def insert(self, records: Sequence[TrafficRecord]) -> list[int]:
-        """Store records in one transaction; returns their ids. Raises ValueError when a record holds a
-        value Postgres cannot store (nothing of the batch is stored), DatabaseError otherwise."""
+    def reserve_ids(self, n: int) -> list[int]:
+        """`n` ids from the traffic sequence, ascending (Database.reserve_ids says why)."""
+        rows = self._rows(
+            "SELECT nextval(pg_get_serial_sequence('traffic', 'id')) FROM generate_series(1, %s)", (int(n),)
+        )
+        return sorted(int(r["nextval"]) for r in rows)
+
+    def insert(self, records: Sequence[TrafficRecord], *, ids: Sequence[int] | None = None) -> list[int]:
+        """Store records in one transaction; returns their ids. With `ids` (reserve_ids), a record whose
+        id is stored already is skipped: a batch written again after a lost commit answer is stored
+        once (its counters too: the counting triggers see inserted rows only). Raises ValueError when a
+        record holds a value Postgres cannot store (nothing of the batch is stored) or ids do not match
+        the records, DatabaseError otherwise."""
         rows = [[*_pg_row(r), counters.insert_tally(r.calibratable, r.completion)] for r in records]
+        if ids is not None and len(ids) != len(rows):
+            raise ValueError(f"{len(ids)} ids for {len(rows)} records")
         if not rows:
             return []
         sql = (
             f"INSERT INTO traffic (id, {', '.join(TRAFFIC_COLUMNS)}, bytes, tally) "
-            f"VALUES ({', '.join(['%s'] * (len(TRAFFIC_COLUMNS) + 3))})"
+            f"VALUES ({', '.join(['%s'] * (len(TRAFFIC_COLUMNS) + 3))}) ON CONFLICT (id) DO NOTHING"
         )
         # Each row's statement moves its (adapter, version) counter row, locked until commit. Rows are
         # written in (adapter, version) order, the order every writer takes counter rows in (the
@@ -498,14 +510,16 @@ class PostgresDatabase(Database):
         order = sorted(range(len(rows)), key=lambda i: (rows[i][_ADAPTER], rows[i][_VERSION]))
         try:
             with self.transaction() as conn:
-                ids = sorted(
-                    int(r[0])
-                    for r in conn.execute(
-                        "SELECT nextval(pg_get_serial_sequence('traffic', 'id')) FROM generate_series(1, %s)",
-                        (len(rows),),
-                    ).fetchall()
-                )
-                conn.cursor().executemany(sql, [[ids[i], *rows[i]] for i in order])
+                if ids is None:
+                    ids = sorted(
+                        int(r[0])
+                        for r in conn.execute(
+                            "SELECT nextval(pg_get_serial_sequence('traffic', 'id')) FROM generate_series(1, %s)",
+                            (len(rows),),
+                        ).fetchall()
+                    )
+                given = list(ids)
+                conn.cursor().executemany(sql, [[given[i], *rows[i]] for i in order])
         except DatabaseError as e:
             if isinstance(e.__cause__, psycopg.DataError):
                 # a value this database cannot hold (a number out of range): a fault of the record, not
@@ -513,7 +527,7 @@ class PostgresDatabase(Database):
                 # the batch record by record, losing only that one)
                 raise ValueError(str(e)) from e
             raise
-        return ids
+        return list(ids)
 
     def find(self, request_id: str, choice: int = 0) -> StoredRecord | None:
         rows = self._rows(

@@ -321,16 +321,27 @@ class TrafficWriter:
     def _insert(self, records: list[TrafficRecord]) -> bool:
         """Write one batch, retrying once; False (counted as failed, logged) if it could not be written.
 
+        The batch keeps the ids it drew first (Database.reserve_ids) through every retry: when a
+        Postgres connection drops after the server committed and before the answer came, the retry
+        finds those ids stored and writes nothing again, so no record is stored twice.
+
         A record the database cannot take for what it holds (not for the database's state) fails the
         whole batch's transaction: the batch is then written record by record, so that only that record
         is lost (counted as failed, logged), never the others or the writer."""
         attempt = 0
+        ids: list[int] | None = None  # drawn once: a retry after a lost commit answer is then skipped
+        reserved = False
         while True:
             attempt += 1
             try:
                 self._writing = (time.monotonic(), len(records))
                 try:
-                    self.db.insert(records)
+                    if not reserved:
+                        ids, reserved = self.db.reserve_ids(len(records)), True
+                    if ids is None:
+                        self.db.insert(records)
+                    else:
+                        self.db.insert(records, ids=ids)
                 finally:
                     self._writing = (None, 0)
                 self._outage_over(len(records))
