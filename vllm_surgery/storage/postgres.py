@@ -328,6 +328,10 @@ def describe(url: str) -> str:
     )
 
 
+#: `n` fresh traffic ids (the sequence is not transactional: ids drawn are never given again)
+_NEXT_TRAFFIC_IDS = "SELECT nextval(pg_get_serial_sequence('traffic', 'id')) FROM generate_series(1, %s)"
+
+
 class PostgresDatabase(Database):
     """Traffic, feedback and the job queue in a Postgres database (see the module docstring).
 
@@ -483,10 +487,7 @@ class PostgresDatabase(Database):
     # ------------------------------------------------------------------ traffic
     def reserve_ids(self, n: int) -> list[int]:
         """`n` ids from the traffic sequence, ascending (Database.reserve_ids says why)."""
-        rows = self._rows(
-            "SELECT nextval(pg_get_serial_sequence('traffic', 'id')) FROM generate_series(1, %s)", (int(n),)
-        )
-        return sorted(int(r["nextval"]) for r in rows)
+        return sorted(int(r["nextval"]) for r in self._rows(_NEXT_TRAFFIC_IDS, (int(n),)))
 
     def insert(self, records: Sequence[TrafficRecord], *, ids: Sequence[int] | None = None) -> list[int]:
         """Store records in one transaction; returns their ids. With `ids` (reserve_ids), a record whose
@@ -511,13 +512,7 @@ class PostgresDatabase(Database):
         try:
             with self.transaction() as conn:
                 if ids is None:
-                    ids = sorted(
-                        int(r[0])
-                        for r in conn.execute(
-                            "SELECT nextval(pg_get_serial_sequence('traffic', 'id')) FROM generate_series(1, %s)",
-                            (len(rows),),
-                        ).fetchall()
-                    )
+                    ids = sorted(int(r[0]) for r in conn.execute(_NEXT_TRAFFIC_IDS, (len(rows),)).fetchall())
                 given = list(ids)
                 conn.cursor().executemany(sql, [[given[i], *rows[i]] for i in order])
         except DatabaseError as e:

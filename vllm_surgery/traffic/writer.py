@@ -338,10 +338,7 @@ class TrafficWriter:
                 try:
                     if not reserved:
                         ids, reserved = self.db.reserve_ids(len(records)), True
-                    if ids is None:
-                        self.db.insert(records)
-                    else:
-                        self.db.insert(records, ids=ids)
+                    self.db.insert(records, ids=ids)
                 finally:
                     self._writing = (None, 0)
                 self._outage_over(len(records))

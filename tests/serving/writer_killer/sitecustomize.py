@@ -25,10 +25,10 @@ class WriterKilled(BaseException):
 def _patch(module) -> None:
     original = module.SQLiteDatabase.insert
 
-    def insert(self, records):
+    def insert(self, records, **kw):
         if any(KILL in str(r.prompt) for r in records):
             raise WriterKilled("the test killed the traffic writer thread")
-        return original(self, records)
+        return original(self, records, **kw)
 
     module.SQLiteDatabase.insert = insert
 
