@@ -7,11 +7,14 @@ short while a job claim interleaves with them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import random
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -282,18 +285,12 @@ def test_a_swap_time_replaces_the_earlier_one_in_the_histogram(db) -> None:
     assert (swap.count, swap.total, swap.buckets[1], swap.buckets[7]) == (1, 7.0, 0, 1)
 
 
-def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> None:
-    """50k records, one sweep of 40k: the sweep is many small transactions, and job claims made
-    meanwhile from another thread complete between them (one big transaction would hold them all
-    back until its end). How long a batch holds the lock is a benchmark figure
-    (benchmarks/record_store.py), not asserted here: this machine's timings are too noisy."""
-    rng = random.Random(7)
-    for start in range(0, 50_000, 5000):
-        db.insert(
-            [dataclasses.replace(make_record(rng, 1000.0 + start + i), adapter="x") for i in range(5000)]
-        )
-    holds: list[float] = []
-    original = type(db).transaction
+@contextlib.contextmanager
+def timed_transactions(cls: type, thread: threading.Thread) -> Iterator[list[tuple[float, float]]]:
+    """While in the block, `cls.transaction` also notes (start, end) of every transaction that
+    `thread` runs, into the list it yields."""
+    holds: list[tuple[float, float]] = []
+    original = cls.transaction
 
     def timed(self):
         cm = original(self)
@@ -307,11 +304,28 @@ def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> 
                 try:
                     return cm.__exit__(*exc)
                 finally:
-                    if threading.current_thread() is sweeper:
+                    if threading.current_thread() is thread:
                         holds.append((inner.start, time.perf_counter()))
 
         return Timed()
 
+    cls.transaction = timed
+    try:
+        yield holds
+    finally:
+        cls.transaction = original
+
+
+def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> None:
+    """50k records, one sweep of 40k: the sweep is many small transactions, and job claims made
+    meanwhile from another thread complete between them (one big transaction would hold them all
+    back until its end). How long a batch holds the lock is a benchmark figure
+    (benchmarks/record_store.py), not asserted here: this machine's timings are too noisy."""
+    rng = random.Random(7)
+    for start in range(0, 50_000, 5000):
+        db.insert(
+            [dataclasses.replace(make_record(rng, 1000.0 + start + i), adapter="x") for i in range(5000)]
+        )
     waits = []
     done = threading.Event()
 
@@ -324,21 +338,162 @@ def test_a_sweep_is_short_transactions_that_a_job_claim_interleaves_with(db) -> 
             waits.append((t, time.perf_counter()))
             n += 1
 
-    sweeper = threading.current_thread()
     claimer = threading.Thread(target=claims)
-    type(db).transaction = timed
-    try:
-        claimer.start()
-        deleted, left = db.enforce_retention("x", Retention(max_records=10_000))
-    finally:
-        done.set()
-        claimer.join()
-        type(db).transaction = original
+    with timed_transactions(type(db), threading.current_thread()) as holds:
+        try:
+            claimer.start()
+            deleted, left = db.enforce_retention("x", Retention(max_records=10_000))
+        finally:
+            done.set()
+            claimer.join()
     assert (deleted, left) == (40_000, 10_000)
     assert len(holds) > 10, len(holds)
     first_end, last_start = holds[0][1], holds[-1][0]
     between = [w for w in waits if first_end <= w[1] <= last_start]  # claims done mid-sweep
     assert len(between) >= 2, (len(between), len(waits), len(holds))
+
+
+def test_a_sweep_rests_between_batches_as_long_as_it_held_the_lock(tmp_path) -> None:
+    """Other processes wait for SQLite's write lock in its busy handler, which polls: a sweep that
+    started its next batch at once would find the lock free only for an instant between batches.
+    After each batch but the first it leaves the lock free as long as that batch held it."""
+    db = SQLiteDatabase(tmp_path / "t.db")
+    rng = random.Random(3)
+    db.insert([dataclasses.replace(make_record(rng, 1000.0 + i), adapter="x") for i in range(20_000)])
+    with timed_transactions(SQLiteDatabase, threading.current_thread()) as holds:
+        try:
+            deleted, left = db.enforce_retention("x", Retention(max_records=1_000))
+        finally:
+            db.close()
+    assert (deleted, left) == (19_000, 1_000)
+    assert len(holds) >= 3, holds
+    # the batch's own timing wraps the transaction: the rest it takes is at least the hold seen here
+    rests = [(b[0] - a[1], a[1] - a[0]) for a, b in itertools.pairwise(holds)]
+    assert all(rest >= held for rest, held in rests), rests
+
+
+def test_threads_take_the_write_lock_in_the_order_they_asked() -> None:
+    """`FifoLock`, which SQLiteDatabase takes before BEGIN: five threads queue behind a holder and get
+    the lock in arrival order; a waiter that times out leaves the queue and never gets it later."""
+    lock = sqlite_module.FifoLock()
+    assert lock.acquire(1.0)
+    order: list[int] = []
+
+    def take(k: int) -> None:
+        assert lock.acquire(10.0)
+        order.append(k)
+        lock.release()
+
+    threads = []
+    for k in range(5):
+        threads.append(threading.Thread(target=take, args=(k,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while len(lock._waiters) < k + 1:  # wait until thread k is queued before starting the next
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    assert order == []  # all held back by the holder
+    lock.release()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3, 4]
+
+    assert lock.acquire(1.0)
+    gave_up = []
+    waiter = threading.Thread(target=lambda: gave_up.append(lock.acquire(0.05)))
+    waiter.start()
+    waiter.join(10)
+    assert gave_up == [False] and lock._waiters == []
+    lock.release()
+    assert lock.acquire(0.0)  # free again: the waiter that gave up did not take it
+    lock.release()
+
+
+def _take_in_child(path, out) -> None:
+    out.put(sqlite_module._write_lock(path).acquire(0.5))
+
+
+def test_a_forked_child_does_not_inherit_a_held_write_queue(tmp_path) -> None:
+    """fork copies the queue's state but not the threads that held it or waited in it: the child starts
+    with the queue empty, rather than waiting its busy timeout for a holder that does not exist there.
+    (SQLite's own lock is another matter: SQLite forbids forking while a thread is in a transaction.)"""
+    import multiprocessing
+
+    path = tmp_path / "t.db"
+    lock = sqlite_module._write_lock(path)
+    assert lock is sqlite_module._write_lock(tmp_path / "." / "t.db")  # one queue per file
+    assert lock.acquire(1.0)
+    waiter = threading.Thread(target=lambda: lock.acquire(30))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not lock._waiters:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_take_in_child, args=(path, out))
+    child.start()
+    assert out.get(timeout=30) is True
+    child.join(30)
+    assert child.exitcode == 0
+    assert not lock.acquire(0.05)  # in this process it is still held, with a waiter queued
+    lock.release()
+    waiter.join(10)
+    lock.release()
+
+
+def test_a_transaction_inside_one_of_the_same_thread_fails_at_once(tmp_path) -> None:
+    """The write queue is not reentrant, and does not make a nested transaction wait for itself: it
+    fails at BEGIN as SQLite fails it, the outer one commits, and the queue is free afterwards."""
+    db = SQLiteDatabase(tmp_path / "t.db", busy_timeout_s=5.0)
+    start = time.monotonic()
+    nested = sqlite_module.DatabaseError
+    with db.transaction(), pytest.raises(nested, match="cannot begin a transaction"), db.transaction():
+        pass
+    assert time.monotonic() - start < 4.0  # not the 5 s busy timeout
+    done = []
+    other = threading.Thread(target=lambda: done.append(db.enqueue_job("a", "manual", {})[1]))
+    other.start()
+    other.join(10)
+    assert done == [True]
+    db.close()
+
+
+def test_a_thread_writing_in_a_loop_does_not_hold_back_another_thread(tmp_path) -> None:
+    """One thread commits transactions back to back; another writes now and then (as a worker claims,
+    or a sweep between its rests): each of the second's transactions waits at most one of the first's
+    turns. With SQLite's busy handler alone, the second slept between tries while the first took the
+    lock again (over 100 of its transactions passed during one of the second's)."""
+    db = SQLiteDatabase(tmp_path / "t.db", busy_timeout_s=5.0)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    looped = [0]
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                db.enqueue_job("busy", "manual", {})
+                looped[0] += 1
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    busy = threading.Thread(target=loop)
+    busy.start()
+    waits: list[int] = []
+    try:
+        for k in range(40):
+            time.sleep(0.01)
+            before = looped[0]
+            db.enqueue_job(f"now-and-then-{k}", "manual", {})
+            waits.append(looped[0] - before)
+    finally:
+        stop.set()
+        busy.join(30)
+        db.close()
+    assert errors == [] and looped[0] > 40
+    # the busy thread's transactions that ended while one of ours waited: the one it was in when we
+    # asked (counted when it returns: up to two), not a stream of them
+    assert max(waits) <= 3, sorted(waits)[-5:]
 
 
 def test_concurrent_writers_keep_the_counters_exact(db) -> None:

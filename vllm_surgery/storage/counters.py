@@ -389,29 +389,50 @@ def stage_histograms(rows: list[tuple[str, int, int, float]]) -> dict[str, Stage
 class AdaptiveBatch:
     """The size of the next batch of a sweep: each batch is one transaction meant to hold the write
     lock about `target_s`; the size halves after a batch that took longer and doubles after one that
-    took under half of it (within [`smallest`, `largest`]). `longest_s` is the slowest batch seen."""
+    took under half of it (within [`smallest`, `largest`]). `longest_s` is the slowest batch seen.
+
+    Between two batches the sweep rests `rest_ratio` times as long as the last batch took. Short
+    transactions alone do not let others in: a writer that finds SQLite's write lock taken sleeps in
+    the busy handler (polling at up to 100 ms) and wakes to find the next batch holding it, so a
+    sweep that starts its next batch at once can hold a job claim back for the whole sweep (seen in CI:
+    1 claim in 86 batches). Resting as long as it held the lock leaves it free half the time."""
 
     # 10 ms: a batch's time as its caller sees it also holds the wait at BEGIN for another writer and,
     # on SQLite, a WAL checkpoint at COMMIT (proportional to what the batch wrote); at 20 ms one batch
     # of a 1M-record sweep took 57.5 ms (benchmarks/record_store.md), above the 50 ms bound
     TARGET_S = 0.01
+    REST_RATIO = 1.0
 
-    def __init__(self, size: int = 256, target_s: float = TARGET_S, smallest: int = 8, largest: int = 20_000):
+    def __init__(
+        self,
+        size: int = 256,
+        target_s: float = TARGET_S,
+        smallest: int = 8,
+        largest: int = 20_000,
+        rest_ratio: float = REST_RATIO,
+    ):
         self.size = size
         self.target_s = target_s
         self.smallest = smallest
         self.largest = largest
+        self.rest_ratio = rest_ratio
         self.longest_s = 0.0
+        self.last_s = 0.0
         self.batches = 0
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
-        """Time one batch (around its transaction) and size the next."""
+        """Time one batch (around its transaction) and size the next; after the first batch, rest
+        first (class docstring). A sweep's first batch starts at once: a sweep that needs one batch
+        (the traffic writer trimming what it just added) never waits."""
+        if self.batches and self.rest_ratio > 0:
+            time.sleep(self.rest_ratio * self.last_s)
         start = time.perf_counter()
         try:
             yield
         finally:
             took = time.perf_counter() - start
+            self.last_s = took
             self.batches += 1
             self.longest_s = max(self.longest_s, took)
             if took > self.target_s:

@@ -20,6 +20,11 @@ SQLite choices, and why:
 - One connection per thread (`connection()`), and one transaction helper (`transaction()`, which takes
   the write lock at BEGIN so that a transaction never fails half-way on a lock upgrade). New tables
   add a `Migration` and use the same helper, as the job queue (migration 2) does.
+- Threads of one process take turns at the write lock in arrival order (`FifoLock`, one per file)
+  before BEGIN. SQLite's busy handler is not a queue: a waiter sleeps (up to 100 ms between tries) and
+  a thread that writes in a loop takes the lock again before it wakes, so one busy thread (a retention
+  sweep, a claim loop) could hold another back until the busy timeout. Other processes still meet at
+  the busy handler; a sweep rests between its batches for them (`counters.AdaptiveBatch`).
 
 Times are Unix seconds (float). Prompts and sampling settings are stored as JSON text.
 """
@@ -50,6 +55,85 @@ from .usable import LATEST_ANY_FEEDBACK, LATEST_FEEDBACK, USABLE_BY_FEEDBACK, US
 BUSY_TIMEOUT_S = 30.0
 CLIENT_WINDOW_S = 3600.0  # how long a client's correction counts toward its bound
 RATINGS = ("good", "bad")
+
+
+class FifoLock:
+    """A lock granted in the order it was asked for (`threading.Lock` promises no order). Why the
+    database needs one: the module docstring. `acquire` gives up after `timeout` seconds."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._holder: int | None = None  # the holding thread's ident
+        self._waiters: list[tuple[threading.Event, int]] = []
+
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return self._holder == threading.get_ident()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the lock, after every thread that asked before; False if `timeout` passed first."""
+        me = threading.get_ident()
+        with self._mutex:
+            if self._holder is None and not self._waiters:
+                self._holder = me
+                return True
+            turn = (threading.Event(), me)
+            self._waiters.append(turn)
+        try:
+            if turn[0].wait(timeout):
+                return True
+        except BaseException:  # interrupted while waiting: leave the queue, or pass on a lock just given
+            with self._mutex:
+                if turn in self._waiters:
+                    self._waiters.remove(turn)
+                else:
+                    self._hand_on()
+            raise
+        with self._mutex:
+            if turn in self._waiters:
+                self._waiters.remove(turn)
+                return False
+            return True  # handed over as the wait timed out: it is ours
+
+    def release(self) -> None:
+        """Hand the lock to the longest waiter, or free it."""
+        with self._mutex:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        if self._waiters:
+            event, self._holder = self._waiters.pop(0)  # its new holder is that waiter
+            event.set()
+        else:
+            self._holder = None
+
+    def _forget(self) -> None:
+        """In a child made by fork: the threads that held or waited for the lock do not exist there."""
+        self._mutex = threading.Lock()
+        self._holder = None
+        self._waiters = []
+
+
+_WRITE_LOCKS: dict[str, FifoLock] = {}
+_WRITE_LOCKS_MUTEX = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _WRITE_LOCKS_MUTEX
+    _WRITE_LOCKS_MUTEX = threading.Lock()
+    for lock in _WRITE_LOCKS.values():
+        lock._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _write_lock(path: Path) -> FifoLock:
+    """The process's queue for writing the database file at `path` (shared by every
+    `SQLiteDatabase` of that file in this process)."""
+    key = os.path.realpath(path)
+    with _WRITE_LOCKS_MUTEX:
+        return _WRITE_LOCKS.setdefault(key, FifoLock())
 
 
 class DatabaseError(SurgeryError):
@@ -437,6 +521,7 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
         written by a newer version."""
         self.path = Path(path).expanduser()
         self.busy_timeout_s = busy_timeout_s
+        self._write_lock = _write_lock(self.path)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -483,10 +568,32 @@ class SQLiteDatabase(SQLiteJobQueue, Database):
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE: the write lock is taken at once, waiting up to the busy
-        timeout); committed on success, rolled back on any exception. Raises DatabaseError for
-        SQLite errors."""
+        """A write transaction (BEGIN IMMEDIATE: the write lock is taken at once, after this process's
+        earlier writers (`FifoLock`), waiting up to the busy timeout); committed on success, rolled back
+        on any exception. Raises DatabaseError for SQLite errors and when the lock stays taken past
+        the busy timeout."""
         conn = self.connection()
+        if self._write_lock.held_here():
+            # a transaction inside one of this thread's own: BEGIN fails at once (same connection) or
+            # waits for the outer one (another `SQLiteDatabase` of the file), as without the queue
+            with self._raw_transaction(conn) as inner:
+                yield inner
+            return
+        if not self._write_lock.acquire(self.busy_timeout_s):
+            raise DatabaseError(
+                f"{self.path}: cannot begin a transaction (other threads of this process kept the write "
+                f"lock for the whole busy timeout, {self.busy_timeout_s:g} s)"
+            )
+        try:
+            with self._raw_transaction(conn) as c:
+                yield c
+        finally:
+            self._write_lock.release()
+
+    @contextlib.contextmanager
+    def _raw_transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on `conn` (ROLLBACK on any exception); SQLite errors as
+        DatabaseError naming the file."""
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:

@@ -398,8 +398,9 @@ class SQLiteJobQueue(JobQueue):
         return _job(row), True
 
     def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
-        now = time.time() if now is None else now
         with self.transaction() as c:
+            # the time once the write lock is held (BEGIN may wait): the lease runs from the claim
+            now = time.time() if now is None else now
             c.execute(
                 "UPDATE jobs SET state = 'failed', finished = :now, lease_owner = NULL, lease_expires = NULL, "
                 "error = 'its worker stopped ' || attempts || ' time(s) without finishing (killed, crashed or "

@@ -721,10 +721,15 @@ class PostgresDatabase(Database):
 
     def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
         for attempt in range(CLAIM_RETRIES):
-            # the time of this try (a retry follows a wait on the other worker's claim)
-            params = {"owner": owner, "now": time.time() if now is None else now, "lease": float(lease_s)}
             try:
                 with self.transaction() as conn:
+                    # the time of this try, once it has a connection (the pool may make it wait; a
+                    # retry follows a wait on the other worker's claim): the lease runs from the claim
+                    params = {
+                        "owner": owner,
+                        "now": time.time() if now is None else now,
+                        "lease": float(lease_s),
+                    }
                     conn.execute(
                         "UPDATE jobs SET state = 'failed', finished = %(now)s, lease_owner = NULL, "
                         "lease_expires = NULL, error = 'its worker stopped ' || attempts || ' time(s) without "
