@@ -14,7 +14,8 @@ For each backend and each size (10k, 100k and 1M records over 10 adapters with 2
   Python memory (tracemalloc, a third run);
 - a retention sweep that removes 10% of one adapter's records and a job-history prune that removes 10%
   of the finished jobs: the longest transaction of each (the write-lock hold: every transaction of
-  the sweep is timed), while another thread claims and finishes jobs in a loop (its worst wait).
+  the sweep is timed), while another thread enqueues, claims and finishes jobs in a loop (the worst
+  wait of those calls).
 
 How the stores are filled fast, through the real schema (migrations, triggers): SQLite with the API's
 own `insert()` in 10k-record transactions (the counters' triggers run per row); Postgres with COPY of
@@ -83,9 +84,9 @@ CHECKS = (  # (key, label, unit, target, is met when)
     ("export_rate", "export rate", "records/s", f">= {TARGET_RATE:,.0f}/s", lambda v: v >= TARGET_RATE),
     ("export_peak", "export peak memory", "MiB", "bounded (< 64 MiB)", lambda v: v < 64),
     ("sweep_hold", "retention sweep, longest batch", "ms", f"<= {TARGET_MS:g} ms", lambda v: v <= TARGET_MS),
-    ("sweep_claim", "job claim's worst wait (sweep)", "ms", f"<= {TARGET_MS:g} ms", lambda v: v <= TARGET_MS),
+    ("sweep_claim", "job call's worst wait (sweep)", "ms", f"<= {TARGET_MS:g} ms", lambda v: v <= TARGET_MS),
     ("prune_hold", "job prune, longest batch", "ms", f"<= {TARGET_MS:g} ms", lambda v: v <= TARGET_MS),
-    ("prune_claim", "job claim's worst wait (prune)", "ms", f"<= {TARGET_MS:g} ms", lambda v: v <= TARGET_MS),
+    ("prune_claim", "job call's worst wait (prune)", "ms", f"<= {TARGET_MS:g} ms", lambda v: v <= TARGET_MS),
 )
 
 
@@ -220,19 +221,24 @@ class Timed:
 
 def with_claims(db: Any, action: Any) -> tuple[Any, float, float]:
     """Run `action()` timing its transactions while another thread enqueues, claims and finishes jobs
-    in a loop; (its result, longest transaction ms, the claims' worst wait ms)."""
+    in a loop; (its result, longest transaction ms, the worst of those job calls in ms: each is a write
+    transaction that had to wait its turn)."""
     stop = threading.Event()
     waits: list[float] = []
+
+    def waited(call: Any, *args: Any) -> Any:
+        t = time.perf_counter()
+        result = call(*args)
+        waits.append((time.perf_counter() - t) * 1000)
+        return result
 
     def claims() -> None:
         n = 0
         while not stop.is_set():
-            db.enqueue_job(f"claims{n % 4}", "manual", {})
-            t = time.perf_counter()
-            claimed = db.claim_job("bench", 60)
-            waits.append((time.perf_counter() - t) * 1000)
+            waited(db.enqueue_job, f"claims{n % 4}", "manual", {})
+            claimed = waited(db.claim_job, "bench", 60)
             if claimed is not None:
-                db.finish_job(claimed.id, "bench", "kept_original", {})
+                waited(db.finish_job, claimed.id, "bench", "kept_original", {})
             n += 1
             time.sleep(0.002)
 
