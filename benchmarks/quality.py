@@ -42,14 +42,12 @@ adapter's simulated feedback is cached by the engine's source fingerprint (RunCa
 run resumes where it stopped, a rerun with unchanged code only measures what is missing, and a --quick
 run's parts serve a later full run.
 
-Run:  python benchmarks/quality.py              (everything: 54 runs; several hours on this 2-core CPU,
-                                                 more than the 2-hour goal: see RESULTS.md)
-      python benchmarks/quality.py --levels under,plateau --level-sizes plateau=32,128 --policies grad_direction
-                                                (what RESULTS.md 4 reports: every size for the under-trained
-                                                 adapters, plateau at 32 and 128; parts of it can run in
-                                                 two processes at once with --threads 1 and --tasks or
-                                                 --sizes subsets: they share the run cache, and this
-                                                 command then only reads it)
+Run:  python benchmarks/quality.py --jobs 2     (everything: 54 runs in two processes at once, one torch
+                                                 thread each, sharing the run cache; several hours on this
+                                                 2-core CPU, more than the 2-hour goal: see RESULTS.md)
+      python benchmarks/quality.py --jobs 2 --policies grad_direction,abs_select,smooth_abs,random_index,sigma_descent
+                                                (what RESULTS.md 4 reports: every forced row but grad_search,
+                                                 the one that needs a refine() call of its own per run)
       python benchmarks/quality.py --quick      (the headline rows: the 3 under-trained adapters, n=128,
                                                  3 seeds, 300 test problems; auto, grad_direction forced and
                                                  the baseline; 20 minutes on this 2-core CPU, 1195 s
@@ -72,6 +70,7 @@ import random
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -1017,14 +1016,23 @@ class Run:
                 "auto": auto["seconds"],
                 "baseline": baseline["seconds"] if baseline else 0.0,
                 "score": sum(p.get("score_seconds", 0.0) for p in parts),
-                "measured": sum(
-                    (p["seconds"] or p.get("derive_seconds", 0.0)) + p.get("score_seconds", 0.0)
-                    for p in parts
-                    if not p.get("cached")
-                ),
+                "measured": sum(part_seconds(p) for p in parts if not p.get("cached")),
+                "compute": sum(part_seconds(p) for p in parts),  # cached parts: when they were measured
                 "wall": time.perf_counter() - t0,
             },
         }
+
+
+def part_seconds(part: Mapping[str, Any]) -> float:
+    """What one part of a run cost when it was measured: its refine() call, training or derivation, and
+    its scoring."""
+    return (part["seconds"] or part.get("derive_seconds", 0.0)) + part.get("score_seconds", 0.0)
+
+
+def adapter_key(adapter: Adapter, lora: Any, test: int, pool: int) -> str:
+    """The run cache's key prefix for one adapter's parts: its original's score ("-original"), its
+    simulated feedback ("-feedback") and its runs ("-n{size}-seed{seed}-{part}")."""
+    return f"{RECIPE}-{adapter.task}-{adapter.level}-{adapter.steps}steps-{lora.content_hash()[:12]}-test{test}-pool{pool}"
 
 
 def run_adapter(
@@ -1042,10 +1050,7 @@ def run_adapter(
     """Score the original, simulate its users' feedback on the calibration pool, then measure every
     (size, seed). Finished parts come from `cache` when the same code measured them before."""
     lora = load_adapter(adapter.path)
-    base_key = (
-        f"{RECIPE}-{task.name}-{adapter.level}-{adapter.steps}steps-{lora.content_hash()[:12]}"
-        f"-test{len(scorer.problems)}-pool{len(pool)}"
-    )
+    base_key = adapter_key(adapter, lora, len(scorer.problems), len(pool))
     original_bits = cache.get(f"{base_key}-original")
     if original_bits is None:
         original_bits = correct_bits(scorer(lora))
@@ -1704,8 +1709,9 @@ def report(
             if not cached
             else f"this invocation took {timings['total'] / 60:.0f} minutes; {cached} of {len(runs)} runs were read "
             f"(wholly or in part) from the run cache, measured earlier by the same code (engine source fingerprint "
-            f"`{timings['code_fingerprint']}`; each part's date is in quality_results.json). The runs took "
-            f"{timings['runs_measured_seconds'] / 60:.0f} minutes of compute in all."
+            f"`{timings['code_fingerprint']}`; each part's date is in quality_results.json). The runs' parts took "
+            f"{sum(r['seconds']['compute'] for r in runs) / 60:.0f} minutes of one-process compute when they were "
+            f"measured, {timings['runs_measured_seconds'] / 60:.0f} of them in this invocation."
         ),
         "",
         f"![accuracy change per task and policy]({png.name})",
@@ -1829,7 +1835,12 @@ def report(
         f"simulated feedback {timings['feedback']:.0f} s, refine() {timings['refine']:.0f} s, derived forced rows "
         f"{timings['derived']:.0f} s, their check against real calls {timings['verification']:.0f} s, continued training "
         f"{timings['baseline']:.0f} s, exact-match scoring {timings['scoring']:.0f} s "
-        f"({timings['per_score']:.1f} s per {args.test} problems on average), all measured in this invocation.",
+        f"({timings['per_score']:.1f} s per {args.test} problems on average), all measured in this invocation"
+        + (
+            f" by {timings['children']} child processes, {args.jobs} at a time (--jobs; seconds are per process)."
+            if timings.get("children")
+            else "."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -1858,8 +1869,161 @@ DRY_RUN = {
 }
 
 
+# --------------------------------------------------------------------------------------------------
+# --jobs: units of the table in several processes, sharing the run cache
+# --------------------------------------------------------------------------------------------------
+
+#: Options a --jobs child gets from its unit, not from its parent's command line: name -> takes a value.
+UNIT_OPTIONS = {
+    "--tasks": True,
+    "--levels": True,
+    "--sizes": True,
+    "--level-sizes": True,
+    "--out-dir": True,
+    "--cache-dir": True,
+    "--threads": True,
+    "--jobs": True,
+    "--no-verify": False,
+}
+#: A child's log line that reports a finished run (run_adapter's), echoed by the parent as progress.
+RUN_LINE = re.compile(r"\bn=\d+ seed=\d+: ")
+#: The timings a parent adds up over its children (each child's quality_results.json). Not "verification":
+#: the parent takes over the child's verification report, and its timings sum that report's seconds.
+SUMMED_TIMINGS = ("feedback", "refine", "derived", "baseline", "scoring", "scores")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One process's share of a --jobs invocation: every seed of one adapter at one calibration size."""
+
+    task: str
+    level: str
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.task}/{self.level} n={self.size}"
+
+    def argv(self) -> list[str]:
+        return ["--tasks", self.task, "--levels", self.level, "--sizes", str(self.size)]
+
+
+def units_of(args: argparse.Namespace) -> list[Unit]:
+    """The invocation's units, longest first (larger n, then the under-trained adapters, whose auto runs
+    search longer), so that the last ones to finish are short and both processes stay busy."""
+    units = [
+        Unit(task, level, size)
+        for task in args.task_list
+        for level in args.level_list
+        for size in args.sizes_by_level[level]
+    ]
+    return sorted(units, key=lambda u: (-u.size, u.level != "under"))
+
+
+def without_unit_options(argv: Sequence[str]) -> list[str]:
+    """The parent's command line less UNIT_OPTIONS (as `--opt value` or `--opt=value`): what every child
+    shares (policies, seeds, --set, --quick, ...)."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in UNIT_OPTIONS:
+            skip = UNIT_OPTIONS[name] and "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def run_units(args: argparse.Namespace, argv: Sequence[str]) -> list[dict[str, Any]]:
+    """Measure every unit in a child process of this script, args.jobs at a time, and return what each
+    child wrote to its quality_results.json. The children share the run cache, so the parent then only
+    reads it; a failed unit fails the invocation after the others finished (what they measured stays
+    cached: rerunning resumes). Raises RuntimeError naming the failed units and their logs."""
+    units = units_of(args)
+    shared = without_unit_options(argv)
+    threads = args.threads or 1
+    # the derived rows' check against real calls: once, in the cheapest unit
+    verify = None if args.no_verify else min(units, key=lambda u: (u.size, u.level == "under"))
+    root = Path(tempfile.mkdtemp(prefix="vllm-surgery-quality-jobs-"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pending = list(units)
+    running: dict[subprocess.Popen, tuple[Unit, Path, float, Any]] = {}
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
+    offsets: dict[Unit, int] = {}
+    log(f"--jobs {args.jobs}: {len(units)} units, {threads} torch thread(s) each; logs under {root}")
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                unit = pending.pop(0)
+                out = root / f"{unit.task}-{unit.level}-n{unit.size}"
+                out.mkdir()
+                cmd = [sys.executable, str(Path(__file__).resolve()), *shared, *unit.argv()]
+                cmd += ["--threads", str(threads), "--out-dir", str(out)]
+                if args.cache_dir is not None:
+                    cmd += ["--cache-dir", str(args.cache_dir)]
+                if unit != verify:
+                    cmd.append("--no-verify")
+                log_file = (out / "log.txt").open("w")
+                proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                running[proc] = (unit, out, time.perf_counter(), log_file)
+                log(f"  {unit}: started ({len(units) - len(pending)} of {len(units)})")
+            time.sleep(1.0)
+            for unit, out, _, _ in running.values():  # progress: each run's result line as it lands
+                offset = offsets.get(unit, 0)
+                with (out / "log.txt").open("rb") as f:
+                    f.seek(offset)
+                    new = f.read()
+                complete = new[: new.rfind(b"\n") + 1]
+                offsets[unit] = offset + len(complete)
+                for line in complete.decode("utf-8", errors="replace").splitlines():
+                    if RUN_LINE.search(line):
+                        log(f"  {unit}: {line.split('] ', 1)[-1].strip()}")
+            for proc in [p for p in running if p.poll() is not None]:
+                unit, out, t0, log_file = running.pop(proc)
+                log_file.close()
+                seconds = time.perf_counter() - t0
+                if proc.returncode == 0:
+                    results.append(json.loads((out / "quality_results.json").read_text(encoding="utf-8")))
+                    log(f"  {unit}: done in {seconds:.0f} s")
+                else:
+                    tail = (out / "log.txt").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+                    failed.append(f"{unit} (exit {proc.returncode}, log {out / 'log.txt'})")
+                    log(
+                        f"  {unit}: FAILED after {seconds:.0f} s, exit {proc.returncode}:\n" + "\n".join(tail)
+                    )
+    finally:
+        for proc, (_, _, _, log_file) in running.items():  # interrupted: stop the children too
+            proc.terminate()
+            proc.wait()
+            log_file.close()
+    if failed:
+        raise RuntimeError(
+            f"--jobs: {len(failed)} of {len(units)} units failed: {'; '.join(failed)}. What the others measured "
+            "is in the run cache: fix the cause and rerun the same command to resume."
+        )
+    shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def add_children(timings: dict[str, Any], children: Sequence[Mapping[str, Any]]) -> None:
+    """Fold the --jobs children's timings into the parent's: the parent only read the run cache, so the
+    compute of this invocation is what its children measured."""
+    if not children:
+        return
+    child_timings = [c["timings"] for c in children]
+    for key in SUMMED_TIMINGS:
+        timings[key] += sum(t[key] for t in child_timings)
+    timings["per_score"] = timings["scoring"] / timings["scores"] if timings["scores"] else 0.0
+    timings["runs_from_cache"] = sum(t["runs_from_cache"] for t in child_timings)
+    timings["runs_measured_seconds"] = sum(t["runs_measured_seconds"] for t in child_timings)
+    timings["children"] = len(children)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {', '.join(TASKS)}")
     p.add_argument("--levels", default=None, help="training levels (default under,plateau)")
     p.add_argument("--sizes", default=None, help="calibration sizes (default 32,128,512)")
@@ -1910,7 +2074,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the baseline (other options still apply)",
     )
     p.add_argument(
-        "--dry-run", action="store_true", help="every code path on a tiny random model, in seconds"
+        "--dry-run",
+        action="store_true",
+        help="every code path on a tiny random model, in seconds (with --cache-dir DIR the model, adapters and "
+        "run cache are kept under DIR/dry-run; default: a temporary directory)",
     )
     p.add_argument(
         "--train-only", action="store_true", help="train (or find) the adapters and score them only"
@@ -1925,6 +2092,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $VLLM_SURGERY_CACHE)")
     p.add_argument("--out-dir", type=Path, default=None, help="where results go (default benchmarks/)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="measure the (task, level, size) units in this many processes at once (one torch thread each "
+        "unless --threads says otherwise), sharing the run cache, then assemble the table from it; on this "
+        "2-core CPU --jobs 2 keeps both cores busy (default 1)",
+    )
     args = p.parse_args(argv)
     preset = DRY_RUN if args.dry_run else QUICK if args.quick else {}
     defaults = {
@@ -1995,6 +2170,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.size_list = sorted({n for values in args.sizes_by_level.values() for n in values})
     if args.seeds < 1 or args.test < 1:
         p.error("--seeds and --test must be positive")
+    if args.jobs < 1:
+        p.error("--jobs must be positive")
+    if args.jobs > 1 and (args.no_run_cache or args.train_only):
+        p.error(
+            "--jobs shares the processes' results through the run cache: not with --no-run-cache or --train-only"
+        )
     if args.out_dir is None:
         args.out_dir = (
             Path(tempfile.gettempdir()) / f"vllm-surgery-quality-{'dry-run' if args.dry_run else 'quick'}"
@@ -2005,6 +2186,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -2018,9 +2200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         from vllm_surgery.testing import build_tiny_llama
 
-        scratch = Path(tempfile.mkdtemp(prefix="vllm-surgery-quality-dry-run-"))
-        model_dir = build_tiny_llama(scratch / "base")
-        cache = scratch
+        if args.cache_dir is None:  # (a --jobs child gets its parent's)
+            scratch = args.cache_dir = Path(tempfile.mkdtemp(prefix="vllm-surgery-quality-dry-run-"))
+        cache = args.cache_dir / "dry-run"
+        model_dir = cache / "base"
+        if not (model_dir / "config.json").is_file():
+            build_tiny_llama(model_dir)
     else:
         model_dir = default_model_path(args.cache_dir)
         cache = model_dir.parent.parent
@@ -2028,6 +2213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = time.perf_counter()
     trained = train_adapters(model_dir, cache, tasks, args.level_list, args.train_seed, args.steps)
     t_train = time.perf_counter() - t
+    # --jobs: the children measure (the adapters are trained, so none trains one), the parent reads
+    children = run_units(args, argv) if args.jobs > 1 else []
+    for child in children:
+        if "task" in child["verification"]:
+            args.verified.update(child["verification"])
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -2037,9 +2227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool_scorers: list[Scorer] = []
     workdir = Path(tempfile.mkdtemp(prefix="vllm-surgery-quality-"))
     fingerprint = code_fingerprint()
-    run_cache = RunCache(
-        None if args.no_run_cache or args.dry_run else cache / "quality" / "runs" / fingerprint
-    )
+    run_cache = RunCache(None if args.no_run_cache else cache / "quality" / "runs" / fingerprint)
     log(f"run cache: {run_cache.root or 'off'}")
     try:
         for task in tasks:
@@ -2095,14 +2283,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verification_report": args.verified,
         "baseline": sum(p["seconds"] for p in measured if "curve" in p),
         "scoring": sum(seconds),
+        "scores": len(seconds),
         "per_score": statistics.fmean(seconds) if seconds else 0.0,
         "runs_from_cache": sum(1 for r in runs if len(r["measured"]) < 2 + len(r["policies"])),
         "runs_measured_seconds": sum(r["seconds"]["measured"] for r in runs),
         "code_fingerprint": fingerprint,
     }
+    add_children(timings, children)
     log(
         f"done in {timings['total']:.0f} s: training {t_train:.0f} s, refine {timings['refine']:.0f} s, baseline "
-        f"{timings['baseline']:.0f} s, {len(seconds)} exact-match passes {timings['scoring']:.0f} s "
+        f"{timings['baseline']:.0f} s, {timings['scores']} exact-match passes {timings['scoring']:.0f} s "
         f"({timings['per_score']:.1f} s each), feedback {timings['feedback']:.0f} s"
     )
     if args.train_only:

@@ -271,3 +271,46 @@ def test_no_references_outside_the_repository_or_to_issue_numbers() -> None:
         if pattern.search(line)
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_the_readmes_quality_claims_are_the_quality_tables() -> None:
+    """'Does it help?' quotes benchmarks/quality_results.json: rerunning the table without updating the
+    README (or the other way round) fails here."""
+    import json
+
+    runs = json.loads(text(ROOT / "benchmarks" / "quality_results.json"))["runs"]
+    section = text(ROOT / "README.md").split("## Does it help?", 1)[1].split("\n## ", 1)[0]
+    section = " ".join(section.split())
+
+    def mean(values: list[float]) -> float:
+        return 100 * sum(values) / len(values)
+
+    def under(size: int) -> list[dict]:
+        return [r for r in runs if r["level"] == "under" and r["size"] == size]
+
+    claims = []
+    for size, form in (
+        (512, "{m:+.1f} points on average with 512 rated answers per adapter ({w} of {k} written"),
+        (128, "{m:+.1f} with 128 ({w} of {k} written"),
+        (32, "{m:+.1f} with 32 ({w} of {k} written"),
+    ):
+        sel = under(size)
+        m = mean([r["auto"]["exact_match"]["delta"] for r in sel])
+        claims.append(form.format(m=m, w=sum(r["auto"]["written"] for r in sel), k=len(sel)))
+    written = [r for r in runs if r["auto"]["written"]]
+    worse = [r for r in written if r["auto"]["exact_match"]["delta"] < 0]
+    claims.append(
+        f"In {len(runs)} runs it wrote {len(written)} adapters, {len(worse)} of them worse on the test set"
+        if worse
+        else f"In {len(runs)} runs it never wrote an adapter that was worse on the test set"
+    )
+    forced = [r["policies"]["grad_direction"]["exact_match"]["delta"] for r in runs]
+    claims.append(
+        f"lost {-mean(forced):.1f} points on average over the {len(runs)} runs and up to {-100 * min(forced):.0f}"
+    )
+    gated = {n: mean([r["baseline"]["exact_match_gated"]["delta"] for r in under(n)]) for n in (512, 128)}
+    claims.append(f"({gated[512]:+.1f} points at 512, {gated[128]:+.1f} at 128)")
+    for claim in claims:
+        assert claim in section, (
+            f"README 'Does it help?' should say {claim!r} (benchmarks/quality_results.json)"
+        )

@@ -14,13 +14,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+def benchmark_module(file: str, name: str | None = None):
+    """benchmarks/FILE.py, imported as the module `name` (default FILE)."""
+    spec = importlib.util.spec_from_file_location(name or file, ROOT / "benchmarks" / f"{file}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return benchmark_module("quality", "quality_benchmark")
 
 
 def test_cannot_match_is_sound(quality):
@@ -113,9 +118,7 @@ def test_n512_against_n128_compares_the_adapters_measured_at_both_sizes(quality)
 
 
 def test_bad_ratings_experiment_splits_wrong_answers_into_corrections_and_bad_only(quality):
-    spec = importlib.util.spec_from_file_location("bad_ratings", ROOT / "benchmarks" / "bad_ratings.py")
-    bad_ratings = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bad_ratings)
+    bad_ratings = benchmark_module("bad_ratings")
     pool = quality.TASKS["addition"].draw(random.Random("t"), 400, "calibration")
     outputs = [(p.answer if i % 3 == 0 else "0", i % 3 == 0) for i, p in enumerate(pool)]
     kept, bad = bad_ratings.simulated_ratings(pool, outputs, 300, seed=1)
@@ -125,3 +128,112 @@ def test_bad_ratings_experiment_splits_wrong_answers_into_corrections_and_bad_on
     assert all(r["completion"] != "0" for r in good + corrected) and all(r["completion"] == "0" for r in bad)
     assert 0.35 < len(corrected) / (len(corrected) + len(bad)) < 0.65  # about half of the wrong answers
     assert bad_ratings.simulated_ratings(pool, outputs, 300, seed=1) == (kept, bad)  # seeded
+
+
+def test_jobs_children_get_their_unit_and_share_everything_else(quality, tmp_path):
+    argv = [
+        "--tasks",
+        "addition,sort",
+        "--levels=under,plateau",
+        "--set",
+        "correction_weight=3",
+        "--no-verify",
+    ]
+    argv += ["--jobs", "2", "--quick", "--out-dir", "x", "--threads=1", "--sizes", "32,512"]
+    assert quality.without_unit_options(argv) == ["--set", "correction_weight=3", "--quick"]
+    args = quality.parse_args(
+        [
+            "--tasks",
+            "addition,sort",
+            "--level-sizes",
+            "plateau=32",
+            "--sizes",
+            "32,512",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    units = [str(u) for u in quality.units_of(args)]
+    # longest first: n = 512 before n = 32, the under-trained adapters before the plateau ones
+    assert units == [
+        "addition/under n=512",
+        "sort/under n=512",
+        "addition/under n=32",
+        "sort/under n=32",
+        "addition/plateau n=32",
+        "sort/plateau n=32",
+    ]
+    for bad in (["--jobs", "0"], ["--jobs", "2", "--no-run-cache"], ["--jobs", "2", "--train-only"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(bad)
+
+
+def test_jobs_measure_in_child_processes_and_the_parent_reads_their_run_cache(quality, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dry-run", "--jobs", "2", "--sizes", "12,16", "--policies", "grad_direction,abs_select"]
+    assert quality.main([*argv, "--no-baseline", "--out-dir", str(out)]) == 0
+    raw = json.loads((out / "quality_results.json").read_text())
+    assert sorted(r["size"] for r in raw["runs"]) == [12, 16]
+    # the parent measured nothing itself: every part came from the cache its two children wrote
+    assert all(r["measured"] == [] for r in raw["runs"])
+    assert raw["timings"]["children"] == 2
+    assert raw["timings"]["refine"] > 0 and raw["timings"]["scoring"] > 0  # the children's compute
+    # the derived abs_select row was checked against a real call once, in the smaller unit
+    assert raw["verification"]["size"] == 12 and "abs_select" in raw["verification"]
+    # ... and its seconds counted once (the report the parent took over, not again from the child's timings)
+    check = sum(v["seconds"] for v in raw["verification"].values() if isinstance(v, dict))
+    assert raw["timings"]["verification"] == pytest.approx(check)
+    assert "by 2 child processes, 2 at a time" in (out / "quality_results.md").read_text()
+
+
+def test_heldout_answers_counts_an_answer_right_exactly_when_greedy_decoding_reproduces_it(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from vllm_surgery.calibration import Example
+
+    module = benchmark_module("heldout_answers")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(6):
+        prompt = torch.randint(3, model.config.vocab_size, (1, 5 + i), generator=gen)
+        out = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False
+        )
+        answer = out[0, prompt.shape[1] :].tolist()
+        if i % 2:  # the last answer token replaced: greedy decoding does not produce this answer
+            answer[-1] = (answer[-1] + 1) % model.config.vocab_size
+        examples.append(Example(tuple(prompt[0].tolist()), tuple(answer), f"example {i}"))
+    assert module.answers_right(model, examples) == [True, False, True, False, True, False]
+
+
+def test_gate_statistics_loss_sums_and_signed_ranks(tiny_base):
+    """benchmarks/gate_statistics.py: its per-example answer-loss sums are what transformers' own loss
+    gives (mean over the answer tokens, times their number), and its signed ranks are Wilcoxon's
+    (ties share their average rank, zeros rank nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_surgery.calibration import Example
+
+    module = benchmark_module("gate_statistics")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    examples = [
+        Example(
+            tuple(torch.randint(3, 100, (4 + i,), generator=gen).tolist()),
+            tuple(torch.randint(3, 100, (1 + i,), generator=gen).tolist()),
+            f"example {i}",
+        )
+        for i in range(4)
+    ]
+    sums, tokens = module.loss_sums(model, examples)
+    assert tokens.tolist() == [1, 2, 3, 4]
+    for e, s in zip(examples, sums.tolist(), strict=True):
+        ids = torch.tensor([[*e.prompt_ids, *e.answer_ids]])
+        labels = ids.clone()
+        labels[0, : len(e.prompt_ids)] = -100
+        with torch.no_grad():
+            mean = float(model(ids, labels=labels).loss)
+        assert s == pytest.approx(mean * len(e.answer_ids), rel=1e-4)
+    d = torch.tensor([0.5, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    assert module.signed_ranks(d).tolist() == [1.5, -3.0, 1.5, 0.0, 4.0]
