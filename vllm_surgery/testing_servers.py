@@ -163,8 +163,11 @@ class PostgresServer:
         self._pg_ctl_start()
 
     def stop(self) -> None:
+        """Stop the server (if it runs: after a `kill()` with no `start_again()` only its stale pid file
+        is left) and remove its data."""
         try:
-            if (self.data / "postmaster.pid").exists():
+            pid_file = self.data / "postmaster.pid"
+            if pid_file.exists() and _alive(int(pid_file.read_text().split()[0])):
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -140,6 +140,91 @@ def test_the_writer_waits_out_a_killed_postgres_and_accounts_for_every_record(pr
         db.close()
 
 
+def writer_with_retention_check(db: PostgresDatabase, check) -> TrafficWriter:
+    """A started writer on `db` whose retention checks call `check(real_check, *args)` instead, watched by
+    a supervisor that looks every 0.1 s."""
+    real_check = db.enforce_retention
+    db.enforce_retention = lambda *args, **kwargs: check(real_check, *args, **kwargs)
+    return TrafficWriter(
+        db, lambda item: [item], queue_size=40, retention=lambda a: Retention(), supervise_interval_s=0.1
+    ).start()
+
+
+def test_a_postgres_killed_during_a_retention_check_is_named_as_an_outage(private_postgres) -> None:
+    """The writer can meet an outage in any of its database calls, not only in an insert: here Postgres is
+    killed inside a real retention check, whose pool then waits for a connection (up to 20 s) until the
+    server is back 5 s later. The supervisor names the outage and the call it is stuck in, `outage_s`
+    shows it, and the check that then goes through ends it (a watch on inserts only logged nothing)."""
+    adapter = "outage-retention"
+    db = PostgresDatabase(private_postgres.new_database(), busy_timeout_s=20.0)
+    during = {}
+
+    def killed_inside(real_check, *args, **kwargs):
+        if not during:
+            during["killed"] = time.monotonic()
+            private_postgres.kill()
+            threading.Timer(5.0, private_postgres.start_again).start()
+        return real_check(*args, **kwargs)
+
+    writer = writer_with_retention_check(db, killed_inside)
+    try:
+        with Lines("vllm.vllm_surgery.traffic.writer") as log:
+            writer.submit(record(0, adapter), adapter)
+            deadline = time.monotonic() + 4.5  # within the 5 s the server is gone
+            while writer.outage_s is None:
+                assert time.monotonic() < deadline, f"no outage seen during the retention check: {log}"
+                time.sleep(0.05)
+            during["seen"] = time.monotonic()
+            assert writer.flush(60), "the retention check did not end after Postgres came back"
+            assert writer.outage_s is None
+        assert during["seen"] - during["killed"] >= 2.0  # the watch's 2 s without an answer, not before
+        began = [m for m in log if m.startswith("traffic: database outage: ")]
+        assert len(began) == 1 and "the retention check of adapter 'outage-retention'" in began[0], log
+        assert any(m.startswith("traffic: database outage over after ") for m in log), log
+        assert [r.record.request_id for r in db.records(adapter)] == ["r0"]
+    finally:
+        writer.close(10)
+        db.close()
+
+
+def test_a_long_retention_sweep_of_short_queries_is_no_outage(private_postgres) -> None:
+    """A retention check that takes 3 s in all, made of 15 short real queries (a large backlog deleted in
+    short batches), is a busy database, not an unreachable one: nothing is logged as an outage and
+    `outage_s` stays None, though the supervisor looks every 0.1 s."""
+    adapter = "outage-long-sweep"
+    db = PostgresDatabase(private_postgres.new_database(), busy_timeout_s=20.0)
+    outage_seen = []
+
+    def slow_sweep(real_check, *args, **kwargs):
+        for _ in range(15):
+            db.stats(adapter)  # one short query that gets its answer
+            outage_seen.append(writer.outage_s)
+            time.sleep(0.2)
+        return real_check(*args, **kwargs)
+
+    writer = writer_with_retention_check(db, slow_sweep)
+    try:
+        with Lines("vllm.vllm_surgery.traffic.writer") as log:
+            began = time.monotonic()
+            writer.submit(record(0, adapter), adapter)
+            assert writer.flush(30)
+            took = time.monotonic() - began
+        assert took >= 3.0, took
+        assert len(outage_seen) == 15 and set(outage_seen) == {None}
+        assert not [m for m in log if "database outage" in m], log
+    finally:
+        writer.close(10)
+        db.close()
+
+
+def test_a_killed_postgres_that_is_not_started_again_can_be_stopped() -> None:
+    server = PostgresServer().start()
+    root = server.root
+    server.kill()
+    server.stop()  # its stale pid file names a process that is gone: nothing to stop, only data to remove
+    assert not root.exists()
+
+
 def test_a_running_job_and_a_queued_one_finish_after_postgres_is_killed_and_back(
     private_postgres, tmp_path: Path, monkeypatch
 ) -> None:

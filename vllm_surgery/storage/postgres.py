@@ -410,7 +410,9 @@ class PostgresDatabase(Database):
         if self._closed or self._pool is None:
             raise DatabaseError(f"{self.path}: database is closed")
         with self._pool.connection() as conn:
+            self.answered_at = time.monotonic()  # the pool handed over a checked connection
             yield conn
+        self.answered_at = time.monotonic()  # the call's work (and commit) went through
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:

@@ -36,7 +36,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields, replace
 from typing import Any
 
@@ -55,7 +55,7 @@ DROP_LOG_INTERVAL_S = 10.0
 SUPERVISE_INTERVAL_S = 1.0
 OUTAGE_RETRY_S = 0.25  # the first wait after the database was found unreachable, doubled per try...
 OUTAGE_RETRY_MAX_S = 5.0  # ...up to this
-OUTAGE_STALL_S = 2.0  # a write waiting this long for the database is an outage (logged, `outage_s`)
+OUTAGE_STALL_S = 2.0  # a database call without an answer this long is an outage (logged, `outage_s`)
 OUTAGE_CLOSE_TRIES = 3  # after close(), tries left before a held batch is given up (counted as failed)
 
 
@@ -98,7 +98,8 @@ class TrafficWriter:
         self._last_drop_log = 0.0
         self._outage_since: float | None = None  # monotonic time the database was found unreachable
         self._outage_tries = 0
-        self._writing: tuple[float | None, int] = (None, 0)  # (monotonic start, records) of a write
+        # the database call in progress, for the supervisor's stall watch: (monotonic start, what, records held)
+        self._call: tuple[float | None, str, int] = (None, "", 0)
         self._thread = self._new_thread()
         self._started = False
         self.supervise_interval_s = supervise_interval_s
@@ -334,14 +335,13 @@ class TrafficWriter:
         while True:
             attempt += 1
             try:
-                self._writing = (time.monotonic(), len(records))
-                try:
+                with self._watched("writing a batch", len(records)):
                     if not reserved:
                         ids, reserved = self.db.reserve_ids(len(records)), True
                     self.db.insert(records, ids=ids)
-                finally:
-                    self._writing = (None, 0)
-                self._outage_over(len(records))
+                self._outage_over(
+                    f"the {len(records)} held record(s) are written, and what the queue kept follows"
+                )
                 return True
             except (ValueError, TypeError) as e:  # UnicodeEncodeError, an unstorable value
                 return self._insert_one_by_one(records, e)
@@ -381,8 +381,9 @@ class TrafficWriter:
         return True
 
     def _outage_began(self, why: str, held: int, since: float | None = None) -> None:
-        """Log the start of an outage once (from the writer on an error, or from the supervisor when
-        one write has waited OUTAGE_STALL_S: a pool waits for a connection before it gives up)."""
+        """Log the start of an outage once (from the writer on an error, or from the supervisor when a
+        database call has had no answer for OUTAGE_STALL_S: a pool waits for a connection before it
+        gives up)."""
         with self._cond:
             if self._outage_since is not None:
                 return
@@ -398,25 +399,43 @@ class TrafficWriter:
             self.queue.maxsize,
         )
 
+    @contextlib.contextmanager
+    def _watched(self, what: str, held: int = 0) -> Iterator[None]:
+        """Mark a database call of the writer thread for the supervisor's stall watch (`_watch_stall`):
+        every call is watched (a batch's insert, a retention check, the periodic listing of adapters and
+        the maintenance hook), since the writer is stuck on whichever meets a server that is gone."""
+        self._call = (time.monotonic(), what, held)
+        try:
+            yield
+        finally:
+            self._call = (None, "", 0)
+
     def _watch_stall(self) -> None:
-        """The supervisor's look at the write in progress: one that has waited OUTAGE_STALL_S is an
-        outage (the Postgres pool waits up to its busy timeout for a connection to a server that is
-        down before it raises), logged as such, and shown by `outage_s`. Not for a local SQLite file,
-        whose long waits are its lock's, as before."""
-        began, held = self._writing
-        if self.db.networked and began is not None and time.monotonic() - began >= OUTAGE_STALL_S:
+        """The supervisor's look at the database call in progress: one that has had no answer from the
+        server for OUTAGE_STALL_S is an outage (the Postgres pool waits up to its busy timeout for a
+        connection to a server that is down before it raises), logged as such, and shown by `outage_s`.
+        "No answer" counts from the call's start or from the backend's last answer
+        (`Database.answered_at`), whichever is later: a retention sweep of many short queries that takes
+        seconds in all is not an outage. Not for a local SQLite file, whose long waits are its lock's."""
+        began, what, held = self._call
+        if not self.db.networked or began is None:
+            return
+        silent_since = max(began, self.db.answered_at or began)
+        if time.monotonic() - silent_since >= OUTAGE_STALL_S:
             self._outage_began(
-                f"writing a batch has waited {time.monotonic() - began:.1f} s for the database", held, began
+                f"{what} has had no answer from the database for {time.monotonic() - silent_since:.1f} s",
+                held,
+                silent_since,
             )
 
-    def _outage_over(self, held: int) -> None:
+    def _outage_over(self, then: str) -> None:
+        """End the outage, if one was on, after a database call went through (`then`: what follows)."""
         if self._outage_since is not None:
             log.warning(
-                "traffic: database outage over after %.1f s (%d failed tries); the %d held record(s) are "
-                "written, and what the queue kept follows",
+                "traffic: database outage over after %.1f s (%d failed tries); %s",
                 time.monotonic() - self._outage_since,
                 self._outage_tries,
-                held,
+                then,
             )
             self._outage_since = None
 
@@ -447,13 +466,19 @@ class TrafficWriter:
         """Retention of the adapters just written (`added`: records per adapter) or, with None, of every
         adapter. Cheap when nothing is due: the database reads an adapter's counts from its counters,
         and deletes in short batches (storage/counters.py)."""
-        adapters = sorted(added) if added is not None else self.db.adapters()
+        if added is not None:
+            adapters = sorted(added)
+        else:
+            with self._watched("listing the adapters"):
+                adapters = self.db.adapters()
         for adapter in adapters:
             try:
-                removed, _ = self.db.enforce_retention(adapter, self.retention(adapter))
+                with self._watched(f"the retention check of adapter {adapter!r}"):
+                    removed, _ = self.db.enforce_retention(adapter, self.retention(adapter))
             except DatabaseError as e:
                 log.error("traffic: retention of adapter %r failed: %s", adapter, e)
                 continue
+            self._outage_over("what the queue kept follows")
             if removed:
                 log.debug("traffic: retention removed %d record(s) of adapter %r", removed, adapter)
 
@@ -461,7 +486,8 @@ class TrafficWriter:
         try:
             self._retain()
             if self.maintenance is not None:
-                self.maintenance()
+                with self._watched("the periodic maintenance"):
+                    self.maintenance()
         except Exception:
             log.exception("traffic: periodic maintenance failed")
 
