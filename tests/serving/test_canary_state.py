@@ -87,6 +87,32 @@ def test_one_running_canary_per_adapter_and_its_lifecycle(db) -> None:
     assert db.running_canary("y").id == other.id
 
 
+def test_a_promotion_whose_swap_failed_is_amended_to_aborted_once(db) -> None:
+    canary = db.start_canary("x", "original", "v1", 0.25, RULE, by="admin", now=100.0)
+    assert db.abort_promotion(canary.id, {"reason": "no"}, by="server") is None  # running: not promoted
+    db.decide_canary(
+        canary.id, "promoted", {"decision": "promoted", "reason": "better"}, by="rule", now=110.0
+    )
+    verdict = {"decision": "aborted", "reason": "promoted, but the hot-swap failed: engine said no"}
+    amended = db.abort_promotion(canary.id, verdict, by="server", now=120.0)
+    assert (amended.state, amended.decided_at, amended.decided_by, amended.revision) == (
+        "aborted",
+        120.0,
+        "server",
+        3,
+    )
+    assert amended.verdict == verdict
+    assert db.abort_promotion(canary.id, verdict, by="server") is None  # only from promoted: once
+    assert [(e["event"], e["at"], e["by"], e["detail"]) for e in db.canary_events(canary.id)] == [
+        ("started", 100.0, "admin", None),
+        ("promoted", 110.0, "rule", "better"),
+        ("aborted", 120.0, "server", "promoted, but the hot-swap failed: engine said no"),
+    ]
+    rolled = db.start_canary("x", "original", "v2", 0.25, RULE, by="admin")
+    db.decide_canary(rolled.id, "rolled_back", {"reason": "worse"}, by="rule")
+    assert db.abort_promotion(rolled.id, verdict, by="server") is None  # rolled back stays rolled back
+
+
 @pytest.mark.parametrize(
     ("share", "message"),
     [(0, "between 0 and 1"), (1, "between 0 and 1"), (1.5, "between 0 and 1"), (True, "share")],

@@ -576,3 +576,34 @@ def test_a_canary_past_its_deadline_expires_and_the_current_version_stays(env, t
         assert len(models.loads) == 1  # the canary slot only; no swap
     finally:
         db.close()
+
+
+def test_a_promotion_whose_swap_the_engine_refuses_ends_aborted(env, tmp_path) -> None:
+    """The decision is written before the hot-swap (one replica wins it). On one machine, when the engine
+    then refuses the version, nothing serves it: the canary must not read as promoted. It is amended to
+    aborted with the engine's error, the current version keeps serving, and the events say both."""
+    from vllm_surgery.serving.canaries import CanaryController
+    from vllm_surgery.serving.hotswap import HotSwapError
+    from vllm_surgery.storage import SQLiteDatabase
+
+    models, db = env["models"], SQLiteDatabase(tmp_path / "canary.sqlite3")
+    before, canaries = models.lora_requests["x"], CanaryController(env["swapper"], db)
+    try:
+        rule = {"margin": 0.05, "error_rate": 0.05, "min_ratings": 30, "max_duration_s": 3600.0}
+        started = db.start_canary("x", "original", env["good"].name, 0.4, rule, by="admin")
+        run(canaries.check())  # loads its slot
+        assert canaries.paths_in_use()
+        models.engine_client.fail = True
+        with pytest.raises(HotSwapError) as refused:
+            run(canaries.promote("x", by="admin"))
+        assert refused.value.status == 500 and "engine said no" in str(refused.value)
+        ended = db.canary_by_id(started.id)
+        assert (ended.state, ended.decided_by, ended.verdict["decision"]) == ("aborted", "server", "aborted")
+        assert "the hot-swap failed, so original still serves" in ended.verdict["reason"]
+        assert "engine said no" in ended.verdict["reason"]
+        assert [e["event"] for e in db.canary_events(started.id)] == ["started", "promoted", "aborted"]
+        assert models.lora_requests["x"] is before and env["store"].served_version_id("x") is None
+        assert canaries.paths_in_use() == set()  # the slot is dropped
+        assert db.running_canary("x") is None
+    finally:
+        db.close()

@@ -209,3 +209,32 @@ def test_a_follow_of_a_version_the_pointer_has_left_changes_nothing(cluster) -> 
     b["follower"].sync()  # the pointer's own version is followed
     assert served(cluster, "b") == forced
     assert db.served_pointer("x").version == forced
+
+
+def test_a_promotion_stands_where_the_pointer_moved_though_this_replicas_engine_refused(cluster) -> None:
+    """With a shared database the promotion's swap writes the served pointer before this replica's own
+    engine loads the version. If only that load fails, every replica follows the pointer: the canary
+    stays promoted (amending it to aborted would misstate what serves), the other replica serves the
+    version at its next look, and this one at its next poll once its engine takes it."""
+    from vllm_surgery.serving.canaries import CanaryController
+    from vllm_surgery.serving.hotswap import HotSwapError
+
+    db, good, a = cluster["db"], cluster["good"], cluster["a"]["swapper"]
+    rule = {"margin": 0.05, "error_rate": 0.05, "min_ratings": 30, "max_duration_s": 3600.0}
+    canaries = CanaryController(a, db)
+    started = db.start_canary("x", "original", good, 0.4, rule, by="admin")
+    on_loop(cluster, canaries.check())  # replica a loads the canary's slot
+    a.models.engine_client.fail = True
+    with pytest.raises(HotSwapError) as refused:
+        on_loop(cluster, canaries.promote("x", by="admin"))
+    assert refused.value.status == 500 and "engine said no" in str(refused.value)
+    ended = db.canary_by_id(started.id)
+    assert (ended.state, ended.verdict["decision"]) == ("promoted", "promoted")
+    assert [e["event"] for e in db.canary_events(started.id)] == ["started", "promoted"]
+    assert db.served_pointer("x").version == good and served(cluster, "a") == "original"
+    cluster["b"]["follower"].sync()
+    assert served(cluster, "b") == good
+    a.models.engine_client.fail = False
+    cluster["a"]["follower"].sync()
+    assert served(cluster, "a") == good
+    assert rows(cluster) == {"replica-a": (good, "in_sync"), "replica-b": (good, "in_sync")}

@@ -342,6 +342,9 @@ class CanaryController:
             # given it meanwhile ran the very version now served)
             try:
                 await self.swapper.swap(name, canary.canary_version, by=f"canary {canary.id}")
+            except HotSwapError as e:
+                await self._promotion_failed(canary, verdict, e)
+                raise
             finally:
                 async with self._locks[name]:
                     self._drop(name)
@@ -349,6 +352,58 @@ class CanaryController:
             async with self._locks[name]:
                 self._drop(name)
         return decided
+
+    async def _promotion_failed(self, canary: Canary, verdict: dict[str, Any], error: HotSwapError) -> None:
+        """The promotion was written, then its hot-swap failed. Where nothing will serve the canary's
+        version (one machine, or a shared pointer that could not be written), the decision is amended to
+        aborted, with the swap's error as its reason: the current version still serves, and the canary
+        must not read as promoted. Where the shared pointer names the version, every replica follows it
+        and this one retries at its next poll: the promotion stands."""
+        name = canary.adapter
+        try:
+            pointed = await asyncio.to_thread(self.swapper.pointed_version, name)
+        except (DatabaseError, HotSwapError) as e:
+            log.error(
+                "adapter %r: canary %d was promoted but its hot-swap failed (%s), and the served pointer "
+                "cannot be read (%s): it stays promoted; check GET /v1/surgery/adapters/%s",
+                name,
+                canary.id,
+                error,
+                e,
+                name,
+            )
+            return
+        if pointed == canary.canary_version:
+            log.error(
+                "adapter %r: canary %d promoted: the served pointer names %s and every replica follows it; "
+                "this replica's own load failed (%s) and is tried again at its next poll",
+                name,
+                canary.id,
+                pointed,
+                error,
+            )
+            return
+        amended = {
+            **verdict,
+            "decision": "aborted",
+            "reason": f"promoted, but the hot-swap failed, so {canary.current_version} still serves: {error}",
+        }
+        try:
+            done = await asyncio.to_thread(lambda: self.db.abort_promotion(canary.id, amended, by="server"))
+        except DatabaseError as e:
+            log.error(
+                "adapter %r: canary %d: the failed promotion could not be amended: %s", name, canary.id, e
+            )
+            return
+        if done is not None:
+            metrics.CANARY_DECISIONS.labels(name, "aborted").inc()
+            log.error(
+                "adapter %r: canary %d aborted: its promotion's hot-swap failed (%s); %s still serves",
+                name,
+                canary.id,
+                error,
+                canary.current_version,
+            )
 
     # ------------------------------------------------------------------ the rule
     def counts(self, canary: Canary) -> tuple[ArmCounts, ArmCounts]:

@@ -164,6 +164,17 @@ class HotSwapper:
             )
         return self.resolver.pointers
 
+    def pointed_version(self, name: str) -> str | None:
+        """With a shared database, the version the served pointer names for `name` (every replica
+        follows it, whatever this replica's engine did with it; None where the pointer was never
+        written); None on one machine, where served.json names what this server serves. Blocking.
+        Raises HotSwapError 503 when the shared database is not open, DatabaseError when it cannot be
+        read."""
+        if not self.shared:
+            return None
+        pointer = self._pointers().served_pointer(name)
+        return None if pointer is None else pointer.version
+
     def _paths_in_use(self) -> set[str]:
         """The paths vLLM's name -> request mapping points at (may raise RuntimeError while it changes)."""
         served = {r.lora_path for r in tuple(vllm_compat.served_requests(self.models).values())}

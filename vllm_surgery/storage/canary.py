@@ -269,6 +269,23 @@ class CanaryStates(ABC):
             return None
         return self.canary_by_id(canary_id)
 
+    def abort_promotion(
+        self, canary_id: int, verdict: Mapping[str, Any], *, by: str, now: float | None = None
+    ) -> Canary | None:
+        """Amend a canary decided as promoted to aborted, with `verdict` (its reason says why): the
+        promotion was written before the hot-swap (so that one replica wins it), and the swap then failed
+        where nothing else will serve the version (docs/canary.md). Only from promoted; the canary as
+        amended, or None when it is not promoted (nothing written)."""
+        now = time.time() if now is None else now
+        reason = verdict.get("reason")
+        columns = "state = 'aborted', decided_at = ?, decided_by = ?, verdict = ?"
+        values = (now, by, json.dumps(dict(verdict)))
+        if not self._update_running(
+            canary_id, columns, values, "aborted", None, now, by, reason, from_state="promoted"
+        ):
+            return None
+        return self.canary_by_id(canary_id)
+
     def _update_running(
         self,
         canary_id: int,
@@ -279,17 +296,20 @@ class CanaryStates(ABC):
         now: float,
         by: str,
         detail: str | None,
+        from_state: str = "running",
     ) -> bool:
-        """SET `columns` of canary `canary_id` only while it runs (bumping its revision) and record the
-        `event`, in one transaction; False when it was not running (nothing written)."""
+        """SET `columns` of canary `canary_id` only while it is in `from_state` (bumping its revision) and
+        record the `event`, in one transaction; False when it was not (nothing written)."""
+        if from_state not in STATES:
+            raise ValueError(f"a canary's state is one of {STATES}, got {from_state!r}")
         backend = self._pointer_backend()
         with backend.transaction() as conn:
             row = conn.execute(
                 backend.sql(
-                    f"UPDATE canaries SET {columns}, revision = revision + 1 WHERE id = ? AND state = 'running' "
+                    f"UPDATE canaries SET {columns}, revision = revision + 1 WHERE id = ? AND state = ? "
                     "RETURNING adapter"
                 ),
-                (*values, int(canary_id)),
+                (*values, int(canary_id), from_state),
             ).fetchone()
             if row is None:
                 return False
