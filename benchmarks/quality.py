@@ -1873,18 +1873,19 @@ DRY_RUN = {
 # --jobs: units of the table in several processes, sharing the run cache
 # --------------------------------------------------------------------------------------------------
 
-#: Options a --jobs child gets from its unit, not from its parent's command line: name -> takes a value.
-UNIT_OPTIONS = {
-    "--tasks": True,
-    "--levels": True,
-    "--sizes": True,
-    "--level-sizes": True,
-    "--out-dir": True,
-    "--cache-dir": True,
-    "--threads": True,
-    "--jobs": True,
-    "--no-verify": False,
-}
+#: Options a --jobs child gets from its unit, not from its parent's command line (whether each takes a
+#: value is the parser's to say: `build_parser`).
+UNIT_OPTIONS = (
+    "--tasks",
+    "--levels",
+    "--sizes",
+    "--level-sizes",
+    "--out-dir",
+    "--cache-dir",
+    "--threads",
+    "--jobs",
+    "--no-verify",
+)
 #: A child's log line that reports a finished run (run_adapter's), echoed by the parent as progress.
 RUN_LINE = re.compile(r"\bn=\d+ seed=\d+: ")
 #: The timings a parent adds up over its children (each child's quality_results.json). Not "verification":
@@ -1922,6 +1923,7 @@ def units_of(args: argparse.Namespace) -> list[Unit]:
 def without_unit_options(argv: Sequence[str]) -> list[str]:
     """The parent's command line less UNIT_OPTIONS (as `--opt value` or `--opt=value`): what every child
     shares (policies, seeds, --set, --quick, ...)."""
+    actions = build_parser()._option_string_actions  # argparse's own table of option strings
     out: list[str] = []
     skip = False
     for token in argv:
@@ -1930,7 +1932,7 @@ def without_unit_options(argv: Sequence[str]) -> list[str]:
             continue
         name = token.split("=", 1)[0]
         if name in UNIT_OPTIONS:
-            skip = UNIT_OPTIONS[name] and "=" not in token
+            skip = actions[name].nargs != 0 and "=" not in token  # a flag (store_true) takes none
             continue
         out.append(token)
     return out
@@ -2022,7 +2024,8 @@ def add_children(timings: dict[str, Any], children: Sequence[Mapping[str, Any]])
     timings["children"] = len(children)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options (parse_args applies the presets and checks what they combine to)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {', '.join(TASKS)}")
     p.add_argument("--levels", default=None, help="training levels (default under,plateau)")
@@ -2100,6 +2103,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "unless --threads says otherwise), sharing the run cache, then assemble the table from it; on this "
         "2-core CPU --jobs 2 keeps both cores busy (default 1)",
     )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     preset = DRY_RUN if args.dry_run else QUICK if args.quick else {}
     defaults = {

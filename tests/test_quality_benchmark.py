@@ -141,6 +141,9 @@ def test_jobs_children_get_their_unit_and_share_everything_else(quality, tmp_pat
     ]
     argv += ["--jobs", "2", "--quick", "--out-dir", "x", "--threads=1", "--sizes", "32,512"]
     assert quality.without_unit_options(argv) == ["--set", "correction_weight=3", "--quick"]
+    # what the parser says of each unit option (a value or a flag) is what the filter skips
+    assert quality.without_unit_options(["--no-verify", "--quick"]) == ["--quick"]
+    assert quality.without_unit_options(["--threads", "4", "--quick"]) == ["--quick"]
     args = quality.parse_args(
         [
             "--tasks",
