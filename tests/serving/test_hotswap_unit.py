@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import vllm  # noqa: F401  (a broken vLLM must fail these tests, not skip them)
+from prometheus_client import REGISTRY
 
 from vllm_surgery.adapter import PROVENANCE_NAME, load_adapter
 from vllm_surgery.serving import vllm_compat
@@ -594,12 +595,20 @@ def test_a_promotion_whose_swap_the_engine_refuses_ends_aborted(env, tmp_path) -
         run(canaries.check())  # loads its slot
         assert canaries.paths_in_use()
         models.engine_client.fail = True
+
+        def decisions(outcome: str) -> float:
+            labels = {"adapter": "x", "decision": outcome}
+            return REGISTRY.get_sample_value("vllm_surgery_canary_decisions_total", labels) or 0.0
+
+        counted = {o: decisions(o) for o in ("promoted", "aborted")}
         with pytest.raises(HotSwapError) as refused:
             run(canaries.promote("x", by="admin"))
+        # counted once, as what it ended as: aborted, not promoted as well
+        assert {o: decisions(o) - counted[o] for o in counted} == {"promoted": 0.0, "aborted": 1.0}
         assert refused.value.status == 500 and "engine said no" in str(refused.value)
         ended = db.canary_by_id(started.id)
         assert (ended.state, ended.decided_by, ended.verdict["decision"]) == ("aborted", "server", "aborted")
-        assert "the hot-swap failed, so original still serves" in ended.verdict["reason"]
+        assert "the hot-swap failed, so the version served before still serves" in ended.verdict["reason"]
         assert "engine said no" in ended.verdict["reason"]
         assert [e["event"] for e in db.canary_events(started.id)] == ["started", "promoted", "aborted"]
         assert models.lora_requests["x"] is before and env["store"].served_version_id("x") is None

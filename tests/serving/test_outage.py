@@ -217,6 +217,58 @@ def test_a_long_retention_sweep_of_short_queries_is_no_outage(private_postgres) 
         db.close()
 
 
+def test_a_silent_maintenance_call_is_an_outage_whatever_other_threads_hear_and_ends_when_it_answers(
+    private_postgres,
+) -> None:
+    """The writer's maintenance hook has no answer for 3 s while another thread's queries on the same
+    database are answered every 0.1 s: the writer's own call counts (its connection may be the one cut
+    off), so the outage is named; when the hook returns, the outage is over, though no record or
+    retention check followed."""
+    db = PostgresDatabase(private_postgres.new_database(), busy_timeout_s=20.0)
+    stop, silent = threading.Event(), threading.Event()
+
+    def chatter() -> None:  # another thread of the server, answered all along
+        while not stop.is_set():
+            db.stats()
+            time.sleep(0.1)
+
+    def silent_maintenance() -> None:
+        if not silent.is_set():
+            silent.set()
+            time.sleep(3.0)
+
+    other = threading.Thread(target=chatter, daemon=True)
+    other.start()
+    writer = TrafficWriter(
+        db,
+        lambda item: [item],
+        queue_size=40,
+        retention=lambda a: Retention(),
+        maintenance=silent_maintenance,
+        maintenance_interval_s=0.2,
+        supervise_interval_s=0.1,
+    ).start()
+    try:
+        with Lines("vllm.vllm_surgery.traffic.writer") as log:
+            assert silent.wait(10)
+            deadline = time.monotonic() + 2.8
+            while writer.outage_s is None:
+                assert time.monotonic() < deadline, f"the silent maintenance call was not named: {log}"
+                time.sleep(0.05)
+            deadline = time.monotonic() + 5
+            while writer.outage_s is not None:
+                assert time.monotonic() < deadline, f"the outage did not end when the call returned: {log}"
+                time.sleep(0.05)
+        began = [m for m in log if m.startswith("traffic: database outage: ")]
+        assert len(began) == 1 and "the periodic maintenance has had no answer" in began[0], log
+        assert any(m.startswith("traffic: database outage over after ") for m in log), log
+    finally:
+        stop.set()
+        writer.close(10)
+        other.join(5)
+        db.close()
+
+
 def test_a_killed_postgres_that_is_not_started_again_can_be_stopped() -> None:
     server = PostgresServer().start()
     root = server.root

@@ -326,7 +326,8 @@ class CanaryController:
             raise HotSwapError(
                 f"canary {canary.id} of {name!r} was decided meanwhile", HTTPStatus.CONFLICT, "conflict"
             )
-        metrics.CANARY_DECISIONS.labels(name, state).inc()
+        if state != "promoted":  # a promotion is counted once its swap went through (or stands)
+            metrics.CANARY_DECISIONS.labels(name, state).inc()
         log.warning(
             "adapter %r: canary %d (%s beside %s) %s: %s; figures %s",
             name,
@@ -342,9 +343,11 @@ class CanaryController:
             # given it meanwhile ran the very version now served)
             try:
                 await self.swapper.swap(name, canary.canary_version, by=f"canary {canary.id}")
-            except HotSwapError as e:
+            except Exception as e:  # HotSwapError, or an error no check expected: the same question
                 await self._promotion_failed(canary, verdict, e)
                 raise
+            else:
+                metrics.CANARY_DECISIONS.labels(name, "promoted").inc()
             finally:
                 async with self._locks[name]:
                     self._drop(name)
@@ -353,16 +356,18 @@ class CanaryController:
                 self._drop(name)
         return decided
 
-    async def _promotion_failed(self, canary: Canary, verdict: dict[str, Any], error: HotSwapError) -> None:
+    async def _promotion_failed(self, canary: Canary, verdict: dict[str, Any], error: Exception) -> None:
         """The promotion was written, then its hot-swap failed. Where nothing will serve the canary's
         version (one machine, or a shared pointer that could not be written), the decision is amended to
-        aborted, with the swap's error as its reason: the current version still serves, and the canary
-        must not read as promoted. Where the shared pointer names the version, every replica follows it
-        and this one retries at its next poll: the promotion stands."""
+        aborted, with the swap's error as its reason: the version served before still serves, and the
+        canary must not read as promoted. Where the shared pointer names the version, every replica
+        follows it and this one retries at its next poll: the promotion stands. Where the database
+        cannot be read or written (an outage), it stays promoted, logged, and counted as promoted."""
         name = canary.adapter
         try:
             pointed = await asyncio.to_thread(self.swapper.pointed_version, name)
         except (DatabaseError, HotSwapError) as e:
+            metrics.CANARY_DECISIONS.labels(name, "promoted").inc()
             log.error(
                 "adapter %r: canary %d was promoted but its hot-swap failed (%s), and the served pointer "
                 "cannot be read (%s): it stays promoted; check GET /v1/surgery/adapters/%s",
@@ -374,6 +379,7 @@ class CanaryController:
             )
             return
         if pointed == canary.canary_version:
+            metrics.CANARY_DECISIONS.labels(name, "promoted").inc()
             log.error(
                 "adapter %r: canary %d promoted: the served pointer names %s and every replica follows it; "
                 "this replica's own load failed (%s) and is tried again at its next poll",
@@ -386,11 +392,12 @@ class CanaryController:
         amended = {
             **verdict,
             "decision": "aborted",
-            "reason": f"promoted, but the hot-swap failed, so {canary.current_version} still serves: {error}",
+            "reason": f"promoted, but the hot-swap failed, so the version served before still serves: {error}",
         }
         try:
             done = await asyncio.to_thread(lambda: self.db.abort_promotion(canary.id, amended, by="server"))
         except DatabaseError as e:
+            metrics.CANARY_DECISIONS.labels(name, "promoted").inc()
             log.error(
                 "adapter %r: canary %d: the failed promotion could not be amended: %s", name, canary.id, e
             )
@@ -398,11 +405,11 @@ class CanaryController:
         if done is not None:
             metrics.CANARY_DECISIONS.labels(name, "aborted").inc()
             log.error(
-                "adapter %r: canary %d aborted: its promotion's hot-swap failed (%s); %s still serves",
+                "adapter %r: canary %d aborted: its promotion's hot-swap failed (%s); the version served "
+                "before still serves",
                 name,
                 canary.id,
                 error,
-                canary.current_version,
             )
 
     # ------------------------------------------------------------------ the rule

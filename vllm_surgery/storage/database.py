@@ -350,10 +350,13 @@ class Database(JobQueue, ServedPointers, CanaryStates, ABC):
     # A server reached over the network, which can be unreachable for a while (DatabaseUnavailable):
     # the traffic writer then treats a long wait for it as an outage. False for a local SQLite file.
     networked: bool = False
-    # When (time.monotonic()) a call last got an answer from the server: a networked backend sets it, so
-    # that a long run of short calls (a retention sweep) is told apart from one call waiting on a server
-    # that is gone. None: never answered, or not tracked (SQLite).
-    answered_at: float | None = None
+
+    def answered_at(self, thread: int) -> float | None:
+        """When (time.monotonic()) a call of `thread` (threading.get_ident()) last got an answer from the
+        server: a networked backend tracks it, so that a long run of short calls (a retention sweep) is
+        told apart from one call waiting on a server that is gone. Per thread, because other threads'
+        answers say nothing of this one's connection. None: never answered, or not tracked (SQLite)."""
+        return None
 
     @abstractmethod
     def insert(self, records: Sequence[TrafficRecord], *, ids: Sequence[int] | None = None) -> list[int]:

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -363,6 +364,7 @@ class PostgresDatabase(Database):
         self.busy_timeout_s = busy_timeout_s
         self._closed = False
         self._pool: ConnectionPool | None = None
+        self._answered: dict[int, float] = {}  # thread ident -> its last answer (`answered_at`)
         extra: dict[str, Any] = {"application_name": "vllm-surgery"}
         if "connect_timeout" not in conninfo_to_dict(self.url):
             extra["connect_timeout"] = CONNECT_TIMEOUT_S
@@ -409,10 +411,14 @@ class PostgresDatabase(Database):
     def _connection(self) -> Iterator[psycopg.Connection]:
         if self._closed or self._pool is None:
             raise DatabaseError(f"{self.path}: database is closed")
+        thread = threading.get_ident()
         with self._pool.connection() as conn:
-            self.answered_at = time.monotonic()  # the pool handed over a checked connection
+            self._answered[thread] = time.monotonic()  # the pool handed over a checked connection
             yield conn
-        self.answered_at = time.monotonic()  # the call's work (and commit) went through
+        self._answered[thread] = time.monotonic()  # the call's work (and commit) went through
+
+    def answered_at(self, thread: int) -> float | None:
+        return self._answered.get(thread)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:

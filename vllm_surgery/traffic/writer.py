@@ -37,7 +37,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..settings import ServingSettings
@@ -98,8 +98,8 @@ class TrafficWriter:
         self._last_drop_log = 0.0
         self._outage_since: float | None = None  # monotonic time the database was found unreachable
         self._outage_tries = 0
-        # the database call in progress, for the supervisor's stall watch: (monotonic start, what, records held)
-        self._call: tuple[float | None, str, int] = (None, "", 0)
+        # the database call in progress, for the supervisor's stall watch (`_watched`), or None
+        self._call: _Call | None = None
         self._thread = self._new_thread()
         self._started = False
         self.supervise_interval_s = supervise_interval_s
@@ -335,13 +335,11 @@ class TrafficWriter:
         while True:
             attempt += 1
             try:
-                with self._watched("writing a batch", len(records)):
+                then = f"the {len(records)} held record(s) are written, and what the queue kept follows"
+                with self._watched("writing a batch", len(records), then):
                     if not reserved:
                         ids, reserved = self.db.reserve_ids(len(records)), True
                     self.db.insert(records, ids=ids)
-                self._outage_over(
-                    f"the {len(records)} held record(s) are written, and what the queue kept follows"
-                )
                 return True
             except (ValueError, TypeError) as e:  # UnicodeEncodeError, an unstorable value
                 return self._insert_one_by_one(records, e)
@@ -380,12 +378,15 @@ class TrafficWriter:
         time.sleep(delay * (0.5 + random.random() / 2))  # jittered: replicas do not retry in step
         return True
 
-    def _outage_began(self, why: str, held: int, since: float | None = None) -> None:
+    def _outage_began(
+        self, why: str, held: int, since: float | None = None, call: _Call | None = None
+    ) -> None:
         """Log the start of an outage once (from the writer on an error, or from the supervisor when a
         database call has had no answer for OUTAGE_STALL_S: a pool waits for a connection before it
-        gives up)."""
+        gives up). `call`: the supervisor's, only while that very call is still in progress (it may have
+        been answered since the supervisor looked)."""
         with self._cond:
-            if self._outage_since is not None:
+            if self._outage_since is not None or (call is not None and self._call is not call):
                 return
             self._outage_since = time.monotonic() if since is None else since
             self._outage_tries = 0
@@ -400,15 +401,20 @@ class TrafficWriter:
         )
 
     @contextlib.contextmanager
-    def _watched(self, what: str, held: int = 0) -> Iterator[None]:
+    def _watched(self, what: str, held: int = 0, then: str = "what the queue kept follows") -> Iterator[None]:
         """Mark a database call of the writer thread for the supervisor's stall watch (`_watch_stall`):
         every call is watched (a batch's insert, a retention check, the periodic listing of adapters and
-        the maintenance hook), since the writer is stuck on whichever meets a server that is gone."""
-        self._call = (time.monotonic(), what, held)
+        the maintenance hook), since the writer is stuck on whichever meets a server that is gone. A
+        call that goes through ends an outage (`then`: what the log line says follows)."""
+        call = _Call(time.monotonic(), what, held, threading.get_ident())
+        with self._cond:
+            self._call = call
         try:
             yield
         finally:
-            self._call = (None, "", 0)
+            with self._cond:
+                self._call = None
+        self._outage_over(then)
 
     def _watch_stall(self) -> None:
         """The supervisor's look at the database call in progress: one that has had no answer from the
@@ -417,27 +423,31 @@ class TrafficWriter:
         "No answer" counts from the call's start or from the backend's last answer
         (`Database.answered_at`), whichever is later: a retention sweep of many short queries that takes
         seconds in all is not an outage. Not for a local SQLite file, whose long waits are its lock's."""
-        began, what, held = self._call
-        if not self.db.networked or began is None:
+        call = self._call
+        if not self.db.networked or call is None:
             return
-        silent_since = max(began, self.db.answered_at or began)
+        answered = self.db.answered_at(call.thread)
+        silent_since = max(call.began, answered if answered is not None else call.began)
         if time.monotonic() - silent_since >= OUTAGE_STALL_S:
             self._outage_began(
-                f"{what} has had no answer from the database for {time.monotonic() - silent_since:.1f} s",
-                held,
+                f"{call.what} has had no answer from the database for "
+                f"{time.monotonic() - silent_since:.1f} s",
+                call.held,
                 silent_since,
+                call,
             )
 
     def _outage_over(self, then: str) -> None:
         """End the outage, if one was on, after a database call went through (`then`: what follows)."""
-        if self._outage_since is not None:
+        with self._cond:
+            since, self._outage_since = self._outage_since, None
+        if since is not None:
             log.warning(
                 "traffic: database outage over after %.1f s (%d failed tries); %s",
-                time.monotonic() - self._outage_since,
+                time.monotonic() - since,
                 self._outage_tries,
                 then,
             )
-            self._outage_since = None
 
     @property
     def outage_s(self) -> float | None:
@@ -478,7 +488,6 @@ class TrafficWriter:
             except DatabaseError as e:
                 log.error("traffic: retention of adapter %r failed: %s", adapter, e)
                 continue
-            self._outage_over("what the queue kept follows")
             if removed:
                 log.debug("traffic: retention removed %d record(s) of adapter %r", removed, adapter)
 
@@ -493,6 +502,16 @@ class TrafficWriter:
 
 
 _WAKE = object()  # put into the queue to wake the writer (flush, close); never stored
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A database call of the writer thread in progress (for the supervisor's stall watch)."""
+
+    began: float  # time.monotonic()
+    what: str  # named in the outage's log line
+    held: int  # records the writer holds meanwhile
+    thread: int  # threading.get_ident() of the calling thread
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
