@@ -88,13 +88,16 @@ def test_one_running_canary_per_adapter_and_its_lifecycle(db) -> None:
 
 
 def test_a_promotion_whose_swap_failed_is_amended_to_aborted_once(db) -> None:
+    def amend(canary_id: int, verdict: dict, **kw):  # what the server does after a failed promotion's swap
+        return db.decide_canary(canary_id, "aborted", verdict, by="server", from_state="promoted", **kw)
+
     canary = db.start_canary("x", "original", "v1", 0.25, RULE, by="admin", now=100.0)
-    assert db.abort_promotion(canary.id, {"reason": "no"}, by="server") is None  # running: not promoted
+    assert amend(canary.id, {"reason": "no"}) is None  # running: not promoted
     db.decide_canary(
         canary.id, "promoted", {"decision": "promoted", "reason": "better"}, by="rule", now=110.0
     )
     verdict = {"decision": "aborted", "reason": "promoted, but the hot-swap failed: engine said no"}
-    amended = db.abort_promotion(canary.id, verdict, by="server", now=120.0)
+    amended = amend(canary.id, verdict, now=120.0)
     assert (amended.state, amended.decided_at, amended.decided_by, amended.revision) == (
         "aborted",
         120.0,
@@ -102,7 +105,7 @@ def test_a_promotion_whose_swap_failed_is_amended_to_aborted_once(db) -> None:
         3,
     )
     assert amended.verdict == verdict
-    assert db.abort_promotion(canary.id, verdict, by="server") is None  # only from promoted: once
+    assert amend(canary.id, verdict) is None  # only from promoted: once
     assert [(e["event"], e["at"], e["by"], e["detail"]) for e in db.canary_events(canary.id)] == [
         ("started", 100.0, "admin", None),
         ("promoted", 110.0, "rule", "better"),
@@ -110,7 +113,7 @@ def test_a_promotion_whose_swap_failed_is_amended_to_aborted_once(db) -> None:
     ]
     rolled = db.start_canary("x", "original", "v2", 0.25, RULE, by="admin")
     db.decide_canary(rolled.id, "rolled_back", {"reason": "worse"}, by="rule")
-    assert db.abort_promotion(rolled.id, verdict, by="server") is None  # rolled back stays rolled back
+    assert amend(rolled.id, verdict) is None  # rolled back stays rolled back
 
 
 @pytest.mark.parametrize(

@@ -341,14 +341,15 @@ class CanaryController:
         if state == "promoted":
             # the served pointer / served.json moves by the hot-swap; then the canary slot goes (requests
             # given it meanwhile ran the very version now served)
+            ended: str | None = "promoted"
             try:
                 await self.swapper.swap(name, canary.canary_version, by=f"canary {canary.id}")
             except Exception as e:  # HotSwapError, or an error no check expected: the same question
-                await self._promotion_failed(canary, verdict, e)
+                ended = await self._promotion_failed(canary, verdict, e)
                 raise
-            else:
-                metrics.CANARY_DECISIONS.labels(name, "promoted").inc()
             finally:
+                if ended is not None:  # once, as what it ended as
+                    metrics.CANARY_DECISIONS.labels(name, ended).inc()
                 async with self._locks[name]:
                     self._drop(name)
         else:
@@ -356,18 +357,20 @@ class CanaryController:
                 self._drop(name)
         return decided
 
-    async def _promotion_failed(self, canary: Canary, verdict: dict[str, Any], error: Exception) -> None:
+    async def _promotion_failed(
+        self, canary: Canary, verdict: dict[str, Any], error: Exception
+    ) -> str | None:
         """The promotion was written, then its hot-swap failed. Where nothing will serve the canary's
         version (one machine, or a shared pointer that could not be written), the decision is amended to
         aborted, with the swap's error as its reason: the version served before still serves, and the
         canary must not read as promoted. Where the shared pointer names the version, every replica
         follows it and this one retries at its next poll: the promotion stands. Where the database
-        cannot be read or written (an outage), it stays promoted, logged, and counted as promoted."""
+        cannot be read or written (an outage), it stays promoted, logged. Returns the state it ended as
+        (promoted or aborted; None when it was changed meanwhile: not counted here)."""
         name = canary.adapter
         try:
             pointed = await asyncio.to_thread(self.swapper.pointed_version, name)
         except (DatabaseError, HotSwapError) as e:
-            metrics.CANARY_DECISIONS.labels(name, "promoted").inc()
             log.error(
                 "adapter %r: canary %d was promoted but its hot-swap failed (%s), and the served pointer "
                 "cannot be read (%s): it stays promoted; check GET /v1/surgery/adapters/%s",
@@ -377,9 +380,8 @@ class CanaryController:
                 e,
                 name,
             )
-            return
+            return "promoted"
         if pointed == canary.canary_version:
-            metrics.CANARY_DECISIONS.labels(name, "promoted").inc()
             log.error(
                 "adapter %r: canary %d promoted: the served pointer names %s and every replica follows it; "
                 "this replica's own load failed (%s) and is tried again at its next poll",
@@ -388,29 +390,33 @@ class CanaryController:
                 pointed,
                 error,
             )
-            return
+            return "promoted"
         amended = {
             **verdict,
             "decision": "aborted",
             "reason": f"promoted, but the hot-swap failed, so the version served before still serves: {error}",
         }
         try:
-            done = await asyncio.to_thread(lambda: self.db.abort_promotion(canary.id, amended, by="server"))
+            done = await asyncio.to_thread(
+                lambda: self.db.decide_canary(
+                    canary.id, "aborted", amended, by="server", from_state="promoted"
+                )
+            )
         except DatabaseError as e:
-            metrics.CANARY_DECISIONS.labels(name, "promoted").inc()
             log.error(
                 "adapter %r: canary %d: the failed promotion could not be amended: %s", name, canary.id, e
             )
-            return
-        if done is not None:
-            metrics.CANARY_DECISIONS.labels(name, "aborted").inc()
-            log.error(
-                "adapter %r: canary %d aborted: its promotion's hot-swap failed (%s); the version served "
-                "before still serves",
-                name,
-                canary.id,
-                error,
-            )
+            return "promoted"
+        if done is None:  # no longer promoted: changed meanwhile, and counted by whoever changed it
+            return None
+        log.error(
+            "adapter %r: canary %d aborted: its promotion's hot-swap failed (%s); the version served "
+            "before still serves",
+            name,
+            canary.id,
+            error,
+        )
+        return "aborted"
 
     # ------------------------------------------------------------------ the rule
     def counts(self, canary: Canary) -> tuple[ArmCounts, ArmCounts]:

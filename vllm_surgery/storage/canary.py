@@ -256,33 +256,21 @@ class CanaryStates(ABC):
         *,
         by: str,
         now: float | None = None,
+        from_state: str = "running",
     ) -> Canary | None:
         """End a running canary as `state` (promoted, rolled_back, expired, aborted) with `verdict`; the
-        canary as decided, or None when it was no longer running (another replica decided first)."""
+        canary as decided, or None when it was no longer running (another replica decided first).
+        `from_state="promoted"` amends a promotion instead (to aborted: the promotion was written before
+        the hot-swap, so that one replica wins it, and the swap then failed where nothing else will
+        serve the version, docs/canary.md): only a canary in `from_state` changes."""
         if state not in ENDED:
             raise ValueError(f"a canary ends as one of {ENDED}, got {state!r}")
         now = time.time() if now is None else now
         text = json.dumps(dict(verdict)) if verdict is not None else None
         reason = (verdict or {}).get("reason")
         columns = "state = ?, decided_at = ?, decided_by = ?, verdict = ?"
-        if not self._update_running(canary_id, columns, (state, now, by, text), state, None, now, by, reason):
-            return None
-        return self.canary_by_id(canary_id)
-
-    def abort_promotion(
-        self, canary_id: int, verdict: Mapping[str, Any], *, by: str, now: float | None = None
-    ) -> Canary | None:
-        """Amend a canary decided as promoted to aborted, with `verdict` (its reason says why): the
-        promotion was written before the hot-swap (so that one replica wins it), and the swap then failed
-        where nothing else will serve the version (docs/canary.md). Only from promoted; the canary as
-        amended, or None when it is not promoted (nothing written)."""
-        now = time.time() if now is None else now
-        reason = verdict.get("reason")
-        columns = "state = 'aborted', decided_at = ?, decided_by = ?, verdict = ?"
-        values = (now, by, json.dumps(dict(verdict)))
-        if not self._update_running(
-            canary_id, columns, values, "aborted", None, now, by, reason, from_state="promoted"
-        ):
+        values = (state, now, by, text)
+        if not self._update_running(canary_id, columns, values, state, None, now, by, reason, from_state):
             return None
         return self.canary_by_id(canary_id)
 
