@@ -144,7 +144,9 @@ class PostgresServer:
         """SIGKILL the postmaster and every one of its children at once (a crash of the server or its
         machine, not a shutdown: nothing is flushed, no client is told). Returns the pids killed.
         `start_again()` then starts it on the same data directory and port (crash recovery)."""
-        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        pid = self._postmaster_pid()
+        if pid is None:
+            raise RuntimeError(f"Postgres on {self.data} is not running: it has no postmaster.pid")
         children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
         pids = [pid, *map(int, children)]
         for p in pids:
@@ -162,12 +164,17 @@ class PostgresServer:
         postmaster.pid is Postgres's to handle: it finds its process gone and recovers)."""
         self._pg_ctl_start()
 
+    def _postmaster_pid(self) -> int | None:
+        """The postmaster's pid from its pid file (stale after a `kill()`); None when there is none."""
+        pid_file = self.data / "postmaster.pid"
+        return int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+
     def stop(self) -> None:
         """Stop the server (if it runs: after a `kill()` with no `start_again()` only its stale pid file
         is left) and remove its data."""
         try:
-            pid_file = self.data / "postmaster.pid"
-            if pid_file.exists() and _alive(int(pid_file.read_text().split()[0])):
+            pid = self._postmaster_pid()
+            if pid is not None and _alive(pid):
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -420,9 +420,9 @@ class TrafficWriter:
         """The supervisor's look at the database call in progress: one that has had no answer from the
         server for OUTAGE_STALL_S is an outage (the Postgres pool waits up to its busy timeout for a
         connection to a server that is down before it raises), logged as such, and shown by `outage_s`.
-        "No answer" counts from the call's start or from the backend's last answer
+        "No answer" counts from the call's start or from the calling thread's last answer
         (`Database.answered_at`), whichever is later: a retention sweep of many short queries that takes
-        seconds in all is not an outage. Not for a local SQLite file, whose long waits are its lock's."""
+        seconds in all is not an outage, and other threads' answers do not hide this one's silence. Not for a local SQLite file, whose long waits are its lock's."""
         call = self._call
         if not self.db.networked or call is None:
             return
