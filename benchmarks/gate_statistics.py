@@ -1,16 +1,19 @@
 """Experiment: would another statistic in the gate's sign-flip test have accepted more of the candidates
 that were better on the test set, and refused the one that was worse?
 
-The gate (vllm_surgery.gate) tests T = sum d_i / sqrt(sum d_i^2) over the held-out examples, d_i the
-original's minus the candidate's answer-loss sum on example i, by flipping the signs of whole examples.
+The experiment that chose the gate's default statistic (`gate_statistic`, vllm_surgery.gate): the gate
+tests T = sum x_i / sqrt(sum x_i^2) over the held-out examples by flipping the signs of whole examples,
+x_i a score of d_i, the original's minus the candidate's answer-loss sum on example i. It was run on the
+table measured with x_i = d_i (the statistic ``t``, the gate's only one then).
 For every run of benchmarks/quality_results.json this script rebuilds the run's held-out split and auto's
 sigma_descent candidate (heldout_answers.each_run: the run cache of the same engine), measures each
 held-out example's loss sum under the original and the candidate (teacher-forced, the merged model), and
 computes the p-value of the same sign-flip test (the gate's own `max_t_p_values`, the run's seed) on:
 
-- ``t``: d_i itself (the gate's statistic; its p-value is printed beside the gate's, as a check);
+- ``t``: d_i itself (its p-value is printed beside the run's gate's, a check where the run used t);
 - ``signed_rank``: sign(d_i) * rank(|d_i|), the Wilcoxon signed-rank statistic (the same symmetric
-  null, so the same false-accept guarantee; a few large differences weigh no more than their rank);
+  null, so the same false-accept guarantee; a few large differences weigh no more than their rank;
+  the gate's own `signed_ranks`, now its default);
 - ``per_token``: d_i / answer tokens of example i (every example weighs the same, however long).
 
 A statistic's decision applies the gate's other conditions unchanged (relative gain >= min_improvement,
@@ -40,7 +43,7 @@ import heldout_answers as ha  # noqa: E402  (rebuilds each run's held-out split 
 from vllm_surgery import SurgeryConfig  # noqa: E402
 from vllm_surgery.calibration import Example  # noqa: E402
 from vllm_surgery.exact_match import merged_lora  # noqa: E402
-from vllm_surgery.gate import max_t_p_values, relative_gain  # noqa: E402
+from vllm_surgery.gate import max_t_p_values, relative_gain, signed_ranks  # noqa: E402
 
 STATISTICS = ("t", "signed_rank", "per_token")
 
@@ -57,25 +60,6 @@ def loss_sums(model: torch.nn.Module, examples: Sequence[Example]) -> tuple[torc
     return torch.tensor(sums, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
 
 
-def signed_ranks(d: torch.Tensor) -> torch.Tensor:
-    """sign(d_i) * the rank of |d_i| among the nonzero |d| (ties: their average rank; zeros: 0)."""
-    out = torch.zeros_like(d)
-    nonzero = (d != 0).nonzero().flatten()
-    values = d[nonzero].abs().tolist()
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    out[nonzero] = torch.tensor(ranks, dtype=d.dtype) * d[nonzero].sign()
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args, model, runs = ha.setup(argv, __doc__.split("\n\n")[0])
     config = SurgeryConfig(policy="auto")
@@ -89,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gain, _ = relative_gain(before, after)
         reduction = float(d.sum() / tokens.sum())
         floors = gain > 0 and gain >= config.min_improvement and reduction >= config.min_loss_reduction
-        variants = {"t": d, "signed_rank": signed_ranks(d), "per_token": d / tokens}
+        variants = {"t": d, "signed_rank": signed_ranks(d[:, None])[:, 0], "per_token": d / tokens}
         for name in STATISTICS:
             pv, _, _ = max_t_p_values(variants[name][:, None], row["seed"], config.max_false_accept)
             row[f"p_{name}"] = round(float(pv[0]), 4)

@@ -241,6 +241,7 @@ def test_every_field_has_help_and_says_whether_it_changes_the_result():
         "min_improvement",
         "min_loss_reduction",
         "max_false_accept",
+        "gate_statistic",
         "samples",
         "max_length",
         "seed",

@@ -3,13 +3,22 @@ by simulating thousands of held-out sets (pure torch, no model)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from vllm_surgery.evaluation import Quality
-from vllm_surgery.gate import EXACT_MAX_EXAMPLES, RANDOM_FLIPS, decide, max_t_p_values, relative_gain
+from vllm_surgery.gate import (
+    EXACT_MAX_EXAMPLES,
+    RANDOM_FLIPS,
+    STATISTICS,
+    decide,
+    max_t_p_values,
+    relative_gain,
+    signed_ranks,
+)
 
 
 def quality(sums, tokens) -> Quality:
@@ -44,6 +53,71 @@ def test_max_statistic_corrects_for_the_number_of_candidates():
     d = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert max_t_p_values(d[:, :1])[0].tolist() == [0.5]
     assert max_t_p_values(d)[0].tolist() == [0.75, 0.75]
+
+
+def test_signed_ranks_by_hand():
+    # column 0: |3| ranks 3rd of the nonzero {3, 1, 1}... the two 1s tie for ranks 1-2 (1.5 each); the
+    # zero scores 0. column 1: {2, 2, 5}: the 2s share 1.5, 5 ranks 3rd.
+    d = torch.tensor([[3.0, 0.0], [-1.0, 2.0], [1.0, -2.0], [0.0, 5.0]])
+    assert signed_ranks(d).tolist() == [[3.0, 0.0], [-1.5, 1.5], [1.5, -1.5], [0.0, 3.0]]
+    with pytest.raises(ValueError, match="matrix"):
+        signed_ranks(torch.tensor([1.0, 2.0]))
+
+
+def ranks_by_counting(column: list[float]) -> list[float]:
+    """Independent of signed_ranks' sort: an entry's average rank among the nonzero |d| is the number of
+    smaller ones plus the mean position (1 + ties) / 2 of its tie group."""
+    nonzero = [abs(v) for v in column if v != 0]
+    out = []
+    for v in column:
+        if v == 0:
+            out.append(0.0)
+            continue
+        smaller = sum(1 for w in nonzero if w < abs(v))
+        ties = sum(1 for w in nonzero if w == abs(v))
+        out.append(math.copysign(smaller + (1 + ties) / 2, v))
+    return out
+
+
+def test_signed_ranks_agree_with_counting_on_random_differences_with_ties_and_zeros():
+    g = torch.Generator().manual_seed(11)
+    d = torch.randint(-6, 7, (40, 3), generator=g).double() / 4  # many ties and zeros
+    ranks = signed_ranks(d)
+    for c in range(3):
+        assert ranks[:, c].tolist() == ranks_by_counting(d[:, c].tolist())
+
+
+def test_signed_rank_p_values_by_hand():
+    # d = [10, -1, -2]: signed ranks [3, -1, -2], sum 0; of the 8 sums +-3 +-1 +-2, five reach 0
+    # (6, 4, 2, 0, 0): p = 5/8. The loss differences themselves (t): 10 - 1 - 2 = 7 is reached by the
+    # four flips that keep +10: p = 4/8. A gain carried by one example counts for less on ranks.
+    before = quality([20.0, 5.0, 5.0], [2, 2, 2])
+    after = quality([10.0, 6.0, 7.0], [2, 2, 2])
+    kw = {"min_improvement": 0.0, "max_false_accept": 1.0}
+    ranked = decide(before, {"c": after}, **kw)
+    assert ranked.candidates["c"].p_value == 5 / 8 and ranked.to_dict()["statistic"] == "signed_rank"
+    plain = decide(before, {"c": after}, statistic="t", **kw)
+    assert plain.candidates["c"].p_value == 4 / 8 and plain.to_dict()["statistic"] == "t"
+    with pytest.raises(ValueError, match="unknown gate statistic 'median'"):
+        decide(before, {"c": after}, statistic="median", **kw)
+
+
+def test_a_gain_on_few_examples_against_small_losses_on_most_is_refused():
+    """The quality benchmark's written-and-worse case, in miniature: the candidate removes much loss on 6
+    of 16 held-out examples and adds a little on the other 10. The loss-difference statistic accepts
+    it (p = 0.0157 < 0.025); signed ranks (6 x 13.5 against 10 x 5.5: 26) do not. Expected p-value by
+    enumerating all 2^16 sign patterns with itertools."""
+    before = quality([12.0] * 6 + [2.0] * 10, [4] * 16)
+    after = quality([2.0] * 6 + [3.0] * 10, [4] * 16)
+    kw = {"min_improvement": 0.005, "max_false_accept": 0.025}
+    ranks = [13.5] * 6 + [-5.5] * 10
+    reach = sum(
+        1 for s in itertools.product((1, -1), repeat=16) if sum(a * b for a, b in zip(s, ranks)) >= sum(ranks)
+    )
+    ranked = decide(before, {"c": after}, **kw)
+    assert ranked.candidates["c"].p_value == reach / 2**16 == 17537 / 65536
+    assert not ranked.accepted
+    assert decide(before, {"c": after}, statistic="t", **kw).accepted
 
 
 def test_random_flips_agree_with_an_independent_exact_enumeration():
@@ -228,6 +302,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("statistic", list(STATISTICS))
 @pytest.mark.parametrize(
     ("n", "k", "alpha", "runs"),
     [
@@ -237,17 +312,19 @@ def one_thread():
         (30, 3, 0.025, 2000),  # random sign flips, auto's three candidates
     ],
 )
-def test_false_acceptance_rate_is_at_most_the_claimed_rate(one_thread, n, k, alpha, runs):
+def test_false_acceptance_rate_is_at_most_the_claimed_rate(one_thread, n, k, alpha, runs, statistic):
     gen = torch.Generator().manual_seed(1000 * n + 10 * k + int(100 * alpha))
     ours = previous = 0
     for run in range(runs):
         before, candidates = simulated_heldout(gen, n, [0.0] * k)
-        gate = decide(before, candidates, min_improvement=0.0, max_false_accept=alpha, seed=run)
+        gate = decide(
+            before, candidates, min_improvement=0.0, max_false_accept=alpha, seed=run, statistic=statistic
+        )
         ours += gate.accepted
         previous += previous_gate(before, candidates)
     limit = binomial_upper_limit(runs, alpha)
     print(
-        f"n={n} k={k} alpha={alpha}: accepted {ours}/{runs} = {ours / runs:.4f} (limit {limit}); "
+        f"{statistic} n={n} k={k} alpha={alpha}: accepted {ours}/{runs} = {ours / runs:.4f} (limit {limit}); "
         f"previous gate {previous / runs:.4f}"
     )
     assert ours < limit, f"false acceptances {ours}/{runs} exceed the claimed {alpha} (limit {limit})"

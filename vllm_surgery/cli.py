@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import SurgeryConfig
 from .errors import SurgeryError
+from .gate import STATISTICS
 from .names import InvalidAdapterName
 
 
@@ -187,7 +188,7 @@ def _refine(args: argparse.Namespace) -> int:
         gate = result.gate
         flips = "all" if gate["exact"] else "random"
         print(
-            f"gate: {gate['test']}; {gate['candidates']} candidate(s), {gate['heldout_examples']} held-out "
+            f"gate: {gate['test']} on {STATISTICS[gate['statistic']]}; {gate['candidates']} candidate(s), {gate['heldout_examples']} held-out "
             f"examples, {gate['sign_flips']} {flips} sign flips; accept if gain >= "
             f"{100 * gate['min_improvement']:.2f}%, loss reduction >= {gate['min_loss_reduction']:g} "
             f"nats/token and p <= {gate['max_false_accept']:g}"

@@ -10,6 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .gate import STATISTICS as GATE_STATISTICS
 from .policies import AUTO_POLICIES, CONSTRAINTS, POLICIES, SEARCHED_POLICIES, policy_params
 
 SCOPES: dict[str, tuple[str, ...]] = {
@@ -122,6 +123,14 @@ class SurgeryConfig:
         affects_result=True,
         cli={"type": float},
     )
+    gate_statistic: str = _setting(
+        "signed_rank",
+        help="what the gate's sign-flip test sums over held-out examples: signed_rank (Wilcoxon signed ranks "
+        "of the per-example loss differences: a gain must be carried by many examples) or t (the "
+        "differences themselves: a few large ones can outweigh many small ones the other way)",
+        affects_result=True,
+        cli={"choices": list(GATE_STATISTICS)},
+    )
     samples: int | None = _setting(
         None,
         help="use N examples of the calibration file",
@@ -158,6 +167,7 @@ class SurgeryConfig:
     def __post_init__(self) -> None:
         self.policy = _choice("policy", self.policy, ("auto", *POLICIES))
         self.constraint = _choice("constraint", self.constraint, CONSTRAINTS)
+        self.gate_statistic = _choice("gate_statistic", self.gate_statistic, GATE_STATISTICS)
         self.policy_params = _policy_overrides(self.policy, self.policy_params)
         self.modules = _modules(self.modules)
         self.layers = _layers(self.layers)

@@ -16,12 +16,19 @@ example by its answer tokens exactly as the gain does.
 
 The test. One-sided and corrected for choosing among k candidates on the same held-out set: a paired
 sign-flip test with the maximum statistic over candidates (Westfall & Young's single-step max-T).
-Candidate c's statistic is T_c = sum_i d_ic / sqrt(sum_i d_ic^2) (a monotone function of the paired
-t statistic of the loss-sum differences, the same function for every candidate). Under the null
-hypothesis that no candidate is better than the original, each example's vector of differences
-(d_i1, ..., d_ik) is as likely as its negation; flipping the signs of whole examples (all candidates
-together, which keeps the candidates' dependence) gives the null distribution of max_c T_c, and the
-candidate's p-value is the fraction of sign vectors whose maximum reaches T_c. All 2^n sign vectors
+Candidate c's statistic is T_c = sum_i x_ic / sqrt(sum_i x_ic^2) on per-example scores x_ic derived
+from the loss-sum differences d_ic by the `statistic` setting:
+- "signed_rank" (the default): x_ic = sign(d_ic) * rank of |d_ic| among candidate c's nonzero
+  differences (ties share their average rank; zeros score 0): Wilcoxon's signed ranks. A gain must
+  be carried by many examples; a few large differences (a loss removed from answers that were right
+  already) cannot outvote many small ones the other way.
+- "t": x_ic = d_ic, the differences themselves (T_c is then a monotone function of the paired t
+  statistic).
+Both keep the sign-flip null exactly: the ranks depend on |d| only, so flipping an example's sign flips
+its score. Under the null hypothesis that no candidate is better than the original, each example's
+vector of differences (d_i1, ..., d_ik) is as likely as its negation; flipping the signs of whole
+examples (all candidates together, which keeps the candidates' dependence) gives the null distribution
+of max_c T_c, and the candidate's p-value is the fraction of sign vectors whose maximum reaches T_c. All 2^n sign vectors
 are enumerated when n <= EXACT_MAX_EXAMPLES (an exact test); otherwise RANDOM_FLIPS seeded random ones
 are drawn and p = (1 + hits) / (1 + draws), which is a valid p-value for any number of draws; a p-value
 within BORDERLINE_SE Monte Carlo standard errors of the threshold draws more, up to MAX_RANDOM_FLIPS.
@@ -60,6 +67,11 @@ MAX_RANDOM_FLIPS = 200_000
 BORDERLINE_SE = 3.0  # "near": within this many Monte Carlo standard errors of max_false_accept
 _CHUNK_ELEMENTS = 1 << 22  # signs per matrix product (32 MiB of float64), at most 4,096 sign vectors
 _BITS = 62  # random sign bits taken from one int64 draw
+#: The statistics the sign-flip test can run on (the `gate_statistic` setting), with how reports name them.
+STATISTICS = {
+    "signed_rank": "Wilcoxon signed ranks of the per-example loss differences",
+    "t": "per-example loss differences (paired t)",
+}
 TEST_NAME = "one-sided paired sign-flip test, max statistic over candidates (Westfall-Young max-T)"
 
 
@@ -109,6 +121,7 @@ class GateResult:
     min_loss_reduction: float = 0.0
     selected_from: int = 1
     selection_examples: int = 0
+    statistic: str = "signed_rank"
 
     @property
     def reason(self) -> str:
@@ -153,6 +166,7 @@ class GateResult:
         chosen = self.candidates[self.chosen]
         return {
             "test": TEST_NAME,
+            "statistic": self.statistic,
             "chosen": self.chosen,
             "accepted": self.accepted,
             "candidates": len(self.candidates),
@@ -198,6 +212,30 @@ def relative_gain(before_sums: torch.Tensor, after_sums: torch.Tensor) -> tuple[
     return gain, math.sqrt(n / (n - 1) * float(residual.square().sum())) / total
 
 
+def signed_ranks(differences: torch.Tensor) -> torch.Tensor:
+    """Wilcoxon's signed ranks, per column of an (examples x candidates) matrix: sign(d) times the rank of
+    |d| among the column's nonzero entries (1 for the smallest; tied entries share their average rank;
+    zeros score 0). They depend on |d| only, so flipping an example's sign flips its score: the sign-flip
+    test stays exact on them. Raises ValueError for anything but a 2-D matrix."""
+    d = differences.to(torch.float64)
+    if d.dim() != 2:
+        raise ValueError(f"differences must be an (examples x candidates) matrix, got shape {tuple(d.shape)}")
+    out = torch.zeros_like(d)
+    for c in range(d.shape[1]):
+        column = d[:, c]
+        nonzero = (column != 0).nonzero().flatten()
+        if nonzero.numel() == 0:
+            continue
+        values, order = column[nonzero].abs().sort(stable=True)
+        _, counts = torch.unique_consecutive(values, return_counts=True)
+        ends = counts.cumsum(0).to(torch.float64)  # 1-based rank of each tie group's last member
+        average = (ends - (counts.to(torch.float64) - 1) / 2).repeat_interleave(counts)
+        ranks = torch.empty_like(average)
+        ranks[order] = average
+        out[nonzero, c] = ranks * column[nonzero].sign()
+    return out
+
+
 def _sign_vectors(n: int, generator: torch.Generator, count: int = RANDOM_FLIPS) -> Iterator[torch.Tensor]:
     """Chunks of +-1 sign vectors (rows): all 2^n of them when n is small, else `count` random ones."""
     chunk = max(1, min(4096, _CHUNK_ELEMENTS // n))
@@ -223,7 +261,8 @@ def max_t_p_values(
 ) -> tuple[torch.Tensor, int, bool]:
     """Selection-corrected one-sided p-values of k candidates from an (n examples x k) difference matrix.
 
-    differences[i, c] = original's minus candidate c's loss sum on example i (positive: c is better).
+    differences[i, c] = original's minus candidate c's loss sum on example i (positive: c is better), or
+    any per-example score whose sign flips with it under the null (`signed_ranks` of them: decide()).
     threshold_p: the level the p-values will be compared with; with random flips, a p-value near it
     draws more flips (up to MAX_RANDOM_FLIPS).
     Returns (p-values, number of sign vectors used, whether all 2^n were enumerated).
@@ -271,13 +310,18 @@ def decide(
     seed: int = 0,
     selected_from: int = 1,
     selection_examples: int = 0,
+    statistic: str = "signed_rank",
 ) -> GateResult:
     """Run the gate on the original's and every candidate's held-out quality.
 
+    statistic: what the sign-flip test sums per example, a key of STATISTICS (module docstring).
     selected_from / selection_examples: how many candidates the one(s) given here were chosen from, and
     on how many selection examples (for the reason; the choice did not see these held-out examples).
-    Raises ValueError when there is no candidate or the qualities were not measured on the same examples.
+    Raises ValueError when there is no candidate, the qualities were not measured on the same examples or
+    the statistic is unknown.
     """
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown gate statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
     if not candidates:
         raise ValueError("the gate needs at least one candidate")
     b = torch.tensor(before.example_loss_sums, dtype=torch.float64)
@@ -288,7 +332,10 @@ def decide(
     after = torch.stack(
         [torch.tensor(candidates[c].example_loss_sums, dtype=torch.float64) for c in names], 1
     )
-    p, flips, exact = max_t_p_values(b[:, None] - after, seed, max_false_accept)
+    d = b[:, None] - after
+    p, flips, exact = max_t_p_values(
+        signed_ranks(d) if statistic == "signed_rank" else d, seed, max_false_accept
+    )
     rows = {}
     for j, c in enumerate(names):
         gain, se = relative_gain(b, after[:, j])
@@ -316,4 +363,5 @@ def decide(
         min_loss_reduction=min_loss_reduction,
         selected_from=selected_from,
         selection_examples=selection_examples,
+        statistic=statistic,
     )

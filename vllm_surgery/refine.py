@@ -287,6 +287,7 @@ def refine(
             min_improvement=config.min_improvement,
             min_loss_reduction=config.min_loss_reduction,
             max_false_accept=config.max_false_accept,
+            statistic=config.gate_statistic,
             seed=config.seed,
             selected_from=len(proposals),
             selection_examples=len(selection),

@@ -57,7 +57,9 @@ _TEMP_NAME = re.compile(r"\..+\.tmp-[0-9a-f]{12}")
 # (a remembered keep_original does not answer a forced request).
 KEY_CONFIG_FIELDS = SurgeryConfig.result_fields()
 # 2: min_z was replaced by max_false_accept (the gate's statistics changed, so old results do not answer).
-KEY_VERSION = 2
+# 3: the gate's statistic became a setting (gate_statistic) whose default, signed ranks, decides some
+#    candidates differently from the loss differences before it.
+KEY_VERSION = 3
 # Decisions under which refine() wrote a version that may be served ("keep_original" writes nothing).
 SERVABLE_DECISIONS = frozenset({"accept", "forced"})
 
