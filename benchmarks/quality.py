@@ -700,6 +700,7 @@ def baseline_run(ctx: RunContext, config: SurgeryConfig, name: str) -> tuple[dic
             min_improvement=config.min_improvement,
             max_false_accept=config.max_false_accept,
             min_loss_reduction=config.min_loss_reduction,
+            statistic=config.gate_statistic,
             seed=config.seed,
         )
         row = gate.candidates[BASELINE]
@@ -878,6 +879,7 @@ class Run:
             min_improvement=config.min_improvement,
             min_loss_reduction=config.min_loss_reduction,
             max_false_accept=config.max_false_accept,
+            statistic=config.gate_statistic,
             seed=config.seed,
             selected_from=1,
             selection_examples=len(sel),

@@ -90,34 +90,91 @@ def test_signed_ranks_agree_with_counting_on_random_differences_with_ties_and_ze
 def test_signed_rank_p_values_by_hand():
     # d = [10, -1, -2]: signed ranks [3, -1, -2], sum 0; of the 8 sums +-3 +-1 +-2, five reach 0
     # (6, 4, 2, 0, 0): p = 5/8. The loss differences themselves (t): 10 - 1 - 2 = 7 is reached by the
-    # four flips that keep +10: p = 4/8. A gain carried by one example counts for less on ranks.
+    # four flips that keep +10: p = 4/8. "both" (the default) takes the larger and reports each.
     before = quality([20.0, 5.0, 5.0], [2, 2, 2])
     after = quality([10.0, 6.0, 7.0], [2, 2, 2])
     kw = {"min_improvement": 0.0, "max_false_accept": 1.0}
-    ranked = decide(before, {"c": after}, **kw)
+    ranked = decide(before, {"c": after}, statistic="signed_rank", **kw)
     assert ranked.candidates["c"].p_value == 5 / 8 and ranked.to_dict()["statistic"] == "signed_rank"
     plain = decide(before, {"c": after}, statistic="t", **kw)
     assert plain.candidates["c"].p_value == 4 / 8 and plain.to_dict()["statistic"] == "t"
+    both = decide(before, {"c": after}, **kw)
+    assert both.to_dict()["statistic"] == "both" and both.candidates["c"].p_value == 5 / 8
+    assert both.candidates["c"].p_values == {"t": 4 / 8, "signed_rank": 5 / 8}
+    assert "p = 0.625 (the larger of t 0.5 and signed_rank 0.625)" in both.reason
     with pytest.raises(ValueError, match="unknown gate statistic 'median'"):
         decide(before, {"c": after}, statistic="median", **kw)
 
 
+def enumerated_p(scores: list[float]) -> float:
+    """Exact one-sided sign-flip p-value of sum(scores), by itertools over every sign pattern."""
+    reach = sum(
+        1
+        for s in itertools.product((1, -1), repeat=len(scores))
+        if sum(a * b for a, b in zip(s, scores)) >= sum(scores)
+    )
+    return reach / 2 ** len(scores)
+
+
 def test_a_gain_on_few_examples_against_small_losses_on_most_is_refused():
     """The quality benchmark's written-and-worse case, in miniature: the candidate removes much loss on 6
-    of 16 held-out examples and adds a little on the other 10. The loss-difference statistic accepts
-    it (p = 0.0157 < 0.025); signed ranks (6 x 13.5 against 10 x 5.5: 26) do not. Expected p-value by
-    enumerating all 2^16 sign patterns with itertools."""
+    of 16 held-out examples and adds a little on the other 10. The loss differences (t) accept it
+    (p = 0.0157 < 0.025); their signed ranks (6 x 13.5 against 10 x 5.5) do not, so neither does "both"."""
     before = quality([12.0] * 6 + [2.0] * 10, [4] * 16)
     after = quality([2.0] * 6 + [3.0] * 10, [4] * 16)
     kw = {"min_improvement": 0.005, "max_false_accept": 0.025}
-    ranks = [13.5] * 6 + [-5.5] * 10
-    reach = sum(
-        1 for s in itertools.product((1, -1), repeat=16) if sum(a * b for a, b in zip(s, ranks)) >= sum(ranks)
-    )
-    ranked = decide(before, {"c": after}, **kw)
-    assert ranked.candidates["c"].p_value == reach / 2**16 == 17537 / 65536
+    ranked = decide(before, {"c": after}, statistic="signed_rank", **kw)
+    assert ranked.candidates["c"].p_value == enumerated_p([13.5] * 6 + [-5.5] * 10) == 17537 / 65536
     assert not ranked.accepted
-    assert decide(before, {"c": after}, statistic="t", **kw).accepted
+    plain = decide(before, {"c": after}, statistic="t", **kw)
+    assert plain.candidates["c"].p_value == enumerated_p([10.0] * 6 + [-1.0] * 10) < 0.025 and plain.accepted
+    assert not decide(before, {"c": after}, **kw).accepted
+
+
+def test_small_gains_on_most_examples_against_a_large_loss_are_refused():
+    """The mirror image, which signed ranks alone would accept: 15 of 16 held-out examples 1 nat better,
+    one 8 nats worse (an answer badly broken). Ranks: 15 x 8 against 16, p = 122/65536; the differences:
+    p = 22820/65536, refused, and so by "both"."""
+    before = quality([3.0] * 15 + [2.0], [4] * 16)
+    after = quality([2.0] * 15 + [10.0], [4] * 16)
+    kw = {"min_improvement": 0.005, "max_false_accept": 0.025}
+    ranked = decide(before, {"c": after}, statistic="signed_rank", **kw)
+    assert ranked.candidates["c"].p_value == enumerated_p([8.0] * 15 + [-16.0]) == 122 / 65536
+    assert ranked.accepted
+    plain = decide(before, {"c": after}, statistic="t", **kw)
+    assert plain.candidates["c"].p_value == enumerated_p([1.0] * 15 + [-8.0]) == 22820 / 65536
+    assert not plain.accepted
+    assert not decide(before, {"c": after}, **kw).accepted
+
+
+def test_both_accepts_only_what_each_statistic_accepts(one_thread):
+    """On random held-out sets, truly better or not, with two candidates: "both" accepts exactly the
+    candidates that t and signed ranks each accept, and reports their p-values."""
+    gen = torch.Generator().manual_seed(21)
+    seen = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
+    for run in range(300):
+        gains = [0.06 * float(torch.rand(1, generator=gen)) for _ in range(2)]
+        before, candidates = simulated_heldout(gen, 12 if run % 2 else 24, gains)
+        kw = {"min_improvement": 0.005, "max_false_accept": 0.025, "seed": run}
+        t = decide(before, candidates, statistic="t", **kw)
+        r = decide(before, candidates, statistic="signed_rank", **kw)
+        both = decide(before, candidates, **kw)
+        for c in candidates:
+            p = both.candidates[c].p_values
+            assert p == {"t": t.candidates[c].p_value, "signed_rank": r.candidates[c].p_value}
+            assert both.candidates[c].p_value == max(p.values())
+        seen[(t.accepted, r.accepted)] += 1
+
+        def passing(gate):
+            return {
+                c
+                for c, row in gate.candidates.items()
+                if row.relative_improvement >= 0.005 and row.p_value <= 0.025
+            }
+
+        assert both.accepted == bool(passing(t) & passing(r))
+        assert not both.accepted or both.chosen in passing(t) & passing(r)
+    assert all(seen.values()), seen  # every combination occurred: the check has cases to bite on
 
 
 def test_random_flips_agree_with_an_independent_exact_enumeration():

@@ -128,7 +128,7 @@ def test_provenance_and_report(forced, tiny_adapter, tiny_calibration):
     assert prov["quality_before"]["answer_tokens"] == prov["quality_after"]["answer_tokens"] > 0
     row = prov["candidates"]["grad_direction"]
     assert set(row) == {
-        *("loss", "relative_improvement", "relative_improvement_se", "z", "p_value"),
+        *("loss", "relative_improvement", "relative_improvement_se", "z", "p_value", "p_values"),
         *("selection_loss", "chosen", "tested"),
     }
     assert row["tested"] is True and row["selection_loss"] is None and row["chosen"] == {}

@@ -124,10 +124,11 @@ class SurgeryConfig:
         cli={"type": float},
     )
     gate_statistic: str = _setting(
-        "signed_rank",
-        help="what the gate's sign-flip test sums over held-out examples: signed_rank (Wilcoxon signed ranks "
-        "of the per-example loss differences: a gain must be carried by many examples) or t (the "
-        "differences themselves: a few large ones can outweigh many small ones the other way)",
+        "both",
+        help="what the gate's sign-flip test sums over held-out examples: both (default: the candidate must "
+        "pass on the loss differences and on their signed ranks, so the loss falls on average and on most "
+        "examples), t (the differences alone: a few large gains can outweigh many small losses) or "
+        "signed_rank (Wilcoxon signed ranks alone: many small gains can outweigh a few large losses)",
         affects_result=True,
         cli={"choices": list(GATE_STATISTICS)},
     )

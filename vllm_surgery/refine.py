@@ -58,8 +58,8 @@ class SurgeryResult:
     candidates: per candidate policy, its selection loss and what its search chose, its held-out loss,
         relative improvement and the improvement's standard error; `tested` marks the one candidate the
         gate tested (the lowest selection loss), with its p-value (see gate.py); the others were measured
-        on the held-out split for the report only, so their p_value is None.
-    gate: the test's figures for the chosen candidate (test, candidates, held-out examples, sign flips,
+        on the held-out split for the report only, so their p_value and p_values are None.
+    gate: the test's figures for the chosen candidate (test, statistic, candidates, held-out examples, sign flips,
         gain, SE, p-value, thresholds); empty without a held-out split.
     selection: the selection split's size, the original's loss on it, the chosen policy, and per
         candidate its selection loss, what its search chose and every rung or step tried (`trace`).
@@ -310,6 +310,7 @@ def refine(
                 relative_improvement=gain,
                 relative_improvement_se=se,
                 p_value=None,
+                p_values=None,
                 z=gain / se if se > 0 else None,
                 tested=False,
             )

@@ -39,6 +39,7 @@ def test_version_key_is_deterministic_and_covers_every_result_field() -> None:
         "min_improvement": 0.0,
         "min_loss_reduction": 0.0,
         "max_false_accept": 0.1,
+        "gate_statistic": "t",
         "samples": 8,
         "max_length": 64,
         "seed": 1,
