@@ -6,7 +6,13 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from vllm_surgery.serving.api.http import BodyError, error_response, json_object_body, parse_json_object
+from vllm_surgery.serving.api.http import (
+    BodyError,
+    bounded,
+    error_response,
+    json_object_body,
+    parse_json_object,
+)
 
 app = FastAPI()
 
@@ -62,3 +68,21 @@ def test_a_body_over_the_bound_is_413_whether_declared_or_not():
 
     r = client.post("/echo", content=chunks())
     assert r.status_code == 413
+
+
+def test_long_messages_are_cut_in_the_middle_keeping_problem_and_remedy():
+    assert bounded("short", limit=6) == "short"
+    assert bounded("0123456789", limit=6) == "0123 [... 4 characters left out ...] 89"
+    message = "unknown policy '" + "x" * 1_000_000 + "': policy must be one of auto, grad_direction"
+    cut = bounded(message)
+    assert len(cut) < 2_100
+    assert cut.startswith("unknown policy 'xxx")
+    assert cut.endswith("': policy must be one of auto, grad_direction")
+    assert "[... 998,062 characters left out ...]" in cut  # 16 + 1,000,000 + 45 characters; 1,333 + 666 kept
+
+
+def test_error_answers_are_bounded():
+    answer = error_response("bad value " + "y" * 50_000 + " remedy", 400)
+    body = answer.body.decode()
+    assert answer.status_code == 400 and len(body) < 2_200
+    assert "characters left out" in body and body.count("y") < 2_000 and "remedy" in body

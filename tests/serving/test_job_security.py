@@ -6,6 +6,8 @@ file, one store.
   adapter or a calibration file outside every root fail in the worker, and the store stays untouched.
 - Refine settings a job cannot run (samples 1e15, max_length 1e12, module names that are paths) are
   refused when queued, with a 400 naming the field and the limit.
+- A bad setting as long as the body bound allows (1 MB) is answered in a message of about 2,000
+  characters that still names the field and the allowed values.
 - The queue holds at most VLLM_SURGERY_JOB_MAX_QUEUED jobs per adapter (429 naming the limit).
 - Jobs can be cancelled by the admin: a queued one never runs, a running one is stopped by its worker,
   which writes nothing; a finished one answers 409; the API key alone may not cancel.
@@ -189,6 +191,19 @@ def test_settings_a_job_cannot_run_are_refused_when_queued(server, setup, settin
     status, body = refine(server, "bounded", records=setup["records"], **settings)
     assert status == 400, body
     assert needle in body["error"]["message"]
+    assert len(jobs(setup)) == count  # nothing queued
+
+
+def test_a_huge_bad_setting_is_refused_with_a_short_answer(server, setup) -> None:
+    """A 1 MB gate_statistic (under the 16 MB refine body bound) is named, not echoed back whole."""
+    count = len(jobs(setup))
+    status, body = refine(server, "bounded", records=setup["records"], gate_statistic="z" * 1_000_000)
+    assert status == 400, body
+    message = body["error"]["message"]
+    assert len(message) < 2_100, len(message)
+    assert message.startswith("invalid settings: unknown gate_statistic 'zzz")
+    assert message.endswith("gate_statistic must be one of both, signed_rank, t")
+    assert "characters left out" in message
     assert len(jobs(setup)) == count  # nothing queued
 
 

@@ -34,6 +34,9 @@ LARGE_BODY_BYTES = 16 * 1024 * 1024
 # No body of ours nests deeper than a few levels (refine: body > records > record > value). Deeper
 # JSON is refused here, so that no later step (hashing with json.dumps, say) can meet a RecursionError.
 MAX_DEPTH = 32
+# An error that quotes a client's value (a 16 MB setting, say) is cut to about this many characters
+# before it is answered or logged: the body bound limits what a client sends, this what we send back.
+MAX_MESSAGE_CHARS = 2_000
 
 _TYPES = {
     400: "BadRequestError",
@@ -60,10 +63,23 @@ class BodyError(RequestError, ValueError):
     """A request body (or query) that cannot be used; `status` is the HTTP status to answer with."""
 
 
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` cut in the middle to about `limit` characters, saying how many were left out. Why the
+    middle: our messages name the problem first and the remedy last ("unknown gate_statistic '...':
+    gate_statistic must be one of ..."), and what a client sent sits between them."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 2 // 3, limit // 3
+    return f"{text[:head]} [... {len(text) - head - tail:,} characters left out ...] {text[-tail:]}"
+
+
 def error_response(message: str, status: int, err_type: str | None = None) -> JSONResponse:
-    """An error answer in vLLM's shape; `err_type` defaults to a name derived from the status."""
+    """An error answer in vLLM's shape, its message `bounded`; `err_type` defaults to a name derived
+    from the status."""
     kind = err_type or _TYPES.get(status, "InternalServerError")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    return JSONResponse(
+        {"error": {"message": bounded(message), "type": kind, "code": status}}, status_code=status
+    )
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -194,7 +210,7 @@ def answer_4xx(handler: Handler) -> Handler:
         except HotSwapError as e:
             return error_response(str(e), int(e.status), e.outcome)
         except (ValueError, TypeError, OverflowError, RecursionError) as e:
-            log.warning("request refused: %s: %s", type(e).__name__, e)
+            log.warning("request refused: %s: %s", type(e).__name__, bounded(str(e)))
             return error_response(f"bad request: {type(e).__name__}: {e}", 400)
 
     return route

@@ -65,6 +65,7 @@ from .http import (
     RequestBody,
     RequestError,
     answer_4xx,
+    bounded,
     error_response,
     json_object_body,
     openapi_body,
@@ -349,7 +350,7 @@ class RefineRoute:
                 job, queued = await asyncio.to_thread(self._enqueue, name, original, request, key)
         except RefineError as e:
             metrics.record_refinement(name, "error")
-            log.warning("refine %r refused: %s", name, e)
+            log.warning("refine %r refused: %s", name, bounded(str(e)))
             raise
         except (CalibrationError, ConfigError, OverflowError, RecursionError) as e:
             metrics.record_refinement(name, "error")

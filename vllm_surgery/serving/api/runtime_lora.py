@@ -35,7 +35,7 @@ from ...names import InvalidAdapterName, validate_adapter_name
 from .. import vllm_compat
 from ..auth import AdminGuard
 from ..hotswap import HotSwapError, HotSwapper
-from .http import BodyError, RequestBody, RequestError, error_response, json_object_body
+from .http import BodyError, RequestBody, RequestError, bounded, error_response, json_object_body
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -124,7 +124,7 @@ class RuntimeLoraRoutes:
             path = await asyncio.to_thread(self._validated_path, swapper, name, Path(raw_path))
             status, message = await vllm_compat.load_named_adapter(swapper.models, name, str(path))
         except (Refused, BodyError) as e:
-            log.warning("runtime load refused: %s", e)
+            log.warning("runtime load refused: %s", bounded(str(e)))
             return error_response(str(e), e.status)
         if status != 200:
             return error_response(message, status)
@@ -164,7 +164,7 @@ class RuntimeLoraRoutes:
             if not isinstance(name, str) or not name:
                 raise Refused("'lora_name' must be a non-empty string", 400)
         except (Refused, BodyError) as e:
-            log.warning("runtime unload refused: %s", e)
+            log.warning("runtime unload refused: %s", bounded(str(e)))
             return error_response(str(e), e.status)
         status, message = await vllm_compat.unload_named_adapter(swapper.models, name)
         if status != 200:
