@@ -35,7 +35,7 @@ POLICY_DEFAULTS: dict[str, dict[str, float]] = {
     # selection split (grad_search's ladder first), best step kept, stopped after `patience` steps
     # without a new best. 6 steps and patience 2 (was 4 and 1): on the quality benchmark's quick rows
     # the first stop often came one noisy selection reading too early (benchmarks/RESULTS.md, 4)
-    "sigma_descent": {"eta_s": 2.0, "eta_e": 0.2, "rungs": 7, "steps": 6, "patience": 2},
+    "sigma_descent": {"eta_s": 2.0, "eta_e": 2.0, "rungs": 7, "steps": 6, "patience": 2},
 }
 POLICIES = tuple(POLICY_DEFAULTS)
 #: Policies that choose among variants of themselves on the selection split (see search.py).
