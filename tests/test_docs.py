@@ -288,17 +288,16 @@ def test_the_readmes_quality_claims_are_the_quality_tables() -> None:
     first, the forced paper's step and the baseline from the second, on the same 54 runs."""
     import json
 
-    table = json.loads(text(ROOT / "benchmarks" / TABLE))["runs"]
-    rerun = json.loads(text(ROOT / "benchmarks" / AUTO_TABLE))["runs"]
+    full, auto = (json.loads(text(ROOT / "benchmarks" / f)) for f in (TABLE, AUTO_TABLE))
+    table, rerun = full["runs"], auto["runs"]
 
     def key(r: dict) -> tuple:
         return r["task"], r["level"], r["size"], r["seed"]
 
     again = {key(r): r for r in rerun}
     assert sorted(again) == sorted(key(r) for r in table) and len(again) == len(rerun) == 54
-    adapters = [json.loads(text(ROOT / "benchmarks" / f))["adapters"] for f in (TABLE, AUTO_TABLE)]
-    for name, old in adapters[0].items():  # the same adapters: same training, answers and feedback
-        new = adapters[1][name]
+    for name, old in full["adapters"].items():  # the same adapters: same training, answers and feedback
+        new = auto["adapters"][name]
         assert new["training"]["final_loss"] == old["training"]["final_loss"], name
         assert (new["original_accuracy"], new["feedback"]) == (old["original_accuracy"], old["feedback"]), (
             name
