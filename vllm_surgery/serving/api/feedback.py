@@ -29,7 +29,7 @@ from ...settings import env_of
 from ...storage import RATINGS, DatabaseError, UnknownRequest
 from ...traffic import TrafficRecorder, record_feedback
 from ..auth import FeedbackTrust
-from .http import SMALL_BODY_BYTES, BodyError, RequestBody, error_response, openapi_body, read_model
+from .http import SMALL_BODY_BYTES, BodyError, RequestBody, bounded, error_response, openapi_body, read_model
 from .state import CANARY_KEY
 from .traffic import recorder_or_answer
 
@@ -187,5 +187,5 @@ async def feedback(raw_request: Request) -> Any:
     except BodyError as e:
         return error_response(str(e), e.status)
     except DatabaseError as e:
-        log.error("feedback: %s", e)
+        log.error("feedback: %s", bounded(str(e)))
         return error_response(f"the traffic database is not available: {e}", 503)
