@@ -274,35 +274,15 @@ def test_no_references_outside_the_repository_or_to_issue_numbers() -> None:
 
 
 TABLE = "quality_results.json"
-AUTO_TABLE = "quality_auto/quality_results.json"
 
 
-def test_the_readmes_quality_claims_are_the_quality_tables() -> None:
-    """'Does it help?' quotes the quality tables: rerunning one without updating the README (or the other
-    way round) fails here.
-
-    benchmarks/quality_auto/quality_results.json is auto (and its candidate forced) on all 54 runs with
-    the current engine; benchmarks/quality_results.json is the full table of every policy and the
-    baseline, measured with an earlier engine (sigma_descent's step and the gate's statistic changed
-    since; the one-step policies and the baseline's training did not). auto's claims come from the
-    first, the forced paper's step and the baseline from the second, on the same 54 runs."""
+def test_the_readmes_quality_claims_are_the_quality_table() -> None:
+    """'Does it help?' quotes benchmarks/quality_results.json (every policy, auto and the baseline on the
+    54 runs): rerunning the table without updating the README (or the other way round) fails here."""
     import json
 
-    full, auto = (json.loads(text(ROOT / "benchmarks" / f)) for f in (TABLE, AUTO_TABLE))
-    table, rerun = full["runs"], auto["runs"]
-
-    def key(r: dict) -> tuple:
-        return r["task"], r["level"], r["size"], r["seed"]
-
-    again = {key(r): r for r in rerun}
-    assert sorted(again) == sorted(key(r) for r in table) and len(again) == len(rerun) == 54
-    for name, old in full["adapters"].items():  # the same adapters: same training, answers and feedback
-        new = auto["adapters"][name]
-        assert new["training"]["final_loss"] == old["training"]["final_loss"], name
-        assert (new["original_accuracy"], new["feedback"]) == (old["original_accuracy"], old["feedback"]), (
-            name
-        )
-    runs = [{**r, "auto": again[key(r)]["auto"]} for r in table]
+    runs = json.loads(text(ROOT / "benchmarks" / TABLE))["runs"]
+    assert len({(r["task"], r["level"], r["size"], r["seed"]) for r in runs}) == len(runs) == 54
     section = text(ROOT / "README.md").split("## Does it help?", 1)[1].split("\n## ", 1)[0]
     section = " ".join(section.split())
 
@@ -333,7 +313,13 @@ def test_the_readmes_quality_claims_are_the_quality_tables() -> None:
         f"lost {-mean(forced):.1f} points on average over the {len(runs)} runs and up to {-100 * min(forced):.0f}"
     )
     gated = {n: mean([r["baseline"]["exact_match_gated"]["delta"] for r in under(n)]) for n in (512, 128)}
-    claims.append(f"({gated[512]:+.1f} points at 512, {gated[128]:+.1f} at 128)")
+    gated_worse = sum(
+        r["baseline"]["accepted"] and r["baseline"]["exact_match_gated"]["delta"] < 0 for r in runs
+    )
+    claims.append(
+        f"({gated[512]:+.1f} points at 512, {gated[128]:+.1f} at 128; through the gate it wrote {gated_worse} "
+        "adapters that were worse on the test set)"
+    )
     for claim in claims:
         assert claim in section, (
             f"README 'Does it help?' should say {claim!r} (benchmarks/quality_results.json)"
