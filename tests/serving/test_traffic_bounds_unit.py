@@ -1,10 +1,12 @@
 """Fast checks of the security review's fixes, below the real-server tests of test_traffic_security.py:
 the writer's supervisor, redaction of every stored field and pseudonymous ids, the database's bounds
-(feedback history, per-client corrections, bytes per adapter) and whose feedback is trusted."""
+(feedback history, per-client corrections, bytes per adapter), whose feedback is trusted, and what
+the feedback route answers and logs when the database fails."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -219,3 +221,40 @@ def test_the_trust_setting_is_checked() -> None:
     ):
         ServingSettings.from_env({"VLLM_SURGERY_FEEDBACK_TRUST": "everyone"})
     assert ServingSettings().feedback_trust == "reviewer"
+
+
+# ----------------------------------------------------------------------------- the feedback route
+def test_a_database_error_on_feedback_is_a_bounded_503_and_a_bounded_log_line(
+    db, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The route over ASGI with a real recorder and database; only the write of the feedback fails,
+    with an error text far longer than any answer or log line may be."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vllm_surgery.serving.api.state import TRAFFIC_KEY
+    from vllm_surgery.serving.endpoint_plugin import SurgeryEndpointPlugin
+    from vllm_surgery.storage import DatabaseError
+    from vllm_surgery.traffic import TrafficRecorder
+
+    db.insert([record(7)])
+    recorder = TrafficRecorder(ServingSettings.from_env({}), db, lambda adapter, path: "original")
+    app = FastAPI()
+    SurgeryEndpointPlugin().attach_router(app)
+    setattr(app.state, TRAFFIC_KEY, recorder)
+    text = "disk I/O error on page " + "9" * 200_000 + " (the volume is full)"
+
+    def fails(*args, **kwargs):
+        raise DatabaseError(text)
+
+    monkeypatch.setattr(db, "add_feedback", fails)
+    with caplog.at_level(logging.ERROR, logger="vllm"):
+        answer = TestClient(app).post("/v1/surgery/feedback", json={"request_id": "r7", "rating": "good"})
+    assert answer.status_code == 503, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith("the traffic database is not available: disk I/O error on page 999")
+    assert message.endswith("(the volume is full)") and len(message) < 2_200
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("api.feedback")]
+    assert len(lines) == 1, caplog.text
+    assert lines[0].startswith("feedback: disk I/O error") and lines[0].endswith("(the volume is full)")
+    assert len(lines[0]) < 2_200
